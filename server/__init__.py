@@ -1,0 +1,35 @@
+"""mcp-session-manager: a session, admission and deadline layer for MCP tool servers.
+
+```python
+from mcp.server.mcpserver import MCPServer
+from server import SessionsExtension, load_settings
+
+settings = load_settings("config/default.toml")
+sessions = SessionsExtension(settings)
+app = MCPServer("my-tools", extensions=[sessions], lifespan=sessions.lifespan)
+```
+"""
+
+from server.app import build_server
+from server.config import ConfigError, Settings, load_settings
+from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
+from server.extension import SessionsExtension
+from server.metrics import MetricsSnapshot, ShutdownReport
+from server.sessions import Session, SessionManager, SessionState
+
+__all__ = [
+    "ERROR_META_KEY",
+    "EXTENSION_ID",
+    "ConfigError",
+    "ErrorCode",
+    "MetricsSnapshot",
+    "Session",
+    "SessionError",
+    "SessionManager",
+    "SessionState",
+    "SessionsExtension",
+    "Settings",
+    "ShutdownReport",
+    "build_server",
+    "load_settings",
+]

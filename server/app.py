@@ -1,0 +1,417 @@
+"""The standalone server: build an `MCPServer` with the extension and the configured tool
+modules, and serve it over stdio or streamable HTTP with graceful shutdown.
+
+Tier: application wiring. `build_server(settings)` is the public entry for embedding the
+standalone setup; `serve(app)` runs it until `server_shutdown`, SIGINT/SIGTERM or (on stdio)
+stdin EOF, each of which runs the same graceful shutdown before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO, cast
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import uvicorn
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.mcpserver import MCPServer
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp_types import CallToolRequestParams
+from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
+
+from server.config import ConfigError, Settings
+from server.extension import SessionsExtension
+from server.metrics import ShutdownReport
+from tools.sessions import MANAGEMENT_TOOLS
+
+logger = logging.getLogger(__name__)
+
+#: After shutdown, how long to wait for responses still on their way out before exiting.
+FLUSH_SECONDS = 2.0
+
+
+def load_tool_modules(names: tuple[str, ...] | list[str]) -> list[Callable[..., Any]]:
+    """Import each module and collect its `TOOLS` (a list of functions).
+
+    Raises:
+        ConfigError: a module does not import, has no `TOOLS`, its `TOOLS` is not a list of
+            callables, or two tools share a name.
+    """
+    tools: list[Callable[..., Any]] = []
+    owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
+    problems: list[str] = []
+    for module_name in names:
+        key = f"server.tool_modules: {module_name!r}"
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001 - any import failure is a config error to report
+            problems.append(f"{key}: cannot import it: {type(exc).__name__}: {exc}")
+            continue
+        exported = getattr(module, "TOOLS", None)
+        if exported is None:
+            problems.append(f"{key}: the module has no TOOLS list (TOOLS = [my_tool, ...])")
+            continue
+        if not isinstance(exported, list | tuple) or not all(callable(fn) for fn in exported):
+            problems.append(f"{key}: TOOLS must be a list of functions, got {exported!r:.200}")
+            continue
+        for fn in exported:
+            tool_name = getattr(fn, "__name__", repr(fn))
+            if tool_name in owners:
+                problems.append(f"{key}: tool {tool_name!r} is already provided by {owners[tool_name]}")
+                continue
+            owners[tool_name] = f"module {module_name!r}"
+            tools.append(fn)
+    if problems:
+        raise ConfigError(problems)
+    return tools
+
+
+@dataclass
+class App:
+    """The standalone server and its session extension."""
+
+    settings: Settings
+    server: MCPServer[Any]
+    sessions: SessionsExtension
+
+
+class _StandaloneSessions(SessionsExtension):
+    """The extension, telling the stdio loop when a `tools/call` has reached the session layer.
+
+    On stdin EOF the loop lets every call it has already read get this far (be admitted or
+    refused on its merits) before it starts the shutdown that refuses new work.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.on_tool_call: Callable[[Any], None] | None = None
+
+    async def intercept_tool_call(
+        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        if self.on_tool_call is not None:
+            self.on_tool_call(ctx.request_id)
+        return await super().intercept_tool_call(params, ctx, call_next)
+
+
+def build_app(settings: Settings) -> App:
+    """Build the server with the extension installed and the configured tool modules hosted."""
+    tools = load_tool_modules(settings.server.tool_modules)
+    sessions = _StandaloneSessions(settings)
+    server: MCPServer[Any] = MCPServer(settings.server.name, extensions=[sessions], lifespan=sessions.lifespan)
+    for fn in tools:
+        server.add_tool(fn)
+    return App(settings=settings, server=server, sessions=sessions)
+
+
+def build_server(settings: Settings) -> MCPServer[Any]:
+    """The standalone server: `SessionsExtension` installed, tool modules from config loaded."""
+    return build_app(settings).server
+
+
+# -- serving -----------------------------------------------------------------------------
+
+
+class _Exit:
+    """Coordinates the one graceful shutdown, whoever asks for it first."""
+
+    def __init__(self, sessions: SessionsExtension) -> None:
+        self.sessions = sessions
+        self.done = anyio.Event()
+        self.report: ShutdownReport | None = None
+        self.signals = 0
+        sessions.add_exit_listener(self._finished)
+
+    def _finished(self, report: ShutdownReport) -> None:
+        self.report = report
+        self.done.set()
+
+    async def begin(self, reason: str) -> None:
+        """Run the graceful shutdown (no-op if one already runs: it joins it)."""
+        logger.info("Graceful shutdown: %s", reason)
+        await self.sessions.shutdown()
+
+    async def watch_signals(self, task_group: Any) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.on_signal(signum, task_group)
+
+    def on_signal(self, signum: int, task_group: Any) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            logger.warning("Second %s: forcing exit", signal.Signals(signum).name)
+            _force_exit(1)
+        task_group.start_soon(self.begin, f"received {signal.Signals(signum).name}")
+
+
+def _force_exit(code: int) -> None:
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class _Outstanding:
+    """Request ids read from the client whose response has not been written yet."""
+
+    def __init__(self) -> None:
+        self.ids: set[Any] = set()
+        self.empty = anyio.Event()
+        self.empty.set()
+
+    def add(self, request_id: Any) -> None:
+        self.ids.add(request_id)
+        if self.empty.is_set():
+            self.empty = anyio.Event()
+
+    def discard(self, request_id: Any) -> None:
+        self.ids.discard(request_id)
+        if not self.ids:
+            self.empty.set()
+
+
+class _StdinLines:
+    """The client's lines, read from a private duplicate of fd 0 by a daemon thread.
+
+    The SDK's `stdio_server` reads stdin in an anyio worker thread, which no cancellation
+    reaches: a shutdown begun by a signal or by `server_shutdown` while the client keeps stdin
+    open would wait for the client's next line forever. A daemon thread can be left blocked in
+    `read()`; the loop ends this iterator by closing the stream the thread feeds. Like the SDK,
+    fd 0 itself points at the null device while serving, so tools cannot steal protocol bytes.
+    """
+
+    def __init__(self) -> None:
+        self._send, self._receive = anyio.create_memory_object_stream[str](32)
+        self._restore: Callable[[], None] | None = None
+        self.eof = False
+
+    def start(self) -> None:
+        wire, self._restore = _claim_stdin()
+        token = anyio.lowlevel.current_token()
+        threading.Thread(target=self._pump, args=(wire, token), name="mcp-stdin-reader", daemon=True).start()
+
+    def _pump(self, wire: BinaryIO, token: anyio.lowlevel.EventLoopToken) -> None:
+        try:
+            for raw in wire:
+                anyio.from_thread.run(self._send.send, raw.decode("utf-8", errors="replace"), token=token)
+            anyio.from_thread.run_sync(self._reached_eof, token=token)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.RunFinishedError, OSError, ValueError):
+            pass  # the server stopped reading (shutdown) or the loop is gone: nothing left to do
+
+    def _reached_eof(self) -> None:
+        self.eof = True
+        self._send.close()
+
+    def close(self) -> None:
+        """End the iteration (the thread, if blocked in read(), stays behind as a daemon)."""
+        self._send.close()
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+
+    def __aiter__(self) -> _StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+
+def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
+    """Serve the wire from a private duplicate of fd 0 and point fd 0 at the null device."""
+    try:
+        if sys.platform == "win32":  # pragma: no cover
+            private = os.dup(0)
+        else:
+            import fcntl
+
+            private = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        return sys.stdin.buffer, None
+    try:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            os.dup2(devnull, 0)
+        finally:
+            os.close(devnull)
+    except OSError:
+        pass  # fd 0 still carries the wire; reading from the duplicate is just as good
+
+    def restore() -> None:
+        with contextlib.suppress(OSError):
+            os.dup2(private, 0)
+
+    # closefd=False: the reader thread may still block on it when the server exits.
+    return os.fdopen(private, "rb", closefd=False), restore
+
+
+async def serve_stdio(app: App) -> None:
+    """Serve over stdio until shutdown; stdin EOF starts the graceful shutdown.
+
+    The SDK's stdio streams are relayed so that EOF is held back until the drain has finished
+    and every response has been written, and so that the process exits only then. stdin is
+    read by `_StdinLines`, so that a shutdown never waits for the client's next line.
+    """
+    exit_ = _Exit(app.sessions)
+    outstanding = _Outstanding()  # requests read, not answered yet
+    unadmitted = _Outstanding()  # tools/call requests read that have not reached the session layer yet
+    if isinstance(app.sessions, _StandaloneSessions):
+        app.sessions.on_tool_call = unadmitted.discard
+    lowlevel = app.server._lowlevel_server  # the SDK offers no public hook around its stdio loop
+    in_send, in_recv = anyio.create_memory_object_stream[SessionMessage | Exception](32)
+    out_send, out_recv = anyio.create_memory_object_stream[SessionMessage](32)
+    lines = _StdinLines()
+    lines.start()
+
+    async def run_server() -> None:
+        await lowlevel.run(in_recv, out_send, lowlevel.create_initialization_options())
+
+    # stdout is the SDK's: while serving, fd 1 points at stderr, so stray prints miss the wire.
+    async with stdio_server(stdin=cast("anyio.AsyncFile[str]", lines)) as (stdin, stdout):
+
+        async def relay_in() -> None:
+            async for item in stdin:
+                message = item.message if isinstance(item, SessionMessage) else None
+                if isinstance(message, JSONRPCRequest):
+                    outstanding.add(message.id)
+                    if message.method == "tools/call" and isinstance(app.sessions, _StandaloneSessions):
+                        unadmitted.add(message.id)
+                elif isinstance(message, JSONRPCNotification) and message.method == "notifications/cancelled":
+                    # A cancelled request gets no response: stop waiting for one.
+                    cancelled = (message.params or {}).get("requestId")
+                    outstanding.discard(cancelled)
+                    unadmitted.discard(cancelled)
+                await in_send.send(item)
+            if lines.eof:
+                # The client is done. Calls it sent before closing stdin are still served: let them
+                # reach admission, then drain like a signal would. EOF reaches the SDK's loop only
+                # when everything stops, so running calls can still finish and answer.
+                with anyio.move_on_after(FLUSH_SECONDS):
+                    await unadmitted.empty.wait()
+                await exit_.begin("stdin closed")
+
+        async def relay_out() -> None:
+            async with out_recv:
+                async for item in out_recv:
+                    await stdout.send(item)
+                    if isinstance(item.message, JSONRPCResponse | JSONRPCError):
+                        outstanding.discard(item.message.id)
+                        unadmitted.discard(item.message.id)  # answered without reaching the interceptor
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(exit_.watch_signals, tg)
+                tg.start_soon(relay_in)
+                tg.start_soon(relay_out)
+                tg.start_soon(run_server)
+                await exit_.done.wait()
+                with anyio.move_on_after(FLUSH_SECONDS):
+                    await outstanding.empty.wait()
+                if outstanding.ids:
+                    logger.warning("Exiting with %s request(s) unanswered", len(outstanding.ids))
+                tg.cancel_scope.cancel()
+        finally:
+            # The server loop and its lifespan have ended. Stray output buffered in sys.stdout goes
+            # to stderr now, while fd 1 is still diverted, not to the wire when the SDK restores it.
+            if sys.stdout is not None:
+                sys.stdout.flush()
+            # End the SDK's reader (without waiting for the client's next line) and its writer
+            # (after it has written what it holds), or leaving `stdio_server` would wait forever.
+            lines.close()
+            with anyio.CancelScope(shield=True):
+                await stdout.aclose()
+    _report_exit(app, exit_)
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn, with signals turned into our graceful shutdown instead of an immediate stop."""
+
+    def __init__(self, config: uvicorn.Config, app: App, on_signal: Callable[[int], None]) -> None:
+        super().__init__(config)
+        self._app = app
+        self._on_signal = on_signal
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            # uvicorn has logged why (the port is in use, say) and exits the hard way; stop
+            # cleanly instead, and let `serve_http` report the failure with its exit status.
+            self.should_exit = True
+            return
+        if self.started:
+            host, port = self.config.host, self.config.port
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+            if ":" in host:
+                host = f"[{host}]"  # an IPv6 literal in a URL
+            logger.info("Serving MCP over streamable HTTP at http://%s:%s/mcp", host, port)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._on_signal(sig)
+
+
+async def serve_http(app: App) -> None:
+    """Serve over streamable HTTP at http://HOST:PORT/mcp until shutdown."""
+    settings = app.settings.server
+    exit_ = _Exit(app.sessions)
+    starlette_app = app.server.streamable_http_app(host=settings.host)
+    config = uvicorn.Config(
+        starlette_app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+        lifespan="on",
+    )
+    loop = asyncio.get_running_loop()
+
+    async with anyio.create_task_group() as tg:
+
+        def on_signal(signum: int) -> None:  # runs in the signal handler, on the loop's thread
+            loop.call_soon_threadsafe(exit_.on_signal, signum, tg)
+
+        server = _UvicornServer(config, app, on_signal)
+
+        async def stop_when_done() -> None:
+            await exit_.done.wait()
+            server.should_exit = True
+
+        tg.start_soon(stop_when_done)
+        await server.serve()
+        tg.cancel_scope.cancel()
+    if not server.started:
+        logger.error("Could not serve MCP over streamable HTTP on %s port %s", settings.host, settings.port)
+        raise SystemExit(1)
+    _report_exit(app, exit_)
+
+
+def _report_exit(app: App, exit_: _Exit) -> None:
+    stuck = app.sessions.manager.metrics().abandoned_threads
+    if stuck:
+        # Threads cannot be killed; the interpreter would wait for them forever at exit.
+        logger.warning("Exiting with %s stuck tool thread(s) abandoned", stuck)
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        _force_exit(0)
+
+
+def serve(app: App) -> None:
+    """Run the app on its configured transport until it shuts down."""
+    if app.settings.server.transport == "stdio":
+        anyio.run(serve_stdio, app)
+    else:
+        anyio.run(serve_http, app)

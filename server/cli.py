@@ -1,0 +1,67 @@
+"""Command line: `mcp-session-manager [--config PATH] [--transport T] [--host H] [--port P] [--check-config]`.
+
+Tier: application entry. Exit status 0 after a clean (graceful) stop, 2 for a bad
+configuration (nothing is started). Logs go to stderr; on stdio, stdout carries only protocol
+messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from server.app import build_app, load_tool_modules, serve
+from server.config import ConfigError, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcp-session-manager",
+        description="MCP server whose every tool call is a tracked session with admission limits and a deadline.",
+    )
+    parser.add_argument("--config", metavar="PATH", help="TOML config file (default: built-in defaults)")
+    parser.add_argument("--transport", choices=["stdio", "streamable-http"], help="overrides server.transport")
+    parser.add_argument("--host", help="overrides server.host")
+    parser.add_argument("--port", type=int, help="overrides server.port")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config (and import its tool modules), print the effective settings, exit",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict[str, Any] = {}
+    for flag in ("transport", "host", "port"):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.setdefault("server", {})[flag] = value
+    try:
+        settings = load_settings(args.config, overrides)
+        if args.check_config:
+            load_tool_modules(settings.server.tool_modules)
+        else:
+            app = build_app(settings)
+    except ConfigError as exc:
+        problems = "\n  ".join(exc.problems)
+        sys.stderr.write(f"mcp-session-manager: invalid configuration:\n  {problems}\n")
+        return EXIT_CONFIG
+    if args.check_config:
+        sys.stdout.write(json.dumps(settings.model_dump(mode="json"), indent=2) + "\n")
+        sys.stderr.write("mcp-session-manager: configuration is valid\n")
+        return 0
+    serve(app)
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,559 @@
+"""Settings: the validated configuration of the session layer.
+
+Tier: runtime foundation. Everything else receives a `Settings` object; nothing here
+is global. Sources, highest priority first: explicit overrides (the CLI flags), the
+environment (`MCP_SESSIONS_` prefix, `__` between nested keys), the TOML file, and the
+built-in defaults (which `config/default.toml` spells out).
+
+`load_settings` reports every problem at once, one per line, as
+`SOURCE: key.path: reason (got VALUE)`, where SOURCE is the file, the environment variable
+or the command-line option the value came from, for example:
+
+    bad.toml: limits.max_concurent_sessions: unknown key; did you mean 'max_concurrent_sessions'?
+    bad.toml: server.port: must be between 1 and 65535 (got 70000)
+
+Values in the file must have the type the key needs (`port = "80"` and `true` for a number
+are errors); values from the environment are text and are parsed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Le
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+ENV_PREFIX = "MCP_SESSIONS_"
+ENV_NESTED_DELIMITER = "__"
+
+#: The error type of the cross-key timeout checks; `load_settings` words these itself.
+_ABOVE_CAP = "timeout_above_cap"
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says where and why, one problem per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _list_to_tuple(value: Any) -> Any:
+    # TOML and JSON have arrays, not tuples; without this a strict check would refuse them.
+    return tuple(value) if isinstance(value, list) else value
+
+
+class ServerSettings(_Section):
+    name: str = Field(default="mcp-session-manager", min_length=1, description="Server name shown to clients.")
+    transport: Literal["stdio", "streamable-http"] = Field(default="stdio", description="How clients connect.")
+    host: str = Field(default="127.0.0.1", min_length=1, description="Interface for streamable HTTP.")
+    port: int = Field(default=8765, ge=1, le=65535, description="TCP port for streamable HTTP.")
+    tool_modules: Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)] = Field(
+        default=(), description="Importable modules whose `TOOLS` list of functions is hosted by the server."
+    )
+
+    @field_validator("tool_modules")
+    @classmethod
+    def _distinct_module_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not name.strip() for name in value):
+            raise ValueError('module names must not be empty; list importable modules, e.g. ["tools.demo"]')
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(map(repr, repeated))} more than once; list each module once")
+        return value
+
+
+class LimitsSettings(_Section):
+    default_timeout_seconds: float = Field(
+        default=30.0, gt=0, allow_inf_nan=False, description="Deadline of a call with no override."
+    )
+    max_timeout_seconds: float = Field(
+        default=300.0, gt=0, allow_inf_nan=False, description="Cap for any per-tool or per-session timeout."
+    )
+    max_concurrent_sessions: int = Field(default=100, ge=1, le=1_000_000, description="Sessions active at once.")
+    max_metadata_bytes: int = Field(
+        default=10240, ge=0, le=16 * 1024 * 1024, description="UTF-8 bytes of a session's metadata as compact JSON."
+    )
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> LimitsSettings:
+        if self.default_timeout_seconds > self.max_timeout_seconds:
+            raise PydanticCustomError(
+                _ABOVE_CAP,
+                "limits.default_timeout_seconds ({value}) must not exceed limits.max_timeout_seconds ({cap})",
+                {"value": self.default_timeout_seconds, "cap": self.max_timeout_seconds},
+            )
+        return self
+
+
+class ShutdownSettings(_Section):
+    timeout_seconds: float = Field(
+        default=30.0, ge=0, allow_inf_nan=False, description="How long a graceful shutdown drains sessions."
+    )
+    admin_token_env: str = Field(
+        default="", description="Name of the environment variable holding the token server_shutdown needs over HTTP."
+    )
+
+    @field_validator("admin_token_env")
+    @classmethod
+    def _is_a_variable_name(cls, value: str) -> str:
+        if value and not _ENV_NAME.fullmatch(value):
+            raise ValueError(
+                "must be the NAME of an environment variable (letters, digits and _, e.g. MCP_SESSIONS_ADMIN_TOKEN) "
+                "that holds the token, not the token itself"
+            )
+        return value
+
+
+class ToolSettings(_Section):
+    timeout_seconds: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Deadline of this tool's calls."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with `load_settings`, or directly for tests and embedding.
+
+    Built directly, `Settings(...)` takes its arguments over the environment (no file).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    limits: LimitsSettings = LimitsSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    tools: dict[str, ToolSettings] = Field(default_factory=dict, description="Per-tool overrides by tool name.")
+
+    @model_validator(mode="after")
+    def _tool_timeouts_within_cap(self) -> Settings:
+        cap = self.limits.max_timeout_seconds
+        for name, tool in self.tools.items():
+            if tool.timeout_seconds is not None and tool.timeout_seconds > cap:
+                raise PydanticCustomError(
+                    _ABOVE_CAP,
+                    "tools.{name}.timeout_seconds ({value}) must not exceed limits.max_timeout_seconds ({cap})",
+                    {"name": name, "value": tool.timeout_seconds, "cap": cap},
+                )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Arguments beat the environment. `load_settings` merges the file beneath both itself,
+        # so that it knows where each value came from.
+        return (init_settings, env_settings)
+
+    def timeout_for(self, tool: str) -> float:
+        """The deadline, in seconds, of one call of `tool`."""
+        override = self.tools.get(tool)
+        if override is not None and override.timeout_seconds is not None:
+            return override.timeout_seconds
+        return self.limits.default_timeout_seconds
+
+
+#: The same shape as `Settings` without its sources (and so without the `BaseSettings` init
+#: parameters such as `_env_file`, which must not be settable from a file): validates plain data.
+_LAYOUT_FIELDS: dict[str, Any] = {name: (field.annotation, field) for name, field in Settings.model_fields.items()}
+_Layout: type[BaseModel] = create_model("_Layout", __config__=ConfigDict(extra="forbid"), **_LAYOUT_FIELDS)
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "server": ServerSettings,
+    "limits": LimitsSettings,
+    "shutdown": ShutdownSettings,
+}
+_FLAGS = {("server", "transport"), ("server", "host"), ("server", "port")}
+_FLOAT = TypeAdapter(float)
+
+Loc = tuple[str | int, ...]
+
+
+# -- reading the sources -----------------------------------------------------------------
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse one TOML file, turning every failure into a ConfigError that names the file."""
+    file = Path(path)
+    try:
+        with file.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: config file not found (check the --config path)"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{file}: is a directory, not a config file (give the path of a .toml file)"]) from None
+    except PermissionError:
+        raise ConfigError([f"{file}: cannot read the config file: permission denied"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: invalid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{file}: invalid TOML: the file is not UTF-8 ({exc.reason})"]) from None
+
+
+def _env_path(name: str) -> list[str] | None:
+    if not name.upper().startswith(ENV_PREFIX):
+        return None
+    return name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER)
+
+
+def _read_env() -> tuple[dict[str, Any], list[str]]:
+    """The `MCP_SESSIONS_*` variables nested like the file (values still text), and their problems."""
+    problems = _env_name_problems()
+    try:
+        data = dict(EnvSettingsSource(Settings)())
+    except SettingsError as exc:
+        problems += _env_json_problems() or [f"environment: {exc}"]
+        data = {}
+    return data, problems
+
+
+def _env_name_problems() -> list[str]:
+    """Variables that look meant for us but name no key (the environment source would ignore them)."""
+    problems = []
+    for name in sorted(os.environ):
+        path = _env_path(name)
+        if path is None:
+            continue
+        if len(path) > 1 and path[0] not in Settings.model_fields:
+            problems.append(f"environment variable {name}: {'.'.join(path)}: {_unknown_key(path[0], ())}")
+            continue
+        for section, model in _SECTIONS.items():
+            for key in model.model_fields:
+                if path == [f"{section}_{key}"]:
+                    fixed = ENV_PREFIX + f"{section}{ENV_NESTED_DELIMITER}{key}".upper()
+                    problems.append(
+                        f"environment variable {name}: {section}.{key}: "
+                        f"nested keys are separated by two underscores; did you mean {fixed}?"
+                    )
+    return problems
+
+
+def _env_json_problems() -> list[str]:
+    """Variables for a list or a table whose value is not JSON (the environment source gave up on them)."""
+    problems = []
+    for name, value in sorted(os.environ.items()):
+        path = _env_path(name)
+        if path is None or not path or path[0] not in Settings.model_fields:
+            continue
+        takes_json = len(path) == 1 or path == ["server", "tool_modules"] or (path[0] == "tools" and len(path) == 2)
+        if not takes_json:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            example = '["tools.demo"]' if path[-1] == "tool_modules" else '{"timeout_seconds": 60}'
+            problems.append(
+                f"environment variable {name}: {'.'.join(path)}: must be JSON for a list or a table, "
+                f"e.g. {name}='{example}' (got {_show(value)})"
+            )
+    return problems
+
+
+def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge tables; a later layer wins."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            previous = result.get(key)
+            if isinstance(value, Mapping) and isinstance(previous, Mapping):
+                result[key] = _merge(previous, value)
+            else:
+                result[key] = value
+    return result
+
+
+# -- describing problems -----------------------------------------------------------------
+
+
+def _has_path(data: Any, path: Loc) -> bool:
+    node = data
+    for part in path:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list | tuple) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it (TOML spelling), shortened."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, float) and not math.isfinite(value):
+        text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    elif isinstance(value, list | tuple):
+        text = "[" + ", ".join(_show(item) for item in value) + "]"
+    elif isinstance(value, Mapping):
+        text = "a table"
+    elif isinstance(value, datetime | date | time):
+        text = value.isoformat()
+    else:
+        text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _known_keys(parent: Loc) -> list[str]:
+    if parent == ():
+        return list(Settings.model_fields)
+    if len(parent) == 1 and parent[0] in _SECTIONS:
+        return list(_SECTIONS[str(parent[0])].model_fields)
+    if len(parent) == 2 and parent[0] == "tools":
+        return list(ToolSettings.model_fields)
+    return []
+
+
+def _unknown_key(key: str | int, parent: Loc) -> str:
+    known = _known_keys(parent)
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    if known:
+        return f"unknown key; the keys here are {', '.join(known)}"
+    return "unknown key"
+
+
+def _bounds(loc: Loc) -> tuple[Any, Any]:
+    """The (lower, upper) inclusive bounds declared on the field at `loc`, where both exist."""
+    if len(loc) != 2 or loc[0] not in _SECTIONS:
+        return None, None
+    field = _SECTIONS[str(loc[0])].model_fields.get(str(loc[1]))
+    low = next((m.ge for m in field.metadata if isinstance(m, Ge)), None) if field else None
+    high = next((m.le for m in field.metadata if isinstance(m, Le)), None) if field else None
+    return low, high
+
+
+def _reason(error: ErrorDetails) -> str:
+    kind = error["type"]
+    loc: Loc = tuple(error["loc"])
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return _unknown_key(loc[-1], loc[:-1])
+    if kind in ("greater_than_equal", "less_than_equal"):
+        low, high = _bounds(loc)
+        if low is not None and high is not None:
+            return f"must be between {low} and {high}"
+        return f"must be at least {ctx['ge']}" if kind == "greater_than_equal" else f"must be at most {ctx['le']}"
+    if kind == "greater_than":
+        return f"must be greater than {_show(ctx['gt'])}"
+    simple = {
+        "int_type": "must be a whole number",
+        "int_parsing": "must be a whole number",
+        "int_from_float": "must be a whole number",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "finite_number": "must be a finite number (nan and inf are not allowed)",
+        "string_type": "must be a string (in quotes)",
+        "string_too_short": "must not be empty",
+        "tuple_type": 'must be a list, e.g. ["tools.demo"]',
+        "list_type": 'must be a list, e.g. ["tools.demo"]',
+    }
+    if kind in simple:
+        return simple[kind]
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        key = ".".join(map(str, loc))
+        return f"must be a table ([{key}] with its own keys), not a single value"
+    if kind == "value_error":
+        return str(error["msg"]).removeprefix("Value error, ")
+    return str(error["msg"]).replace("Input should be", "must be")
+
+
+class _Sources:
+    """Where each key's value came from: the flags, the environment, the file or the defaults."""
+
+    def __init__(
+        self, file: Path | None, file_data: Mapping[str, Any], env: Mapping[str, Any], flags: Mapping[str, Any]
+    ) -> None:
+        self.file = file
+        self.layers = (("flags", flags), ("env", env), ("file", file_data))
+
+    def origin(self, loc: Loc, exact: bool = False) -> str | None:
+        """The layer the value at `loc` comes from (else the one holding its nearest parent, unless `exact`)."""
+        for depth in range(len(loc), len(loc) - 1 if exact else 0, -1):
+            for layer, data in self.layers:
+                if _has_path(data, loc[:depth]):
+                    return layer
+        return None
+
+    def describe(self, loc: Loc, exact: bool = False) -> str:
+        layer = self.origin(loc, exact)
+        if layer == "flags":
+            return f"command line option --{loc[1]}" if loc[:2] in _FLAGS else "command line"
+        if layer == "env":
+            for depth in range(len(loc), 0, -1):
+                wanted = ENV_PREFIX + ENV_NESTED_DELIMITER.join(map(str, loc[:depth])).upper()
+                for name in os.environ:
+                    if name.upper() == wanted:
+                        return f"environment variable {name}"
+            return "environment"
+        if layer == "file" and self.file is not None:
+            return str(self.file)
+        return "built-in default"
+
+    def problem(self, loc: Loc, reason: str, value: Any = None, show: bool = False) -> str:
+        key = ".".join(map(str, loc))
+        got = f" (got {_show(value)})" if show else ""
+        return f"{self.describe(loc)}: {key}: {reason}{got}"
+
+    def error(self, error: ErrorDetails) -> str:
+        loc: Loc = tuple(error["loc"])
+        value = error.get("input")
+        secret = loc == ("shutdown", "admin_token_env")  # might be the token itself: never echo it
+        show = error["type"] != "extra_forbidden" and not isinstance(value, Mapping) and not secret
+        return self.problem(loc, _reason(error), value, show)
+
+
+def _effective_float(merged: Mapping[str, Any], loc: Loc, bad: set[Loc]) -> float | None:
+    """The value in force at `loc` if it is a valid number on its own, else None (already reported)."""
+    if any(loc[:depth] in bad for depth in range(1, len(loc) + 1)):
+        return None
+    if _has_path(merged, loc):
+        raw: Any = merged
+        for part in loc:
+            raw = raw[part]
+    elif loc[0] == "limits":
+        raw = LimitsSettings.model_fields[str(loc[1])].default
+    else:
+        return None
+    try:
+        return _FLOAT.validate_python(raw)
+    except ValidationError:
+        return None
+
+
+def _cap_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) -> list[tuple[Loc, str]]:
+    """The cross-key checks (timeouts within limits.max_timeout_seconds), on the merged values."""
+    cap_loc: Loc = ("limits", "max_timeout_seconds")
+    default_loc: Loc = ("limits", "default_timeout_seconds")
+    cap = _effective_float(merged, cap_loc, bad)
+    if cap is None:
+        return []
+
+    def above_cap(loc: Loc) -> str:
+        where = sources.describe(cap_loc, exact=True)
+        if where == sources.describe(loc):
+            where = "in this file" if sources.origin(loc) == "file" else f"(also from {where})"
+        else:
+            where = f"({where})"
+        return f"must not exceed limits.max_timeout_seconds, which is {_show(cap)} {where}; lower it or raise the cap"
+
+    problems: list[tuple[Loc, str]] = []
+    default = _effective_float(merged, default_loc, bad)
+    if default is not None and default > cap:
+        if sources.origin(default_loc, exact=True) is not None:
+            reason = above_cap(default_loc)
+            problems.append((default_loc, sources.problem(default_loc, reason, default, show=True)))
+        else:
+            reason = (
+                f"must be at least limits.default_timeout_seconds, which is {_show(default)} (built-in default); "
+                "raise it or set a lower limits.default_timeout_seconds"
+            )
+            problems.append((cap_loc, sources.problem(cap_loc, reason, cap, show=True)))
+    tools = merged.get("tools")
+    if isinstance(tools, Mapping):
+        for name in tools:
+            loc: Loc = ("tools", name, "timeout_seconds")
+            value = _effective_float(merged, loc, bad)
+            if value is not None and value > cap:
+                reason = above_cap(loc)
+                problems.append((loc, sources.problem(loc, reason, value, show=True)))
+    return problems
+
+
+def _section_order(loc: Loc) -> int:
+    fields = list(Settings.model_fields)
+    return fields.index(str(loc[0])) if loc and loc[0] in fields else len(fields)
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Load settings from `path` (TOML), the environment and `overrides`, in rising priority.
+
+    `overrides` is nested like the file (`{"server": {"port": 9000}}`); the CLI passes its flags
+    this way. With no path, the built-in defaults (the same as `config/default.toml`) are the base.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, a key is unknown, or a value has the wrong
+            type or is out of bounds. Every problem is reported, one per line.
+    """
+    file = Path(path) if path is not None else None
+    file_data = read_toml(file) if file is not None else {}
+    env, env_problems = _read_env()
+    flags = dict(overrides or {})
+    sources = _Sources(file, file_data, env, flags)
+    merged = _merge(file_data, env, flags)
+
+    found: dict[Loc, str] = {}
+
+    def record(exc: ValidationError, keep: set[str | None]) -> None:
+        for error in exc.errors():
+            loc: Loc = tuple(error["loc"])
+            if error["type"] != _ABOVE_CAP and sources.origin(loc) in keep:
+                found.setdefault(loc, sources.error(error))
+
+    # The file alone, strictly: TOML has types, so `port = "80"` or `true` for a number is a mistake.
+    try:
+        _Layout.model_validate(file_data, strict=True)
+    except ValidationError as exc:
+        record(exc, {"file"})
+    # Everything merged; values from the environment are text, so this pass parses them.
+    checked: BaseModel | None = None
+    try:
+        checked = _Layout.model_validate(merged)
+    except ValidationError as exc:
+        record(exc, {"flags", "env", "file", None})
+    cap_errors: list[str] = []
+    if checked is not None and not found and not env_problems:
+        try:
+            return Settings(**{name: getattr(checked, name) for name in Settings.model_fields})
+        except ValidationError as exc:  # only the cross-key checks are left to fail here
+            cap_errors = [sources.error(error) for error in exc.errors()]
+    # Pydantic skips the cross-key checks once a field fails; run them on whatever is valid.
+    for loc, problem in _cap_problems(merged, set(found), sources):
+        found.setdefault(loc, problem)
+    ordered = sorted(found.items(), key=lambda item: _section_order(item[0]))
+    raise ConfigError(env_problems + [problem for _, problem in ordered] or cap_errors)

@@ -1,0 +1,48 @@
+"""Error codes and the one exception the session layer raises for a refused or failed request.
+
+Tier: runtime foundation. The manager raises `SessionError`; the extension turns it into a
+tool result with `isError`, a sentence a model can act on, and the machine-readable error in
+`_meta` (see `ERROR_META_KEY`). Nothing here knows about MCP transports.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+ERROR_META_KEY = "io.github.mcp-session-manager/error"
+EXTENSION_ID = "io.github.mcp-session-manager/sessions"
+
+
+class ErrorCode(StrEnum):
+    TIMEOUT = "timeout"
+    CAPACITY_EXCEEDED = "capacity_exceeded"
+    METADATA_TOO_LARGE = "metadata_too_large"
+    SHUTTING_DOWN = "shutting_down"
+    UNKNOWN_SESSION = "unknown_session"
+    ALREADY_RELEASED = "already_released"
+    INVALID_ARGUMENT = "invalid_argument"
+    UNAUTHORIZED = "unauthorized"
+    NOT_RUNNING = "not_running"
+
+
+class SessionError(Exception):
+    """A refusal or failure with a stable code, a human message, and what it concerns."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, session_id: str | None = None, tool: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.session_id = session_id
+        self.tool = tool
+
+    def to_meta(self) -> dict[str, Any]:
+        """The wire form stored under `ERROR_META_KEY` in a result's `_meta`."""
+        data: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        if self.session_id is not None:
+            data["session_id"] = self.session_id
+        if self.tool is not None:
+            data["tool"] = self.tool
+        return data

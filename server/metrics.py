@@ -1,0 +1,113 @@
+"""Metrics: bounded duration statistics and the typed snapshot models.
+
+Tier: runtime foundation. `DurationStats` keeps a log-bucketed histogram (about 2 % relative
+error, memory bounded by the number of distinct buckets, never by the number of sessions);
+the snapshot models are what `session_metrics` and `server_shutdown` return. Counting itself
+happens in the manager (`server.sessions`), under its lock.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+_GROWTH = 1.02
+_LOG_GROWTH = math.log(_GROWTH)
+_MIN_SECONDS = 1e-6
+_PER_MIN = 1 / _MIN_SECONDS
+_INV_LOG_GROWTH = 1 / _LOG_GROWTH
+
+
+def bucket_of(seconds: float) -> int:
+    """The histogram bucket of a duration: bucket i > 0 covers (MIN * G**(i-1), MIN * G**i]."""
+    return 0 if seconds <= _MIN_SECONDS else int(math.log(seconds * _PER_MIN) * _INV_LOG_GROWTH) + 1
+
+
+class DurationStats:
+    """Count, sum and a sparse log-bucketed histogram of durations in seconds."""
+
+    __slots__ = ("count", "total", "_buckets")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self._buckets: dict[int, int] = {}
+
+    def add(self, seconds: float, index: int | None = None) -> None:
+        """Record one duration; `index` (from `bucket_of(seconds)`) saves recomputing it."""
+        if index is None:
+            index = bucket_of(seconds)
+        self.count += 1
+        self.total += seconds
+        buckets = self._buckets
+        buckets[index] = buckets.get(index, 0) + 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (0 < q <= 1), as the upper edge of its bucket; 0.0 with no data."""
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(q * self.count))
+        seen = 0
+        for index in sorted(self._buckets):
+            seen += self._buckets[index]
+            if seen >= rank:
+                return 0.0 if index == 0 else _MIN_SECONDS * _GROWTH**index
+        raise AssertionError("unreachable: bucket counts sum to count")  # pragma: no cover
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ToolMetrics(_Model):
+    calls: int
+    completed: int
+    errors: int
+    timeouts: int
+    cancelled: int
+    p95: float
+
+
+class MetricsSnapshot(_Model):
+    """One consistent reading of the manager's counters (all taken under its lock)."""
+
+    active_sessions: int
+    peak_concurrent_sessions: int
+    total_sessions_created: int
+    total_sessions_completed: int
+    total_sessions_timeout: int
+    total_sessions_error: int
+    total_sessions_cancelled: int
+    sessions_rejected_capacity: int
+    sessions_rejected_metadata_size: int
+    sessions_rejected_shutdown: int
+    shutdown_rejected_unauthorized: int
+    current_metadata_bytes: int
+    abandoned_threads: int
+    success_rate: float
+    error_rate: float
+    timeout_rate: float
+    average_session_duration: float
+    duration_p50: float
+    duration_p95: float
+    duration_p99: float
+    uptime_seconds: float
+    shutdown_requested: bool
+    limits: dict[str, Any]
+    tools: dict[str, ToolMetrics]
+
+
+class ShutdownReport(_Model):
+    shutdown_duration: float
+    initial_active_sessions: int
+    final_active_sessions: int
+    sessions_completed_during_shutdown: int
+    sessions_cancelled_at_deadline: int
+    timeout_reached: bool
+    total_sessions_at_shutdown: int

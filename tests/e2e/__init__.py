@@ -1,0 +1,1 @@
+"""End-to-end tests: the standalone server as a real process, over stdio and streamable HTTP."""

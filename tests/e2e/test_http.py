@@ -1,0 +1,155 @@
+"""The standalone server as a real process over streamable HTTP on loopback: the URL on stderr,
+tools and deadlines through the SDK's `Client(url)`, `server_shutdown` guarded by the admin
+token, SIGTERM, and a port already in use.
+
+The tests that leave the server running share one process (`shared_http_server`, each with
+its own MCP session, asserting on metric deltas); the ones that stop it start their own.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp_types import CallToolResult
+
+from tests.e2e.conftest import HOST, START_SECONDS, ServerProcess, metrics, metrics_until, server_config, start_server
+from tests.helpers import code_of, error_of, text_of
+
+EXIT_MARGIN = 8.0
+TOKEN_ENV = "E2E_SESSIONS_ADMIN_TOKEN"
+TOKEN = "correct horse battery staple"
+
+
+def url_of(server: ServerProcess) -> str:
+    assert server.url is not None, "not an HTTP server"
+    return server.url
+
+
+async def test_the_server_prints_its_url_on_stderr_and_serves_tools(shared_http_server: ServerProcess) -> None:
+    url = url_of(shared_http_server)
+    assert url.startswith(f"http://{HOST}:") and url.endswith("/mcp")
+    assert any(url in line for line in shared_http_server.stderr_lines)
+
+    async with shared_http_server.client() as client:
+        before = await metrics(client)
+        assert text_of(await client.call_tool("echo", {"text": "over http"})) == "over http"
+        created = await client.call_tool("session_create", {"provider": "acme", "timeout_seconds": 30})
+        session = created.structured_content or {}
+        assert session["state"] == "active" and session["timeout_seconds"] == 30.0
+        released = await client.call_tool("session_release", {"session_id": session["session_id"]})
+        assert (released.structured_content or {})["state"] == "completed"
+        again = await client.call_tool("session_release", {"session_id": session["session_id"]})
+        assert code_of(again) == "already_released"
+        after = await metrics(client)
+    assert after["total_sessions_created"] - before["total_sessions_created"] == 2
+    assert after["total_sessions_completed"] - before["total_sessions_completed"] == 2
+    assert after["tools"]["echo"]["completed"] >= 1
+    assert after["limits"]["max_concurrent_sessions"] == 3
+
+
+async def test_hanging_tools_time_out_on_time_over_http(shared_http_server: ServerProcess) -> None:
+    async with shared_http_server.client() as client:
+        before = await metrics(client)
+        for tool in ("hang_async", "hang_sync"):
+            started = time.monotonic()
+            with anyio.fail_after(5):
+                result = await client.call_tool(tool, {})
+            error = error_of(result)
+            assert error["code"] == "timeout" and error["tool"] == tool
+            assert time.monotonic() - started >= 0.5
+        after = await metrics(client)
+    assert after["total_sessions_timeout"] - before["total_sessions_timeout"] == 2
+    assert after["total_sessions_error"] == before["total_sessions_error"]
+    assert after["abandoned_threads"] - before["abandoned_threads"] == 1
+
+
+async def test_server_shutdown_without_a_configured_admin_token_is_refused_and_counted(
+    shared_http_server: ServerProcess,
+) -> None:
+    async with shared_http_server.client() as client:
+        before = await metrics(client)
+        for arguments in ({}, {"token": "guess"}, {"token": "", "timeout_seconds": 0}):
+            refused = await client.call_tool("server_shutdown", arguments)
+            assert code_of(refused) == "unauthorized", (arguments, refused)
+        after = await metrics(client)
+        # Still serving: nothing was shut down.
+        assert text_of(await client.call_tool("echo", {"text": "still here"})) == "still here"
+    assert after["shutdown_rejected_unauthorized"] - before["shutdown_rejected_unauthorized"] == 3
+    assert after["shutdown_requested"] is False
+    assert shared_http_server.returncode is None
+
+
+async def test_server_shutdown_with_the_admin_token_reports_and_the_process_exits_0(tmp_path: Path) -> None:
+    config = server_config(shutdown={"admin_token_env": TOKEN_ENV, "timeout_seconds": 5})
+    async with start_server(tmp_path, config, transport="streamable-http", env={TOKEN_ENV: TOKEN}) as server:
+        results: dict[str, CallToolResult] = {}
+        async with server.client() as client:
+            wrong = await client.call_tool("server_shutdown", {"token": TOKEN + "x"})
+            missing = await client.call_tool("server_shutdown", {})
+            assert code_of(wrong) == "unauthorized" and code_of(missing) == "unauthorized"
+            refusals = await metrics(client)
+
+            async def call(key: str, tool: str, arguments: dict[str, Any]) -> None:
+                results[key] = await client.call_tool(tool, arguments)
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call, "quick", "sleep_async", {"seconds": 0.3})
+                    await metrics_until(client, lambda m: m["active_sessions"] == 1)
+                    await call("shutdown", "server_shutdown", {"token": TOKEN, "timeout_seconds": 5})
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+
+    assert refusals["shutdown_rejected_unauthorized"] == 2 and refusals["shutdown_requested"] is False
+    report = results["shutdown"]
+    assert not report.is_error, report
+    numbers = report.structured_content or {}
+    assert numbers["initial_active_sessions"] == 1 and numbers["sessions_completed_during_shutdown"] == 1
+    assert numbers["sessions_cancelled_at_deadline"] == 0 and numbers["timeout_reached"] is False
+    assert numbers["final_active_sessions"] == 0 and numbers["total_sessions_at_shutdown"] == 1
+    assert text_of(results["quick"]) == "slept 0.3s"
+
+
+async def test_sigterm_drains_calls_in_flight_and_exits_0(tmp_path: Path) -> None:
+    shutdown_seconds = 1.0
+    config = server_config(shutdown={"timeout_seconds": shutdown_seconds})
+    results: dict[str, CallToolResult] = {}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        async with server.client() as client:
+
+            async def call(key: str, tool: str, arguments: dict[str, Any]) -> None:
+                results[key] = await client.call_tool(tool, arguments)
+
+            # A sync tool past its deadline leaves a thread stuck in time.sleep(3600) behind.
+            assert code_of(await client.call_tool("hang_sync", {})) == "timeout"
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call, "quick", "sleep_async", {"seconds": 0.3})
+                    tg.start_soon(call, "stuck", "sleep_async", {"seconds": 3600})
+                    await metrics_until(client, lambda m: m["active_sessions"] == 2)
+                    server.send_signal(signal.SIGTERM)
+            assert await server.wait_exit(within=shutdown_seconds + EXIT_MARGIN) == 0
+
+    assert text_of(results["quick"]) == "slept 0.3s"
+    assert code_of(results["stuck"]) == "shutting_down"
+    assert "received SIGTERM" in server.stderr
+    assert "1 of 2 session(s) finished, 1 cancelled" in server.stderr
+    assert "Exiting with 1 stuck tool thread(s) abandoned" in server.stderr
+
+
+async def test_a_port_in_use_fails_fast_with_exit_status_1_and_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with start_server(
+            tmp_path, server_config(), transport="streamable-http", port=port, wait_ready=False
+        ) as server:
+            assert await server.wait_exit(within=START_SECONDS) == 1
+    assert "address already in use" in server.stderr
+    assert f"Could not serve MCP over streamable HTTP on {HOST} port {port}" in server.stderr
+    assert "Traceback" not in server.stderr and "/mcp" not in server.stderr

@@ -1,0 +1,346 @@
+"""The standalone server as a real process over stdio: the session tools and their error codes,
+deadlines for hanging async and sync tools, `server_shutdown`, SIGTERM/SIGINT, stdin EOF, and
+a stdout that carries nothing but JSON-RPC messages.
+
+Each test runs its own server process (over stdio one process is one connection), talking to
+it with the SDK's `Client` (as an assistant would, including one launched the SDK's own way
+with `StdioServerParameters`) or with raw JSON-RPC lines where the test needs the pipes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp import Client, StdioServerParameters
+
+from tests.e2e.conftest import (
+    CALL_SECONDS,
+    ROOT,
+    ServerProcess,
+    metrics,
+    metrics_until,
+    render_toml,
+    server_config,
+    server_env,
+    start_server,
+)
+from tests.fixtures.e2e_tools import NOISE_FROM_FD, NOISE_FROM_PRINT
+from tests.helpers import code_of, error_of, text_of
+
+#: Margin on top of a shutdown deadline for the process to wind down and exit.
+EXIT_MARGIN = 8.0
+
+
+async def raw_metrics(server: ServerProcess) -> dict[str, Any]:
+    result = await server.call("session_metrics")
+    assert not result.is_error, result
+    return result.structured_content or {}
+
+
+async def raw_metrics_until(server: ServerProcess, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Ask `session_metrics` until `predicate` holds (each ask is a round trip; bounded)."""
+    with anyio.fail_after(5):
+        while not predicate(data := await raw_metrics(server)):
+            pass
+    return data
+
+
+# -- the session tools -------------------------------------------------------------------
+
+
+async def test_session_create_release_and_metrics_through_a_client_that_launches_the_server(tmp_path: Path) -> None:
+    config_path = tmp_path / "server.toml"
+    config_path.write_text(render_toml(server_config()), encoding="utf-8")
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "server", "--config", str(config_path)],
+        cwd=ROOT,
+        env=server_env(),
+    )
+    metadata = {"task": "summarise", "steps": [1, 2, 3], "note": "héllo"}
+    async with Client(params, read_timeout_seconds=CALL_SECONDS) as client:
+        created = await client.call_tool(
+            "session_create", {"provider": "acme", "model": "m-1", "timeout_seconds": 60, "metadata": metadata}
+        )
+        assert not created.is_error, created
+        session = created.structured_content or {}
+        assert session["state"] == "active" and session["timeout_seconds"] == 60.0
+        assert session["session_id"] and session["request_id"]
+        assert datetime.fromisoformat(session["expires_at"]).tzinfo is not None
+        during = await metrics(client)
+        assert (during["active_sessions"], during["total_sessions_created"]) == (1, 1)
+        metadata_bytes = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+        assert during["current_metadata_bytes"] == metadata_bytes
+
+        released = await client.call_tool("session_release", {"session_id": session["session_id"]})
+        assert not released.is_error, released
+        ended = released.structured_content or {}
+        assert ended["session_id"] == session["session_id"] and ended["state"] == "completed"
+        assert ended["duration_seconds"] >= 0
+
+        failed = await client.call_tool("session_create", {})
+        failed_id = (failed.structured_content or {})["session_id"]
+        released = await client.call_tool(
+            "session_release", {"session_id": failed_id, "outcome": "error", "error": "the model gave up"}
+        )
+        assert (released.structured_content or {})["state"] == "error"
+
+        assert text_of(await client.call_tool("echo", {"text": "hi"})) == "hi"
+        assert (await client.call_tool("fail", {"message": "kaput"})).is_error
+        after = await metrics(client)
+
+    assert (after["active_sessions"], after["total_sessions_created"]) == (0, 4)
+    assert after["total_sessions_completed"] == 2 and after["total_sessions_error"] == 2
+    assert after["total_sessions_timeout"] == 0
+    assert after["current_metadata_bytes"] == 0 and after["peak_concurrent_sessions"] == 1
+    assert after["success_rate"] == 0.5 and after["error_rate"] == 0.5 and after["timeout_rate"] == 0.0
+    assert after["tools"]["echo"]["completed"] == 1 and after["tools"]["fail"]["errors"] == 1
+    assert "session_metrics" not in after["tools"]  # management tools are not sessions
+    assert after["limits"]["max_concurrent_sessions"] == 100
+
+
+async def test_session_tools_refuse_bad_requests_with_their_error_codes(tmp_path: Path) -> None:
+    config = server_config(limits={"max_metadata_bytes": 64})
+    async with start_server(tmp_path, config) as server, server.client() as client:
+        unknown = await client.call_tool("session_release", {"session_id": "s1-not-ours"})
+        assert code_of(unknown) == "unknown_session" and error_of(unknown)["session_id"] == "s1-not-ours"
+
+        session_id = (await client.call_tool("session_create", {})).structured_content or {}
+        first = await client.call_tool("session_release", {"session_id": session_id["session_id"]})
+        assert not first.is_error
+        again = await client.call_tool("session_release", {"session_id": session_id["session_id"]})
+        assert code_of(again) == "already_released"
+
+        for tool, arguments in [
+            ("session_create", {"timeout_seconds": -1}),
+            ("session_create", {"timeout_seconds": 0}),
+            ("session_release", {"session_id": session_id["session_id"], "outcome": "bogus"}),
+            ("session_release", {}),
+            ("server_shutdown", {"timeout_seconds": -1}),
+        ]:
+            result = await client.call_tool(tool, arguments)
+            assert code_of(result) == "invalid_argument", (tool, arguments, result)
+
+        too_large = await client.call_tool("session_create", {"metadata": {"blob": "x" * 100}})
+        error = error_of(too_large)
+        assert error["code"] == "metadata_too_large" and "64" in error["message"]
+        fits = await client.call_tool("session_create", {"metadata": {"blob": "x" * 10}})
+        assert not fits.is_error
+
+        m = await metrics(client)
+    assert m["sessions_rejected_metadata_size"] == 1
+    assert (m["total_sessions_created"], m["active_sessions"], m["total_sessions_completed"]) == (2, 1, 1)
+    assert m["shutdown_requested"] is False  # the refused server_shutdown did not start one
+
+
+async def test_a_full_server_refuses_new_work_until_a_slot_is_released_or_expires(tmp_path: Path) -> None:
+    config = server_config(limits={"max_concurrent_sessions": 2})
+    async with start_server(tmp_path, config) as server, server.client() as client:
+        held = (await client.call_tool("session_create", {})).structured_content or {}
+        expiring = (await client.call_tool("session_create", {"timeout_seconds": 0.5})).structured_content or {}
+        assert held["state"] == expiring["state"] == "active"
+
+        refused = await client.call_tool("session_create", {})
+        assert code_of(refused) == "capacity_exceeded" and "2" in text_of(refused)
+        call = await client.call_tool("echo", {"text": "no room"})
+        assert code_of(call) == "capacity_exceeded" and error_of(call)["tool"] == "echo"
+        full = await metrics(client)  # management tools never count against the cap
+
+        # The unreleased session times out at its deadline and frees its slot by itself.
+        await metrics_until(client, lambda m: m["total_sessions_timeout"] == 1)
+        assert text_of(await client.call_tool("echo", {"text": "room again"})) == "room again"
+        expired = await client.call_tool("session_release", {"session_id": expiring["session_id"]})
+        assert code_of(expired) == "already_released" and "timeout" in text_of(expired)
+        released = await client.call_tool("session_release", {"session_id": held["session_id"]})
+        assert (released.structured_content or {})["state"] == "completed"
+        after = await metrics(client)
+    assert full["sessions_rejected_capacity"] == 2 and full["active_sessions"] == 2
+    assert full["peak_concurrent_sessions"] == 2
+    assert (after["total_sessions_created"], after["active_sessions"]) == (3, 0)
+    assert (after["total_sessions_completed"], after["total_sessions_timeout"]) == (2, 1)
+
+
+# -- deadlines ---------------------------------------------------------------------------
+
+
+async def test_hanging_async_and_sync_tools_get_a_timeout_on_time_and_the_server_still_exits(tmp_path: Path) -> None:
+    async with start_server(tmp_path, server_config()) as server:
+        async with server.client() as client:
+            for tool in ("hang_async", "hang_sync"):
+                started = time.monotonic()
+                with anyio.fail_after(5):
+                    result = await client.call_tool(tool, {})
+                elapsed = time.monotonic() - started
+                error = error_of(result)
+                assert error["code"] == "timeout" and error["tool"] == tool and error["session_id"], result
+                assert "0.5s" in error["message"]
+                assert elapsed >= 0.5
+            m = await metrics(client)
+            # The server keeps serving while the stuck thread runs on.
+            assert text_of(await client.call_tool("echo", {"text": "alive"})) == "alive"
+        assert m["abandoned_threads"] == 1  # hang_sync's thread, still blocked in time.sleep
+        assert (m["total_sessions_timeout"], m["total_sessions_error"], m["active_sessions"]) == (2, 0, 0)
+        assert m["tools"]["hang_async"]["timeouts"] == 1 and m["tools"]["hang_sync"]["timeouts"] == 1
+        assert m["timeout_rate"] == 1.0
+
+        # A thread stuck in time.sleep(3600) cannot be joined: the server must exit anyway.
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert "1 stuck tool thread" in server.stderr
+
+
+# -- shutdown ----------------------------------------------------------------------------
+
+
+async def test_server_shutdown_drains_cancels_the_rest_refuses_new_work_and_exits_0(tmp_path: Path) -> None:
+    results: dict[str, Any] = {}
+    # Over stdio the client owns the process: no token is needed, even with one configured.
+    config = server_config(shutdown={"admin_token_env": "E2E_SESSIONS_ADMIN_TOKEN"})
+    async with start_server(tmp_path, config, env={"E2E_SESSIONS_ADMIN_TOKEN": "secret"}) as server:
+        async with server.client() as client:
+
+            async def call(key: str, tool: str, arguments: dict[str, Any]) -> None:
+                results[key] = await client.call_tool(tool, arguments)
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:  # ends once every call has its answer
+                    tg.start_soon(call, "quick", "sleep_async", {"seconds": 0.3})
+                    tg.start_soon(call, "stuck", "sleep_async", {"seconds": 3600})
+                    await metrics_until(client, lambda m: m["active_sessions"] == 2)
+                    tg.start_soon(call, "shutdown", "server_shutdown", {"timeout_seconds": 1})
+                    await metrics_until(client, lambda m: m["shutdown_requested"])
+
+                    late_call = await client.call_tool("echo", {"text": "too late"})
+                    late_session = await client.call_tool("session_create", {})
+                    rejected = await metrics(client)
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+
+    assert code_of(late_call) == "shutting_down" and code_of(late_session) == "shutting_down"
+    assert rejected["sessions_rejected_shutdown"] == 2
+    report = results["shutdown"]
+    assert not report.is_error, report
+    numbers = report.structured_content or {}
+    assert numbers["initial_active_sessions"] == 2
+    assert numbers["sessions_completed_during_shutdown"] == 1
+    assert numbers["sessions_cancelled_at_deadline"] == 1
+    assert numbers["final_active_sessions"] == 0
+    assert numbers["timeout_reached"] is True
+    assert numbers["total_sessions_at_shutdown"] == 2
+    assert 1.0 <= numbers["shutdown_duration"] < 5.0
+    assert text_of(results["quick"]) == "slept 0.3s"
+    assert code_of(results["stuck"]) == "shutting_down"
+
+
+async def start_quick_and_stuck_calls(server: ServerProcess) -> tuple[int, int]:
+    """Start a call that finishes in 0.3 s and one that hangs; return once both are sessions."""
+    await server.initialize()
+    quick = await server.start_call("sleep_async", {"seconds": 0.3})
+    stuck = await server.start_call("sleep_async", {"seconds": 3600})
+    await raw_metrics_until(server, lambda m: m["active_sessions"] == 2)
+    return quick, stuck
+
+
+async def test_sigterm_drains_calls_in_flight_then_exits_0(tmp_path: Path) -> None:
+    shutdown_seconds = 1.0
+    config = server_config(shutdown={"timeout_seconds": shutdown_seconds})
+    async with start_server(tmp_path, config) as server:
+        quick, stuck = await start_quick_and_stuck_calls(server)
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert await server.wait_exit(within=shutdown_seconds + EXIT_MARGIN) == 0
+        exit_seconds = time.monotonic() - signalled
+        finished = await server.call_result(quick)
+        cancelled = await server.call_result(stuck)
+    assert text_of(finished) == "slept 0.3s"
+    assert code_of(cancelled) == "shutting_down"
+    assert exit_seconds >= shutdown_seconds  # it drained up to the deadline, not a moment less
+    assert "received SIGTERM" in server.stderr
+    assert "1 of 2 session(s) finished, 1 cancelled" in server.stderr
+    assert server.stray_stdout == []
+
+
+async def test_sigint_runs_the_same_graceful_shutdown(tmp_path: Path) -> None:
+    async with start_server(tmp_path, server_config()) as server:
+        await server.initialize()
+        quick = await server.start_call("sleep_async", {"seconds": 0.3})
+        await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
+        server.send_signal(signal.SIGINT)
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+        finished = await server.call_result(quick)
+    assert text_of(finished) == "slept 0.3s"
+    assert "received SIGINT" in server.stderr and "1 of 1 session(s) finished, 0 cancelled" in server.stderr
+
+
+async def test_stdin_eof_lets_running_calls_answer_then_exits_0(tmp_path: Path) -> None:
+    async with start_server(tmp_path, server_config()) as server:
+        await server.initialize()
+        quick = await server.start_call("sleep_async", {"seconds": 0.3})
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+        finished = await server.call_result(quick)
+    assert text_of(finished) == "slept 0.3s"
+    assert "stdin closed" in server.stderr
+
+
+async def test_a_call_the_client_cancels_ends_as_cancelled_and_does_not_hold_up_the_exit(tmp_path: Path) -> None:
+    async with start_server(tmp_path, server_config()) as server:
+        await server.initialize()
+        request_id = await server.start_call("sleep_async", {"seconds": 3600})
+        await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
+        await server.notify("notifications/cancelled", {"requestId": request_id, "reason": "the user gave up"})
+        m = await raw_metrics_until(server, lambda m: m["active_sessions"] == 0)
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert m["total_sessions_cancelled"] == 1 and m["tools"]["sleep_async"]["cancelled"] == 1
+    assert not any(json.loads(line).get("id") == request_id for line in server.stdout_lines)
+    # A cancelled request gets no response; the server must not wait for one before exiting.
+    assert "unanswered" not in server.stderr
+
+
+async def test_stdout_carries_only_json_rpc_messages_even_when_a_tool_prints(tmp_path: Path) -> None:
+    async with start_server(tmp_path, server_config()) as server:
+        await server.initialize()
+        for text in ("one", "two"):
+            assert text_of(await server.call("noisy", {"text": text})) == text
+        await raw_metrics(server)
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    # Every line the process ever wrote to stdout, up to EOF, is a JSON-RPC message...
+    assert server.stray_stdout == []
+    assert len(server.stdout_lines) == 4  # initialize, noisy, noisy, session_metrics
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in server.stdout_lines)
+    assert not any(NOISE_FROM_PRINT in line or NOISE_FROM_FD in line for line in server.stdout_lines)
+    # ...and the tool's output went to stderr: fd 1 pointed there while serving, and the text
+    # `print` buffered was flushed there before the server gave fd 1 back.
+    assert server.stderr.count(NOISE_FROM_FD) == 2
+    assert server.stderr.count(NOISE_FROM_PRINT) == 2
+
+
+async def test_a_second_signal_forces_an_immediate_exit_with_status_1(tmp_path: Path) -> None:
+    config = server_config(shutdown={"timeout_seconds": 60})
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        await server.start_call("sleep_async", {"seconds": 3600})
+        await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
+        server.send_signal(signal.SIGINT)
+        await server.wait_stderr("Graceful shutdown: received SIGINT")
+        server.send_signal(signal.SIGINT)  # an impatient second Ctrl-C
+        assert await server.wait_exit(within=EXIT_MARGIN) == 1
+    assert "Second SIGINT: forcing exit" in server.stderr
+
+
+async def test_a_bad_config_exits_2_naming_the_file_and_key_without_starting(tmp_path: Path) -> None:
+    config = server_config(limits={"max_concurrent_sessions": 0, "max_sesions": 5})
+    async with start_server(tmp_path, config) as server:
+        assert await server.wait_exit(within=EXIT_MARGIN) == 2
+    assert server.stdout_lines == []
+    assert f"{server.config_path}: limits.max_concurrent_sessions" in server.stderr
+    assert f"{server.config_path}: limits.max_sesions: unknown key" in server.stderr

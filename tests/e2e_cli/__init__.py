@@ -1,0 +1,1 @@
+"""End-to-end tests of the command line, run as real processes."""

@@ -1,0 +1,295 @@
+"""The command line as real processes: `python -m server` and the `mcp-session-manager` script.
+
+Exit status 0 with the effective settings as JSON on stdout for `--check-config`; status 2 with
+the problems on stderr, and nothing on stdout and nothing served, for a bad configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(sys.executable).parent / "mcp-session-manager"
+HEADER = "mcp-session-manager: invalid configuration:"
+FIXTURES = "tests.fixtures_config"
+
+
+def run(
+    *args: str, script: bool = False, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI from the project root with a clean MCP_SESSIONS_* environment plus `env`."""
+    command = [str(SCRIPT)] if script else [sys.executable, "-m", "server"]
+    environ = {name: value for name, value in os.environ.items() if not name.upper().startswith("MCP_SESSIONS_")}
+    environ.update(env or {})
+    return subprocess.run(
+        [*command, *args], cwd=ROOT, env=environ, input=stdin, capture_output=True, text=True, timeout=30
+    )
+
+
+def problems(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The problem lines of a refused configuration (after the header, one per line, indented)."""
+    lines = result.stderr.splitlines()
+    assert HEADER in lines, result.stderr
+    rest = lines[lines.index(HEADER) + 1 :]
+    assert all(line.startswith("  ") for line in rest), result.stderr
+    return [line.strip() for line in rest]
+
+
+def assert_refused(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "", "nothing may reach stdout (it is the protocol channel on stdio)"
+    assert "Serving" not in result.stderr and "Graceful shutdown" not in result.stderr, "nothing may start"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def modules_config(tmp_path: Path, *modules: str) -> Path:
+    return write(tmp_path, f"[server]\ntool_modules = {json.dumps(list(modules))}\n")
+
+
+def test_the_console_script_is_installed_next_to_the_interpreter() -> None:
+    assert SCRIPT.is_file(), f"{SCRIPT} is missing: reinstall with `pip install -e .`"
+
+
+# -- --check-config on valid configurations ----------------------------------------------
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["python-m-server", "console-script"])
+def test_check_config_prints_the_effective_settings_as_json(script: bool) -> None:
+    result = run("--config", "config/demo.toml", "--check-config", script=script)
+
+    assert result.returncode == 0, result.stderr
+    effective: dict[str, Any] = json.loads(result.stdout)
+    assert effective == load_settings(ROOT / "config" / "demo.toml").model_dump(mode="json")
+    assert effective["server"]["tool_modules"] == ["tools.demo"]
+    assert effective["tools"]["sleep_async"] == {"timeout_seconds": 3.0}
+    assert "configuration is valid" in result.stderr
+
+
+def test_check_config_without_a_file_prints_the_builtin_defaults() -> None:
+    result = run("--check-config")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == load_settings(ROOT / "config" / "default.toml").model_dump(mode="json")
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["python-m-server", "console-script"])
+def test_flags_are_reflected_in_the_output_and_beat_the_environment(script: bool) -> None:
+    env = {"MCP_SESSIONS_SERVER__PORT": "9100", "MCP_SESSIONS_SERVER__HOST": "10.1.1.1"}
+
+    result = run(
+        "--config",
+        "config/default.toml",
+        "--transport",
+        "streamable-http",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9200",
+        "--check-config",
+        script=script,
+        env=env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    server = json.loads(result.stdout)["server"]
+    assert (server["transport"], server["host"], server["port"]) == ("streamable-http", "0.0.0.0", 9200)
+
+
+def test_the_environment_beats_the_file_when_no_flag_is_given(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 9000\n[limits]\nmax_concurrent_sessions = 5\n")
+
+    result = run("--config", str(path), "--check-config", env={"MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS": "6"})
+
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["limits"]["max_concurrent_sessions"] == 6
+    assert effective["server"]["port"] == 9000
+
+
+def test_check_config_imports_a_good_tool_module() -> None:
+    result = run("--check-config", env={"MCP_SESSIONS_SERVER__TOOL_MODULES": f'["{FIXTURES}.good_tools"]'})
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["server"]["tool_modules"] == [f"{FIXTURES}.good_tools"]
+
+
+# -- refused configurations: status 2, the problem on stderr, nothing started -------------
+
+BAD_FILES = [
+    pytest.param(
+        "[limits]\nmax_concurent_sessions = 5\n",
+        "limits.max_concurent_sessions: unknown key; did you mean 'max_concurrent_sessions'?",
+        id="unknown-nested-key",
+    ),
+    pytest.param(
+        "[limits]\ndefault_timeout_seconds = -1.0\n",
+        "limits.default_timeout_seconds: must be greater than 0.0 (got -1.0)",
+        id="negative-timeout",
+    ),
+    pytest.param(
+        '[server]\ntransport = "http"\n',
+        "server.transport: must be 'stdio' or 'streamable-http' (got \"http\")",
+        id="unknown-transport",
+    ),
+    pytest.param(
+        "[tools.echo]\ntimeout_seconds = 301.0\n",
+        "tools.echo.timeout_seconds: must not exceed limits.max_timeout_seconds, which is 300.0"
+        " (built-in default); lower it or raise the cap (got 301.0)",
+        id="tool-timeout-above-cap",
+    ),
+    pytest.param(
+        "[limits\n",
+        "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)",
+        id="bad-toml",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_FILES)
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_bad_file_exits_2_with_the_problem_on_stderr(tmp_path: Path, text: str, expected: str, check: bool) -> None:
+    path = write(tmp_path, text)
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    assert problems(result) == [f"{path}: {expected}"]
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["python-m-server", "console-script"])
+def test_a_missing_config_file_exits_2(tmp_path: Path, script: bool) -> None:
+    missing = tmp_path / "missing.toml"
+
+    result = run("--config", str(missing), script=script)
+
+    assert_refused(result)
+    assert problems(result) == [f"{missing}: config file not found (check the --config path)"]
+
+
+def test_a_directory_given_as_config_exits_2(tmp_path: Path) -> None:
+    result = run("--config", str(tmp_path), "--check-config")
+
+    assert_refused(result)
+    assert problems(result) == [f"{tmp_path}: is a directory, not a config file (give the path of a .toml file)"]
+
+
+def test_a_file_with_several_problems_reports_each_on_its_own_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[server]\ntransport = "tcp"\nport = 70000\n'
+        "[limits]\nmax_concurrent_sessions = 0\ndefault_timeout_seconds = nan\n"
+        "[shutdown]\ntimeot_seconds = 5\n",
+    )
+
+    result = run("--config", str(path), "--check-config")
+
+    assert_refused(result)
+    assert problems(result) == [
+        f"{path}: server.transport: must be 'stdio' or 'streamable-http' (got \"tcp\")",
+        f"{path}: server.port: must be between 1 and 65535 (got 70000)",
+        f"{path}: limits.default_timeout_seconds: must be a finite number (nan and inf are not allowed) (got nan)",
+        f"{path}: limits.max_concurrent_sessions: must be between 1 and 1000000 (got 0)",
+        f"{path}: shutdown.timeot_seconds: unknown key; did you mean 'timeout_seconds'?",
+    ]
+
+
+def test_a_bad_flag_value_exits_2_naming_the_option() -> None:
+    result = run("--port", "0", "--check-config")
+
+    assert_refused(result)
+    assert problems(result) == ["command line option --port: server.port: must be between 1 and 65535 (got 0)"]
+
+
+def test_a_non_numeric_port_flag_exits_2_from_the_argument_parser() -> None:
+    result = run("--port", "eighty", "--check-config")
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "argument --port: invalid int value: 'eighty'" in result.stderr
+
+
+def test_a_bad_environment_variable_exits_2_naming_it() -> None:
+    result = run("--check-config", env={"MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS": "many"})
+
+    assert_refused(result)
+    assert problems(result) == [
+        "environment variable MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS: limits.max_concurrent_sessions:"
+        ' must be a whole number (got "many")'
+    ]
+
+
+# -- bad tool modules: status 2 naming the module ---------------------------------------
+
+BAD_MODULES = [
+    pytest.param(
+        [f"{FIXTURES}.raises_at_import"],
+        f"'{FIXTURES}.raises_at_import': cannot import it: RuntimeError: fixture module failing at import on purpose",
+        id="raises-at-import",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.not_there"],
+        f"'{FIXTURES}.not_there': cannot import it: ModuleNotFoundError: No module named '{FIXTURES}.not_there'",
+        id="not-importable",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.no_tools"],
+        f"'{FIXTURES}.no_tools': the module has no TOOLS list (TOOLS = [my_tool, ...])",
+        id="no-TOOLS",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.tools_not_callables"],
+        f"'{FIXTURES}.tools_not_callables': TOOLS must be a list of functions, got ['echo', 42]",
+        id="TOOLS-not-callables",
+    ),
+    pytest.param(
+        ["tools.demo", f"{FIXTURES}.duplicate_echo"],
+        f"'{FIXTURES}.duplicate_echo': tool 'echo' is already provided by module 'tools.demo'",
+        id="duplicate-demo-tool",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.duplicate_session_tool"],
+        f"'{FIXTURES}.duplicate_session_tool': tool 'session_create' is already provided by the session extension",
+        id="duplicate-management-tool",
+    ),
+]
+
+
+@pytest.mark.parametrize(("modules", "expected"), BAD_MODULES)
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_bad_tool_module_exits_2_naming_the_module(
+    tmp_path: Path, modules: list[str], expected: str, check: bool
+) -> None:
+    path = modules_config(tmp_path, *modules)
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    [problem] = problems(result)
+    assert problem.startswith("server.tool_modules: "), problem
+    assert problem.endswith(expected), problem
+
+
+def test_every_bad_tool_module_is_reported_at_once(tmp_path: Path) -> None:
+    path = modules_config(tmp_path, f"{FIXTURES}.no_tools", f"{FIXTURES}.raises_at_import")
+
+    result = run("--config", str(path), "--check-config")
+
+    assert_refused(result)
+    reported = problems(result)
+    assert len(reported) == 2, reported
+    assert f"'{FIXTURES}.no_tools'" in reported[0]
+    assert f"'{FIXTURES}.raises_at_import'" in reported[1]

@@ -1,0 +1,3 @@
+"""A tool module whose `TOOLS` holds names instead of functions."""
+
+TOOLS = ["echo", 42]

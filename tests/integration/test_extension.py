@@ -1,0 +1,410 @@
+"""SessionsExtension through the SDK's in-memory Client: every call a session, deadlines,
+capacity, metadata, errors, cancellation and graceful shutdown."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.server.mcpserver import MCPServer
+from mcp_types import CallToolResult
+
+from server import SessionsExtension
+from tests.helpers import Gate, boom, build, code_of, echo, error_of, hang_async, settings, text_of
+
+
+async def metrics(client: Client) -> dict[str, Any]:
+    result = await client.call_tool("session_metrics", {})
+    assert not result.is_error
+    data: dict[str, Any] = result.structured_content
+    created = data["total_sessions_created"]
+    finished = sum(
+        data[k]
+        for k in (
+            "active_sessions",
+            "total_sessions_completed",
+            "total_sessions_error",
+            "total_sessions_timeout",
+            "total_sessions_cancelled",
+        )
+    )
+    assert created == finished, f"invariant broken: {data}"
+    return data
+
+
+async def test_a_host_tool_call_is_a_completed_session() -> None:
+    app, _ = build()
+    async with Client(app) as client:
+        result = await client.call_tool("echo", {"text": "hi"})
+        assert not result.is_error and text_of(result) == "hi"
+        m = await metrics(client)
+    assert (m["total_sessions_created"], m["total_sessions_completed"], m["active_sessions"]) == (1, 1, 0)
+    assert m["tools"]["echo"]["calls"] == 1 and m["tools"]["echo"]["completed"] == 1
+    assert m["success_rate"] == 1.0
+
+
+async def test_a_tool_that_raises_ends_its_session_as_error() -> None:
+    app, _ = build()
+    async with Client(app) as client:
+        result = await client.call_tool("boom", {"message": "kaput"})
+        assert result.is_error
+        m = await metrics(client)
+    assert m["total_sessions_error"] == 1 and m["tools"]["boom"]["errors"] == 1 and m["error_rate"] == 1.0
+
+
+class Fatal(BaseException):
+    """Not an Exception: the SDK lets it through to the interceptor."""
+
+
+async def test_a_base_exception_from_a_tool_is_accounted_and_the_server_keeps_serving() -> None:
+    async def fatal() -> str:
+        raise Fatal("deep trouble")
+
+    def fatal_in_thread() -> str:
+        raise Fatal("deep trouble in a thread")
+
+    app, _ = build(tools=[fatal, fatal_in_thread, echo])
+    async with Client(app) as client:
+        for name in ("fatal", "fatal_in_thread"):
+            result = await client.call_tool(name, {})
+            assert result.is_error and name in text_of(result)
+        assert text_of(await client.call_tool("echo", {"text": "still here"})) == "still here"
+        m = await metrics(client)
+    assert (m["total_sessions_error"], m["total_sessions_completed"]) == (2, 1)
+
+
+async def test_an_async_tool_hanging_gets_a_timeout_result_on_time() -> None:
+    app, _ = build(settings(tool_timeouts={"hang_async": 0.3}))
+    async with Client(app) as client:
+        started = time.monotonic()
+        with anyio.fail_after(5):
+            result = await client.call_tool("hang_async", {"seconds": 3600})
+        elapsed = time.monotonic() - started
+        error = error_of(result)
+        m = await metrics(client)
+    assert error["code"] == "timeout" and error["tool"] == "hang_async" and error["session_id"]
+    assert "0.3s" in error["message"]
+    assert elapsed >= 0.3
+    assert (m["total_sessions_timeout"], m["total_sessions_error"], m["abandoned_threads"]) == (1, 0, 0)
+    assert m["timeout_rate"] == 1.0 and m["tools"]["hang_async"]["timeouts"] == 1
+
+
+async def test_a_sync_tool_stuck_in_its_thread_times_out_and_is_counted_until_it_ends() -> None:
+    gate = Gate()
+    app, sessions = build(settings(default_timeout_seconds=0.3), tools=gate.tools())
+    async with Client(app) as client:
+        with anyio.fail_after(5):
+            result = await client.call_tool("block_sync", {})
+        assert code_of(result) == "timeout"
+        m = await metrics(client)
+        assert (m["abandoned_threads"], m["total_sessions_timeout"], m["total_sessions_error"]) == (1, 1, 0)
+        assert m["active_sessions"] == 0  # the slot is free although the thread still runs
+        assert gate.threads_running == 1
+        gate.open()
+        with anyio.fail_after(5):
+            await sessions.manager.wait_no_abandoned_threads()
+        m = await metrics(client)
+    assert m["abandoned_threads"] == 0 and m["total_sessions_timeout"] == 1 and m["total_sessions_completed"] == 0
+
+
+async def test_per_tool_timeout_overrides_the_default() -> None:
+    gate = Gate()
+    app, _ = build(settings(default_timeout_seconds=30, tool_timeouts={"block_async": 0.2}), tools=gate.tools())
+    async with Client(app) as client:
+        with anyio.fail_after(5):
+            error = error_of(await client.call_tool("block_async", {}))
+    assert error["code"] == "timeout" and "0.2s" in error["message"]
+
+
+async def test_capacity_five_of_twenty_run_and_fifteen_are_refused_while_metrics_still_answer() -> None:
+    gate = Gate()
+    gate.expected = 5
+    app, _ = build(settings(max_concurrent_sessions=5), tools=gate.tools())
+    results: list[CallToolResult] = []
+    refused = anyio.Event()
+
+    async with Client(app) as client:
+
+        async def call() -> None:
+            result = await client.call_tool("block_async", {})
+            results.append(result)
+            if sum(r.is_error for r in results) == 15:
+                refused.set()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    tg.start_soon(call)
+                await gate.entered_event.wait()
+                await refused.wait()
+                m = await metrics(client)  # answered while the server is full
+                assert m["active_sessions"] == 5
+                gate.open()
+        m = await metrics(client)
+    codes = [code_of(r) for r in results if r.is_error]
+    assert codes == ["capacity_exceeded"] * 15
+    assert sum(not r.is_error for r in results) == 5
+    assert m["peak_concurrent_sessions"] == 5 and m["sessions_rejected_capacity"] == 15
+    assert m["total_sessions_created"] == 5 and m["total_sessions_completed"] == 5
+
+
+async def test_management_tools_are_never_refused_for_capacity() -> None:
+    app, _ = build(settings(max_concurrent_sessions=2))
+    async with Client(app) as client:
+        ids = []
+        for _ in range(2):
+            created = await client.call_tool("session_create", {})
+            ids.append(created.structured_content["session_id"])
+        assert code_of(await client.call_tool("session_create", {})) == "capacity_exceeded"
+        assert code_of(await client.call_tool("echo", {"text": "x"})) == "capacity_exceeded"
+        m = await metrics(client)
+        assert m["active_sessions"] == 2  # the management calls themselves hold no slot
+        released = await client.call_tool("session_release", {"session_id": ids[0]})
+        assert not released.is_error
+        assert text_of(await client.call_tool("echo", {"text": "x"})) == "x"
+
+
+async def test_session_create_and_release_round_trip() -> None:
+    app, _ = build(settings(max_timeout_seconds=60, default_timeout_seconds=10))
+    async with Client(app) as client:
+        created = await client.call_tool(
+            "session_create", {"provider": "acme", "model": "m1", "timeout_seconds": 1000, "metadata": {"k": [1, 2]}}
+        )
+        assert not created.is_error
+        data = created.structured_content
+        assert set(data) == {"session_id", "request_id", "state", "timeout_seconds", "expires_at"}
+        assert data["state"] == "active" and data["timeout_seconds"] == 60  # capped
+        m = await metrics(client)
+        assert m["active_sessions"] == 1 and m["current_metadata_bytes"] == len('{"k":[1,2]}')
+        released = await client.call_tool("session_release", {"session_id": data["session_id"]})
+        body = released.structured_content
+        assert body["session_id"] == data["session_id"] and body["state"] == "completed"
+        assert body["duration_seconds"] >= 0
+        again = error_of(await client.call_tool("session_release", {"session_id": data["session_id"]}))
+        assert again["code"] == "already_released" and again["session_id"] == data["session_id"]
+        unknown = error_of(await client.call_tool("session_release", {"session_id": "never-issued"}))
+        assert unknown["code"] == "unknown_session"
+        failed = await client.call_tool("session_create", {})
+        fid = failed.structured_content["session_id"]
+        ended = await client.call_tool("session_release", {"session_id": fid, "outcome": "error", "error": "x"})
+        assert ended.structured_content["state"] == "error"
+        m = await metrics(client)
+    assert (m["total_sessions_completed"], m["total_sessions_error"], m["current_metadata_bytes"]) == (1, 1, 0)
+
+
+async def test_session_metadata_at_the_limit_is_accepted_and_one_byte_over_refused() -> None:
+    limit = 100
+    app, _ = build(settings(max_metadata_bytes=limit))
+    base = len('{"v":""}')
+    async with Client(app) as client:
+        ok = await client.call_tool("session_create", {"metadata": {"v": "a" * (limit - base)}})
+        assert not ok.is_error
+        m = await metrics(client)
+        assert m["current_metadata_bytes"] == limit
+        over = error_of(await client.call_tool("session_create", {"metadata": {"v": "a" * (limit - base + 1)}}))
+        assert over["code"] == "metadata_too_large" and str(limit) in over["message"]
+        await client.call_tool("session_release", {"session_id": ok.structured_content["session_id"]})
+        m = await metrics(client)
+    assert m["current_metadata_bytes"] == 0 and m["sessions_rejected_metadata_size"] == 1
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("session_create", {"timeout_seconds": "soon"}),
+        ("session_create", {"timeout_seconds": -1}),
+        ("session_create", {"timeout_seconds": 0}),
+        ("session_create", {"metadata": "not an object"}),
+        ("session_release", {}),
+        ("session_release", {"session_id": 42}),
+        ("session_release", {"session_id": "x", "outcome": "maybe"}),
+        ("server_shutdown", {"timeout_seconds": -5}),
+    ],
+)
+async def test_bad_arguments_to_session_tools_are_invalid_argument(tool: str, arguments: dict[str, Any]) -> None:
+    app, _ = build()
+    async with Client(app) as client:
+        error = error_of(await client.call_tool(tool, arguments))
+        m = await metrics(client)
+    assert error["code"] == "invalid_argument" and error["message"]
+    assert m["total_sessions_created"] == 0 and not m["shutdown_requested"]
+
+
+async def test_a_session_create_session_expires_by_itself_and_frees_its_slot() -> None:
+    app, sessions = build(settings(max_concurrent_sessions=1))
+    async with Client(app) as client:
+        created = await client.call_tool("session_create", {"timeout_seconds": 0.1})
+        session = sessions.manager.get(created.structured_content["session_id"])
+        assert session is not None
+        with anyio.fail_after(5):
+            await sessions.manager.wait_ended(session)
+        m = await metrics(client)
+        assert (m["total_sessions_timeout"], m["active_sessions"]) == (1, 0)
+        assert text_of(await client.call_tool("echo", {"text": "slot free"})) == "slot free"
+        late = error_of(
+            await client.call_tool("session_release", {"session_id": created.structured_content["session_id"]})
+        )
+    assert late["code"] == "already_released" and "timeout" in late["message"]
+
+
+async def test_a_call_the_client_cancels_ends_as_cancelled() -> None:
+    gate = Gate()
+    app, sessions = build(tools=gate.tools())
+    async with Client(app) as client:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+
+                async def call_then_give_up() -> None:
+                    with anyio.CancelScope() as scope:
+                        cancel_scopes.append(scope)
+                        await client.call_tool("block_async", {})
+
+                cancel_scopes: list[anyio.CancelScope] = []
+                tg.start_soon(call_then_give_up)
+                await gate.entered_event.wait()
+                cancel_scopes[0].cancel()
+            await sessions.manager.wait_idle()
+        m = await metrics(client)
+    assert (m["total_sessions_cancelled"], m["active_sessions"], m["total_sessions_error"]) == (1, 0, 0)
+
+
+async def test_unknown_tools_get_the_sdk_error_and_create_no_session() -> None:
+    app, _ = build()
+    async with Client(app) as client:
+        result = await client.call_tool("no_such_tool", {})
+        assert result.is_error
+        m = await metrics(client)
+    assert m["total_sessions_created"] == 0 and m["tools"] == {}
+
+
+async def test_without_the_lifespan_calls_are_refused_with_not_running() -> None:
+    sessions = SessionsExtension(settings())
+    app: MCPServer[Any] = MCPServer("no-lifespan", extensions=[sessions])
+    app.add_tool(echo)
+    async with Client(app) as client:
+        error = error_of(await client.call_tool("echo", {"text": "x"}))
+    assert error["code"] == "not_running" and "lifespan=sessions.lifespan" in error["message"]
+
+
+async def test_lifespan_composes_with_a_host_lifespan() -> None:
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    sessions = SessionsExtension(settings())
+    entered: list[str] = []
+
+    @asynccontextmanager
+    async def host_lifespan(app: MCPServer[Any]) -> AsyncIterator[dict[str, Any]]:
+        entered.append("host")
+        async with sessions.lifespan(app) as state:
+            yield {"db": "connected", **state}
+
+    app: MCPServer[Any] = MCPServer("composed", extensions=[sessions], lifespan=host_lifespan)
+    app.add_tool(echo)
+    async with Client(app) as client:
+        assert text_of(await client.call_tool("echo", {"text": "ok"})) == "ok"
+    assert entered == ["host"] and sessions.manager.metrics().total_sessions_completed == 1
+
+
+async def test_server_shutdown_drains_cancels_and_refuses_new_work() -> None:
+    gate = Gate()
+    gate.expected = 2
+    app, sessions = build(settings(), tools=[*gate.tools(), hang_async, echo])
+    exits: list[Any] = []
+    sessions.add_exit_listener(exits.append)
+    async with Client(app) as client:
+        finishing: list[CallToolResult] = []
+        hanging: list[CallToolResult] = []
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+
+                async def run(name: str, sink: list[CallToolResult], args: dict[str, Any]) -> None:
+                    sink.append(await client.call_tool(name, args))
+
+                tg.start_soon(run, "block_async", finishing, {})
+                tg.start_soon(run, "block_async", finishing, {})
+                await gate.entered_event.wait()
+                tg.start_soon(run, "hang_async", hanging, {"seconds": 3600})
+                created = await client.call_tool("session_create", {})
+                assert not created.is_error
+
+                async def open_gate_when_shutting_down() -> None:
+                    await sessions.manager.wait_shutting_down()
+                    refused = await client.call_tool("echo", {"text": "late"})
+                    assert code_of(refused) == "shutting_down"
+                    gate.open()
+
+                tg.start_soon(open_gate_when_shutting_down)
+                result = await client.call_tool("server_shutdown", {"timeout_seconds": 0.5})
+        report = result.structured_content
+        m = await metrics(client)
+    assert not result.is_error
+    assert report["initial_active_sessions"] == 4
+    assert report["sessions_completed_during_shutdown"] == 2
+    assert report["sessions_cancelled_at_deadline"] == 2
+    assert report["final_active_sessions"] == 0 and report["timeout_reached"] is True
+    assert report["total_sessions_at_shutdown"] == 4
+    assert [r.is_error for r in finishing] == [False, False]
+    assert code_of(hanging[0]) == "shutting_down"
+    assert len(exits) == 1
+    assert m["shutdown_requested"] and m["sessions_rejected_shutdown"] == 1
+    assert (m["total_sessions_completed"], m["total_sessions_cancelled"]) == (2, 2)
+
+
+async def test_server_shutdown_with_nothing_running_returns_at_once() -> None:
+    app, _ = build()
+    async with Client(app) as client:
+        with anyio.fail_after(5):
+            result = await client.call_tool("server_shutdown", {})
+    report = result.structured_content
+    assert report["initial_active_sessions"] == 0 and report["timeout_reached"] is False
+
+
+async def test_mixed_workload_keeps_the_invariant() -> None:
+    gate = Gate()
+    app, sessions = build(
+        settings(
+            max_concurrent_sessions=8, max_metadata_bytes=1000, tool_timeouts={"hang_async": 0.2, "block_sync": 0.2}
+        ),
+        tools=[echo, boom, hang_async, *gate.tools()],
+    )
+    async with Client(app) as client:
+        with anyio.fail_after(15):
+            for _ in range(5):
+                assert not (await client.call_tool("echo", {"text": "a"})).is_error
+            for _ in range(3):
+                assert (await client.call_tool("boom", {})).is_error
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):
+                    tg.start_soon(client.call_tool, "hang_async", {"seconds": 3600})
+                tg.start_soon(client.call_tool, "block_sync", {})  # stays stuck in its thread
+            for _ in range(2):
+                big = await client.call_tool("session_create", {"metadata": {"big": "x" * 2000}})
+                assert code_of(big) == "metadata_too_large"
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+
+                async def cancelled_call() -> None:
+                    with scope:
+                        await client.call_tool("block_async", {})
+
+                tg.start_soon(cancelled_call)
+                await gate.entered_event.wait()
+                scope.cancel()
+            await sessions.manager.wait_idle()
+            ids = [(await client.call_tool("session_create", {})).structured_content["session_id"] for _ in range(8)]
+            for _ in range(3):
+                assert code_of(await client.call_tool("echo", {"text": "full"})) == "capacity_exceeded"
+            for session_id in ids:
+                assert not (await client.call_tool("session_release", {"session_id": session_id})).is_error
+            gate.open()
+            await sessions.manager.wait_no_abandoned_threads()
+        m = await metrics(client)
+    assert m["total_sessions_created"] == 5 + 3 + 2 + 1 + 1 + 8
+    assert (m["total_sessions_completed"], m["total_sessions_error"]) == (13, 3)
+    assert (m["total_sessions_timeout"], m["total_sessions_cancelled"]) == (3, 1)
+    assert (m["sessions_rejected_capacity"], m["sessions_rejected_metadata_size"]) == (3, 2)
+    assert m["active_sessions"] == 0 and m["abandoned_threads"] == 0

@@ -1,0 +1,592 @@
+"""Configuration: TOML files written into tmp_path, the environment and overrides, and the errors.
+
+Every error line has the form `SOURCE: key.path: reason (got VALUE)`; the tables below hold whole
+expected lines, so a change of wording is a deliberate change of these tests.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from server import ConfigError, Settings, load_settings
+from server.app import load_tool_modules
+from server.config import LimitsSettings, ToolSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own MCP_SESSIONS_* variables must not leak into these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("MCP_SESSIONS_"):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path | None, overrides: dict[str, Any] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, overrides)
+    assert str(caught.value) == "\n".join(caught.value.problems)
+    return caught.value.problems
+
+
+# -- valid configurations --------------------------------------------------------------
+
+
+def test_a_complete_file_parses_into_every_field(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [server]
+        name = "my-tools"
+        transport = "streamable-http"
+        host = "0.0.0.0"
+        port = 9000
+        tool_modules = ["tools.demo"]
+
+        [limits]
+        default_timeout_seconds = 12.5
+        max_timeout_seconds = 60
+        max_concurrent_sessions = 7
+        max_metadata_bytes = 0
+
+        [shutdown]
+        timeout_seconds = 0
+        admin_token_env = "MY_ADMIN_TOKEN"
+
+        [tools.echo]
+        timeout_seconds = 1.5
+        """,
+    )
+
+    settings = load_settings(path)
+
+    assert settings.server.name == "my-tools"
+    assert settings.server.transport == "streamable-http"
+    assert settings.server.host == "0.0.0.0"
+    assert settings.server.port == 9000
+    assert settings.server.tool_modules == ("tools.demo",)
+    assert settings.limits.default_timeout_seconds == 12.5
+    assert settings.limits.max_timeout_seconds == 60.0
+    assert isinstance(settings.limits.max_timeout_seconds, float)
+    assert settings.limits.max_concurrent_sessions == 7
+    assert settings.limits.max_metadata_bytes == 0
+    assert settings.shutdown.timeout_seconds == 0.0
+    assert settings.shutdown.admin_token_env == "MY_ADMIN_TOKEN"
+    assert settings.tools == {"echo": ToolSettings(timeout_seconds=1.5)}
+
+
+def test_a_partial_file_keeps_the_defaults_of_the_keys_it_leaves_out(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "[limits]\nmax_concurrent_sessions = 3\n"))
+
+    assert settings.limits.max_concurrent_sessions == 3
+    assert settings.limits.default_timeout_seconds == 30.0
+    assert settings.server == load_settings(None).server
+
+
+def test_an_empty_file_is_the_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "")) == load_settings(None)
+
+
+def test_builtin_defaults_equal_config_default_toml() -> None:
+    assert load_settings(None) == load_settings(ROOT / "config" / "default.toml")
+
+
+def test_config_default_toml_spells_out_every_key_with_its_default() -> None:
+    with (ROOT / "config" / "default.toml").open("rb") as handle:
+        spelled = tomllib.load(handle)
+    defaults = load_settings(None).model_dump(mode="json")
+
+    assert spelled == {section: defaults[section] for section in ("server", "limits", "shutdown")}
+    assert defaults["tools"] == {}
+
+
+def test_config_demo_toml_is_valid_and_hosts_the_demo_tools() -> None:
+    settings = load_settings(ROOT / "config" / "demo.toml")
+
+    assert settings.server.tool_modules == ("tools.demo",)
+    names = {fn.__name__ for fn in load_tool_modules(settings.server.tool_modules)}
+    assert names == {"echo", "sleep_async", "sleep_blocking", "fail"}
+    assert set(settings.tools) <= names, "every [tools.NAME] in demo.toml must name a demo tool"
+    assert settings.timeout_for("sleep_blocking") == 3.0
+    assert settings.shutdown.admin_token_env == "MCP_SESSIONS_ADMIN_TOKEN"
+
+
+def test_a_relative_path_and_a_str_path_are_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "[server]\nport = 9001\n")
+    monkeypatch.chdir(tmp_path)
+
+    assert load_settings("config.toml").server.port == 9001
+
+
+# -- per-tool timeouts -----------------------------------------------------------------
+
+
+def test_per_tool_timeouts_override_the_default_for_that_tool_only(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [limits]
+        default_timeout_seconds = 20.0
+
+        [tools.slow_tool]
+        timeout_seconds = 120.0
+
+        [tools.quiet_tool]
+        """,
+    )
+
+    settings = load_settings(path)
+
+    assert settings.timeout_for("slow_tool") == 120.0
+    assert settings.timeout_for("quiet_tool") == 20.0  # a table with no timeout keeps the default
+    assert settings.timeout_for("any_other_tool") == 20.0
+
+
+def test_a_per_tool_timeout_may_equal_the_cap(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "[tools.echo]\ntimeout_seconds = 300.0\n"))
+
+    assert settings.timeout_for("echo") == settings.limits.max_timeout_seconds
+
+
+# -- precedence: flags > environment > file > defaults -----------------------------------
+
+
+def test_environment_beats_the_file_and_the_rest_of_the_file_still_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "[limits]\nmax_concurrent_sessions = 5\ndefault_timeout_seconds = 10.0\n")
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS", "7")
+
+    settings = load_settings(path)
+
+    assert settings.limits.max_concurrent_sessions == 7
+    assert settings.limits.default_timeout_seconds == 10.0
+
+
+def test_environment_sets_keys_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__TRANSPORT", "streamable-http")
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__TOOL_MODULES", '["tools.demo"]')
+    monkeypatch.setenv("MCP_SESSIONS_TOOLS__ECHO__TIMEOUT_SECONDS", "2.5")
+    monkeypatch.setenv("mcp_sessions_shutdown__timeout_seconds", "4")  # names are case-insensitive
+
+    settings = load_settings(None)
+
+    assert settings.server.transport == "streamable-http"
+    assert settings.server.tool_modules == ("tools.demo",)
+    assert settings.timeout_for("echo") == 2.5
+    assert settings.shutdown.timeout_seconds == 4.0
+
+
+def test_unrelated_variables_with_the_prefix_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_SESSIONS_ADMIN_TOKEN", "s3cret")  # the demo's token variable
+
+    assert load_settings(None) == Settings()
+
+
+def test_overrides_beat_the_environment_and_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[server]\nport = 9000\nhost = "10.0.0.1"\ntransport = "stdio"\n')
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__PORT", "9100")
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__HOST", "10.0.0.2")
+
+    settings = load_settings(path, {"server": {"port": 9200, "transport": "streamable-http"}})
+
+    assert settings.server.port == 9200
+    assert settings.server.transport == "streamable-http"
+    assert settings.server.host == "10.0.0.2"
+
+
+def test_file_values_are_typed_but_environment_text_is_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[server]\nport = "80"\n')
+    assert problems_of(path) == [f'{path}: server.port: must be a whole number (got "80")']
+
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__PORT", "80")
+    assert load_settings(path).server.port == 80  # the bad file value is overridden, not used
+
+
+def test_building_settings_directly_still_checks_the_timeout_cap() -> None:
+    with pytest.raises(ValidationError, match="must not exceed limits.max_timeout_seconds"):
+        LimitsSettings(default_timeout_seconds=400.0)
+    with pytest.raises(ValidationError, match=r"tools\.echo\.timeout_seconds \(400\.0\) must not exceed"):
+        Settings(tools={"echo": ToolSettings(timeout_seconds=400.0)})
+
+
+# -- bad files: one problem each, the whole line -----------------------------------------
+
+BAD_FILES = [
+    pytest.param(
+        '[limits]\nmax_concurrent_sessions = "ten"\n',
+        'limits.max_concurrent_sessions: must be a whole number (got "ten")',
+        id="wrong-type-string-for-int",
+    ),
+    pytest.param(
+        "[limits]\nmax_concurrent_sessions = true\n",
+        "limits.max_concurrent_sessions: must be a whole number (got true)",
+        id="wrong-type-bool-for-int",
+    ),
+    pytest.param(
+        "[limits]\nmax_concurrent_sessions = 2.5\n",
+        "limits.max_concurrent_sessions: must be a whole number (got 2.5)",
+        id="wrong-type-fraction-for-int",
+    ),
+    pytest.param(
+        '[limits]\ndefault_timeout_seconds = "5"\n',
+        'limits.default_timeout_seconds: must be a number (got "5")',
+        id="wrong-type-string-for-float",
+    ),
+    pytest.param(
+        "[server]\nname = 5\n",
+        "server.name: must be a string (in quotes) (got 5)",
+        id="wrong-type-int-for-string",
+    ),
+    pytest.param(
+        '[server]\ntool_modules = "tools.demo"\n',
+        'server.tool_modules: must be a list, e.g. ["tools.demo"] (got "tools.demo")',
+        id="wrong-type-string-for-list",
+    ),
+    pytest.param(
+        "limits = 5\n",
+        "limits: must be a table ([limits] with its own keys), not a single value (got 5)",
+        id="wrong-type-value-for-table",
+    ),
+    pytest.param(
+        "[limits]\ndefault_timeout_seconds = -1.0\n",
+        "limits.default_timeout_seconds: must be greater than 0.0 (got -1.0)",
+        id="negative-timeout",
+    ),
+    pytest.param(
+        "[shutdown]\ntimeout_seconds = -5\n",
+        "shutdown.timeout_seconds: must be at least 0.0 (got -5)",
+        id="negative-shutdown-timeout",
+    ),
+    pytest.param(
+        "[limits]\nmax_metadata_bytes = -1\n",
+        "limits.max_metadata_bytes: must be between 0 and 16777216 (got -1)",
+        id="negative-metadata-bytes",
+    ),
+    pytest.param(
+        "[limits]\nmax_concurrent_sessions = 0\n",
+        "limits.max_concurrent_sessions: must be between 1 and 1000000 (got 0)",
+        id="zero-capacity",
+    ),
+    pytest.param(
+        "[limits]\ndefault_timeout_seconds = nan\n",
+        "limits.default_timeout_seconds: must be a finite number (nan and inf are not allowed) (got nan)",
+        id="nan-timeout",
+    ),
+    pytest.param(
+        "[limits]\nmax_timeout_seconds = inf\n",
+        "limits.max_timeout_seconds: must be a finite number (nan and inf are not allowed) (got inf)",
+        id="inf-timeout",
+    ),
+    pytest.param(
+        "[shutdown]\ntimeout_seconds = inf\n",
+        "shutdown.timeout_seconds: must be a finite number (nan and inf are not allowed) (got inf)",
+        id="inf-shutdown-timeout",
+    ),
+    pytest.param(
+        "[tools.echo]\ntimeout_seconds = -inf\n",
+        "tools.echo.timeout_seconds: must be a finite number (nan and inf are not allowed) (got -inf)",
+        id="inf-tool-timeout",
+    ),
+    pytest.param(
+        "[limits]\ndefault_timeout_seconds = 400.0\n",
+        "limits.default_timeout_seconds: must not exceed limits.max_timeout_seconds, which is 300.0"
+        " (built-in default); lower it or raise the cap (got 400.0)",
+        id="default-timeout-above-default-cap",
+    ),
+    pytest.param(
+        "[limits]\ndefault_timeout_seconds = 40.0\nmax_timeout_seconds = 20.0\n",
+        "limits.default_timeout_seconds: must not exceed limits.max_timeout_seconds, which is 20.0"
+        " in this file; lower it or raise the cap (got 40.0)",
+        id="default-timeout-above-cap",
+    ),
+    pytest.param(
+        "[limits]\nmax_timeout_seconds = 10.0\n",
+        "limits.max_timeout_seconds: must be at least limits.default_timeout_seconds, which is 30.0"
+        " (built-in default); raise it or set a lower limits.default_timeout_seconds (got 10.0)",
+        id="cap-below-default-timeout",
+    ),
+    pytest.param(
+        "[limits]\nmax_timeout_seconds = 60.0\n[tools.sleep_async]\ntimeout_seconds = 61.0\n",
+        "tools.sleep_async.timeout_seconds: must not exceed limits.max_timeout_seconds, which is 60.0"
+        " in this file; lower it or raise the cap (got 61.0)",
+        id="tool-timeout-above-cap",
+    ),
+    pytest.param(
+        "[tools.echo]\ntimeout_seconds = 0\n",
+        "tools.echo.timeout_seconds: must be greater than 0.0 (got 0)",
+        id="zero-tool-timeout",
+    ),
+    pytest.param(
+        "max_sessions = 5\n",
+        "max_sessions: unknown key; the keys here are server, limits, shutdown, tools",
+        id="unknown-top-level-key",
+    ),
+    pytest.param(
+        "[limit]\nmax_concurrent_sessions = 5\n",
+        "limit: unknown key; did you mean 'limits'?",
+        id="unknown-section",
+    ),
+    pytest.param(
+        "[limits]\nmax_concurent_sessions = 5\n",
+        "limits.max_concurent_sessions: unknown key; did you mean 'max_concurrent_sessions'?",
+        id="unknown-nested-key-typo",
+    ),
+    pytest.param(
+        "[tools.echo]\ntimeout = 5.0\n",
+        "tools.echo.timeout: unknown key; did you mean 'timeout_seconds'?",
+        id="unknown-tool-key",
+    ),
+    pytest.param(
+        '_env_prefix = "OTHER_"\n',
+        "_env_prefix: unknown key; the keys here are server, limits, shutdown, tools",
+        id="settings-init-option-is-not-a-key",
+    ),
+    pytest.param(
+        '[server]\ntransport = "http"\n',
+        "server.transport: must be 'stdio' or 'streamable-http' (got \"http\")",
+        id="unknown-transport",
+    ),
+    pytest.param(
+        "[server]\nport = 70000\n",
+        "server.port: must be between 1 and 65535 (got 70000)",
+        id="port-above-range",
+    ),
+    pytest.param(
+        "[server]\nport = 0\n",
+        "server.port: must be between 1 and 65535 (got 0)",
+        id="port-zero",
+    ),
+    pytest.param(
+        '[server]\nhost = ""\n',
+        'server.host: must not be empty (got "")',
+        id="empty-host",
+    ),
+    pytest.param(
+        '[server]\ntool_modules = ["tools.demo", "tools.demo"]\n',
+        "server.tool_modules: lists 'tools.demo' more than once; list each module once"
+        ' (got ["tools.demo", "tools.demo"])',
+        id="module-listed-twice",
+    ),
+    pytest.param(
+        "[server]\ntool_modules = [1]\n",
+        "server.tool_modules.0: must be a string (in quotes) (got 1)",
+        id="module-name-not-a-string",
+    ),
+    pytest.param(
+        "[limits]\nmax_timeout_seconds = 1979-05-27\n",
+        "limits.max_timeout_seconds: must be a number (got 1979-05-27)",
+        id="date-for-number",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_FILES)
+def test_a_bad_file_is_refused_with_file_key_reason_and_value(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+
+    assert problems_of(path) == [f"{path}: {expected}"]
+
+
+def test_an_admin_token_written_where_its_variable_name_belongs_is_refused_and_never_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, '[shutdown]\nadmin_token_env = "hunter2-Very-Secret"\n')
+
+    [problem] = problems_of(path)
+
+    assert problem.startswith(f"{path}: shutdown.admin_token_env: must be the NAME of an environment variable")
+    assert "not the token itself" in problem
+    assert "hunter2" not in problem
+
+
+def _missing(tmp_path: Path) -> Path:
+    return tmp_path / "nowhere.toml"
+
+
+def _directory(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def _bad_syntax(tmp_path: Path) -> Path:
+    return write(tmp_path, "[limits\nmax_concurrent_sessions = 5\n")
+
+
+def _duplicate_key(tmp_path: Path) -> Path:
+    return write(tmp_path, "[server]\nport = 1\nport = 2\n")
+
+
+def _not_utf8(tmp_path: Path) -> Path:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[server]\nname = "caf\xe9"\n'.encode("latin-1"))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        pytest.param(_missing, "config file not found (check the --config path)", id="missing-file"),
+        pytest.param(_directory, "is a directory, not a config file (give the path of a .toml file)", id="directory"),
+        pytest.param(
+            _bad_syntax,
+            "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)",
+            id="bad-toml-syntax",
+        ),
+        pytest.param(_duplicate_key, "invalid TOML: Cannot overwrite a value (at line 3, column 9)", id="duplicate"),
+        pytest.param(_not_utf8, "invalid TOML: the file is not UTF-8 (invalid continuation byte)", id="not-utf8"),
+    ],
+)
+def test_an_unreadable_file_is_refused_naming_the_file(
+    tmp_path: Path, make: Callable[[Path], Path], expected: str
+) -> None:
+    path = make(tmp_path)
+
+    assert problems_of(path) == [f"{path}: {expected}"]
+
+
+def test_a_file_with_several_problems_reports_all_of_them_one_per_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [server]
+        transport = "tcp"
+        port = 0
+
+        [limits]
+        max_concurent_sessions = 5
+        max_concurrent_sessions = 0
+        default_timeout_seconds = 400.0
+
+        [tools.echo]
+        timeout_seconds = 500.0
+        """,
+    )
+
+    assert problems_of(path) == [
+        f"{path}: server.transport: must be 'stdio' or 'streamable-http' (got \"tcp\")",
+        f"{path}: server.port: must be between 1 and 65535 (got 0)",
+        f"{path}: limits.max_concurrent_sessions: must be between 1 and 1000000 (got 0)",
+        f"{path}: limits.max_concurent_sessions: unknown key; did you mean 'max_concurrent_sessions'?",
+        f"{path}: limits.default_timeout_seconds: must not exceed limits.max_timeout_seconds, which is 300.0"
+        " (built-in default); lower it or raise the cap (got 400.0)",
+        f"{path}: tools.echo.timeout_seconds: must not exceed limits.max_timeout_seconds, which is 300.0"
+        " (built-in default); lower it or raise the cap (got 500.0)",
+    ]
+
+
+# -- bad environment and overrides: the variable or the flag is named --------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        pytest.param(
+            "MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS",
+            "zero",
+            'limits.max_concurrent_sessions: must be a whole number (got "zero")',
+            id="not-a-number",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS",
+            "0",
+            'limits.max_concurrent_sessions: must be between 1 and 1000000 (got "0")',
+            id="zero-capacity",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_LIMITS__DEFAULT_TIMEOUT_SECONDS",
+            "nan",
+            'limits.default_timeout_seconds: must be a finite number (nan and inf are not allowed) (got "nan")',
+            id="nan",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_LIMITS__MAX_CONCURENT_SESSIONS",
+            "5",
+            "limits.max_concurent_sessions: unknown key; did you mean 'max_concurrent_sessions'?",
+            id="typo-in-nested-key",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_LIMIT__MAX_CONCURRENT_SESSIONS",
+            "5",
+            "limit.max_concurrent_sessions: unknown key; did you mean 'limits'?",
+            id="typo-in-section",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_LIMITS_MAX_CONCURRENT_SESSIONS",
+            "5",
+            "limits.max_concurrent_sessions: nested keys are separated by two underscores;"
+            " did you mean MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS?",
+            id="single-underscore",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_SERVER__TOOL_MODULES",
+            "tools.demo",
+            "server.tool_modules: must be JSON for a list or a table,"
+            ' e.g. MCP_SESSIONS_SERVER__TOOL_MODULES=\'["tools.demo"]\' (got "tools.demo")',
+            id="list-not-json",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_TOOLS__ECHO__TIMEOUT_SECONDS",
+            "500",
+            "tools.echo.timeout_seconds: must not exceed limits.max_timeout_seconds, which is 300.0"
+            " (built-in default); lower it or raise the cap (got 500.0)",
+            id="tool-timeout-above-cap",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_LIMITS__MAX_TIMEOUT_SECONDS",
+            "10",
+            "limits.max_timeout_seconds: must be at least limits.default_timeout_seconds, which is 30.0"
+            " (built-in default); raise it or set a lower limits.default_timeout_seconds (got 10.0)",
+            id="cap-below-default",
+        ),
+    ],
+)
+def test_a_bad_environment_variable_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+
+    assert problems_of(None) == [f"environment variable {name}: {expected}"]
+
+
+def test_a_cap_from_the_environment_is_named_in_the_file_key_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "[tools.echo]\ntimeout_seconds = 120.0\n")
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_TIMEOUT_SECONDS", "100")
+
+    assert problems_of(path) == [
+        f"{path}: tools.echo.timeout_seconds: must not exceed limits.max_timeout_seconds, which is 100.0"
+        " (environment variable MCP_SESSIONS_LIMITS__MAX_TIMEOUT_SECONDS); lower it or raise the cap (got 120.0)"
+    ]
+
+
+def test_a_bad_override_is_refused_naming_the_command_line_option(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 9000\n")
+
+    assert problems_of(path, {"server": {"port": 0}}) == [
+        "command line option --port: server.port: must be between 1 and 65535 (got 0)"
+    ]
+
+
+def test_problems_from_every_source_are_reported_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[limits]\nmax_concurrent_sessions = 0\n")
+    monkeypatch.setenv("MCP_SESSIONS_SHUTDOWN__TIMEOUT_SECONDS", "-1")
+
+    assert problems_of(path, {"server": {"transport": "ftp"}}) == [
+        "command line option --transport: server.transport: must be 'stdio' or 'streamable-http' (got \"ftp\")",
+        f"{path}: limits.max_concurrent_sessions: must be between 1 and 1000000 (got 0)",
+        "environment variable MCP_SESSIONS_SHUTDOWN__TIMEOUT_SECONDS: shutdown.timeout_seconds: must be at least 0.0"
+        ' (got "-1")',
+    ]

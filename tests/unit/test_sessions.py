@@ -1,0 +1,332 @@
+"""SessionManager on its own: admission, release, deadlines, metrics, shutdown (no MCP)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from server import ErrorCode, SessionError, SessionManager, SessionState
+from server.config import LimitsSettings
+from server.metrics import DurationStats, MetricsSnapshot
+from server.sessions import RECENTLY_ENDED, metadata_size
+
+
+def manager(**limits: float) -> SessionManager:
+    return SessionManager(LimitsSettings(**limits))  # type: ignore[arg-type]
+
+
+def assert_invariant(m: MetricsSnapshot) -> None:
+    assert m.total_sessions_created == (
+        m.active_sessions
+        + m.total_sessions_completed
+        + m.total_sessions_error
+        + m.total_sessions_timeout
+        + m.total_sessions_cancelled
+    ), m
+
+
+async def test_create_then_release_counts_one_completed_session() -> None:
+    sessions = manager()
+    session = await sessions.create(tool="search", provider="p", model="m", metadata={"k": "v"})
+    assert session.state is SessionState.ACTIVE
+    assert sessions.metrics().active_sessions == 1
+    ended = await sessions.release(session.id)
+    assert ended.state is SessionState.COMPLETED
+    m = sessions.metrics()
+    assert (m.active_sessions, m.total_sessions_created, m.total_sessions_completed) == (0, 1, 1)
+    assert m.success_rate == 1.0 and m.error_rate == 0.0 and m.timeout_rate == 0.0
+    assert m.tools["search"].calls == 1 and m.tools["search"].completed == 1
+    assert m.average_session_duration > 0.0
+
+
+async def test_rates_are_zero_with_no_finished_session() -> None:
+    sessions = manager()
+    await sessions.create()
+    m = sessions.metrics()
+    assert (m.success_rate, m.error_rate, m.timeout_rate, m.average_session_duration) == (0.0, 0.0, 0.0, 0.0)
+
+
+async def test_capacity_is_enforced_and_each_refusal_counted() -> None:
+    sessions = manager(max_concurrent_sessions=3)
+    held = [await sessions.create() for _ in range(3)]
+    for _ in range(4):
+        with pytest.raises(SessionError) as refused:
+            await sessions.create()
+        assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED
+        assert "3 concurrent sessions" in refused.value.message
+    m = sessions.metrics()
+    assert (m.sessions_rejected_capacity, m.total_sessions_created, m.peak_concurrent_sessions) == (4, 3, 3)
+    await sessions.release(held[0].id)
+    await sessions.create()  # a freed slot admits again
+    assert_invariant(sessions.metrics())
+
+
+async def test_metadata_at_the_limit_is_accepted_and_one_byte_over_refused() -> None:
+    limit = 64
+    sessions = manager(max_metadata_bytes=limit)
+    overhead = metadata_size({"k": ""})
+    at_limit = {"k": "é" * ((limit - overhead) // 2)}  # two UTF-8 bytes each
+    assert metadata_size(at_limit) == limit
+    session = await sessions.create(metadata=at_limit)
+    assert sessions.metrics().current_metadata_bytes == limit
+    with pytest.raises(SessionError) as refused:
+        await sessions.create(metadata={"k": "x" * (limit - overhead + 1)})
+    assert refused.value.code is ErrorCode.METADATA_TOO_LARGE
+    assert f"{limit + 1} bytes" in refused.value.message
+    await sessions.release(session.id)
+    m = sessions.metrics()
+    assert (m.current_metadata_bytes, m.sessions_rejected_metadata_size, m.total_sessions_created) == (0, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "fragment"),
+    [
+        ({"x": math.nan}, "not plain JSON"),
+        ({"x": object()}, "not plain JSON"),
+    ],
+)
+async def test_metadata_that_is_not_json_is_an_invalid_argument(metadata: object, fragment: str) -> None:
+    sessions = manager()
+    with pytest.raises(SessionError) as refused:
+        await sessions.create(metadata=metadata)
+    assert refused.value.code is ErrorCode.INVALID_ARGUMENT and fragment in refused.value.message
+    assert sessions.metrics().total_sessions_created == 0
+
+
+async def test_deeply_nested_metadata_is_refused_without_crashing() -> None:
+    nested: dict[str, object] = {}
+    node = nested
+    for _ in range(10_000):
+        child: dict[str, object] = {}
+        node["a"] = child
+        node = child
+    sessions = manager()
+    with pytest.raises(SessionError) as refused:
+        await sessions.create(metadata=nested)
+    assert refused.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("seconds", [0, -1, math.nan, math.inf, -math.inf])
+async def test_bad_timeouts_are_invalid_arguments(seconds: float) -> None:
+    sessions = manager()
+    with pytest.raises(SessionError) as refused:
+        await sessions.create(timeout_seconds=seconds)
+    assert refused.value.code is ErrorCode.INVALID_ARGUMENT
+    assert sessions.metrics().total_sessions_created == 0
+
+
+async def test_timeout_is_capped_by_max_timeout_seconds() -> None:
+    sessions = manager(max_timeout_seconds=10, default_timeout_seconds=5)
+    assert (await sessions.create(timeout_seconds=1000)).timeout_seconds == 10
+    assert (await sessions.create()).timeout_seconds == 5
+    assert (await sessions.create(timeout_seconds=2)).timeout_seconds == 2
+
+
+async def test_second_release_is_already_released_and_unknown_id_is_unknown_session() -> None:
+    sessions = manager()
+    session = await sessions.create()
+    await sessions.release(session.id)
+    with pytest.raises(SessionError) as again:
+        await sessions.release(session.id)
+    assert again.value.code is ErrorCode.ALREADY_RELEASED and again.value.session_id == session.id
+    assert "completed" in again.value.message
+    prefix = session.id.rsplit("-", 1)[0]
+    never = [
+        "nope",
+        "",
+        "s000000000000-1",  # another server's id
+        f"{prefix}-ffff",  # our prefix, a number not issued yet
+        f"{prefix}-01",
+        f"{prefix}-",
+        f"{prefix}-xyz",
+    ]
+    for bogus in never:
+        with pytest.raises(SessionError) as unknown:
+            await sessions.release(bogus)
+        assert unknown.value.code is ErrorCode.UNKNOWN_SESSION, bogus
+    assert_invariant(sessions.metrics())
+
+
+async def test_long_released_ids_are_still_recognised_as_released() -> None:
+    sessions = manager(max_concurrent_sessions=10)
+    first = await sessions.create()
+    await sessions.release(first.id)
+    for _ in range(RECENTLY_ENDED + 1):
+        await sessions.release((await sessions.create()).id)
+    with pytest.raises(SessionError) as again:
+        await sessions.release(first.id)
+    assert again.value.code is ErrorCode.ALREADY_RELEASED
+
+
+async def test_release_with_error_outcome_and_bad_outcome() -> None:
+    sessions = manager()
+    session = await sessions.create(tool="t")
+    with pytest.raises(SessionError) as bad:
+        await sessions.release(session.id, "active")
+    assert bad.value.code is ErrorCode.INVALID_ARGUMENT
+    ended = await sessions.release(session.id, "error", "it broke")
+    assert (ended.state, ended.error) == (SessionState.ERROR, "it broke")
+    m = sessions.metrics()
+    assert (m.total_sessions_error, m.error_rate, m.tools["t"].errors) == (1, 1.0, 1)
+
+
+async def test_reaper_expires_an_unreleased_session_at_its_deadline() -> None:
+    sessions = manager()
+    async with sessions.running():
+        late = await sessions.create(timeout_seconds=30)
+        early = await sessions.create(timeout_seconds=0.05)  # earlier deadline moves the reaper's scope
+        with anyio.fail_after(5):
+            assert await sessions.wait_ended(early) is SessionState.TIMEOUT
+        assert late.state is SessionState.ACTIVE
+        m = sessions.metrics()
+        assert (m.total_sessions_timeout, m.active_sessions, m.timeout_rate) == (1, 1, 1.0)
+        with pytest.raises(SessionError) as again:
+            await sessions.release(early.id)
+        assert again.value.code is ErrorCode.ALREADY_RELEASED and "timeout" in again.value.message
+
+
+async def test_sessions_without_expiry_are_left_to_their_owner() -> None:
+    sessions = manager()
+    async with sessions.running():
+        owned = await sessions.create(timeout_seconds=0.01, expire=False)
+        other = await sessions.create(timeout_seconds=0.05)
+        with anyio.fail_after(5):
+            await sessions.wait_ended(other)
+        assert owned.state is SessionState.ACTIVE
+
+
+async def test_invariant_holds_at_every_instant_under_many_concurrent_tasks() -> None:
+    sessions = manager(max_concurrent_sessions=20, max_metadata_bytes=100)
+    rng = random.Random(7)
+    violations: list[MetricsSnapshot] = []
+
+    async def worker(n: int) -> None:
+        for i in range(50):
+            try:
+                metadata = {"x": "y" * rng.randrange(0, 150)}
+                session = await sessions.create(tool=f"tool{n % 3}", metadata=metadata)
+            except SessionError:
+                continue
+            await anyio.lowlevel.checkpoint()
+            outcome = rng.choice(["completed", "error", "timeout", "cancelled"])
+            await sessions.release(session.id, outcome)
+            m = sessions.metrics()
+            total = m.active_sessions + m.total_sessions_completed + m.total_sessions_error
+            if m.total_sessions_created != total + m.total_sessions_timeout + m.total_sessions_cancelled:
+                violations.append(m)
+            del i
+
+    async with anyio.create_task_group() as tg:
+        for n in range(100):
+            tg.start_soon(worker, n)
+    m = sessions.metrics()
+    assert violations == []
+    assert_invariant(m)
+    assert m.active_sessions == 0 and m.current_metadata_bytes == 0
+    assert m.peak_concurrent_sessions <= 20
+    assert m.total_sessions_created + m.sessions_rejected_capacity + m.sessions_rejected_metadata_size == 5000
+
+
+async def test_reset_metrics_keeps_active_sessions_counted() -> None:
+    sessions = manager()
+    keep = await sessions.create(metadata={"a": 1})
+    await sessions.release((await sessions.create()).id)
+    sessions.reset_metrics()
+    m = sessions.metrics()
+    assert (m.total_sessions_created, m.active_sessions, m.total_sessions_completed) == (1, 1, 0)
+    assert m.current_metadata_bytes == metadata_size({"a": 1})
+    await sessions.release(keep.id)
+    assert_invariant(sessions.metrics())
+
+
+async def test_shutdown_drains_finishing_sessions_and_cancels_the_rest_at_the_deadline() -> None:
+    sessions = manager()
+    finishing = [await sessions.create() for _ in range(3)]
+    stuck = [await sessions.create() for _ in range(2)]
+    cancelled_callbacks: list[str] = []
+    for s in stuck:
+        s.on_cancel = lambda s=s: cancelled_callbacks.append(s.id)
+
+    async def finish_soon() -> None:
+        for s in finishing:
+            await anyio.sleep(0.01)
+            await sessions.release(s.id)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(finish_soon)
+        with anyio.fail_after(5):
+            report = await sessions.shutdown(0.5)
+    assert report.initial_active_sessions == 5
+    assert report.sessions_completed_during_shutdown == 3
+    assert report.sessions_cancelled_at_deadline == 2
+    assert report.final_active_sessions == 0
+    assert report.timeout_reached is True
+    assert report.total_sessions_at_shutdown == 5
+    assert report.shutdown_duration >= 0.5
+    assert sorted(cancelled_callbacks) == sorted(s.id for s in stuck)
+    m = sessions.metrics()
+    assert m.total_sessions_cancelled == 2 and m.shutdown_requested
+    assert_invariant(m)
+
+
+async def test_shutdown_returns_as_soon_as_the_last_session_ends() -> None:
+    sessions = manager()
+    session = await sessions.create()
+
+    async def release_later() -> None:
+        await anyio.sleep(0.05)
+        await sessions.release(session.id)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(release_later)
+        with anyio.fail_after(5):
+            report = await sessions.shutdown(30)
+    assert report.timeout_reached is False
+    assert report.sessions_completed_during_shutdown == 1 and report.sessions_cancelled_at_deadline == 0
+    assert report.shutdown_duration < 5
+
+
+async def test_no_new_sessions_while_shutting_down_and_a_second_shutdown_joins_the_first() -> None:
+    sessions = manager()
+    held = await sessions.create()
+    async with anyio.create_task_group() as tg:
+        reports = []
+
+        async def shut() -> None:
+            reports.append(await sessions.shutdown(0.2))
+
+        tg.start_soon(shut)
+        await anyio.lowlevel.checkpoint()
+        with pytest.raises(SessionError) as refused:
+            await sessions.create()
+        assert refused.value.code is ErrorCode.SHUTTING_DOWN
+        with anyio.fail_after(5):
+            second = await sessions.shutdown(10)
+    assert reports == [second]
+    assert held.state is SessionState.CANCELLED
+    assert sessions.metrics().sessions_rejected_shutdown == 1
+
+
+def test_duration_quantiles_are_within_two_percent() -> None:
+    stats = DurationStats()
+    values = [i / 1000 for i in range(1, 1001)]  # 1 ms .. 1 s
+    for v in values:
+        stats.add(v)
+    for q in (0.5, 0.95, 0.99):
+        exact = values[math.ceil(q * len(values)) - 1]
+        assert exact <= stats.quantile(q) <= exact * 1.021, q
+    assert stats.mean == pytest.approx(sum(values) / len(values))
+    assert DurationStats().quantile(0.5) == 0.0
+
+
+def test_duration_stats_memory_is_bounded_by_buckets_not_samples() -> None:
+    stats = DurationStats()
+    rng = random.Random(1)
+    for _ in range(100_000):
+        stats.add(rng.uniform(0.001, 10))
+    assert stats.count == 100_000
+    assert len(stats._buckets) < 500

@@ -1,0 +1,183 @@
+"""The four session tools: thin functions over the extension's `SessionManager`.
+
+Tier: tools. Each tool has typed arguments (the input schema clients see) and a pydantic
+result model (the output schema). Refusals come back as error results carrying the error
+code in `_meta` and no `structuredContent`, so that clients validating structured content
+against the output schema accept them.
+"""
+
+import hmac
+import inspect
+import math
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from mcp.server.extension import ToolBinding
+from mcp.server.mcpserver import Context
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field
+
+from server.errors import ERROR_META_KEY, ErrorCode, SessionError
+from server.metrics import MetricsSnapshot, ShutdownReport
+
+if TYPE_CHECKING:
+    from server.extension import SessionsExtension
+
+MANAGEMENT_TOOLS = frozenset({"session_create", "session_release", "session_metrics", "server_shutdown"})
+
+
+class SessionCreateResult(BaseModel):
+    session_id: str = Field(description="Pass this to session_release when the work is done.")
+    request_id: str = Field(description="The id of the request that created the session.")
+    state: str = Field(description="Always 'active' for a new session.")
+    timeout_seconds: float = Field(description="The session's effective timeout (capped by the server's maximum).")
+    expires_at: str = Field(description="When the session times out if not released (ISO 8601, UTC).")
+
+
+class SessionReleaseResult(BaseModel):
+    session_id: str
+    state: str = Field(description="How the session ended: 'completed' or 'error'.")
+    duration_seconds: float = Field(description="Time from creation to release.")
+
+
+def _ok(model: BaseModel) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=model.model_dump_json())],
+        structured_content=model.model_dump(mode="json"),
+    )
+
+
+def _refused(error: SessionError) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=error.message)],
+        is_error=True,
+        _meta={ERROR_META_KEY: error.to_meta()},
+    )
+
+
+def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
+    """The four tools, bound to one extension instance (no globals)."""
+    manager = ext.manager
+
+    async def session_create(
+        provider: Annotated[str, Field(description="Who the work is for, e.g. the model provider.")] = "",
+        model: Annotated[str, Field(description="The model the work is for.")] = "",
+        timeout_seconds: Annotated[
+            float | None,
+            Field(description="Seconds until the session times out by itself; default is the server's."),
+        ] = None,
+        metadata: Annotated[
+            dict[str, Any] | None, Field(description="Any JSON object to keep with the session (size-limited).")
+        ] = None,
+        ctx: Context | None = None,
+    ) -> Annotated[CallToolResult, SessionCreateResult]:
+        """Open a session that holds one concurrency slot until session_release or its timeout.
+
+        Use it to reserve capacity for multi-step work. Refused with capacity_exceeded when the
+        server is full (retry later), metadata_too_large, shutting_down, or invalid_argument.
+        """
+        request_id = ctx.request_id if ctx is not None else None
+        try:
+            session = await manager.create(
+                provider=provider,
+                model=model,
+                timeout_seconds=timeout_seconds,
+                metadata=metadata,
+                request_id=request_id,
+            )
+        except SessionError as exc:
+            return _refused(exc)
+        return _ok(
+            SessionCreateResult(
+                session_id=session.id,
+                request_id=session.request_id,
+                state=session.state.value,
+                timeout_seconds=session.timeout_seconds,
+                expires_at=session.expires_at.isoformat(),
+            )
+        )
+
+    async def session_release(
+        session_id: Annotated[str, Field(description="The session_id that session_create returned.")],
+        outcome: Annotated[Literal["completed", "error"], Field(description="How the work ended.")] = "completed",
+        error: Annotated[str | None, Field(description="What went wrong, when outcome is 'error'.")] = None,
+    ) -> Annotated[CallToolResult, SessionReleaseResult]:
+        """Release a session made by session_create, freeing its slot.
+
+        Refused with unknown_session for an id this server never issued, and already_released
+        for a session that already ended (released before, or timed out).
+        """
+        try:
+            session = await manager.release(session_id, outcome, error)
+        except SessionError as exc:
+            return _refused(exc)
+        return _ok(
+            SessionReleaseResult(session_id=session.id, state=session.state.value, duration_seconds=session.duration)
+        )
+
+    async def session_metrics() -> MetricsSnapshot:
+        """Read the server's session counters, rates, duration percentiles and limits.
+
+        Always answers, even when the server is full or shutting down.
+        """
+        return manager.metrics()
+
+    async def server_shutdown(
+        timeout_seconds: Annotated[
+            float | None,
+            Field(description="Seconds to let running sessions finish before cancelling them; default from config."),
+        ] = None,
+        token: Annotated[
+            str | None, Field(description="Admin token; required over HTTP (see shutdown.admin_token_env).")
+        ] = None,
+        ctx: Context | None = None,
+    ) -> Annotated[CallToolResult, ShutdownReport]:
+        """Shut the server down gracefully and report what happened; the process then exits.
+
+        New work is refused at once; running sessions get timeout_seconds to finish, then are
+        cancelled. Over HTTP it needs the admin token (refused with unauthorized otherwise).
+        """
+        if timeout_seconds is not None and (math.isnan(timeout_seconds) or not 0 <= timeout_seconds < math.inf):
+            return _refused(
+                SessionError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"timeout_seconds must be a finite number of seconds >= 0, got {timeout_seconds!r}",
+                    tool="server_shutdown",
+                )
+            )
+        over_http = ctx is not None and ctx.headers is not None
+        refusal = _authorize(ext.config.shutdown.admin_token_env, token) if over_http else None
+        if refusal is not None:
+            manager.shutdown_refused()
+            return _refused(SessionError(ErrorCode.UNAUTHORIZED, refusal, tool="server_shutdown"))
+        report = await ext.shutdown(timeout_seconds)
+        return _ok(report)
+
+    return [
+        _binding(session_create, ToolAnnotations(title="Create a session", destructive_hint=False)),
+        _binding(session_release, ToolAnnotations(title="Release a session", destructive_hint=False)),
+        _binding(session_metrics, ToolAnnotations(title="Session metrics", read_only_hint=True)),
+        _binding(server_shutdown, ToolAnnotations(title="Shut the server down", destructive_hint=True)),
+    ]
+
+
+def _binding(fn: Callable[..., Any], annotations: ToolAnnotations) -> ToolBinding:
+    description = inspect.cleandoc(fn.__doc__ or "")
+    return ToolBinding(fn, kwargs={"description": description, "annotations": annotations})
+
+
+def _authorize(env_name: str, token: str | None) -> str | None:
+    """None if `token` matches the admin token; otherwise why the shutdown is refused."""
+    expected = os.environ.get(env_name) if env_name else None
+    if not expected:
+        where = f"the environment variable {env_name} is not set" if env_name else "shutdown.admin_token_env is empty"
+        return (
+            f"server_shutdown is disabled over HTTP because {where}: the operator must set "
+            "shutdown.admin_token_env to the name of an environment variable that holds an admin token"
+        )
+    if token is None:
+        return f"server_shutdown over HTTP needs the admin token: pass it as 'token' (the value of ${env_name})"
+    if not hmac.compare_digest(expected.encode("utf-8"), token.encode("utf-8", errors="surrogatepass")):
+        return "server_shutdown refused: the token does not match the admin token"
+    return None
