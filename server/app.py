@@ -106,9 +106,26 @@ class _StandaloneSessions(SessionsExtension):
         return await super().intercept_tool_call(params, ctx, call_next)
 
 
+def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]]) -> None:
+    """Refuse `[tools.NAME]` tables that name no hosted tool (a typo must not be ignored).
+
+    Raises:
+        ConfigError: one problem per unknown name, listing the hosted tools.
+    """
+    hosted = sorted({*MANAGEMENT_TOOLS, *(getattr(fn, "__name__", "") for fn in tools)})
+    problems = [
+        f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)})"
+        for name in settings.tools
+        if name not in hosted
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
 def build_app(settings: Settings) -> App:
     """Build the server with the extension installed and the configured tool modules hosted."""
     tools = load_tool_modules(settings.server.tool_modules)
+    check_tool_overrides(settings, tools)
     sessions = _StandaloneSessions(settings)
     server: MCPServer[Any] = MCPServer(settings.server.name, extensions=[sessions], lifespan=sessions.lifespan)
     for fn in tools:

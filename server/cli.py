@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from server.app import build_app, load_tool_modules, serve
+from server.app import build_app, check_tool_overrides, load_tool_modules, serve
 from server.config import ConfigError, load_settings
 
 EXIT_CONFIG = 2
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # tool modules in the working directory, as `python -m` finds them
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {}
     for flag in ("transport", "host", "port"):
@@ -48,11 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, overrides)
         if args.check_config:
-            load_tool_modules(settings.server.tool_modules)
+            check_tool_overrides(settings, load_tool_modules(settings.server.tool_modules))
         else:
             app = build_app(settings)
     except ConfigError as exc:
-        problems = "\n  ".join(exc.problems)
+        source = f"{args.config}: " if args.config else ""
+        problems = "\n  ".join(p if p.startswith(str(args.config)) else source + p for p in exc.problems)
         sys.stderr.write(f"mcp-session-manager: invalid configuration:\n  {problems}\n")
         return EXIT_CONFIG
     if args.check_config:

@@ -183,19 +183,14 @@ class SessionsExtension(Extension):
     ) -> HandlerResult:
         name = params.name
         if name in MANAGEMENT_TOOLS:
+            if name == "session_create" and self._task_group is None:
+                return self._not_running(name)  # nothing would expire the session
             return _with_invalid_argument_code(await call_next(ctx), name)
         if self._is_unknown_tool(name):
             return await call_next(ctx)  # the SDK answers "unknown tool"; no session for it
         task_group = self._task_group
         if task_group is None:
-            return error_result(
-                SessionError(
-                    ErrorCode.NOT_RUNNING,
-                    "the session runtime is not running: construct the server with "
-                    "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
-                    tool=name,
-                )
-            )
+            return self._not_running(name)
         try:
             session = self.manager.create_nowait(
                 tool=name,
@@ -291,6 +286,16 @@ class SessionsExtension(Extension):
         self.manager.end(session, SessionState.ERROR, detail)
         logger.error("Tool %r raised %s", name, detail)
         return CallToolResult(content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True)
+
+    def _not_running(self, name: str) -> CallToolResult:
+        return error_result(
+            SessionError(
+                ErrorCode.NOT_RUNNING,
+                "the session runtime is not running: construct the server with "
+                "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
+                tool=name,
+            )
+        )
 
     async def _run(self, work: _Work, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> None:
         try:

@@ -279,7 +279,7 @@ def test_a_bad_tool_module_exits_2_naming_the_module(
 
     assert_refused(result)
     [problem] = problems(result)
-    assert problem.startswith("server.tool_modules: "), problem
+    assert problem.startswith(f"{path}: server.tool_modules: "), problem
     assert problem.endswith(expected), problem
 
 
@@ -293,3 +293,34 @@ def test_every_bad_tool_module_is_reported_at_once(tmp_path: Path) -> None:
     assert len(reported) == 2, reported
     assert f"'{FIXTURES}.no_tools'" in reported[0]
     assert f"'{FIXTURES}.raises_at_import'" in reported[1]
+
+
+def test_a_tools_table_naming_no_hosted_tool_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text('[server]\ntool_modules = ["tools.demo"]\n\n[tools.sleep_asycn]\ntimeout_seconds = 2.0\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--config", str(config), "--check-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert f"{config}: tools.sleep_asycn: no hosted tool has this name" in done.stderr
+    assert "sleep_async" in done.stderr
+    assert done.stdout == ""
+
+
+def test_the_console_script_imports_tool_modules_from_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "my_local_tools.py").write_text("def lookup(key: str) -> str:\n    return key\n\nTOOLS = [lookup]\n")
+    config = tmp_path / "local.toml"
+    config.write_text('[server]\ntool_modules = ["my_local_tools"]\n')
+    script = Path(sys.executable).with_name("mcp-session-manager")
+    done = subprocess.run(
+        [str(script), "--config", str(config), "--check-config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr

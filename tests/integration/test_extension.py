@@ -408,3 +408,11 @@ async def test_mixed_workload_keeps_the_invariant() -> None:
     assert (m["total_sessions_timeout"], m["total_sessions_cancelled"]) == (3, 1)
     assert (m["sessions_rejected_capacity"], m["sessions_rejected_metadata_size"]) == (3, 2)
     assert m["active_sessions"] == 0 and m["abandoned_threads"] == 0
+
+
+async def test_without_the_lifespan_session_create_is_refused_but_metrics_answer() -> None:
+    sessions = SessionsExtension(settings())
+    app: MCPServer[Any] = MCPServer("no-lifespan", extensions=[sessions])
+    async with Client(app) as client:
+        assert code_of(await client.call_tool("session_create", {})) == "not_running"
+        assert not (await client.call_tool("session_metrics", {})).is_error
