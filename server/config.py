@@ -50,6 +50,8 @@ ENV_NESTED_DELIMITER = "__"
 
 #: The error type of the cross-key timeout checks; `load_settings` words these itself.
 _ABOVE_CAP = "timeout_above_cap"
+#: The per-tool keys that are timeouts, and so capped by limits.max_timeout_seconds.
+_TOOL_TIMEOUT_KEYS = ("timeout_seconds", "idle_timeout_seconds")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -102,6 +104,27 @@ class LimitsSettings(_Section):
     max_metadata_bytes: int = Field(
         default=10240, ge=0, le=16 * 1024 * 1024, description="UTF-8 bytes of a session's metadata as compact JSON."
     )
+    max_queued: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Calls that may wait for a slot when the server is full; 0 refuses at once.",
+    )
+    queue_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=3600, allow_inf_nan=False, description="How long a queued call waits for a slot."
+    )
+    max_sessions_per_client: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Sessions one client may hold or queue at once; 0 means no per-client cap.",
+    )
+    max_abandoned_threads: int = Field(
+        default=32,
+        ge=0,
+        le=10_000,
+        description="Sync calls stuck in threads past their deadline before sync tools are refused.",
+    )
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> LimitsSettings:
@@ -137,6 +160,15 @@ class ToolSettings(_Section):
     timeout_seconds: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Deadline of this tool's calls."
     )
+    max_concurrent: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Calls of this tool active at once (within the global cap)."
+    )
+    idle_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Time a call may go without reporting progress before it is timed out.",
+    )
 
 
 class Settings(BaseSettings):
@@ -161,12 +193,14 @@ class Settings(BaseSettings):
     def _tool_timeouts_within_cap(self) -> Settings:
         cap = self.limits.max_timeout_seconds
         for name, tool in self.tools.items():
-            if tool.timeout_seconds is not None and tool.timeout_seconds > cap:
-                raise PydanticCustomError(
-                    _ABOVE_CAP,
-                    "tools.{name}.timeout_seconds ({value}) must not exceed limits.max_timeout_seconds ({cap})",
-                    {"name": name, "value": tool.timeout_seconds, "cap": cap},
-                )
+            for key in _TOOL_TIMEOUT_KEYS:
+                value = getattr(tool, key)
+                if value is not None and value > cap:
+                    raise PydanticCustomError(
+                        _ABOVE_CAP,
+                        "tools.{name}.{key} ({value}) must not exceed limits.max_timeout_seconds ({cap})",
+                        {"name": name, "key": key, "value": value, "cap": cap},
+                    )
         return self
 
     @classmethod
@@ -188,6 +222,15 @@ class Settings(BaseSettings):
         if override is not None and override.timeout_seconds is not None:
             return override.timeout_seconds
         return self.limits.default_timeout_seconds
+
+    def idle_timeout_for(self, tool: str) -> float | None:
+        """How long a call of `tool` may go without reporting progress; None if unbounded."""
+        override = self.tools.get(tool)
+        return override.idle_timeout_seconds if override is not None else None
+
+    def tool_caps(self) -> dict[str, int]:
+        """The per-tool concurrency caps (`[tools.NAME].max_concurrent`) that are set."""
+        return {name: tool.max_concurrent for name, tool in self.tools.items() if tool.max_concurrent is not None}
 
 
 #: The same shape as `Settings` without its sources (and so without the `BaseSettings` init
@@ -494,11 +537,12 @@ def _cap_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) -
     tools = merged.get("tools")
     if isinstance(tools, Mapping):
         for name in tools:
-            loc: Loc = ("tools", name, "timeout_seconds")
-            value = _effective_float(merged, loc, bad)
-            if value is not None and value > cap:
-                reason = above_cap(loc)
-                problems.append((loc, sources.problem(loc, reason, value, show=True)))
+            for key in _TOOL_TIMEOUT_KEYS:
+                loc: Loc = ("tools", name, key)
+                value = _effective_float(merged, loc, bad)
+                if value is not None and value > cap:
+                    reason = above_cap(loc)
+                    problems.append((loc, sources.problem(loc, reason, value, show=True)))
     return problems
 
 

@@ -22,16 +22,19 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskGroup
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, ToolBinding
+from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
@@ -82,7 +85,7 @@ class SessionsExtension(Extension):
 
     def __init__(self, settings: Settings | None = None, *, manager: SessionManager | None = None) -> None:
         self.config = settings if settings is not None else Settings()
-        self.manager = manager if manager is not None else SessionManager(self.config.limits)
+        self.manager = manager if manager is not None else SessionManager(self.config.limits, self.config.tool_caps())
         self._task_group: TaskGroup | None = None
         self._app: Any = None
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
@@ -188,22 +191,52 @@ class SessionsExtension(Extension):
             return _with_invalid_argument_code(await call_next(ctx), name)
         if self._is_unknown_tool(name):
             return await call_next(ctx)  # the SDK answers "unknown tool"; no session for it
-        task_group = self._task_group
-        if task_group is None:
+        if self._task_group is None:
             return self._not_running(name)
+        config = self.config
+        manager = self.manager
+        sync = self._is_sync_tool(name)
+        idle_timeout = config.idle_timeout_for(name)
         try:
-            session = self.manager.create_nowait(
+            session = await manager.create(
                 tool=name,
-                timeout_seconds=self.config.timeout_for(name),
+                timeout_seconds=config.timeout_for(name),
                 request_id=None if ctx.request_id is None else str(ctx.request_id),
+                client=self.client_of(ctx) if manager.limits.max_sessions_per_client else None,
+                needs_thread=sync is not False,
+                idle_timeout_seconds=idle_timeout,
             )
         except SessionError as exc:
             return error_result(exc)
-
-        sync = self._is_sync_tool(name)
+        if idle_timeout is not None:
+            ctx = replace(ctx, session=progress_session(ctx.session, lambda: manager.progress(session)))
         if sync is False:
             return await self._call_in_place(session, name, ctx, call_next)
         return await self._call_decoupled(session, name, sync, ctx, call_next)
+
+    @staticmethod
+    def client_of(ctx: ServerRequestContext[Any, Any]) -> Hashable:
+        """Who is calling, for `limits.max_sessions_per_client`.
+
+        On streamable HTTP: the MCP session (`Mcp-Session-Id`); the stateless 2026-07-28 era
+        has none, so there it is the credential (`Authorization`, kept only as a digest), else
+        the peer's address. Otherwise the connection: stdio is one client, and so is each
+        in-process handshake-era client.
+        """
+        request = ctx.request
+        headers = getattr(request, "headers", None)
+        if headers is not None:
+            mcp_session = headers.get("mcp-session-id")
+            if mcp_session:
+                return ("mcp-session", mcp_session)
+            credential = headers.get("authorization")
+            if credential:
+                return ("credential", hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest())
+            peer = getattr(request, "client", None)
+            if peer is not None:
+                return ("http-peer", peer.host)
+        connection = getattr(ctx.session, "_connection", None)
+        return ("connection", connection) if connection is not None else ("connection", ctx.session)
 
     async def _call_in_place(
         self, session: Session, name: str, ctx: ServerRequestContext[Any, Any], call_next: CallNext
@@ -270,15 +303,17 @@ class SessionsExtension(Extension):
             )
         timeout = session.timeout_seconds
         self.manager.end(session, SessionState.TIMEOUT, f"deadline of {timeout:g}s reached")
-        return error_result(
-            SessionError(
-                ErrorCode.TIMEOUT,
-                f"tool {name!r} did not finish within its deadline of {timeout:g}s and was abandoned; "
-                "retry with a smaller request, or ask the operator to raise its timeout",
-                session_id=session.id,
-                tool=name,
+        if session.idle_expired:
+            message = (
+                f"tool {name!r} reported no progress for {session.idle_timeout:g}s (its idle timeout) "
+                "and was timed out; a long-running tool must report progress to stay alive"
             )
-        )
+        else:
+            message = (
+                f"tool {name!r} did not finish within its deadline of {timeout:g}s and was abandoned; "
+                "retry with a smaller request, or ask the operator to raise its timeout"
+            )
+        return error_result(SessionError(ErrorCode.TIMEOUT, message, session_id=session.id, tool=name))
 
     def _failed(self, session: Session, name: str, raised: BaseException) -> CallToolResult:
         """The tool raised something the SDK did not turn into a result (a BaseException)."""
@@ -308,13 +343,22 @@ class SessionsExtension(Extension):
         finally:
             work.done.set()
             if work.abandoned:
+                _thread_limiter().total_tokens -= 1  # its token is back: take the loan back
                 self.manager.thread_ended()
 
     def _give_up(self, work: _Work) -> None:
-        """The caller stops waiting: cancel the work; count it if it stays stuck in a thread."""
+        """The caller stops waiting: cancel the work; count it if it stays stuck in a thread.
+
+        A thread cannot be cancelled, so the work keeps its token of anyio's default thread
+        limiter (which the SDK runs sync tools with) until the thread returns. Unanswered, enough
+        stuck calls would hold every token and starve every later sync call; so each abandoned
+        call lends the limiter one more token while it is stuck. `limits.max_abandoned_threads`
+        bounds how many there can be (the manager refuses sync tools past it).
+        """
         work.scope.cancel()
         if not work.done.is_set() and work.sync is not False and not work.abandoned:
             work.abandoned = True
+            _thread_limiter().total_tokens += 1
             self.manager.thread_abandoned()
 
     def _finish(self, work: _Work, name: str) -> HandlerResult:
@@ -337,6 +381,41 @@ class SessionsExtension(Extension):
         if self.manager.end(session, SessionState.ERROR if failed else SessionState.COMPLETED):
             return result
         return self._stopped(session, name)  # too late: answer as the session was accounted
+
+
+def _thread_limiter() -> anyio.CapacityLimiter:
+    return anyio.to_thread.current_default_thread_limiter()
+
+
+def progress_session(session: ServerSession, on_progress: Callable[[], None]) -> ServerSession:
+    """A copy of the request's `ServerSession` that calls `on_progress` whenever the tool reports
+    progress (`Context.report_progress`, or a progress notification it sends itself), then
+    forwards it. The SDK hands the tool `ctx.session` from the context the interceptor passes
+    on, so this is the seam where progress becomes visible, whether or not the client asked
+    for progress notifications."""
+    proxy = _ProgressSession.__new__(_ProgressSession)
+    proxy.__dict__.update(session.__dict__)
+    proxy._on_progress = on_progress
+    return proxy
+
+
+class _ProgressSession(ServerSession):
+    _on_progress: Callable[[], None]
+
+    async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        self._on_progress()
+        await super().report_progress(progress, total, message)
+
+    async def send_progress_notification(
+        self,
+        progress_token: str | int,
+        progress: float,
+        total: float | None = None,
+        message: str | None = None,
+        related_request_id: str | None = None,
+    ) -> None:
+        self._on_progress()
+        await super().send_progress_notification(progress_token, progress, total, message, related_request_id)
 
 
 def _with_invalid_argument_code(result: HandlerResult, tool: str) -> HandlerResult:

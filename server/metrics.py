@@ -72,6 +72,11 @@ class ToolMetrics(_Model):
     timeouts: int
     cancelled: int
     p95: float
+    #: Calls of this tool running now, its cap (`[tools.NAME].max_concurrent`, None if unset),
+    #: and calls refused because the tool was at its cap.
+    active: int
+    max_concurrent: int | None
+    rejected_tool_limit: int
 
 
 class MetricsSnapshot(_Model):
@@ -87,9 +92,19 @@ class MetricsSnapshot(_Model):
     sessions_rejected_capacity: int
     sessions_rejected_metadata_size: int
     sessions_rejected_shutdown: int
+    sessions_rejected_queue_timeout: int
+    sessions_rejected_tool_limit: int
+    sessions_rejected_client_limit: int
+    sessions_rejected_threads: int
     shutdown_rejected_unauthorized: int
     current_metadata_bytes: int
+    #: Calls waiting for a slot now; calls that left the queue because the client cancelled;
+    #: the 95th percentile of the time calls spent queued (0.0 until one has queued).
+    queued_sessions: int
+    queued_calls_cancelled: int
+    queue_wait_p95: float
     abandoned_threads: int
+    max_abandoned_threads: int
     success_rate: float
     error_rate: float
     timeout_rate: float

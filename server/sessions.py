@@ -27,15 +27,17 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Unpack
 
 import anyio
 
+from server import admission
+from server.admission import Refusal, SessionRequest, Waiter
 from server.config import LimitsSettings
 from server.errors import ErrorCode, SessionError
 from server.metrics import DurationStats, MetricsSnapshot, ShutdownReport, ToolMetrics, bucket_of
@@ -70,7 +72,8 @@ class Session:
     metadata: Any
     metadata_bytes: int
     timeout_seconds: float
-    #: `time.monotonic()` at creation and at the deadline (the clock of the asyncio event loop).
+    #: `time.monotonic()` at admission and at the deadline (the clock of the asyncio event loop).
+    #: `deadline` is the earlier of `hard_deadline` and the idle deadline; progress moves it on.
     started: float
     deadline: float
     #: Wall-clock creation time (`time.time()`), only for `expires_at`.
@@ -78,6 +81,11 @@ class Session:
     state: SessionState = SessionState.ACTIVE
     ended: float | None = None
     error: str | None = None
+    client: Hashable | None = None
+    idle_timeout: float | None = None
+    hard_deadline: float = 0.0
+    #: Set when the session timed out for reporting no progress (not at its overall deadline).
+    idle_expired: bool = False
     #: Set by whoever runs the session's work, to stop it when the session is ended for it:
     #: at its deadline (by the reaper) or at the shutdown deadline.
     on_cancel: Callable[[], None] | None = field(default=None, repr=False)
@@ -99,6 +107,7 @@ class _ToolStats:
     errors: int = 0
     timeouts: int = 0
     cancelled: int = 0
+    rejected_tool_limit: int = 0
     durations: DurationStats = field(default_factory=DurationStats)
 
 
@@ -131,14 +140,21 @@ def _check_timeout(value: float) -> None:
 class SessionManager:
     """Tracks sessions against the limits it was built with. Build one per server; never global."""
 
-    def __init__(self, limits: LimitsSettings | None = None) -> None:
+    def __init__(self, limits: LimitsSettings | None = None, tool_caps: Mapping[str, int] | None = None) -> None:
         self.limits = limits if limits is not None else LimitsSettings()
+        #: Per-tool concurrency caps (`[tools.NAME].max_concurrent`), by tool name.
+        self.tool_caps: dict[str, int] = dict(tool_caps or {})
         self._lock = threading.Lock()
         # Ids are "s<random>-<seq>": unguessable across servers and restarts, and recognisable
         # as ours after they end without remembering every one of them.
         self._id_prefix = f"s{secrets.token_hex(6)}-"
         self._seq = 0
         self._active: dict[str, Session] = {}
+        # Admission state (not statistics: `reset_metrics` keeps it): calls active per tool,
+        # sessions held or queued per client, and the calls waiting for a slot, oldest first.
+        self._tool_active: dict[str, int] = {}
+        self._client_load: dict[Hashable, int] = {}
+        self._queue: dict[Waiter, None] = {}
         self._recent: OrderedDict[str, SessionState] = OrderedDict()
         self._expiry: list[tuple[float, int, Session]] = []
         self._end_waiters: dict[str, anyio.Event] = {}
@@ -158,10 +174,10 @@ class SessionManager:
         self._created = len(self._active)
         self._peak = len(self._active)
         self._ended: dict[SessionState, int] = {s: 0 for s in SessionState if s is not SessionState.ACTIVE}
-        self._rejected_capacity = 0
-        self._rejected_metadata = 0
-        self._rejected_shutdown = 0
+        self._rejected: dict[Refusal, int] = dict.fromkeys(Refusal, 0)
         self._rejected_unauthorized = 0
+        self._queue_cancelled = 0
+        self._queue_waits = DurationStats()
         self._durations = DurationStats()
         self._tools: dict[str, _ToolStats] = {}
         self._metadata_bytes = sum(s.metadata_bytes for s in self._active.values())
@@ -182,10 +198,19 @@ class SessionManager:
         while True:
             now = time.monotonic()
             while self._expiry and self._expiry[0][0] <= now:
-                _, _, session = heapq.heappop(self._expiry)
-                if self._finish(session, SessionState.TIMEOUT, f"deadline of {session.timeout_seconds:g}s reached"):
-                    if session.on_cancel is not None:
-                        session.on_cancel()  # stop the call that owns it, if one waits
+                _, seq, session = heapq.heappop(self._expiry)
+                if session.state is not SessionState.ACTIVE:
+                    continue
+                if session.deadline > now:  # progress moved it on: look again then
+                    heapq.heappush(self._expiry, (session.deadline, seq, session))
+                    continue
+                if session.deadline < session.hard_deadline:
+                    session.idle_expired = True
+                    reason = f"no progress reported for {session.idle_timeout:g}s"
+                else:
+                    reason = f"deadline of {session.timeout_seconds:g}s reached"
+                if self._finish(session, SessionState.TIMEOUT, reason) and session.on_cancel is not None:
+                    session.on_cancel()  # stop the call that owns it, if one waits
             scope = anyio.CancelScope()
             if self._expiry:
                 scope.deadline = self._expiry[0][0]
@@ -209,107 +234,247 @@ class SessionManager:
         _check_timeout(value)
         return min(float(value), self.limits.max_timeout_seconds)
 
-    async def create(
-        self,
-        *,
-        tool: str | None = None,
-        provider: str = "",
-        model: str = "",
-        timeout_seconds: float | None = None,
-        metadata: Any = None,
-        request_id: str | None = None,
-        expire: bool = True,
-    ) -> Session:
+    async def create(self, *, queue: bool = True, **request: Unpack[SessionRequest]) -> Session:
         """Admit a new session or raise `SessionError`; O(1) in the number of open sessions.
 
-        Unless `expire=False`, the reaper ends the session as `timeout` at its deadline and then
-        calls its `on_cancel` (set by whoever runs the session's work, to stop it); with
-        `expire=False` the caller owns the deadline.
+        When the server (or the call's tool) is full and `limits.max_queued` allows, the call
+        waits in FIFO order for a slot, up to `limits.queue_timeout_seconds` (not with
+        `queue=False`). The session's deadline starts when it is admitted. Unless
+        `expire=False`, the reaper ends the session as `timeout` at its deadline and then calls
+        its `on_cancel` (set by whoever runs the session's work, to stop it).
 
         Raises:
             SessionError: `shutting_down`, `invalid_argument`, `metadata_too_large` or
-                `capacity_exceeded`; each refusal is counted and creates no session.
+                `capacity_exceeded` (server, tool or client full, queue full or waited out, too
+                many stuck threads); each refusal is counted and creates no session.
         """
-        return self.create_nowait(
-            tool=tool,
-            provider=provider,
-            model=model,
-            timeout_seconds=timeout_seconds,
-            metadata=metadata,
-            request_id=request_id,
-            expire=expire,
-        )
+        session = self._prepare(request)
+        expire = request.get("expire", True)
+        needs_thread = request.get("needs_thread", False)
+        limits = self.limits
+        with self._lock:
+            refusal = self._refusal_locked(session, needs_thread)
+            if refusal is None and self._fits_locked(session):
+                return self._open_locked(session, expire)
+            if refusal is None and (not queue or len(self._queue) >= limits.max_queued):
+                refusal = self._full_locked(session)
+            if refusal is None:
+                waiter = Waiter(session, expire, needs_thread, time.monotonic(), anyio.Event())
+                self._queue[waiter] = None
+                if session.client is not None:
+                    self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
+        if refusal is not None:
+            raise refusal
+        return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
 
-    def create_nowait(
-        self,
-        *,
-        tool: str | None = None,
-        provider: str = "",
-        model: str = "",
-        timeout_seconds: float | None = None,
-        metadata: Any = None,
-        request_id: str | None = None,
-        expire: bool = True,
-    ) -> Session:
-        """`create` for callers already on the event loop that must not yield (see `create`)."""
+    def create_nowait(self, **request: Unpack[SessionRequest]) -> Session:
+        """`create` for callers that must not yield: never queues, refuses at once when full."""
+        session = self._prepare(request)
+        with self._lock:
+            refusal = self._refusal_locked(session, request.get("needs_thread", False))
+            if refusal is None:
+                if self._fits_locked(session):
+                    return self._open_locked(session, request.get("expire", True))
+                refusal = self._full_locked(session)
+        raise refusal
+
+    def _prepare(self, request: SessionRequest) -> Session:
+        """Check what needs no lock and build the (not yet admitted) session."""
+        tool = request.get("tool")
         if self._shutting_down:
             with self._lock:
-                self._rejected_shutdown += 1
-            raise SessionError(
-                ErrorCode.SHUTTING_DOWN, "the server is shutting down and accepts no new work", tool=tool
-            )
-        if timeout_seconds is None:
+                self._rejected[Refusal.SHUTDOWN] += 1
+            raise admission.refuse_shutdown(tool)
+        requested = request.get("timeout_seconds")
+        if requested is None:
             timeout = self.limits.default_timeout_seconds  # validated with the settings
         else:
             try:
-                timeout = self.timeout_for(timeout_seconds)
+                timeout = self.timeout_for(requested)
             except SessionError as exc:
                 exc.tool = tool
                 raise
-        size = metadata_size(metadata)
+        idle = request.get("idle_timeout_seconds")
+        if idle is not None:
+            _check_timeout(idle)
+        metadata = request.get("metadata")
+        request_id = request.get("request_id")
+        return Session(
+            id="",
+            request_id="" if request_id is None else request_id,
+            tool=tool,
+            provider=request.get("provider", ""),
+            model=request.get("model", ""),
+            metadata=metadata,
+            metadata_bytes=metadata_size(metadata),
+            timeout_seconds=timeout,
+            started=0.0,
+            deadline=0.0,
+            created_at=0.0,
+            client=request.get("client"),
+            idle_timeout=idle,
+        )
+
+    def _refusal_locked(self, session: Session, needs_thread: bool) -> SessionError | None:
+        """The refusals that never wait: metadata size, the client's share, stuck threads."""
         limits = self.limits
-        with self._lock:
-            if size > limits.max_metadata_bytes:
-                self._rejected_metadata += 1
-                raise SessionError(
-                    ErrorCode.METADATA_TOO_LARGE,
-                    f"metadata is {size} bytes as compact JSON; the limit is {limits.max_metadata_bytes} bytes",
-                    tool=tool,
-                )
-            if len(self._active) >= limits.max_concurrent_sessions:
-                self._rejected_capacity += 1
-                raise SessionError(
-                    ErrorCode.CAPACITY_EXCEEDED,
-                    f"the server is at its limit of {limits.max_concurrent_sessions} concurrent sessions; "
-                    "retry after a session ends",
-                    tool=tool,
-                )
-            self._seq += 1
-            session_id = self._issue_id(self._seq)
-            now = time.monotonic()
-            session = Session(
-                id=session_id,
-                request_id=request_id if request_id is not None else session_id,
-                tool=tool,
-                provider=provider,
-                model=model,
-                metadata=metadata,
-                metadata_bytes=size,
-                timeout_seconds=timeout,
-                started=now,
-                deadline=now + timeout,
-                created_at=time.time(),
+        if session.metadata_bytes > limits.max_metadata_bytes:
+            self._rejected[Refusal.METADATA] += 1
+            return SessionError(
+                ErrorCode.METADATA_TOO_LARGE,
+                f"metadata is {session.metadata_bytes} bytes as compact JSON; "
+                f"the limit is {limits.max_metadata_bytes} bytes",
+                tool=session.tool,
             )
-            self._active[session_id] = session
-            self._created += 1
-            self._metadata_bytes += size
-            if len(self._active) > self._peak:
-                self._peak = len(self._active)
-            if tool is not None:
-                self._tool_stats(tool).calls += 1
-            if expire:
-                self._schedule_expiry(session)
+        client = session.client
+        if client is not None and limits.max_sessions_per_client:
+            if self._client_load.get(client, 0) >= limits.max_sessions_per_client:
+                self._rejected[Refusal.CLIENT_LIMIT] += 1
+                return admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
+        if needs_thread and self._abandoned >= limits.max_abandoned_threads:
+            self._rejected[Refusal.THREADS] += 1
+            return admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
+        return None
+
+    def _fits_locked(self, session: Session) -> bool:
+        if len(self._active) >= self.limits.max_concurrent_sessions:
+            return False
+        tool = session.tool
+        if tool is None or not self.tool_caps:
+            return True
+        cap = self.tool_caps.get(tool)
+        return cap is None or self._tool_active.get(tool, 0) < cap
+
+    def _full_locked(self, session: Session) -> SessionError:
+        """Count and word the refusal of a call that does not fit and may not wait."""
+        limits = self.limits
+        tool = session.tool
+        if len(self._active) < limits.max_concurrent_sessions and tool is not None:
+            self._rejected[Refusal.TOOL_LIMIT] += 1
+            self._tool_stats(tool).rejected_tool_limit += 1
+            return admission.refuse_tool_limit(tool, self.tool_caps[tool])
+        self._rejected[Refusal.CAPACITY] += 1
+        return admission.refuse_capacity(tool, limits.max_concurrent_sessions, len(self._queue), limits.max_queued)
+
+    def _open_locked(self, session: Session, expire: bool) -> Session:
+        """Admit `session`: give it its id and deadline and count it."""
+        self._seq += 1
+        session.id = self._issue_id(self._seq)
+        if not session.request_id:
+            session.request_id = session.id
+        now = time.monotonic()
+        session.started = now
+        session.hard_deadline = now + session.timeout_seconds
+        idle = session.idle_timeout
+        session.deadline = session.hard_deadline if idle is None else min(session.hard_deadline, now + idle)
+        session.created_at = time.time()
+        self._active[session.id] = session
+        self._created += 1
+        self._metadata_bytes += session.metadata_bytes
+        if len(self._active) > self._peak:
+            self._peak = len(self._active)
+        tool = session.tool
+        if tool is not None:
+            self._tool_stats(tool).calls += 1
+            self._tool_active[tool] = self._tool_active.get(tool, 0) + 1
+        client = session.client
+        if client is not None:
+            self._client_load[client] = self._client_load.get(client, 0) + 1
+        if expire:
+            self._schedule_expiry(session)
         return session
+
+    async def _wait_in_queue(self, waiter: Waiter, timeout: float) -> Session:  # noqa: ASYNC109 - the queue's own bound
+        session = waiter.session
+        try:
+            with anyio.move_on_after(timeout):
+                await waiter.event.wait()
+        except BaseException:
+            # The caller was cancelled (the client gave up or went away) while waiting.
+            with self._lock:
+                if not waiter.admitted and waiter.refusal is None:
+                    self._leave_queue_locked(waiter)
+                    self._queue_cancelled += 1
+            if waiter.admitted:
+                self._finish(session, SessionState.CANCELLED, "cancelled by the client before it started")
+            raise
+        if waiter.admitted:
+            return session
+        if waiter.refusal is not None:
+            raise waiter.refusal
+        with self._lock:
+            if waiter.admitted:  # pragma: no cover - handed a slot as the wait timed out
+                return session
+            waited = self._leave_queue_locked(waiter)
+            self._rejected[Refusal.QUEUE_TIMEOUT] += 1
+        raise admission.refuse_queue_timeout(session.tool, waited, self.limits.max_concurrent_sessions)
+
+    def _leave_queue_locked(self, waiter: Waiter) -> float:
+        """Take a waiter out of the queue unadmitted; return how long it waited."""
+        del self._queue[waiter]
+        self._release_client_locked(waiter.session.client)
+        waited = time.monotonic() - waiter.enqueued
+        self._queue_waits.add(waited)
+        return waited
+
+    def _release_client_locked(self, client: Hashable | None) -> None:
+        if client is not None:
+            left = self._client_load[client] - 1
+            if left:
+                self._client_load[client] = left
+            else:
+                del self._client_load[client]
+
+    def _hand_over_locked(self) -> list[Waiter]:
+        """Give free slots to the oldest waiters that fit; the caller wakes them after the lock."""
+        free = self.limits.max_concurrent_sessions - len(self._active)
+        if free <= 0 or not self._queue:
+            return []
+        caps = self.tool_caps
+        taken: dict[str, int] = {}
+        chosen: list[Waiter] = []
+        for waiter in self._queue:
+            tool = waiter.session.tool
+            if tool is not None and tool in caps:
+                used = self._tool_active.get(tool, 0) + taken.get(tool, 0)
+                if used >= caps[tool]:
+                    continue  # its tool is full: let the calls behind it through
+                taken[tool] = taken.get(tool, 0) + 1
+            chosen.append(waiter)
+            if len(chosen) >= free:
+                break
+        now = time.monotonic()
+        limits = self.limits
+        for waiter in chosen:
+            del self._queue[waiter]
+            self._queue_waits.add(now - waiter.enqueued)
+            session = waiter.session
+            if waiter.needs_thread and self._abandoned >= limits.max_abandoned_threads:
+                self._rejected[Refusal.THREADS] += 1
+                self._release_client_locked(session.client)
+                waiter.refusal = admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
+                continue
+            if session.client is not None:
+                self._client_load[session.client] -= 1  # counted again as active by _open_locked
+            self._open_locked(session, waiter.expire)
+            waiter.admitted = True
+        return chosen
+
+    def set_limits(self, limits: LimitsSettings, tool_caps: Mapping[str, int] | None = None) -> None:
+        """Apply new limits to new sessions (running ones keep theirs); admit waiters that now fit."""
+        with self._lock:
+            self.limits = limits
+            if tool_caps is not None:
+                self.tool_caps = dict(tool_caps)
+            woken = self._hand_over_locked()
+        for waiter in woken:
+            waiter.event.set()
+
+    def progress(self, session: Session) -> None:
+        """The session's work reported progress: move its idle deadline on."""
+        idle = session.idle_timeout
+        if idle is not None and session.state is SessionState.ACTIVE:
+            session.deadline = min(session.hard_deadline, time.monotonic() + idle)
 
     def _issue_id(self, seq: int) -> str:
         return f"{self._id_prefix}{seq:x}"
@@ -336,7 +501,7 @@ class SessionManager:
     def _tool_stats(self, tool: str) -> _ToolStats:
         stats = self._tools.get(tool)
         if stats is None:
-            if len(self._tools) >= MAX_TRACKED_TOOLS:
+            if len(self._tools) >= MAX_TRACKED_TOOLS and tool not in self.tool_caps:
                 tool = OTHER_TOOLS
             stats = self._tools.setdefault(tool, _ToolStats())
         return stats
@@ -416,7 +581,14 @@ class SessionManager:
             duration = now - session.started
             bucket = bucket_of(duration)
             self._durations.add(duration, bucket)
+            if session.client is not None:
+                self._release_client_locked(session.client)
             if session.tool is not None:
+                left = self._tool_active[session.tool] - 1
+                if left:
+                    self._tool_active[session.tool] = left
+                else:
+                    del self._tool_active[session.tool]
                 stats = self._tool_stats(session.tool)
                 stats.durations.add(duration, bucket)
                 if state is SessionState.COMPLETED:
@@ -427,6 +599,7 @@ class SessionManager:
                     stats.timeouts += 1
                 else:
                     stats.cancelled += 1
+            woken = self._hand_over_locked() if self._queue else None
             waiter = self._end_waiters.pop(session.id, None) if self._end_waiters else None
             idle = self._idle_waiter if not self._active else None
             if idle is not None:
@@ -435,6 +608,9 @@ class SessionManager:
             waiter.set()
         if idle is not None:
             idle.set()
+        if woken:
+            for queued in woken:
+                queued.event.set()
         return True
 
     async def wait_idle(self) -> None:
@@ -488,6 +664,7 @@ class SessionManager:
         """A consistent snapshot of every counter."""
         with self._lock:
             ended = self._ended
+            rejected = self._rejected
             finished = sum(ended.values())
             durations = self._durations
 
@@ -502,9 +679,17 @@ class SessionManager:
                 total_sessions_timeout=ended[SessionState.TIMEOUT],
                 total_sessions_error=ended[SessionState.ERROR],
                 total_sessions_cancelled=ended[SessionState.CANCELLED],
-                sessions_rejected_capacity=self._rejected_capacity,
-                sessions_rejected_metadata_size=self._rejected_metadata,
-                sessions_rejected_shutdown=self._rejected_shutdown,
+                sessions_rejected_capacity=rejected[Refusal.CAPACITY],
+                sessions_rejected_metadata_size=rejected[Refusal.METADATA],
+                sessions_rejected_shutdown=rejected[Refusal.SHUTDOWN],
+                sessions_rejected_queue_timeout=rejected[Refusal.QUEUE_TIMEOUT],
+                sessions_rejected_tool_limit=rejected[Refusal.TOOL_LIMIT],
+                sessions_rejected_client_limit=rejected[Refusal.CLIENT_LIMIT],
+                sessions_rejected_threads=rejected[Refusal.THREADS],
+                queued_sessions=len(self._queue),
+                queued_calls_cancelled=self._queue_cancelled,
+                queue_wait_p95=self._queue_waits.quantile(0.95),
+                max_abandoned_threads=self.limits.max_abandoned_threads,
                 shutdown_rejected_unauthorized=self._rejected_unauthorized,
                 current_metadata_bytes=self._metadata_bytes,
                 abandoned_threads=self._abandoned,
@@ -526,6 +711,9 @@ class SessionManager:
                         timeouts=s.timeouts,
                         cancelled=s.cancelled,
                         p95=s.durations.quantile(0.95),
+                        active=self._tool_active.get(name, 0),
+                        max_concurrent=self.tool_caps.get(name),
+                        rejected_tool_limit=s.rejected_tool_limit,
                     )
                     for name, s in self._tools.items()
                 },
@@ -562,6 +750,13 @@ class SessionManager:
             self._shutting_down = True
             initial = len(self._active)
             total = self._created
+            queued = list(self._queue)
+            for waiter in queued:  # they get no slot now: refuse them as new work
+                self._leave_queue_locked(waiter)
+                self._rejected[Refusal.SHUTDOWN] += 1
+                waiter.refusal = admission.refuse_shutdown(waiter.session.tool)
+        for waiter in queued:
+            waiter.event.set()
         logger.info("Shutting down: waiting up to %.3gs for %s active session(s)", timeout, initial)
         with anyio.move_on_after(timeout):
             await self.wait_idle()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult, TextContent
 
@@ -24,16 +25,23 @@ def settings(
     shutdown_timeout_seconds: float = 5.0,
     admin_token_env: str = "",
     tool_timeouts: dict[str, float] | None = None,
+    tools: dict[str, dict[str, Any]] | None = None,
+    **limits: Any,
 ) -> Settings:
+    """Settings for a test server; `limits` are further `LimitsSettings` keys, `tools` per-tool keys."""
+    per_tool: dict[str, dict[str, Any]] = {name: {"timeout_seconds": t} for name, t in (tool_timeouts or {}).items()}
+    for name, keys in (tools or {}).items():
+        per_tool.setdefault(name, {}).update(keys)
     return Settings(
         limits=LimitsSettings(
             max_concurrent_sessions=max_concurrent_sessions,
             default_timeout_seconds=default_timeout_seconds,
             max_timeout_seconds=max_timeout_seconds,
             max_metadata_bytes=max_metadata_bytes,
+            **limits,
         ),
         shutdown=ShutdownSettings(timeout_seconds=shutdown_timeout_seconds, admin_token_env=admin_token_env),
-        tools={name: ToolSettings(timeout_seconds=t) for name, t in (tool_timeouts or {}).items()},
+        tools={name: ToolSettings(**keys) for name, keys in per_tool.items()},
     )
 
 
@@ -135,3 +143,14 @@ def wait_until_sync(predicate: Callable[[], bool], timeout: float = 10.0) -> Non
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         event.wait(0.01)
+
+
+async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Yield to the event loop until `predicate()` holds; fail after `within` seconds.
+
+    For states with no event to wait on (a call sitting in the admission queue): each turn
+    is one scheduling checkpoint, so the wait ends as soon as the loop has made the state true.
+    """
+    with anyio.fail_after(within):
+        while not predicate():
+            await anyio.lowlevel.checkpoint()

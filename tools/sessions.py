@@ -78,13 +78,16 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
         server is full (retry later), metadata_too_large, shutting_down, or invalid_argument.
         """
         request_id = ctx.request_id if ctx is not None else None
+        limited = ctx is not None and manager.limits.max_sessions_per_client > 0
         try:
             session = await manager.create(
+                queue=False,  # a reservation is answered at once: the caller decides when to retry
                 provider=provider,
                 model=model,
                 timeout_seconds=timeout_seconds,
                 metadata=metadata,
                 request_id=request_id,
+                client=ext.client_of(ctx.request_context) if ctx is not None and limited else None,
             )
         except SessionError as exc:
             return _refused(exc)

@@ -15,9 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from mcp import Client
 from mcp_types import CallToolResult
 
-from tests.e2e.conftest import HOST, START_SECONDS, ServerProcess, metrics, metrics_until, server_config, start_server
+from tests.e2e.conftest import (
+    CALL_SECONDS,
+    HOST,
+    START_SECONDS,
+    ServerProcess,
+    metrics,
+    metrics_until,
+    server_config,
+    start_server,
+)
 from tests.helpers import code_of, error_of, text_of
 
 EXIT_MARGIN = 8.0
@@ -153,3 +163,27 @@ async def test_a_port_in_use_fails_fast_with_exit_status_1_and_a_clear_error(tmp
     assert "address already in use" in server.stderr
     assert f"Could not serve MCP over streamable HTTP on {HOST} port {port}" in server.stderr
     assert "Traceback" not in server.stderr and "/mcp" not in server.stderr
+
+
+async def test_one_http_client_flooding_is_refused_while_another_is_served(tmp_path: Path) -> None:
+    config = server_config(limits={"max_concurrent_sessions": 10, "max_sessions_per_client": 2})
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        url = url_of(server)
+        # Handshake-era clients: each is one MCP session (Mcp-Session-Id), the unit of fair share.
+        flooder = Client(url, mode="legacy", read_timeout_seconds=CALL_SECONDS)
+        polite = Client(url, mode="legacy", read_timeout_seconds=CALL_SECONDS)
+        async with flooder, polite:
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(2):
+                        tg.start_soon(flooder.call_tool, "sleep_async", {"seconds": 1.0})
+                    await metrics_until(polite, lambda m: m["active_sessions"] == 2)
+                    refused = [await flooder.call_tool("echo", {"text": "more"}) for _ in range(3)]
+                    served = [await polite.call_tool("echo", {"text": f"polite {n}"}) for n in range(3)]
+            m = await metrics(polite)
+    for result in refused:
+        error = error_of(result)
+        assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"]
+    assert [text_of(r) for r in served] == ["polite 0", "polite 1", "polite 2"]
+    assert m["sessions_rejected_client_limit"] == 3 and m["sessions_rejected_capacity"] == 0
+    assert m["total_sessions_created"] == 5 and m["total_sessions_completed"] == 5

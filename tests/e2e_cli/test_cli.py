@@ -75,7 +75,8 @@ def test_check_config_prints_the_effective_settings_as_json(script: bool) -> Non
     effective: dict[str, Any] = json.loads(result.stdout)
     assert effective == load_settings(ROOT / "config" / "demo.toml").model_dump(mode="json")
     assert effective["server"]["tool_modules"] == ["tools.demo"]
-    assert effective["tools"]["sleep_async"] == {"timeout_seconds": 3.0}
+    assert effective["tools"]["sleep_async"]["timeout_seconds"] == 3.0
+    assert effective["tools"]["count_slowly"]["idle_timeout_seconds"] == 2.0
     assert "configuration is valid" in result.stderr
 
 

@@ -119,7 +119,7 @@ def test_config_demo_toml_is_valid_and_hosts_the_demo_tools() -> None:
 
     assert settings.server.tool_modules == ("tools.demo",)
     names = {fn.__name__ for fn in load_tool_modules(settings.server.tool_modules)}
-    assert names == {"echo", "sleep_async", "sleep_blocking", "fail"}
+    assert names == {"echo", "sleep_async", "sleep_blocking", "count_slowly", "fail"}
     assert set(settings.tools) <= names, "every [tools.NAME] in demo.toml must name a demo tool"
     assert settings.timeout_for("sleep_blocking") == 3.0
     assert settings.shutdown.admin_token_env == "MCP_SESSIONS_ADMIN_TOKEN"
@@ -154,6 +154,35 @@ def test_per_tool_timeouts_override_the_default_for_that_tool_only(tmp_path: Pat
     assert settings.timeout_for("slow_tool") == 120.0
     assert settings.timeout_for("quiet_tool") == 20.0  # a table with no timeout keeps the default
     assert settings.timeout_for("any_other_tool") == 20.0
+
+
+def test_admission_keys_parse_and_per_tool_caps_and_idle_timeouts_are_looked_up(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [limits]
+        max_queued = 50
+        queue_timeout_seconds = 2.5
+        max_sessions_per_client = 8
+        max_abandoned_threads = 4
+
+        [tools.render]
+        max_concurrent = 2
+        idle_timeout_seconds = 15.0
+
+        [tools.search]
+        timeout_seconds = 60.0
+        """,
+    )
+
+    settings = load_settings(path)
+
+    limits = settings.limits
+    assert (limits.max_queued, limits.queue_timeout_seconds) == (50, 2.5)
+    assert (limits.max_sessions_per_client, limits.max_abandoned_threads) == (8, 4)
+    assert settings.tool_caps() == {"render": 2}
+    assert settings.idle_timeout_for("render") == 15.0
+    assert settings.idle_timeout_for("search") is None and settings.idle_timeout_for("other") is None
 
 
 def test_a_per_tool_timeout_may_equal_the_cap(tmp_path: Path) -> None:
@@ -386,6 +415,47 @@ BAD_FILES = [
         "[server]\ntool_modules = [1]\n",
         "server.tool_modules.0: must be a string (in quotes) (got 1)",
         id="module-name-not-a-string",
+    ),
+    pytest.param(
+        "[limits]\nmax_queued = -1\n",
+        "limits.max_queued: must be between 0 and 1000000 (got -1)",
+        id="negative-queue",
+    ),
+    pytest.param(
+        "[limits]\nqueue_timeout_seconds = 0.0\n",
+        "limits.queue_timeout_seconds: must be greater than 0.0 (got 0.0)",
+        id="zero-queue-timeout",
+    ),
+    pytest.param(
+        "[limits]\nmax_sessions_per_client = 1.5\n",
+        "limits.max_sessions_per_client: must be a whole number (got 1.5)",
+        id="fractional-client-cap",
+    ),
+    pytest.param(
+        "[limits]\nmax_abandoned_threads = 20000\n",
+        "limits.max_abandoned_threads: must be between 0 and 10000 (got 20000)",
+        id="thread-bound-too-high",
+    ),
+    pytest.param(
+        "[tools.slow]\nmax_concurrent = 0\n",
+        "tools.slow.max_concurrent: must be at least 1 (got 0)",
+        id="tool-cap-zero",
+    ),
+    pytest.param(
+        "[tools.slow]\nidle_timeout_seconds = nan\n",
+        "tools.slow.idle_timeout_seconds: must be a finite number (nan and inf are not allowed) (got nan)",
+        id="idle-timeout-nan",
+    ),
+    pytest.param(
+        "[tools.slow]\nidle_timeout_seconds = 301.0\n",
+        "tools.slow.idle_timeout_seconds: must not exceed limits.max_timeout_seconds, which is 300.0 "
+        "(built-in default); lower it or raise the cap (got 301.0)",
+        id="idle-timeout-above-cap",
+    ),
+    pytest.param(
+        "[tools.slow]\nmax_concurent = 2\n",
+        "tools.slow.max_concurent: unknown key; did you mean 'max_concurrent'?",
+        id="tool-key-typo",
     ),
     pytest.param(
         "[limits]\nmax_timeout_seconds = 1979-05-27\n",

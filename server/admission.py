@@ -1,0 +1,126 @@
+"""Admission: what a session is asked for with, the queue of calls waiting for a slot, and
+the refusals, each with the sentence a caller can act on.
+
+Tier: runtime core, used by `server.sessions`, which holds the counters and the lock. A call
+is admitted when the server, its tool and its client each have room. A call that finds the
+server (or its tool) full waits in FIFO order when `limits.max_queued` allows; the manager
+hands a freed slot to the first waiter that fits, under its lock, so a newcomer can never
+take a slot a waiter could use. The client limit counts queued calls too, and refuses at
+once: one client's flood must not fill the queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import anyio
+
+from server.errors import ErrorCode, SessionError
+
+if TYPE_CHECKING:
+    from server.sessions import Session
+
+
+class SessionRequest(TypedDict, total=False):
+    """What `SessionManager.create` / `create_nowait` take; every key is optional."""
+
+    #: The tool whose call this session tracks (None for `session_create` sessions).
+    tool: str | None
+    provider: str
+    model: str
+    #: Seconds until the session times out; the default limit when None; capped by the maximum.
+    timeout_seconds: float | None
+    #: Any JSON value, size-limited by `limits.max_metadata_bytes`.
+    metadata: Any
+    request_id: str | None
+    #: False: the caller owns the deadline (the reaper leaves the session alone).
+    expire: bool
+    #: Who asked (an MCP session on HTTP, the connection on stdio); None: not limited per client.
+    client: Hashable | None
+    #: The work will run in a thread (a sync tool): refused while too many threads are stuck.
+    needs_thread: bool
+    #: Time the session out when no progress is reported for this long (see `progress`).
+    idle_timeout_seconds: float | None
+
+
+class Refusal(StrEnum):
+    """Why a call was not admitted; each reason has its own counter."""
+
+    SHUTDOWN = "shutdown"
+    METADATA = "metadata_size"
+    CAPACITY = "capacity"
+    TOOL_LIMIT = "tool_limit"
+    CLIENT_LIMIT = "client_limit"
+    THREADS = "threads"
+    QUEUE_TIMEOUT = "queue_timeout"
+
+
+@dataclass(slots=True, eq=False)
+class Waiter:
+    """A call waiting for a slot; `session` is opened for it when it is handed one."""
+
+    session: Session
+    expire: bool
+    needs_thread: bool
+    enqueued: float
+    event: anyio.Event
+    admitted: bool = False
+    refusal: SessionError | None = None
+
+
+def refuse_capacity(tool: str | None, cap: int, queued: int, max_queued: int) -> SessionError:
+    if max_queued:
+        detail = f"and its queue holds {queued} of {max_queued} waiting calls"
+        return SessionError(
+            ErrorCode.CAPACITY_EXCEEDED,
+            f"the server is at its limit of {cap} concurrent sessions {detail}; retry after a session ends",
+            tool=tool,
+        )
+    return SessionError(
+        ErrorCode.CAPACITY_EXCEEDED,
+        f"the server is at its limit of {cap} concurrent sessions; retry after a session ends",
+        tool=tool,
+    )
+
+
+def refuse_tool_limit(tool: str, cap: int) -> SessionError:
+    return SessionError(
+        ErrorCode.CAPACITY_EXCEEDED,
+        f"tool {tool!r} is at its limit of {cap} concurrent calls (tools.{tool}.max_concurrent); "
+        "retry after one of its calls ends",
+        tool=tool,
+    )
+
+
+def refuse_client_limit(tool: str | None, cap: int) -> SessionError:
+    return SessionError(
+        ErrorCode.CAPACITY_EXCEEDED,
+        f"this client already holds or waits for {cap} sessions, the per-client limit "
+        "(limits.max_sessions_per_client); retry after one of its calls ends",
+        tool=tool,
+    )
+
+
+def refuse_threads(tool: str | None, stuck: int, cap: int) -> SessionError:
+    return SessionError(
+        ErrorCode.CAPACITY_EXCEEDED,
+        f"{stuck} threads are stuck in sync tool calls past their deadline (the limit, "
+        f"limits.max_abandoned_threads, is {cap}); sync tools are refused until they end",
+        tool=tool,
+    )
+
+
+def refuse_queue_timeout(tool: str | None, waited: float, cap: int) -> SessionError:
+    return SessionError(
+        ErrorCode.CAPACITY_EXCEEDED,
+        f"waited {waited:.3g}s in the queue (limits.queue_timeout_seconds) for one of the server's "
+        f"{cap} session slots without getting one; retry later",
+        tool=tool,
+    )
+
+
+def refuse_shutdown(tool: str | None) -> SessionError:
+    return SessionError(ErrorCode.SHUTTING_DOWN, "the server is shutting down and accepts no new work", tool=tool)

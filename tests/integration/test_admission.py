@@ -1,0 +1,311 @@
+"""Admission beyond one global cap, through the SDK's in-memory Client: the FIFO queue
+(order, timeout, overflow, cancel, shutdown), per-tool caps, per-client fair share, and
+deadlines that understand progress."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+from mcp import Client
+from mcp.server.mcpserver import Context
+from mcp_types import CallToolResult
+
+from tests.helpers import Gate, build, code_of, error_of, settings, text_of, until
+from tests.integration.test_extension import metrics
+
+
+class Recorder:
+    """Tools that record the order in which calls start, and one held by a gate."""
+
+    def __init__(self) -> None:
+        self.gate = Gate()
+        self.started: list[str] = []
+
+    def tools(self) -> list[Any]:
+        recorder = self
+
+        async def hold() -> str:
+            recorder.gate._enter()
+            await recorder.gate.async_open.wait()
+            return "released"
+
+        async def record(label: str) -> str:
+            recorder.started.append(label)
+            return label
+
+        async def echo_async(text: str) -> str:
+            return text
+
+        return [hold, record, echo_async]
+
+
+async def _call(client: Client, results: dict[str, CallToolResult], key: str, tool: str, args: dict[str, Any]) -> None:
+    results[key] = await client.call_tool(tool, args)
+
+
+async def test_queued_calls_are_served_in_fifo_order_and_the_wait_is_reported() -> None:
+    recorder = Recorder()
+    app, sessions = build(settings(max_concurrent_sessions=1, max_queued=5), tools=recorder.tools())
+    manager = sessions.manager
+    results: dict[str, CallToolResult] = {}
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_call, client, results, "hold", "hold", {})
+                await recorder.gate.entered_event.wait()
+                for n, label in enumerate("abcd", start=1):
+                    tg.start_soon(_call, client, results, label, "record", {"label": label})
+                    await until(lambda n=n: manager.metrics().queued_sessions == n)  # type: ignore[misc]
+                m = await metrics(client)
+                assert (m["queued_sessions"], m["active_sessions"], m["total_sessions_created"]) == (4, 1, 1)
+                recorder.gate.open()
+        m = await metrics(client)
+    assert recorder.started == ["a", "b", "c", "d"]
+    assert all(not results[label].is_error for label in "abcd")
+    assert (m["queued_sessions"], m["total_sessions_completed"], m["peak_concurrent_sessions"]) == (0, 5, 1)
+    assert m["queue_wait_p95"] > 0 and m["sessions_rejected_capacity"] == 0
+
+
+async def test_a_queued_call_times_out_with_capacity_exceeded_saying_how_long_it_waited() -> None:
+    recorder = Recorder()
+    config = settings(max_concurrent_sessions=1, max_queued=1, queue_timeout_seconds=0.3)
+    app, _ = build(config, tools=recorder.tools())
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "hold", {})
+                await recorder.gate.entered_event.wait()
+                started = time.monotonic()
+                refused = await client.call_tool("record", {"label": "late"})
+                waited = time.monotonic() - started
+                recorder.gate.open()
+        m = await metrics(client)
+    error = error_of(refused)
+    assert error["code"] == "capacity_exceeded" and "waited" in error["message"] and "queue" in error["message"]
+    assert 0.3 <= waited < 2.0
+    assert recorder.started == [], "a call that waited out the queue never runs"
+    assert m["sessions_rejected_queue_timeout"] == 1 and m["sessions_rejected_capacity"] == 0
+    assert m["total_sessions_created"] == 1, "a refused call creates no session"
+    assert 0.25 <= m["queue_wait_p95"] <= 1.0
+
+
+async def test_the_queue_never_grows_past_max_queued() -> None:
+    recorder = Recorder()
+    app, sessions = build(settings(max_concurrent_sessions=1, max_queued=2), tools=recorder.tools())
+    results: dict[str, CallToolResult] = {}
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_call, client, results, "hold", "hold", {})
+                await recorder.gate.entered_event.wait()
+                for label in "ab":
+                    tg.start_soon(_call, client, results, label, "record", {"label": label})
+                await until(lambda: sessions.manager.metrics().queued_sessions == 2)
+                started = time.monotonic()
+                overflow = await client.call_tool("record", {"label": "overflow"})
+                assert time.monotonic() - started < 1.0, "refused at once, not after the queue timeout"
+                recorder.gate.open()
+        m = await metrics(client)
+    error = error_of(overflow)
+    assert error["code"] == "capacity_exceeded" and "queue holds 2 of 2" in error["message"]
+    assert recorder.started == ["a", "b"]
+    assert (m["sessions_rejected_capacity"], m["total_sessions_created"], m["total_sessions_completed"]) == (1, 3, 3)
+
+
+async def test_a_call_cancelled_while_queued_leaves_the_queue_at_once() -> None:
+    recorder = Recorder()
+    app, sessions = build(settings(max_concurrent_sessions=1, max_queued=5), tools=recorder.tools())
+    manager = sessions.manager
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "hold", {})
+                await recorder.gate.entered_event.wait()
+                tg.start_soon(client.call_tool, "record", {"label": "stays"})
+                await until(lambda: manager.metrics().queued_sessions == 1)
+                given_up = anyio.CancelScope()
+                async with anyio.create_task_group() as caller:
+
+                    async def queued_then_cancelled() -> None:
+                        with given_up:
+                            await client.call_tool("record", {"label": "cancelled"})
+
+                    caller.start_soon(queued_then_cancelled)
+                    await until(lambda: manager.metrics().queued_sessions == 2)
+                    given_up.cancel()
+                await until(lambda: manager.metrics().queued_sessions == 1)
+                m = await metrics(client)
+                assert m["queued_calls_cancelled"] == 1 and m["active_sessions"] == 1
+                recorder.gate.open()
+        m = await metrics(client)
+    assert recorder.started == ["stays"], "only the call still queued ran"
+    assert (m["total_sessions_created"], m["total_sessions_cancelled"], m["queued_sessions"]) == (2, 0, 0)
+
+
+async def test_time_spent_queued_does_not_count_against_the_tools_deadline() -> None:
+    recorder = Recorder()
+
+    async def work() -> str:
+        await anyio.sleep(0.2)
+        return "done"
+
+    config = settings(max_concurrent_sessions=1, max_queued=1, tool_timeouts={"work": 0.5})
+    app, sessions = build(config, tools=[*recorder.tools(), work])
+    results: dict[str, CallToolResult] = {}
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "hold", {})
+                await recorder.gate.entered_event.wait()
+                tg.start_soon(_call, client, results, "work", "work", {})
+                await until(lambda: sessions.manager.metrics().queued_sessions == 1)
+                await anyio.sleep(0.45)  # queued for most of its 0.5 s deadline; then 0.2 s of work
+                recorder.gate.open()
+    assert text_of(results["work"]) == "done"
+
+
+async def test_shutdown_refuses_the_calls_still_queued() -> None:
+    recorder = Recorder()
+    app, sessions = build(settings(max_concurrent_sessions=1, max_queued=5), tools=recorder.tools())
+    results: dict[str, CallToolResult] = {}
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "hold", {})
+                await recorder.gate.entered_event.wait()
+                tg.start_soon(_call, client, results, "queued", "record", {"label": "queued"})
+                await until(lambda: sessions.manager.metrics().queued_sessions == 1)
+                report = await client.call_tool("server_shutdown", {"timeout_seconds": 0})
+                assert not report.is_error
+        m = sessions.manager.metrics()
+    assert code_of(results["queued"]) == "shutting_down"
+    assert recorder.started == []
+    assert (m.queued_sessions, m.sessions_rejected_shutdown, m.total_sessions_created) == (0, 1, 1)
+
+
+async def test_a_tool_at_its_cap_does_not_take_the_slots_other_tools_need() -> None:
+    recorder = Recorder()
+    config = settings(max_concurrent_sessions=3, tools={"hold": {"max_concurrent": 1}})
+    app, _ = build(config, tools=recorder.tools())
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "hold", {})
+                await recorder.gate.entered_event.wait()
+                refused = await client.call_tool("hold", {})
+                served = [await client.call_tool("echo_async", {"text": str(n)}) for n in range(5)]
+                m = await metrics(client)
+                recorder.gate.open()
+    error = error_of(refused)
+    assert error["code"] == "capacity_exceeded" and error["tool"] == "hold"
+    assert "tools.hold.max_concurrent" in error["message"]
+    assert [text_of(r) for r in served] == ["0", "1", "2", "3", "4"]
+    assert m["sessions_rejected_tool_limit"] == 1 and m["sessions_rejected_capacity"] == 0
+    hold = m["tools"]["hold"]
+    assert (hold["active"], hold["max_concurrent"], hold["rejected_tool_limit"], hold["calls"]) == (1, 1, 1, 1)
+
+
+async def test_a_call_queued_for_its_tool_does_not_block_calls_of_other_tools_behind_it() -> None:
+    recorder = Recorder()
+    config = settings(max_concurrent_sessions=2, max_queued=5, tools={"hold": {"max_concurrent": 1}})
+    app, sessions = build(config, tools=recorder.tools())
+    results: dict[str, CallToolResult] = {}
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                recorder.gate.expected = 2
+                tg.start_soon(client.call_tool, "hold", {})
+                await until(lambda: recorder.gate.entered == 1)
+                tg.start_soon(_call, client, results, "second_hold", "hold", {})
+                await until(lambda: sessions.manager.metrics().queued_sessions == 1)
+                # The global cap has room: another tool is served at once, past the queued call.
+                assert text_of(await client.call_tool("record", {"label": "other"})) == "other"
+                recorder.gate.open()
+        m = await metrics(client)
+    assert not results["second_hold"].is_error
+    assert (m["total_sessions_completed"], m["sessions_rejected_tool_limit"]) == (3, 0)
+
+
+async def test_one_client_flooding_is_refused_while_another_is_served() -> None:
+    recorder = Recorder()
+    config = settings(max_concurrent_sessions=10, max_sessions_per_client=2)
+    app, sessions = build(config, tools=recorder.tools())
+    # Handshake-era clients: each has its own connection (the 2026 era is stateless per request).
+    async with Client(app, mode="legacy") as flooder, Client(app, mode="legacy") as polite:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                recorder.gate.expected = 2
+                for _ in range(2):
+                    tg.start_soon(flooder.call_tool, "hold", {})
+                await recorder.gate.entered_event.wait()
+                refused = await flooder.call_tool("echo_async", {"text": "more"})
+                created = await flooder.call_tool("session_create", {})
+                served = await polite.call_tool("echo_async", {"text": "served"})
+                recorder.gate.open()
+        assert text_of(await flooder.call_tool("echo_async", {"text": "again"})) == "again"
+        m = await metrics(polite)
+    error = error_of(refused)
+    assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"]
+    assert code_of(created) == "capacity_exceeded", "session_create counts against the client's share too"
+    assert text_of(served) == "served"
+    assert m["sessions_rejected_client_limit"] == 2 and m["sessions_rejected_capacity"] == 0
+    assert m["total_sessions_created"] == 4
+
+
+async def test_a_tool_that_keeps_reporting_progress_outlives_its_idle_timeout() -> None:
+    async def long_job(steps: int, ctx: Context) -> str:
+        for step in range(steps):
+            await anyio.sleep(0.1)
+            await ctx.report_progress(step + 1, steps)
+        return "finished"
+
+    config = settings(tools={"long_job": {"timeout_seconds": 10.0, "idle_timeout_seconds": 0.4}})
+    app, _ = build(config, tools=[long_job])
+    seen: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+
+    async with Client(app) as client:
+        started = time.monotonic()
+        with anyio.fail_after(10):
+            result = await client.call_tool("long_job", {"steps": 12}, progress_callback=on_progress)
+        elapsed = time.monotonic() - started
+        m = await metrics(client)
+    assert text_of(result) == "finished" and elapsed >= 1.2, "ran three times its idle timeout"
+    assert seen == [float(n) for n in range(1, 13)], "the progress still reaches the client"
+    assert m["total_sessions_completed"] == 1 and m["total_sessions_timeout"] == 0
+
+
+async def test_a_tool_that_stops_reporting_progress_times_out_at_its_idle_timeout() -> None:
+    async def stalls(ctx: Context) -> str:
+        for step in range(3):
+            await anyio.sleep(0.1)
+            await ctx.report_progress(step + 1)
+        await anyio.sleep(3600)
+        return "never"
+
+    def stalls_in_a_thread() -> str:
+        time.sleep(1.5)  # a sync tool cannot report progress: the idle timeout fires from the start
+        return "never"
+
+    idle = {"timeout_seconds": 30.0, "idle_timeout_seconds": 0.4}
+    config = settings(tools={"stalls": idle, "stalls_in_a_thread": idle})
+    app, _ = build(config, tools=[stalls, stalls_in_a_thread])
+    async with Client(app) as client:  # no progress callback: progress still counts as alive
+        started = time.monotonic()
+        with anyio.fail_after(10):
+            result = await client.call_tool("stalls", {})
+        elapsed = time.monotonic() - started
+        started = time.monotonic()
+        with anyio.fail_after(10):
+            in_thread = await client.call_tool("stalls_in_a_thread", {})
+        thread_elapsed = time.monotonic() - started
+        m = await metrics(client)
+    error = error_of(result)
+    assert error["code"] == "timeout" and "no progress" in error["message"] and "0.4s" in error["message"]
+    assert 0.3 + 0.4 <= elapsed < 0.3 + 0.4 + 0.5, "timed out at the idle timeout after the last progress"
+    assert code_of(in_thread) == "timeout" and 0.4 <= thread_elapsed < 1.2
+    assert m["total_sessions_timeout"] == 2

@@ -1,0 +1,98 @@
+"""Stuck sync tools must not take the server down: abandoned threads keep their limiter
+token, so the extension gives live work that capacity back, bounds the stuck ones and
+refuses sync tools at once past the bound, until the stuck threads end."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from mcp import Client
+
+from tests.helpers import build, code_of, settings, text_of
+from tests.integration.test_extension import metrics
+
+#: A small thread limiter makes exhaustion quick to reach; the mechanism is the same at 40.
+TOKENS = 3
+
+
+@contextmanager
+def thread_limiter(tokens: int) -> Iterator[anyio.CapacityLimiter]:
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    before = limiter.total_tokens
+    limiter.total_tokens = tokens
+    try:
+        yield limiter
+    finally:
+        limiter.total_tokens = before
+
+
+def stuck_tools(release: threading.Event) -> list[Any]:
+    def stuck() -> str:
+        release.wait(timeout=60)  # bounded: a failing test cannot leave it behind for good
+        return "unstuck"
+
+    def quick_sync() -> str:
+        return "quick"
+
+    async def echo_async(text: str) -> str:
+        return text
+
+    return [stuck, quick_sync, echo_async]
+
+
+async def test_stuck_threads_do_not_starve_live_sync_calls() -> None:
+    release = threading.Event()
+    config = settings(tool_timeouts={"stuck": 0.2, "quick_sync": 2.0}, max_abandoned_threads=TOKENS + 2)
+    app, sessions = build(config, tools=stuck_tools(release))
+    try:
+        with thread_limiter(TOKENS) as limiter:
+            async with Client(app) as client:
+                # As many stuck calls as the limiter has tokens: each holds its token after its deadline.
+                for _ in range(TOKENS):
+                    assert code_of(await client.call_tool("stuck", {})) == "timeout"
+                m = await metrics(client)
+                assert m["abandoned_threads"] == TOKENS
+                assert limiter.borrowed_tokens == TOKENS, "a stuck thread keeps its limiter token"
+                # Live sync work still gets a thread at once.
+                with anyio.fail_after(1.5):
+                    result = await client.call_tool("quick_sync", {})
+                assert not result.is_error and text_of(result) == "quick"
+                release.set()
+                with anyio.fail_after(5):
+                    await sessions.manager.wait_no_abandoned_threads()
+                assert limiter.total_tokens == TOKENS, "the extra capacity goes when the stuck threads end"
+    finally:
+        release.set()
+
+
+async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_later() -> None:
+    release = threading.Event()
+    config = settings(tool_timeouts={"stuck": 0.2, "quick_sync": 2.0}, max_abandoned_threads=2)
+    app, sessions = build(config, tools=stuck_tools(release))
+    try:
+        with thread_limiter(TOKENS):
+            async with Client(app) as client:
+                for _ in range(2):
+                    assert code_of(await client.call_tool("stuck", {})) == "timeout"
+                with anyio.fail_after(0.5):  # refused at once, not after a timeout
+                    refused = await client.call_tool("quick_sync", {})
+                assert code_of(refused) == "capacity_exceeded"
+                assert "stuck" in text_of(refused) and "2" in text_of(refused)
+                # Async tools are still served: they need no thread.
+                echo_result = await client.call_tool("echo_async", {"text": "async still served"})
+                assert text_of(echo_result) == "async still served"
+                m = await metrics(client)
+                assert m["sessions_rejected_threads"] == 1
+                assert m["max_abandoned_threads"] == 2 and m["abandoned_threads"] == 2
+                assert m["total_sessions_created"] == 3, "a refused call creates no session"
+                release.set()
+                with anyio.fail_after(5):
+                    await sessions.manager.wait_no_abandoned_threads()
+                assert text_of(await client.call_tool("quick_sync", {})) == "quick"
+    finally:
+        release.set()

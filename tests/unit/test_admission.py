@@ -1,0 +1,194 @@
+"""SessionManager admission on its own (no MCP): the queue's hand-over, per-tool and
+per-client limits, stuck-thread refusals, new limits at run time, and the accounting of
+every refusal under many concurrent tasks."""
+
+from __future__ import annotations
+
+import random
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from server import ErrorCode, SessionError, SessionManager, SessionState
+from server.config import LimitsSettings
+from server.sessions import Session
+from tests.helpers import until
+from tests.unit.test_sessions import assert_invariant
+
+
+def manager(tool_caps: dict[str, int] | None = None, **limits: float) -> SessionManager:
+    return SessionManager(LimitsSettings(**limits), tool_caps)  # type: ignore[arg-type]
+
+
+async def test_a_released_slot_goes_to_the_oldest_waiter_not_to_a_newcomer() -> None:
+    sessions = manager(max_concurrent_sessions=1, max_queued=5)
+    held = await sessions.create(tool="t")
+    admitted: list[str] = []
+    async with anyio.create_task_group() as tg:
+
+        async def wait_for_slot(label: str) -> None:
+            session = await sessions.create(tool="t")
+            admitted.append(label)
+            await sessions.release(session.id)
+
+        for n, label in enumerate(["first", "second"], start=1):
+            tg.start_soon(wait_for_slot, label)
+            await until(lambda n=n: sessions.metrics().queued_sessions == n)  # type: ignore[misc]
+        await sessions.release(held.id)
+        # The slot was handed over under the lock: a newcomer finds the server full.
+        with pytest.raises(SessionError) as refused:
+            sessions.create_nowait(tool="t")
+        assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED
+    assert admitted == ["first", "second"]
+    m = sessions.metrics()
+    assert (m.total_sessions_created, m.total_sessions_completed, m.sessions_rejected_capacity) == (3, 3, 1)
+    assert_invariant(m)
+
+
+async def test_a_waiter_for_a_full_tool_is_skipped_not_a_blocker() -> None:
+    sessions = manager({"slow": 1}, max_concurrent_sessions=3, max_queued=5)
+    slow = await sessions.create(tool="slow")
+    order: list[str] = []
+    async with anyio.create_task_group() as tg:
+
+        async def queued(tool: str) -> None:
+            session = await sessions.create(tool=tool)
+            order.append(tool)
+            await sessions.release(session.id)
+
+        tg.start_soon(queued, "slow")
+        await until(lambda: sessions.metrics().queued_sessions == 1)
+        fast = await sessions.create(tool="fast")  # the global cap has room: admitted at once
+        order.append("fast-direct")
+        await sessions.release(fast.id)
+        await sessions.release(slow.id)
+    assert order == ["fast-direct", "slow"]
+    assert sessions.metrics().tools["slow"].active == 0
+
+
+async def test_raising_the_limits_at_run_time_admits_waiters_and_lowering_never_ends_sessions() -> None:
+    sessions = manager(max_concurrent_sessions=2, max_queued=5)
+    running = [await sessions.create(tool="t") for _ in range(2)]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sessions.create)
+        await until(lambda: sessions.metrics().queued_sessions == 1)
+        sessions.set_limits(LimitsSettings(max_concurrent_sessions=3, max_queued=5))
+        await until(lambda: sessions.metrics().queued_sessions == 0)
+    assert sessions.metrics().active_sessions == 3
+    sessions.set_limits(LimitsSettings(max_concurrent_sessions=1))
+    assert all(s.state is SessionState.ACTIVE for s in running), "lowering the cap ends nothing"
+    with pytest.raises(SessionError):
+        sessions.create_nowait()
+    for s in running:
+        await sessions.release(s.id)
+    with pytest.raises(SessionError):  # still 1 active (the one admitted from the queue): at the new cap
+        sessions.create_nowait()
+
+
+async def test_the_client_share_counts_queued_calls_and_frees_when_sessions_end() -> None:
+    sessions = manager(max_concurrent_sessions=1, max_queued=5, max_sessions_per_client=2)
+    mine = await sessions.create(client="a")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: sessions.create(client="a"))
+        await until(lambda: sessions.metrics().queued_sessions == 1)
+        with pytest.raises(SessionError) as refused:
+            await sessions.create(client="a")
+        assert "max_sessions_per_client" in refused.value.message
+        tg.cancel_scope.cancel()
+    m = sessions.metrics()
+    assert (m.sessions_rejected_client_limit, m.queued_calls_cancelled, m.queued_sessions) == (1, 1, 0)
+    await sessions.release(mine.id)
+    for _ in range(2):  # the share is free again
+        await sessions.release((await sessions.create(client="a")).id)
+    assert sessions._client_load == {}, "no per-client entry outlives its sessions"
+
+
+async def test_sync_work_is_refused_at_once_while_too_many_threads_are_stuck() -> None:
+    sessions = manager(max_abandoned_threads=1)
+    sessions.thread_abandoned()
+    with pytest.raises(SessionError) as refused:
+        await sessions.create(tool="blocking", needs_thread=True)
+    assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED and "1 threads are stuck" in refused.value.message
+    await sessions.release((await sessions.create(tool="async")).id)  # no thread needed: admitted
+    sessions.thread_ended()
+    await sessions.release((await sessions.create(tool="blocking", needs_thread=True)).id)
+    m = sessions.metrics()
+    assert (m.sessions_rejected_threads, m.total_sessions_created, m.max_abandoned_threads) == (1, 2, 1)
+
+
+async def test_progress_moves_the_idle_deadline_and_silence_times_out() -> None:
+    sessions = manager()
+    async with sessions.running():
+        quiet = await sessions.create(tool="t", timeout_seconds=30, idle_timeout_seconds=0.2)
+        chatty = await sessions.create(tool="t", timeout_seconds=30, idle_timeout_seconds=0.2)
+        with anyio.fail_after(5):
+            while quiet.state is SessionState.ACTIVE:
+                sessions.progress(chatty)
+                await anyio.sleep(0.05)
+        assert quiet.state is SessionState.TIMEOUT and quiet.idle_expired
+        assert chatty.state is SessionState.ACTIVE
+        with anyio.fail_after(5):
+            assert await sessions.wait_ended(chatty) is SessionState.TIMEOUT
+        assert chatty.idle_expired and chatty.error is not None and "no progress" in chatty.error
+
+
+async def test_counters_add_up_under_many_concurrent_callers_with_every_kind_of_limit() -> None:
+    caps = {"a": 2, "b": 3}
+    sessions = manager(
+        caps,
+        max_concurrent_sessions=6,
+        max_queued=20,
+        queue_timeout_seconds=0.05,
+        max_sessions_per_client=5,
+    )
+    rng = random.Random(7)
+    attempts = 600
+    outcomes = {"admitted": 0, "refused": 0, "cancelled": 0}
+    seen_tool_peak: dict[str, int] = {}
+
+    async def caller(n: int) -> None:
+        tool = rng.choice(["a", "b", "c"])
+        try:
+            with anyio.CancelScope() as scope:
+                if n % 17 == 0:
+                    scope.deadline = anyio.current_time() + 0.01
+                session = await sessions.create(tool=tool, client=n % 4, queue=n % 5 != 0)
+        except SessionError:
+            outcomes["refused"] += 1
+            return
+        if scope.cancelled_caught:
+            outcomes["cancelled"] += 1
+            return
+        outcomes["admitted"] += 1
+        active = sessions.metrics().tools[tool].active
+        seen_tool_peak[tool] = max(seen_tool_peak.get(tool, 0), active)
+        await anyio.sleep(rng.random() * 0.01)
+        await _end(sessions, session, rng)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for n in range(attempts):
+                tg.start_soon(caller, n)
+                if n % 10 == 0:
+                    await anyio.lowlevel.checkpoint()
+    m = sessions.metrics()
+    assert_invariant(m)
+    assert sum(outcomes.values()) == attempts
+    rejected = (
+        m.sessions_rejected_capacity
+        + m.sessions_rejected_queue_timeout
+        + m.sessions_rejected_tool_limit
+        + m.sessions_rejected_client_limit
+    )
+    assert rejected == outcomes["refused"]
+    assert m.total_sessions_created == outcomes["admitted"] + m.total_sessions_cancelled
+    assert m.queued_calls_cancelled + m.total_sessions_cancelled == outcomes["cancelled"]
+    assert m.peak_concurrent_sessions <= 6
+    assert all(seen_tool_peak.get(tool, 0) <= cap for tool, cap in caps.items())
+    assert (m.active_sessions, m.queued_sessions) == (0, 0)
+    assert sessions._client_load == {} and sessions._tool_active == {}
+
+
+async def _end(sessions: SessionManager, session: Session, rng: random.Random) -> None:
+    await sessions.release(session.id, rng.choice(["completed", "error"]))
