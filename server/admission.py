@@ -63,8 +63,6 @@ class Waiter:
     """A call waiting for a slot; `session` is opened for it when it is handed one."""
 
     session: Session
-    expire: bool
-    needs_thread: bool
     enqueued: float
     event: anyio.Event
     admitted: bool = False

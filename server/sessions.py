@@ -83,6 +83,9 @@ class Session:
     error: str | None = None
     client: Hashable | None = None
     idle_timeout: float | None = None
+    #: Whether the reaper ends it at its deadline, and whether its work runs in a thread.
+    expire: bool = True
+    needs_thread: bool = False
     hard_deadline: float = 0.0
     #: Set when the session timed out for reporting no progress (not at its overall deadline).
     idle_expired: bool = False
@@ -248,74 +251,103 @@ class SessionManager:
                 `capacity_exceeded` (server, tool or client full, queue full or waited out, too
                 many stuck threads); each refusal is counted and creates no session.
         """
-        session = self._prepare(request)
-        expire = request.get("expire", True)
-        needs_thread = request.get("needs_thread", False)
+        session = self._prepare(**request)
         limits = self.limits
         with self._lock:
-            refusal = self._refusal_locked(session, needs_thread)
-            if refusal is None and self._fits_locked(session):
-                return self._open_locked(session, expire)
-            if refusal is None and (not queue or len(self._queue) >= limits.max_queued):
-                refusal = self._full_locked(session)
-            if refusal is None:
-                waiter = Waiter(session, expire, needs_thread, time.monotonic(), anyio.Event())
+            admitted = self._admit_locked(session)
+            if admitted is None and (not queue or len(self._queue) >= limits.max_queued):
+                admitted = self._full_locked(session)
+            if admitted is None:
+                waiter = Waiter(session, time.monotonic(), anyio.Event())
                 self._queue[waiter] = None
                 if session.client is not None:
                     self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
-        if refusal is not None:
-            raise refusal
+        if isinstance(admitted, SessionError):
+            raise admitted
+        if admitted is not None:
+            return admitted
         return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
 
     def create_nowait(self, **request: Unpack[SessionRequest]) -> Session:
         """`create` for callers that must not yield: never queues, refuses at once when full."""
-        session = self._prepare(request)
+        session = self._prepare(**request)
         with self._lock:
-            refusal = self._refusal_locked(session, request.get("needs_thread", False))
-            if refusal is None:
-                if self._fits_locked(session):
-                    return self._open_locked(session, request.get("expire", True))
-                refusal = self._full_locked(session)
-        raise refusal
+            admitted = self._admit_locked(session)
+            if admitted is None:
+                admitted = self._full_locked(session)
+        if isinstance(admitted, SessionError):
+            raise admitted
+        return admitted
 
-    def _prepare(self, request: SessionRequest) -> Session:
-        """Check what needs no lock and build the (not yet admitted) session."""
-        tool = request.get("tool")
+    def _prepare(
+        self,
+        *,
+        tool: str | None = None,
+        provider: str = "",
+        model: str = "",
+        timeout_seconds: float | None = None,
+        metadata: Any = None,
+        request_id: str | None = None,
+        expire: bool = True,
+        client: Hashable | None = None,
+        needs_thread: bool = False,
+        idle_timeout_seconds: float | None = None,
+    ) -> Session:
+        """Check what needs no lock and build the (not yet admitted) session (see `SessionRequest`)."""
         if self._shutting_down:
             with self._lock:
                 self._rejected[Refusal.SHUTDOWN] += 1
             raise admission.refuse_shutdown(tool)
-        requested = request.get("timeout_seconds")
-        if requested is None:
+        if timeout_seconds is None:
             timeout = self.limits.default_timeout_seconds  # validated with the settings
         else:
             try:
-                timeout = self.timeout_for(requested)
+                timeout = self.timeout_for(timeout_seconds)
             except SessionError as exc:
                 exc.tool = tool
                 raise
-        idle = request.get("idle_timeout_seconds")
-        if idle is not None:
-            _check_timeout(idle)
-        metadata = request.get("metadata")
-        request_id = request.get("request_id")
+        if idle_timeout_seconds is not None:
+            _check_timeout(idle_timeout_seconds)
         return Session(
-            id="",
-            request_id="" if request_id is None else request_id,
-            tool=tool,
-            provider=request.get("provider", ""),
-            model=request.get("model", ""),
-            metadata=metadata,
-            metadata_bytes=metadata_size(metadata),
-            timeout_seconds=timeout,
-            started=0.0,
-            deadline=0.0,
-            created_at=0.0,
-            client=request.get("client"),
-            idle_timeout=idle,
+            "",
+            "" if request_id is None else request_id,
+            tool,
+            provider,
+            model,
+            metadata,
+            0 if metadata is None else metadata_size(metadata),
+            timeout,
+            0.0,
+            0.0,
+            0.0,
+            client=client,
+            idle_timeout=idle_timeout_seconds,
+            expire=expire,
+            needs_thread=needs_thread,
         )
 
-    def _refusal_locked(self, session: Session, needs_thread: bool) -> SessionError | None:
+    def _admit_locked(self, session: Session) -> Session | SessionError | None:
+        """Open `session` if it may start now; else a refusal that never waits; else None (full:
+        the caller may queue it). The common case takes no more than a few comparisons."""
+        limits = self.limits
+        if (
+            session.metadata_bytes > limits.max_metadata_bytes
+            or (session.client is not None and limits.max_sessions_per_client)
+            or (session.needs_thread and self._abandoned >= limits.max_abandoned_threads)
+        ):
+            refusal = self._refusal_locked(session)
+            if refusal is not None:
+                return refusal
+        if len(self._active) >= limits.max_concurrent_sessions:
+            return None
+        tool = session.tool
+        if tool is not None and self.tool_caps:
+            cap = self.tool_caps.get(tool)
+            if cap is not None and self._tool_active.get(tool, 0) >= cap:
+                return None
+        return self._open_locked(session)
+
+    def _refusal_locked(self, session: Session) -> SessionError | None:
         """The refusals that never wait: metadata size, the client's share, stuck threads."""
         limits = self.limits
         if session.metadata_bytes > limits.max_metadata_bytes:
@@ -331,19 +363,10 @@ class SessionManager:
             if self._client_load.get(client, 0) >= limits.max_sessions_per_client:
                 self._rejected[Refusal.CLIENT_LIMIT] += 1
                 return admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
-        if needs_thread and self._abandoned >= limits.max_abandoned_threads:
+        if session.needs_thread and self._abandoned >= limits.max_abandoned_threads:
             self._rejected[Refusal.THREADS] += 1
             return admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
         return None
-
-    def _fits_locked(self, session: Session) -> bool:
-        if len(self._active) >= self.limits.max_concurrent_sessions:
-            return False
-        tool = session.tool
-        if tool is None or not self.tool_caps:
-            return True
-        cap = self.tool_caps.get(tool)
-        return cap is None or self._tool_active.get(tool, 0) < cap
 
     def _full_locked(self, session: Session) -> SessionError:
         """Count and word the refusal of a call that does not fit and may not wait."""
@@ -356,7 +379,7 @@ class SessionManager:
         self._rejected[Refusal.CAPACITY] += 1
         return admission.refuse_capacity(tool, limits.max_concurrent_sessions, len(self._queue), limits.max_queued)
 
-    def _open_locked(self, session: Session, expire: bool) -> Session:
+    def _open_locked(self, session: Session) -> Session:
         """Admit `session`: give it its id and deadline and count it."""
         self._seq += 1
         session.id = self._issue_id(self._seq)
@@ -380,7 +403,7 @@ class SessionManager:
         client = session.client
         if client is not None:
             self._client_load[client] = self._client_load.get(client, 0) + 1
-        if expire:
+        if session.expire:
             self._schedule_expiry(session)
         return session
 
@@ -449,14 +472,14 @@ class SessionManager:
             del self._queue[waiter]
             self._queue_waits.add(now - waiter.enqueued)
             session = waiter.session
-            if waiter.needs_thread and self._abandoned >= limits.max_abandoned_threads:
+            if session.needs_thread and self._abandoned >= limits.max_abandoned_threads:
                 self._rejected[Refusal.THREADS] += 1
                 self._release_client_locked(session.client)
                 waiter.refusal = admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
                 continue
             if session.client is not None:
                 self._client_load[session.client] -= 1  # counted again as active by _open_locked
-            self._open_locked(session, waiter.expire)
+            self._open_locked(session)
             waiter.admitted = True
         return chosen
 
