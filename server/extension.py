@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
@@ -57,6 +58,13 @@ def error_result(error: SessionError) -> CallToolResult:
         is_error=True,
         _meta={ERROR_META_KEY: error.to_meta()},
     )
+
+
+class _Unknown(enum.Enum):
+    UNKNOWN = "unknown tool"
+
+
+UNKNOWN = _Unknown.UNKNOWN
 
 
 @dataclass(eq=False)
@@ -162,21 +170,16 @@ class SessionsExtension(Extension):
 
     # -- the interceptor -------------------------------------------------------------------
 
-    def _is_sync_tool(self, name: str) -> bool | None:
-        """True/False when the server's registry says whether `name` runs in a thread; None if unknown."""
-        manager = getattr(self._app, "_tool_manager", None)
-        get_tool = getattr(manager, "get_tool", None)
+    def _tool_kind(self, name: str) -> bool | None | _Unknown:
+        """Whether `name` runs in a thread (True), on the loop (False), or either (None: the
+        server has no registry to ask); `UNKNOWN` if the server has no such tool."""
+        get_tool = getattr(getattr(self._app, "_tool_manager", None), "get_tool", None)
         if get_tool is None:
             return None
         tool = get_tool(name)
         if tool is None:
-            return None
+            return UNKNOWN
         return not bool(getattr(tool, "is_async", True))
-
-    def _is_unknown_tool(self, name: str) -> bool:
-        manager = getattr(self._app, "_tool_manager", None)
-        get_tool = getattr(manager, "get_tool", None)
-        return get_tool is not None and get_tool(name) is None
 
     async def intercept_tool_call(
         self,
@@ -189,13 +192,13 @@ class SessionsExtension(Extension):
             if name == "session_create" and self._task_group is None:
                 return self._not_running(name)  # nothing would expire the session
             return _with_invalid_argument_code(await call_next(ctx), name)
-        if self._is_unknown_tool(name):
+        sync = self._tool_kind(name)
+        if sync is UNKNOWN:
             return await call_next(ctx)  # the SDK answers "unknown tool"; no session for it
         if self._task_group is None:
             return self._not_running(name)
         config = self.config
         manager = self.manager
-        sync = self._is_sync_tool(name)
         idle_timeout = config.idle_timeout_for(name)
         try:
             session = await manager.create(
