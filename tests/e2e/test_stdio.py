@@ -197,6 +197,51 @@ async def test_hanging_async_and_sync_tools_get_a_timeout_on_time_and_the_server
     assert "1 stuck tool thread" in server.stderr
 
 
+async def test_past_max_abandoned_threads_sync_tools_are_refused_at_once_async_ones_served(tmp_path: Path) -> None:
+    config = server_config(limits={"max_abandoned_threads": 1})
+    async with start_server(tmp_path, config) as server:
+        async with server.client() as client:
+            assert code_of(await client.call_tool("hang_sync", {})) == "timeout"
+            started = time.monotonic()
+            refused = await client.call_tool("echo", {"text": "needs a thread"})  # echo is sync
+            assert time.monotonic() - started < 0.5, "refused at once, not after a timeout"
+            assert code_of(await client.call_tool("hang_async", {})) == "timeout"  # async: still admitted
+            m = await metrics(client)
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    error = error_of(refused)
+    assert error["code"] == "capacity_exceeded" and "threads are stuck" in error["message"]
+    assert (m["sessions_rejected_threads"], m["abandoned_threads"], m["max_abandoned_threads"]) == (1, 1, 1)
+
+
+async def test_progress_over_stdio_keeps_a_call_alive_and_silence_times_it_out(tmp_path: Path) -> None:
+    config = server_config(tools={"steps": {"timeout_seconds": 20.0, "idle_timeout_seconds": 0.6}})
+    seen: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+
+    async with start_server(tmp_path, config) as server:
+        async with server.client() as client:
+            started = time.monotonic()
+            with anyio.fail_after(10):
+                alive = await client.call_tool(
+                    "steps", {"count": 8, "seconds_per_step": 0.25}, progress_callback=on_progress
+                )
+            lived = time.monotonic() - started
+            started = time.monotonic()
+            with anyio.fail_after(10):
+                stalled = await client.call_tool("steps", {"count": 8, "seconds_per_step": 0.1, "stall_after": 2})
+            stalled_after = time.monotonic() - started
+            m = await metrics(client)
+    assert text_of(alive) == "8 steps" and lived >= 2.0, "lived over three idle timeouts by reporting progress"
+    assert seen == [float(n) for n in range(1, 9)]
+    error = error_of(stalled)
+    assert error["code"] == "timeout" and "no progress" in error["message"]
+    assert 0.2 + 0.6 <= stalled_after < 0.2 + 0.6 + 1.0
+    assert (m["total_sessions_completed"], m["total_sessions_timeout"]) == (1, 1)
+
+
 # -- shutdown ----------------------------------------------------------------------------
 
 
