@@ -37,6 +37,7 @@ from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
 from server.config import Settings
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
+from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.sessions import Session, SessionManager, SessionState
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings
@@ -100,6 +101,17 @@ class SessionsExtension(Extension):
         return session_tool_bindings(self)
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether new calls are admitted: the lifespan runs and no shutdown has begun."""
+        return self._task_group is not None and not self.manager.shutting_down
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Use `settings` from now on (a config reload): new calls get its limits and per-tool
+        deadlines; running sessions keep theirs."""
+        self.config = settings
+        self.manager.update_limits(settings.limits)
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
@@ -198,6 +210,7 @@ class SessionsExtension(Extension):
                 request_id=None if ctx.request_id is None else str(ctx.request_id),
             )
         except SessionError as exc:
+            log_refusal(exc)
             return error_result(exc)
 
         sync = self._is_sync_tool(name)
