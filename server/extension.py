@@ -347,9 +347,20 @@ class SessionsExtension(Extension):
     def _completed(self, session: Session, name: str, result: HandlerResult) -> HandlerResult:
         """The tool returned: its result, unless its deadline or shutdown ended the session first."""
         failed = bool(getattr(result, "is_error", False))
-        if self.manager.end(session, SessionState.ERROR if failed else SessionState.COMPLETED):
+        if failed:
+            ended = self.manager.end(session, SessionState.ERROR, _error_text(result))
+        else:
+            ended = self.manager.end(session, SessionState.COMPLETED)
+        if ended:
             return result
         return self._stopped(session, name)  # too late: answer as the session was accounted
+
+
+def _error_text(result: HandlerResult) -> str:
+    """The text of an error result the tool returned (the session's error reason)."""
+    content = getattr(result, "content", None) or []
+    text = " ".join(block.text for block in content if isinstance(block, TextContent))
+    return text or "the tool returned an error result"
 
 
 def _with_invalid_argument_code(result: HandlerResult, tool: str) -> HandlerResult:
