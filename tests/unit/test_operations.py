@@ -10,6 +10,7 @@ import random
 import socket
 from pathlib import Path
 
+import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -132,7 +133,25 @@ def test_every_snapshot_field_is_exported_or_deliberately_derived() -> None:
     assert not missing, f"add a row to server/prometheus.py for {sorted(missing)}"
 
 
-async def test_the_exporter_serves_on_loopback_and_reports_a_port_in_use() -> None:
+def test_the_exporter_serves_metrics_on_loopback_until_stopped() -> None:
+    manager = SessionManager()
+    manager.config_reloaded(ok=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exporter = Exporter(build_registry(manager, process=False), port)
+    assert exporter.start() is True
+    try:
+        response = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    finally:
+        exporter.stop()
+    assert response.status_code == 200
+    assert "mcp_sessions_config_reloads_total 1.0" in response.text
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_an_exporter_port_in_use_is_reported_and_nothing_is_served() -> None:
     registry = build_registry(SessionManager(), process=False)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
