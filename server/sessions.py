@@ -134,13 +134,13 @@ def _log_end(session: Session, duration: float) -> None:
         "duration_seconds": round(duration, 6),
         "reason": reason or None,
     }
-    tool = session.tool or NO_TOOL
+    about = "tool " + session.tool if session.tool is not None else "no tool"
     if reason:
-        message = "Session %s ended %s after %.3fs (tool %s): %s"
-        logger.info(message, session.id, session.state.value, duration, tool, reason, extra=fields)
+        message = "Session %s ended %s after %.3fs (%s): %s"
+        logger.info(message, session.id, session.state.value, duration, about, reason, extra=fields)
     else:
-        message = "Session %s ended %s after %.3fs (tool %s)"
-        logger.info(message, session.id, session.state.value, duration, tool, extra=fields)
+        message = "Session %s ended %s after %.3fs (%s)"
+        logger.info(message, session.id, session.state.value, duration, about, extra=fields)
 
 
 def _check_timeout(value: float) -> None:
