@@ -231,7 +231,7 @@ async def test_sighup_raises_and_lowers_the_cap_and_an_invalid_file_keeps_the_ol
                     running: list[CallToolResult] = []
 
                     async def three_calls() -> None:
-                        running.extend(await call_all(client, [("sleep_async", {"seconds": 3})] * 3))
+                        running.extend(await call_all(client, [("sleep_async", {"seconds": 4})] * 3))
 
                     tg.start_soon(three_calls)
                     await metrics_until(client, lambda m: m["active_sessions"] == 3)
@@ -239,7 +239,7 @@ async def test_sighup_raises_and_lowers_the_cap_and_an_invalid_file_keeps_the_ol
                     assert gauge(samples, "max_concurrent") == 1 and gauge(samples, "active") == 3
                     refused = await client.call_tool("echo", {"text": "while lowered"})
             assert code_of(refused) == "capacity_exceeded"
-            assert [text_of(r) for r in running] == ["slept 3s"] * 3
+            assert [text_of(r) for r in running] == ["slept 4s"] * 3
             assert text_of(await client.call_tool("echo", {"text": "fits again"})) == "fits again"
 
             # An invalid file: rejected, counted, and the limits in force stay.
@@ -278,9 +278,16 @@ async def test_sighup_reloads_over_stdio_and_the_loopback_exporter_serves_metric
         assert counter(samples, "created") == 1 and gauge(samples, "max_concurrent") == 1
         await server.wait_stderr(f"Serving Prometheus metrics at http://{HOST}:{port}/metrics")
 
+        # The new limits apply, and so does the new log format (from the reload's own report on).
         config["limits"] = {"max_concurrent_sessions": 2}
+        config["logging"] = {"format": "json"}
         samples = await reload(server, config, reloads=1, base=base)
         assert gauge(samples, "max_concurrent") == 2
+        report = json.loads(await server.wait_stderr('"message": "Config reloaded from'))
+        assert "limits.max_concurrent_sessions 1 -> 2" in report["message"]
+        assert text_of(await server.call("echo", {"text": "json"})) == "json"
+        ended = json.loads(await server.wait_stderr('"state": "completed"'))
+        assert ended["tool"] == "echo" and ended["level"] == "info"
         await server.close_stdin()
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
     assert server.stray_stdout == []
