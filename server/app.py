@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 import anyio
@@ -30,10 +30,14 @@ from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
 from mcp_types import CallToolRequestParams
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
+from prometheus_client import CollectorRegistry
 
 from server.config import ConfigError, Settings
+from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
 from server.metrics import ShutdownReport
+from server.prometheus import Exporter, build_registry
+from server.reload import ConfigReloader
 from tools.sessions import MANAGEMENT_TOOLS
 
 logger = logging.getLogger(__name__)
@@ -85,6 +89,15 @@ class App:
     settings: Settings
     server: MCPServer[Any]
     sessions: SessionsExtension
+    #: The hosted tool functions (from `server.tool_modules`).
+    tools: list[Callable[..., Any]] = field(default_factory=list)
+
+    def reloader(self, path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ConfigReloader:
+        """A `ConfigReloader` for this app: `path` and `overrides` as given at startup; a reloaded
+        file's `[tools.NAME]` tables are checked against the hosted tools as at startup."""
+        return ConfigReloader(
+            self.sessions, path, overrides, check=lambda settings: check_tool_overrides(settings, self.tools)
+        )
 
 
 class _StandaloneSessions(SessionsExtension):
@@ -130,7 +143,7 @@ def build_app(settings: Settings) -> App:
     server: MCPServer[Any] = MCPServer(settings.server.name, extensions=[sessions], lifespan=sessions.lifespan)
     for fn in tools:
         server.add_tool(fn)
-    return App(settings=settings, server=server, sessions=sessions)
+    return App(settings=settings, server=server, sessions=sessions, tools=tools)
 
 
 def build_server(settings: Settings) -> MCPServer[Any]:
@@ -274,7 +287,7 @@ def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
     return os.fdopen(private, "rb", closefd=False), restore
 
 
-async def serve_stdio(app: App) -> None:
+async def serve_stdio(app: App, reloader: ConfigReloader | None = None) -> None:
     """Serve over stdio until shutdown; stdin EOF starts the graceful shutdown.
 
     The SDK's stdio streams are relayed so that EOF is held back until the drain has finished
@@ -330,6 +343,8 @@ async def serve_stdio(app: App) -> None:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(exit_.watch_signals, tg)
+                if reloader is not None:
+                    await tg.start(reloader.watch_sighup)
                 tg.start_soon(relay_in)
                 tg.start_soon(relay_out)
                 tg.start_soon(run_server)
@@ -381,16 +396,20 @@ class _UvicornServer(uvicorn.Server):
         self._on_signal(sig)
 
 
-async def serve_http(app: App) -> None:
-    """Serve over streamable HTTP at http://HOST:PORT/mcp until shutdown."""
+async def serve_http(
+    app: App, registry: CollectorRegistry | None = None, reloader: ConfigReloader | None = None
+) -> None:
+    """Serve over streamable HTTP at http://HOST:PORT/mcp (and /healthz, /readyz, /metrics) until shutdown."""
     settings = app.settings.server
     exit_ = _Exit(app.sessions)
+    add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager))
     starlette_app = app.server.streamable_http_app(host=settings.host)
     config = uvicorn.Config(
         starlette_app,
         host=settings.host,
         port=settings.port,
         log_level="warning",
+        log_config=None,  # uvicorn's records go through our handler, in our format
         timeout_graceful_shutdown=1,
         lifespan="on",
     )
@@ -408,6 +427,8 @@ async def serve_http(app: App) -> None:
             server.should_exit = True
 
         tg.start_soon(stop_when_done)
+        if reloader is not None:
+            await tg.start(reloader.watch_sighup)
         await server.serve()
         tg.cancel_scope.cancel()
     if not server.started:
@@ -426,9 +447,21 @@ def _report_exit(app: App, exit_: _Exit) -> None:
         _force_exit(0)
 
 
-def serve(app: App) -> None:
-    """Run the app on its configured transport until it shuts down."""
-    if app.settings.server.transport == "stdio":
-        anyio.run(serve_stdio, app)
-    else:
-        anyio.run(serve_http, app)
+def serve(app: App, reloader: ConfigReloader | None = None) -> None:
+    """Run the app on its configured transport until it shuts down; `reloader` (if given)
+    re-reads the config on SIGHUP. With `metrics.prometheus_port`, a loopback-only exporter
+    serves /metrics on that port too."""
+    registry = build_registry(app.sessions.manager)
+    exporter = (
+        Exporter(registry, app.settings.metrics.prometheus_port) if app.settings.metrics.prometheus_port else None
+    )
+    if exporter is not None:
+        exporter.start()
+    try:
+        if app.settings.server.transport == "stdio":
+            anyio.run(serve_stdio, app, reloader)
+        else:
+            anyio.run(serve_http, app, registry, reloader)
+    finally:
+        if exporter is not None:
+            exporter.stop()

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.app import build_app, check_tool_overrides, load_tool_modules, serve
-from server.config import ConfigError, load_settings
+from server.config import ConfigError, config_problems, load_settings
+from server.logs import configure_logging
 
 EXIT_CONFIG = 2
 
@@ -55,15 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             app = build_app(settings)
     except ConfigError as exc:
-        source = f"{args.config}: " if args.config else ""
-        problems = "\n  ".join(p if p.startswith(str(args.config)) else source + p for p in exc.problems)
+        problems = "\n  ".join(config_problems(exc, args.config))
         sys.stderr.write(f"mcp-session-manager: invalid configuration:\n  {problems}\n")
         return EXIT_CONFIG
     if args.check_config:
         sys.stdout.write(json.dumps(settings.model_dump(mode="json"), indent=2) + "\n")
         sys.stderr.write("mcp-session-manager: configuration is valid\n")
         return 0
-    serve(app)
+    configure_logging(settings.logging)
+    serve(app, app.reloader(args.config, overrides))
     return 0
 
 

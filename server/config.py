@@ -64,6 +64,12 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
+def config_problems(error: ConfigError, path: str | os.PathLike[str] | None) -> list[str]:
+    """The problems of `error`, each naming its source: those from no file get `path` in front."""
+    source = f"{path}: " if path else ""
+    return [p if path and p.startswith(str(path)) else source + p for p in error.problems]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -156,6 +162,22 @@ class ShutdownSettings(_Section):
         return value
 
 
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Least severe level written to stderr (session ends are info, refusals warning)."
+    )
+    format: Literal["text", "json"] = Field(default="text", description="One line per record: text, or a JSON object.")
+
+
+class MetricsSettings(_Section):
+    prometheus_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of a loopback-only Prometheus exporter (/metrics) besides the transport; 0 = none.",
+    )
+
+
 class ToolSettings(_Section):
     timeout_seconds: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Deadline of this tool's calls."
@@ -187,6 +209,8 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     limits: LimitsSettings = LimitsSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     tools: dict[str, ToolSettings] = Field(default_factory=dict, description="Per-tool overrides by tool name.")
 
     @model_validator(mode="after")
@@ -242,6 +266,8 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "server": ServerSettings,
     "limits": LimitsSettings,
     "shutdown": ShutdownSettings,
+    "logging": LoggingSettings,
+    "metrics": MetricsSettings,
 }
 _FLAGS = {("server", "transport"), ("server", "host"), ("server", "port")}
 _FLOAT = TypeAdapter(float)

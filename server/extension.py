@@ -41,6 +41,7 @@ from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
 from server.config import Settings
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
+from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.sessions import Session, SessionManager, SessionState
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings
@@ -111,6 +112,18 @@ class SessionsExtension(Extension):
         return session_tool_bindings(self)
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether new calls are admitted: the lifespan runs and no shutdown has begun."""
+        return self._task_group is not None and not self.manager.shutting_down
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Use `settings` from now on (a config reload): new calls get its limits and per-tool
+        deadlines, caps and idle timeouts; running sessions keep theirs. Raising a cap admits
+        queued calls that now fit; lowering one ends nothing (admission waits below it)."""
+        self.config = settings
+        self.manager.set_limits(settings.limits, settings.tool_caps())
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
@@ -210,6 +223,7 @@ class SessionsExtension(Extension):
                 idle_timeout_seconds=idle_timeout,
             )
         except SessionError as exc:
+            log_refusal(exc)
             return error_result(exc)
         if idle_timeout is not None:
             ctx = replace(ctx, session=progress_session(ctx.session, lambda: manager.progress(session)))
@@ -381,7 +395,11 @@ class SessionsExtension(Extension):
     def _completed(self, session: Session, name: str, result: HandlerResult) -> HandlerResult:
         """The tool returned: its result, unless its deadline or shutdown ended the session first."""
         failed = bool(getattr(result, "is_error", False))
-        if self.manager.end(session, SessionState.ERROR if failed else SessionState.COMPLETED):
+        if failed:
+            ended = self.manager.end(session, SessionState.ERROR, _error_text(result))
+        else:
+            ended = self.manager.end(session, SessionState.COMPLETED)
+        if ended:
             return result
         return self._stopped(session, name)  # too late: answer as the session was accounted
 
@@ -419,6 +437,13 @@ class _ProgressSession(ServerSession):
     ) -> None:
         self._on_progress()
         await super().send_progress_notification(progress_token, progress, total, message, related_request_id)
+
+
+def _error_text(result: HandlerResult) -> str:
+    """The text of an error result the tool returned (the session's error reason)."""
+    content = getattr(result, "content", None) or []
+    text = " ".join(block.text for block in content if isinstance(block, TextContent))
+    return text or "the tool returned an error result"
 
 
 def _with_invalid_argument_code(result: HandlerResult, tool: str) -> HandlerResult:

@@ -8,7 +8,10 @@ happens in the manager (`server.sessions`), under its lock.
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -18,6 +21,18 @@ _LOG_GROWTH = math.log(_GROWTH)
 _MIN_SECONDS = 1e-6
 _PER_MIN = 1 / _MIN_SECONDS
 _INV_LOG_GROWTH = 1 / _LOG_GROWTH
+
+
+def edge_index(bound: float) -> int:
+    """The highest bucket whose upper edge (MIN * G**i) is at most `bound`; -1 if none is."""
+    if bound < _MIN_SECONDS:
+        return -1
+    index = int(math.log(bound * _PER_MIN) * _INV_LOG_GROWTH)
+    while _MIN_SECONDS * _GROWTH ** (index + 1) <= bound:
+        index += 1
+    while index >= 0 and _MIN_SECONDS * _GROWTH**index > bound:
+        index -= 1
+    return index
 
 
 def bucket_of(seconds: float) -> int:
@@ -59,6 +74,37 @@ class DurationStats:
             if seen >= rank:
                 return 0.0 if index == 0 else _MIN_SECONDS * _GROWTH**index
         raise AssertionError("unreachable: bucket counts sum to count")  # pragma: no cover
+
+    def cumulative(self, bounds: Sequence[float]) -> list[int]:
+        """How many durations are at most each of `bounds` (ascending, in seconds), cumulatively.
+
+        Each duration counts as the upper edge of its bucket, as `quantile` reports it: one within
+        about 2 % below a bound may be counted under the next bound, never under a lower one.
+        O(distinct buckets + len(bounds)); the `+Inf` bucket is `count`.
+        """
+        edges = [edge_index(bound) for bound in bounds]
+        per_bound = [0] * (len(bounds) + 1)
+        for index, n in self._buckets.items():
+            per_bound[bisect.bisect_left(edges, index)] += n
+        running = 0
+        counts = []
+        for n in per_bound[:-1]:
+            running += n
+            counts.append(running)
+        return counts
+
+    def reading(self, bounds: Sequence[float]) -> HistogramReading:
+        """The histogram at `bounds` (see `cumulative`), with count and sum."""
+        return HistogramReading(buckets=tuple(self.cumulative(bounds)), count=self.count, total=self.total)
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramReading:
+    """Cumulative counts at some upper bounds (seconds), plus the count and sum of all durations."""
+
+    buckets: tuple[int, ...]
+    count: int
+    total: float
 
 
 class _Model(BaseModel):
@@ -114,6 +160,8 @@ class MetricsSnapshot(_Model):
     duration_p99: float
     uptime_seconds: float
     shutdown_requested: bool
+    config_reloads: int
+    config_reload_failures: int
     limits: dict[str, Any]
     tools: dict[str, ToolMetrics]
 

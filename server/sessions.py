@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,7 +40,7 @@ from server import admission
 from server.admission import Refusal, SessionRequest, Waiter
 from server.config import LimitsSettings
 from server.errors import ErrorCode, SessionError
-from server.metrics import DurationStats, MetricsSnapshot, ShutdownReport, ToolMetrics, bucket_of
+from server.metrics import DurationStats, HistogramReading, MetricsSnapshot, ShutdownReport, ToolMetrics, bucket_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ RECENTLY_ENDED = 4096
 #: Per-tool statistics are kept for at most this many tool names; the rest share one entry.
 MAX_TRACKED_TOOLS = 1024
 OTHER_TOOLS = "(other)"
+#: The key, in `duration_histograms`, of sessions not tied to a tool call (made by `session_create`).
+NO_TOOL = "(none)"
 
 
 class SessionState(StrEnum):
@@ -132,6 +134,27 @@ def metadata_size(metadata: Any) -> int:
     return len(text.encode("utf-8", errors="surrogatepass"))
 
 
+def _log_end(session: Session, duration: float) -> None:
+    """One INFO line per session end: the fields operators filter on, never the metadata."""
+    reason = session.error or ""
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    fields = {
+        "session_id": session.id,
+        "tool": session.tool,
+        "state": session.state.value,
+        "duration_seconds": round(duration, 6),
+        "reason": reason or None,
+    }
+    about = "tool " + session.tool if session.tool is not None else "no tool"
+    if reason:
+        message = "Session %s ended %s after %.3fs (%s): %s"
+        logger.info(message, session.id, session.state.value, duration, about, reason, extra=fields)
+    else:
+        message = "Session %s ended %s after %.3fs (%s)"
+        logger.info(message, session.id, session.state.value, duration, about, extra=fields)
+
+
 def _check_timeout(value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise SessionError(
@@ -171,6 +194,8 @@ class SessionManager:
         self._abandoned = 0
         self._no_abandoned = anyio.Event()
         self._no_abandoned.set()
+        self._config_reloads = 0
+        self._config_reload_failures = 0
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -183,6 +208,7 @@ class SessionManager:
         self._queue_waits = DurationStats()
         self._durations = DurationStats()
         self._tools: dict[str, _ToolStats] = {}
+        self._untooled_durations = DurationStats()
         self._metadata_bytes = sum(s.metadata_bytes for s in self._active.values())
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -622,6 +648,8 @@ class SessionManager:
                     stats.timeouts += 1
                 else:
                     stats.cancelled += 1
+            else:
+                self._untooled_durations.add(duration, bucket)
             woken = self._hand_over_locked() if self._queue else None
             waiter = self._end_waiters.pop(session.id, None) if self._end_waiters else None
             idle = self._idle_waiter if not self._active else None
@@ -634,6 +662,8 @@ class SessionManager:
         if woken:
             for queued in woken:
                 queued.event.set()
+        if logger.isEnabledFor(logging.INFO):
+            _log_end(session, duration)
         return True
 
     async def wait_idle(self) -> None:
@@ -653,6 +683,14 @@ class SessionManager:
     def end(self, session: Session, state: SessionState, error: str | None = None) -> bool:
         """End `session` if it is still active (the extension's exit path); False if it already ended."""
         return self._finish(session, state, error)
+
+    def config_reloaded(self, ok: bool) -> None:
+        """Count a config reload: applied (`ok`) or rejected as invalid."""
+        with self._lock:
+            if ok:
+                self._config_reloads += 1
+            else:
+                self._config_reload_failures += 1
 
     def shutdown_refused(self) -> None:
         """Count a `server_shutdown` refused for a missing or wrong admin token."""
@@ -725,6 +763,8 @@ class SessionManager:
                 duration_p99=durations.quantile(0.99),
                 uptime_seconds=time.monotonic() - self._started_at,
                 shutdown_requested=self._shutting_down,
+                config_reloads=self._config_reloads,
+                config_reload_failures=self._config_reload_failures,
                 limits=self.limits.model_dump(),
                 tools={
                     name: ToolMetrics(
@@ -741,6 +781,15 @@ class SessionManager:
                     for name, s in self._tools.items()
                 },
             )
+
+    def duration_histograms(self, bounds: Sequence[float]) -> dict[str, HistogramReading]:
+        """Durations of finished sessions per tool at `bounds` (ascending seconds); sessions made
+        by `session_create` under `NO_TOOL`. Tools with no finished session are left out."""
+        with self._lock:
+            readings = {name: s.durations.reading(bounds) for name, s in self._tools.items() if s.durations.count}
+            if self._untooled_durations.count:
+                readings[NO_TOOL] = self._untooled_durations.reading(bounds)
+            return readings
 
     def reset_metrics(self) -> None:
         """Start counting afresh; active sessions stay and are counted as created."""

@@ -19,6 +19,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from server.errors import ERROR_META_KEY, ErrorCode, SessionError
+from server.logs import log_refusal
 from server.metrics import MetricsSnapshot, ShutdownReport
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
                 client=ext.client_of(ctx.request_context) if ctx is not None and limited else None,
             )
         except SessionError as exc:
+            log_refusal(exc, "session_create")
             return _refused(exc)
         return _ok(
             SessionCreateResult(
@@ -153,7 +155,9 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
         refusal = _authorize(ext.config.shutdown.admin_token_env, token) if over_http else None
         if refusal is not None:
             manager.shutdown_refused()
-            return _refused(SessionError(ErrorCode.UNAUTHORIZED, refusal, tool="server_shutdown"))
+            error = SessionError(ErrorCode.UNAUTHORIZED, refusal, tool="server_shutdown")
+            log_refusal(error)
+            return _refused(error)
         report = await ext.shutdown(timeout_seconds)
         return _ok(report)
 

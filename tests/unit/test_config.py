@@ -110,7 +110,7 @@ def test_config_default_toml_spells_out_every_key_with_its_default() -> None:
         spelled = tomllib.load(handle)
     defaults = load_settings(None).model_dump(mode="json")
 
-    assert spelled == {section: defaults[section] for section in ("server", "limits", "shutdown")}
+    assert spelled == {section: defaults[section] for section in ("server", "limits", "shutdown", "logging", "metrics")}
     assert defaults["tools"] == {}
 
 
@@ -362,7 +362,7 @@ BAD_FILES = [
     ),
     pytest.param(
         "max_sessions = 5\n",
-        "max_sessions: unknown key; the keys here are server, limits, shutdown, tools",
+        "max_sessions: unknown key; the keys here are server, limits, shutdown, logging, metrics, tools",
         id="unknown-top-level-key",
     ),
     pytest.param(
@@ -382,7 +382,7 @@ BAD_FILES = [
     ),
     pytest.param(
         '_env_prefix = "OTHER_"\n',
-        "_env_prefix: unknown key; the keys here are server, limits, shutdown, tools",
+        "_env_prefix: unknown key; the keys here are server, limits, shutdown, logging, metrics, tools",
         id="settings-init-option-is-not-a-key",
     ),
     pytest.param(
@@ -461,6 +461,31 @@ BAD_FILES = [
         "[limits]\nmax_timeout_seconds = 1979-05-27\n",
         "limits.max_timeout_seconds: must be a number (got 1979-05-27)",
         id="date-for-number",
+    ),
+    pytest.param(
+        '[logging]\nlevel = "INFO"\n',
+        "logging.level: must be 'debug', 'info', 'warning' or 'error' (got \"INFO\")",
+        id="log-level-in-capitals",
+    ),
+    pytest.param(
+        '[logging]\nformat = "logfmt"\n',
+        "logging.format: must be 'text' or 'json' (got \"logfmt\")",
+        id="unknown-log-format",
+    ),
+    pytest.param(
+        '[logging]\nlevle = "info"\n',
+        "logging.levle: unknown key; did you mean 'level'?",
+        id="log-key-typo",
+    ),
+    pytest.param(
+        "[metrics]\nprometheus_port = 65536\n",
+        "metrics.prometheus_port: must be between 0 and 65535 (got 65536)",
+        id="exporter-port-out-of-range",
+    ),
+    pytest.param(
+        '[metrics]\nprometheus_port = "9100"\n',
+        'metrics.prometheus_port: must be a whole number (got "9100")',
+        id="exporter-port-as-text",
     ),
 ]
 

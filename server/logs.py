@@ -1,0 +1,91 @@
+"""Logging for operators: one stderr handler, text or JSON lines, set from `[logging]`.
+
+Tier: operations. `configure_logging` installs (or, on a config reload, replaces) the one
+handler on the root logger, so the SDK's and uvicorn's records come out in the same format as
+ours. In JSON mode every record is one object per line with `ts`, `level`, `logger`, `message`
+and the structured fields a record carries (a session end has `session_id`, `tool`, `state`,
+`duration_seconds`, `reason`; a refusal has `code`, `tool`, `session_id`). Never logged: the
+admin token and the contents of session metadata.
+
+Example:
+    ```python
+    configure_logging(LoggingSettings(level="info", format="json"))
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from server.config import LoggingSettings
+from server.errors import SessionError
+
+logger = logging.getLogger("server.refusals")
+
+#: Structured fields copied from a record's `extra` into the JSON object.
+FIELDS = ("session_id", "tool", "state", "duration_seconds", "reason", "code")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in FIELDS:
+            value = record.__dict__.get(key)
+            if value is not None:
+                data[key] = value
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            data["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler this module installed, so a reload replaces it and nothing else."""
+
+
+def configure_logging(settings: LoggingSettings) -> None:
+    """Send every record at `settings.level` or above to stderr, formatted as `settings.format`.
+
+    For the standalone server (it changes process-wide logging): records skip what neither
+    format shows (caller, thread and process), as the logging HOWTO's "Optimization" section
+    suggests, since a session-end line is written for every call.
+    """
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # no caller lookup (documented in the logging HOWTO, "Optimization")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _Handler) or type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    handler = _Handler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(settings.level.upper())
+
+
+def log_refusal(error: SessionError, tool: str | None = None) -> None:
+    """A refused call of `tool` (default: the error's) at WARNING: its code and sentence (which
+    never hold a token or metadata)."""
+    if logger.isEnabledFor(logging.WARNING):
+        tool = tool or error.tool
+        logger.warning(
+            "Refused %s (%s): %s",
+            tool or "a call",
+            error.code.value,
+            error.message,
+            extra={"code": error.code.value, "tool": tool, "session_id": error.session_id},
+        )

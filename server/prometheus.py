@@ -1,0 +1,239 @@
+"""Prometheus exposition of the manager's metrics, read at scrape time.
+
+Tier: operations. One source of truth: `SessionsCollector` turns `manager.metrics()` (the same
+snapshot `session_metrics` returns) and the manager's duration histograms into Prometheus
+families on every scrape; nothing here counts anything itself. Each server gets its own
+`CollectorRegistry` (never the library's global one), so two servers in one process do not mix.
+
+Counters, gauges and the rejected-by-reason counter are driven by the tables below: a snapshot
+field becomes a sample by adding a row, and a row whose field the snapshot lacks is skipped.
+
+Example:
+    ```python
+    registry = build_registry(sessions.manager)
+    body, content_type = render(registry, request.headers.get("accept"))
+    ```
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from server.metrics import MetricsSnapshot
+from server.sessions import SessionManager
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "mcp_sessions_"
+#: Upper bounds (seconds) of the duration histogram: from a fast in-process call to the
+#: default `limits.max_timeout_seconds`.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+#: Counters: snapshot field -> (name without prefix or `_total`, help).
+COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("total_sessions_created", "created", "Sessions admitted."),
+    ("total_sessions_completed", "completed", "Sessions that ended completed."),
+    ("total_sessions_error", "error", "Sessions that ended in error."),
+    ("total_sessions_timeout", "timeout", "Sessions that reached their deadline."),
+    ("total_sessions_cancelled", "cancelled", "Sessions cancelled by the client or at the shutdown deadline."),
+    ("shutdown_rejected_unauthorized", "shutdown_rejected_unauthorized", "server_shutdown calls refused."),
+    ("config_reloads", "config_reloads", "Config reloads applied."),
+    ("config_reload_failures", "config_reload_failures", "Config reloads rejected (invalid file)."),
+    ("queued_calls_cancelled", "queue_cancelled", "Queued calls the client cancelled before they were admitted."),
+)
+
+#: `mcp_sessions_rejected_total{reason}`: snapshot field -> reason label (the error code clients see).
+REJECTED: tuple[tuple[str, str], ...] = (
+    ("sessions_rejected_capacity", "capacity_exceeded"),
+    ("sessions_rejected_metadata_size", "metadata_too_large"),
+    ("sessions_rejected_shutdown", "shutting_down"),
+    # Admission: waited out the queue, the client's share, the tool's cap, too many stuck threads.
+    ("sessions_rejected_queue_timeout", "queue_timeout"),
+    ("sessions_rejected_client_limit", "client_limit"),
+    ("sessions_rejected_tool_limit", "tool_limit"),
+    ("sessions_rejected_threads", "threads"),
+)
+
+#: Gauges: snapshot field -> (name without prefix, help). Booleans export as 0/1.
+GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("active_sessions", "active", "Sessions active now."),
+    ("peak_concurrent_sessions", "peak_concurrent", "The most sessions active at once."),
+    ("queued_sessions", "queued", "Calls waiting for admission."),
+    ("abandoned_threads", "abandoned_threads", "Sync tool calls past their deadline whose thread still runs."),
+    ("max_abandoned_threads", "max_abandoned_threads", "limits.max_abandoned_threads in force."),
+    ("current_metadata_bytes", "metadata_bytes", "Metadata bytes held by active sessions."),
+    ("shutdown_requested", "shutting_down", "1 while a graceful shutdown runs."),
+    ("uptime_seconds", "uptime_seconds", "Seconds since the session manager started."),
+)
+
+#: Gauges from `limits` (the limits in force; they change on a config reload).
+LIMIT_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("max_concurrent_sessions", "max_concurrent", "limits.max_concurrent_sessions in force."),
+    ("default_timeout_seconds", "default_timeout_seconds", "limits.default_timeout_seconds in force."),
+)
+
+#: Snapshot fields deliberately not exported one to one: rates and percentiles are computed
+#: from the counters and the histogram in PromQL; `tools` and `limits` are exported above.
+DERIVED = frozenset(
+    {
+        "success_rate",
+        "error_rate",
+        "timeout_rate",
+        "average_session_duration",
+        "duration_p50",
+        "duration_p95",
+        "duration_p99",
+        "queue_wait_p95",
+        "limits",
+        "tools",
+    }
+)
+
+_TOOL_STATES = (("completed", "completed"), ("errors", "error"), ("timeouts", "timeout"), ("cancelled", "cancelled"))
+
+
+class SessionsCollector(Collector):
+    """Reads one manager's snapshot and histograms on each scrape (thread-safe: both take its lock)."""
+
+    def __init__(self, manager: SessionManager, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        if list(buckets) != sorted(set(buckets)) or not buckets:
+            raise ValueError("buckets must be distinct upper bounds in ascending order")
+        self.manager = manager
+        self.buckets = buckets
+        self._bounds = [_le(bound) for bound in buckets] + ["+Inf"]
+
+    def describe(self) -> list[Metric]:
+        return []  # collected only at scrape time; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.manager.metrics()
+        yield from self._counters(snapshot)
+        yield from self._gauges(snapshot)
+        yield from self._per_tool(snapshot)
+        yield self._durations()
+
+    def _counters(self, snapshot: MetricsSnapshot) -> Iterator[Metric]:
+        for field, name, help_text in COUNTERS:
+            yield CounterMetricFamily(PREFIX + name, help_text, value=getattr(snapshot, field))
+        rejected = CounterMetricFamily(
+            PREFIX + "rejected", "Calls refused at admission, by reason (the error code).", labels=["reason"]
+        )
+        for field, reason in REJECTED:
+            rejected.add_metric([reason], getattr(snapshot, field))
+        yield rejected
+
+    def _gauges(self, snapshot: MetricsSnapshot) -> Iterator[Metric]:
+        for field, name, help_text in GAUGES:
+            yield GaugeMetricFamily(PREFIX + name, help_text, value=float(getattr(snapshot, field)))
+        for key, name, help_text in LIMIT_GAUGES:
+            value = snapshot.limits.get(key)
+            if value is not None:
+                yield GaugeMetricFamily(PREFIX + name, help_text, value=float(value))
+
+    def _per_tool(self, snapshot: MetricsSnapshot) -> Iterator[Metric]:
+        calls = CounterMetricFamily(PREFIX + "tool_calls", "Tool calls admitted, per tool.", labels=["tool"])
+        ended = CounterMetricFamily(
+            PREFIX + "tool_ended", "Tool calls ended, per tool and final state.", labels=["tool", "state"]
+        )
+        for tool, stats in snapshot.tools.items():
+            calls.add_metric([tool], stats.calls)
+            for field, state in _TOOL_STATES:
+                ended.add_metric([tool, state], getattr(stats, field))
+        yield calls
+        yield ended
+
+    def _durations(self) -> Metric:
+        family = HistogramMetricFamily(
+            PREFIX + "duration_seconds",
+            "Duration of finished sessions, per tool ('(none)': sessions opened by session_create).",
+            labels=["tool"],
+        )
+        for tool, reading in self.manager.duration_histograms(self.buckets).items():
+            counts = [*reading.buckets, reading.count]
+            family.add_metric([tool], list(zip(self._bounds, counts, strict=True)), sum_value=reading.total)
+        return family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def build_registry(manager: SessionManager, *, process: bool = True) -> CollectorRegistry:
+    """A private registry with the sessions collector (and, by default, the process metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SessionsCollector(manager))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    """The exposition body and its content type, as the scraper's Accept header asks
+    (Prometheus text format, or OpenMetrics)."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+class Exporter:
+    """A loopback-only HTTP exporter for `/metrics` (for transports with no HTTP port of their own)."""
+
+    HOST = "127.0.0.1"
+
+    def __init__(self, registry: CollectorRegistry, port: int) -> None:
+        self.registry = registry
+        self.port = port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> bool:
+        """Start serving in a daemon thread; False (logged) if the port cannot be bound."""
+        try:
+            self._server, self._thread = start_http_server(self.port, addr=self.HOST, registry=self.registry)
+        except OSError as exc:
+            logger.error(
+                "Could not serve Prometheus metrics on %s port %s: %s; serving MCP without them",
+                self.HOST,
+                self.port,
+                exc.strerror or exc,
+            )
+            return False
+        logger.info("Serving Prometheus metrics at http://%s:%s/metrics", self.HOST, self.port)
+        return True
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

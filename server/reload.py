@@ -1,0 +1,128 @@
+"""Config reload without restart: SIGHUP re-reads the config file given at startup.
+
+Tier: operations. `ConfigReloader.reload()` loads the file the way startup did
+(`load_settings(path, overrides)`: the command-line flags still win) and checks it the same
+way. A valid file is applied at once: new calls get its limits, per-tool deadlines, shutdown
+and logging settings; running sessions keep their deadlines, and lowering the cap ends none of
+them (new calls are refused until enough have ended). An invalid file is rejected with the
+same message as at startup, and the config in force stays. Keys bound at startup (the
+`[server]` table and `metrics.prometheus_port`) are reported as ignored until a restart.
+Both outcomes are counted by the manager (`config_reloads`, `config_reload_failures`).
+
+Example:
+    ```python
+    reloader = ConfigReloader(sessions, "server.toml", overrides={"server": {"port": 9000}})
+    async with anyio.create_task_group() as tg:
+        await tg.start(reloader.watch_sighup)
+    ```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from server.config import ConfigError, Settings, config_problems, load_settings
+from server.extension import SessionsExtension
+from server.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+#: Settings bound at startup (a listening socket, imported modules): a reload cannot change them.
+RESTART_ONLY = ("server", "metrics")
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path + "."))  # an empty table adds no key
+        else:
+            flat[path] = value
+    return flat
+
+
+def changes(old: Settings, new: Settings) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every setting that differs."""
+    before = _flatten(old.model_dump(mode="json"))
+    after = _flatten(new.model_dump(mode="json"))
+    keys = sorted(before.keys() | after.keys())
+    return {key: (before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)}
+
+
+class ConfigReloader:
+    """Re-reads `path` on request and applies it to `sessions` if valid."""
+
+    def __init__(
+        self,
+        sessions: SessionsExtension,
+        path: str | os.PathLike[str] | None,
+        overrides: Mapping[str, Any] | None = None,
+        check: Callable[[Settings], None] | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.path = path
+        self.overrides = dict(overrides or {})
+        #: Further validation startup ran (the standalone server checks `[tools.NAME]` names).
+        self.check = check
+
+    def reload(self) -> bool:
+        """Load and apply the file; False (logged, counted) if it is invalid and nothing changed."""
+        where = str(self.path) if self.path is not None else "the environment (no --config file)"
+        old = self.sessions.config
+        try:
+            new = load_settings(self.path, self.overrides)
+            if self.check is not None:
+                self.check(new)
+        except ConfigError as exc:
+            self.sessions.manager.config_reloaded(ok=False)
+            logger.error(
+                "Config reload from %s rejected; the config in force is unchanged. invalid configuration:\n  %s",
+                where,
+                "\n  ".join(config_problems(exc, self.path)),
+            )
+            return False
+        effective = new.model_copy(update={section: getattr(old, section) for section in RESTART_ONLY})
+        ignored = changes(effective, new)
+        applied = changes(old, effective)
+        self.sessions.apply_settings(effective)
+        if old.logging != effective.logging:
+            configure_logging(effective.logging)
+        self.sessions.manager.config_reloaded(ok=True)
+        if ignored:
+            logger.warning(
+                "Config reload: ignored until restart: %s",
+                ", ".join(f"{key} (in force {_show(was)}, file {_show(now)})" for key, (was, now) in ignored.items()),
+            )
+        if applied:
+            logger.info(
+                "Config reloaded from %s: %s",
+                where,
+                ", ".join(f"{key} {_show(was)} -> {_show(now)}" for key, (was, now) in applied.items()),
+            )
+        else:
+            logger.info("Config reloaded from %s: nothing changed", where)
+        return True
+
+    async def watch_sighup(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Reload on every SIGHUP until cancelled (reports started once the handler is in place)."""
+        hangup = getattr(signal, "SIGHUP", None)
+        if hangup is None:  # pragma: no cover - Windows has no SIGHUP
+            task_status.started()
+            return
+        with anyio.open_signal_receiver(hangup) as signals:
+            task_status.started()
+            async for _ in signals:
+                logger.info("Received SIGHUP: reloading the config")
+                self.reload()
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else repr(value)

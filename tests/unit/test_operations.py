@@ -1,0 +1,272 @@
+"""Operations without a process: the histogram read at Prometheus bounds, the collector against
+the snapshot it reads, config reload applied to a live extension, JSON log records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import socket
+from pathlib import Path
+
+import httpx2
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from server import SessionsExtension, SessionState
+from server.config import ConfigError, LimitsSettings, load_settings
+from server.errors import ErrorCode, SessionError
+from server.logs import JsonFormatter
+from server.metrics import DurationStats, MetricsSnapshot, edge_index
+from server.prometheus import COUNTERS, DERIVED, GAUGES, REJECTED, Exporter, build_registry, render
+from server.reload import ConfigReloader
+from server.sessions import NO_TOOL, SessionManager
+
+MIN, GROWTH = 1e-6, 1.02
+
+
+def scrape(manager: SessionManager) -> dict[str, list[Sample]]:
+    body, content_type = render(build_registry(manager, process=False), None)
+    assert content_type.startswith("text/plain")
+    return {family.name: family.samples for family in text_string_to_metric_families(body.decode())}
+
+
+def value(samples: dict[str, list[Sample]], family: str, sample: str | None = None, **labels: str) -> float:
+    wanted = sample or family
+    found = [s.value for s in samples[family] if s.name == wanted and s.labels == labels]
+    assert len(found) == 1, (family, wanted, labels, samples.get(family))
+    return found[0]
+
+
+# -- the histogram at fixed bounds --------------------------------------------------------
+
+
+def test_edge_index_is_the_last_bucket_whose_upper_edge_is_within_the_bound() -> None:
+    rng = random.Random(6)
+    for bound in [MIN, 1e-3, 0.5, 1.0, 300.0, *(10 ** rng.uniform(-6, 3) for _ in range(2000))]:
+        index = edge_index(bound)
+        assert MIN * GROWTH**index <= bound < MIN * GROWTH ** (index + 1), bound
+    assert edge_index(MIN / 2) == -1
+
+
+def test_cumulative_counts_are_exact_for_durations_away_from_the_bounds() -> None:
+    stats = DurationStats()
+    durations = [0.0003, 0.003, 0.003, 0.03, 0.3, 0.3, 0.3, 3.0, 400.0]
+    for seconds in durations:
+        stats.add(seconds)
+    bounds = [0.001, 0.01, 0.1, 1.0, 10.0]
+
+    assert stats.cumulative(bounds) == [sum(d <= b for d in durations) for b in bounds] == [1, 3, 4, 7, 8]
+    assert stats.reading(bounds).count == 9 and math.isclose(stats.reading(bounds).total, sum(durations))
+
+
+def test_a_duration_within_its_bucket_of_a_bound_counts_under_the_next_bound_never_a_lower_one() -> None:
+    stats = DurationStats()
+    stats.add(0.4999)  # its bucket's upper edge is above 0.5
+    stats.add(0.5001)
+
+    assert stats.cumulative([0.25, 0.5, 1.0]) == [0, 0, 2]
+    assert DurationStats().cumulative([0.5, 1.0]) == [0, 0]
+
+
+# -- the collector ------------------------------------------------------------------------
+
+
+async def test_the_exposition_carries_the_numbers_of_the_snapshot() -> None:
+    manager = SessionManager(LimitsSettings(max_concurrent_sessions=3, max_metadata_bytes=16))
+    async with manager.running():
+        done = [await manager.create(tool="echo") for _ in range(2)]
+        for session in done:
+            await manager.release(session.id)
+        failed = await manager.create(tool="fail")
+        await manager.release(failed.id, "error", "ValueError: no")
+        kept = await manager.create(metadata={"k": "v"})  # no tool: session_create's kind
+        await manager.create(tool="echo", expire=False)
+        for _ in range(2):
+            with pytest.raises(SessionError):
+                await manager.create(metadata={"long": "x" * 20})
+        await manager.create(tool="echo", expire=False)
+        with pytest.raises(SessionError):
+            await manager.create(tool="echo")
+        await manager.release(kept.id)
+        manager.shutdown_refused()
+        manager.config_reloaded(ok=True)
+        manager.config_reloaded(ok=False)
+        manager.config_reloaded(ok=False)
+
+        snapshot = manager.metrics()
+        samples = scrape(manager)
+
+    assert value(samples, "mcp_sessions_created", "mcp_sessions_created_total") == snapshot.total_sessions_created == 6
+    assert value(samples, "mcp_sessions_completed", "mcp_sessions_completed_total") == 3
+    assert value(samples, "mcp_sessions_error", "mcp_sessions_error_total") == 1
+    assert value(samples, "mcp_sessions_rejected", "mcp_sessions_rejected_total", reason="capacity_exceeded") == 1
+    assert value(samples, "mcp_sessions_rejected", "mcp_sessions_rejected_total", reason="metadata_too_large") == 2
+    assert value(samples, "mcp_sessions_rejected", "mcp_sessions_rejected_total", reason="shutting_down") == 0
+    assert value(samples, "mcp_sessions_config_reloads", "mcp_sessions_config_reloads_total") == 1
+    assert value(samples, "mcp_sessions_config_reload_failures", "mcp_sessions_config_reload_failures_total") == 2
+    assert (
+        value(
+            samples, "mcp_sessions_shutdown_rejected_unauthorized", "mcp_sessions_shutdown_rejected_unauthorized_total"
+        )
+        == 1
+    )
+    assert value(samples, "mcp_sessions_active") == snapshot.active_sessions == 2
+    assert value(samples, "mcp_sessions_peak_concurrent") == 3
+    assert value(samples, "mcp_sessions_max_concurrent") == 3
+    assert value(samples, "mcp_sessions_shutting_down") == 0
+    assert value(samples, "mcp_sessions_tool_calls", "mcp_sessions_tool_calls_total", tool="echo") == 4
+    assert value(samples, "mcp_sessions_tool_ended", "mcp_sessions_tool_ended_total", tool="fail", state="error") == 1
+    histogram = "mcp_sessions_duration_seconds"
+    assert value(samples, histogram, histogram + "_count", tool="echo") == 2
+    assert value(samples, histogram, histogram + "_bucket", tool="echo", le="+Inf") == 2
+    assert value(samples, histogram, histogram + "_count", tool="fail") == 1
+    assert value(samples, histogram, histogram + "_count", tool=NO_TOOL) == 1
+    assert (snapshot.config_reloads, snapshot.config_reload_failures) == (1, 2)
+
+
+def test_every_snapshot_field_is_exported_or_deliberately_derived() -> None:
+    exported = {row[0] for row in COUNTERS} | {row[0] for row in GAUGES} | {row[0] for row in REJECTED}
+    missing = set(MetricsSnapshot.model_fields) - exported - DERIVED
+    assert not missing, f"add a row to server/prometheus.py for {sorted(missing)}"
+
+
+def test_the_exporter_serves_metrics_on_loopback_until_stopped() -> None:
+    manager = SessionManager()
+    manager.config_reloaded(ok=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exporter = Exporter(build_registry(manager, process=False), port)
+    assert exporter.start() is True
+    try:
+        response = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    finally:
+        exporter.stop()
+    assert response.status_code == 200
+    assert "mcp_sessions_config_reloads_total 1.0" in response.text
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_an_exporter_port_in_use_is_reported_and_nothing_is_served() -> None:
+    registry = build_registry(SessionManager(), process=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = Exporter(registry, taken.getsockname()[1])
+        assert busy.start() is False
+    busy.stop()  # nothing started: a no-op
+
+
+# -- reload -------------------------------------------------------------------------------
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+async def test_a_valid_reload_applies_new_limits_and_tool_deadlines_to_new_work(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", "[limits]\nmax_concurrent_sessions = 1\n")
+    sessions = SessionsExtension(load_settings(path))
+    reloader = ConfigReloader(sessions, path)
+    async with sessions.manager.running():
+        held = await sessions.manager.create(tool="t")
+        write(path, "[limits]\nmax_concurrent_sessions = 2\n[tools.t]\ntimeout_seconds = 7\n")
+
+        assert reloader.reload() is True
+        second = await sessions.manager.create(tool="t")
+        assert sessions.config.timeout_for("t") == 7.0
+        write(path, "[limits]\nmax_concurrent_sessions = 1\n")
+        assert reloader.reload() is True
+        # Lowering the cap ends nobody; new work waits until enough have ended.
+        assert held.state is SessionState.ACTIVE and second.state is SessionState.ACTIVE
+        with pytest.raises(SessionError) as refused:
+            await sessions.manager.create(tool="t")
+        assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED
+        await sessions.manager.release(held.id)
+        await sessions.manager.release(second.id)
+        await sessions.manager.create(tool="t")
+    metrics = sessions.manager.metrics()
+    assert (metrics.config_reloads, metrics.config_reload_failures) == (2, 0)
+    assert metrics.limits["max_concurrent_sessions"] == 1
+
+
+def test_an_invalid_reload_keeps_the_config_in_force_and_says_why_like_startup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path / "c.toml", "[limits]\nmax_concurrent_sessions = 4\n")
+    sessions = SessionsExtension(load_settings(path))
+    before = sessions.config
+    write(path, "[limits]\nmax_concurrent_sessions = 0\nmax_concurent = 3\n")
+    with pytest.raises(ConfigError) as at_startup:
+        load_settings(path)
+
+    with caplog.at_level(logging.ERROR, logger="server.reload"):
+        assert ConfigReloader(sessions, path).reload() is False
+
+    assert sessions.config is before and sessions.manager.limits.max_concurrent_sessions == 4
+    [record] = [r for r in caplog.records if r.name == "server.reload"]
+    for problem in at_startup.value.problems:
+        assert problem in record.getMessage()
+    assert sessions.manager.metrics().config_reload_failures == 1
+
+
+def test_a_reload_keeps_the_keys_bound_at_startup_and_reports_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path / "c.toml", '[server]\nname = "one"\nport = 9001\n')
+    sessions = SessionsExtension(load_settings(path, {"server": {"port": 9100}}))
+    write(
+        path,
+        '[server]\nname = "two"\nport = 9002\n[metrics]\nprometheus_port = 9300\n[shutdown]\ntimeout_seconds = 3\n',
+    )
+
+    with caplog.at_level(logging.INFO, logger="server.reload"):
+        assert ConfigReloader(sessions, path, {"server": {"port": 9100}}).reload() is True
+
+    assert sessions.config.server.name == "one" and sessions.config.server.port == 9100
+    assert sessions.config.metrics.prometheus_port == 0
+    assert sessions.config.shutdown.timeout_seconds == 3.0
+    text = caplog.text
+    assert "ignored until restart: metrics.prometheus_port (in force 0, file 9300), server.name" in text
+    assert "server.port" not in text  # the command line still wins: nothing to ignore
+    assert "shutdown.timeout_seconds 30.0 -> 3.0" in text
+
+
+def test_a_reload_rechecks_tool_tables_like_startup(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", "")
+    sessions = SessionsExtension(load_settings(path))
+    hosted = {"echo"}
+
+    def check(settings: object) -> None:
+        unknown = [name for name in getattr(settings, "tools", {}) if name not in hosted]
+        if unknown:
+            raise ConfigError([f"tools.{name}: no hosted tool has this name" for name in unknown])
+
+    write(path, "[tools.ecoh]\ntimeout_seconds = 1\n")
+    assert ConfigReloader(sessions, path, check=check).reload() is False
+    assert sessions.config.tools == {}
+
+
+# -- logs ---------------------------------------------------------------------------------
+
+
+def test_json_log_records_carry_the_structured_fields_on_one_line() -> None:
+    record = logging.LogRecord("server.sessions", logging.INFO, __file__, 1, "Session %s ended\nok", ("s1",), None)
+    record.__dict__.update({"session_id": "s1", "tool": "echo", "state": "completed", "duration_seconds": 0.5})
+    line = JsonFormatter().format(record)
+
+    assert "\n" not in line
+    data = json.loads(line)
+    assert data["message"] == "Session s1 ended\nok" and data["level"] == "info"
+    assert (data["session_id"], data["tool"], data["state"], data["duration_seconds"]) == (
+        "s1",
+        "echo",
+        "completed",
+        0.5,
+    )
+    assert "reason" not in data  # unset fields are left out
