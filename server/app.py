@@ -49,7 +49,15 @@ def load_tool_modules(names: tuple[str, ...] | list[str]) -> list[Callable[..., 
         ConfigError: a module does not import, has no `TOOLS`, its `TOOLS` is not a list of
             callables, or two tools share a name.
     """
+    return _load_tool_modules(names)[0]
+
+
+def _load_tool_modules(
+    names: tuple[str, ...] | list[str],
+) -> tuple[list[Callable[..., Any]], list[Callable[[MCPServer[Any]], None]]]:
+    """The modules' tools, and their optional `setup(server)` hooks (for resources, prompts, handlers)."""
     tools: list[Callable[..., Any]] = []
+    hooks: list[Callable[[MCPServer[Any]], None]] = []
     owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
     problems: list[str] = []
     for module_name in names:
@@ -59,6 +67,12 @@ def load_tool_modules(names: tuple[str, ...] | list[str]) -> list[Callable[..., 
         except Exception as exc:  # noqa: BLE001 - any import failure is a config error to report
             problems.append(f"{key}: cannot import it: {type(exc).__name__}: {exc}")
             continue
+        setup = getattr(module, "setup", None)
+        if setup is not None and not callable(setup):
+            problems.append(f"{key}: setup must be a function setup(server), got {setup!r:.200}")
+            continue
+        if setup is not None:
+            hooks.append(setup)
         exported = getattr(module, "TOOLS", None)
         if exported is None:
             problems.append(f"{key}: the module has no TOOLS list (TOOLS = [my_tool, ...])")
@@ -75,7 +89,7 @@ def load_tool_modules(names: tuple[str, ...] | list[str]) -> list[Callable[..., 
             tools.append(fn)
     if problems:
         raise ConfigError(problems)
-    return tools
+    return tools, hooks
 
 
 @dataclass
@@ -124,12 +138,14 @@ def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]]) ->
 
 def build_app(settings: Settings) -> App:
     """Build the server with the extension installed and the configured tool modules hosted."""
-    tools = load_tool_modules(settings.server.tool_modules)
+    tools, hooks = _load_tool_modules(settings.server.tool_modules)
     check_tool_overrides(settings, tools)
     sessions = _StandaloneSessions(settings)
     server: MCPServer[Any] = MCPServer(settings.server.name, extensions=[sessions], lifespan=sessions.lifespan)
     for fn in tools:
         server.add_tool(fn)
+    for setup in hooks:
+        setup(server)  # resources, prompts, other handlers; its tools/call still goes through the sessions
     return App(settings=settings, server=server, sessions=sessions)
 
 

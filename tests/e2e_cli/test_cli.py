@@ -256,6 +256,11 @@ BAD_MODULES = [
         id="TOOLS-not-callables",
     ),
     pytest.param(
+        [f"{FIXTURES}.setup_not_callable"],
+        f"'{FIXTURES}.setup_not_callable': setup must be a function setup(server), got 'register my resources'",
+        id="setup-not-callable",
+    ),
+    pytest.param(
         ["tools.demo", f"{FIXTURES}.duplicate_echo"],
         f"'{FIXTURES}.duplicate_echo': tool 'echo' is already provided by module 'tools.demo'",
         id="duplicate-demo-tool",
