@@ -298,6 +298,16 @@ async def serve_stdio(app: App) -> None:
     read by `_StdinLines`, so that a shutdown never waits for the client's next line.
     """
     exit_ = _Exit(app.sessions)
+    try:
+        await _serve_stdio(app, exit_)
+    except* (BrokenPipeError, ConnectionResetError):
+        # The client died: its stdin closing ran the shutdown; the answers to its last calls
+        # (cancelled at the deadline, say) have nowhere to go. Not a crash of the server.
+        logger.warning("The client closed its end of the pipe: response(s) still on their way were not delivered")
+    _report_exit(app, exit_)
+
+
+async def _serve_stdio(app: App, exit_: _Exit) -> None:
     outstanding = _Outstanding()  # requests read, not answered yet
     unadmitted = _Outstanding()  # tools/call requests read that have not reached the session layer yet
     if isinstance(app.sessions, _StandaloneSessions):
@@ -365,7 +375,6 @@ async def serve_stdio(app: App) -> None:
             lines.close()
             with anyio.CancelScope(shield=True):
                 await stdout.aclose()
-    _report_exit(app, exit_)
 
 
 class _UvicornServer(uvicorn.Server):
