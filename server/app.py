@@ -28,8 +28,9 @@ from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
-from mcp_types import CallToolRequestParams
+from mcp_types import INVALID_REQUEST, PARSE_ERROR, CallToolRequestParams, ErrorData
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
+from pydantic import ValidationError
 
 from server.config import ConfigError, Settings
 from server.extension import SessionsExtension
@@ -326,6 +327,11 @@ async def _serve_stdio(app: App, exit_: _Exit) -> None:
 
         async def relay_in() -> None:
             async for item in stdin:
+                if isinstance(item, Exception):
+                    # The SDK drops a line it cannot read with a debug log, and a client would wait for
+                    # an answer forever: JSON-RPC answers it with a protocol error (its id is unknown).
+                    await out_send.send(SessionMessage(_unreadable(item)))
+                    continue
                 message = item.message if isinstance(item, SessionMessage) else None
                 if isinstance(message, JSONRPCRequest):
                     outstanding.add(message.id)
@@ -375,6 +381,17 @@ async def _serve_stdio(app: App, exit_: _Exit) -> None:
             lines.close()
             with anyio.CancelScope(shield=True):
                 await stdout.aclose()
+
+
+def _unreadable(exc: Exception) -> JSONRPCError:
+    """The protocol error for a line from the client that is not a JSON-RPC message."""
+    not_json = isinstance(exc, ValidationError) and any(e["type"] == "json_invalid" for e in exc.errors())
+    if not_json or not isinstance(exc, ValidationError):
+        code, message = PARSE_ERROR, "Parse error: the line is not JSON (or nests too deeply to be read)"
+    else:
+        code, message = INVALID_REQUEST, "Invalid Request: the line is JSON but not a JSON-RPC 2.0 message"
+    logger.warning("Unreadable message from the client: %s", message)
+    return JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=code, message=message))
 
 
 class _UvicornServer(uvicorn.Server):
