@@ -27,12 +27,13 @@ import uvicorn
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.message import SessionMessage
 from mcp_types import INVALID_REQUEST, PARSE_ERROR, CallToolRequestParams, ErrorData
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
 from pydantic import ValidationError
 
-from server.config import ConfigError, Settings
+from server.config import ConfigError, ServerSettings, Settings
 from server.extension import SessionsExtension
 from server.metrics import ShutdownReport
 from tools.sessions import MANAGEMENT_TOOLS
@@ -427,7 +428,7 @@ async def serve_http(app: App) -> None:
     """Serve over streamable HTTP at http://HOST:PORT/mcp until shutdown."""
     settings = app.settings.server
     exit_ = _Exit(app.sessions)
-    starlette_app = app.server.streamable_http_app(host=settings.host)
+    starlette_app = app.server.streamable_http_app(host=settings.host, transport_security=transport_security(settings))
     config = uvicorn.Config(
         starlette_app,
         host=settings.host,
@@ -456,6 +457,20 @@ async def serve_http(app: App) -> None:
         logger.error("Could not serve MCP over streamable HTTP on %s port %s", settings.host, settings.port)
         raise SystemExit(1)
     _report_exit(app, exit_)
+
+
+def transport_security(settings: ServerSettings) -> TransportSecuritySettings | None:
+    """DNS-rebinding protection: the SDK's loopback defaults, plus `server.allowed_hosts`.
+
+    On loopback with no list the SDK's own settings apply (Host must be 127.0.0.1, localhost or
+    [::1]); off loopback the config requires a list, and only those hosts (and loopback) pass.
+    """
+    if not settings.allowed_hosts:
+        return None
+    loopback = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+    hosts = [*loopback, *settings.allowed_hosts]
+    origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
 def _report_exit(app: App, exit_: _Exit) -> None:

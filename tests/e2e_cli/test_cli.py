@@ -88,7 +88,11 @@ def test_check_config_without_a_file_prints_the_builtin_defaults() -> None:
 
 @pytest.mark.parametrize("script", [False, True], ids=["python-m-server", "console-script"])
 def test_flags_are_reflected_in_the_output_and_beat_the_environment(script: bool) -> None:
-    env = {"MCP_SESSIONS_SERVER__PORT": "9100", "MCP_SESSIONS_SERVER__HOST": "10.1.1.1"}
+    env = {
+        "MCP_SESSIONS_SERVER__PORT": "9100",
+        "MCP_SESSIONS_SERVER__HOST": "10.1.1.1",
+        "MCP_SESSIONS_SERVER__ALLOWED_HOSTS": '["tools.example.com:*"]',  # required off loopback over HTTP
+    }
 
     result = run(
         "--config",
