@@ -52,7 +52,8 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
 class Inspector:
     """The Inspector CLI aimed at one server, in one protocol era."""
 
-    def __init__(self, target: list[str], era: str, home: Path) -> None:
+    def __init__(self, transport: str, target: list[str], era: str, home: Path) -> None:
+        self.transport = transport
         self.target = target
         self.era = era
         # The Inspector keeps a catalog and client config under HOME: keep them out of the user's.
@@ -102,13 +103,11 @@ def inspector(
     else:
         assert http_server.url is not None
         target = [http_server.url]
-    inspector = Inspector(target, era, tmp_path)
-    inspector.transport = transport  # type: ignore[attr-defined]
-    return inspector
+    return Inspector(transport, target, era, tmp_path)
 
 
 def over_http(inspector: Inspector) -> bool:
-    return getattr(inspector, "transport", "") == "streamable-http"
+    return inspector.transport == "streamable-http"
 
 
 async def test_the_inspector_lists_the_session_tools_and_the_hosted_ones(inspector: Inspector) -> None:
