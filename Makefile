@@ -4,11 +4,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit clients bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The pinned MCP Inspector, MCP conformance suite and Node 22 binary the client tests drive
+# (tests/clients/package.json + lockfile), installed from the lockfile into an ignored folder.
+CLIENTS_DIR := tests/clients
+CLIENTS_STAMP := $(CLIENTS_DIR)/node_modules/.installed
+
+$(CLIENTS_STAMP): $(CLIENTS_DIR)/package.json $(CLIENTS_DIR)/package-lock.json
+	npm ci --prefix $(CLIENTS_DIR) --no-audit --no-fund --loglevel=error
+	touch $@
+
+clients: $(CLIENTS_STAMP)
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -24,7 +35,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(CLIENTS_STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
@@ -33,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(CLIENTS_DIR)/node_modules

@@ -27,12 +27,14 @@ import uvicorn
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.message import SessionMessage
-from mcp_types import CallToolRequestParams
+from mcp_types import INVALID_REQUEST, PARSE_ERROR, CallToolRequestParams, ErrorData
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
-from server.config import ConfigError, Settings
+from server.config import ConfigError, ServerSettings, Settings
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
 from server.metrics import ShutdownReport
@@ -53,7 +55,15 @@ def load_tool_modules(names: tuple[str, ...] | list[str]) -> list[Callable[..., 
         ConfigError: a module does not import, has no `TOOLS`, its `TOOLS` is not a list of
             callables, or two tools share a name.
     """
+    return _load_tool_modules(names)[0]
+
+
+def _load_tool_modules(
+    names: tuple[str, ...] | list[str],
+) -> tuple[list[Callable[..., Any]], list[Callable[[MCPServer[Any]], None]]]:
+    """The modules' tools, and their optional `setup(server)` hooks (for resources, prompts, handlers)."""
     tools: list[Callable[..., Any]] = []
+    hooks: list[Callable[[MCPServer[Any]], None]] = []
     owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
     problems: list[str] = []
     for module_name in names:
@@ -63,6 +73,12 @@ def load_tool_modules(names: tuple[str, ...] | list[str]) -> list[Callable[..., 
         except Exception as exc:  # noqa: BLE001 - any import failure is a config error to report
             problems.append(f"{key}: cannot import it: {type(exc).__name__}: {exc}")
             continue
+        setup = getattr(module, "setup", None)
+        if setup is not None and not callable(setup):
+            problems.append(f"{key}: setup must be a function setup(server), got {setup!r:.200}")
+            continue
+        if setup is not None:
+            hooks.append(setup)
         exported = getattr(module, "TOOLS", None)
         if exported is None:
             problems.append(f"{key}: the module has no TOOLS list (TOOLS = [my_tool, ...])")
@@ -79,7 +95,7 @@ def load_tool_modules(names: tuple[str, ...] | list[str]) -> list[Callable[..., 
             tools.append(fn)
     if problems:
         raise ConfigError(problems)
-    return tools
+    return tools, hooks
 
 
 @dataclass
@@ -137,12 +153,14 @@ def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]]) ->
 
 def build_app(settings: Settings) -> App:
     """Build the server with the extension installed and the configured tool modules hosted."""
-    tools = load_tool_modules(settings.server.tool_modules)
+    tools, hooks = _load_tool_modules(settings.server.tool_modules)
     check_tool_overrides(settings, tools)
     sessions = _StandaloneSessions(settings)
     server: MCPServer[Any] = MCPServer(settings.server.name, extensions=[sessions], lifespan=sessions.lifespan)
     for fn in tools:
         server.add_tool(fn)
+    for setup in hooks:
+        setup(server)  # resources, prompts, other handlers; its tools/call still goes through the sessions
     return App(settings=settings, server=server, sessions=sessions, tools=tools)
 
 
@@ -295,6 +313,16 @@ async def serve_stdio(app: App, reloader: ConfigReloader | None = None) -> None:
     read by `_StdinLines`, so that a shutdown never waits for the client's next line.
     """
     exit_ = _Exit(app.sessions)
+    try:
+        await _serve_stdio(app, exit_, reloader)
+    except* (BrokenPipeError, ConnectionResetError):
+        # The client died: its stdin closing ran the shutdown; the answers to its last calls
+        # (cancelled at the deadline, say) have nowhere to go. Not a crash of the server.
+        logger.warning("The client closed its end of the pipe: response(s) still on their way were not delivered")
+    _report_exit(app, exit_)
+
+
+async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None) -> None:
     outstanding = _Outstanding()  # requests read, not answered yet
     unadmitted = _Outstanding()  # tools/call requests read that have not reached the session layer yet
     if isinstance(app.sessions, _StandaloneSessions):
@@ -313,6 +341,11 @@ async def serve_stdio(app: App, reloader: ConfigReloader | None = None) -> None:
 
         async def relay_in() -> None:
             async for item in stdin:
+                if isinstance(item, Exception):
+                    # The SDK drops a line it cannot read with a debug log, and a client would wait for
+                    # an answer forever: JSON-RPC answers it with a protocol error (its id is unknown).
+                    await out_send.send(SessionMessage(_unreadable(item)))
+                    continue
                 message = item.message if isinstance(item, SessionMessage) else None
                 if isinstance(message, JSONRPCRequest):
                     outstanding.add(message.id)
@@ -364,7 +397,17 @@ async def serve_stdio(app: App, reloader: ConfigReloader | None = None) -> None:
             lines.close()
             with anyio.CancelScope(shield=True):
                 await stdout.aclose()
-    _report_exit(app, exit_)
+
+
+def _unreadable(exc: Exception) -> JSONRPCError:
+    """The protocol error for a line from the client that is not a JSON-RPC message."""
+    not_json = isinstance(exc, ValidationError) and any(e["type"] == "json_invalid" for e in exc.errors())
+    if not_json or not isinstance(exc, ValidationError):
+        code, message = PARSE_ERROR, "Parse error: the line is not JSON (or nests too deeply to be read)"
+    else:
+        code, message = INVALID_REQUEST, "Invalid Request: the line is JSON but not a JSON-RPC 2.0 message"
+    logger.warning("Unreadable message from the client: %s", message)
+    return JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=code, message=message))
 
 
 class _UvicornServer(uvicorn.Server):
@@ -403,7 +446,7 @@ async def serve_http(
     settings = app.settings.server
     exit_ = _Exit(app.sessions)
     add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager))
-    starlette_app = app.server.streamable_http_app(host=settings.host)
+    starlette_app = app.server.streamable_http_app(host=settings.host, transport_security=transport_security(settings))
     config = uvicorn.Config(
         starlette_app,
         host=settings.host,
@@ -435,6 +478,20 @@ async def serve_http(
         logger.error("Could not serve MCP over streamable HTTP on %s port %s", settings.host, settings.port)
         raise SystemExit(1)
     _report_exit(app, exit_)
+
+
+def transport_security(settings: ServerSettings) -> TransportSecuritySettings | None:
+    """DNS-rebinding protection: the SDK's loopback defaults, plus `server.allowed_hosts`.
+
+    On loopback with no list the SDK's own settings apply (Host must be 127.0.0.1, localhost or
+    [::1]); off loopback the config requires a list, and only those hosts (and loopback) pass.
+    """
+    if not settings.allowed_hosts:
+        return None
+    loopback = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+    hosts = [*loopback, *settings.allowed_hosts]
+    origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
 def _report_exit(app: App, exit_: _Exit) -> None:

@@ -87,6 +87,21 @@ class ServerSettings(_Section):
     tool_modules: Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)] = Field(
         default=(), description="Importable modules whose `TOOLS` list of functions is hosted by the server."
     )
+    allowed_hosts: Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)] = Field(
+        default=(),
+        description="Host header values streamable HTTP accepts besides loopback (DNS-rebinding protection), "
+        'e.g. ["mcp.example.com:*"]; required when host is not a loopback address.',
+    )
+
+    @model_validator(mode="after")
+    def _hosts_named_off_loopback(self) -> ServerSettings:
+        if self.transport == "streamable-http" and not is_loopback(self.host) and not self.allowed_hosts:
+            raise ValueError(
+                f"server.host {self.host!r} is not a loopback address: list the Host header values clients "
+                'will use in server.allowed_hosts, e.g. ["mcp.example.com:*", "10.0.0.5:8765"], so that '
+                "requests for any other host (DNS rebinding) are refused"
+            )
+        return self
 
     @field_validator("tool_modules")
     @classmethod
@@ -97,6 +112,15 @@ class ServerSettings(_Section):
         if repeated:
             raise ValueError(f"lists {', '.join(map(repr, repeated))} more than once; list each module once")
         return value
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an interface to bind) is the loopback interface, where the SDK's own
+    DNS-rebinding protection applies."""
+    return host in LOOPBACK_HOSTS
 
 
 class LimitsSettings(_Section):
@@ -341,7 +365,11 @@ def _env_json_problems() -> list[str]:
         path = _env_path(name)
         if path is None or not path or path[0] not in Settings.model_fields:
             continue
-        takes_json = len(path) == 1 or path == ["server", "tool_modules"] or (path[0] == "tools" and len(path) == 2)
+        takes_json = (
+            len(path) == 1
+            or path in (["server", "tool_modules"], ["server", "allowed_hosts"])
+            or (path[0] == "tools" and len(path) == 2)
+        )
         if not takes_json:
             continue
         try:

@@ -264,7 +264,10 @@ class SessionsExtension(Extension):
         try:
             with scope:
                 result = await call_next(ctx)
-        except anyio.get_cancelled_exc_class():
+        except anyio.get_cancelled_exc_class() as exc:
+            if not _being_cancelled():
+                # The tool raised CancelledError itself; passed on, it would end the server's loop.
+                return self._failed(session, name, exc)
             self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
             raise
         except MCPError as exc:
@@ -351,17 +354,30 @@ class SessionsExtension(Extension):
 
     async def _run(self, work: _Work, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> None:
         try:
+            # A task group of its own: a GeneratorExit raised by a sync tool in its worker thread
+            # fails the task group the call ran in even once caught (anyio 4), and a failed
+            # extension task group would refuse every later call.
+            async with anyio.create_task_group() as isolated:
+                isolated.start_soon(self._work, work, ctx, call_next)
+        except BaseException as exc:  # noqa: BLE001 - any failure of the tool is the session's error
+            if work.raised is None and not (
+                isinstance(exc, anyio.get_cancelled_exc_class()) and work.scope.cancel_called
+            ):
+                work.raised = exc
+        finally:
+            work.done.set()
+            if work.abandoned:
+                _thread_limiter().total_tokens -= 1  # its token is back: take the loan back
+                self.manager.thread_ended()
+
+    async def _work(self, work: _Work, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> None:
+        try:
             with work.scope:
                 work.result = await call_next(ctx)
         except BaseException as exc:  # noqa: BLE001 - any failure of the tool is the session's error
             if isinstance(exc, anyio.get_cancelled_exc_class()) and work.scope.cancel_called:
                 return  # pragma: no cover - the scope absorbs its own cancellation
             work.raised = exc
-        finally:
-            work.done.set()
-            if work.abandoned:
-                _thread_limiter().total_tokens -= 1  # its token is back: take the loan back
-                self.manager.thread_ended()
 
     def _give_up(self, work: _Work) -> None:
         """The caller stops waiting: cancel the work; count it if it stays stuck in a thread.
@@ -455,3 +471,9 @@ def _with_invalid_argument_code(result: HandlerResult, tool: str) -> HandlerResu
             meta[ERROR_META_KEY] = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool).to_meta()
             return result.model_copy(update={"meta": meta})
     return result
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has a cancellation pending (else a CancelledError was raised by hand)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

@@ -279,31 +279,27 @@ class SessionManager:
         """
         session = self._prepare(**request)
         limits = self.limits
+        # Refusals are raised where they are made, never held in a local of the raising frame:
+        # that would be a cycle (error -> traceback -> frame -> error) keeping the refused
+        # metadata alive until the cyclic GC runs.
         with self._lock:
-            admitted = self._admit_locked(session)
-            if admitted is None and (not queue or len(self._queue) >= limits.max_queued):
-                admitted = self._full_locked(session)
-            if admitted is None:
-                waiter = Waiter(session, time.monotonic(), anyio.Event())
-                self._queue[waiter] = None
-                if session.client is not None:
-                    self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
-        if isinstance(admitted, SessionError):
-            raise admitted
-        if admitted is not None:
-            return admitted
+            if self._admit_locked(session):
+                return session
+            if not queue or len(self._queue) >= limits.max_queued:
+                raise self._full_locked(session)
+            waiter = Waiter(session, time.monotonic(), anyio.Event())
+            self._queue[waiter] = None
+            if session.client is not None:
+                self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
         return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
 
     def create_nowait(self, **request: Unpack[SessionRequest]) -> Session:
         """`create` for callers that must not yield: never queues, refuses at once when full."""
         session = self._prepare(**request)
         with self._lock:
-            admitted = self._admit_locked(session)
-            if admitted is None:
-                admitted = self._full_locked(session)
-        if isinstance(admitted, SessionError):
-            raise admitted
-        return admitted
+            if self._admit_locked(session):
+                return session
+            raise self._full_locked(session)
 
     def _prepare(
         self,
@@ -352,33 +348,33 @@ class SessionManager:
             needs_thread=needs_thread,
         )
 
-    def _admit_locked(self, session: Session) -> Session | SessionError | None:
-        """Open `session` if it may start now; else a refusal that never waits; else None (full:
-        the caller may queue it). The common case takes no more than a few comparisons."""
+    def _admit_locked(self, session: Session) -> bool:
+        """Open `session` if it may start now (True); False if the server or its tool is full
+        (the caller may queue it). Raises the refusals that never wait. The common case takes
+        no more than a few comparisons."""
         limits = self.limits
         if (
             session.metadata_bytes > limits.max_metadata_bytes
             or (session.client is not None and limits.max_sessions_per_client)
             or (session.needs_thread and self._abandoned >= limits.max_abandoned_threads)
         ):
-            refusal = self._refusal_locked(session)
-            if refusal is not None:
-                return refusal
+            self._check_refusals_locked(session)
         if len(self._active) >= limits.max_concurrent_sessions:
-            return None
+            return False
         tool = session.tool
         if tool is not None and self.tool_caps:
             cap = self.tool_caps.get(tool)
             if cap is not None and self._tool_active.get(tool, 0) >= cap:
-                return None
-        return self._open_locked(session)
+                return False
+        self._open_locked(session)
+        return True
 
-    def _refusal_locked(self, session: Session) -> SessionError | None:
-        """The refusals that never wait: metadata size, the client's share, stuck threads."""
+    def _check_refusals_locked(self, session: Session) -> None:
+        """Raise the refusals that never wait: metadata size, the client's share, stuck threads."""
         limits = self.limits
         if session.metadata_bytes > limits.max_metadata_bytes:
             self._rejected[Refusal.METADATA] += 1
-            return SessionError(
+            raise SessionError(
                 ErrorCode.METADATA_TOO_LARGE,
                 f"metadata is {session.metadata_bytes} bytes as compact JSON; "
                 f"the limit is {limits.max_metadata_bytes} bytes",
@@ -388,11 +384,10 @@ class SessionManager:
         if client is not None and limits.max_sessions_per_client:
             if self._client_load.get(client, 0) >= limits.max_sessions_per_client:
                 self._rejected[Refusal.CLIENT_LIMIT] += 1
-                return admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
+                raise admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
         if session.needs_thread and self._abandoned >= limits.max_abandoned_threads:
             self._rejected[Refusal.THREADS] += 1
-            return admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
-        return None
+            raise admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
 
     def _full_locked(self, session: Session) -> SessionError:
         """Count and word the refusal of a call that does not fit and may not wait."""
@@ -450,7 +445,11 @@ class SessionManager:
         if waiter.admitted:
             return session
         if waiter.refusal is not None:
-            raise waiter.refusal
+            refusal, waiter.refusal = waiter.refusal, None
+            try:
+                raise refusal
+            finally:
+                del refusal  # no cycle through this frame (see `create`)
         with self._lock:
             if waiter.admitted:  # pragma: no cover - handed a slot as the wait timed out
                 return session

@@ -66,7 +66,8 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
         model: Annotated[str, Field(description="The model the work is for.")] = "",
         timeout_seconds: Annotated[
             float | None,
-            Field(description="Seconds until the session times out by itself; default is the server's."),
+            # strict: JSON `true` or "30" is not a number of seconds (lax mode would read 1.0 and 30.0)
+            Field(description="Seconds until the session times out by itself; default is the server's.", strict=True),
         ] = None,
         metadata: Annotated[
             dict[str, Any] | None, Field(description="Any JSON object to keep with the session (size-limited).")
@@ -131,7 +132,10 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
     async def server_shutdown(
         timeout_seconds: Annotated[
             float | None,
-            Field(description="Seconds to let running sessions finish before cancelling them; default from config."),
+            Field(
+                description="Seconds to let running sessions finish before cancelling them; default from config.",
+                strict=True,
+            ),
         ] = None,
         token: Annotated[
             str | None, Field(description="Admin token; required over HTTP (see shutdown.admin_token_env).")

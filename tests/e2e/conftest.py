@@ -143,6 +143,9 @@ class ServerProcess:
         self._response_arrived: dict[int | str, anyio.Event] = {}
         self._to_client: MemoryObjectSendStream[SessionMessage | Exception] | None = None
         self._next_id = 1000
+        #: Error responses with `"id": null` (answers to lines the server could not read).
+        self.unreadable_errors: list[dict[str, Any]] = []
+        self._unreadable_arrived = anyio.Event()
 
     @property
     def stderr(self) -> str:
@@ -177,6 +180,10 @@ class ServerProcess:
             return
         if self._to_client is not None:
             await self._to_client.send(SessionMessage(message))
+        elif isinstance(message, JSONRPCError) and message.id is None:
+            self.unreadable_errors.append(json.loads(line))
+            self._unreadable_arrived.set()
+            self._unreadable_arrived = anyio.Event()
         elif isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
             self._responses[message.id] = json.loads(line)
             arrived = self._response_arrived.pop(message.id, None)
@@ -240,6 +247,29 @@ class ServerProcess:
 
     async def request(self, method: str, params: Mapping[str, Any], within: float = 10.0) -> dict[str, Any]:
         return await self.response(await self.start_request(method, params), within)
+
+    async def send_line(self, line: str | bytes) -> None:
+        """Write one line as it is (malformed on purpose, say)."""
+        assert self.process.stdin is not None
+        data = line.encode() if isinstance(line, str) else line
+        await self.process.stdin.send(data + b"\n")
+
+    async def next_unreadable_error(self, seen: int, within: float = 10.0) -> dict[str, Any]:
+        """The first `"id": null` error after the first `seen` ones, waiting for it (bounded)."""
+        with anyio.fail_after(within):
+            while len(self.unreadable_errors) <= seen:
+                await self._unreadable_arrived.wait()
+        return self.unreadable_errors[seen]
+
+    async def request_text(self, build: Callable[[int], str], within: float = 10.0) -> dict[str, Any]:
+        """Send a request written by hand (`build(request_id)` returns its JSON text, which may be
+        beyond what `json.dumps` can write) and wait for its response."""
+        self._next_id += 1
+        request_id = self._next_id
+        self._response_arrived[request_id] = anyio.Event()
+        assert self.process.stdin is not None
+        await self.process.stdin.send((build(request_id) + "\n").encode())
+        return await self.response(request_id, within)
 
     async def start_call(self, tool: str, arguments: Mapping[str, Any] | None = None) -> int:
         return await self.start_request("tools/call", {"name": tool, "arguments": dict(arguments or {})})

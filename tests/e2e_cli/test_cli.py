@@ -89,7 +89,11 @@ def test_check_config_without_a_file_prints_the_builtin_defaults() -> None:
 
 @pytest.mark.parametrize("script", [False, True], ids=["python-m-server", "console-script"])
 def test_flags_are_reflected_in_the_output_and_beat_the_environment(script: bool) -> None:
-    env = {"MCP_SESSIONS_SERVER__PORT": "9100", "MCP_SESSIONS_SERVER__HOST": "10.1.1.1"}
+    env = {
+        "MCP_SESSIONS_SERVER__PORT": "9100",
+        "MCP_SESSIONS_SERVER__HOST": "10.1.1.1",
+        "MCP_SESSIONS_SERVER__ALLOWED_HOSTS": '["tools.example.com:*"]',  # required off loopback over HTTP
+    }
 
     result = run(
         "--config",
@@ -255,6 +259,11 @@ BAD_MODULES = [
         [f"{FIXTURES}.tools_not_callables"],
         f"'{FIXTURES}.tools_not_callables': TOOLS must be a list of functions, got ['echo', 42]",
         id="TOOLS-not-callables",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.setup_not_callable"],
+        f"'{FIXTURES}.setup_not_callable': setup must be a function setup(server), got 'register my resources'",
+        id="setup-not-callable",
     ),
     pytest.param(
         ["tools.demo", f"{FIXTURES}.duplicate_echo"],

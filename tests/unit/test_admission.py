@@ -4,7 +4,9 @@ every refusal under many concurrent tasks."""
 
 from __future__ import annotations
 
+import gc
 import random
+import sys
 
 import anyio
 import anyio.lowlevel
@@ -192,3 +194,42 @@ async def test_counters_add_up_under_many_concurrent_callers_with_every_kind_of_
 
 async def _end(sessions: SessionManager, session: Session, rng: random.Random) -> None:
     await sessions.release(session.id, rng.choice(["completed", "error"]))
+
+
+async def test_a_refusal_keeps_no_reference_to_the_refused_call_without_the_cyclic_gc() -> None:
+    # A refusal held in a local of the frame that raises it forms a cycle (error -> traceback ->
+    # frame -> error) that keeps the refused metadata alive until the cyclic GC happens to run:
+    # with 10 MB of metadata per call, that showed as the server's memory climbing.
+    sessions = manager(max_concurrent_sessions=1, max_queued=1, max_metadata_bytes=10)
+    metadata = {"blob": "x" * 100}
+    held = await sessions.create()
+    gc.disable()
+    try:
+        before = sys.getrefcount(metadata)
+        try:
+            await sessions.create(metadata=metadata)
+        except SessionError:
+            pass
+        assert sys.getrefcount(metadata) == before, "create"
+        try:
+            sessions.create_nowait(metadata=metadata)
+        except SessionError:
+            pass
+        assert sys.getrefcount(metadata) == before, "create_nowait"
+        small = {"k": "v"}
+        small_before = sys.getrefcount(small)
+        async with anyio.create_task_group() as tg:
+
+            async def queued_then_refused() -> None:
+                try:
+                    await sessions.create(metadata=small)
+                except SessionError:
+                    pass
+
+            tg.start_soon(queued_then_refused)
+            await until(lambda: sessions.metrics().queued_sessions == 1)
+            await sessions.shutdown(0)
+        assert sys.getrefcount(small) == small_before
+    finally:
+        gc.enable()
+    assert held.state is SessionState.CANCELLED

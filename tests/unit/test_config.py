@@ -56,6 +56,7 @@ def test_a_complete_file_parses_into_every_field(tmp_path: Path) -> None:
         host = "0.0.0.0"
         port = 9000
         tool_modules = ["tools.demo"]
+        allowed_hosts = ["tools.example.com:*"]
 
         [limits]
         default_timeout_seconds = 12.5
@@ -77,6 +78,7 @@ def test_a_complete_file_parses_into_every_field(tmp_path: Path) -> None:
     assert settings.server.name == "my-tools"
     assert settings.server.transport == "streamable-http"
     assert settings.server.host == "0.0.0.0"
+    assert settings.server.allowed_hosts == ("tools.example.com:*",)
     assert settings.server.port == 9000
     assert settings.server.tool_modules == ("tools.demo",)
     assert settings.limits.default_timeout_seconds == 12.5
@@ -228,6 +230,7 @@ def test_unrelated_variables_with_the_prefix_are_ignored(monkeypatch: pytest.Mon
 
 def test_overrides_beat_the_environment_and_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, '[server]\nport = 9000\nhost = "10.0.0.1"\ntransport = "stdio"\n')
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__ALLOWED_HOSTS", '["tools.example.com:*"]')  # off loopback over HTTP
     monkeypatch.setenv("MCP_SESSIONS_SERVER__PORT", "9100")
     monkeypatch.setenv("MCP_SESSIONS_SERVER__HOST", "10.0.0.2")
 

@@ -1,0 +1,1 @@
+"""Hostile input: property-based arguments, malformed protocol traffic, broken config files."""

@@ -1,0 +1,63 @@
+"""A stdio MCP client as a process of its own, for the fault test that kills it mid-call.
+
+Run as `python -m tests.load.stdio_client CONFIG`: it launches the server (`python -m server
+--config CONFIG`; the server's stderr is this process's stderr), starts a `tools/call` of
+`sleep_async` for an hour, asks `session_metrics` until that call is an active session, writes
+`ready` on stdout, and then waits for stdin to close. The test kills it with SIGKILL there, so
+the server loses its client with the call still running, as when an assistant crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import IO, Any
+
+#: Bound on the whole setup (start the server, get the call admitted).
+SETUP_SECONDS = 30.0
+
+
+def send(pipe: IO[bytes], message: dict[str, Any]) -> None:
+    pipe.write((json.dumps(message) + "\n").encode())
+    pipe.flush()
+
+
+def response(pipe: IO[bytes], request_id: int) -> dict[str, Any]:
+    """Read lines until the response to `request_id` (the server answers within the setup bound)."""
+    for line in pipe:
+        message: dict[str, Any] = json.loads(line)
+        if message.get("id") == request_id:
+            return message
+    raise SystemExit(f"the server closed stdout before answering request {request_id}")
+
+
+def main(config: str) -> None:
+    deadline = time.monotonic() + SETUP_SECONDS
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server", "--config", config], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert server.stdin is not None and server.stdout is not None
+    init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "doomed", "version": "0"}}
+    send(server.stdin, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init})
+    response(server.stdout, 1)
+    send(server.stdin, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+    call = {"name": "sleep_async", "arguments": {"seconds": 3600}}
+    send(server.stdin, {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call})
+    request_id = 3
+    while time.monotonic() < deadline:  # each round trip is one request; no sleeping
+        params = {"name": "session_metrics", "arguments": {}}
+        send(server.stdin, {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params})
+        metrics = response(server.stdout, request_id)["result"]["structuredContent"]
+        if metrics["active_sessions"] == 1:
+            sys.stdout.write(f"ready {server.pid}\n")
+            sys.stdout.flush()
+            sys.stdin.read()  # until killed
+            return
+        request_id += 1
+    raise SystemExit("the call never became an active session")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
