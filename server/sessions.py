@@ -140,7 +140,10 @@ class SessionManager:
         self._seq = 0
         self._active: dict[str, Session] = {}
         self._recent: OrderedDict[str, SessionState] = OrderedDict()
-        self._expiry: list[tuple[float, int, Session]] = []
+        #: (deadline, session id) of every session the reaper expires. Entries hold the id, not
+        #: the session: a released session must not stay alive (and age into the garbage
+        #: collector's old generation) until its deadline; released entries are skipped.
+        self._expiry: list[tuple[float, str]] = []
         self._end_waiters: dict[str, anyio.Event] = {}
         self._reaper_scope: anyio.CancelScope | None = None
         self._started_at = time.monotonic()
@@ -182,7 +185,10 @@ class SessionManager:
         while True:
             now = time.monotonic()
             while self._expiry and self._expiry[0][0] <= now:
-                _, _, session = heapq.heappop(self._expiry)
+                _, session_id = heapq.heappop(self._expiry)
+                session = self._active.get(session_id)  # None: released before its deadline
+                if session is None:
+                    continue
                 if self._finish(session, SessionState.TIMEOUT, f"deadline of {session.timeout_seconds:g}s reached"):
                     if session.on_cancel is not None:
                         session.on_cancel()  # stop the call that owns it, if one waits
@@ -324,13 +330,15 @@ class SessionManager:
         return int(digits, 16) <= self._seq
 
     def _schedule_expiry(self, session: Session) -> None:
-        heapq.heappush(self._expiry, (session.deadline, self._seq, session))
+        entry = (session.deadline, session.id)
+        heapq.heappush(self._expiry, entry)
         # Released sessions stay in the heap until their deadline; compact when they dominate.
         if len(self._expiry) > 64 and len(self._expiry) > 4 * len(self._active):
-            self._expiry = [entry for entry in self._expiry if entry[2].state is SessionState.ACTIVE]
+            active = self._active
+            self._expiry = [e for e in self._expiry if e[1] in active]
             heapq.heapify(self._expiry)
         scope = self._reaper_scope
-        if scope is not None and self._expiry[0][2] is session:
+        if scope is not None and self._expiry[0] is entry:
             scope.deadline = session.deadline
 
     def _tool_stats(self, tool: str) -> _ToolStats:
