@@ -57,6 +57,10 @@ class SessionState(StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
 
+    # Hash as the str it equals (`Enum` hashes the member name in Python code): consistent with
+    # `==`, and a C-level hash for the per-state counters updated on every release.
+    __hash__ = str.__hash__
+
 
 @dataclass(slots=True, eq=False)
 class Session:
@@ -264,16 +268,18 @@ class SessionManager:
             raise SessionError(
                 ErrorCode.SHUTTING_DOWN, "the server is shutting down and accepts no new work", tool=tool
             )
+        limits = self.limits
         if timeout_seconds is None:
-            timeout = self.limits.default_timeout_seconds  # validated with the settings
+            timeout = limits.default_timeout_seconds  # validated with the settings
+        elif type(timeout_seconds) is float and 0.0 < timeout_seconds <= limits.max_timeout_seconds:
+            timeout = timeout_seconds  # already valid and within the cap (a tool's configured timeout)
         else:
             try:
                 timeout = self.timeout_for(timeout_seconds)
             except SessionError as exc:
                 exc.tool = tool
                 raise
-        size = metadata_size(metadata)
-        limits = self.limits
+        size = 0 if metadata is None else metadata_size(metadata)
         with self._lock:
             if size > limits.max_metadata_bytes:
                 self._rejected_metadata += 1
@@ -282,7 +288,8 @@ class SessionManager:
                     f"metadata is {size} bytes as compact JSON; the limit is {limits.max_metadata_bytes} bytes",
                     tool=tool,
                 )
-            if len(self._active) >= limits.max_concurrent_sessions:
+            active = self._active
+            if len(active) >= limits.max_concurrent_sessions:
                 self._rejected_capacity += 1
                 raise SessionError(
                     ErrorCode.CAPACITY_EXCEEDED,
@@ -290,35 +297,35 @@ class SessionManager:
                     "retry after a session ends",
                     tool=tool,
                 )
-            self._seq += 1
-            session_id = self._issue_id(self._seq)
+            self._seq = seq = self._seq + 1
+            session_id = f"{self._id_prefix}{seq:x}"  # "s<random>-<seq in hex>": see `_issued_by_us`
             now = time.monotonic()
+            # Positional, in field order (id, request_id, tool, provider, model, metadata,
+            # metadata_bytes, timeout_seconds, started, deadline, created_at): half the cost of
+            # keywords on a path every tool call takes.
             session = Session(
-                id=session_id,
-                request_id=request_id if request_id is not None else session_id,
-                tool=tool,
-                provider=provider,
-                model=model,
-                metadata=metadata,
-                metadata_bytes=size,
-                timeout_seconds=timeout,
-                started=now,
-                deadline=now + timeout,
-                created_at=time.time(),
+                session_id,
+                request_id if request_id is not None else session_id,
+                tool,
+                provider,
+                model,
+                metadata,
+                size,
+                timeout,
+                now,
+                now + timeout,
+                time.time(),
             )
-            self._active[session_id] = session
+            active[session_id] = session
             self._created += 1
             self._metadata_bytes += size
-            if len(self._active) > self._peak:
-                self._peak = len(self._active)
+            if len(active) > self._peak:
+                self._peak = len(active)
             if tool is not None:
-                self._tool_stats(tool).calls += 1
+                (self._tools.get(tool) or self._tool_stats(tool)).calls += 1
             if expire:
                 self._schedule_expiry(session)
         return session
-
-    def _issue_id(self, seq: int) -> str:
-        return f"{self._id_prefix}{seq:x}"
 
     def _issued_by_us(self, session_id: str) -> bool:
         """Whether the id has this manager's random prefix and a sequence number it has issued."""
@@ -370,10 +377,13 @@ class SessionManager:
         self, session_id: str, outcome: SessionState | str = SessionState.COMPLETED, error: str | None = None
     ) -> Session:
         """`release` without yielding to the event loop (see `release`)."""
-        try:
-            state = SessionState(outcome)
-        except ValueError:
-            state = SessionState.ACTIVE
+        if type(outcome) is SessionState:
+            state = outcome
+        else:
+            try:
+                state = SessionState(outcome)
+            except ValueError:
+                state = SessionState.ACTIVE
         if state is SessionState.ACTIVE:
             raise SessionError(
                 ErrorCode.INVALID_ARGUMENT,
@@ -415,17 +425,21 @@ class SessionManager:
             session.state = state
             session.ended = now
             session.error = error
-            del self._active[session.id]
-            self._recent[session.id] = state
-            if len(self._recent) > RECENTLY_ENDED:
-                self._recent.popitem(last=False)
+            session_id = session.id
+            active = self._active
+            del active[session_id]
+            recent = self._recent
+            recent[session_id] = state
+            if len(recent) > RECENTLY_ENDED:
+                recent.popitem(last=False)
             self._ended[state] += 1
             self._metadata_bytes -= session.metadata_bytes
             duration = now - session.started
             bucket = bucket_of(duration)
             self._durations.add(duration, bucket)
-            if session.tool is not None:
-                stats = self._tool_stats(session.tool)
+            tool = session.tool
+            if tool is not None:
+                stats = self._tools.get(tool) or self._tool_stats(tool)
                 stats.durations.add(duration, bucket)
                 if state is SessionState.COMPLETED:
                     stats.completed += 1
@@ -436,7 +450,7 @@ class SessionManager:
                 else:
                     stats.cancelled += 1
             waiter = self._end_waiters.pop(session.id, None) if self._end_waiters else None
-            idle = self._idle_waiter if not self._active else None
+            idle = self._idle_waiter if not active else None
             if idle is not None:
                 self._idle_waiter = None
         if waiter is not None:
