@@ -85,6 +85,12 @@ class SessionsExtension(Extension):
         self.manager = manager if manager is not None else SessionManager(self.config.limits)
         self._task_group: TaskGroup | None = None
         self._app: Any = None
+        #: The server's tool registry lookup (`name -> Tool | None`), None when it has none we know.
+        self._get_tool: Callable[[str], Any] | None = None
+        #: Makes a cancel scope: `anyio.CancelScope` until the lifespan runs, then the running
+        #: backend's own class, which skips the per-call backend dispatch (and second
+        #: `__init__`) of `anyio.CancelScope()`.
+        self._new_scope: Callable[[], anyio.CancelScope] = anyio.CancelScope
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
 
     # -- Extension contributions -----------------------------------------------------------
@@ -108,6 +114,8 @@ class SessionsExtension(Extension):
         Usable as `MCPServer(lifespan=sessions.lifespan)` or nested in a host's own lifespan.
         """
         self._app = app
+        self._get_tool = getattr(getattr(app, "_tool_manager", None), "get_tool", None)
+        self._new_scope = type(anyio.CancelScope())
         ready = anyio.Event()
         stop = anyio.Event()
 
@@ -159,22 +167,6 @@ class SessionsExtension(Extension):
 
     # -- the interceptor -------------------------------------------------------------------
 
-    def _is_sync_tool(self, name: str) -> bool | None:
-        """True/False when the server's registry says whether `name` runs in a thread; None if unknown."""
-        manager = getattr(self._app, "_tool_manager", None)
-        get_tool = getattr(manager, "get_tool", None)
-        if get_tool is None:
-            return None
-        tool = get_tool(name)
-        if tool is None:
-            return None
-        return not bool(getattr(tool, "is_async", True))
-
-    def _is_unknown_tool(self, name: str) -> bool:
-        manager = getattr(self._app, "_tool_manager", None)
-        get_tool = getattr(manager, "get_tool", None)
-        return get_tool is not None and get_tool(name) is None
-
     async def intercept_tool_call(
         self,
         params: CallToolRequestParams,
@@ -186,8 +178,14 @@ class SessionsExtension(Extension):
             if name == "session_create" and self._task_group is None:
                 return self._not_running(name)  # nothing would expire the session
             return _with_invalid_argument_code(await call_next(ctx), name)
-        if self._is_unknown_tool(name):
-            return await call_next(ctx)  # the SDK answers "unknown tool"; no session for it
+        # One registry lookup per call: whether the tool exists, and whether it runs in a thread.
+        get_tool = self._get_tool
+        sync: bool | None = None  # no registry to ask: it may run in a thread
+        if get_tool is not None:
+            tool = get_tool(name)
+            if tool is None:
+                return await call_next(ctx)  # the SDK answers "unknown tool"; no session for it
+            sync = not getattr(tool, "is_async", True)
         task_group = self._task_group
         if task_group is None:
             return self._not_running(name)
@@ -200,7 +198,6 @@ class SessionsExtension(Extension):
         except SessionError as exc:
             return error_result(exc)
 
-        sync = self._is_sync_tool(name)
         if sync is False:
             return await self._call_in_place(session, name, ctx, call_next)
         return await self._call_decoupled(session, name, sync, ctx, call_next)
@@ -209,7 +206,7 @@ class SessionsExtension(Extension):
         self, session: Session, name: str, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
         """An async tool: cancellation reaches it, so its deadline is a cancel scope around it."""
-        scope = anyio.CancelScope()  # the manager's reaper cancels it at the deadline
+        scope = self._new_scope()  # the manager's reaper cancels it at the deadline
         session.on_cancel = scope.cancel
         try:
             with scope:
