@@ -75,6 +75,9 @@ def configure_logging(settings: LoggingSettings) -> None:
     handler.setFormatter(JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(settings.level.upper())
+    # Session-end lines have their own logger, off by default for embedding hosts (see
+    # `server.sessions.end_logger`); the standalone server follows its configured level.
+    logging.getLogger("server.sessions.ends").setLevel(settings.level.upper())
 
 
 def log_refusal(error: SessionError, tool: str | None = None) -> None:

@@ -43,6 +43,13 @@ from server.errors import ErrorCode, SessionError
 from server.metrics import DurationStats, HistogramReading, MetricsSnapshot, ShutdownReport, ToolMetrics, bucket_of
 
 logger = logging.getLogger(__name__)
+#: One INFO line per session end. Off (WARNING) unless turned on: the SDK's `MCPServer` sets the
+#: root logger to INFO on its own, and a library must not write a line per call into every
+#: host's logs (nor pay ~20-40 µs a call for it). The standalone server sets this logger to its
+#: `[logging] level`; an embedding host turns it on with
+#: `logging.getLogger("server.sessions.ends").setLevel(logging.INFO)`.
+end_logger = logging.getLogger("server.sessions.ends")
+end_logger.setLevel(logging.WARNING)
 
 #: How many ended session ids are remembered to say *how* they ended; older ones are still
 #: recognised as ours (their id is signed) and refused as already released.
@@ -60,6 +67,10 @@ class SessionState(StrEnum):
     ERROR = "error"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+
+    # Hash as the str it equals (`Enum` hashes the member name in Python code): consistent with
+    # `==`, and a C-level hash for the per-state counters updated on every release.
+    __hash__ = str.__hash__
 
 
 @dataclass(slots=True, eq=False)
@@ -149,10 +160,10 @@ def _log_end(session: Session, duration: float) -> None:
     about = "tool " + session.tool if session.tool is not None else "no tool"
     if reason:
         message = "Session %s ended %s after %.3fs (%s): %s"
-        logger.info(message, session.id, session.state.value, duration, about, reason, extra=fields)
+        end_logger.info(message, session.id, session.state.value, duration, about, reason, extra=fields)
     else:
         message = "Session %s ended %s after %.3fs (%s)"
-        logger.info(message, session.id, session.state.value, duration, about, extra=fields)
+        end_logger.info(message, session.id, session.state.value, duration, about, extra=fields)
 
 
 def _check_timeout(value: float) -> None:
@@ -182,7 +193,10 @@ class SessionManager:
         self._client_load: dict[Hashable, int] = {}
         self._queue: dict[Waiter, None] = {}
         self._recent: OrderedDict[str, SessionState] = OrderedDict()
-        self._expiry: list[tuple[float, int, Session]] = []
+        #: (deadline, session id) of every session the reaper expires. Entries hold the id, not
+        #: the session: a released session must not stay alive (and age into the garbage
+        #: collector's old generation) until its deadline; released entries are skipped.
+        self._expiry: list[tuple[float, str]] = []
         self._end_waiters: dict[str, anyio.Event] = {}
         self._reaper_scope: anyio.CancelScope | None = None
         self._started_at = time.monotonic()
@@ -227,11 +241,12 @@ class SessionManager:
         while True:
             now = time.monotonic()
             while self._expiry and self._expiry[0][0] <= now:
-                _, seq, session = heapq.heappop(self._expiry)
-                if session.state is not SessionState.ACTIVE:
+                _, session_id = heapq.heappop(self._expiry)
+                session = self._active.get(session_id)  # None: released before its deadline
+                if session is None:
                     continue
                 if session.deadline > now:  # progress moved it on: look again then
-                    heapq.heappush(self._expiry, (session.deadline, seq, session))
+                    heapq.heappush(self._expiry, (session.deadline, session_id))
                     continue
                 if session.deadline < session.hard_deadline:
                     session.idle_expired = True
@@ -320,8 +335,11 @@ class SessionManager:
             with self._lock:
                 self._rejected[Refusal.SHUTDOWN] += 1
             raise admission.refuse_shutdown(tool)
+        limits = self.limits
         if timeout_seconds is None:
-            timeout = self.limits.default_timeout_seconds  # validated with the settings
+            timeout = limits.default_timeout_seconds  # validated with the settings
+        elif type(timeout_seconds) is float and 0.0 < timeout_seconds <= limits.max_timeout_seconds:
+            timeout = timeout_seconds  # already valid and within the cap (a tool's configured timeout)
         else:
             try:
                 timeout = self.timeout_for(timeout_seconds)
@@ -402,8 +420,8 @@ class SessionManager:
 
     def _open_locked(self, session: Session) -> Session:
         """Admit `session`: give it its id and deadline and count it."""
-        self._seq += 1
-        session.id = self._issue_id(self._seq)
+        self._seq = seq = self._seq + 1
+        session.id = f"{self._id_prefix}{seq:x}"  # "s<random>-<seq in hex>": see `_issued_by_us`
         if not session.request_id:
             session.request_id = session.id
         now = time.monotonic()
@@ -419,7 +437,7 @@ class SessionManager:
             self._peak = len(self._active)
         tool = session.tool
         if tool is not None:
-            self._tool_stats(tool).calls += 1
+            (self._tools.get(tool) or self._tool_stats(tool)).calls += 1
             self._tool_active[tool] = self._tool_active.get(tool, 0) + 1
         client = session.client
         if client is not None:
@@ -524,9 +542,6 @@ class SessionManager:
         if idle is not None and session.state is SessionState.ACTIVE:
             session.deadline = min(session.hard_deadline, time.monotonic() + idle)
 
-    def _issue_id(self, seq: int) -> str:
-        return f"{self._id_prefix}{seq:x}"
-
     def _issued_by_us(self, session_id: str) -> bool:
         """Whether the id has this manager's random prefix and a sequence number it has issued."""
         if not session_id.startswith(self._id_prefix):
@@ -537,13 +552,15 @@ class SessionManager:
         return int(digits, 16) <= self._seq
 
     def _schedule_expiry(self, session: Session) -> None:
-        heapq.heappush(self._expiry, (session.deadline, self._seq, session))
+        entry = (session.deadline, session.id)
+        heapq.heappush(self._expiry, entry)
         # Released sessions stay in the heap until their deadline; compact when they dominate.
         if len(self._expiry) > 64 and len(self._expiry) > 4 * len(self._active):
-            self._expiry = [entry for entry in self._expiry if entry[2].state is SessionState.ACTIVE]
+            active = self._active
+            self._expiry = [e for e in self._expiry if e[1] in active]
             heapq.heapify(self._expiry)
         scope = self._reaper_scope
-        if scope is not None and self._expiry[0][2] is session:
+        if scope is not None and self._expiry[0] is entry:
             scope.deadline = session.deadline
 
     def _tool_stats(self, tool: str) -> _ToolStats:
@@ -575,10 +592,13 @@ class SessionManager:
         self, session_id: str, outcome: SessionState | str = SessionState.COMPLETED, error: str | None = None
     ) -> Session:
         """`release` without yielding to the event loop (see `release`)."""
-        try:
-            state = SessionState(outcome)
-        except ValueError:
-            state = SessionState.ACTIVE
+        if type(outcome) is SessionState:
+            state = outcome
+        else:
+            try:
+                state = SessionState(outcome)
+            except ValueError:
+                state = SessionState.ACTIVE
         if state is SessionState.ACTIVE:
             raise SessionError(
                 ErrorCode.INVALID_ARGUMENT,
@@ -637,7 +657,7 @@ class SessionManager:
                     self._tool_active[session.tool] = left
                 else:
                     del self._tool_active[session.tool]
-                stats = self._tool_stats(session.tool)
+                stats = self._tools.get(session.tool) or self._tool_stats(session.tool)
                 stats.durations.add(duration, bucket)
                 if state is SessionState.COMPLETED:
                     stats.completed += 1
@@ -661,7 +681,7 @@ class SessionManager:
         if woken:
             for queued in woken:
                 queued.event.set()
-        if logger.isEnabledFor(logging.INFO):
+        if end_logger.isEnabledFor(logging.INFO):
             _log_end(session, duration)
         return True
 

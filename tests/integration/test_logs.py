@@ -14,12 +14,13 @@ SECRET = "metadata-contents-never-logged"
 
 
 def session_ends(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "server.sessions" and hasattr(r, "state")]
+    return [r for r in caplog.records if r.name == "server.sessions.ends" and hasattr(r, "state")]
 
 
 async def test_each_session_end_is_one_info_line_and_each_refusal_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     app, _ = build(settings(max_concurrent_sessions=1, max_metadata_bytes=64))
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="server.sessions.ends")  # off by default for embedding hosts
     async with Client(app) as client:
         await client.call_tool("echo", {"text": "hi"})
         await client.call_tool("boom", {"message": "broken"})
@@ -53,3 +54,20 @@ async def test_below_info_no_session_end_line_is_made(caplog: pytest.LogCaptureF
         for _ in range(3):
             await client.call_tool("echo", {"text": "quiet"})
     assert session_ends(caplog) == []
+
+
+async def test_an_embedding_host_at_info_gets_no_session_end_lines_until_it_asks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # MCPServer puts the root logger at INFO by itself; a line per call is the host's choice.
+    app, _ = build()
+    caplog.set_level(logging.INFO)
+    async with Client(app) as client:
+        await client.call_tool("echo", {"text": "quiet"})
+        assert session_ends(caplog) == []
+        logging.getLogger("server.sessions.ends").setLevel(logging.INFO)
+        try:
+            await client.call_tool("echo", {"text": "now logged"})
+        finally:
+            logging.getLogger("server.sessions.ends").setLevel(logging.WARNING)
+    assert [r.state for r in session_ends(caplog)] == ["completed"]  # type: ignore[attr-defined]
