@@ -6,7 +6,7 @@ the four session tools and wraps every other `tools/call` in a session with a de
 Every call's session is registered with the manager's reaper, which cancels the call's scope
 at its deadline (one timer for all calls, not one per call). An async tool runs in place
 inside that scope. For a sync tool the caller's wait and the work are decoupled: the work
-runs as a task in a task group the extension owns, and only the caller's wait is cancelled.
+runs in a plain asyncio task the extension owns, and only the caller's wait is cancelled.
 So at the deadline the caller gets a `timeout` result on time even when the work is stuck in
 a thread (which no cancellation reaches); such a thread is counted in `abandoned_threads`
 until it really returns.
@@ -32,7 +32,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from anyio.abc import TaskGroup
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, ToolBinding
 from mcp.server.session import ServerSession
@@ -102,7 +101,7 @@ class SessionsExtension(Extension):
     def __init__(self, settings: Settings | None = None, *, manager: SessionManager | None = None) -> None:
         self.config = settings if settings is not None else Settings()
         self.manager = manager if manager is not None else SessionManager(self.config.limits, self.config.tool_caps())
-        self._task_group: TaskGroup | None = None
+        self._running = False
         self._app: Any = None
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
         #: Work of sync tools still running. Plain asyncio tasks, not tasks of an anyio task
@@ -130,7 +129,7 @@ class SessionsExtension(Extension):
     @property
     def ready(self) -> bool:
         """Whether new calls are admitted: the lifespan runs and no shutdown has begun."""
-        return self._task_group is not None and not self.manager.shutting_down
+        return self._running and not self.manager.shutting_down
 
     def apply_settings(self, settings: Settings) -> None:
         """Use `settings` from now on (a config reload): new calls get its limits and per-tool
@@ -147,33 +146,20 @@ class SessionsExtension(Extension):
         """
         self._app = app
         self._new_scope = type(anyio.CancelScope())
-        ready = anyio.Event()
-        stop = anyio.Event()
-
-        async def own_work_tasks() -> None:
-            async with anyio.create_task_group() as tg:
-                self._task_group = tg
-                ready.set()
-                await stop.wait()
-                tg.cancel_scope.cancel()
-            for work in self._works.values():
-                work.scope.cancel()  # an anyio cancel: a thread's shielded wait still holds its task
-            while self._works:
-                await asyncio.wait(list(self._works))
-
         async with self.manager.running():
-            # The work's task group lives in its own task so that lifespan exit can leave a
-            # sync tool stuck in a thread behind instead of waiting for it forever.
-            owner = asyncio.ensure_future(own_work_tasks())
-            await ready.wait()
+            self._running = True
             try:
                 yield {"sessions": self}
             finally:
-                self._task_group = None
-                stop.set()
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait({owner}, timeout=WORK_EXIT_GRACE_SECONDS)
-                if not owner.done():
+                self._running = False
+                # The work of sync tools runs in plain tasks, so that lifespan exit can leave a
+                # sync tool stuck in a thread behind instead of waiting for it forever.
+                for work in self._works.values():
+                    work.scope.cancel()  # an anyio cancel: a thread's shielded wait still holds its task
+                if self._works:
+                    with anyio.CancelScope(shield=True):
+                        await asyncio.wait(list(self._works), timeout=WORK_EXIT_GRACE_SECONDS)
+                if self._works:
                     logger.warning(
                         "Leaving %s stuck thread(s) behind: sync tools still running past their deadline",
                         self.manager.metrics().abandoned_threads,
@@ -221,13 +207,13 @@ class SessionsExtension(Extension):
     ) -> HandlerResult:
         name = params.name
         if name in MANAGEMENT_TOOLS:
-            if name == "session_create" and self._task_group is None:
+            if name == "session_create" and not self._running:
                 return self._not_running(name)  # nothing would expire the session
             return _with_invalid_argument_code(await call_next(ctx), name)
         sync = self._tool_kind(name)
         if sync is UNKNOWN:
             return await call_next(ctx)  # the SDK answers "unknown tool"; no session for it
-        if self._task_group is None:
+        if not self._running:
             return self._not_running(name)
         config = self.config
         manager = self.manager
@@ -303,9 +289,6 @@ class SessionsExtension(Extension):
     ) -> HandlerResult:
         """A sync tool (or one of unknown kind): the caller's wait ends at the deadline even if
         the work, stuck in a thread, does not."""
-        task_group = self._task_group
-        if task_group is None:  # pragma: no cover - checked by the caller; the lifespan is ending
-            raise RuntimeError("the session runtime stopped")
         loop = asyncio.get_running_loop()
         work = _Work(session, sync, self._new_scope(), loop.create_future())
 

@@ -13,7 +13,7 @@ Example:
     async with manager.running():
         session = await manager.create(tool="search", timeout_seconds=5)
         await manager.release(session.id)
-        print(manager.metrics().total_sessions_completed)  # 1
+        assert manager.metrics().total_sessions_completed == 1
     ```
 """
 
