@@ -419,9 +419,9 @@ class SessionManager:
         return admission.refuse_capacity(tool, limits.max_concurrent_sessions, len(self._queue), limits.max_queued)
 
     def _open_locked(self, session: Session) -> Session:
-        """Admit `session`: give it its id and deadline and count it."""
-        self._seq = seq = self._seq + 1
-        session.id = f"{self._id_prefix}{seq:x}"  # "s<random>-<seq in hex>": see `_issued_by_us`
+        """Admit `session`: give it its id (unless it has one) and its deadline, and count it."""
+        if not session.id:
+            session.id = self._new_id_locked()
         if not session.request_id:
             session.request_id = session.id
         now = time.monotonic()
@@ -445,6 +445,10 @@ class SessionManager:
         if session.expire:
             self._schedule_expiry(session)
         return session
+
+    def _new_id_locked(self) -> str:
+        self._seq = seq = self._seq + 1
+        return f"{self._id_prefix}{seq:x}"  # "s<random>-<seq in hex>": see `_issued_by_us`
 
     async def _wait_in_queue(self, waiter: Waiter, timeout: float) -> Session:  # noqa: ASYNC109 - the queue's own bound
         session = waiter.session
