@@ -56,6 +56,7 @@ class Refusal(StrEnum):
     CLIENT_LIMIT = "client_limit"
     THREADS = "threads"
     QUEUE_TIMEOUT = "queue_timeout"
+    STORE = "store_unavailable"
 
 
 @dataclass(slots=True, eq=False)
@@ -69,17 +70,19 @@ class Waiter:
     refusal: SessionError | None = None
 
 
-def refuse_capacity(tool: str | None, cap: int, queued: int, max_queued: int) -> SessionError:
+def refuse_capacity(
+    tool: str | None, cap: int, queued: int, max_queued: int, where: str = "the server"
+) -> SessionError:
     if max_queued:
         detail = f"and its queue holds {queued} of {max_queued} waiting calls"
         return SessionError(
             ErrorCode.CAPACITY_EXCEEDED,
-            f"the server is at its limit of {cap} concurrent sessions {detail}; retry after a session ends",
+            f"{where} is at its limit of {cap} concurrent sessions {detail}; retry after a session ends",
             tool=tool,
         )
     return SessionError(
         ErrorCode.CAPACITY_EXCEEDED,
-        f"the server is at its limit of {cap} concurrent sessions; retry after a session ends",
+        f"{where} is at its limit of {cap} concurrent sessions; retry after a session ends",
         tool=tool,
     )
 
@@ -116,6 +119,14 @@ def refuse_queue_timeout(tool: str | None, waited: float, cap: int) -> SessionEr
         ErrorCode.CAPACITY_EXCEEDED,
         f"waited {waited:.3g}s in the queue (limits.queue_timeout_seconds) for one of the server's "
         f"{cap} session slots without getting one; retry later",
+        tool=tool,
+    )
+
+
+def refuse_store(tool: str | None, reason: str) -> SessionError:
+    return SessionError(
+        ErrorCode.STORE_UNAVAILABLE,
+        f"{reason}; the call was not run. The server reconnects by itself: retry in a moment",
         tool=tool,
     )
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.app import build_app, check_tool_overrides, load_tool_modules, serve
-from server.config import ConfigError, config_problems, load_settings
+from server.config import ConfigError, config_problems, load_settings, safe_url
 from server.logs import configure_logging
 
 EXIT_CONFIG = 2
@@ -60,9 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"mcp-session-manager: invalid configuration:\n  {problems}\n")
         return EXIT_CONFIG
     if args.check_config:
-        sys.stdout.write(json.dumps(settings.model_dump(mode="json"), indent=2) + "\n")
+        effective = settings.model_dump(mode="json")
+        effective["store"]["url"] = safe_url(settings.store.url)  # never print a password
+        sys.stdout.write(json.dumps(effective, indent=2) + "\n")
         sys.stderr.write("mcp-session-manager: configuration is valid\n")
         return 0
+    if settings.store.backend == "redis":
+        from server.store import check_reachable  # the redis extra
+
+        unreachable = check_reachable(settings.store)
+        if unreachable is not None:
+            sys.stderr.write(f"mcp-session-manager: {unreachable}\n")
+            return EXIT_CONFIG
     configure_logging(settings.logging)
     serve(app, app.reloader(args.config, overrides))
     return 0

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from annotated_types import Ge, Le
 from pydantic import (
@@ -202,6 +203,64 @@ class MetricsSettings(_Section):
     )
 
 
+STORE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def safe_url(url: str) -> str:
+    """`url` with any password replaced by `***`, for messages, logs and printed settings."""
+    parts = urlsplit(url)
+    if parts.query:  # unix:///run/redis.sock?password=...
+        query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*/"))
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
+    text = f"{parts.scheme}://{parts.netloc}{parts.path}"  # urlunsplit would drop unix:// to unix:
+    return f"{text}?{parts.query}" if parts.query else text
+
+
+class StoreSettings(_Section):
+    backend: Literal["memory", "redis"] = Field(
+        default="memory",
+        description='Where the session space lives: "memory" (this process) or "redis" (shared by replicas).',
+    )
+    url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        min_length=1,
+        description="Redis URL for the redis backend: redis://, rediss:// (TLS) or unix://.",
+    )
+    key_prefix: str = Field(
+        default="mcp-sessions:",
+        min_length=1,
+        max_length=200,
+        description="Start of every Redis key this server uses; the replicas of one service share it.",
+    )
+    timeout_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        allow_inf_nan=False,
+        description="Bound on each Redis command; past it a call fails with store_unavailable.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _is_a_redis_url(cls, value: str) -> str:
+        if not value.startswith(STORE_URL_SCHEMES):
+            raise ValueError(
+                "must be a Redis URL starting with redis://, rediss:// or unix://, e.g. redis://127.0.0.1:6379/0"
+            )
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _printable_prefix(cls, value: str) -> str:
+        if not value.isprintable() or any(c.isspace() for c in value):
+            raise ValueError('must be printable with no spaces, e.g. "mcp-sessions:"')
+        return value
+
+
 class ToolSettings(_Section):
     timeout_seconds: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Deadline of this tool's calls."
@@ -235,6 +294,7 @@ class Settings(BaseSettings):
     shutdown: ShutdownSettings = ShutdownSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    store: StoreSettings = StoreSettings()
     tools: dict[str, ToolSettings] = Field(default_factory=dict, description="Per-tool overrides by tool name.")
 
     @model_validator(mode="after")
@@ -292,6 +352,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "shutdown": ShutdownSettings,
     "logging": LoggingSettings,
     "metrics": MetricsSettings,
+    "store": StoreSettings,
 }
 _FLAGS = {("server", "transport"), ("server", "host"), ("server", "port")}
 _FLOAT = TypeAdapter(float)

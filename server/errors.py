@@ -24,6 +24,8 @@ class ErrorCode(StrEnum):
     INVALID_ARGUMENT = "invalid_argument"
     UNAUTHORIZED = "unauthorized"
     NOT_RUNNING = "not_running"
+    #: Cluster mode: the shared session store (Redis) cannot be reached; the call was not run.
+    STORE_UNAVAILABLE = "store_unavailable"
 
 
 class SessionError(Exception):

@@ -38,7 +38,7 @@ from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
-from server.config import Settings
+from server.config import ConfigError, Settings
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
@@ -100,7 +100,7 @@ class SessionsExtension(Extension):
 
     def __init__(self, settings: Settings | None = None, *, manager: SessionManager | None = None) -> None:
         self.config = settings if settings is not None else Settings()
-        self.manager = manager if manager is not None else SessionManager(self.config.limits, self.config.tool_caps())
+        self.manager = manager if manager is not None else make_manager(self.config)
         self._running = False
         self._app: Any = None
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
@@ -411,6 +411,20 @@ class SessionsExtension(Extension):
         if ended:
             return result
         return self._stopped(session, name)  # too late: answer as the session was accounted
+
+
+def make_manager(settings: Settings) -> SessionManager:
+    """The manager `settings` ask for: this process's own, or (`[store] backend = "redis"`) one
+    whose limits hold across every replica sharing the store (`server.cluster`)."""
+    if settings.store.backend == "redis":
+        try:
+            from server.cluster import ClusterSessionManager  # needs the `redis` package (the redis extra)
+        except ImportError as exc:
+            raise ConfigError(
+                [f"store.backend: \"redis\" needs the redis package ({exc}): pip install 'mcp-session-manager[redis]'"]
+            ) from None
+        return ClusterSessionManager(settings.limits, settings.tool_caps(), settings.store)
+    return SessionManager(settings.limits, settings.tool_caps())
 
 
 def _thread_limiter() -> anyio.CapacityLimiter:

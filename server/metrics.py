@@ -125,6 +125,35 @@ class ToolMetrics(_Model):
     rejected_tool_limit: int
 
 
+class ClusterToolMetrics(_Model):
+    #: Calls of this tool active now across the cluster.
+    active: int
+
+
+class ClusterMetrics(_Model):
+    """The cluster's totals, read atomically from the shared store. When the store cannot be
+    reached, `available` is false, `error` says why and the counts are None."""
+
+    backend: str
+    available: bool
+    error: str | None = None
+    #: This replica's id, and how many replicas reported in the last few seconds.
+    replica: str
+    replicas: int | None = None
+    active_sessions: int | None = None
+    peak_concurrent_sessions: int | None = None
+    total_sessions_created: int | None = None
+    total_sessions_completed: int | None = None
+    total_sessions_error: int | None = None
+    total_sessions_timeout: int | None = None
+    total_sessions_cancelled: int | None = None
+    sessions_rejected_capacity: int | None = None
+    sessions_rejected_tool_limit: int | None = None
+    sessions_rejected_client_limit: int | None = None
+    current_metadata_bytes: int | None = None
+    tools: dict[str, ClusterToolMetrics] = {}
+
+
 class MetricsSnapshot(_Model):
     """One consistent reading of the manager's counters (all taken under its lock)."""
 
@@ -142,6 +171,8 @@ class MetricsSnapshot(_Model):
     sessions_rejected_tool_limit: int
     sessions_rejected_client_limit: int
     sessions_rejected_threads: int
+    #: Cluster mode: calls refused because the shared store (Redis) could not be reached.
+    sessions_rejected_store_unavailable: int
     shutdown_rejected_unauthorized: int
     current_metadata_bytes: int
     #: Calls waiting for a slot now; calls that left the queue because the client cancelled;
@@ -164,6 +195,9 @@ class MetricsSnapshot(_Model):
     config_reload_failures: int
     limits: dict[str, Any]
     tools: dict[str, ToolMetrics]
+    #: Cluster mode (`[store] backend = "redis"`): the totals of every replica sharing the
+    #: store. None with the memory backend. Every field above is this replica's own view.
+    cluster: ClusterMetrics | None = None
 
 
 class ShutdownReport(_Model):

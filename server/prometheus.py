@@ -84,6 +84,7 @@ REJECTED: tuple[tuple[str, str], ...] = (
     ("sessions_rejected_client_limit", "client_limit"),
     ("sessions_rejected_tool_limit", "tool_limit"),
     ("sessions_rejected_threads", "threads"),
+    ("sessions_rejected_store_unavailable", "store_unavailable"),
 )
 
 #: Gauges: snapshot field -> (name without prefix, help). Booleans export as 0/1.
@@ -106,6 +107,8 @@ LIMIT_GAUGES: tuple[tuple[str, str, str], ...] = (
 
 #: Snapshot fields deliberately not exported one to one: rates and percentiles are computed
 #: from the counters and the histogram in PromQL; `tools` and `limits` are exported above.
+#: `cluster` (cluster mode's totals) is not exported: each replica exports its own counters,
+#: and Prometheus sums them across replicas (`sum(mcp_sessions_created_total)`).
 DERIVED = frozenset(
     {
         "success_rate",
@@ -118,6 +121,7 @@ DERIVED = frozenset(
         "queue_wait_p95",
         "limits",
         "tools",
+        "cluster",
     }
 )
 

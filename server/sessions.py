@@ -40,7 +40,15 @@ from server import admission
 from server.admission import Refusal, SessionRequest, Waiter
 from server.config import LimitsSettings
 from server.errors import ErrorCode, SessionError
-from server.metrics import DurationStats, HistogramReading, MetricsSnapshot, ShutdownReport, ToolMetrics, bucket_of
+from server.metrics import (
+    ClusterMetrics,
+    DurationStats,
+    HistogramReading,
+    MetricsSnapshot,
+    ShutdownReport,
+    ToolMetrics,
+    bucket_of,
+)
 
 logger = logging.getLogger(__name__)
 #: One INFO line per session end. Off (WARNING) unless turned on: the SDK's `MCPServer` sets the
@@ -770,6 +778,7 @@ class SessionManager:
                 sessions_rejected_tool_limit=rejected[Refusal.TOOL_LIMIT],
                 sessions_rejected_client_limit=rejected[Refusal.CLIENT_LIMIT],
                 sessions_rejected_threads=rejected[Refusal.THREADS],
+                sessions_rejected_store_unavailable=rejected[Refusal.STORE],
                 queued_sessions=len(self._queue),
                 queued_calls_cancelled=self._queue_cancelled,
                 queue_wait_p95=self._queue_waits.quantile(0.95),
@@ -804,6 +813,10 @@ class SessionManager:
                     for name, s in self._tools.items()
                 },
             )
+
+    async def cluster_metrics(self) -> ClusterMetrics | None:
+        """The cluster's totals (cluster mode, see `server.cluster`); None for a lone manager."""
+        return None
 
     def duration_histograms(self, bounds: Sequence[float]) -> dict[str, HistogramReading]:
         """Durations of finished sessions per tool at `bounds` (ascending seconds); sessions made

@@ -125,9 +125,12 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
     async def session_metrics() -> MetricsSnapshot:
         """Read the server's session counters, rates, duration percentiles and limits.
 
-        Always answers, even when the server is full or shutting down.
+        Always answers, even when the server is full or shutting down. In cluster mode the
+        fields are this replica's view and `cluster` holds the totals of all replicas.
         """
-        return manager.metrics()
+        snapshot = manager.metrics()
+        cluster = await manager.cluster_metrics()
+        return snapshot if cluster is None else snapshot.model_copy(update={"cluster": cluster})
 
     async def server_shutdown(
         timeout_seconds: Annotated[

@@ -15,10 +15,16 @@ import time
 
 import anyio
 
-from tests.bench import deadlines, manager, overhead, shutdown
+from tests.bench import cluster, deadlines, manager, overhead, shutdown
 from tests.bench.common import Figure, median_spread, table
 
-BENCHES = {"overhead": overhead.run, "manager": manager.run, "deadlines": deadlines.run, "shutdown": shutdown.run}
+BENCHES = {
+    "overhead": overhead.run,
+    "manager": manager.run,
+    "deadlines": deadlines.run,
+    "shutdown": shutdown.run,
+    "cluster": cluster.run,
+}
 
 
 def _memory(quick: bool) -> list[Figure]:

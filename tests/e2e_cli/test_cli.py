@@ -334,3 +334,17 @@ def test_the_console_script_imports_tool_modules_from_the_working_directory(tmp_
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_check_config_prints_the_store_url_without_its_password() -> None:
+    url = "redis://:hunter2@cache.internal:6379/0"
+    result = run("--check-config", env={"MCP_SESSIONS_STORE__BACKEND": "redis", "MCP_SESSIONS_STORE__URL": url})
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["store"] == {
+        "backend": "redis",
+        "url": "redis://:***@cache.internal:6379/0",
+        "key_prefix": "mcp-sessions:",
+        "timeout_seconds": 1.0,
+    }
+    assert "hunter2" not in result.stdout + result.stderr

@@ -112,7 +112,9 @@ def test_config_default_toml_spells_out_every_key_with_its_default() -> None:
         spelled = tomllib.load(handle)
     defaults = load_settings(None).model_dump(mode="json")
 
-    assert spelled == {section: defaults[section] for section in ("server", "limits", "shutdown", "logging", "metrics")}
+    assert spelled == {
+        section: defaults[section] for section in ("server", "limits", "shutdown", "logging", "metrics", "store")
+    }
     assert defaults["tools"] == {}
 
 
@@ -365,7 +367,7 @@ BAD_FILES = [
     ),
     pytest.param(
         "max_sessions = 5\n",
-        "max_sessions: unknown key; the keys here are server, limits, shutdown, logging, metrics, tools",
+        "max_sessions: unknown key; the keys here are server, limits, shutdown, logging, metrics, store, tools",
         id="unknown-top-level-key",
     ),
     pytest.param(
@@ -385,7 +387,7 @@ BAD_FILES = [
     ),
     pytest.param(
         '_env_prefix = "OTHER_"\n',
-        "_env_prefix: unknown key; the keys here are server, limits, shutdown, logging, metrics, tools",
+        "_env_prefix: unknown key; the keys here are server, limits, shutdown, logging, metrics, store, tools",
         id="settings-init-option-is-not-a-key",
     ),
     pytest.param(
@@ -489,6 +491,37 @@ BAD_FILES = [
         '[metrics]\nprometheus_port = "9100"\n',
         'metrics.prometheus_port: must be a whole number (got "9100")',
         id="exporter-port-as-text",
+    ),
+    pytest.param(
+        '[store]\nbackend = "etcd"\n',
+        "store.backend: must be 'memory' or 'redis' (got \"etcd\")",
+        id="unknown-store-backend",
+    ),
+    pytest.param(
+        '[store]\nurl = "http://127.0.0.1:6379"\n',
+        "store.url: must be a Redis URL starting with redis://, rediss:// or unix://, "
+        'e.g. redis://127.0.0.1:6379/0 (got "http://127.0.0.1:6379")',
+        id="store-url-not-redis",
+    ),
+    pytest.param(
+        '[store]\nkey_prefix = ""\n',
+        'store.key_prefix: must not be empty (got "")',
+        id="empty-key-prefix",
+    ),
+    pytest.param(
+        '[store]\nkey_prefix = "my prefix:"\n',
+        'store.key_prefix: must be printable with no spaces, e.g. "mcp-sessions:" (got "my prefix:")',
+        id="key-prefix-with-space",
+    ),
+    pytest.param(
+        "[store]\ntimeout_seconds = 0\n",
+        "store.timeout_seconds: must be greater than 0.0 (got 0)",
+        id="store-timeout-zero",
+    ),
+    pytest.param(
+        '[store]\nbackend = "redis"\nurl_ = "redis://x"\n',
+        "store.url_: unknown key; did you mean 'url'?",
+        id="store-key-typo",
     ),
 ]
 

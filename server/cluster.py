@@ -1,0 +1,461 @@
+"""Cluster mode: one session space for every replica that shares a Redis store.
+
+Tier: runtime core. `ClusterSessionManager` is a `SessionManager` whose admission also asks
+the shared store (`server.store`), atomically, whether the cluster has room: the global cap,
+the per-tool caps and the per-client share hold across replicas. Everything a replica does
+for its own sessions stays local and synchronous, as with the memory backend (deadlines,
+cancellation, this replica's metrics); the store learns of their ends through an outbox that
+one task writes to Redis in batches, in order, and retries until Redis takes it (nothing is
+lost while Redis is away). Limits that concern this process stay per replica: the queue
+(`limits.max_queued`, `queue_timeout_seconds`) and the stuck-thread bound.
+
+Replicas hear of each other through the store's pub/sub channel: "freed" (a slot may be free:
+queued calls try again) and "ended <id> <state>" (a session was released through another
+replica: its owner ends its local copy). A session whose replica died is expired by Redis
+itself, at its deadline plus a grace (`server.store.EXPIRY_GRACE_SECONDS`), when any replica
+next admits or does its housekeeping.
+
+When Redis cannot be reached, calls are refused at once with `store_unavailable` (within
+`[store] timeout_seconds`), and everything resumes by itself when it is back; if it came back
+empty (restarted without its data), each replica registers its running sessions again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Hashable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Unpack
+
+import anyio
+
+from server import admission
+from server.admission import Refusal, SessionRequest, Waiter
+from server.config import LimitsSettings, StoreSettings
+from server.errors import ErrorCode, SessionError
+from server.metrics import ClusterMetrics, ClusterToolMetrics
+from server.sessions import Session, SessionManager, SessionState
+from server.store import RedisStore, StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+#: Longest time between two housekeeping runs (expiring dead replicas' sessions, marking this
+#: replica live); sooner when a session in the store is due.
+HOUSEKEEPING_SECONDS = 1.0
+#: Back-off bounds while Redis is away (for the outbox, the pub/sub listener).
+RETRY_MIN_SECONDS = 0.05
+RETRY_MAX_SECONDS = 1.0
+#: How long a session end may wait for an admission's round trip to carry it to Redis before it
+#: is written on its own. Only other replicas wait for it: this replica's next admission carries it.
+COALESCE_SECONDS = 0.005
+#: Who a capacity refusal names: the cap is the service's, not this replica's.
+CLUSTER = "the cluster (every replica sharing the session store)"
+
+
+def client_key(client: Hashable | None, replica: str) -> str | None:
+    """A client identity as text the store can count by. HTTP identities (MCP session, credential
+    digest, peer address) mean the same on every replica; a connection is this replica's own."""
+    if client is None:
+        return None
+    if isinstance(client, tuple) and len(client) == 2 and isinstance(client[1], str):
+        return f"{client[0]}:{client[1]}"
+    return f"{replica}:{type(client).__name__}:{id(client):x}"
+
+
+class ClusterSessionManager(SessionManager):
+    """A `SessionManager` whose limits hold across the replicas sharing `[store]`."""
+
+    def __init__(
+        self,
+        limits: LimitsSettings | None = None,
+        tool_caps: Mapping[str, int] | None = None,
+        store: StoreSettings | None = None,
+    ) -> None:
+        super().__init__(limits, tool_caps)
+        settings = store if store is not None else StoreSettings(backend="redis")
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.store = RedisStore(settings, self.replica)
+        self.store.waiting = lambda: len(self._queue)
+        # Admitted for a caller that was cancelled while Redis decided: end it there.
+        self.store.on_orphan = lambda session_id: self._send_end(session_id, SessionState.CANCELLED)
+        #: Set when a slot may have come free anywhere in the cluster: queued calls try again.
+        self._freed = anyio.Event()
+        #: Why the store failed last (None while it answers); once it answers again, this
+        #: replica registers its sessions again in case Redis came back empty.
+        self._store_error: str | None = None
+        #: The store's epoch when last seen; a new one means Redis lost its data.
+        self._epoch: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SessionManager]:
+        """Check that Redis answers (raises `StoreUnavailable` if not) and learn the store's epoch;
+        then run the reaper, the outbox, the housekeeping, the pub/sub listener and the queue
+        dispatcher. On exit, write the last session ends to Redis (bounded by the store's
+        timeout) and disconnect."""
+        _, self._epoch = await self.store.housekeeping()  # also checks that Redis answers
+        try:
+            async with super().running(), anyio.create_task_group() as tg:
+                tg.start_soon(self._write_outbox)
+                tg.start_soon(self._housekeep)
+                tg.start_soon(self._listen)
+                tg.start_soon(self._dispatch)
+                try:
+                    yield self
+                finally:
+                    with anyio.move_on_after(self.store.settings.timeout_seconds * 2, shield=True):
+                        await self.store.flush_ended()
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.close()
+
+    # -- admission -------------------------------------------------------------------------
+
+    async def create(self, *, queue: bool = True, **request: Unpack[SessionRequest]) -> Session:
+        """Admit a session if this replica and the cluster have room (see `SessionManager.create`).
+
+        Raises:
+            SessionError: as `SessionManager.create`, and `store_unavailable` when Redis cannot
+                be reached (the call is not run).
+        """
+        session = self._prepare(**request)
+        limits = self.limits
+        with self._lock:
+            self._check_refusals_locked(session)  # metadata size, this replica's stuck threads
+            may_queue = queue and len(self._queue) < limits.max_queued
+            behind = may_queue and bool(self._queue)  # FIFO: a newcomer queues behind the waiters here
+            session.id = self._new_id_locked()
+        if not behind:
+            verdict = await self._acquire(session, final=not may_queue)
+            if verdict == "ok":
+                return self._open_admitted(session)
+            if verdict == "client_limit":
+                self._count(Refusal.CLIENT_LIMIT)
+                raise admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
+            if not may_queue:
+                raise self._refuse_full(session, verdict)
+        with self._lock:
+            waiter = Waiter(session, time.monotonic(), anyio.Event())
+            self._queue[waiter] = None
+            if session.client is not None:
+                self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
+        self._freed.set()
+        return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
+
+    def create_nowait(self, **request: Unpack[SessionRequest]) -> Session:
+        """Not available in cluster mode: admission asks Redis. Use `await create(queue=False, ...)`."""
+        raise TypeError("cluster mode admits through Redis: use `await manager.create(queue=False, ...)`")
+
+    async def _acquire(self, session: Session, final: bool) -> str:
+        """Ask the store to admit `session`: "ok", or why not. Refuses with `store_unavailable`."""
+        limits = self.limits
+        tool = session.tool
+        try:
+            verdict = await self.store.acquire(
+                session.id,
+                session.timeout_seconds,
+                tool,
+                client_key(session.client, self.replica),
+                session.metadata_bytes,
+                limits.max_concurrent_sessions,
+                self.tool_caps.get(tool) if tool is not None else None,
+                limits.max_sessions_per_client,
+                final,
+            )
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            self._count(Refusal.STORE)
+            raise admission.refuse_store(tool, str(exc)) from None
+        return verdict
+
+    def _open_admitted(self, session: Session) -> Session:
+        """Open locally a session the store has admitted (and give it back if shutdown began)."""
+        with self._lock:
+            if not self._shutting_down:
+                return self._open_locked(session)
+            self._rejected[Refusal.SHUTDOWN] += 1
+        self._send_end(session.id, SessionState.CANCELLED)
+        raise admission.refuse_shutdown(session.tool)
+
+    def _refuse_full(self, session: Session, verdict: str) -> SessionError:
+        limits = self.limits
+        tool = session.tool
+        with self._lock:
+            if verdict == "tool_limit" and tool is not None:
+                self._rejected[Refusal.TOOL_LIMIT] += 1
+                self._tool_stats(tool).rejected_tool_limit += 1
+                return admission.refuse_tool_limit(tool, self.tool_caps[tool])
+            self._rejected[Refusal.CAPACITY] += 1
+            cap = limits.max_concurrent_sessions
+            return admission.refuse_capacity(tool, cap, len(self._queue), limits.max_queued, CLUSTER)
+
+    def _count(self, refusal: Refusal) -> None:
+        with self._lock:
+            self._rejected[refusal] += 1
+
+    def _hand_over_locked(self) -> list[Waiter]:
+        """A slot came free here: the dispatcher gives it out through the store (never locally)."""
+        if self._queue:
+            self._freed.set()
+        return []
+
+    async def _dispatch(self) -> None:
+        """Offer freed slots to the calls queued here, oldest first, through the store."""
+        while True:
+            await self._freed.wait()
+            self._freed = anyio.Event()
+            for waiter in list(self._queue):
+                if waiter not in self._queue:
+                    continue  # timed out, cancelled or refused meanwhile
+                session = waiter.session
+                try:
+                    verdict = await self._acquire(session, final=False)
+                except SessionError as refusal:
+                    self._refuse_waiters(refusal)
+                    break
+                if verdict == "ok":
+                    self._hand_to(waiter)
+                elif verdict == "capacity":
+                    break  # the cluster is full: wait for the next freed slot
+                elif verdict == "client_limit":
+                    with self._lock:
+                        if waiter in self._queue:
+                            self._leave_queue_locked(waiter)
+                            self._rejected[Refusal.CLIENT_LIMIT] += 1
+                            waiter.refusal = admission.refuse_client_limit(
+                                session.tool, self.limits.max_sessions_per_client
+                            )
+                    waiter.event.set()
+                # "tool_limit": its tool is full; the calls behind it may fit
+
+    def _hand_to(self, waiter: Waiter) -> None:
+        session = waiter.session
+        with self._lock:
+            still_waiting = waiter in self._queue and not self._shutting_down
+            if still_waiting:
+                del self._queue[waiter]
+                self._queue_waits.add(time.monotonic() - waiter.enqueued)
+                if session.client is not None:
+                    self._client_load[session.client] -= 1  # counted again as active by _open_locked
+                self._open_locked(session)
+                waiter.admitted = True
+        if still_waiting:
+            waiter.event.set()
+        else:
+            self._send_end(session.id, SessionState.CANCELLED)  # it left while Redis admitted it
+
+    def _refuse_waiters(self, refusal: SessionError) -> None:
+        """Redis is away: queued calls are refused now rather than left to wait it out."""
+        with self._lock:
+            waiting = list(self._queue)
+            for waiter in waiting:
+                self._leave_queue_locked(waiter)
+                waiter.refusal = SessionError(refusal.code, refusal.message, tool=waiter.session.tool)
+            self._rejected[Refusal.STORE] += max(0, len(waiting) - 1)  # _acquire counted the first
+        for waiter in waiting:
+            waiter.event.set()
+
+    # -- release ---------------------------------------------------------------------------
+
+    async def release(
+        self, session_id: str, outcome: SessionState | str = SessionState.COMPLETED, error: str | None = None
+    ) -> Session:
+        """End a session made through any replica (see `SessionManager.release`). Redis decides,
+        so that a session released through two replicas at once is released once.
+
+        Raises:
+            SessionError: as `SessionManager.release`, and `store_unavailable` while Redis
+                cannot be reached.
+        """
+        state = _ended_state(outcome, session_id)
+        local = self._active.get(session_id)
+        if local is None and self._issued_by_us(session_id):
+            raise self._not_active(session_id)  # it ended here (its end may still be on its way)
+        try:
+            (known,) = await self.store.release([(session_id, state.value)])
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            self._count(Refusal.STORE)
+            raise SessionError(
+                ErrorCode.STORE_UNAVAILABLE,
+                f"{exc}; session {session_id} was not released. Retry in a moment",
+                session_id=session_id,
+            ) from None
+        local = self._active.get(session_id)
+        if known.before in ("active", "unknown") and local is not None:
+            # Ours, and now ended in Redis (or Redis no longer knew it): end our copy.
+            super()._finish(local, state, error)
+            return local
+        if known.before == "active":
+            # Released here for the replica that made it: a detached record of how it ended.
+            return Session(
+                session_id, session_id, None, "", "", None, 0, 0.0, 0.0, 0.0, 0.0, state, known.duration, error
+            )
+        if known.before == "unknown":
+            raise self._not_active(session_id)
+        if local is not None:  # released through another replica; its message is on its way
+            super()._finish(local, SessionState(known.before), "released through another replica")
+        raise SessionError(
+            ErrorCode.ALREADY_RELEASED,
+            f"session {session_id} has already ended ({known.before}); it cannot be released again",
+            session_id=session_id,
+        )
+
+    def _finish(self, session: Session, state: SessionState, error: str | None = None) -> bool:
+        """End `session` here, and in the store unless the store told us it ended."""
+        if not super()._finish(session, state, error):
+            return False
+        self._send_end(session.id, state)
+        return True
+
+    def _send_end(self, session_id: str, state: SessionState) -> None:
+        self.store.end_later(session_id, state.value)
+
+    async def _write_outbox(self) -> None:
+        """Write session ends to Redis: with the next admission's round trip if one comes within
+        `COALESCE_SECONDS`, else on their own; kept (in order) while Redis is away."""
+        delay = RETRY_MIN_SECONDS
+        while True:
+            await self.store.ended_ready.wait()
+            await anyio.sleep(COALESCE_SECONDS)
+            try:
+                await self.store.flush_ended()
+                delay = RETRY_MIN_SECONDS
+                self._store_answered()
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                await anyio.sleep(delay)  # back off while Redis is away
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    # -- keeping in touch ------------------------------------------------------------------
+
+    async def _housekeep(self) -> None:
+        """Expire dead replicas' sessions when due and mark this replica live, at least every
+        `HOUSEKEEPING_SECONDS`; put this replica's sessions back if Redis lost them (a new epoch)."""
+        while True:
+            wait = HOUSEKEEPING_SECONDS
+            try:
+                due, epoch = await self.store.housekeeping()
+                if epoch != self._epoch:
+                    if self._epoch is not None:  # Redis came back empty: it lost our sessions
+                        await self._reconcile()
+                    self._epoch = epoch
+                self._store_answered()
+                if due is not None:
+                    wait = min(wait, max(due, 0.01))
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                wait = RETRY_MAX_SECONDS
+            if self._queue:
+                self._freed.set()  # a freed slot's message may have been lost: try again now
+            await anyio.sleep(wait)
+
+    async def _reconcile(self) -> None:
+        """Bring this replica's sessions in line with Redis after a time out of touch: end those
+        released through another replica meanwhile (whose message was missed), and register
+        again those Redis lost."""
+        now = time.monotonic()
+        with self._lock:
+            mine = [s for s in self._active.values() if s.deadline > now]
+        states = await self.store.reconcile(
+            [(s.id, s.deadline - now, s.tool, client_key(s.client, self.replica), s.metadata_bytes) for s in mine]
+        )
+        restored = 0
+        for session, state in zip(mine, states, strict=True):
+            if state == "restored":
+                restored += 1
+            elif state != SessionState.ACTIVE.value:
+                super()._finish(session, SessionState(state), "ended in the session store while out of touch")
+        if restored:
+            logger.warning("The session store had lost %s session(s) of this replica; registered them again", restored)
+
+    async def _listen(self) -> None:
+        """Follow the store's events; reconnect (with back-off) whenever the connection drops."""
+        delay = RETRY_MIN_SECONDS
+        while True:
+            try:
+                async with self.store.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.store.channel)
+                    # Subscribed: from now on no end is missed; catch up on those that were.
+                    await self._reconcile()
+                    delay = RETRY_MIN_SECONDS
+                    self._freed.set()  # a freed slot's message may have been missed too
+                    while True:
+                        message = await pubsub.get_message(timeout=HOUSEKEEPING_SECONDS)
+                        if message is not None:
+                            self._on_event(message.get("data"))
+            except Exception as exc:  # noqa: BLE001 - any failure of the connection: reconnect
+                logger.debug("Session store events: %s; reconnecting", exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def _on_event(self, data: Any) -> None:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        if text.startswith("ended "):
+            _, session_id, state = text.split(" ", 2)
+            session = self._active.get(session_id)
+            if session is not None:
+                # Released through another replica: end our copy without telling Redis back.
+                super()._finish(session, SessionState(state), "released through another replica")
+        if self._queue:
+            self._freed.set()
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        if self._store_error is None:
+            logger.warning("%s", exc)
+        self._store_error = str(exc)
+
+    def _store_answered(self) -> None:
+        if self._store_error is not None and not self.store.pending_ends:
+            logger.warning("The session store answers again")
+            self._store_error = None
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    async def cluster_metrics(self) -> ClusterMetrics:
+        """The cluster's totals, read atomically from Redis; `available=False` and why when it
+        cannot be reached (the local view in `metrics()` is always there)."""
+        try:
+            totals = await self.store.totals()
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            return ClusterMetrics(backend="redis", available=False, error=str(exc), replica=self.replica)
+        counts = totals.counts
+        return ClusterMetrics(
+            backend="redis",
+            available=True,
+            replica=self.replica,
+            replicas=totals.replicas,
+            active_sessions=totals.active_sessions,
+            peak_concurrent_sessions=counts.get("peak", 0),
+            total_sessions_created=counts.get("created", 0),
+            total_sessions_completed=counts.get("completed", 0),
+            total_sessions_error=counts.get("error", 0),
+            total_sessions_timeout=counts.get("timeout", 0),
+            total_sessions_cancelled=counts.get("cancelled", 0),
+            sessions_rejected_capacity=counts.get("rejected_capacity", 0),
+            sessions_rejected_tool_limit=counts.get("rejected_tool_limit", 0),
+            sessions_rejected_client_limit=counts.get("rejected_client_limit", 0),
+            current_metadata_bytes=counts.get("metadata_bytes", 0),
+            tools={name: ClusterToolMetrics(active=n) for name, n in sorted(totals.tools.items())},
+        )
+
+
+def _ended_state(outcome: SessionState | str, session_id: str) -> SessionState:
+    try:
+        state = SessionState(outcome)
+    except ValueError:
+        state = SessionState.ACTIVE
+    if state is SessionState.ACTIVE:
+        raise SessionError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"outcome must be one of completed, error, timeout, cancelled; got {outcome!r}",
+            session_id=session_id,
+        )
+    return state

@@ -1,0 +1,495 @@
+"""The shared session space of cluster mode: sessions, slots and counters in Redis.
+
+Tier: runtime core, used by `server.cluster`. Every change that replicas could race on is
+one Lua script, run atomically by Redis: admission (expire what is overdue, check the caps,
+register the session and count it), release, and the housekeeping that expires the sessions
+of replicas that died. Deadlines and durations use the Redis server's clock (`TIME`), so
+replicas need no synchronised clocks.
+
+Keys, all under `[store] key_prefix` (P):
+    P active    sorted set: id of every active session, scored by its deadline (ms)
+    P s:<id>    hash: tool, client, replica, bytes, created, deadline, state (kept a while after it ends)
+    P counts    hash: created, completed, error, timeout, cancelled, peak, metadata_bytes, rejected_*
+    P tools     hash: active calls per tool
+    P clients   hash: active sessions per client
+    P replicas  sorted set: replica id scored by when it last reported (ms)
+    P epoch     a token set once: a Redis that restarted empty has a new one
+    P waiting   hash: calls queued per replica (only replicas with queued calls are told of freed slots)
+    P events    pub/sub channel: "freed" (a slot may be free), "ended <id> <state>" (released
+                through a replica other than its own)
+
+Every Redis failure surfaces as `StoreUnavailable`, raised within `[store] timeout_seconds`
+(bounded connect and reads, one retry on a broken connection): the caller answers `store_unavailable` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from server.config import StoreSettings, safe_url
+
+#: A session whose replica stopped answering is expired this long after its deadline: the
+#: replica that owns a session ends it at its deadline itself, so Redis only steps in for one
+#: that died (and never races a live replica's own timeout).
+EXPIRY_GRACE_SECONDS = 1.0
+#: How long an ended session is remembered, to answer `already_released` with how it ended.
+ENDED_TTL_SECONDS = 3600
+#: A replica counts as live in the cluster totals if it reported within this many seconds.
+REPLICA_LIVE_SECONDS = 5.0
+#: At most this many overdue sessions are expired per script run (the rest on the next one).
+PURGE_BATCH = 200
+#: How long the end of a session Redis never saw is remembered: long enough for an admission
+#: that timed out on its way (and so was answered `store_unavailable`) to arrive and be refused.
+TOMBSTONE_TTL_SECONDS = 120
+
+_COMMON = (
+    f"local PURGE_BATCH, TOMBSTONE_TTL = {PURGE_BATCH}, {TOMBSTONE_TTL_SECONDS}\n"
+    + """
+local P = ARGV[1]
+local active, counts, tools, clients = P .. 'active', P .. 'counts', P .. 'tools', P .. 'clients'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function decr(hash, field)
+  if field and field ~= '' then
+    if redis.call('HINCRBY', hash, field, -1) <= 0 then redis.call('HDEL', hash, field) end
+  end
+end
+
+-- End an active session: free its slot and count how it ended. False if it was not active.
+local function finish(id, state, ttl)
+  redis.call('ZREM', active, id)
+  local key = P .. 's:' .. id
+  local f = redis.call('HMGET', key, 'tool', 'client', 'bytes', 'state')
+  if f[4] ~= 'active' then return false end
+  decr(tools, f[1])
+  decr(clients, f[2])
+  local bytes = tonumber(f[3]) or 0
+  if bytes ~= 0 then redis.call('HINCRBY', counts, 'metadata_bytes', 0 - bytes) end
+  redis.call('HINCRBY', counts, state, 1)
+  redis.call('HSET', key, 'state', state, 'ended', now)
+  redis.call('EXPIRE', key, ttl)
+  return true
+end
+
+-- Tell the replicas that a slot came free, if any has calls queued for one.
+local function signal_freed()
+  if redis.call('HLEN', P .. 'waiting') > 0 then redis.call('PUBLISH', P .. 'events', 'freed') end
+end
+
+-- How many calls this replica has queued (it is told of freed slots while any).
+local function set_waiting(replica, n)
+  if n > 0 then redis.call('HSET', P .. 'waiting', replica, n) else redis.call('HDEL', P .. 'waiting', replica) end
+end
+
+-- Expire sessions overdue by more than the grace (their replica did not end them).
+local function purge(grace, ttl, limit)
+  local ids = redis.call('ZRANGEBYSCORE', active, '-inf', now - grace, 'LIMIT', 0, limit)
+  local freed = 0
+  for _, id in ipairs(ids) do
+    if finish(id, 'timeout', ttl) then freed = freed + 1 end
+  end
+  if freed > 0 then signal_freed() end
+  return freed
+end
+
+local function register(id, timeout_ms, tool, client, bytes, replica, ttl)
+  local deadline = now + timeout_ms
+  redis.call('ZADD', active, deadline, id)
+  local key = P .. 's:' .. id
+  redis.call('HSET', key, 'tool', tool, 'client', client, 'replica', replica, 'bytes', bytes,
+    'created', now, 'deadline', deadline, 'state', 'active')
+  redis.call('PEXPIRE', key, timeout_ms + ttl * 1000)
+  if tool ~= '' then redis.call('HINCRBY', tools, tool, 1) end
+  if client ~= '' then redis.call('HINCRBY', clients, client, 1) end
+  redis.call('HINCRBY', counts, 'created', 1)
+  if bytes ~= 0 then redis.call('HINCRBY', counts, 'metadata_bytes', bytes) end
+  local n = redis.call('ZCARD', active)
+  if n > tonumber(redis.call('HGET', counts, 'peak') or '0') then redis.call('HSET', counts, 'peak', n) end
+  return deadline
+end
+"""
+)
+
+# The one script of the call path: end sessions, then admit new ones, in one round trip.
+# ARGV: prefix, grace_ms, ttl_s, replica, calls queued at the replica, number of ends, own (1:
+# the ends are this replica's own sessions), then per end: id, state; then per admission: id,
+# timeout_ms, tool, client, bytes, max_total, tool_cap (0: none), client_cap (0: none), final
+# (1: count a refusal, the caller will not queue).
+# Returns {per end {state before, created, now}, per admission {verdict}}. An end of a session
+# another replica owns is announced ("ended ..."), so that its owner ends its copy.
+_SYNC = (
+    _COMMON
+    + """
+local grace, ttl, replica = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+set_waiting(replica, tonumber(ARGV[5]))
+local ends, own = tonumber(ARGV[6]), ARGV[7] == '1'
+local released, admitted = {}, {}
+local freed = false
+for i = 8, 7 + 2 * ends, 2 do
+  local id, state = ARGV[i], ARGV[i + 1]
+  local key = P .. 's:' .. id
+  local f = redis.call('HMGET', key, 'state', 'created', 'replica')
+  local before = f[1] or 'unknown'
+  if before == 'active' then
+    finish(id, state, ttl)
+    freed = true
+    if f[3] ~= replica then redis.call('PUBLISH', P .. 'events', 'ended ' .. id .. ' ' .. state) end
+  elseif before == 'unknown' and own then
+    -- One of ours that Redis has not seen: its admission may still be on its way (sent before
+    -- a time-out, run late). Leave a mark so that it is not admitted then.
+    redis.call('HSET', key, 'state', state)
+    redis.call('EXPIRE', key, TOMBSTONE_TTL)
+  end
+  released[#released + 1] = {before, tonumber(f[2] or '0'), now}
+end
+if freed then signal_freed() end
+if #ARGV > 7 + 2 * ends then purge(grace, ttl, PURGE_BATCH) end
+for i = 8 + 2 * ends, #ARGV, 9 do
+  local id, timeout_ms, tool, client = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
+  local bytes, max_total = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  local tool_cap, client_cap, final = tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), ARGV[i + 8] == '1'
+  local verdict = 'ok'
+  if redis.call('EXISTS', P .. 's:' .. id) == 1 then
+    verdict = 'again'  -- run twice (a retry after a lost reply): admitted once
+  elseif client ~= '' and client_cap > 0 and tonumber(redis.call('HGET', clients, client) or '0') >= client_cap then
+    verdict = 'client_limit'
+  elseif redis.call('ZCARD', active) >= max_total then
+    verdict = 'capacity'
+  elseif tool ~= '' and tool_cap > 0 and tonumber(redis.call('HGET', tools, tool) or '0') >= tool_cap then
+    verdict = 'tool_limit'
+  end
+  if verdict == 'again' then
+    verdict = 'ok'
+  elseif verdict == 'ok' then
+    register(id, timeout_ms, tool, client, bytes, replica, ttl)
+  elseif final or verdict == 'client_limit' then
+    redis.call('HINCRBY', counts, 'rejected_' .. verdict, 1)
+  end
+  admitted[#admitted + 1] = verdict
+end
+return {released, admitted}
+"""
+)
+
+# ARGV: prefix, grace_ms, ttl_s, replica, live_ms, epoch, calls queued at the replica. Expires
+# overdue sessions, records the replica as live; returns {sessions expired, ms until the
+# earliest deadline + grace (-1: none), the store's epoch}. The epoch is a token set once per
+# store: a Redis that restarted empty has a new one, which tells each replica to register its
+# sessions again.
+_HOUSEKEEPING = (
+    _COMMON
+    + """
+local grace, ttl, replica, live = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+set_waiting(replica, tonumber(ARGV[7]))
+local freed = purge(grace, ttl, PURGE_BATCH)
+local replicas = P .. 'replicas'
+redis.call('ZADD', replicas, now, replica)
+redis.call('ZREMRANGEBYSCORE', replicas, '-inf', now - 10 * live)
+local first = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
+local wait = -1
+if first[2] then wait = math.max(0, tonumber(first[2]) + grace - now) end
+redis.call('SET', P .. 'epoch', ARGV[6], 'NX')
+return {freed, wait, redis.call('GET', P .. 'epoch')}
+"""
+)
+
+# ARGV: prefix, ttl_s, replica, then (id, ms left, tool, client, bytes) per session this
+# replica holds. Returns each one's state in Redis: "active"; an ended state (it was released
+# through another replica, and the message was missed); or "restored" (Redis no longer had it,
+# having restarted empty: it is registered again).
+_RECONCILE = (
+    _COMMON
+    + """
+local ttl, replica = tonumber(ARGV[2]), ARGV[3]
+local out = {}
+for i = 4, #ARGV, 5 do
+  local id = ARGV[i]
+  local state = redis.call('HGET', P .. 's:' .. id, 'state')
+  if not state then
+    register(id, tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), replica, ttl)
+    state = 'restored'
+  end
+  out[#out + 1] = state
+end
+return out
+"""
+)
+
+# ARGV: prefix, live_ms. One consistent reading of the cluster's counters.
+_TOTALS = (
+    _COMMON
+    + """
+local live = tonumber(ARGV[2])
+return {
+  redis.call('ZCARD', active),
+  redis.call('HGETALL', counts),
+  redis.call('HGETALL', tools),
+  redis.call('ZCOUNT', P .. 'replicas', now - live, '+inf'),
+}
+"""
+)
+
+
+class StoreUnavailable(Exception):
+    """Redis could not be reached or did not answer in time; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What Redis knew of a session a release named."""
+
+    #: "active" (this release ended it), an ended state ("completed", ...), or "unknown".
+    before: str
+    #: Seconds from its creation to now, on the Redis clock (0.0 when unknown).
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    active_sessions: int
+    counts: dict[str, int]
+    tools: dict[str, int]
+    replicas: int
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, int]:
+    return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class RedisStore:
+    """The session space in Redis at `[store] url`, under `[store] key_prefix`."""
+
+    def __init__(self, settings: StoreSettings, replica: str) -> None:
+        self.settings = settings
+        self.replica = replica
+        self.prefix = settings.key_prefix
+        self.channel = settings.key_prefix + "events"
+        self.where = f"the session store at {safe_url(settings.url)} ([store] url)"
+        timeout = settings.timeout_seconds
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # One immediate retry, on a broken connection only: a pooled connection to a Redis
+            # that restarted fails once. A Redis that is down fails the retry at once too.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            health_check_interval=0,
+        )
+        self._sync = self.redis.register_script(_SYNC)
+        self._housekeeping = self.redis.register_script(_HOUSEKEEPING)
+        self._reconcile = self.redis.register_script(_RECONCILE)
+        self._totals = self.redis.register_script(_TOTALS)
+        self._grace_ms = int(EXPIRY_GRACE_SECONDS * 1000)
+        #: How many calls this replica has queued; `on_orphan(session_id)`: a session admitted
+        #: for a caller that was cancelled meanwhile (the owner ends it). Set by the manager.
+        self.waiting: Callable[[], int] = lambda: 0
+        self.on_orphan: Callable[[str], None] = lambda session_id: None
+        self._admissions: list[tuple[tuple[Any, ...], asyncio.Future[str]]] = []
+        self._admitting: asyncio.Task[None] | None = None
+        self._ended: list[tuple[str, str]] = []
+        #: Set while session ends wait to be written.
+        self.ended_ready = anyio.Event()
+
+    async def _call(self, what: str, operation: Any) -> Any:
+        """Await `operation` within the store's timeout; any failure becomes `StoreUnavailable`."""
+        try:
+            # The client bounds connect and each read; this bounds the whole operation too.
+            with anyio.fail_after(self.settings.timeout_seconds * 2):
+                return await operation
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"{self.where} failed to {what}: {_describe(exc)}") from None
+
+    async def acquire(
+        self,
+        session_id: str,
+        seconds: float,
+        tool: str | None,
+        client: str | None,
+        metadata_bytes: int,
+        max_total: int,
+        tool_cap: int | None,
+        client_cap: int,
+        final: bool,
+    ) -> str:
+        """Admit and register a session for `seconds` if the cluster has room: "ok", else why
+        not ("capacity" | "tool_limit" | "client_limit").
+
+        One round trip carries every admission asked for while the previous one was on its
+        way, and the session ends waiting to be written (`end_later`), written first. A caller
+        cancelled while its request is on its way does not learn the verdict; an admitted
+        session of such a caller is handed to `on_orphan`.
+        """
+        request = (
+            session_id,
+            max(1, math.ceil(seconds * 1000)),
+            tool or "",
+            client or "",
+            metadata_bytes,
+            max_total,
+            tool_cap or 0,
+            client_cap,
+            1 if final else 0,
+        )
+        verdict: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._admissions.append((request, verdict))
+        if self._admitting is None:
+            self._admitting = asyncio.get_running_loop().create_task(self._admit_batches())
+        return await verdict
+
+    async def _admit_batches(self) -> None:
+        try:
+            while self._admissions:
+                batch, self._admissions = self._admissions, []
+                try:
+                    _, rows = await self._run_sync("admit a session", self._take_ended(), [r for r, _ in batch], True)
+                except StoreUnavailable as exc:
+                    for request, verdict in batch:
+                        if not verdict.done():
+                            verdict.set_exception(StoreUnavailable(str(exc)))
+                        # Refused here, but Redis may still run the admission (a time-out, not a
+                        # refusal): end it there, or mark it so that it is never admitted.
+                        self.end_later(request[0], "cancelled")
+                    continue
+                for (request, verdict), answer in zip(batch, rows, strict=True):
+                    text = _text(answer)
+                    if not verdict.done():
+                        verdict.set_result(text)
+                    elif text == "ok":
+                        self.on_orphan(request[0])
+        finally:
+            self._admitting = None
+
+    def end_later(self, session_id: str, state: str) -> None:
+        """Write this session end with the next round trip (see `flush_ended`); in order, and
+        kept until Redis has taken it."""
+        self._ended.append((session_id, state))
+        self.ended_ready.set()
+
+    @property
+    def pending_ends(self) -> int:
+        return len(self._ended)
+
+    async def flush_ended(self) -> None:
+        """Write the session ends waiting to be written (raises `StoreUnavailable`; they stay)."""
+        while self._ended:
+            await self._run_sync("release a session", self._take_ended(), [], True)
+        self.ended_ready = anyio.Event()
+
+    def _take_ended(self) -> list[tuple[str, str]]:
+        ended, self._ended = self._ended[:1000], self._ended[1000:]
+        return ended
+
+    async def release(self, ended: Sequence[tuple[str, str]]) -> list[Released]:
+        """End each (session id, state) now if it is still active; say what each was before."""
+        rows, _ = await self._run_sync("release a session", list(ended), [], False)
+        return [
+            Released(_text(before), max(0, int(now) - int(created)) / 1000 if created else 0.0)
+            for before, created, now in rows
+        ]
+
+    async def _run_sync(
+        self, what: str, ended: list[tuple[str, str]], admissions: list[tuple[Any, ...]], requeue: bool
+    ) -> tuple[list[Any], list[Any]]:
+        """One run of the call-path script. On failure, with `requeue`, the ends go back to the
+        front of the queue (written again later: ending a session twice changes nothing)."""
+        args: list[Any] = [
+            self.prefix,
+            self._grace_ms,
+            ENDED_TTL_SECONDS,
+            self.replica,
+            self.waiting(),
+            len(ended),
+            1 if requeue else 0,  # the outbox holds this replica's own sessions
+        ]
+        for pair in ended:
+            args += pair
+        for request in admissions:
+            args += request
+        try:
+            released, admitted = await self._call(what, self._sync(args=args))
+        except BaseException:
+            if requeue and ended:
+                self._ended[:0] = ended
+                self.ended_ready.set()
+            raise
+        return released, admitted
+
+    async def housekeeping(self) -> tuple[float | None, str]:
+        """Expire sessions whose replica died; mark this replica live. Returns the seconds until
+        the next session could need expiring (None: no active session) and the store's epoch
+        (it changes when Redis lost its data)."""
+        live_ms = int(REPLICA_LIVE_SECONDS * 1000)
+        epoch = secrets.token_hex(8)
+        args = (self.prefix, self._grace_ms, ENDED_TTL_SECONDS, self.replica, live_ms, epoch, self.waiting())
+        _, wait_ms, epoch = await self._call("expire overdue sessions", self._housekeeping(args=args))
+        return (None if int(wait_ms) < 0 else int(wait_ms) / 1000), _text(epoch)
+
+    async def reconcile(self, sessions: Sequence[tuple[str, float, str | None, str | None, int]]) -> list[str]:
+        """Compare this replica's (id, seconds left, tool, client, bytes) sessions with Redis:
+        per session "active", the state another replica ended it with, or "restored" (Redis
+        had lost it and has it again)."""
+        if not sessions:
+            return []
+        args: list[Any] = [self.prefix, ENDED_TTL_SECONDS, self.replica]
+        for session_id, left, tool, client, size in sessions:
+            args += (session_id, max(1, math.ceil(left * 1000)), tool or "", client or "", size)
+        return [_text(state) for state in await self._call("reconcile sessions", self._reconcile(args=args))]
+
+    async def totals(self) -> Totals:
+        """The cluster's counters, read atomically."""
+        args = (self.prefix, int(REPLICA_LIVE_SECONDS * 1000))
+        active, counts, tools, replicas = await self._call("read the cluster totals", self._totals(args=args))
+        return Totals(int(active), _pairs(counts), _pairs(tools), int(replicas))
+
+    async def close(self) -> None:
+        try:
+            await self.redis.aclose()
+        except (RedisError, OSError):  # closing a connection to a Redis that is gone
+            pass
+
+
+def check_reachable(settings: StoreSettings) -> str | None:
+    """None if Redis at `settings.url` answers PING within the store's timeout; else why not
+    (a sentence naming the URL, password hidden). For startup, before anything is served."""
+    import redis
+    import redis.retry
+
+    timeout = settings.timeout_seconds
+    client = redis.Redis.from_url(
+        settings.url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=redis.retry.Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    try:
+        client.ping()
+    except (RedisError, OSError) as exc:
+        return f"cannot reach the session store at {safe_url(settings.url)} ([store] url): {_describe(exc)}"
+    finally:
+        client.close()
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, TimeoutError) and not text:
+        return "no answer in time"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

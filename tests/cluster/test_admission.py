@@ -1,0 +1,212 @@
+"""Cluster-wide admission: the caps hold for the service, not per replica.
+
+Replicas of the standalone server share one Redis (`[store] backend = "redis"`, one key prefix
+per test). The global cap is observed from outside the session layer: `tracked_sleep` counts
+its running bodies in a Redis counter and keeps the highest value it reached, and a sampler
+reads `cluster.active_sessions` through `session_metrics` on every replica during the burst.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+import redis.asyncio as aioredis
+from mcp import Client
+
+from tests.cluster.conftest import (
+    assert_cluster_accounts,
+    client_with_credential,
+    cluster_config,
+    cluster_metrics,
+    cluster_until,
+    local_until,
+    quiescent_cluster,
+    start_replicas,
+    tool_active,
+)
+from tests.e2e.conftest import TomlValue, metrics
+from tests.helpers import code_of, error_of, text_of
+
+CAP = 10
+CALLS = 100
+REPLICAS = 3
+CLIENTS_PER_REPLICA = 2
+#: Long enough that the calls overlap and the cap is reached, short enough to keep the test quick.
+WORK_SECONDS = 0.5
+#: The whole burst, on a slow shared CI machine.
+BURST_SECONDS = 60.0
+#: How soon a call queued on one replica must be admitted once another replica frees the slot
+#: (its queue timeout is far longer).
+WAKE_SECONDS = 3.0
+
+
+async def test_a_global_cap_of_10_holds_across_three_replicas_under_100_concurrent_calls(
+    tmp_path: Path, shared_store: dict[str, TomlValue], shared_redis_url: str, observer_key: str
+) -> None:
+    config = cluster_config(shared_store, limits={"max_concurrent_sessions": CAP})
+    outcomes: Counter[str] = Counter()
+    answered_by: Counter[int] = Counter()
+    sampled: list[int] = []
+    burst_done = anyio.Event()
+
+    async with start_replicas(tmp_path, config, REPLICAS) as replicas, AsyncExitStack() as stack:
+        callers = [
+            [
+                await stack.enter_async_context(Client(r.url or "", read_timeout_seconds=BURST_SECONDS))
+                for _ in range(CLIENTS_PER_REPLICA)
+            ]
+            for r in replicas
+        ]
+        observers = [await stack.enter_async_context(r.client()) for r in replicas]
+        await cluster_until(observers[0], lambda c: c["replicas"] == REPLICAS, within=10)
+
+        async def one_call(n: int) -> None:
+            replica = n % REPLICAS
+            client = callers[replica][(n // REPLICAS) % CLIENTS_PER_REPLICA]
+            arguments = {"seconds": WORK_SECONDS, "redis_url": shared_redis_url, "key": observer_key}
+            result = await client.call_tool("tracked_sleep", arguments)
+            answered_by[replica] += 1
+            if result.is_error:
+                outcomes[code_of(result)] += 1
+            else:
+                assert text_of(result) == f"slept {WORK_SECONDS:g}s", result
+                outcomes["ok"] += 1
+
+        async def sample() -> None:
+            n = 0
+            while not burst_done.is_set():
+                _, cluster = await cluster_metrics(observers[n % REPLICAS])
+                sampled.append(cluster["active_sessions"])
+                n += 1
+
+        with anyio.fail_after(BURST_SECONDS):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sample)
+                async with anyio.create_task_group() as calls:
+                    for n in range(CALLS):
+                        calls.start_soon(one_call, n)
+                burst_done.set()
+        local = [await metrics(observer) for observer in observers]
+        cluster = await quiescent_cluster(observers[0])
+        # Healthy afterwards: every replica admits and answers a call.
+        for observer in observers:
+            assert text_of(await observer.call_tool("echo", {"text": "still here"})) == "still here"
+
+    counter = aioredis.Redis.from_url(shared_redis_url)
+    try:
+        peak_seen = int(await counter.get(f"{observer_key}:peak") or 0)
+        running = int(await counter.get(f"{observer_key}:running") or 0)
+    finally:
+        await counter.aclose()
+
+    # Every call was answered, by the replica it was sent to, with its result or a refusal.
+    assert sum(outcomes.values()) == CALLS, outcomes
+    assert set(outcomes) <= {"ok", "capacity_exceeded"}, outcomes
+    assert [answered_by[r] for r in range(REPLICAS)] == [len(range(r, CALLS, REPLICAS)) for r in range(REPLICAS)]
+    # The cap was reached (refusals happen only at it) and never exceeded, seen three ways.
+    assert outcomes["capacity_exceeded"] > 0 and outcomes["ok"] >= CAP, outcomes
+    assert 1 < peak_seen <= CAP, f"tool bodies running at once across the cluster: {peak_seen}"
+    assert running == 0
+    assert max(sampled) <= CAP, f"cluster.active_sessions sampled above the cap: {max(sampled)}"
+    assert peak_seen <= cluster["peak_concurrent_sessions"] == CAP, cluster
+    # The cluster totals add up, and match the answers and the replicas' own counters.
+    assert_cluster_accounts(cluster)
+    assert cluster["active_sessions"] == 0, cluster
+    assert cluster["total_sessions_created"] == outcomes["ok"] == cluster["total_sessions_completed"], cluster
+    for state in ("error", "timeout", "cancelled"):
+        assert cluster[f"total_sessions_{state}"] == 0, cluster
+    assert cluster["sessions_rejected_capacity"] == outcomes["capacity_exceeded"], cluster
+    assert tool_active(cluster, "tracked_sleep") == 0, cluster
+    assert sum(m["total_sessions_created"] for m in local) == outcomes["ok"], local
+    assert sum(m["sessions_rejected_capacity"] for m in local) == outcomes["capacity_exceeded"], local
+    assert all(m["peak_concurrent_sessions"] <= CAP for m in local), local
+    assert cluster["replicas"] == REPLICAS and cluster["backend"] == "redis" and cluster["available"] is True
+
+
+async def test_a_call_queued_on_one_replica_is_admitted_when_another_replica_frees_the_slot(
+    tmp_path: Path, shared_store: dict[str, TomlValue]
+) -> None:
+    limits: dict[str, TomlValue] = {"max_concurrent_sessions": 1, "max_queued": 4, "queue_timeout_seconds": 8.0}
+    config = cluster_config(shared_store, limits=limits)
+    async with start_replicas(tmp_path, config, 2) as (a, b), a.client() as on_a, b.client() as on_b:
+        held = await on_a.call_tool("session_create", {"timeout_seconds": 60})
+        session_id = (held.structured_content or {})["session_id"]
+        answered: dict[str, float] = {}
+
+        async def queued_call() -> None:
+            result = await on_b.call_tool("echo", {"text": "was queued"})
+            answered["at"] = time.monotonic()
+            assert text_of(result) == "was queued", result
+
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(queued_call)
+                await local_until(on_b, lambda m: m["queued_sessions"] == 1)
+                released_at = time.monotonic()
+                released = await on_a.call_tool("session_release", {"session_id": session_id})
+                assert (released.structured_content or {})["state"] == "completed", released
+        cluster = await quiescent_cluster(on_b)
+        local_b = await metrics(on_b)
+
+    assert answered["at"] - released_at < WAKE_SECONDS, "the queued call was not woken by the release on A"
+    assert local_b["total_sessions_created"] == 1 and local_b["sessions_rejected_queue_timeout"] == 0, local_b
+    assert cluster["total_sessions_created"] == 2 and cluster["total_sessions_completed"] == 2, cluster
+    assert cluster["peak_concurrent_sessions"] == 1, cluster
+
+
+async def test_a_tool_cap_holds_across_replicas_while_other_tools_are_served(
+    tmp_path: Path, shared_store: dict[str, TomlValue]
+) -> None:
+    tools: dict[str, dict[str, TomlValue]] = {"hang_async": {"timeout_seconds": 2.0, "max_concurrent": 2}}
+    config = cluster_config(shared_store, limits={"max_concurrent_sessions": CAP}, tools=tools)
+    async with start_replicas(tmp_path, config, 2) as (a, b), a.client() as on_a, b.client() as on_b:
+        timed_out: list[str] = []
+
+        async def hang(client: Client) -> None:
+            timed_out.append(code_of(await client.call_tool("hang_async", {})))
+
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hang, on_a)
+                tg.start_soon(hang, on_b)
+                during = await cluster_until(on_a, lambda c: tool_active(c, "hang_async") == 2)
+                refused = [await on_a.call_tool("hang_async", {}), await on_b.call_tool("hang_async", {})]
+                assert text_of(await on_b.call_tool("echo", {"text": "other tool"})) == "other tool"
+        cluster = await quiescent_cluster(on_a)
+
+    assert during["active_sessions"] == 2, during
+    for result in refused:
+        error = error_of(result)
+        assert error["code"] == "capacity_exceeded" and error["tool"] == "hang_async", error
+    assert timed_out == ["timeout", "timeout"]
+    assert cluster["sessions_rejected_tool_limit"] == 2 and cluster["sessions_rejected_capacity"] == 0, cluster
+    assert cluster["total_sessions_timeout"] == 2 and cluster["total_sessions_completed"] == 1, cluster
+    assert tool_active(cluster, "hang_async") == 0 and cluster["active_sessions"] == 0, cluster
+    assert_cluster_accounts(cluster)
+
+
+async def test_a_client_share_holds_across_replicas(tmp_path: Path, shared_store: dict[str, TomlValue]) -> None:
+    config = cluster_config(shared_store, limits={"max_concurrent_sessions": CAP, "max_sessions_per_client": 2})
+    async with (
+        start_replicas(tmp_path, config, 2) as (a, b),
+        client_with_credential(a, "alice") as alice_a,
+        client_with_credential(b, "alice") as alice_b,
+        client_with_credential(a, "bob") as bob_a,
+    ):
+        opened = [await alice_a.call_tool("session_create", {}), await alice_b.call_tool("session_create", {})]
+        refused = [await alice_a.call_tool("session_create", {}), await alice_b.call_tool("echo", {"text": "more"})]
+        served = await bob_a.call_tool("session_create", {})
+        _, cluster = await cluster_metrics(bob_a)
+
+    assert all(not result.is_error for result in opened), opened
+    for result in refused:
+        error = error_of(result)
+        assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"], error
+    assert not served.is_error, served
+    assert cluster["sessions_rejected_client_limit"] == 2, cluster
+    assert cluster["active_sessions"] == 3 and cluster["total_sessions_created"] == 3, cluster
+    assert_cluster_accounts(cluster)

@@ -1,0 +1,279 @@
+"""Failures in cluster mode, with real processes: a replica killed with SIGKILL mid-call, Redis
+stopped and restarted (same port) mid-test, Redis hung (SIGSTOP), and Redis unreachable at startup.
+
+- The sessions of a dead replica keep their slots until their deadlines (+ a grace of about
+  1 s), then expire in Redis, count as `timeout` in the cluster totals and free their slots.
+- While Redis is away, hosted calls, `session_create` and a release on another replica fail
+  fast (within about `[store] timeout_seconds`) with `store_unavailable`; `session_metrics`
+  still answers, with `cluster.available` false. When Redis is back, calls succeed again by
+  themselves.
+- At startup an unreachable Redis is a clear error naming `[store] url`, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx2
+import pytest
+from mcp import Client
+from mcp_types import CallToolResult
+
+from tests.cluster.conftest import (
+    STORE_TIMEOUT_SECONDS,
+    RedisServer,
+    assert_cluster_accounts,
+    cluster_config,
+    cluster_metrics,
+    cluster_until,
+    local_until,
+    quiescent_cluster,
+    start_replicas,
+    store_section,
+)
+from tests.e2e.conftest import HOST, START_SECONDS, TomlValue, free_port, metrics, start_server
+from tests.helpers import code_of, error_of, text_of
+
+#: Deadline of the dead replica's sessions.
+DEADLINE_SECONDS = 2.0
+#: "expires in Redis at its deadline + a grace of about 1 s".
+GRACE_SECONDS = 1.0
+#: Slack for a loaded CI machine on top of deadline + grace.
+SLACK_SECONDS = 4.0
+#: A call with Redis away must fail within `[store] timeout_seconds` plus this.
+FAIL_FAST_MARGIN = 1.0
+#: How long the replicas may take to serve again once Redis is back, and how many tries.
+RECOVERY_SECONDS = 10.0
+RECOVERY_ATTEMPTS = 100
+#: The pause between two tries of a client retrying after `store_unavailable`.
+RETRY_PAUSE = 0.1
+#: How long a replica that cannot reach Redis may take to give up at startup.
+STARTUP_EXIT_SECONDS = START_SECONDS + 10.0
+ERROR_KEYS = {"store.url", "[store] url"}
+
+
+async def timed_call(client: Client, tool: str, arguments: dict[str, Any]) -> tuple[CallToolResult, float]:
+    """The result of one call and how long it took (bounded well beyond any expected answer)."""
+    started = time.monotonic()
+    with anyio.fail_after(10):
+        result = await client.call_tool(tool, arguments)
+    return result, time.monotonic() - started
+
+
+async def until_served(client: Client, tool: str, arguments: dict[str, Any]) -> CallToolResult:
+    """Retry `tool` the way a client would after `store_unavailable` until it is served (bounded
+    in time and tries)."""
+    last: CallToolResult | None = None
+    with anyio.move_on_after(RECOVERY_SECONDS):
+        for _ in range(RECOVERY_ATTEMPTS):
+            last = await client.call_tool(tool, arguments)
+            if not last.is_error:
+                return last
+            assert code_of(last) == "store_unavailable", last
+            await anyio.sleep(RETRY_PAUSE)
+    raise AssertionError(f"{tool} still failing {RECOVERY_SECONDS}s after Redis came back: {last}")
+
+
+async def test_a_killed_replicas_sessions_expire_at_their_deadlines_and_free_their_slots(
+    tmp_path: Path, shared_store: dict[str, TomlValue]
+) -> None:
+    tools: dict[str, dict[str, TomlValue]] = {"hang_async": {"timeout_seconds": DEADLINE_SECONDS}}
+    config = cluster_config(shared_store, limits={"max_concurrent_sessions": 2}, tools=tools)
+    async with start_replicas(tmp_path, config, 2) as (a, b), b.client() as on_b:
+        await cluster_until(on_b, lambda c: c["replicas"] == 2, within=10)
+        dying: list[str] = []
+
+        async def call_that_dies_with_its_replica() -> None:
+            try:
+                async with a.client() as on_a:
+                    dying.append(f"answered: {await on_a.call_tool('hang_async', {})}")
+            except* httpx2.TransportError:
+                dying.append("disconnected")
+
+        with anyio.fail_after(DEADLINE_SECONDS + GRACE_SECONDS + SLACK_SECONDS + 20):
+            async with anyio.create_task_group() as tg:
+                started = time.monotonic()
+                tg.start_soon(call_that_dies_with_its_replica)
+                async with a.client() as on_a:
+                    created = await on_a.call_tool("session_create", {"timeout_seconds": DEADLINE_SECONDS})
+                    assert not created.is_error, created
+                    full = await cluster_until(on_b, lambda c: c["active_sessions"] == 2)
+                    refused_before = await on_b.call_tool("echo", {"text": "no slot"})
+                a.process.kill()  # SIGKILL: nothing of A's runs any more
+                await a.process.wait()
+                refused_after_kill = await on_b.call_tool("echo", {"text": "still no slot"})
+
+                within = DEADLINE_SECONDS + GRACE_SECONDS + SLACK_SECONDS
+                expired = "the cluster's active count after the replica holding every slot was killed"
+                freed = await cluster_until(on_b, lambda c: c["active_sessions"] == 0, within=within, what=expired)
+                freed_after = time.monotonic() - started
+                admitted = await on_b.call_tool("echo", {"text": "a freed slot"})
+            live = await cluster_until(on_b, lambda c: c["replicas"] == 1, within=15)
+            cluster = await quiescent_cluster(on_b)
+
+    assert full["total_sessions_created"] == 2, full
+    assert code_of(refused_before) == "capacity_exceeded"
+    assert code_of(refused_after_kill) == "capacity_exceeded", (
+        "the dead replica's slots were freed before their deadline"
+    )
+    assert dying == ["disconnected"]
+    assert DEADLINE_SECONDS - 0.1 <= freed_after, (
+        f"freed after {freed_after:.2f}s, before the {DEADLINE_SECONDS}s deadline"
+    )
+    assert freed["total_sessions_timeout"] == 2, freed
+    assert text_of(admitted) == "a freed slot"
+    assert live["replicas"] == 1, live
+    assert cluster["total_sessions_created"] == 3 and cluster["total_sessions_completed"] == 1, cluster
+    assert cluster["total_sessions_timeout"] == 2 and cluster["sessions_rejected_capacity"] == 2, cluster
+    assert cluster["active_sessions"] == 0, cluster
+    assert_cluster_accounts(cluster)
+
+
+async def test_calls_fail_fast_while_redis_is_stopped_and_succeed_again_when_it_is_back(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    config = cluster_config(store_section(own_redis.url, key_prefix), limits={"max_concurrent_sessions": 10})
+    async with start_replicas(tmp_path, config, 2) as (a, b), a.client() as on_a, b.client() as on_b:
+        assert text_of(await on_a.call_tool("echo", {"text": "before"})) == "before"
+        held = await on_a.call_tool("session_create", {"timeout_seconds": 120})
+        held_id = (held.structured_content or {})["session_id"]
+
+        await anyio.to_thread.run_sync(own_redis.stop)
+        refused = [
+            await timed_call(on_a, "echo", {"text": "no store"}),
+            await timed_call(on_b, "sleep_async", {"seconds": 0.01}),
+            await timed_call(on_a, "session_create", {"timeout_seconds": 30}),
+            await timed_call(on_b, "session_release", {"session_id": held_id}),
+        ]
+        (down_a, cluster_down_a), seconds_a = await timed_metrics(on_a)
+        (down_b, cluster_down_b), seconds_b = await timed_metrics(on_b)
+
+        await anyio.to_thread.run_sync(own_redis.start)  # the same port, empty
+        recovered_a = await until_served(on_a, "echo", {"text": "back"})
+        recovered_b = await until_served(on_b, "sleep_async", {"seconds": 0.01})
+        _, cluster_back = await cluster_metrics(on_a)
+
+        # The whole session space works again: create on A, release on B, A learns of it.
+        base = (await metrics(on_a))["active_sessions"]
+        created = await on_a.call_tool("session_create", {"timeout_seconds": 30})
+        assert not created.is_error, created
+        session_id = (created.structured_content or {})["session_id"]
+        released = await on_b.call_tool("session_release", {"session_id": session_id})
+        learned = "A's own active count after B released A's session (Redis restarted)"
+        await local_until(on_a, lambda m: m["active_sessions"] == base, what=learned)
+        again = [await on_a.call_tool("session_release", {"session_id": session_id})]
+        again.append(await on_b.call_tool("session_release", {"session_id": session_id}))
+        # And at once, before A could have heard of it.
+        second = await on_a.call_tool("session_create", {"timeout_seconds": 30})
+        second_id = (second.structured_content or {})["session_id"]
+        released_second = await on_b.call_tool("session_release", {"session_id": second_id})
+        again.append(await on_a.call_tool("session_release", {"session_id": second_id}))
+
+    for result, seconds in refused:
+        error = error_of(result)
+        assert error["code"] == "store_unavailable", error
+        assert seconds <= STORE_TIMEOUT_SECONDS + FAIL_FAST_MARGIN, f"{error} took {seconds:.2f}s"
+    assert (
+        seconds_a <= STORE_TIMEOUT_SECONDS + FAIL_FAST_MARGIN and seconds_b <= STORE_TIMEOUT_SECONDS + FAIL_FAST_MARGIN
+    )
+    for cluster in (cluster_down_a, cluster_down_b):
+        assert cluster["available"] is False, cluster
+        assert isinstance(cluster["error"], str) and cluster["error"], cluster
+    assert down_a["active_sessions"] == 1, "A's own view still has the session it holds"
+
+    assert text_of(recovered_a) == "back" and text_of(recovered_b) == "slept 0.01s"
+    assert cluster_back["available"] is True and cluster_back["error"] is None, cluster_back
+    assert (released.structured_content or {})["state"] == "completed", released
+    assert (released_second.structured_content or {})["state"] == "completed", released_second
+    assert [code_of(result) for result in again] == ["already_released"] * 3
+    # Every call refused for the store is counted where it was refused: A's hosted call and
+    # session_create, B's hosted call and its release of A's session.
+    assert down_a["sessions_rejected_store_unavailable"] == 2, down_a
+    assert down_b["sessions_rejected_store_unavailable"] == 2, down_b
+
+
+async def test_calls_fail_fast_while_redis_hangs_and_recover_when_it_answers(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    config = cluster_config(store_section(own_redis.url, key_prefix))
+    async with start_replicas(tmp_path, config, 1) as (a,), a.client() as on_a:
+        assert text_of(await on_a.call_tool("echo", {"text": "before"})) == "before"
+
+        with paused(own_redis):
+            refused = [
+                await timed_call(on_a, "echo", {"text": "hung store"}),
+                await timed_call(on_a, "session_create", {}),
+            ]
+            (down, cluster_down), seconds = await timed_metrics(on_a)
+
+        recovered = await until_served(on_a, "echo", {"text": "answering again"})
+        _, cluster_back = await cluster_metrics(on_a)
+
+    for result, elapsed in refused:
+        assert code_of(result) == "store_unavailable", result
+        assert elapsed <= STORE_TIMEOUT_SECONDS + FAIL_FAST_MARGIN, f"{result} took {elapsed:.2f}s"
+    assert seconds <= STORE_TIMEOUT_SECONDS + FAIL_FAST_MARGIN, f"session_metrics took {seconds:.2f}s"
+    assert cluster_down["available"] is False and cluster_down["error"], cluster_down
+    assert down["sessions_rejected_store_unavailable"] == 2, down
+    assert text_of(recovered) == "answering again"
+    assert cluster_back["available"] is True, cluster_back
+
+
+@contextmanager
+def paused(server: RedisServer) -> Iterator[None]:
+    server.pause()
+    try:
+        yield
+    finally:
+        server.resume()
+
+
+async def timed_metrics(client: Client) -> tuple[tuple[dict[str, Any], dict[str, Any]], float]:
+    started = time.monotonic()
+    with anyio.fail_after(10):
+        views = await cluster_metrics(client)
+    return views, time.monotonic() - started
+
+
+@contextmanager
+def silent_listener() -> Iterator[int]:
+    """A loopback port that accepts connections (the kernel completes them) and never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+@contextmanager
+def nothing_listening() -> Iterator[int]:
+    yield free_port()
+
+
+@pytest.mark.parametrize("redis_side", [nothing_listening, silent_listener], ids=["refused", "silent"])
+async def test_startup_with_redis_unreachable_exits_2_naming_the_store_url(
+    tmp_path: Path, key_prefix: str, redis_side: Any
+) -> None:
+    with redis_side() as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        config = cluster_config(store_section(url, key_prefix))
+        started = time.monotonic()
+        async with start_server(tmp_path, config, transport="streamable-http", wait_ready=False) as server:
+            status = await server.wait_exit(within=STARTUP_EXIT_SECONDS)
+        elapsed = time.monotonic() - started
+
+    assert status == 2, server.stderr
+    lines = [line for line in server.stderr_lines if url in line or f"127.0.0.1:{port}" in line]
+    assert lines, f"no line names the store url {url}:\n{server.stderr}"
+    reasons = ("refused", "connect", "timed out", "timeout", "unreachable", "answer")
+    assert any(reason in line.lower() for line in lines for reason in reasons), f"no reason given:\n{server.stderr}"
+    assert any(key in server.stderr for key in ERROR_KEYS), f"the error does not name [store] url:\n{server.stderr}"
+    assert "Traceback" not in server.stderr, server.stderr
+    assert "/mcp" not in server.stderr and "Serving" not in server.stderr, "nothing may be served"
+    assert elapsed < STARTUP_EXIT_SECONDS, elapsed

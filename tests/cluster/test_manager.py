@@ -1,0 +1,275 @@
+"""`ClusterSessionManager` in one process: two managers sharing a real Redis under one prefix
+stand for two replicas, so the cluster's admission, queue hand-over, cross-replica release and
+recovery paths are driven directly, with exact counts (the process tests in this package show
+the same through real servers)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from server.cluster import ClusterSessionManager
+from server.config import LimitsSettings, StoreSettings
+from server.errors import ErrorCode, SessionError
+from server.metrics import ClusterMetrics
+from server.sessions import SessionState
+from server.store import EXPIRY_GRACE_SECONDS, StoreUnavailable
+from tests.cluster.conftest import RedisServer
+from tests.e2e.conftest import TomlValue
+
+#: Bound on every wait for something another "replica" or Redis does.
+WAIT_SECONDS = 5.0
+
+
+def _replica(
+    store: dict[str, TomlValue], tool_caps: dict[str, int] | None = None, **limits: Any
+) -> ClusterSessionManager:
+    settings = StoreSettings(**store)  # type: ignore[arg-type]
+    return ClusterSessionManager(LimitsSettings(**limits), tool_caps, settings)
+
+
+@asynccontextmanager
+async def _running(*managers: ClusterSessionManager) -> AsyncIterator[None]:
+    async with AsyncExitStack() as stack:
+        for manager in managers:
+            await stack.enter_async_context(manager.running())
+        yield
+
+
+async def _totals(manager: ClusterSessionManager) -> ClusterMetrics:
+    totals = await manager.cluster_metrics()
+    assert totals.available, totals.error
+    return totals
+
+
+async def _until_cluster(manager: ClusterSessionManager, field: str, expected: int) -> ClusterMetrics:
+    """Poll the cluster totals (bounded) until `field` reads `expected` (Redis may be coming back)."""
+    with anyio.fail_after(WAIT_SECONDS):
+        while True:
+            totals = await manager.cluster_metrics()
+            if totals.available and getattr(totals, field) == expected:
+                return totals
+            await anyio.sleep(0.02)
+
+
+def _accounts(totals: ClusterMetrics) -> None:
+    ended = [
+        totals.total_sessions_completed,
+        totals.total_sessions_error,
+        totals.total_sessions_timeout,
+        totals.total_sessions_cancelled,
+    ]
+    assert totals.total_sessions_created == (totals.active_sessions or 0) + sum(n or 0 for n in ended)
+
+
+async def test_the_cap_holds_across_two_managers_and_a_freed_slot_is_anyones(
+    shared_store: dict[str, TomlValue],
+) -> None:
+    a, b = _replica(shared_store, max_concurrent_sessions=2), _replica(shared_store, max_concurrent_sessions=2)
+    async with _running(a, b):
+        first = await a.create(tool="t")
+        await b.create(tool="t")
+        with pytest.raises(SessionError) as refused:
+            await a.create(tool="t")
+        assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED
+        assert "the cluster" in refused.value.message
+
+        await a.release(first.id)
+        with anyio.fail_after(WAIT_SECONDS):
+            while True:  # the release reaches Redis through a's outbox, a moment later
+                try:
+                    third = await b.create(tool="t", queue=False)
+                    break
+                except SessionError as exc:
+                    assert exc.code is ErrorCode.CAPACITY_EXCEEDED
+                    await anyio.sleep(0.01)
+
+        assert third.state is SessionState.ACTIVE
+        totals = await _totals(a)
+        assert (totals.active_sessions, totals.total_sessions_created, totals.peak_concurrent_sessions) == (2, 3, 2)
+        assert (totals.sessions_rejected_capacity or 0) >= 1
+        assert a.metrics().sessions_rejected_capacity >= 1
+        assert (a.metrics().active_sessions, b.metrics().active_sessions) == (0, 2)
+        _accounts(totals)
+
+
+async def test_a_call_queued_on_one_manager_gets_the_slot_another_frees(shared_store: dict[str, TomlValue]) -> None:
+    a = _replica(shared_store, max_concurrent_sessions=1)
+    b = _replica(shared_store, max_concurrent_sessions=1, max_queued=2, queue_timeout_seconds=WAIT_SECONDS)
+    async with _running(a, b):
+        held = await a.create(tool="t")
+        admitted: list[float] = []
+
+        async def queued() -> None:
+            session = await b.create(tool="t")
+            admitted.append(time.monotonic())
+            await b.release(session.id)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(queued)
+            with anyio.fail_after(WAIT_SECONDS):
+                while b.metrics().queued_sessions != 1:  # noqa: ASYNC110 - another task's state, bounded
+                    await anyio.sleep(0.01)
+            released_at = time.monotonic()
+            await a.release(held.id)
+
+        assert len(admitted) == 1 and admitted[0] >= released_at
+        assert b.metrics().queued_sessions == 0
+        totals = await _until_cluster(a, "active_sessions", 0)
+        assert totals.total_sessions_created == 2 and totals.total_sessions_completed == 2
+
+
+async def test_a_queued_call_times_out_when_no_replica_frees_a_slot(shared_store: dict[str, TomlValue]) -> None:
+    a = _replica(shared_store, max_concurrent_sessions=1)
+    b = _replica(shared_store, max_concurrent_sessions=1, max_queued=1, queue_timeout_seconds=0.3)
+    async with _running(a, b):
+        await a.create(tool="t")
+        with pytest.raises(SessionError) as refused:
+            await b.create(tool="t")
+        assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED
+        assert "waited" in refused.value.message
+        assert b.metrics().sessions_rejected_queue_timeout == 1
+        assert (await _totals(a)).total_sessions_created == 1
+
+
+async def test_a_tool_cap_holds_across_managers(shared_store: dict[str, TomlValue]) -> None:
+    a = _replica(shared_store, {"slow": 1}, max_concurrent_sessions=10)
+    b = _replica(shared_store, {"slow": 1}, max_concurrent_sessions=10)
+    async with _running(a, b):
+        await a.create(tool="slow")
+        with pytest.raises(SessionError) as refused:
+            await b.create(tool="slow")
+        assert "tools.slow.max_concurrent" in refused.value.message
+        await b.create(tool="fast")  # other tools are served
+        totals = await _totals(b)
+        assert {name: t.active for name, t in totals.tools.items()} == {"fast": 1, "slow": 1}
+        assert totals.sessions_rejected_tool_limit == 1
+
+
+async def test_a_release_through_another_manager_ends_the_owners_copy(shared_store: dict[str, TomlValue]) -> None:
+    a, b = _replica(shared_store), _replica(shared_store)
+    async with _running(a, b):
+        session = await a.create(metadata={"job": 7}, expire=True)
+        released = await b.release(session.id, "error", "it broke")
+        assert (released.id, released.state) == (session.id, SessionState.ERROR)
+        assert released.duration >= 0
+
+        with anyio.fail_after(WAIT_SECONDS):
+            assert await a.wait_ended(session) is SessionState.ERROR
+        assert a.metrics().active_sessions == 0
+        for manager in (a, b):
+            with pytest.raises(SessionError) as again:
+                await manager.release(session.id)
+            assert again.value.code is ErrorCode.ALREADY_RELEASED
+        with pytest.raises(SessionError) as unknown:
+            await b.release("s000000000000-1")
+        assert unknown.value.code is ErrorCode.UNKNOWN_SESSION
+
+        totals = await _totals(b)
+        assert (totals.total_sessions_error, totals.active_sessions, totals.current_metadata_bytes) == (1, 0, 0)
+        _accounts(totals)
+
+
+async def test_sessions_left_by_a_dead_manager_expire_after_their_deadline(shared_store: dict[str, TomlValue]) -> None:
+    dead, alive = _replica(shared_store, max_concurrent_sessions=1), _replica(shared_store, max_concurrent_sessions=1)
+    async with _running(alive):
+        async with _running(dead):
+            await dead.create(timeout_seconds=0.3, expire=False)  # nothing local ends it
+        # `dead` is gone without ending its session: only Redis's expiry frees the slot.
+        with pytest.raises(SessionError):
+            await alive.create(queue=False)
+        started = time.monotonic()
+        totals = await _until_cluster(alive, "total_sessions_timeout", 1)
+        assert time.monotonic() - started <= 0.3 + EXPIRY_GRACE_SECONDS + 2.0
+        assert totals.active_sessions == 0
+        await alive.create(queue=False)
+
+
+async def test_redis_away_refuses_fast_and_everything_resumes(own_redis: RedisServer) -> None:
+    store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
+    a = _replica(store, max_concurrent_sessions=5)
+    async with _running(a):
+        held = await a.create()
+        own_redis.stop()
+
+        started = time.monotonic()
+        with pytest.raises(SessionError) as refused:
+            await a.create(tool="t")
+        assert time.monotonic() - started < 1.5
+        assert refused.value.code is ErrorCode.STORE_UNAVAILABLE
+        assert own_redis.url in refused.value.message
+        # A release needs Redis too (it decides who released first): refused, the session stays.
+        with pytest.raises(SessionError) as not_released:
+            await a.release(held.id)
+        assert not_released.value.code is ErrorCode.STORE_UNAVAILABLE
+        assert a.get(held.id) is held
+        assert a.metrics().sessions_rejected_store_unavailable == 2
+        down = await a.cluster_metrics()
+        assert not down.available and down.error and own_redis.url in down.error
+
+        own_redis.start()  # the same port, empty
+        with anyio.fail_after(WAIT_SECONDS):
+            while True:
+                try:
+                    after = await a.create(tool="t")
+                    break
+                except SessionError as exc:
+                    assert exc.code is ErrorCode.STORE_UNAVAILABLE
+                    await anyio.sleep(0.05)
+        await _until_cluster(a, "active_sessions", 2)  # `held` is registered again in the empty Redis
+        await a.release(after.id)
+        await a.release(held.id)
+        totals = await _until_cluster(a, "total_sessions_completed", 2)
+        assert totals.active_sessions == 0
+
+
+async def test_session_ends_made_while_redis_hangs_are_written_when_it_answers(own_redis: RedisServer) -> None:
+    store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.3}
+    a = _replica(store, max_concurrent_sessions=5)
+    async with _running(a):
+        calls = [await a.create(tool="t") for _ in range(3)]
+        own_redis.pause()  # connections stay open, nothing answers
+        try:
+            for session, state in zip(
+                calls, (SessionState.COMPLETED, SessionState.ERROR, SessionState.CANCELLED), strict=True
+            ):
+                assert a.end(session, state)  # how a tool call ends: at once, whatever Redis does
+            with pytest.raises(SessionError) as refused:
+                await a.create(tool="t")
+            assert refused.value.code is ErrorCode.STORE_UNAVAILABLE
+        finally:
+            own_redis.resume()
+        totals = await _until_cluster(a, "active_sessions", 0)
+        assert (totals.total_sessions_completed, totals.total_sessions_error) == (1, 1)
+        # The refused admission timed out on its way but ran once Redis woke up: it was admitted
+        # there and at once ended as cancelled, or found the mark its end left and was not.
+        assert (totals.total_sessions_created, totals.total_sessions_cancelled) in ((3, 1), (4, 2))
+        _accounts(totals)
+
+
+async def test_sessions_redis_lost_are_registered_again(own_redis: RedisServer) -> None:
+    store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
+    a = _replica(store, max_concurrent_sessions=5)
+    async with _running(a):
+        kept = await a.create(tool="t", timeout_seconds=30)
+        own_redis.restart()  # back empty: the cluster no longer counts `kept`
+        totals = await _until_cluster(a, "active_sessions", 1)
+        assert totals.tools["t"].active == 1
+        await a.release(kept.id)
+        totals = await _until_cluster(a, "active_sessions", 0)
+        assert totals.total_sessions_completed == 1
+        _accounts(totals)
+
+
+async def test_a_manager_will_not_start_without_redis(own_redis: RedisServer) -> None:
+    url = own_redis.url
+    own_redis.stop()
+    manager = _replica({"backend": "redis", "url": url, "timeout_seconds": 0.5})
+    with pytest.raises(StoreUnavailable, match=url):
+        async with manager.running():
+            pass
