@@ -70,7 +70,7 @@ _ACTIVE = SessionState.ACTIVE
 _COMPLETED = SessionState.COMPLETED
 
 
-@dataclass(eq=False)
+@dataclass(slots=True, eq=False)
 class _Work:
     """One tool call's work, running in a task of its own that the extension owns."""
 
@@ -80,6 +80,7 @@ class _Work:
     scope: anyio.CancelScope
     #: Resolved (with None) when the work ends or the caller must stop waiting, whichever is first.
     wake: asyncio.Future[None]
+    task: asyncio.Task[None] | None = None
     done: bool = False
     result: HandlerResult = None
     raised: BaseException | None = None
@@ -88,6 +89,11 @@ class _Work:
     def wake_caller(self) -> None:
         if not self.wake.done():
             self.wake.set_result(None)
+
+    def cancel(self) -> None:
+        """The deadline passed, or shutdown reached its own: stop waiting, stop the work."""
+        self.wake_caller()
+        self.scope.cancel()
 
 
 class SessionsExtension(Extension):
@@ -301,16 +307,9 @@ class SessionsExtension(Extension):
         the work, stuck in a thread, does not."""
         loop = asyncio.get_running_loop()
         work = _Work(session, sync, self._new_scope(), loop.create_future())
-
-        def cancel() -> None:  # the deadline passed, or shutdown reached its own
-            work.wake_caller()
-            work.scope.cancel()
-
-        session.on_cancel = cancel  # the manager's reaper calls it at the deadline
-        task = loop.create_task(self._run(work, ctx, call_next))
-        works = self._works
-        works[task] = work
-        task.add_done_callback(works.pop)
+        session.on_cancel = work.cancel  # the manager's reaper calls it at the deadline
+        work.task = task = loop.create_task(self._run(work, ctx, call_next))
+        self._works[task] = work  # until `_run` ends
         try:
             await work.wake
         except anyio.get_cancelled_exc_class():
@@ -318,6 +317,8 @@ class SessionsExtension(Extension):
             self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
             self._give_up(work)
             raise
+        finally:
+            session.on_cancel = None  # nobody waits any more; and no cycle session -> work -> session
 
         if work.done:
             return self._finish(work, name)
@@ -378,6 +379,7 @@ class SessionsExtension(Extension):
         finally:
             work.done = True
             work.wake_caller()
+            del self._works[work.task]  # type: ignore[arg-type]  # set before the task first runs
             if work.abandoned:
                 _thread_limiter().total_tokens -= 1  # its token is back: take the loan back
                 self.manager.thread_ended()
