@@ -38,7 +38,7 @@ from server.admission import Refusal, SessionRequest, Waiter
 from server.config import LimitsSettings, StoreSettings
 from server.errors import ErrorCode, SessionError
 from server.metrics import ClusterMetrics, ClusterToolMetrics
-from server.sessions import Session, SessionManager, SessionState
+from server.sessions import Session, SessionManager, SessionState, ended_state
 from server.store import RedisStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class ClusterSessionManager(SessionManager):
             SessionError: as `SessionManager.release`, and `store_unavailable` while Redis
                 cannot be reached.
         """
-        state = _ended_state(outcome, session_id)
+        state = ended_state(outcome, session_id)
         local = self._active.get(session_id)
         if local is None and self._issued_by_us(session_id):
             raise self._not_active(session_id)  # it ended here (its end may still be on its way)
@@ -445,17 +445,3 @@ class ClusterSessionManager(SessionManager):
             current_metadata_bytes=counts.get("metadata_bytes", 0),
             tools={name: ClusterToolMetrics(active=n) for name, n in sorted(totals.tools.items())},
         )
-
-
-def _ended_state(outcome: SessionState | str, session_id: str) -> SessionState:
-    try:
-        state = SessionState(outcome)
-    except ValueError:
-        state = SessionState.ACTIVE
-    if state is SessionState.ACTIVE:
-        raise SessionError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"outcome must be one of completed, error, timeout, cancelled; got {outcome!r}",
-            session_id=session_id,
-        )
-    return state

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
@@ -60,14 +59,18 @@ def error_result(error: SessionError) -> CallToolResult:
     )
 
 
-class _Unknown(enum.Enum):
-    UNKNOWN = "unknown tool"
+#: The tool a call names when the server has no registry to ask (then its kind is unknown).
+_NO_REGISTRY = object()
+#: A tool's call plan: (its registry entry, the settings, whether it runs in a thread (None:
+#: unknown), its deadline in seconds, its idle timeout or None).
+_Plan = tuple[object, Settings, bool | None, float, float | None]
+#: Plans remembered at most (one per tool name called); past it they are worked out afresh.
+MAX_PLANS = 4096
+_ACTIVE = SessionState.ACTIVE
+_COMPLETED = SessionState.COMPLETED
 
 
-UNKNOWN = _Unknown.UNKNOWN
-
-
-@dataclass(eq=False)
+@dataclass(slots=True, eq=False)
 class _Work:
     """One tool call's work, running in a task of its own that the extension owns."""
 
@@ -77,6 +80,7 @@ class _Work:
     scope: anyio.CancelScope
     #: Resolved (with None) when the work ends or the caller must stop waiting, whichever is first.
     wake: asyncio.Future[None]
+    task: asyncio.Task[None] | None = None
     done: bool = False
     result: HandlerResult = None
     raised: BaseException | None = None
@@ -85,6 +89,11 @@ class _Work:
     def wake_caller(self) -> None:
         if not self.wake.done():
             self.wake.set_result(None)
+
+    def cancel(self) -> None:
+        """The deadline passed, or shutdown reached its own: stop waiting, stop the work."""
+        self.wake_caller()
+        self.scope.cancel()
 
 
 class SessionsExtension(Extension):
@@ -111,6 +120,9 @@ class SessionsExtension(Extension):
         #: backend's class itself, which skips the backend dispatch (in `__new__` and
         #: `__init__`) of `anyio.CancelScope()` on every call.
         self._new_scope: Callable[[], anyio.CancelScope] = anyio.CancelScope
+        #: The server's tool registry lookup (set by the lifespan; None: no registry to ask).
+        self._get_tool: Callable[[str], Any] | None = None
+        self._plans: dict[str, _Plan] = {}
 
     # -- Extension contributions -----------------------------------------------------------
 
@@ -145,6 +157,7 @@ class SessionsExtension(Extension):
         Usable as `MCPServer(lifespan=sessions.lifespan)` or nested in a host's own lifespan.
         """
         self._app = app
+        self._get_tool = getattr(getattr(app, "_tool_manager", None), "get_tool", None)
         self._new_scope = type(anyio.CancelScope())
         async with self.manager.running():
             self._running = True
@@ -188,16 +201,15 @@ class SessionsExtension(Extension):
 
     # -- the interceptor -------------------------------------------------------------------
 
-    def _tool_kind(self, name: str) -> bool | None | _Unknown:
-        """Whether `name` runs in a thread (True), on the loop (False), or either (None: the
-        server has no registry to ask); `UNKNOWN` if the server has no such tool."""
-        get_tool = getattr(getattr(self._app, "_tool_manager", None), "get_tool", None)
-        if get_tool is None:
-            return None
-        tool = get_tool(name)
-        if tool is None:
-            return UNKNOWN
-        return not bool(getattr(tool, "is_async", True))
+    def _plan_for(self, name: str, tool: object, config: Settings) -> _Plan:
+        """Work out (and remember) how calls of `name` run: in a thread or not, and its
+        deadlines. Remembered per tool name, for this registry entry and these settings."""
+        sync = None if tool is _NO_REGISTRY else not bool(getattr(tool, "is_async", True))
+        plan = (tool, config, sync, config.timeout_for(name), config.idle_timeout_for(name))
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[name] = plan
+        return plan
 
     async def intercept_tool_call(
         self,
@@ -210,18 +222,22 @@ class SessionsExtension(Extension):
             if name == "session_create" and not self._running:
                 return self._not_running(name)  # nothing would expire the session
             return _with_invalid_argument_code(await call_next(ctx), name)
-        sync = self._tool_kind(name)
-        if sync is UNKNOWN:
+        get_tool = self._get_tool
+        tool = get_tool(name) if get_tool is not None else _NO_REGISTRY
+        if tool is None:
             return await call_next(ctx)  # the SDK answers "unknown tool"; no session for it
         if not self._running:
             return self._not_running(name)
         config = self.config
+        plan = self._plans.get(name)
+        if plan is None or plan[0] is not tool or plan[1] is not config:
+            plan = self._plan_for(name, tool, config)
+        _, _, sync, timeout, idle_timeout = plan
         manager = self.manager
-        idle_timeout = config.idle_timeout_for(name)
         try:
             session = await manager.create(
                 tool=name,
-                timeout_seconds=config.timeout_for(name),
+                timeout_seconds=timeout,
                 request_id=None if ctx.request_id is None else str(ctx.request_id),
                 client=self.client_of(ctx) if manager.limits.max_sessions_per_client else None,
                 needs_thread=sync is not False,
@@ -280,7 +296,7 @@ class SessionsExtension(Extension):
             raise
         except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
             return self._failed(session, name, exc)
-        if not scope.cancel_called:
+        if session.state is _ACTIVE:  # else the reaper or shutdown ended it (and cancelled the scope)
             return self._completed(session, name, result)
         return self._stopped(session, name)
 
@@ -291,16 +307,9 @@ class SessionsExtension(Extension):
         the work, stuck in a thread, does not."""
         loop = asyncio.get_running_loop()
         work = _Work(session, sync, self._new_scope(), loop.create_future())
-
-        def cancel() -> None:  # the deadline passed, or shutdown reached its own
-            work.wake_caller()
-            work.scope.cancel()
-
-        session.on_cancel = cancel  # the manager's reaper calls it at the deadline
-        task = loop.create_task(self._run(work, ctx, call_next))
-        works = self._works
-        works[task] = work
-        task.add_done_callback(works.pop)
+        session.on_cancel = work.cancel  # the manager's reaper calls it at the deadline
+        work.task = task = loop.create_task(self._run(work, ctx, call_next))
+        self._works[task] = work  # until `_run` ends
         try:
             await work.wake
         except anyio.get_cancelled_exc_class():
@@ -308,6 +317,8 @@ class SessionsExtension(Extension):
             self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
             self._give_up(work)
             raise
+        finally:
+            session.on_cancel = None  # nobody waits any more; and no cycle session -> work -> session
 
         if work.done:
             return self._finish(work, name)
@@ -368,6 +379,7 @@ class SessionsExtension(Extension):
         finally:
             work.done = True
             work.wake_caller()
+            del self._works[work.task]  # type: ignore[arg-type]  # set before the task first runs
             if work.abandoned:
                 _thread_limiter().total_tokens -= 1  # its token is back: take the loan back
                 self.manager.thread_ended()
@@ -407,7 +419,7 @@ class SessionsExtension(Extension):
         if failed:
             ended = self.manager.end(session, SessionState.ERROR, _error_text(result))
         else:
-            ended = self.manager.end(session, SessionState.COMPLETED)
+            ended = self.manager.end(session, _COMPLETED)
         if ended:
             return result
         return self._stopped(session, name)  # too late: answer as the session was accounted

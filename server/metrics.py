@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,18 @@ class DurationStats:
         self.total += seconds
         buckets = self._buckets
         buckets[index] = buckets.get(index, 0) + 1
+
+    @classmethod
+    def merged(cls, parts: Iterable[DurationStats]) -> DurationStats:
+        """One histogram holding every duration of `parts` (e.g. all tools' together)."""
+        out = cls()
+        buckets = out._buckets
+        for part in parts:
+            out.count += part.count
+            out.total += part.total
+            for index, n in part._buckets.items():
+                buckets[index] = buckets.get(index, 0) + n
+        return out
 
     @property
     def mean(self) -> float:
