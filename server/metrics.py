@@ -35,11 +35,6 @@ def edge_index(bound: float) -> int:
     return index
 
 
-def bucket_of(seconds: float) -> int:
-    """The histogram bucket of a duration: bucket i > 0 covers (MIN * G**(i-1), MIN * G**i]."""
-    return 0 if seconds <= _MIN_SECONDS else int(math.log(seconds * _PER_MIN) * _INV_LOG_GROWTH) + 1
-
-
 class DurationStats:
     """Count, sum and a sparse log-bucketed histogram of durations in seconds."""
 
@@ -50,10 +45,10 @@ class DurationStats:
         self.total = 0.0
         self._buckets: dict[int, int] = {}
 
-    def add(self, seconds: float, index: int | None = None) -> None:
-        """Record one duration; `index` (from `bucket_of(seconds)`) saves recomputing it."""
-        if index is None:
-            index = bucket_of(seconds)
+    def add(self, seconds: float) -> None:
+        """Record one duration. Bucket i > 0 covers (MIN * G**(i-1), MIN * G**i]; bucket 0 the rest."""
+        # Runs once per session end: the bucket's formula inline, no call.
+        index = 0 if seconds <= _MIN_SECONDS else int(math.log(seconds * _PER_MIN) * _INV_LOG_GROWTH) + 1
         self.count += 1
         self.total += seconds
         buckets = self._buckets

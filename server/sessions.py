@@ -41,9 +41,6 @@ from server.admission import Refusal, SessionRequest, Waiter
 from server.config import LimitsSettings
 from server.errors import ErrorCode, SessionError
 from server.metrics import (
-    _INV_LOG_GROWTH,
-    _MIN_SECONDS,
-    _PER_MIN,
     ClusterMetrics,
     DurationStats,
     HistogramReading,
@@ -701,13 +698,9 @@ class SessionManager:
                 if len(recent) > RECENTLY_ENDED:
                     recent.popitem(last=False)
                 durations = self._untooled_durations
-            # `DurationStats.add`, inlined: this runs once per call. Each duration goes to one
-            # histogram only (its tool's, or the untooled one); `metrics` merges them.
-            bucket = 0 if duration <= _MIN_SECONDS else int(math.log(duration * _PER_MIN) * _INV_LOG_GROWTH) + 1
-            durations.count += 1
-            durations.total += duration
-            buckets = durations._buckets
-            buckets[bucket] = buckets.get(bucket, 0) + 1
+            # Each duration goes to one histogram only (its tool's, or the untooled one);
+            # `metrics` merges them.
+            durations.add(duration)
             if session.client is not None:
                 self._release_client_locked(session.client)
             woken = self._hand_over_locked() if self._queue else None
