@@ -52,8 +52,6 @@ RETRY_MAX_SECONDS = 1.0
 #: How long a session end may wait for an admission's round trip to carry it to Redis before it
 #: is written on its own. Only other replicas wait for it: this replica's next admission carries it.
 COALESCE_SECONDS = 0.005
-#: Who a capacity refusal names: the cap is the service's, not this replica's.
-CLUSTER = "the cluster (every replica sharing the session store)"
 
 
 def client_key(client: Hashable | None, replica: str) -> str | None:
@@ -68,6 +66,9 @@ def client_key(client: Hashable | None, replica: str) -> str | None:
 
 class ClusterSessionManager(SessionManager):
     """A `SessionManager` whose limits hold across the replicas sharing `[store]`."""
+
+    #: A capacity refusal names the service's cap, not this replica's.
+    CAPACITY_SCOPE = "the cluster (every replica sharing the session store)"
 
     def __init__(
         self,
@@ -139,12 +140,10 @@ class ClusterSessionManager(SessionManager):
                 self._count(Refusal.CLIENT_LIMIT)
                 raise admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
             if not may_queue:
-                raise self._refuse_full(session, verdict)
+                with self._lock:
+                    raise self._full_locked(session, tool_full=verdict == "tool_limit")
         with self._lock:
-            waiter = Waiter(session, time.monotonic(), anyio.Event())
-            self._queue[waiter] = None
-            if session.client is not None:
-                self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
+            waiter = self._enqueue_locked(session)
         self._freed.set()
         return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
 
@@ -182,18 +181,6 @@ class ClusterSessionManager(SessionManager):
             self._rejected[Refusal.SHUTDOWN] += 1
         self._send_end(session.id, SessionState.CANCELLED)
         raise admission.refuse_shutdown(session.tool)
-
-    def _refuse_full(self, session: Session, verdict: str) -> SessionError:
-        limits = self.limits
-        tool = session.tool
-        with self._lock:
-            if verdict == "tool_limit" and tool is not None:
-                self._rejected[Refusal.TOOL_LIMIT] += 1
-                self._tool_stats(tool).rejected_tool_limit += 1
-                return admission.refuse_tool_limit(tool, self.tool_caps[tool])
-            self._rejected[Refusal.CAPACITY] += 1
-            cap = limits.max_concurrent_sessions
-            return admission.refuse_capacity(tool, cap, len(self._queue), limits.max_queued, CLUSTER)
 
     def _count(self, refusal: Refusal) -> None:
         with self._lock:
@@ -235,20 +222,14 @@ class ClusterSessionManager(SessionManager):
                 # "tool_limit": its tool is full; the calls behind it may fit
 
     def _hand_to(self, waiter: Waiter) -> None:
-        session = waiter.session
         with self._lock:
             still_waiting = waiter in self._queue and not self._shutting_down
             if still_waiting:
-                del self._queue[waiter]
-                self._queue_waits.add(time.monotonic() - waiter.enqueued)
-                if session.client is not None:
-                    self._client_load[session.client] -= 1  # counted again as active by _open_locked
-                self._open_locked(session)
-                waiter.admitted = True
+                self._admit_waiter_locked(waiter)
         if still_waiting:
             waiter.event.set()
         else:
-            self._send_end(session.id, SessionState.CANCELLED)  # it left while Redis admitted it
+            self._send_end(waiter.session.id, SessionState.CANCELLED)  # it left while Redis admitted it
 
     def _refuse_waiters(self, refusal: SessionError) -> None:
         """Redis is away: queued calls are refused now rather than left to wait it out."""

@@ -208,6 +208,9 @@ def _check_timeout(value: float) -> None:
 class SessionManager:
     """Tracks sessions against the limits it was built with. Build one per server; never global."""
 
+    #: Whose cap a `capacity_exceeded` refusal names.
+    CAPACITY_SCOPE = "the server"
+
     def __init__(self, limits: LimitsSettings | None = None, tool_caps: Mapping[str, int] | None = None) -> None:
         self.limits = limits if limits is not None else LimitsSettings()
         #: Per-tool concurrency caps (`[tools.NAME].max_concurrent`), by tool name.
@@ -334,10 +337,7 @@ class SessionManager:
                 return session
             if not queue or len(self._queue) >= limits.max_queued:
                 raise self._full_locked(session)
-            waiter = Waiter(session, time.monotonic(), anyio.Event())
-            self._queue[waiter] = None
-            if session.client is not None:
-                self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
+            waiter = self._enqueue_locked(session)
         finally:
             lock.release()
         return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
@@ -441,16 +441,28 @@ class SessionManager:
             self._rejected[Refusal.THREADS] += 1
             raise admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
 
-    def _full_locked(self, session: Session) -> SessionError:
-        """Count and word the refusal of a call that does not fit and may not wait."""
+    def _full_locked(self, session: Session, tool_full: bool | None = None) -> SessionError:
+        """Count and word the refusal of a call that does not fit and may not wait: its tool is
+        full (`tool_full`; by default, whenever the server itself is not), else the server."""
         limits = self.limits
         tool = session.tool
-        if len(self._active) < limits.max_concurrent_sessions and tool is not None:
+        if tool_full is None:
+            tool_full = len(self._active) < limits.max_concurrent_sessions
+        if tool_full and tool is not None:
             self._rejected[Refusal.TOOL_LIMIT] += 1
             self._tool_stats(tool).rejected_tool_limit += 1
             return admission.refuse_tool_limit(tool, self.tool_caps[tool])
         self._rejected[Refusal.CAPACITY] += 1
-        return admission.refuse_capacity(tool, limits.max_concurrent_sessions, len(self._queue), limits.max_queued)
+        cap = limits.max_concurrent_sessions
+        return admission.refuse_capacity(tool, cap, len(self._queue), limits.max_queued, self.CAPACITY_SCOPE)
+
+    def _enqueue_locked(self, session: Session) -> Waiter:
+        """Put `session` at the back of the queue; it counts toward its client's share."""
+        waiter = Waiter(session, time.monotonic(), anyio.Event())
+        self._queue[waiter] = None
+        if session.client is not None:
+            self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
+        return waiter
 
     def _open_locked(self, session: Session) -> Session:
         """Admit `session`: give it its id (unless it has one) and its deadline, and count it."""
@@ -547,22 +559,26 @@ class SessionManager:
             chosen.append(waiter)
             if len(chosen) >= free:
                 break
-        now = time.monotonic()
         limits = self.limits
         for waiter in chosen:
-            del self._queue[waiter]
-            self._queue_waits.add(now - waiter.enqueued)
             session = waiter.session
             if session.needs_thread and self._abandoned >= limits.max_abandoned_threads:
+                self._leave_queue_locked(waiter)
                 self._rejected[Refusal.THREADS] += 1
-                self._release_client_locked(session.client)
                 waiter.refusal = admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
                 continue
-            if session.client is not None:
-                self._client_load[session.client] -= 1  # counted again as active by _open_locked
-            self._open_locked(session)
-            waiter.admitted = True
+            self._admit_waiter_locked(waiter)
         return chosen
+
+    def _admit_waiter_locked(self, waiter: Waiter) -> None:
+        """Take a waiter out of the queue and open its session; the caller wakes it after the lock."""
+        del self._queue[waiter]
+        self._queue_waits.add(time.monotonic() - waiter.enqueued)
+        session = waiter.session
+        if session.client is not None:
+            self._client_load[session.client] -= 1  # counted again as active by _open_locked
+        self._open_locked(session)
+        waiter.admitted = True
 
     def set_limits(self, limits: LimitsSettings, tool_caps: Mapping[str, int] | None = None) -> None:
         """Apply new limits to new sessions (running ones keep theirs); admit waiters that now fit."""
