@@ -70,9 +70,7 @@ class Waiter:
     refusal: SessionError | None = None
 
 
-def refuse_capacity(
-    tool: str | None, cap: int, queued: int, max_queued: int, where: str = "the server"
-) -> SessionError:
+def refuse_capacity(tool: str | None, cap: int, queued: int, max_queued: int, where: str) -> SessionError:
     if max_queued:
         detail = f"and its queue holds {queued} of {max_queued} waiting calls"
         return SessionError(
