@@ -38,6 +38,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
 from server.config import ConfigError, Settings
+from server.deadline import Deadline, enter_deadline
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
@@ -76,11 +77,14 @@ class _Work:
 
     session: Session
     sync: bool | None
-    #: Cancelled when the caller stops waiting (deadline, shutdown) or the lifespan ends.
-    scope: anyio.CancelScope
     #: Resolved (with None) when the work ends or the caller must stop waiting, whichever is first.
     wake: asyncio.Future[None]
     task: asyncio.Task[None] | None = None
+    #: The work's deadline scope, entered by the work's task when it starts; cancelled when the
+    #: caller stops waiting (deadline, shutdown) or the lifespan ends.
+    scope: Deadline | None = None
+    #: Set by `stop`: a work stopped before it starts never calls the tool.
+    stopped: bool = False
     done: bool = False
     result: HandlerResult = None
     raised: BaseException | None = None
@@ -93,7 +97,13 @@ class _Work:
     def cancel(self) -> None:
         """The deadline passed, or shutdown reached its own: stop waiting, stop the work."""
         self.wake_caller()
-        self.scope.cancel()
+        self.stop()
+
+    def stop(self) -> None:
+        """Cancel the work (an anyio cancel: a thread's shielded wait still holds its task)."""
+        self.stopped = True
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class SessionsExtension(Extension):
@@ -116,10 +126,6 @@ class SessionsExtension(Extension):
         #: Work of sync tools still running. Plain asyncio tasks, not tasks of an anyio task
         #: group: `start_soon` costs about 40 µs per call here, `create_task` about 5 µs.
         self._works: dict[asyncio.Task[None], _Work] = {}
-        #: Makes a cancel scope: `anyio.CancelScope` until the lifespan runs, then the running
-        #: backend's class itself, which skips the backend dispatch (in `__new__` and
-        #: `__init__`) of `anyio.CancelScope()` on every call.
-        self._new_scope: Callable[[], anyio.CancelScope] = anyio.CancelScope
         #: The server's tool registry lookup (set by the lifespan; None: no registry to ask).
         self._get_tool: Callable[[str], Any] | None = None
         self._plans: dict[str, _Plan] = {}
@@ -158,7 +164,6 @@ class SessionsExtension(Extension):
         """
         self._app = app
         self._get_tool = getattr(getattr(app, "_tool_manager", None), "get_tool", None)
-        self._new_scope = type(anyio.CancelScope())
         async with self.manager.running():
             self._running = True
             try:
@@ -168,7 +173,7 @@ class SessionsExtension(Extension):
                 # The work of sync tools runs in plain tasks, so that lifespan exit can leave a
                 # sync tool stuck in a thread behind instead of waiting for it forever.
                 for work in self._works.values():
-                    work.scope.cancel()  # an anyio cancel: a thread's shielded wait still holds its task
+                    work.stop()
                 if self._works:
                     with anyio.CancelScope(shield=True):
                         await asyncio.wait(list(self._works), timeout=WORK_EXIT_GRACE_SECONDS)
@@ -279,12 +284,18 @@ class SessionsExtension(Extension):
     async def _call_in_place(
         self, session: Session, name: str, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
-        """An async tool: cancellation reaches it, so its deadline is a cancel scope around it."""
-        scope = self._new_scope()  # the manager's reaper cancels it at the deadline
-        session.on_cancel = scope.cancel
+        """An async tool: cancellation reaches it, so its deadline is a cancel scope around it
+        (one built only if the deadline comes: `server.deadline`)."""
+        deadline = enter_deadline()
+        session.on_cancel = deadline.cancel  # the manager's reaper calls it at the deadline
         try:
-            with scope:
+            try:
                 result = await call_next(ctx)
+            except BaseException as exc:
+                if not deadline.exit(exc):
+                    raise
+                return self._stopped(session, name)  # the deadline's (or shutdown's) cancellation
+            deadline.exit(None)
         except anyio.get_cancelled_exc_class() as exc:
             if not _being_cancelled():
                 # The tool raised CancelledError itself; passed on, it would end the server's loop.
@@ -306,7 +317,7 @@ class SessionsExtension(Extension):
         """A sync tool (or one of unknown kind): the caller's wait ends at the deadline even if
         the work, stuck in a thread, does not."""
         loop = asyncio.get_running_loop()
-        work = _Work(session, sync, self._new_scope(), loop.create_future())
+        work = _Work(session, sync, loop.create_future())
         session.on_cancel = work.cancel  # the manager's reaper calls it at the deadline
         work.task = task = loop.create_task(self._run(work, ctx, call_next))
         self._works[task] = work  # until `_run` ends
@@ -320,7 +331,7 @@ class SessionsExtension(Extension):
         finally:
             session.on_cancel = None  # nobody waits any more; and no cycle session -> work -> session
 
-        if work.done:
+        if work.done and not work.stopped:
             return self._finish(work, name)
         self._give_up(work)
         return self._stopped(session, name)
@@ -370,11 +381,21 @@ class SessionsExtension(Extension):
     async def _run(self, work: _Work, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> None:
         # A plain task, in no task group: whatever the tool raises (a GeneratorExit from its
         # thread included) ends here as the session's error and can fail nothing shared.
+        deadline: Deadline | None = None
         try:
-            with work.scope:
+            if work.stopped:
+                return  # stopped before it began: the tool is not called at all
+            work.scope = deadline = enter_deadline()
+            try:
                 work.result = await call_next(ctx)
+            except BaseException as exc:
+                if not deadline.exit(exc):
+                    raise
+            else:
+                deadline.exit(None)
         except BaseException as exc:  # noqa: BLE001 - any failure of the tool is the session's error
-            if not (isinstance(exc, anyio.get_cancelled_exc_class()) and work.scope.cancel_called):
+            ours = deadline is not None and deadline.cancel_called
+            if not (ours and isinstance(exc, anyio.get_cancelled_exc_class())):
                 work.raised = exc
         finally:
             work.done = True
@@ -393,7 +414,7 @@ class SessionsExtension(Extension):
         call lends the limiter one more token while it is stuck. `limits.max_abandoned_threads`
         bounds how many there can be (the manager refuses sync tools past it).
         """
-        work.scope.cancel()
+        work.stop()
         if not work.done and work.sync is not False and not work.abandoned:
             work.abandoned = True
             _thread_limiter().total_tokens += 1

@@ -4,6 +4,7 @@ capacity, metadata, errors, cancellation and graceful shutdown."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -90,6 +91,53 @@ async def test_an_async_tool_hanging_gets_a_timeout_result_on_time() -> None:
     assert elapsed >= 0.3
     assert (m["total_sessions_timeout"], m["total_sessions_error"], m["abandoned_threads"]) == (1, 0, 0)
     assert m["timeout_rate"] == 1.0 and m["tools"]["hang_async"]["timeouts"] == 1
+
+
+async def test_an_async_tool_waiting_inside_its_own_scopes_times_out_and_its_shield_is_honoured() -> None:
+    # The deadline's cancel scope is built only when the deadline comes (server.deadline), and
+    # then spliced in above whatever scopes the tool is inside: task groups, nested timeouts
+    # and a shielded clean-up must see the cancellation exactly as under a plain CancelScope.
+    events: list[str] = []
+
+    async def in_task_group() -> str:
+        async def child(i: int) -> None:
+            try:
+                await anyio.sleep(3600)
+            except anyio.get_cancelled_exc_class():
+                events.append(f"child {i} cancelled")
+                raise
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2):
+                tg.start_soon(child, i)
+        return "finished"
+
+    async def in_nested_timeouts() -> str:
+        with anyio.fail_after(3600), anyio.move_on_after(1800):
+            await anyio.sleep(3600)
+        return "finished"
+
+    async def shielded_cleanup() -> str:
+        try:
+            await anyio.sleep(3600)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.2)  # a clean-up the deadline must not cut short
+                events.append("clean-up done")
+        return "finished"
+
+    tools: list[Callable[..., Any]] = [in_task_group, in_nested_timeouts, shielded_cleanup, echo]
+    timeouts = {"in_task_group": 0.2, "in_nested_timeouts": 0.2, "shielded_cleanup": 0.2}
+    app, _ = build(settings(tool_timeouts=timeouts), tools=tools)
+    async with Client(app) as client:
+        for name in timeouts:
+            with anyio.fail_after(5):
+                error = error_of(await client.call_tool(name, {}))
+            assert error["code"] == "timeout" and error["tool"] == name
+        assert text_of(await client.call_tool("echo", {"text": "still serving"})) == "still serving"
+        m = await metrics(client)
+    assert sorted(events) == ["child 0 cancelled", "child 1 cancelled", "clean-up done"]
+    assert (m["total_sessions_timeout"], m["total_sessions_completed"], m["active_sessions"]) == (3, 1, 0)
 
 
 async def test_a_sync_tool_stuck_in_its_thread_times_out_and_is_counted_until_it_ends() -> None:

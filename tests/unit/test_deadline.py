@@ -1,0 +1,313 @@
+"""server.deadline: a call's deadline scope, built only when it is cancelled.
+
+Every case runs twice: on `LateScope` (the scope spliced into anyio's tree at cancel time)
+and on `_PlainScope` (an `anyio.CancelScope` entered at once, the fallback). Both must
+behave as a `with anyio.CancelScope()` block around the same code would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from server import deadline as deadline_module
+from server.deadline import Deadline, LateScope, _PlainScope
+
+Enter = Callable[[], Deadline]
+Cancelled = asyncio.CancelledError  # the asyncio backend: what anyio.get_cancelled_exc_class() returns
+
+
+@pytest.fixture(params=[LateScope.enter, _PlainScope], ids=["late", "plain"])
+def enter(request: pytest.FixtureRequest) -> Enter:
+    factory: Enter = request.param
+    return factory
+
+
+async def guarded(enter: Enter, body: Callable[[], Awaitable[str]], box: dict[str, Any]) -> str:
+    """Run `body` inside a deadline the way the extension does; "cancelled" if it swallowed one."""
+    deadline = box["deadline"] = enter()
+    try:
+        result = await body()
+    except BaseException as exc:
+        if not deadline.exit(exc):
+            raise
+        return "cancelled"
+    deadline.exit(None)
+    return result
+
+
+async def spin(times: int = 20) -> None:
+    """Let other tasks (and anyio's cancellation retries) run, a bounded number of loop turns."""
+    for _ in range(times):
+        await anyio.lowlevel.checkpoint()
+
+
+async def run_and_cancel(enter: Enter, body: Callable[[], Awaitable[str]], started: anyio.Event) -> dict[str, Any]:
+    """Start `body` in a task, cancel its deadline once `started` is set, return what happened."""
+    box: dict[str, Any] = {}
+
+    async def run() -> None:
+        box["effective_deadline_before"] = anyio.current_effective_deadline()
+        box["out"] = await guarded(enter, body, box)
+        # The scope tree is whole again: nothing is still cancelled, and scopes nest as before.
+        await anyio.lowlevel.checkpoint()
+        with anyio.CancelScope() as after:
+            await anyio.lowlevel.checkpoint()
+        box["after_ok"] = not after.cancel_called
+        box["effective_deadline"] = anyio.current_effective_deadline()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            box["deadline"].cancel()
+    return box
+
+
+def test_anyio_has_the_shape_it_splices_into() -> None:
+    # Where this fails (a new anyio), enter_deadline falls back to plain scopes: still correct,
+    # only slower. Update LateScope, or pin anyio below the version that changed.
+    assert deadline_module.available()
+    assert deadline_module.enter_deadline == LateScope.enter
+
+
+async def test_without_cancel_the_body_runs_to_its_end_and_nothing_is_built(enter: Enter) -> None:
+    box: dict[str, Any] = {}
+
+    async def body() -> str:
+        await anyio.lowlevel.checkpoint()
+        return "done"
+
+    assert await guarded(enter, body, box) == "done"
+    if isinstance(box["deadline"], LateScope):
+        assert box["deadline"].scope is None  # the point of it: no scope unless cancelled
+    assert not box["deadline"].cancel_called
+    await anyio.lowlevel.checkpoint()
+
+
+async def test_cancel_while_the_body_waits_directly_inside(enter: Enter) -> None:
+    started = anyio.Event()
+
+    async def body() -> str:
+        started.set()
+        await anyio.sleep(30)
+        return "done"
+
+    box = await run_and_cancel(enter, body, started)
+    assert box["out"] == "cancelled" and box["after_ok"] and box["deadline"].cancel_called
+    assert box["effective_deadline"] == box["effective_deadline_before"]  # back under the same scopes
+
+
+async def test_cancel_reaches_a_body_waiting_inside_its_own_nested_scopes(enter: Enter) -> None:
+    started = anyio.Event()
+    reached: list[str] = []
+
+    async def body() -> str:
+        with anyio.CancelScope():
+            with anyio.move_on_after(60) as inner:
+                started.set()
+                try:
+                    await anyio.sleep(30)
+                except Cancelled:
+                    reached.append("inner")
+                    raise
+        reached.append(f"after inner, caught={inner.cancelled_caught}")  # must not be reached
+        await anyio.sleep(30)
+        return "done"
+
+    box = await run_and_cancel(enter, body, started)
+    assert box["out"] == "cancelled" and box["after_ok"]
+    assert reached == ["inner"]  # the inner scopes let the cancellation through, none caught it
+
+
+async def test_cancel_reaches_every_task_of_a_task_group_in_the_body(enter: Enter) -> None:
+    started = anyio.Event()
+    children_cancelled: list[int] = []
+    children_started = 0
+
+    async def child(i: int) -> None:
+        nonlocal children_started
+        children_started += 1
+        if children_started == 3:
+            started.set()
+        try:
+            await anyio.sleep(30)
+        except Cancelled:
+            children_cancelled.append(i)
+            raise
+
+    async def body() -> str:
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(child, i)
+        return "done"
+
+    box = await run_and_cancel(enter, body, started)
+    assert box["out"] == "cancelled" and box["after_ok"]
+    assert sorted(children_cancelled) == [0, 1, 2]
+
+
+async def test_a_shield_in_the_body_holds_the_cancellation_off_until_it_ends(enter: Enter) -> None:
+    started = anyio.Event()
+    finish_shielded = anyio.Event()
+    steps: list[str] = []
+
+    async def body() -> str:
+        with anyio.CancelScope(shield=True):
+            started.set()
+            await finish_shielded.wait()
+            steps.append("shielded part finished")
+        try:
+            await anyio.sleep(30)
+        except Cancelled:
+            steps.append("cancelled after the shield")
+            raise
+        return "done"
+
+    box: dict[str, Any] = {}
+
+    async def run() -> None:
+        box["out"] = await guarded(enter, body, box)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            box["deadline"].cancel()
+            await spin()
+            assert steps == [] and "out" not in box  # the shield holds
+            finish_shielded.set()
+    assert steps == ["shielded part finished", "cancelled after the shield"]
+    assert box["out"] == "cancelled"
+
+
+async def test_a_body_that_swallows_the_cancellation_returns_its_value(enter: Enter) -> None:
+    started = anyio.Event()
+
+    async def body() -> str:
+        started.set()
+        try:
+            await anyio.sleep(30)
+        except Cancelled:
+            return "caught"
+        return "done"
+
+    box = await run_and_cancel(enter, body, started)
+    assert box["out"] == "caught" and box["after_ok"] and box["deadline"].cancel_called
+
+
+async def test_cancel_called_by_the_body_itself_lands_at_its_next_wait(enter: Enter) -> None:
+    box: dict[str, Any] = {}
+    steps: list[str] = []
+
+    async def body() -> str:
+        box["deadline"].cancel()
+        steps.append("still running")  # a cancel never interrupts code between two waits
+        await anyio.sleep(30)
+        return "done"
+
+    with anyio.fail_after(5):
+        assert await guarded(enter, body, box) == "cancelled"
+    assert steps == ["still running"]
+    await anyio.lowlevel.checkpoint()
+
+
+async def test_an_enclosing_cancellation_is_not_swallowed(enter: Enter) -> None:
+    started = anyio.Event()
+    box: dict[str, Any] = {}
+
+    async def body() -> str:
+        started.set()
+        await anyio.sleep(30)
+        return "done"
+
+    async def run() -> None:
+        with anyio.CancelScope() as outer:
+            box["outer"] = outer
+            box["out"] = await guarded(enter, body, box)
+            box["reached"] = True  # must not be: the enclosing scope is cancelled too
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            box["deadline"].cancel()
+            box["outer"].cancel()  # same loop turn: both are pending when the body wakes
+    assert "out" not in box and "reached" not in box
+    assert box["outer"].cancelled_caught
+
+
+@pytest.mark.parametrize("native_first", [False, True], ids=["deadline-first", "native-first"])
+async def test_a_native_task_cancel_is_not_swallowed(enter: Enter, native_first: bool) -> None:
+    started = anyio.Event()
+    box: dict[str, Any] = {}
+
+    async def body() -> str:
+        started.set()
+        await anyio.sleep(30)
+        return "done"
+
+    async def run() -> None:
+        box["task"] = asyncio.current_task()
+        try:
+            box["out"] = await guarded(enter, body, box)
+        except asyncio.CancelledError:
+            box["native_cancel_seen"] = True
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            # Someone else's plain asyncio cancel, in the same loop turn as the deadline's.
+            if native_first:
+                box["task"].cancel()
+                box["deadline"].cancel()
+            else:
+                box["deadline"].cancel()
+                box["task"].cancel()
+    assert box.get("native_cancel_seen") and "out" not in box
+
+
+async def test_a_plain_asyncio_task_that_never_entered_an_anyio_scope(enter: Enter) -> None:
+    started = anyio.Event()
+    box: dict[str, Any] = {}
+
+    async def body() -> str:
+        started.set()
+        await anyio.sleep(30)
+        return "done"
+
+    async def run() -> str:
+        out = await guarded(enter, body, box)
+        with anyio.CancelScope():  # the task's anyio state is whole afterwards
+            await anyio.lowlevel.checkpoint()
+        return out
+
+    task = asyncio.get_running_loop().create_task(run())  # not an anyio task: no state yet
+    with anyio.fail_after(5):
+        await started.wait()
+        box["deadline"].cancel()
+        box["deadline"].cancel()  # a second cancel changes nothing
+        assert await task == "cancelled"
+
+
+async def test_cancel_after_the_task_ended_does_nothing(enter: Enter) -> None:
+    box: dict[str, Any] = {}
+
+    async def body() -> str:
+        return "done"
+
+    task = asyncio.get_running_loop().create_task(guarded(enter, body, box))
+    with anyio.fail_after(5):
+        assert await task == "done"
+    box["deadline"].cancel()  # must not raise, nor touch the ended task's scopes
+    if isinstance(box["deadline"], LateScope):
+        assert box["deadline"].scope is None
