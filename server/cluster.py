@@ -151,6 +151,12 @@ class ClusterSessionManager(SessionManager):
         """Not available in cluster mode: admission asks Redis. Use `await create(queue=False, ...)`."""
         raise TypeError("cluster mode admits through Redis: use `await manager.create(queue=False, ...)`")
 
+    def open_call(
+        self, tool: str, timeout: float, request_id: str | None, needs_thread: bool, idle_timeout: float | None
+    ) -> Session | None:
+        """Never at once here: admission asks the store, so every call goes through `create`."""
+        return None
+
     async def _acquire(self, session: Session, final: bool) -> str:
         """Ask the store to admit `session`: "ok", or why not. Refuses with `store_unavailable`."""
         limits = self.limits
@@ -271,7 +277,7 @@ class ClusterSessionManager(SessionManager):
         local = self._active.get(session_id)
         if known.before in ("active", "unknown") and local is not None:
             # Ours, and now ended in Redis (or Redis no longer knew it): end our copy.
-            super()._finish(local, state, error)
+            super().end(local, state, error)
             return local
         if known.before == "active":
             # Released here for the replica that made it: a detached record of how it ended.
@@ -281,16 +287,16 @@ class ClusterSessionManager(SessionManager):
         if known.before == "unknown":
             raise self._not_active(session_id)
         if local is not None:  # released through another replica; its message is on its way
-            super()._finish(local, SessionState(known.before), "released through another replica")
+            super().end(local, SessionState(known.before), "released through another replica")
         raise SessionError(
             ErrorCode.ALREADY_RELEASED,
             f"session {session_id} has already ended ({known.before}); it cannot be released again",
             session_id=session_id,
         )
 
-    def _finish(self, session: Session, state: SessionState, error: str | None = None) -> bool:
+    def end(self, session: Session, state: SessionState, error: str | None = None) -> bool:
         """End `session` here, and in the store unless the store told us it ended."""
-        if not super()._finish(session, state, error):
+        if not super().end(session, state, error):
             return False
         self._send_end(session.id, state)
         return True
@@ -352,7 +358,7 @@ class ClusterSessionManager(SessionManager):
             if state == "restored":
                 restored += 1
             elif state != SessionState.ACTIVE.value:
-                super()._finish(session, SessionState(state), "ended in the session store while out of touch")
+                super().end(session, SessionState(state), "ended in the session store while out of touch")
         if restored:
             logger.warning("The session store had lost %s session(s) of this replica; registered them again", restored)
 
@@ -383,7 +389,7 @@ class ClusterSessionManager(SessionManager):
             session = self._active.get(session_id)
             if session is not None:
                 # Released through another replica: end our copy without telling Redis back.
-                super()._finish(session, SessionState(state), "released through another replica")
+                super().end(session, SessionState(state), "released through another replica")
         if self._queue:
             self._freed.set()
 

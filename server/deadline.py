@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,7 @@ def available() -> bool:
         return False
     if "cancel_scope" not in getattr(state_class, "__slots__", ()):
         return False
-    return callable(getattr(states, "get", None))
+    return isinstance(getattr(states, "data", None), dict)
 
 
 class LateScope:
@@ -71,7 +72,7 @@ class LateScope:
 
     Used like a cancel scope whose `with` block the caller spells out:
 
-        late = LateScope.enter()
+        late = LateScope()
         try:
             result = await work()
         except BaseException as exc:
@@ -85,25 +86,21 @@ class LateScope:
 
     __slots__ = ("_task", "_state", "_base", "_cancelling", "scope")
 
-    def __init__(self, task: asyncio.Task[Any], state: Any, cancelling: int) -> None:
+    def __init__(self) -> None:
+        """Enter: note where the current task is (no scope is built)."""
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - always made in a task
+            raise RuntimeError("a LateScope must be entered in an asyncio task")
+        states: Any = _anyio_asyncio._task_states
+        state = states.data.get(weakref.ref(task))  # what WeakKeyDictionary.get does, minus a call
+        if state is None:  # the task has never entered an anyio scope: give it its root state
+            state = states[task] = _anyio_asyncio.TaskState(None, None)
         self._task = task
         self._state = state
         self._base = state.cancel_scope
-        self._cancelling = cancelling
+        self._cancelling = task.cancelling()
         #: The real scope, once `cancel()` has spliced one in.
         self.scope: anyio.CancelScope | None = None
-
-    @classmethod
-    def enter(cls) -> LateScope:
-        """Note where the current task is; no scope is built."""
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - always called from a task
-            raise RuntimeError("LateScope.enter() must be called from an asyncio task")
-        states = _anyio_asyncio._task_states
-        state = states.get(task)
-        if state is None:  # the task has never entered an anyio scope: give it its root state
-            state = states[task] = _anyio_asyncio.TaskState(None, None)
-        return cls(task, state, task.cancelling())
 
     @property
     def cancel_called(self) -> bool:
@@ -183,4 +180,4 @@ class _PlainScope:
 Deadline = LateScope | _PlainScope
 #: Start a call's deadline scope in the current task: a `LateScope` where anyio's internals
 #: have the expected shape, else a plain cancel scope entered at once.
-enter_deadline: Callable[[], Deadline] = LateScope.enter if available() else _PlainScope
+enter_deadline: Callable[[], Deadline] = LateScope if available() else _PlainScope

@@ -239,23 +239,53 @@ class SessionsExtension(Extension):
             plan = self._plan_for(name, tool, config)
         _, _, sync, timeout, idle_timeout = plan
         manager = self.manager
+        request_id = None if ctx.request_id is None else str(ctx.request_id)
         try:
-            session = await manager.create(
-                tool=name,
-                timeout_seconds=timeout,
-                request_id=None if ctx.request_id is None else str(ctx.request_id),
-                client=self.client_of(ctx) if manager.limits.max_sessions_per_client else None,
-                needs_thread=sync is not False,
-                idle_timeout_seconds=idle_timeout,
-            )
+            session = manager.open_call(name, timeout, request_id, sync is not False, idle_timeout)
+            if session is None:  # full, limited per client, or otherwise not simple: the whole way
+                session = await manager.create(
+                    tool=name,
+                    timeout_seconds=timeout,
+                    request_id=request_id,
+                    client=self.client_of(ctx) if manager.limits.max_sessions_per_client else None,
+                    needs_thread=sync is not False,
+                    idle_timeout_seconds=idle_timeout,
+                )
         except SessionError as exc:
             log_refusal(exc)
             return error_result(exc)
         if idle_timeout is not None:
             ctx = replace(ctx, session=progress_session(ctx.session, lambda: manager.progress(session)))
-        if sync is False:
-            return await self._call_in_place(session, name, ctx, call_next)
-        return await self._call_decoupled(session, name, sync, ctx, call_next)
+        if sync is not False:
+            return await self._call_decoupled(session, name, sync, ctx, call_next)
+
+        # An async tool runs in place (inline here: a coroutine less on every call).
+        # Cancellation reaches it, so its deadline is a cancel scope around it, built only if
+        # the deadline comes (`server.deadline`).
+        deadline = enter_deadline()
+        session.on_cancel = deadline.cancel  # the manager's reaper calls it at the deadline
+        try:
+            try:
+                result = await call_next(ctx)
+            except BaseException as exc:
+                if not deadline.exit(exc):
+                    raise
+                return self._stopped(session, name)  # the deadline's (or shutdown's) cancellation
+            deadline.exit(None)
+        except anyio.get_cancelled_exc_class() as exc:
+            if not _being_cancelled():
+                # The tool raised CancelledError itself; passed on, it would end the server's loop.
+                return self._failed(session, name, exc)
+            manager.end(session, SessionState.CANCELLED, "cancelled by the client")
+            raise
+        except MCPError as exc:
+            manager.end(session, SessionState.ERROR, f"{type(exc).__name__}: {exc}")
+            raise
+        except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
+            return self._failed(session, name, exc)
+        if session.state is _ACTIVE:  # else the reaper or shutdown ended it (and cancelled the scope)
+            return self._completed(session, name, result)
+        return self._stopped(session, name)
 
     @staticmethod
     def client_of(ctx: ServerRequestContext[Any, Any]) -> Hashable:
@@ -280,36 +310,6 @@ class SessionsExtension(Extension):
                 return ("http-peer", peer.host)
         connection = getattr(ctx.session, "_connection", None)
         return ("connection", connection) if connection is not None else ("connection", ctx.session)
-
-    async def _call_in_place(
-        self, session: Session, name: str, ctx: ServerRequestContext[Any, Any], call_next: CallNext
-    ) -> HandlerResult:
-        """An async tool: cancellation reaches it, so its deadline is a cancel scope around it
-        (one built only if the deadline comes: `server.deadline`)."""
-        deadline = enter_deadline()
-        session.on_cancel = deadline.cancel  # the manager's reaper calls it at the deadline
-        try:
-            try:
-                result = await call_next(ctx)
-            except BaseException as exc:
-                if not deadline.exit(exc):
-                    raise
-                return self._stopped(session, name)  # the deadline's (or shutdown's) cancellation
-            deadline.exit(None)
-        except anyio.get_cancelled_exc_class() as exc:
-            if not _being_cancelled():
-                # The tool raised CancelledError itself; passed on, it would end the server's loop.
-                return self._failed(session, name, exc)
-            self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
-            raise
-        except MCPError as exc:
-            self.manager.end(session, SessionState.ERROR, f"{type(exc).__name__}: {exc}")
-            raise
-        except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
-            return self._failed(session, name, exc)
-        if session.state is _ACTIVE:  # else the reaper or shutdown ended it (and cancelled the scope)
-            return self._completed(session, name, result)
-        return self._stopped(session, name)
 
     async def _call_decoupled(
         self, session: Session, name: str, sync: bool | None, ctx: ServerRequestContext[Any, Any], call_next: CallNext

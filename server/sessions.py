@@ -2,7 +2,7 @@
 
 Tier: runtime core, usable without MCP (async API). Every counter changes here, under one
 lock, and every way a session ends (completed, error, timeout, cancelled) goes through
-`_finish`. Admission is O(1): a counter, never a scan. Sessions made without a caller
+`end`. Admission is O(1): a counter, never a scan. Sessions made without a caller
 waiting on them (`session_create`) are expired by a reaper that sleeps until the earliest
 deadline in a cancel scope whose deadline moves; shutdown waits on an event that the last
 release sets. No polling anywhere.
@@ -286,7 +286,7 @@ class SessionManager:
                     reason = f"no progress reported for {session.idle_timeout:g}s"
                 else:
                     reason = f"deadline of {session.timeout_seconds:g}s reached"
-                if self._finish(session, SessionState.TIMEOUT, reason) and session.on_cancel is not None:
+                if self.end(session, SessionState.TIMEOUT, reason) and session.on_cancel is not None:
                     session.on_cancel()  # stop the call that owns it, if one waits
             scope = anyio.CancelScope()
             if self._expiry:
@@ -349,6 +349,48 @@ class SessionManager:
             if self._admit_locked(session):
                 return session
             raise self._full_locked(session)
+
+    def open_call(
+        self, tool: str, timeout: float, request_id: str | None, needs_thread: bool, idle_timeout: float | None
+    ) -> Session | None:
+        """Admit a tool call at once when nothing stands in its way: `create`'s common case for
+        the extension, without a coroutine or keyword packing (it runs on every call).
+
+        None when `create` must decide instead: the server or the tool is full (queue or
+        refuse), the per-client share is on, the timeout is not a float within the cap, the
+        idle timeout is not a positive float, or the server is shutting down. Raises the
+        refusals that never wait (too many stuck threads), counted as `create` counts them.
+        """
+        limits = self.limits
+        if (
+            self._shutting_down
+            or limits.max_sessions_per_client
+            or type(timeout) is not float
+            or not 0.0 < timeout <= limits.max_timeout_seconds
+            or (idle_timeout is not None and not (type(idle_timeout) is float and idle_timeout > 0.0))
+        ):
+            return None
+        session = Session(
+            "",
+            "" if request_id is None else request_id,
+            tool,
+            "",
+            "",
+            None,
+            0,
+            timeout,
+            0.0,
+            0.0,
+            0.0,
+            idle_timeout=idle_timeout,
+            needs_thread=needs_thread,
+        )
+        lock = self._lock
+        lock.acquire()  # not `with`: an explicit pair costs half as much, and this runs per call
+        try:
+            return session if self._admit_locked(session) else None
+        finally:
+            lock.release()
 
     def _prepare(
         self,
@@ -489,7 +531,17 @@ class SessionManager:
         if client is not None:
             self._client_load[client] = self._client_load.get(client, 0) + 1
         if session.expire:
-            self._schedule_expiry(session)
+            expiry = self._expiry
+            entry = (session.deadline, session.id)
+            heapq.heappush(expiry, entry)
+            # Released sessions stay in the heap until their deadline; compact when they dominate.
+            if len(expiry) > 64 and len(expiry) > 4 * len(self._active):
+                active = self._active
+                self._expiry = expiry = [e for e in expiry if e[1] in active]
+                heapq.heapify(expiry)
+            scope = self._reaper_scope
+            if scope is not None and expiry[0] is entry:  # the earliest now: wake the reaper then
+                scope.deadline = session.deadline
         return session
 
     def _new_id_locked(self) -> str:
@@ -508,7 +560,7 @@ class SessionManager:
                     self._leave_queue_locked(waiter)
                     self._queue_cancelled += 1
             if waiter.admitted:
-                self._finish(session, SessionState.CANCELLED, "cancelled by the client before it started")
+                self.end(session, SessionState.CANCELLED, "cancelled by the client before it started")
             raise
         if waiter.admitted:
             return session
@@ -605,18 +657,6 @@ class SessionManager:
             return False
         return int(digits, 16) <= self._seq
 
-    def _schedule_expiry(self, session: Session) -> None:
-        entry = (session.deadline, session.id)
-        heapq.heappush(self._expiry, entry)
-        # Released sessions stay in the heap until their deadline; compact when they dominate.
-        if len(self._expiry) > 64 and len(self._expiry) > 4 * len(self._active):
-            active = self._active
-            self._expiry = [e for e in self._expiry if e[1] in active]
-            heapq.heapify(self._expiry)
-        scope = self._reaper_scope
-        if scope is not None and self._expiry[0] is entry:
-            scope.deadline = session.deadline
-
     def _tool_stats(self, tool: str) -> _ToolStats:
         stats = self._tools.get(tool)
         if stats is None:
@@ -650,7 +690,7 @@ class SessionManager:
             outcome if type(outcome) is SessionState and outcome is not _ACTIVE else ended_state(outcome, session_id)
         )
         session = self._active.get(session_id)
-        if session is None or not self._finish(session, state, error):
+        if session is None or not self.end(session, state, error):
             raise self._not_active(session_id)
         return session
 
@@ -675,8 +715,10 @@ class SessionManager:
             session_id=session_id,
         )
 
-    def _finish(self, session: Session, state: SessionState, error: str | None = None) -> bool:
-        """The one place a session ends. False if it had already ended (nothing changes)."""
+    def end(self, session: Session, state: SessionState, error: str | None = None) -> bool:
+        """End `session` if it is still active; False if it had already ended (nothing changes).
+        The one place a session ends: release, the reaper, shutdown and the extension's exit
+        paths all come here."""
         lock = self._lock
         lock.acquire()  # not `with`: an explicit pair costs half as much, and this runs per call
         try:
@@ -752,10 +794,6 @@ class SessionManager:
             event = self._end_waiters.setdefault(session.id, anyio.Event())
             await event.wait()
         return session.state
-
-    def end(self, session: Session, state: SessionState, error: str | None = None) -> bool:
-        """End `session` if it is still active (the extension's exit path); False if it already ended."""
-        return self._finish(session, state, error)
 
     def config_reloaded(self, ok: bool) -> None:
         """Count a config reload: applied (`ok`) or rejected as invalid."""
@@ -915,7 +953,7 @@ class SessionManager:
             logger.warning("Cancel %s session(s): shutdown timeout of %.3gs exceeded", len(left), timeout)
         cancelled = 0
         for session in left:
-            if self._finish(session, SessionState.CANCELLED, "cancelled by server shutdown"):
+            if self.end(session, SessionState.CANCELLED, "cancelled by server shutdown"):
                 cancelled += 1
                 if session.on_cancel is not None:
                     session.on_cancel()

@@ -72,6 +72,8 @@ async def test_the_cap_holds_across_two_managers_and_a_freed_slot_is_anyones(
 ) -> None:
     a, b = _replica(shared_store, max_concurrent_sessions=2), _replica(shared_store, max_concurrent_sessions=2)
     async with _running(a, b):
+        # Admission asks Redis: the in-process fast path never admits here, whatever the room.
+        assert a.open_call("t", 30.0, None, False, None) is None
         first = await a.create(tool="t")
         await b.create(tool="t")
         with pytest.raises(SessionError) as refused:

@@ -330,3 +330,83 @@ def test_duration_stats_memory_is_bounded_by_buckets_not_samples() -> None:
         stats.add(rng.uniform(0.001, 10))
     assert stats.count == 100_000
     assert len(stats._buckets) < 500
+
+
+# -- open_call: the extension's fast path ---------------------------------------------------
+
+
+async def test_open_call_admits_and_counts_exactly_as_create_does() -> None:
+    fast, slow = manager(), manager()
+    for _ in range(5):
+        fast.end(
+            fast.open_call("search", 30.0, "r1", False, None) or pytest.fail("not admitted"), SessionState.COMPLETED
+        )
+        slow.end(await slow.create(tool="search", timeout_seconds=30.0, request_id="r1"), SessionState.COMPLETED)
+    held = fast.open_call("search", 30.0, None, True, 5.0)
+    assert held is not None and held.request_id == held.id and held.needs_thread and held.idle_timeout == 5.0
+    assert held.deadline <= held.started + 5.0 < held.hard_deadline == held.started + 30.0
+    await slow.create(tool="search", timeout_seconds=30.0, needs_thread=True, idle_timeout_seconds=5.0)
+    a, b = fast.metrics(), slow.metrics()
+    for name in ("active_sessions", "peak_concurrent_sessions", "total_sessions_created", "total_sessions_completed"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.tools["search"].calls == b.tools["search"].calls == 6
+    assert a.tools["search"].completed == b.tools["search"].completed == 5
+    assert_invariant(a)
+
+
+def refusals(sessions: SessionManager) -> dict[str, int]:
+    data = sessions.metrics().model_dump()
+    return {k: v for k, v in data.items() if k.startswith("sessions_rejected_")}
+
+
+@pytest.mark.parametrize(
+    ("limits", "seconds"),
+    [
+        ({"max_concurrent_sessions": 1}, 30.0),  # the server is full: create queues or refuses
+        ({"max_sessions_per_client": 2}, 30.0),  # the client's share needs the client
+        ({}, 30),  # not a float: create checks it
+        ({}, 0.0),
+        ({}, math.nan),
+        ({"max_timeout_seconds": 10, "default_timeout_seconds": 5}, 30.0),  # over the cap: create caps it
+    ],
+)
+async def test_open_call_leaves_every_other_case_to_create(limits: dict[str, float], seconds: float) -> None:
+    sessions = manager(**limits)
+    if "max_concurrent_sessions" in limits:
+        await sessions.create(tool="search")
+    created, refused = sessions.metrics().total_sessions_created, refusals(sessions)
+    assert sessions.open_call("search", seconds, None, False, None) is None
+    assert (sessions.metrics().total_sessions_created, refusals(sessions)) == (created, refused)
+
+
+@pytest.mark.parametrize("idle", [0.0, -1.0, 1, math.nan])
+async def test_open_call_leaves_an_unusual_idle_timeout_to_create(idle: float) -> None:
+    sessions = manager()
+    assert sessions.open_call("search", 30.0, None, False, idle) is None
+    if idle == 1:
+        assert (await sessions.create(tool="search", idle_timeout_seconds=idle)).idle_timeout == 1
+    else:
+        with pytest.raises(SessionError) as refused:
+            await sessions.create(tool="search", idle_timeout_seconds=idle)
+        assert refused.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+async def test_open_call_leaves_a_full_tool_and_shutdown_to_create() -> None:
+    sessions = SessionManager(LimitsSettings(), tool_caps={"search": 1})
+    assert sessions.open_call("search", 30.0, None, False, None) is not None
+    assert sessions.open_call("search", 30.0, None, False, None) is None  # the tool is full
+    assert sessions.open_call("other", 30.0, None, False, None) is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sessions.shutdown, 0.0)
+        await sessions.wait_shutting_down()
+        assert sessions.open_call("other", 30.0, None, False, None) is None
+
+
+async def test_open_call_refuses_a_sync_tool_when_too_many_threads_are_stuck() -> None:
+    sessions = manager(max_abandoned_threads=1)
+    sessions.thread_abandoned()
+    assert sessions.open_call("search", 30.0, None, False, None) is not None  # an async tool still runs
+    with pytest.raises(SessionError) as refused:
+        sessions.open_call("search", 30.0, None, True, None)
+    assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED
+    assert sessions.metrics().sessions_rejected_threads == 1
