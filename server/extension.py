@@ -4,9 +4,12 @@ Tier: MCP integration. An `mcp.server.extension.Extension` for any `MCPServer`: 
 the four session tools and wraps every other `tools/call` in a session with a deadline.
 
 Every call's session is registered with the manager's reaper, which cancels the call's scope
-at its deadline (one timer for all calls, not one per call). An async tool runs in place
-inside that scope. For a sync tool the caller's wait and the work are decoupled: the work
-runs in a plain asyncio task the extension owns, and only the caller's wait is cancelled.
+at its deadline (one timer for all calls, not one per call). The scope is a `LateScope`
+(`server.deadline`): a real anyio cancel scope is built, and spliced in where the call began,
+only when a deadline actually comes, so a call that ends in time pays for none. An async
+tool runs in place inside that scope. For a sync tool the caller's wait and the work are
+decoupled: the work runs in a plain asyncio task the extension owns, and only the caller's
+wait is cancelled.
 So at the deadline the caller gets a `timeout` result on time even when the work is stuck in
 a thread (which no cancellation reaches); such a thread is counted in `abandoned_threads`
 until it really returns.
