@@ -41,6 +41,17 @@ async def guarded(enter: Enter, body: Callable[[], Awaitable[str]], box: dict[st
     return result
 
 
+def hangs(started: anyio.Event) -> Callable[[], Awaitable[str]]:
+    """A body that sets `started`, then waits far longer than any test runs."""
+
+    async def body() -> str:
+        started.set()
+        await anyio.sleep(30)
+        return "done"
+
+    return body
+
+
 async def spin(times: int = 20) -> None:
     """Let other tasks (and anyio's cancellation retries) run, a bounded number of loop turns."""
     for _ in range(times):
@@ -93,10 +104,7 @@ async def test_without_cancel_the_body_runs_to_its_end_and_nothing_is_built(ente
 async def test_cancel_while_the_body_waits_directly_inside(enter: Enter) -> None:
     started = anyio.Event()
 
-    async def body() -> str:
-        started.set()
-        await anyio.sleep(30)
-        return "done"
+    body = hangs(started)
 
     box = await run_and_cancel(enter, body, started)
     assert box["out"] == "cancelled" and box["after_ok"] and box["deadline"].cancel_called
@@ -221,10 +229,7 @@ async def test_an_enclosing_cancellation_is_not_swallowed(enter: Enter) -> None:
     started = anyio.Event()
     box: dict[str, Any] = {}
 
-    async def body() -> str:
-        started.set()
-        await anyio.sleep(30)
-        return "done"
+    body = hangs(started)
 
     async def run() -> None:
         with anyio.CancelScope() as outer:
@@ -247,10 +252,7 @@ async def test_a_native_task_cancel_is_not_swallowed(enter: Enter, native_first:
     started = anyio.Event()
     box: dict[str, Any] = {}
 
-    async def body() -> str:
-        started.set()
-        await anyio.sleep(30)
-        return "done"
+    body = hangs(started)
 
     async def run() -> None:
         box["task"] = asyncio.current_task()
@@ -280,10 +282,7 @@ async def test_a_plain_asyncio_task_that_never_entered_an_anyio_scope(enter: Ent
     started = anyio.Event()
     box: dict[str, Any] = {}
 
-    async def body() -> str:
-        started.set()
-        await anyio.sleep(30)
-        return "done"
+    body = hangs(started)
 
     async def run() -> str:
         out = await guarded(enter, body, box)
