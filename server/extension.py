@@ -89,6 +89,8 @@ class _Work:
     #: Set by `stop`: a work stopped before it starts never calls the tool.
     stopped: bool = False
     done: bool = False
+    #: The work ended by its own cancellation (or never started): no result to give.
+    cancelled: bool = False
     result: HandlerResult = None
     raised: BaseException | None = None
     abandoned: bool = False
@@ -334,7 +336,7 @@ class SessionsExtension(Extension):
         finally:
             session.on_cancel = None  # nobody waits any more; and no cycle session -> work -> session
 
-        if work.done and not work.stopped:
+        if work.done and not work.cancelled:  # it ran to its end (a late stop does not undo that)
             return self._finish(work, name)
         self._give_up(work)
         return self._stopped(session, name)
@@ -387,18 +389,21 @@ class SessionsExtension(Extension):
         deadline: Deadline | None = None
         try:
             if work.stopped:
-                return  # stopped before it began: the tool is not called at all
+                work.cancelled = True  # stopped before it began: the tool is not called at all
+                return
             work.scope = deadline = enter_deadline()
             try:
                 work.result = await call_next(ctx)
             except BaseException as exc:
                 if not deadline.exit(exc):
                     raise
+                work.cancelled = True
             else:
                 deadline.exit(None)
         except BaseException as exc:  # noqa: BLE001 - any failure of the tool is the session's error
-            ours = deadline is not None and deadline.cancel_called
-            if not (ours and isinstance(exc, anyio.get_cancelled_exc_class())):
+            if deadline is not None and deadline.cancel_called and isinstance(exc, anyio.get_cancelled_exc_class()):
+                work.cancelled = True
+            else:
                 work.raised = exc
         finally:
             work.done = True

@@ -4,6 +4,7 @@ refuses sync tools at once past the bound, until the stuck threads end."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,8 @@ import anyio
 import anyio.to_thread
 from mcp import Client
 
+from server import SessionsExtension, Settings
+from server.extension import _Work
 from tests.helpers import build, code_of, settings, text_of
 from tests.integration.test_extension import metrics
 
@@ -96,3 +99,53 @@ async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_la
                 assert text_of(await client.call_tool("quick_sync", {})) == "quick"
     finally:
         release.set()
+
+
+async def test_a_sync_call_stopped_before_its_work_starts_never_runs_the_tool() -> None:
+    # The caller can give up (a client cancel, a deadline of nearly nothing) in the same loop
+    # turn that created the work's task: then the tool is not started in a thread at all.
+    sessions = SessionsExtension(Settings())
+    session = sessions.manager.open_call("block_sync", 30.0, None, True, None)
+    assert session is not None
+    loop = asyncio.get_running_loop()
+    work = _Work(session, True, loop.create_future())
+    called: list[object] = []
+
+    async def call_next(ctx: Any) -> str:  # the SDK's next step, which would start the thread
+        called.append(ctx)
+        return "ran"
+
+    work.task = task = loop.create_task(sessions._run(work, None, call_next))  # type: ignore[arg-type]
+    sessions._works[task] = work
+    work.cancel()  # before the task's first step
+    with anyio.fail_after(5):
+        await task
+    assert called == [] and work.done and work.cancelled and work.raised is None
+    assert work.wake.done() and task not in sessions._works
+
+
+async def test_a_sync_call_whose_thread_returns_after_a_stop_keeps_its_result() -> None:
+    # Lifespan exit stops every running work; one whose thread still returns in time (its wait
+    # is shielded, as the SDK's thread wait is) has a real result, which must not be lost.
+    sessions = SessionsExtension(Settings())
+    session = sessions.manager.open_call("block_sync", 30.0, None, True, None)
+    assert session is not None
+    loop = asyncio.get_running_loop()
+    work = _Work(session, True, loop.create_future())
+    in_thread, thread_returns = anyio.Event(), anyio.Event()
+
+    async def call_next(ctx: Any) -> str:
+        with anyio.CancelScope(shield=True):  # what anyio.to_thread.run_sync does around its wait
+            in_thread.set()
+            await thread_returns.wait()
+        return "ran"
+
+    work.task = task = loop.create_task(sessions._run(work, None, call_next))  # type: ignore[arg-type]
+    sessions._works[task] = work
+    with anyio.fail_after(5):
+        await in_thread.wait()
+        work.stop()
+        thread_returns.set()
+        await task
+    assert work.done and not work.cancelled and work.raised is None
+    assert work.result == "ran"  # type: ignore[comparison-overlap]  # call_next here returns a str
