@@ -26,6 +26,7 @@ the worst case is the old cost, never a missed deadline.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import weakref
 from collections.abc import Callable
@@ -49,6 +50,12 @@ _SCOPE_FIELDS = (
     "_cancelling_at_enter",
     "_pending_uncancellations",
 )
+
+
+#: Numbers the LateScopes in the order they are entered.
+_entries = itertools.count()
+#: The scopes `LateScope.cancel` has spliced in and not yet left, by id: their LateScope's number.
+_spliced: dict[int, int] = {}
 
 
 def available() -> bool:
@@ -84,7 +91,7 @@ class LateScope:
             late.exit(None)
     """
 
-    __slots__ = ("_task", "_state", "_base", "_cancelling", "scope")
+    __slots__ = ("_task", "_state", "_base", "_cancelling", "_order", "scope")
 
     def __init__(self) -> None:
         """Enter: note where the current task is (no scope is built)."""
@@ -99,6 +106,7 @@ class LateScope:
         self._state = state
         self._base = state.cancel_scope
         self._cancelling = task.cancelling()
+        self._order = next(_entries)  # LateScopes with the same base nest in this order
         #: The real scope, once `cancel()` has spliced one in.
         self.scope: anyio.CancelScope | None = None
 
@@ -113,34 +121,40 @@ class LateScope:
         task = self._task
         if task.done():
             return
+        # Where the new scope goes: below `parent` and above `child`, the outermost scope the
+        # task has entered since this LateScope began (None: it runs directly in `parent`).
+        # `parent` is the base, or the scope spliced for an enclosing LateScope of the same base.
         base = self._base
+        parent = self._state.cancel_scope
+        child = None
+        while parent is not base:
+            if parent is None:  # anyio's invariants broken: refuse rather than corrupt the tree
+                logger.error("cannot cancel a tool call: its task's cancel scopes do not lead back to where it began")
+                return
+            if _spliced.get(id(parent), self._order) < self._order:
+                break  # spliced for a LateScope entered before this one, so enclosing it
+            child = parent
+            parent = parent._parent_scope
         scope: Any = anyio.CancelScope()
-        inner = self._state.cancel_scope
-        if inner is base:
-            # The task runs directly in the base scope: the new scope takes it over.
-            if base is not None:
-                base._tasks.discard(task)
+        if child is None:
+            # The task runs directly in `parent`: the new scope takes it over.
+            if parent is not None:
+                parent._tasks.discard(task)
             scope._tasks.add(task)
             self._state.cancel_scope = scope
         else:
-            # The task has entered scopes since: the outermost of them moves under the new one.
-            outer = inner
-            while outer is not None and outer._parent_scope is not base:
-                outer = outer._parent_scope
-            if outer is None:  # anyio's invariants broken: refuse rather than corrupt the tree
-                logger.error("cannot cancel a tool call: its task's cancel scopes do not lead back to where it began")
-                return
-            if base is not None:
-                base._child_scopes.discard(outer)
-            outer._parent_scope = scope
-            scope._child_scopes.add(outer)
-        scope._parent_scope = base
-        if base is not None:
-            base._child_scopes.add(scope)
+            if parent is not None:
+                parent._child_scopes.discard(child)
+            child._parent_scope = scope
+            scope._child_scopes.add(child)
+        scope._parent_scope = parent
+        if parent is not None:
+            parent._child_scopes.add(scope)
         scope._host_task = task
         scope._active = True
         scope._cancelling_at_enter = self._cancelling
         self.scope = scope
+        _spliced[id(scope)] = self._order
         scope.cancel()
 
     def exit(self, exc: BaseException | None) -> bool:
@@ -149,6 +163,7 @@ class LateScope:
         scope = self.scope
         if scope is None:
             return False
+        _spliced.pop(id(scope), None)
         if exc is None:
             return bool(scope.__exit__(None, None, None))
         return bool(scope.__exit__(type(exc), exc, exc.__traceback__))

@@ -310,3 +310,38 @@ async def test_cancel_after_the_task_ended_does_nothing(enter: Enter) -> None:
     box["deadline"].cancel()  # must not raise, nor touch the ended task's scopes
     if isinstance(box["deadline"], LateScope):
         assert box["deadline"].scope is None
+
+
+@pytest.mark.parametrize("first", ["outer", "inner"])
+async def test_nested_deadlines_of_one_task_keep_their_order(enter: Enter, first: str) -> None:
+    # Two deadlines begun at the same place (as two extensions on one server would make): both
+    # cancelled, in either order, each scope lands where its block is, and the outer one, whose
+    # cancellation the inner one must not swallow, catches it.
+    started = anyio.Event()
+    box: dict[str, Any] = {}
+    caught: list[str] = []
+    body = hangs(started)
+
+    async def run() -> None:
+        outer = box["outer"] = enter()
+        try:
+            caught.append(await guarded(enter, body, box))  # box["deadline"]: the inner one
+            await anyio.sleep(30)
+        except BaseException as exc:
+            if not outer.exit(exc):
+                raise
+            caught.append("outer")
+        else:
+            outer.exit(None)
+        with anyio.CancelScope():  # the task's scope tree is whole afterwards
+            await anyio.lowlevel.checkpoint()
+        box["after_ok"] = True
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            order = ["outer", "deadline"] if first == "outer" else ["deadline", "outer"]
+            for name in order:
+                box[name].cancel()
+    assert caught == ["outer"] and box["after_ok"]
