@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -101,37 +101,40 @@ async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_la
         release.set()
 
 
-async def test_a_sync_call_stopped_before_its_work_starts_never_runs_the_tool() -> None:
-    # The caller can give up (a client cancel, a deadline of nearly nothing) in the same loop
-    # turn that created the work's task: then the tool is not started in a thread at all.
+def start_work(call_next: Callable[[Any], Awaitable[str]]) -> tuple[SessionsExtension, _Work]:
+    """A sync call's work as the extension starts it, with `call_next` standing in for the
+    SDK's next step (the one that would start the thread); its task has not run yet."""
     sessions = SessionsExtension(Settings())
     session = sessions.manager.open_call("block_sync", 30.0, None, True, None)
     assert session is not None
     loop = asyncio.get_running_loop()
     work = _Work(session, True, loop.create_future())
+    work.task = loop.create_task(sessions._run(work, None, call_next))  # type: ignore[arg-type]
+    sessions._works[work.task] = work
+    return sessions, work
+
+
+async def test_a_sync_call_stopped_before_its_work_starts_never_runs_the_tool() -> None:
+    # The caller can give up (a client cancel, a deadline of nearly nothing) in the same loop
+    # turn that created the work's task: then the tool is not started in a thread at all.
     called: list[object] = []
 
-    async def call_next(ctx: Any) -> str:  # the SDK's next step, which would start the thread
+    async def call_next(ctx: Any) -> str:
         called.append(ctx)
         return "ran"
 
-    work.task = task = loop.create_task(sessions._run(work, None, call_next))  # type: ignore[arg-type]
-    sessions._works[task] = work
+    sessions, work = start_work(call_next)
     work.cancel()  # before the task's first step
+    assert work.task is not None
     with anyio.fail_after(5):
-        await task
+        await work.task
     assert called == [] and work.done and work.cancelled and work.raised is None
-    assert work.wake.done() and task not in sessions._works
+    assert work.wake.done() and work.task not in sessions._works
 
 
 async def test_a_sync_call_whose_thread_returns_after_a_stop_keeps_its_result() -> None:
     # Lifespan exit stops every running work; one whose thread still returns in time (its wait
     # is shielded, as the SDK's thread wait is) has a real result, which must not be lost.
-    sessions = SessionsExtension(Settings())
-    session = sessions.manager.open_call("block_sync", 30.0, None, True, None)
-    assert session is not None
-    loop = asyncio.get_running_loop()
-    work = _Work(session, True, loop.create_future())
     in_thread, thread_returns = anyio.Event(), anyio.Event()
 
     async def call_next(ctx: Any) -> str:
@@ -140,12 +143,12 @@ async def test_a_sync_call_whose_thread_returns_after_a_stop_keeps_its_result() 
             await thread_returns.wait()
         return "ran"
 
-    work.task = task = loop.create_task(sessions._run(work, None, call_next))  # type: ignore[arg-type]
-    sessions._works[task] = work
+    _, work = start_work(call_next)
+    assert work.task is not None
     with anyio.fail_after(5):
         await in_thread.wait()
         work.stop()
         thread_returns.set()
-        await task
+        await work.task
     assert work.done and not work.cancelled and work.raised is None
     assert work.result == "ran"  # type: ignore[comparison-overlap]  # call_next here returns a str
