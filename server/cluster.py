@@ -281,9 +281,7 @@ class ClusterSessionManager(SessionManager):
             return local
         if known.before == "active":
             # Released here for the replica that made it: a detached record of how it ended.
-            return Session(
-                session_id, session_id, None, "", "", None, 0, 0.0, 0.0, 0.0, 0.0, state, known.duration, error
-            )
+            return Session(session_id, session_id, None, 0.0, state=state, ended=known.duration, error=error)
         if known.before == "unknown":
             raise self._not_active(session_id)
         if local is not None:  # released through another replica; its message is on its way

@@ -96,17 +96,18 @@ class Session:
     id: str
     request_id: str
     tool: str | None
-    provider: str
-    model: str
-    metadata: Any
-    metadata_bytes: int
     timeout_seconds: float
+    provider: str = ""
+    model: str = ""
+    metadata: Any = None
+    metadata_bytes: int = 0
     #: `time.monotonic()` at admission and at the deadline (the clock of the asyncio event loop).
     #: `deadline` is the earlier of `hard_deadline` and the idle deadline; progress moves it on.
-    started: float
-    deadline: float
+    #: All three are set when the session is admitted.
+    started: float = 0.0
+    deadline: float = 0.0
     #: Wall-clock creation time (`time.time()`), only for `expires_at`.
-    created_at: float
+    created_at: float = 0.0
     state: SessionState = SessionState.ACTIVE
     ended: float | None = None
     error: str | None = None
@@ -370,21 +371,7 @@ class SessionManager:
             or (idle_timeout is not None and not (type(idle_timeout) is float and idle_timeout > 0.0))
         ):
             return None
-        session = Session(
-            "",
-            "" if request_id is None else request_id,
-            tool,
-            "",
-            "",
-            None,
-            0,
-            timeout,
-            0.0,
-            0.0,
-            0.0,
-            idle_timeout=idle_timeout,
-            needs_thread=needs_thread,
-        )
+        session = Session("", request_id or "", tool, timeout, idle_timeout=idle_timeout, needs_thread=needs_thread)
         lock = self._lock
         lock.acquire()  # not `with`: an explicit pair costs half as much, and this runs per call
         try:
@@ -426,16 +413,13 @@ class SessionManager:
             _check_timeout(idle_timeout_seconds)
         return Session(
             "",
-            "" if request_id is None else request_id,
+            request_id or "",
             tool,
+            timeout,
             provider,
             model,
             metadata,
             0 if metadata is None else metadata_size(metadata),
-            timeout,
-            0.0,
-            0.0,
-            0.0,
             client=client,
             idle_timeout=idle_timeout_seconds,
             expire=expire,
@@ -686,9 +670,7 @@ class SessionManager:
         self, session_id: str, outcome: SessionState | str = SessionState.COMPLETED, error: str | None = None
     ) -> Session:
         """`release` without yielding to the event loop (see `release`)."""
-        state = (
-            outcome if type(outcome) is SessionState and outcome is not _ACTIVE else ended_state(outcome, session_id)
-        )
+        state = ended_state(outcome, session_id)
         session = self._active.get(session_id)
         if session is None or not self.end(session, state, error):
             raise self._not_active(session_id)
