@@ -4,22 +4,22 @@ Tier: runtime. Every tool call needs a way to be cancelled at its deadline (or a
 shutdown deadline) that respects anyio's semantics: a shielded scope inside the tool (as in
 `anyio.to_thread.run_sync`, or a tool's own clean-up) holds the cancellation off until it
 exits, and the cancellation is caught where it was aimed, not by the SDK's request scope.
-An `anyio.CancelScope` around each call does exactly that, but entering and leaving one costs
-about 28,000 CPU instructions on Python 3.11 (weak-key lookups, set updates, the walk for a
-cancelled parent): a quarter of the SDK's own cost for a no-op tool call, paid by every call
-although almost no call reaches its deadline.
+An `anyio.CancelScope` around each call does exactly that, but making, entering and leaving
+one costs about 20,000 CPU instructions on Python 3.11 (weak-key lookups, set updates, the walk
+for a cancelled parent): a quarter of what this extension added to a no-op tool call, paid by
+every call although almost no call reaches its deadline.
 
-`LateScope` pays for the scope only when a call is cancelled. On entry it notes the task and
-the task's current anyio scope (its *base*); `cancel()`, called from another task while the
-call is suspended, builds a real `anyio.CancelScope` and splices it into the task's scope
+`LateScope` pays for the scope only when a call is cancelled. When made it notes the task and
+the task's current anyio scope (its *base*); `cancel()` (usually from another task, while the
+call waits) builds a real `anyio.CancelScope` and splices it into the task's scope
 tree just below the base (above every scope the call has entered since), as if it had been
 entered on entry, then cancels it. From there anyio's own delivery runs unchanged, shields
-included. `exit()` leaves the spliced scope, if any, exactly as a `with` block would.
+included. Leaving the `with` block leaves the spliced scope, if any, as anyio's own would.
 
 Splicing writes anyio's private scope fields (`_parent_scope`, `_child_scopes`, `_tasks`,
 `_host_task`, `_active`, `_cancelling_at_enter`) and reads its task states, the same fields
 anyio's own `CancelScope._reparent` moves. `available()` checks their shape once (anyio 4 on
-asyncio); where it fails, `enter_deadline()` hands out plain `anyio.CancelScope`s instead, so
+asyncio); where it fails, `deadline_scope()` hands out plain `anyio.CancelScope`s instead, so
 the worst case is the old cost, never a missed deadline.
 """
 
@@ -30,6 +30,7 @@ import itertools
 import logging
 import weakref
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -75,26 +76,19 @@ def available() -> bool:
 
 
 class LateScope:
-    """The deadline of the code the current task runs between `enter()` and `exit()`.
+    """The deadline of the code the current task runs in a `with` block, as an anyio
+    `CancelScope` would be, except that the scope is built only if `cancel()` is called:
 
-    Used like a cancel scope whose `with` block the caller spells out:
-
-        late = LateScope()
-        try:
+        with LateScope() as deadline:  # made right where the block begins: it notes the place
             result = await work()
-        except BaseException as exc:
-            if late.exit(exc):
-                ...  # cancelled by `late.cancel()`; the exception is swallowed
-            else:
-                raise
-        else:
-            late.exit(None)
+        if deadline.cancel_called:
+            ...  # cancelled by `deadline.cancel()`; its cancellation was swallowed
     """
 
     __slots__ = ("_task", "_state", "_base", "_cancelling", "_order", "scope")
 
     def __init__(self) -> None:
-        """Enter: note where the current task is (no scope is built)."""
+        """Note where the current task is (no scope is built)."""
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - always made in a task
             raise RuntimeError("a LateScope must be entered in an asyncio task")
@@ -157,42 +151,23 @@ class LateScope:
         _spliced[id(scope)] = self._order
         scope.cancel()
 
-    def exit(self, exc: BaseException | None) -> bool:
-        """Leave the block (ending with `exc`, or None); True if `exc` is this scope's own
-        cancellation and must be swallowed, as `CancelScope.__exit__` would."""
+    def __enter__(self) -> LateScope:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> bool:
+        """Leave the block; True (swallow `exc`) if it is this scope's own cancellation, as
+        `CancelScope.__exit__` decides."""
         scope = self.scope
         if scope is None:
             return False
         _spliced.pop(id(scope), None)
-        if exc is None:
-            return bool(scope.__exit__(None, None, None))
-        return bool(scope.__exit__(type(exc), exc, exc.__traceback__))
+        return bool(scope.__exit__(exc_type, exc, traceback))
 
 
-class _PlainScope:
-    """`LateScope`'s interface over an `anyio.CancelScope` entered at once (the fallback)."""
-
-    __slots__ = ("scope",)
-
-    def __init__(self) -> None:
-        self.scope = anyio.CancelScope()
-        self.scope.__enter__()
-
-    @property
-    def cancel_called(self) -> bool:
-        return self.scope.cancel_called
-
-    def cancel(self) -> None:
-        self.scope.cancel()
-
-    def exit(self, exc: BaseException | None) -> bool:
-        if exc is None:
-            return bool(self.scope.__exit__(None, None, None))
-        return bool(self.scope.__exit__(type(exc), exc, exc.__traceback__))
-
-
-#: What `enter_deadline()` returns.
-Deadline = LateScope | _PlainScope
-#: Start a call's deadline scope in the current task: a `LateScope` where anyio's internals
-#: have the expected shape, else a plain cancel scope entered at once.
-enter_deadline: Callable[[], Deadline] = LateScope if available() else _PlainScope
+#: What `deadline_scope()` returns.
+Deadline = LateScope | anyio.CancelScope
+#: A call's deadline scope, for a `with` block in the current task: a `LateScope` where anyio's
+#: internals have the expected shape, else a plain `anyio.CancelScope` (the old cost).
+deadline_scope: Callable[[], Deadline] = LateScope if available() else anyio.CancelScope

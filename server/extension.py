@@ -41,7 +41,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
 from server.config import ConfigError, Settings
-from server.deadline import Deadline, enter_deadline
+from server.deadline import Deadline, deadline_scope
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
@@ -70,8 +70,7 @@ _NO_REGISTRY = object()
 _Plan = tuple[object, Settings, bool | None, float, float | None]
 #: Plans remembered at most (one per tool name called); past it they are worked out afresh.
 MAX_PLANS = 4096
-_ACTIVE = SessionState.ACTIVE
-_COMPLETED = SessionState.COMPLETED
+_COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
 
 
 @dataclass(slots=True, eq=False)
@@ -267,16 +266,11 @@ class SessionsExtension(Extension):
         # An async tool runs in place (inline here: a coroutine less on every call).
         # Cancellation reaches it, so its deadline is a cancel scope around it, built only if
         # the deadline comes (`server.deadline`).
-        deadline = enter_deadline()
+        deadline = deadline_scope()
         session.on_cancel = deadline.cancel  # the manager's reaper calls it at the deadline
         try:
-            try:
+            with deadline:
                 result = await call_next(ctx)
-            except BaseException as exc:
-                if not deadline.exit(exc):
-                    raise
-                return self._stopped(session, name)  # the deadline's (or shutdown's) cancellation
-            deadline.exit(None)
         except anyio.get_cancelled_exc_class() as exc:
             if not _being_cancelled():
                 # The tool raised CancelledError itself; passed on, it would end the server's loop.
@@ -288,7 +282,7 @@ class SessionsExtension(Extension):
             raise
         except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
             return self._failed(session, name, exc)
-        if session.state is _ACTIVE:  # else the reaper or shutdown ended it (and cancelled the scope)
+        if not deadline.cancel_called:  # else the reaper or shutdown ended it, then cancelled the scope
             return self._completed(session, name, result)
         return self._stopped(session, name)
 
@@ -391,15 +385,11 @@ class SessionsExtension(Extension):
             if work.stopped:
                 work.cancelled = True  # stopped before it began: the tool is not called at all
                 return
-            work.scope = deadline = enter_deadline()
-            try:
+            work.scope = deadline = deadline_scope()
+            with deadline:
                 work.result = await call_next(ctx)
-            except BaseException as exc:
-                if not deadline.exit(exc):
-                    raise
-                work.cancelled = True
-            else:
-                deadline.exit(None)
+                return
+            work.cancelled = True  # the block swallowed the deadline's (or a stop's) cancellation
         except BaseException as exc:  # noqa: BLE001 - any failure of the tool is the session's error
             if deadline is not None and deadline.cancel_called and isinstance(exc, anyio.get_cancelled_exc_class()):
                 work.cancelled = True

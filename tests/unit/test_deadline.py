@@ -1,7 +1,7 @@
 """server.deadline: a call's deadline scope, built only when it is cancelled.
 
 Every case runs twice: on `LateScope` (the scope spliced into anyio's tree at cancel time)
-and on `_PlainScope` (an `anyio.CancelScope` entered at once, the fallback). Both must
+and on a plain `anyio.CancelScope` (the fallback, and the behaviour to match). Both must
 behave as a `with anyio.CancelScope()` block around the same code would.
 """
 
@@ -16,13 +16,13 @@ import anyio.lowlevel
 import pytest
 
 from server import deadline as deadline_module
-from server.deadline import Deadline, LateScope, _PlainScope
+from server.deadline import Deadline, LateScope
 
 Enter = Callable[[], Deadline]
 Cancelled = asyncio.CancelledError  # the asyncio backend: what anyio.get_cancelled_exc_class() returns
 
 
-@pytest.fixture(params=[LateScope, _PlainScope], ids=["late", "plain"])
+@pytest.fixture(params=[LateScope, anyio.CancelScope], ids=["late", "plain"])
 def enter(request: pytest.FixtureRequest) -> Enter:
     factory: Enter = request.param
     return factory
@@ -30,15 +30,10 @@ def enter(request: pytest.FixtureRequest) -> Enter:
 
 async def guarded(enter: Enter, body: Callable[[], Awaitable[str]], box: dict[str, Any]) -> str:
     """Run `body` inside a deadline the way the extension does; "cancelled" if it swallowed one."""
-    deadline = box["deadline"] = enter()
-    try:
-        result = await body()
-    except BaseException as exc:
-        if not deadline.exit(exc):
-            raise
-        return "cancelled"
-    deadline.exit(None)
-    return result
+    with enter() as deadline:
+        box["deadline"] = deadline
+        return await body()
+    return "cancelled"
 
 
 def hangs(started: anyio.Event) -> Callable[[], Awaitable[str]]:
@@ -81,10 +76,10 @@ async def run_and_cancel(enter: Enter, body: Callable[[], Awaitable[str]], start
 
 
 def test_anyio_has_the_shape_it_splices_into() -> None:
-    # Where this fails (a new anyio), enter_deadline falls back to plain scopes: still correct,
+    # Where this fails (a new anyio), deadline_scope falls back to plain scopes: still correct,
     # only slower. Update LateScope, or pin anyio below the version that changed.
     assert deadline_module.available()
-    assert deadline_module.enter_deadline == LateScope
+    assert deadline_module.deadline_scope == LateScope
 
 
 async def test_without_cancel_the_body_runs_to_its_end_and_nothing_is_built(enter: Enter) -> None:
@@ -323,16 +318,12 @@ async def test_nested_deadlines_of_one_task_keep_their_order(enter: Enter, first
     body = hangs(started)
 
     async def run() -> None:
-        outer = box["outer"] = enter()
-        try:
+        with enter() as outer:
+            box["outer"] = outer
             caught.append(await guarded(enter, body, box))  # box["deadline"]: the inner one
             await anyio.sleep(30)
-        except BaseException as exc:
-            if not outer.exit(exc):
-                raise
-            caught.append("outer")
-        else:
-            outer.exit(None)
+            caught.append("not cancelled")
+        caught.append("outer")
         with anyio.CancelScope():  # the task's scope tree is whole afterwards
             await anyio.lowlevel.checkpoint()
         box["after_ok"] = True
