@@ -99,9 +99,18 @@ def test_error_handling() -> str:
 
 
 async def test_sampling(prompt: str, ctx: Context) -> str:
-    """Asks the client's model to complete `prompt`."""
+    """Asks the client's model to complete `prompt`.
+
+    The request names the tool call it belongs to, so over streamable HTTP it travels on that
+    call's own response stream (as `ctx.elicit` does). Without it the SDK sends it on the
+    client's standalone GET stream, which the conformance client opens only after initializing:
+    a call made before that stream is up has its sampling request dropped (no event store), and
+    the call hangs until its deadline (seen in about 1 run of the suite in 8, bare SDK too).
+    """
     result: Any = await ctx.session.create_message(
-        messages=[SamplingMessage(role="user", content=TextContent(type="text", text=prompt))], max_tokens=100
+        messages=[SamplingMessage(role="user", content=TextContent(type="text", text=prompt))],
+        max_tokens=100,
+        related_request_id=ctx.request_id,
     )
     content = result.content
     text = content.text if getattr(content, "type", None) == "text" else "No response"

@@ -88,12 +88,14 @@ async def test_every_scenario_passes_except_the_baseline_with_the_extension_inst
         "-o", str(tmp_path),
     )  # fmt: skip
 
-    assert run.returncode == 0, run
-    assert "Baseline check passed" in run.stdout, run
     outcome = results(tmp_path)
-    assert set(outcome) == expected, f"scenarios without a result: {expected - set(outcome)}"
     failing = {name for name, checks in outcome.items() if not passed(checks)}
-    assert failing == set(listed), f"failing {sorted(failing)} != baseline {sorted(listed)}"
+    assert failing == set(listed), f"failing {sorted(failing)} != baseline {sorted(listed)}:\n" + "\n".join(
+        f"{name}: {check}" for name in sorted(failing - set(listed)) for check in outcome[name] if not passed([check])
+    )
+    assert set(outcome) == expected, f"scenarios without a result: {expected - set(outcome)}"
+    assert run.returncode == 0, str(run)
+    assert "Baseline check passed" in run.stdout, str(run)
     assert all(outcome[name] for name in expected - failing), "a passing scenario made no check"
 
     # The scenarios' tool calls went through the session layer and were all accounted.
