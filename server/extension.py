@@ -7,12 +7,14 @@ Every call's session is registered with the manager's reaper, which cancels the 
 at its deadline (one timer for all calls, not one per call). The scope is a `LateScope`
 (`server.deadline`): a real anyio cancel scope is built, and spliced in where the call began,
 only when a deadline actually comes, so a call that ends in time pays for none. An async
-tool runs in place inside that scope. For a sync tool the caller's wait and the work are
-decoupled: the work runs in a plain asyncio task the extension owns, and only the caller's
-wait is cancelled.
-So at the deadline the caller gets a `timeout` result on time even when the work is stuck in
-a thread (which no cancellation reaches); such a thread is counted in `abandoned_threads`
-until it really returns.
+tool runs in place inside that scope, and so does a sync tool: at its first call the extension
+swaps its function in the registry for a stand-in whose wait for the worker thread gives way
+to cancellation (`server.threads`). For a tool it cannot do that for (one whose parameters
+resolvers fill, or one of unknown kind) the caller's wait and the work are decoupled: the
+work runs in a plain asyncio task the extension owns, and only the caller's wait is cancelled.
+Either way, at the deadline the caller gets a `timeout` result on time even when the work is
+stuck in a thread (which no cancellation reaches); such a thread is counted in
+`abandoned_threads` until it really returns.
 
 Example:
     ```python
@@ -46,6 +48,7 @@ from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.sessions import Session, SessionManager, SessionState
+from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings
 
 logger = logging.getLogger(__name__)
@@ -66,8 +69,9 @@ def error_result(error: SessionError) -> CallToolResult:
 #: The tool a call names when the server has no registry to ask (then its kind is unknown).
 _NO_REGISTRY = object()
 #: A tool's call plan: (its registry entry, the settings, whether it runs in a thread (None:
-#: unknown), its deadline in seconds, its idle timeout or None).
-_Plan = tuple[object, Settings, bool | None, float, float | None]
+#: unknown), whether it runs in place (else decoupled), its deadline in seconds, its idle
+#: timeout or None).
+_Plan = tuple[object, Settings, bool | None, bool, float, float | None]
 #: Plans remembered at most (one per tool name called); past it they are worked out afresh.
 MAX_PLANS = 4096
 _COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
@@ -181,10 +185,10 @@ class SessionsExtension(Extension):
                 if self._works:
                     with anyio.CancelScope(shield=True):
                         await asyncio.wait(list(self._works), timeout=WORK_EXIT_GRACE_SECONDS)
-                if self._works:
+                stuck = self.manager.metrics().abandoned_threads
+                if stuck:
                     logger.warning(
-                        "Leaving %s stuck thread(s) behind: sync tools still running past their deadline",
-                        self.manager.metrics().abandoned_threads,
+                        "Leaving %s stuck thread(s) behind: sync tools still running past their deadline", stuck
                     )
 
     # -- shutdown --------------------------------------------------------------------------
@@ -213,8 +217,13 @@ class SessionsExtension(Extension):
     def _plan_for(self, name: str, tool: object, config: Settings) -> _Plan:
         """Work out (and remember) how calls of `name` run: in a thread or not, and its
         deadlines. Remembered per tool name, for this registry entry and these settings."""
-        sync = None if tool is _NO_REGISTRY else not bool(getattr(tool, "is_async", True))
-        plan = (tool, config, sync, config.timeout_for(name), config.idle_timeout_for(name))
+        if tool is _NO_REGISTRY:
+            sync, in_place = None, False
+        else:
+            sync = runs_in_thread(tool)
+            manager = self.manager
+            in_place = not sync or make_cancellable(tool, manager.thread_abandoned, manager.thread_ended)
+        plan = (tool, config, sync, in_place, config.timeout_for(name), config.idle_timeout_for(name))
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         self._plans[name] = plan
@@ -241,7 +250,7 @@ class SessionsExtension(Extension):
         plan = self._plans.get(name)
         if plan is None or plan[0] is not tool or plan[1] is not config:
             plan = self._plan_for(name, tool, config)
-        _, _, sync, timeout, idle_timeout = plan
+        _, _, sync, in_place, timeout, idle_timeout = plan
         manager = self.manager
         request_id = None if ctx.request_id is None else str(ctx.request_id)
         try:
@@ -260,12 +269,12 @@ class SessionsExtension(Extension):
             return error_result(exc)
         if idle_timeout is not None:
             ctx = replace(ctx, session=progress_session(ctx.session, lambda: manager.progress(session)))
-        if sync is not False:
+        if not in_place:
             return await self._call_decoupled(session, name, sync, ctx, call_next)
 
-        # An async tool runs in place (inline here: a coroutine less on every call).
-        # Cancellation reaches it, so its deadline is a cancel scope around it, built only if
-        # the deadline comes (`server.deadline`).
+        # The call runs in place (inline here: a coroutine less on every call): an async tool,
+        # or a sync one whose thread wait a cancellation ends (`server.threads`). Its deadline
+        # is a cancel scope around it, built only if the deadline comes (`server.deadline`).
         deadline = deadline_scope()
         session.on_cancel = deadline.cancel  # the manager's reaper calls it at the deadline
         try:

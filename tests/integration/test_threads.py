@@ -1,6 +1,7 @@
-"""Stuck sync tools must not take the server down: abandoned threads keep their limiter
-token, so the extension gives live work that capacity back, bounds the stuck ones and
-refuses sync tools at once past the bound, until the stuck threads end."""
+"""Stuck sync tools must not take the server down: a stuck thread's capacity goes back to
+live work (a sync tool's thread wait ends at its deadline and returns the limiter token; work
+the extension runs decoupled keeps its token and the limiter is lent one more), the stuck ones
+are bounded and sync tools are refused at once past the bound, until the stuck threads end."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
+import pytest
 from mcp import Client
+from mcp.server.mcpserver.resolve import Resolve
 
 from server import SessionsExtension, Settings
 from server.extension import _Work
@@ -34,10 +37,20 @@ def thread_limiter(tokens: int) -> Iterator[anyio.CapacityLimiter]:
         limiter.total_tokens = before
 
 
+def _one() -> int:
+    return 1
+
+
 def stuck_tools(release: threading.Event) -> list[Any]:
     def stuck() -> str:
         release.wait(timeout=60)  # bounded: a failing test cannot leave it behind for good
         return "unstuck"
+
+    # A parameter filled by a resolver (which the SDK may run in a shielded thread of its own):
+    # the extension leaves such a tool's function alone and runs its work decoupled.
+    def stuck_resolved(n: Annotated[int, Resolve(_one)]) -> str:
+        release.wait(timeout=60)
+        return f"unstuck {n}"
 
     def quick_sync() -> str:
         return "quick"
@@ -45,22 +58,29 @@ def stuck_tools(release: threading.Event) -> list[Any]:
     async def echo_async(text: str) -> str:
         return text
 
-    return [stuck, quick_sync, echo_async]
+    return [stuck, stuck_resolved, quick_sync, echo_async]
 
 
-async def test_stuck_threads_do_not_starve_live_sync_calls() -> None:
+@pytest.mark.parametrize(
+    ("tool", "held"),
+    [("stuck", 0), ("stuck_resolved", TOKENS)],
+    ids=["thread-wait-ends-at-the-deadline", "decoupled-work-keeps-its-token"],
+)
+async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, held: int) -> None:
     release = threading.Event()
-    config = settings(tool_timeouts={"stuck": 0.2, "quick_sync": 2.0}, max_abandoned_threads=TOKENS + 2)
+    timeouts = {"stuck": 0.2, "stuck_resolved": 0.2, "quick_sync": 2.0}
+    config = settings(tool_timeouts=timeouts, max_abandoned_threads=TOKENS + 2)
     app, sessions = build(config, tools=stuck_tools(release))
     try:
         with thread_limiter(TOKENS) as limiter:
             async with Client(app) as client:
-                # As many stuck calls as the limiter has tokens: each holds its token after its deadline.
+                # As many stuck calls as the limiter has tokens, each still in its thread.
                 for _ in range(TOKENS):
-                    assert code_of(await client.call_tool("stuck", {})) == "timeout"
+                    assert code_of(await client.call_tool(tool, {})) == "timeout"
                 m = await metrics(client)
                 assert m["abandoned_threads"] == TOKENS
-                assert limiter.borrowed_tokens == TOKENS, "a stuck thread keeps its limiter token"
+                assert limiter.borrowed_tokens == held
+                assert limiter.total_tokens == TOKENS + held, "each token still held is lent back once"
                 # Live sync work still gets a thread at once.
                 with anyio.fail_after(1.5):
                     result = await client.call_tool("quick_sync", {})
@@ -69,6 +89,7 @@ async def test_stuck_threads_do_not_starve_live_sync_calls() -> None:
                 with anyio.fail_after(5):
                     await sessions.manager.wait_no_abandoned_threads()
                 assert limiter.total_tokens == TOKENS, "the extra capacity goes when the stuck threads end"
+                assert (await metrics(client))["abandoned_threads"] == 0
     finally:
         release.set()
 
