@@ -9,9 +9,10 @@ at its deadline (one timer for all calls, not one per call). The scope is a `Lat
 only when a deadline actually comes, so a call that ends in time pays for none. An async
 tool runs in place inside that scope, and so does a sync tool: at its first call the extension
 swaps its function in the registry for a stand-in whose wait for the worker thread gives way
-to cancellation (`server.threads`). For a tool it cannot do that for (one whose parameters
-resolvers fill, or one of unknown kind) the caller's wait and the work are decoupled: the
-work runs in a plain asyncio task the extension owns, and only the caller's wait is cancelled.
+to cancellation (`server.threads`). For a call that may be stuck in a thread it cannot reach
+(a tool whose parameters resolvers fill, async or sync, or one of unknown kind) the caller's
+wait and the work are decoupled: the work runs in a plain asyncio task the extension owns, and
+only the caller's wait is cancelled.
 Either way, at the deadline the caller gets a `timeout` result on time even when the work is
 stuck in a thread (which no cancellation reaches); such a thread is counted in
 `abandoned_threads` until it really returns.
@@ -217,7 +218,12 @@ class SessionsExtension(Extension):
     def _plan_for(self, name: str, tool: object, config: Settings) -> _Plan:
         """Work out (and remember) how calls of `name` run: in a thread or not, and its
         deadlines. Remembered per tool name, for this registry entry and these settings."""
+        sync: bool | None
         if tool is _NO_REGISTRY:
+            sync, in_place = None, False
+        elif getattr(tool, "resolved_params", None):
+            # Resolvers fill some parameters, and the SDK runs sync ones in shielded thread waits
+            # of its own, async tool or not: so the call may be stuck in a thread; decoupled.
             sync, in_place = None, False
         else:
             sync = runs_in_thread(tool)

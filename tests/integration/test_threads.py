@@ -94,6 +94,39 @@ async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, held: int)
         release.set()
 
 
+#: Holds `stuck_resolver` in its thread until set (module level: the SDK evaluates a tool's and
+#: a resolver's annotations from their module).
+_resolver_release = threading.Event()
+
+
+def stuck_resolver() -> int:
+    _resolver_release.wait(timeout=60)  # bounded: a failing test cannot leave it behind for good
+    return 1
+
+
+async def resolved_async(n: Annotated[int, Resolve(stuck_resolver)]) -> str:
+    return f"resolved {n}"
+
+
+async def test_an_async_tool_whose_resolver_hangs_in_a_thread_still_times_out() -> None:
+    # The SDK runs a sync resolver in a thread wait that no cancellation reaches, before the
+    # tool body runs, even for an async tool: the caller must still get `timeout` on time.
+    _resolver_release.clear()
+    app, sessions = build(settings(tool_timeouts={"resolved_async": 0.2}), tools=[resolved_async])
+    try:
+        async with Client(app) as client:
+            with anyio.fail_after(2):
+                assert code_of(await client.call_tool("resolved_async", {})) == "timeout"
+            assert (await metrics(client))["abandoned_threads"] == 1
+            _resolver_release.set()
+            with anyio.fail_after(5):
+                await sessions.manager.wait_no_abandoned_threads()
+                # The resolver returns at once now: the next call completes.
+                assert text_of(await client.call_tool("resolved_async", {})) == "resolved 1"
+    finally:
+        _resolver_release.set()
+
+
 async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_later() -> None:
     release = threading.Event()
     config = settings(tool_timeouts={"stuck": 0.2, "quick_sync": 2.0}, max_abandoned_threads=2)
