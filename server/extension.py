@@ -69,10 +69,9 @@ def error_result(error: SessionError) -> CallToolResult:
 
 #: The tool a call names when the server has no registry to ask (then its kind is unknown).
 _NO_REGISTRY = object()
-#: A tool's call plan: (its registry entry, the settings, whether it runs in a thread (None:
-#: unknown), whether it runs in place (else decoupled), its deadline in seconds, its idle
-#: timeout or None).
-_Plan = tuple[object, Settings, bool | None, bool, float, float | None]
+#: A tool's call plan: (its registry entry, the settings, whether it may need a thread, whether
+#: it runs in place (else decoupled), its deadline in seconds, its idle timeout or None).
+_Plan = tuple[object, Settings, bool, bool, float, float | None]
 #: Plans remembered at most (one per tool name called); past it they are worked out afresh.
 MAX_PLANS = 4096
 _COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
@@ -83,7 +82,6 @@ class _Work:
     """One tool call's work, running in a task of its own that the extension owns."""
 
     session: Session
-    sync: bool | None
     #: Resolved (with None) when the work ends or the caller must stop waiting, whichever is first.
     wake: asyncio.Future[None]
     task: asyncio.Task[None] | None = None
@@ -132,7 +130,7 @@ class SessionsExtension(Extension):
         self._running = False
         self._app: Any = None
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
-        #: Work of sync tools still running. Plain asyncio tasks, not tasks of an anyio task
+        #: Decoupled work still running. Plain asyncio tasks, not tasks of an anyio task
         #: group: `start_soon` costs about 40 µs per call here, `create_task` about 5 µs.
         self._works: dict[asyncio.Task[None], _Work] = {}
         #: The server's tool registry lookup (set by the lifespan; None: no registry to ask).
@@ -179,8 +177,8 @@ class SessionsExtension(Extension):
                 yield {"sessions": self}
             finally:
                 self._running = False
-                # The work of sync tools runs in plain tasks, so that lifespan exit can leave a
-                # sync tool stuck in a thread behind instead of waiting for it forever.
+                # Decoupled work runs in plain tasks, so that lifespan exit can leave a call
+                # stuck in a thread behind instead of waiting for it forever.
                 for work in self._works.values():
                     work.stop()
                 if self._works:
@@ -218,18 +216,16 @@ class SessionsExtension(Extension):
     def _plan_for(self, name: str, tool: object, config: Settings) -> _Plan:
         """Work out (and remember) how calls of `name` run: in a thread or not, and its
         deadlines. Remembered per tool name, for this registry entry and these settings."""
-        sync: bool | None
-        if tool is _NO_REGISTRY:
-            sync, in_place = None, False
-        elif getattr(tool, "resolved_params", None):
-            # Resolvers fill some parameters, and the SDK runs sync ones in shielded thread waits
-            # of its own, async tool or not: so the call may be stuck in a thread; decoupled.
-            sync, in_place = None, False
+        if tool is _NO_REGISTRY or getattr(tool, "resolved_params", None):
+            # Its kind is unknown, or resolvers fill some parameters (the SDK runs sync ones in
+            # shielded thread waits of its own, async tool or not): it may be stuck in a thread
+            # no cancellation reaches, so it runs decoupled.
+            needs_thread, in_place = True, False
         else:
-            sync = runs_in_thread(tool)
+            needs_thread = runs_in_thread(tool)
             manager = self.manager
-            in_place = not sync or make_cancellable(tool, manager.thread_abandoned, manager.thread_ended)
-        plan = (tool, config, sync, in_place, config.timeout_for(name), config.idle_timeout_for(name))
+            in_place = not needs_thread or make_cancellable(tool, manager.thread_abandoned, manager.thread_ended)
+        plan = (tool, config, needs_thread, in_place, config.timeout_for(name), config.idle_timeout_for(name))
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         self._plans[name] = plan
@@ -256,18 +252,18 @@ class SessionsExtension(Extension):
         plan = self._plans.get(name)
         if plan is None or plan[0] is not tool or plan[1] is not config:
             plan = self._plan_for(name, tool, config)
-        _, _, sync, in_place, timeout, idle_timeout = plan
+        _, _, needs_thread, in_place, timeout, idle_timeout = plan
         manager = self.manager
         request_id = None if ctx.request_id is None else str(ctx.request_id)
         try:
-            session = manager.open_call(name, timeout, request_id, sync is not False, idle_timeout)
+            session = manager.open_call(name, timeout, request_id, needs_thread, idle_timeout)
             if session is None:  # full, limited per client, or otherwise not simple: the whole way
                 session = await manager.create(
                     tool=name,
                     timeout_seconds=timeout,
                     request_id=request_id,
                     client=self.client_of(ctx) if manager.limits.max_sessions_per_client else None,
-                    needs_thread=sync is not False,
+                    needs_thread=needs_thread,
                     idle_timeout_seconds=idle_timeout,
                 )
         except SessionError as exc:
@@ -276,7 +272,7 @@ class SessionsExtension(Extension):
         if idle_timeout is not None:
             ctx = replace(ctx, session=progress_session(ctx.session, lambda: manager.progress(session)))
         if not in_place:
-            return await self._call_decoupled(session, name, sync, ctx, call_next)
+            return await self._call_decoupled(session, name, ctx, call_next)
 
         # The call runs in place (inline here: a coroutine less on every call): an async tool,
         # or a sync one whose thread wait a cancellation ends (`server.threads`). Its deadline
@@ -326,12 +322,12 @@ class SessionsExtension(Extension):
         return ("connection", connection) if connection is not None else ("connection", ctx.session)
 
     async def _call_decoupled(
-        self, session: Session, name: str, sync: bool | None, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+        self, session: Session, name: str, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
-        """A sync tool (or one of unknown kind): the caller's wait ends at the deadline even if
-        the work, stuck in a thread, does not."""
+        """A call that may be stuck in a thread no cancellation reaches (see `_plan_for`): the
+        caller's wait ends at the deadline even if the work does not."""
         loop = asyncio.get_running_loop()
-        work = _Work(session, sync, loop.create_future())
+        work = _Work(session, loop.create_future())
         session.on_cancel = work.cancel  # the manager's reaper calls it at the deadline
         work.task = task = loop.create_task(self._run(work, ctx, call_next))
         self._works[task] = work  # until `_run` ends
@@ -428,7 +424,7 @@ class SessionsExtension(Extension):
         bounds how many there can be (the manager refuses sync tools past it).
         """
         work.stop()
-        if not work.done and work.sync is not False and not work.abandoned:
+        if not work.done and not work.abandoned:
             work.abandoned = True
             _thread_limiter().total_tokens += 1
             self.manager.thread_abandoned()

@@ -162,7 +162,7 @@ def start_work(call_next: Callable[[Any], Awaitable[str]]) -> tuple[SessionsExte
     session = sessions.manager.open_call("block_sync", 30.0, None, True, None)
     assert session is not None
     loop = asyncio.get_running_loop()
-    work = _Work(session, True, loop.create_future())
+    work = _Work(session, loop.create_future())
     work.task = loop.create_task(sessions._run(work, None, call_next))  # type: ignore[arg-type]
     sessions._works[work.task] = work
     return sessions, work
