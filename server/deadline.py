@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import weakref
 from collections.abc import Callable
 from types import TracebackType
@@ -52,6 +53,25 @@ _SCOPE_FIELDS = (
     "_pending_uncancellations",
 )
 
+
+_current_task = asyncio.current_task
+# On Python 3.11, `asyncio.current_task()` makes a system call (getpid, its fork check), about
+# 0.4 µs on this project's VMs. The C dict it reads maps each loop running a task step to that
+# task; with one entry, the entry is the caller's own task (the caller runs in a task, so its
+# loop has an entry). `tuple()` copies it in one C call, atomic under the GIL. 3.12 dropped the
+# system call, and later versions may keep the dict differently: there, `current_task` itself.
+_running_tasks: dict[Any, Any] | None = None
+if sys.version_info < (3, 12):
+    try:
+        import _asyncio
+
+        _running_tasks = _asyncio._current_tasks  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):  # pragma: no cover - asyncio without its C accelerator
+        _running_tasks = None
+_ref = weakref.ref
+#: The dict behind anyio's `_task_states` (a WeakKeyDictionary, keyed by weak references to
+#: tasks): one module global instead of two attribute lookups on every call.
+_states_by_ref: dict[Any, Any] = getattr(getattr(_anyio_asyncio, "_task_states", None), "data", {})
 
 #: Numbers the LateScopes in the order they are entered.
 _entries = itertools.count()
@@ -85,28 +105,26 @@ class LateScope:
             ...  # cancelled by `deadline.cancel()`; its cancellation was swallowed
     """
 
-    __slots__ = ("_task", "_state", "_base", "_cancelling", "_order", "scope")
+    __slots__ = ("_task", "_state", "_base", "_cancelling", "_order", "scope", "cancel_called")
 
     def __init__(self) -> None:
         """Note where the current task is (no scope is built)."""
-        task = asyncio.current_task()
+        running = tuple(_running_tasks.values()) if _running_tasks is not None else ()
+        task = running[0] if len(running) == 1 else _current_task()
         if task is None:  # pragma: no cover - always made in a task
             raise RuntimeError("a LateScope must be entered in an asyncio task")
-        states: Any = _anyio_asyncio._task_states
-        state = states.data.get(weakref.ref(task))  # what WeakKeyDictionary.get does, minus a call
+        state = _states_by_ref.get(_ref(task))  # what WeakKeyDictionary.get does, minus a call
         if state is None:  # the task has never entered an anyio scope: give it its root state
-            state = states[task] = _anyio_asyncio.TaskState(None, None)
+            state = _anyio_asyncio._task_states[task] = _anyio_asyncio.TaskState(None, None)
         self._task = task
         self._state = state
         self._base = state.cancel_scope
         self._cancelling = task.cancelling()
         self._order = next(_entries)  # LateScopes with the same base nest in this order
-        #: The real scope, once `cancel()` has spliced one in.
+        #: The real scope, once `cancel()` has spliced one in; and whether it has (a plain
+        #: attribute, not a property: it is read after every call).
         self.scope: anyio.CancelScope | None = None
-
-    @property
-    def cancel_called(self) -> bool:
-        return self.scope is not None
+        self.cancel_called = False
 
     def cancel(self) -> None:
         """Cancel what the task runs inside this scope (from another task, while it waits)."""
@@ -148,8 +166,13 @@ class LateScope:
         scope._active = True
         scope._cancelling_at_enter = self._cancelling
         self.scope = scope
+        self.cancel_called = True
         _spliced[id(scope)] = self._order
         scope.cancel()
+
+    #: Calling the scope cancels it: it can be handed on as the callback that stops the call
+    #: (`Session.on_cancel`) without making a bound method on every call.
+    __call__ = cancel
 
     def __enter__(self) -> LateScope:
         return self

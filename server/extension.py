@@ -44,7 +44,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
 from server.config import ConfigError, Settings
-from server.deadline import Deadline, deadline_scope
+from server.deadline import Deadline, LateScope, deadline_scope
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
@@ -278,7 +278,8 @@ class SessionsExtension(Extension):
         # or a sync one whose thread wait a cancellation ends (`server.threads`). Its deadline
         # is a cancel scope around it, built only if the deadline comes (`server.deadline`).
         deadline = deadline_scope()
-        session.on_cancel = deadline.cancel  # the manager's reaper calls it at the deadline
+        # The manager's reaper calls it at the deadline (a LateScope is its own cancel callback).
+        session.on_cancel = deadline if type(deadline) is LateScope else deadline.cancel
         try:
             with deadline:
                 result = await call_next(ctx)
@@ -293,9 +294,14 @@ class SessionsExtension(Extension):
             raise
         except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
             return self._failed(session, name, exc)
-        if not deadline.cancel_called:  # else the reaper or shutdown ended it, then cancelled the scope
+        if deadline.cancel_called:  # the reaper or shutdown ended the session, then cancelled the scope
+            return self._stopped(session, name)
+        if getattr(result, "is_error", False):
             return self._completed(session, name, result)
-        return self._stopped(session, name)
+        # What `_completed` does for a result that is not an error, inline: this runs per call.
+        if manager.end(session, _COMPLETED):
+            return result
+        return self._stopped(session, name)  # too late: answer as the session was accounted
 
     @staticmethod
     def client_of(ctx: ServerRequestContext[Any, Any]) -> Hashable:

@@ -36,23 +36,55 @@ def edge_index(bound: float) -> int:
 
 
 class DurationStats:
-    """Count, sum and a sparse log-bucketed histogram of durations in seconds."""
+    """Count, sum and a sparse log-bucketed histogram of durations in seconds.
 
-    __slots__ = ("count", "total", "_buckets")
+    `add` only appends to a short list of pending durations; they are folded into the histogram
+    FOLD_AT at a time, and before anything reads it. A session's end then touches one list
+    instead of the logarithm, the histogram's dict and its counters: on a no-op tool call, those
+    are cache misses that cost a few microseconds each call (see README, Performance).
+    """
+
+    __slots__ = ("_count", "_total", "_buckets", "_pending")
+
+    #: How many durations wait before they are folded: memory stays bounded (a list of at most
+    #: this many floats per histogram), and folding them together keeps the fold's code hot.
+    FOLD_AT = 64
 
     def __init__(self) -> None:
-        self.count = 0
-        self.total = 0.0
+        self._count = 0
+        self._total = 0.0
         self._buckets: dict[int, int] = {}
+        self._pending: list[float] = []
 
     def add(self, seconds: float) -> None:
         """Record one duration. Bucket i > 0 covers (MIN * G**(i-1), MIN * G**i]; bucket 0 the rest."""
-        # Runs once per session end: the bucket's formula inline, no call.
-        index = 0 if seconds <= _MIN_SECONDS else int(math.log(seconds * _PER_MIN) * _INV_LOG_GROWTH) + 1
-        self.count += 1
-        self.total += seconds
+        pending = self._pending
+        pending.append(seconds)
+        if len(pending) >= self.FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Put the pending durations into the histogram."""
+        pending = self._pending
+        if not pending:
+            return
         buckets = self._buckets
-        buckets[index] = buckets.get(index, 0) + 1
+        log, per_min, inv_log_growth = math.log, _PER_MIN, _INV_LOG_GROWTH
+        for seconds in pending:
+            index = 0 if seconds <= _MIN_SECONDS else int(log(seconds * per_min) * inv_log_growth) + 1
+            buckets[index] = buckets.get(index, 0) + 1
+        self._count += len(pending)
+        self._total += math.fsum(pending)
+        pending.clear()
+
+    @property
+    def count(self) -> int:
+        return self._count + len(self._pending)
+
+    @property
+    def total(self) -> float:
+        self._fold()
+        return self._total
 
     @classmethod
     def merged(cls, parts: Iterable[DurationStats]) -> DurationStats:
@@ -60,8 +92,9 @@ class DurationStats:
         out = cls()
         buckets = out._buckets
         for part in parts:
-            out.count += part.count
-            out.total += part.total
+            part._fold()
+            out._count += part._count
+            out._total += part._total
             for index, n in part._buckets.items():
                 buckets[index] = buckets.get(index, 0) + n
         return out
@@ -72,9 +105,10 @@ class DurationStats:
 
     def quantile(self, q: float) -> float:
         """The q-quantile (0 < q <= 1), as the upper edge of its bucket; 0.0 with no data."""
-        if not self.count:
+        self._fold()
+        if not self._count:
             return 0.0
-        rank = max(1, math.ceil(q * self.count))
+        rank = max(1, math.ceil(q * self._count))
         seen = 0
         for index in sorted(self._buckets):
             seen += self._buckets[index]
@@ -89,6 +123,7 @@ class DurationStats:
         about 2 % below a bound may be counted under the next bound, never under a lower one.
         O(distinct buckets + len(bounds)); the `+Inf` bucket is `count`.
         """
+        self._fold()
         edges = [edge_index(bound) for bound in bounds]
         per_bound = [0] * (len(bounds) + 1)
         for index, n in self._buckets.items():

@@ -62,6 +62,8 @@ end_logger.setLevel(logging.WARNING)
 #: call's id is never released by a client, so it is not remembered); older ones are still
 #: recognised as ours (their id is signed) and refused as already released.
 RECENTLY_ENDED = 4096
+#: How many session ids are made at a time (see `SessionManager._more_ids_locked`).
+ID_BATCH = 256
 #: Per-tool statistics are kept for at most this many tool names; the rest share one entry.
 MAX_TRACKED_TOOLS = 1024
 OTHER_TOOLS = "(other)"
@@ -87,6 +89,9 @@ _ACTIVE = SessionState.ACTIVE
 _COMPLETED = SessionState.COMPLETED
 _ERROR = SessionState.ERROR
 _TIMEOUT = SessionState.TIMEOUT
+_monotonic = time.monotonic
+_wall_clock = time.time
+_INFO = logging.INFO
 
 
 @dataclass(slots=True, eq=False)
@@ -97,26 +102,29 @@ class Session:
     request_id: str
     tool: str | None
     timeout_seconds: float
-    provider: str = ""
-    model: str = ""
-    metadata: Any = None
-    metadata_bytes: int = 0
+    # The fields a tool call's admission sets come first, so that `open_call` passes them by
+    # position (it runs on every call).
     #: `time.monotonic()` at admission and at the deadline (the clock of the asyncio event loop).
     #: `deadline` is the earlier of `hard_deadline` and the idle deadline; progress moves it on.
     #: All three are set when the session is admitted.
     started: float = 0.0
+    hard_deadline: float = 0.0
     deadline: float = 0.0
     #: Wall-clock creation time (`time.time()`), only for `expires_at`.
     created_at: float = 0.0
+    #: Whether its work runs in a thread.
+    needs_thread: bool = False
+    idle_timeout: float | None = None
+    provider: str = ""
+    model: str = ""
+    metadata: Any = None
+    metadata_bytes: int = 0
     state: SessionState = SessionState.ACTIVE
     ended: float | None = None
     error: str | None = None
     client: Hashable | None = None
-    idle_timeout: float | None = None
-    #: Whether the reaper ends it at its deadline, and whether its work runs in a thread.
+    #: Whether the reaper ends it at its deadline.
     expire: bool = True
-    needs_thread: bool = False
-    hard_deadline: float = 0.0
     #: Set when the session timed out for reporting no progress (not at its overall deadline).
     idle_expired: bool = False
     #: Set by whoever runs the session's work, to stop it when the session is ended for it:
@@ -213,14 +221,18 @@ class SessionManager:
     CAPACITY_SCOPE = "the server"
 
     def __init__(self, limits: LimitsSettings | None = None, tool_caps: Mapping[str, int] | None = None) -> None:
-        self.limits = limits if limits is not None else LimitsSettings()
+        self.limits = limits if limits is not None else LimitsSettings()  # see the property
         #: Per-tool concurrency caps (`[tools.NAME].max_concurrent`), by tool name.
         self.tool_caps: dict[str, int] = dict(tool_caps or {})
         self._lock = threading.Lock()
         # Ids are "s<random>-<seq>": unguessable across servers and restarts, and recognisable
         # as ours after they end without remembering every one of them.
         self._id_prefix = f"s{secrets.token_hex(6)}-"
+        #: Ids are made ID_BATCH at a time: taking one from a list costs less on every call than
+        #: formatting one (cold code between two calls). `_seq` is the last one made; the ones
+        #: made and not yet given out wait in `_spare_ids`, next one last.
         self._seq = 0
+        self._spare_ids: list[str] = []
         self._active: dict[str, Session] = {}
         # Admission state (not statistics: `reset_metrics` keeps it): calls active per tool,
         # sessions held or queued per client, and the calls waiting for a slot, oldest first.
@@ -246,6 +258,21 @@ class SessionManager:
         self._config_reloads = 0
         self._config_reload_failures = 0
         self._reset_counters()
+
+    @property
+    def limits(self) -> LimitsSettings:
+        """The limits new sessions are admitted under (`set_limits` changes them)."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: LimitsSettings) -> None:
+        self._limits = limits
+        # Plain copies of what `open_call` reads on every call: a settings model's attribute
+        # costs a type lookup through its class's MRO, often a cache miss between calls.
+        self._max_active = limits.max_concurrent_sessions
+        self._max_timeout = limits.max_timeout_seconds
+        self._max_abandoned = limits.max_abandoned_threads
+        self._per_client = bool(limits.max_sessions_per_client)
 
     def _reset_counters(self) -> None:
         self._created = len(self._active)
@@ -361,21 +388,66 @@ class SessionManager:
         refuse), the per-client share is on, the timeout is not a float within the cap, the
         idle timeout is not a positive float, or the server is shutting down. Raises the
         refusals that never wait (too many stuck threads), counted as `create` counts them.
+
+        Written as one function on purpose: between two calls the SDK runs about a million
+        instructions, which evict this code and its data from the CPU caches, so each further
+        function, object or dict it touched would cost a cache miss on every call.
         """
-        limits = self.limits
         if (
             self._shutting_down
-            or limits.max_sessions_per_client
+            or self._per_client
             or type(timeout) is not float
-            or not 0.0 < timeout <= limits.max_timeout_seconds
+            or not 0.0 < timeout <= self._max_timeout
             or (idle_timeout is not None and not (type(idle_timeout) is float and idle_timeout > 0.0))
         ):
             return None
-        session = Session("", request_id or "", tool, timeout, idle_timeout=idle_timeout, needs_thread=needs_thread)
         lock = self._lock
         lock.acquire()  # not `with`: an explicit pair costs half as much, and this runs per call
         try:
-            return session if self._admit_locked(session) else None
+            active = self._active
+            tool_caps = self.tool_caps
+            if (
+                len(active) >= self._max_active
+                or (needs_thread and self._abandoned >= self._max_abandoned)
+                or (tool_caps and tool in tool_caps)
+            ):  # full, a refusal, or a capped tool: the general rules decide
+                session = Session("", request_id or "", tool, timeout, needs_thread=needs_thread)
+                session.idle_timeout = idle_timeout
+                return session if self._admit_locked(session) else None
+            # `_open_locked` for a tool call without metadata or client, inline.
+            session_id = (self._spare_ids or self._more_ids_locked()).pop()
+            now = _monotonic()
+            hard_deadline = now + timeout
+            deadline = hard_deadline if idle_timeout is None else min(hard_deadline, now + idle_timeout)
+            session = Session(
+                session_id,
+                request_id or session_id,
+                tool,
+                timeout,
+                now,
+                hard_deadline,
+                deadline,
+                _wall_clock(),
+                needs_thread,
+                idle_timeout,
+            )
+            active[session_id] = session
+            self._created += 1
+            if len(active) > self._peak:
+                self._peak = len(active)
+            (self._tools.get(tool) or self._tool_stats(tool)).calls += 1
+            tool_active = self._tool_active
+            tool_active[tool] = tool_active.get(tool, 0) + 1
+            # `_expire_at_locked(deadline, session_id)`, inline.
+            expiry = self._expiry
+            entry = (deadline, session_id)
+            heapq.heappush(expiry, entry)
+            if len(expiry) > 64 and len(expiry) > 4 * len(active):
+                self._expiry = expiry = [e for e in expiry if e[1] in active]
+                heapq.heapify(expiry)
+            if expiry[0] is entry and self._reaper_scope is not None:
+                self._reaper_scope.deadline = deadline
+            return session
         finally:
             lock.release()
 
@@ -416,10 +488,10 @@ class SessionManager:
             request_id or "",
             tool,
             timeout,
-            provider,
-            model,
-            metadata,
-            0 if metadata is None else metadata_size(metadata),
+            provider=provider,
+            model=model,
+            metadata=metadata,
+            metadata_bytes=0 if metadata is None else metadata_size(metadata),
             client=client,
             idle_timeout=idle_timeout_seconds,
             expire=expire,
@@ -496,12 +568,12 @@ class SessionManager:
             session.id = self._new_id_locked()
         if not session.request_id:
             session.request_id = session.id
-        now = time.monotonic()
+        now = _monotonic()
         session.started = now
         session.hard_deadline = now + session.timeout_seconds
         idle = session.idle_timeout
         session.deadline = session.hard_deadline if idle is None else min(session.hard_deadline, now + idle)
-        session.created_at = time.time()
+        session.created_at = _wall_clock()
         self._active[session.id] = session
         self._created += 1
         self._metadata_bytes += session.metadata_bytes
@@ -515,22 +587,33 @@ class SessionManager:
         if client is not None:
             self._client_load[client] = self._client_load.get(client, 0) + 1
         if session.expire:
-            expiry = self._expiry
-            entry = (session.deadline, session.id)
-            heapq.heappush(expiry, entry)
-            # Released sessions stay in the heap until their deadline; compact when they dominate.
-            if len(expiry) > 64 and len(expiry) > 4 * len(self._active):
-                active = self._active
-                self._expiry = expiry = [e for e in expiry if e[1] in active]
-                heapq.heapify(expiry)
-            scope = self._reaper_scope
-            if scope is not None and expiry[0] is entry:  # the earliest now: wake the reaper then
-                scope.deadline = session.deadline
+            self._expire_at_locked(session.deadline, session.id)
         return session
 
+    def _expire_at_locked(self, deadline: float, session_id: str) -> None:
+        """Have the reaper end the session at `deadline` (unless it has ended by then)."""
+        expiry = self._expiry
+        entry = (deadline, session_id)
+        heapq.heappush(expiry, entry)
+        # Released sessions stay in the heap until their deadline; compact when they dominate.
+        if len(expiry) > 64 and len(expiry) > 4 * len(self._active):
+            active = self._active
+            self._expiry = expiry = [e for e in expiry if e[1] in active]
+            heapq.heapify(expiry)
+        scope = self._reaper_scope
+        if scope is not None and expiry[0] is entry:  # the earliest now: wake the reaper then
+            scope.deadline = deadline
+
     def _new_id_locked(self) -> str:
-        self._seq = seq = self._seq + 1
-        return self._id_prefix + hex(seq)[2:]  # "s<random>-<seq in hex>": see `_issued_by_us`
+        return (self._spare_ids or self._more_ids_locked()).pop()
+
+    def _more_ids_locked(self) -> list[str]:
+        """Make the next ID_BATCH ids ("s<random>-<seq in hex>": see `_issued_by_us`)."""
+        first = self._seq + 1
+        self._seq = last = self._seq + ID_BATCH
+        prefix = self._id_prefix
+        self._spare_ids = ids = [f"{prefix}{seq:x}" for seq in range(last, first - 1, -1)]
+        return ids
 
     async def _wait_in_queue(self, waiter: Waiter, timeout: float) -> Session:  # noqa: ASYNC109 - the queue's own bound
         session = waiter.session
@@ -639,7 +722,7 @@ class SessionManager:
         digits = session_id[len(self._id_prefix) :]
         if not digits or not all(c in "0123456789abcdef" for c in digits) or digits.startswith("0"):
             return False
-        return int(digits, 16) <= self._seq
+        return int(digits, 16) <= self._seq - len(self._spare_ids)
 
     def _tool_stats(self, tool: str) -> _ToolStats:
         stats = self._tools.get(tool)
@@ -706,13 +789,14 @@ class SessionManager:
         try:
             if session.state is not _ACTIVE:
                 return False
-            now = time.monotonic()
+            now = _monotonic()
             session.state = state
             session.ended = now
             session.error = error
             del self._active[session.id]
             self._ended[state] += 1
-            self._metadata_bytes -= session.metadata_bytes
+            if session.metadata_bytes:
+                self._metadata_bytes -= session.metadata_bytes
             duration = now - session.started
             tool = session.tool
             if tool is not None:
@@ -759,7 +843,7 @@ class SessionManager:
                 queued.event.set()
         # The level check first: `isEnabledFor` is a Python call, and the level is WARNING
         # (this logger's own, set at import) unless someone turned the end lines on.
-        if end_logger.level <= logging.INFO and end_logger.isEnabledFor(logging.INFO):
+        if end_logger.level <= _INFO and end_logger.isEnabledFor(_INFO):
             _log_end(session, duration)
         return True
 

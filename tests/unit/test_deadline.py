@@ -8,11 +8,13 @@ behave as a `with anyio.CancelScope()` block around the same code would.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
 from server import deadline as deadline_module
@@ -336,3 +338,46 @@ async def test_nested_deadlines_of_one_task_keep_their_order(enter: Enter, first
             for name in order:
                 box[name].cancel()
     assert caught == ["outer"] and box["after_ok"]
+
+
+async def test_calling_a_late_scope_cancels_it() -> None:
+    """The extension hands the scope itself on as the session's cancel callback."""
+    started = anyio.Event()
+    box: dict[str, Any] = {}
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                box["out"] = await guarded(LateScope, hangs(started), box)
+
+            tg.start_soon(run)
+            await started.wait()
+            box["deadline"]()
+    assert box["out"] == "cancelled" and box["deadline"].cancel_called
+
+
+def _other_loop_inside_a_task(inside: threading.Event, release: threading.Event) -> None:
+    """Run a loop in this thread whose task blocks (without awaiting) until `release` is set:
+    meanwhile asyncio counts that task as running on its loop."""
+
+    async def blocked() -> None:
+        inside.set()
+        release.wait(10)
+
+    asyncio.run(blocked())
+
+
+async def test_a_late_scope_notes_its_own_task_while_another_loop_runs_a_task() -> None:
+    """With one loop running a task, the scope takes the task from asyncio's table of running
+    tasks (no system call); with two, it must not take the other loop's."""
+    assert LateScope()._task is asyncio.current_task()
+    inside, release = threading.Event(), threading.Event()
+    thread = threading.Thread(target=_other_loop_inside_a_task, args=(inside, release))
+    thread.start()
+    try:
+        assert await anyio.to_thread.run_sync(inside.wait, 10)
+        assert LateScope()._task is asyncio.current_task()
+    finally:
+        release.set()
+        await anyio.to_thread.run_sync(thread.join, 10)
+    assert not thread.is_alive()

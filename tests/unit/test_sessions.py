@@ -12,7 +12,7 @@ import pytest
 from server import ErrorCode, SessionError, SessionManager, SessionState
 from server.config import LimitsSettings
 from server.metrics import DurationStats, MetricsSnapshot
-from server.sessions import RECENTLY_ENDED, metadata_size
+from server.sessions import ID_BATCH, RECENTLY_ENDED, metadata_size
 
 
 def manager(**limits: float) -> SessionManager:
@@ -149,6 +149,24 @@ async def test_second_release_is_already_released_and_unknown_id_is_unknown_sess
             await sessions.release(bogus)
         assert unknown.value.code is ErrorCode.UNKNOWN_SESSION, bogus
     assert_invariant(sessions.metrics())
+
+
+async def test_ids_are_made_in_batches_but_only_those_given_out_count_as_ours() -> None:
+    sessions = manager(max_concurrent_sessions=ID_BATCH * 3)
+    first = await sessions.create()
+    prefix = first.id.rsplit("-", 1)[0]
+    with pytest.raises(SessionError) as made_not_given:
+        await sessions.release(f"{prefix}-2")  # made with the first, not given out yet
+    assert made_not_given.value.code is ErrorCode.UNKNOWN_SESSION
+    ids = [first.id] + [(await sessions.create()).id for _ in range(ID_BATCH + 1)]  # across a batch's end
+    assert [int(i.rsplit("-", 1)[1], 16) for i in ids] == list(range(1, ID_BATCH + 3))
+    calls = [sessions.open_call("search", 30.0, None, False, None) for _ in range(ID_BATCH)]
+    assert [int(c.id.rsplit("-", 1)[1], 16) for c in calls if c] == list(range(ID_BATCH + 3, 2 * ID_BATCH + 3))
+    for session_id in ids:
+        await sessions.release(session_id)
+    with pytest.raises(SessionError) as again:
+        await sessions.release(ids[-1])
+    assert again.value.code is ErrorCode.ALREADY_RELEASED
 
 
 async def test_long_released_ids_are_still_recognised_as_released() -> None:
@@ -328,8 +346,33 @@ def test_duration_stats_memory_is_bounded_by_buckets_not_samples() -> None:
     rng = random.Random(1)
     for _ in range(100_000):
         stats.add(rng.uniform(0.001, 10))
+        assert len(stats._pending) < DurationStats.FOLD_AT
     assert stats.count == 100_000
     assert len(stats._buckets) < 500
+
+
+@pytest.mark.parametrize("n", [1, DurationStats.FOLD_AT - 1, DurationStats.FOLD_AT, DurationStats.FOLD_AT + 1, 1000])
+def test_durations_not_yet_folded_are_in_every_reading(n: int) -> None:
+    values = [(i % 97 + 1) / 100 for i in range(n)]  # 10 ms .. 0.97 s
+    stats, reference = DurationStats(), DurationStats()
+    for v in values:
+        stats.add(v)
+    for v in values:  # the same durations, folded at once
+        reference.add(v)
+    reference._fold()
+    assert stats.count == n and stats.total == pytest.approx(sum(values))
+    for q in (0.01, 0.5, 0.99, 1.0):
+        assert stats.quantile(q) == reference.quantile(q), q
+    stats = DurationStats()
+    for v in values:
+        stats.add(v)
+    bounds = [0.05, 0.5, 1.0]
+    assert stats.cumulative(bounds) == reference.cumulative(bounds)
+    fresh = DurationStats()
+    for v in values:
+        fresh.add(v)
+    merged = DurationStats.merged([fresh, DurationStats()])
+    assert merged.count == n and merged.quantile(0.5) == reference.quantile(0.5)
 
 
 # -- open_call: the extension's fast path ---------------------------------------------------
