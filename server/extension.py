@@ -39,6 +39,7 @@ import anyio
 import anyio.to_thread
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, ToolBinding
+from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, TextContent
@@ -170,7 +171,7 @@ class SessionsExtension(Extension):
         Usable as `MCPServer(lifespan=sessions.lifespan)` or nested in a host's own lifespan.
         """
         self._app = app
-        self._get_tool = getattr(getattr(app, "_tool_manager", None), "get_tool", None)
+        self._get_tool = registry_lookup(app)
         async with self.manager.running():
             self._running = True
             try:
@@ -473,6 +474,20 @@ def make_manager(settings: Settings) -> SessionManager:
             ) from None
         return ClusterSessionManager(settings.limits, settings.tool_caps(), settings.store)
     return SessionManager(settings.limits, settings.tool_caps())
+
+
+def registry_lookup(app: Any) -> Callable[[str], Any] | None:
+    """How to find a tool's registry entry in `app` (an `MCPServer`) by name; None if it has no
+    registry to ask. That is its tool manager's `get_tool`; where that is the SDK's own, which
+    returns `self._tools.get(name)`, the dict's `get` itself: the same answer without a Python
+    call on every tool call."""
+    tool_manager = getattr(app, "_tool_manager", None)
+    get_tool: Callable[[str], Any] | None = getattr(tool_manager, "get_tool", None)
+    tools = getattr(tool_manager, "_tools", None)
+    if isinstance(tool_manager, ToolManager) and type(tool_manager).get_tool is ToolManager.get_tool:
+        if type(tools) is dict:
+            return tools.get
+    return get_tool
 
 
 def _thread_limiter() -> anyio.CapacityLimiter:

@@ -328,6 +328,42 @@ async def test_unknown_tools_get_the_sdk_error_and_create_no_session() -> None:
     assert m["total_sessions_created"] == 0 and m["tools"] == {}
 
 
+async def test_tools_added_removed_and_replaced_while_running_are_seen_at_once() -> None:
+    app, sessions = build()
+    async with Client(app) as client:
+        assert text_of(await client.call_tool("echo", {"text": "a"})) == "a"
+        app.remove_tool("echo")
+        assert (await client.call_tool("echo", {"text": "b"})).is_error  # the SDK's unknown tool
+        assert sessions.manager.metrics().total_sessions_created == 1
+
+        async def shout(text: str) -> str:
+            return text.upper()
+
+        app.add_tool(shout, name="echo")  # another function (async now) under the same name
+        assert text_of(await client.call_tool("echo", {"text": "c"})) == "C"
+        m = await metrics(client)
+    assert m["tools"]["echo"]["calls"] == m["tools"]["echo"]["completed"] == 2
+
+
+def test_the_registry_lookup_asks_a_host_s_own_get_tool() -> None:
+    from mcp.server.mcpserver.tools.tool_manager import ToolManager
+
+    from server.extension import registry_lookup
+
+    app, _ = build()
+    lookup = registry_lookup(app)
+    assert lookup is not None and lookup("echo") is app._tool_manager.get_tool("echo") and lookup("nope") is None
+
+    class Aliasing(ToolManager):
+        def get_tool(self, name: str) -> Any:
+            return super().get_tool("echo" if name == "say" else name)
+
+    app._tool_manager.__class__ = Aliasing  # a host's own tool manager
+    lookup = registry_lookup(app)
+    assert lookup is not None and lookup("say") is app._tool_manager.get_tool("echo") is not None
+    assert registry_lookup(object()) is None
+
+
 async def test_without_the_lifespan_calls_are_refused_with_not_running() -> None:
     sessions = SessionsExtension(settings())
     app: MCPServer[Any] = MCPServer("no-lifespan", extensions=[sessions])
