@@ -58,8 +58,10 @@ _current_task = asyncio.current_task
 # On Python 3.11, `asyncio.current_task()` makes a system call (getpid, its fork check), about
 # 0.4 µs on this project's VMs. The C dict it reads maps each loop running a task step to that
 # task; with one entry, the entry is the caller's own task (the caller runs in a task, so its
-# loop has an entry). `tuple()` copies it in one C call, atomic under the GIL. 3.12 dropped the
-# system call, and later versions may keep the dict differently: there, `current_task` itself.
+# loop has an entry; a LateScope made outside any task, which the extension never does, could
+# note another thread's task here where `current_task()` would have refused). `tuple()` copies
+# it in one C call, atomic under the GIL. 3.12 dropped the system call, and later versions may
+# keep the dict differently: there, `current_task` itself.
 _running_tasks: dict[Any, Any] | None = None
 if sys.version_info < (3, 12):
     try:
