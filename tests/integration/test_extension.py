@@ -14,6 +14,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult
 
 from server import SessionsExtension
+from server import extension as extension_module
+from server.deadline import Deadline, LateScope
 from tests.helpers import Gate, boom, build, code_of, echo, error_of, hang_async, settings, text_of
 
 
@@ -93,10 +95,15 @@ async def test_an_async_tool_hanging_gets_a_timeout_result_on_time() -> None:
     assert m["timeout_rate"] == 1.0 and m["tools"]["hang_async"]["timeouts"] == 1
 
 
-async def test_an_async_tool_waiting_inside_its_own_scopes_times_out_and_its_shield_is_honoured() -> None:
+@pytest.mark.parametrize("deadline_scope", [LateScope, anyio.CancelScope], ids=["late", "plain"])
+async def test_an_async_tool_waiting_inside_its_own_scopes_times_out_and_its_shield_is_honoured(
+    deadline_scope: Callable[[], Deadline], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The deadline's cancel scope is built only when the deadline comes (server.deadline), and
     # then spliced in above whatever scopes the tool is inside: task groups, nested timeouts
     # and a shielded clean-up must see the cancellation exactly as under a plain CancelScope.
+    # The same holds on the fallback where anyio's internals differ: a plain scope per call.
+    monkeypatch.setattr(extension_module, "deadline_scope", deadline_scope)
     events: list[str] = []
 
     async def in_task_group() -> str:
@@ -126,8 +133,23 @@ async def test_an_async_tool_waiting_inside_its_own_scopes_times_out_and_its_shi
                 events.append("clean-up done")
         return "finished"
 
-    tools: list[Callable[..., Any]] = [in_task_group, in_nested_timeouts, shielded_cleanup, echo]
-    timeouts = {"in_task_group": 0.2, "in_nested_timeouts": 0.2, "shielded_cleanup": 0.2}
+    async def swallows_the_cancellation() -> str:
+        try:
+            await anyio.sleep(3600)
+        except anyio.get_cancelled_exc_class():
+            return "carried on"  # returns normally: still too late, the session has timed out
+        return "finished"
+
+    tools: list[Callable[..., Any]] = [
+        in_task_group,
+        in_nested_timeouts,
+        shielded_cleanup,
+        swallows_the_cancellation,
+        echo,
+    ]
+    timeouts = {
+        name: 0.2 for name in ("in_task_group", "in_nested_timeouts", "shielded_cleanup", "swallows_the_cancellation")
+    }
     app, _ = build(settings(tool_timeouts=timeouts), tools=tools)
     async with Client(app) as client:
         for name in timeouts:
@@ -137,7 +159,7 @@ async def test_an_async_tool_waiting_inside_its_own_scopes_times_out_and_its_shi
         assert text_of(await client.call_tool("echo", {"text": "still serving"})) == "still serving"
         m = await metrics(client)
     assert sorted(events) == ["child 0 cancelled", "child 1 cancelled", "clean-up done"]
-    assert (m["total_sessions_timeout"], m["total_sessions_completed"], m["active_sessions"]) == (3, 1, 0)
+    assert (m["total_sessions_timeout"], m["total_sessions_completed"], m["active_sessions"]) == (4, 1, 0)
 
 
 async def test_a_sync_tool_stuck_in_its_thread_times_out_and_is_counted_until_it_ends() -> None:
