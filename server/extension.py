@@ -297,12 +297,7 @@ class SessionsExtension(Extension):
             return self._failed(session, name, exc)
         if deadline.cancel_called:  # the reaper or shutdown ended the session, then cancelled the scope
             return self._stopped(session, name)
-        if getattr(result, "is_error", False):
-            return self._completed(session, name, result)
-        # What `_completed` does for a result that is not an error, inline: this runs per call.
-        if manager.end(session, _COMPLETED):
-            return result
-        return self._stopped(session, name)  # too late: answer as the session was accounted
+        return self._completed(session, name, result)
 
     @staticmethod
     def client_of(ctx: ServerRequestContext[Any, Any]) -> Hashable:

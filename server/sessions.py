@@ -102,29 +102,26 @@ class Session:
     request_id: str
     tool: str | None
     timeout_seconds: float
-    # The fields a tool call's admission sets come first, so that `open_call` passes them by
-    # position (it runs on every call).
-    #: `time.monotonic()` at admission and at the deadline (the clock of the asyncio event loop).
-    #: `deadline` is the earlier of `hard_deadline` and the idle deadline; progress moves it on.
-    #: All three are set when the session is admitted.
-    started: float = 0.0
-    hard_deadline: float = 0.0
-    deadline: float = 0.0
-    #: Wall-clock creation time (`time.time()`), only for `expires_at`.
-    created_at: float = 0.0
-    #: Whether its work runs in a thread.
-    needs_thread: bool = False
-    idle_timeout: float | None = None
     provider: str = ""
     model: str = ""
     metadata: Any = None
     metadata_bytes: int = 0
+    #: `time.monotonic()` at admission and at the deadline (the clock of the asyncio event loop).
+    #: `deadline` is the earlier of `hard_deadline` and the idle deadline; progress moves it on.
+    #: All three are set when the session is admitted.
+    started: float = 0.0
+    deadline: float = 0.0
+    #: Wall-clock creation time (`time.time()`), only for `expires_at`.
+    created_at: float = 0.0
     state: SessionState = SessionState.ACTIVE
     ended: float | None = None
     error: str | None = None
     client: Hashable | None = None
-    #: Whether the reaper ends it at its deadline.
+    idle_timeout: float | None = None
+    #: Whether the reaper ends it at its deadline, and whether its work runs in a thread.
     expire: bool = True
+    needs_thread: bool = False
+    hard_deadline: float = 0.0
     #: Set when the session timed out for reporting no progress (not at its overall deadline).
     idle_expired: bool = False
     #: Set by whoever runs the session's work, to stop it when the session is ended for it:
@@ -267,9 +264,10 @@ class SessionManager:
     @limits.setter
     def limits(self, limits: LimitsSettings) -> None:
         self._limits = limits
-        # Plain copies of what `open_call` reads on every call: a settings model's attribute
+        # Plain copies of what admission reads on every call: a settings model's attribute
         # costs a type lookup through its class's MRO, often a cache miss between calls.
         self._max_active = limits.max_concurrent_sessions
+        self._max_metadata = limits.max_metadata_bytes
         self._max_timeout = limits.max_timeout_seconds
         self._max_abandoned = limits.max_abandoned_threads
         self._per_client = bool(limits.max_sessions_per_client)
@@ -388,10 +386,6 @@ class SessionManager:
         refuse), the per-client share is on, the timeout is not a float within the cap, the
         idle timeout is not a positive float, or the server is shutting down. Raises the
         refusals that never wait (too many stuck threads), counted as `create` counts them.
-
-        Written as one function on purpose: between two calls the SDK runs about a million
-        instructions, which evict this code and its data from the CPU caches, so each further
-        function, object or dict it touched would cost a cache miss on every call.
         """
         if (
             self._shutting_down
@@ -401,53 +395,11 @@ class SessionManager:
             or (idle_timeout is not None and not (type(idle_timeout) is float and idle_timeout > 0.0))
         ):
             return None
+        session = Session("", request_id or "", tool, timeout, idle_timeout=idle_timeout, needs_thread=needs_thread)
         lock = self._lock
         lock.acquire()  # not `with`: an explicit pair costs half as much, and this runs per call
         try:
-            active = self._active
-            tool_caps = self.tool_caps
-            if (
-                len(active) >= self._max_active
-                or (needs_thread and self._abandoned >= self._max_abandoned)
-                or (tool_caps and tool in tool_caps)
-            ):  # full, a refusal, or a capped tool: the general rules decide
-                session = Session("", request_id or "", tool, timeout, needs_thread=needs_thread)
-                session.idle_timeout = idle_timeout
-                return session if self._admit_locked(session) else None
-            # `_open_locked` for a tool call without metadata or client, inline.
-            session_id = (self._spare_ids or self._more_ids_locked()).pop()
-            now = _monotonic()
-            hard_deadline = now + timeout
-            deadline = hard_deadline if idle_timeout is None else min(hard_deadline, now + idle_timeout)
-            session = Session(
-                session_id,
-                request_id or session_id,
-                tool,
-                timeout,
-                now,
-                hard_deadline,
-                deadline,
-                _wall_clock(),
-                needs_thread,
-                idle_timeout,
-            )
-            active[session_id] = session
-            self._created += 1
-            if len(active) > self._peak:
-                self._peak = len(active)
-            (self._tools.get(tool) or self._tool_stats(tool)).calls += 1
-            tool_active = self._tool_active
-            tool_active[tool] = tool_active.get(tool, 0) + 1
-            # `_expire_at_locked(deadline, session_id)`, inline.
-            expiry = self._expiry
-            entry = (deadline, session_id)
-            heapq.heappush(expiry, entry)
-            if len(expiry) > 64 and len(expiry) > 4 * len(active):
-                self._expiry = expiry = [e for e in expiry if e[1] in active]
-                heapq.heapify(expiry)
-            if expiry[0] is entry and self._reaper_scope is not None:
-                self._reaper_scope.deadline = deadline
-            return session
+            return session if self._admit_locked(session) else None
         finally:
             lock.release()
 
@@ -502,14 +454,13 @@ class SessionManager:
         """Open `session` if it may start now (True); False if the server or its tool is full
         (the caller may queue it). Raises the refusals that never wait. The common case takes
         no more than a few comparisons."""
-        limits = self.limits
         if (
-            session.metadata_bytes > limits.max_metadata_bytes
-            or (session.client is not None and limits.max_sessions_per_client)
-            or (session.needs_thread and self._abandoned >= limits.max_abandoned_threads)
+            session.metadata_bytes > self._max_metadata
+            or (session.client is not None and self._per_client)
+            or (session.needs_thread and self._abandoned >= self._max_abandoned)
         ):
             self._check_refusals_locked(session)
-        if len(self._active) >= limits.max_concurrent_sessions:
+        if len(self._active) >= self._max_active:
             return False
         tool = session.tool
         if tool is not None and self.tool_caps:
