@@ -477,11 +477,11 @@ def registry_lookup(app: Any) -> Callable[[str], Any] | None:
     returns `self._tools.get(name)`, the dict's `get` itself: the same answer without a Python
     call on every tool call."""
     tool_manager = getattr(app, "_tool_manager", None)
-    get_tool: Callable[[str], Any] | None = getattr(tool_manager, "get_tool", None)
     tools = getattr(tool_manager, "_tools", None)
-    if isinstance(tool_manager, ToolManager) and type(tool_manager).get_tool is ToolManager.get_tool:
-        if type(tools) is dict:
-            return tools.get
+    sdk_own = isinstance(tool_manager, ToolManager) and type(tool_manager).get_tool is ToolManager.get_tool
+    if sdk_own and type(tools) is dict:
+        return tools.get
+    get_tool: Callable[[str], Any] | None = getattr(tool_manager, "get_tool", None)
     return get_tool
 
 
