@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck unit clients redis bench clean
+.PHONY: run test lint typecheck unit clients redis bench profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run
+
+# Where a tool call's overhead goes (tests/bench/profile.py): this package's bytecodes per call,
+# then instructions and cache misses under valgrind's cachegrind (installed separately).
+profile: $(STAMP)
+	$(BIN)/python -m tests.bench.profile
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(CLIENTS_DIR)/node_modules

@@ -50,7 +50,7 @@ class PassThrough(Extension):
         return await call_next(ctx)
 
 
-def _server(variant: str) -> MCPServer[Any]:
+def server_for(variant: str) -> MCPServer[Any]:
     if variant == "sessions":
         sessions = SessionsExtension(Settings())
         app: MCPServer[Any] = MCPServer("bench", extensions=[sessions], lifespan=sessions.lifespan)
@@ -118,7 +118,7 @@ def _figures(data: dict[str, dict[str, list[float]]], kind: str, mode: str, deta
 async def run(quick: bool = False) -> list[Figure]:
     figures: list[Figure] = []
     async with AsyncExitStack() as stack:
-        clients = {v: await stack.enter_async_context(Client(_server(v))) for v in VARIANTS}
+        clients = {v: await stack.enter_async_context(Client(server_for(v))) for v in VARIANTS}
         for tool in ("noop_async", "noop_sync"):
             for callers in (1, 50):
                 calls = 100 if callers == 1 else 250

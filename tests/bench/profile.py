@@ -1,0 +1,211 @@
+"""`make profile`: where the extension's cost per tool call goes (the why behind `make bench`).
+
+Usage: python -m tests.bench.profile [--tool noop_async|noop_sync] [--calls N] [--top K]
+                                     [--no-cachegrind] [--ll-bytes B]
+
+Two views of one no-op call, on the overhead benchmark's servers (`tests.bench.overhead`):
+
+1. Python: the bytecodes this package runs per call, by function (`sys.settrace` with opcode
+   events; the tracing itself is slow, but it changes no count).
+2. Machine (needs valgrind; Debian: `apt-get install valgrind`): instructions and cache misses per
+   call under `valgrind --tool=cachegrind --cache-sim=yes`, for the bare SDK, the SDK with a
+   pass-through interceptor and the SDK with `SessionsExtension`, then the C functions that
+   account for the extension's extra. Each server runs in a child process twice, with warm-up
+   calls only and with warm-up plus N calls; the difference over N is the per-call figure, with
+   start-up taken out. Six runs of about a minute each. The last-level cache is simulated at
+   `--ll-bytes` (default 512 KiB, one core's L2 on the development machine). Repeated runs of the
+   same code move by up to about 8k instructions and 0.15k misses per call: read differences
+   smaller than that as noise.
+
+The Python interpreter's own loop (`_PyEval_EvalFrameDefault`) is where this package's bytecodes
+run, so its share of the extra is the package's Python code; the rest is what that code calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import anyio
+from mcp import Client
+
+from tests.bench.overhead import VARIANTS, server_for
+
+WARMUP = 30
+EVENTS = ("Ir", "L1d", "LL")  # instructions; L1 data misses; last-level misses (data and instructions)
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = "server"
+
+
+async def _calls(variant: str, tool: str, warmup: int, calls: int, trace: Any = None) -> None:
+    async with Client(server_for(variant)) as client:
+        for _ in range(warmup):
+            await client.call_tool(tool, {})
+        if trace is not None:
+            sys.settrace(trace)
+        try:
+            for _ in range(calls):
+                await client.call_tool(tool, {})
+        finally:
+            sys.settrace(None)
+
+
+def bytecodes_per_call(tool: str, calls: int) -> collections.Counter[str]:
+    """This package's bytecodes per call of `tool` through `SessionsExtension`, by function."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def count(frame: FrameType, event: str, arg: object) -> Any:
+        if event == "opcode":
+            counts[f"{frame.f_globals['__name__']}.{frame.f_code.co_qualname}"] += 1
+        return count
+
+    def enter(frame: FrameType, event: str, arg: object) -> Any:
+        # By module, not file: a dataclass's generated `__init__` has no file but its module's globals.
+        module = frame.f_globals.get("__name__", "")
+        if module != PACKAGE and not module.startswith(PACKAGE + "."):
+            return None
+        frame.f_trace_opcodes = True
+        return count
+
+    anyio.run(_calls, "sessions", tool, WARMUP, calls, enter)
+    return collections.Counter({name: n // calls for name, n in counts.items() if n >= calls})
+
+
+def _cachegrind(variant: str, tool: str, calls: int, ll_bytes: int, out_dir: str) -> dict[str, dict[str, int]]:
+    """Per C function: cachegrind's event counts for one child run."""
+    out_file = os.path.join(out_dir, f"{variant}.{tool}.{calls}")
+    command = [
+        "valgrind",
+        "--tool=cachegrind",
+        "--cache-sim=yes",
+        f"--LL={ll_bytes},8,64",
+        f"--cachegrind-out-file={out_file}",
+        sys.executable,
+        "-m",
+        "tests.bench.profile",
+        "--child",
+        variant,
+        tool,
+        str(calls),
+    ]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict layouts in every run
+    subprocess.run(command, check=True, env=env, cwd=ROOT, capture_output=True, timeout=900)
+    return counts_by_function(out_file)
+
+
+def counts_by_function(path: str) -> dict[str, dict[str, int]]:
+    events: list[str] = []
+    functions: dict[str, dict[str, int]] = {}
+    current: dict[str, int] = {}
+    with open(path) as lines:
+        for line in lines:
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            elif line.startswith("fn="):
+                current = functions.setdefault(line[3:].strip(), dict.fromkeys(events, 0))
+            elif line[:1].isdigit():
+                for event, value in zip(events, line.split()[1:], strict=False):
+                    current[event] += int(value)
+    return functions
+
+
+def per_call(
+    run: dict[str, dict[str, int]], start: dict[str, dict[str, int]], calls: int
+) -> dict[str, dict[str, float]]:
+    """Per function, (run - start) / calls for each event, plus the derived misses."""
+    out: dict[str, dict[str, float]] = {}
+    for name in run.keys() | start.keys():
+        after, before = run.get(name, {}), start.get(name, {})
+        diff = {e: (after.get(e, 0) - before.get(e, 0)) / calls for e in after.keys() | before.keys()}
+        diff["L1d"] = diff.get("D1mr", 0) + diff.get("D1mw", 0)
+        diff["LL"] = diff.get("DLmr", 0) + diff.get("DLmw", 0) + diff.get("ILmr", 0)
+        out[name] = diff
+    return out
+
+
+def _total(per_function: dict[str, dict[str, float]], event: str) -> float:
+    return sum(counts.get(event, 0.0) for counts in per_function.values())
+
+
+def machine_profile(tool: str, calls: int, ll_bytes: int, top: int) -> list[str]:
+    """The machine view, as lines of Markdown."""
+    per_variant: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="mcp-sessions-profile-") as out_dir:
+        for variant in VARIANTS:
+            sys.stderr.write(f"profile: cachegrind, {variant} ...\n")
+            start = _cachegrind(variant, tool, 0, ll_bytes, out_dir)
+            run = _cachegrind(variant, tool, calls, ll_bytes, out_dir)
+            per_variant[variant] = per_call(run, start, calls)
+    bare = per_variant["bare"]
+    lines = [
+        f"per call of {tool} ({calls} calls after {WARMUP} warm-up; LL = {ll_bytes // 1024} KiB):",
+        "| server | instructions | L1d misses | LL misses |",
+        "|---|---|---|---|",
+    ]
+    for variant, counts in per_variant.items():
+        cells = []
+        for event in EVENTS:
+            total, added = _total(counts, event), _total(counts, event) - _total(bare, event)
+            cells.append(f"{total / 1e3:,.1f}k" + ("" if variant == "bare" else f" ({added / 1e3:+.1f}k)"))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    sessions = per_variant["sessions"]
+    extra_by_function = {
+        name: {e: sessions.get(name, {}).get(e, 0.0) - bare.get(name, {}).get(e, 0.0) for e in EVENTS}
+        for name in sessions.keys() | bare.keys()
+    }
+    for event, label in (("LL", "LL misses"), ("Ir", "instructions")):
+        lines += [
+            "",
+            f"the extension's extra {label} per call, by C function (top {top}):",
+            "| function | instructions | L1d misses | LL misses |",
+            "|---|---|---|---|",
+        ]
+        for name in sorted(extra_by_function, key=lambda n: -abs(extra_by_function[n][event]))[:top]:
+            extra = extra_by_function[name]
+            lines.append(f"| {name[:60]} | {extra['Ir']:+,.0f} | {extra['L1d']:+,.1f} | {extra['LL']:+,.1f} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tool", choices=("noop_async", "noop_sync"), default="noop_async")
+    parser.add_argument("--calls", type=int, default=400, help="measured calls per run (default 400)")
+    parser.add_argument("--top", type=int, default=15, help="functions listed (default 15)")
+    parser.add_argument("--no-cachegrind", action="store_true", help="the bytecode view only")
+    parser.add_argument("--ll-bytes", type=int, default=512 * 1024, help="simulated last-level cache size")
+    parser.add_argument("--child", nargs=3, metavar=("VARIANT", "TOOL", "CALLS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        variant, tool, calls = args.child
+        anyio.run(_calls, variant, tool, WARMUP, int(calls))
+        return 0
+    if args.calls < 1 or args.top < 1:
+        parser.error("--calls and --top must be at least 1")
+
+    counts = bytecodes_per_call(args.tool, min(args.calls, 200))
+    lines = [
+        f"bytecodes of this package per call of {args.tool}: {sum(counts.values())}",
+        "| function | bytecodes |",
+        "|---|---|",
+        *(f"| {name} | {n} |" for name, n in counts.most_common(args.top)),
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.no_cachegrind:
+        return 0
+    if shutil.which("valgrind") is None:
+        sys.stderr.write("valgrind is not installed, so no machine view (Debian: apt-get install valgrind)\n")
+        return 1
+    sys.stdout.write("\n" + "\n".join(machine_profile(args.tool, args.calls, args.ll_bytes, args.top)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
