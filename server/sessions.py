@@ -538,22 +538,18 @@ class SessionManager:
         if client is not None:
             self._client_load[client] = self._client_load.get(client, 0) + 1
         if session.expire:
-            self._expire_at_locked(session.deadline, session.id)
+            expiry = self._expiry
+            entry = (session.deadline, session.id)
+            heapq.heappush(expiry, entry)
+            # Released sessions stay in the heap until their deadline; compact when they dominate.
+            if len(expiry) > 64 and len(expiry) > 4 * len(self._active):
+                active = self._active
+                self._expiry = expiry = [e for e in expiry if e[1] in active]
+                heapq.heapify(expiry)
+            scope = self._reaper_scope
+            if scope is not None and expiry[0] is entry:  # the earliest now: wake the reaper then
+                scope.deadline = session.deadline
         return session
-
-    def _expire_at_locked(self, deadline: float, session_id: str) -> None:
-        """Have the reaper end the session at `deadline` (unless it has ended by then)."""
-        expiry = self._expiry
-        entry = (deadline, session_id)
-        heapq.heappush(expiry, entry)
-        # Released sessions stay in the heap until their deadline; compact when they dominate.
-        if len(expiry) > 64 and len(expiry) > 4 * len(self._active):
-            active = self._active
-            self._expiry = expiry = [e for e in expiry if e[1] in active]
-            heapq.heapify(expiry)
-        scope = self._reaper_scope
-        if scope is not None and expiry[0] is entry:  # the earliest now: wake the reaper then
-            scope.deadline = deadline
 
     def _new_id_locked(self) -> str:
         return (self._spare_ids or self._more_ids_locked()).pop()
