@@ -11,11 +11,13 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp_types import CallToolResult
 
 from server import SessionsExtension
 from server import extension as extension_module
 from server.deadline import Deadline, LateScope
+from server.extension import registry_lookup
 from tests.helpers import Gate, boom, build, code_of, echo, error_of, hang_async, settings, text_of
 
 
@@ -368,10 +370,6 @@ async def test_tools_added_removed_and_replaced_while_running_are_seen_at_once()
 
 
 def test_the_registry_lookup_asks_a_host_s_own_get_tool() -> None:
-    from mcp.server.mcpserver.tools.tool_manager import ToolManager
-
-    from server.extension import registry_lookup
-
     app, _ = build()
     lookup = registry_lookup(app)
     assert lookup is not None and lookup("echo") is app._tool_manager.get_tool("echo") and lookup("nope") is None

@@ -354,24 +354,26 @@ def test_duration_stats_memory_is_bounded_by_buckets_not_samples() -> None:
 @pytest.mark.parametrize("n", [1, DurationStats.FOLD_AT - 1, DurationStats.FOLD_AT, DurationStats.FOLD_AT + 1, 1000])
 def test_durations_not_yet_folded_are_in_every_reading(n: int) -> None:
     values = [(i % 97 + 1) / 100 for i in range(n)]  # 10 ms .. 0.97 s
-    stats, reference = DurationStats(), DurationStats()
-    for v in values:
-        stats.add(v)
-    for v in values:  # the same durations, folded at once
+
+    def unfolded() -> DurationStats:
+        """The durations as `add` leaves them: up to FOLD_AT - 1 of them still pending."""
+        stats = DurationStats()
+        for v in values:
+            stats.add(v)
+        return stats
+
+    reference = DurationStats()
+    for v in values:  # each folded as it comes: the histogram as if there were no pending list
         reference.add(v)
-    reference._fold()
-    assert stats.count == n and stats.total == pytest.approx(sum(values))
+        reference._fold()
+    # Each reading on a fresh, unfolded copy: a reading must not depend on an earlier one's fold.
+    assert unfolded().count == n
+    assert unfolded().total == pytest.approx(sum(values))
     for q in (0.01, 0.5, 0.99, 1.0):
-        assert stats.quantile(q) == reference.quantile(q), q
-    stats = DurationStats()
-    for v in values:
-        stats.add(v)
+        assert unfolded().quantile(q) == reference.quantile(q), q
     bounds = [0.05, 0.5, 1.0]
-    assert stats.cumulative(bounds) == reference.cumulative(bounds)
-    fresh = DurationStats()
-    for v in values:
-        fresh.add(v)
-    merged = DurationStats.merged([fresh, DurationStats()])
+    assert unfolded().cumulative(bounds) == reference.cumulative(bounds)
+    merged = DurationStats.merged([unfolded(), DurationStats()])
     assert merged.count == n and merged.quantile(0.5) == reference.quantile(0.5)
 
 
