@@ -24,7 +24,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import uvicorn
-from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.context import HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from server.config import ConfigError, ServerSettings, Settings
 from server.endpoints import add_operational_routes
-from server.extension import SessionsExtension
+from server.extension import SessionsExtension, ToolCallHandler
 from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
@@ -127,12 +127,15 @@ class _StandaloneSessions(SessionsExtension):
         super().__init__(settings)
         self.on_tool_call: Callable[[Any], None] | None = None
 
-    async def intercept_tool_call(
-        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    async def handle_tool_call(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        params: CallToolRequestParams,
+        handler: ToolCallHandler | None = None,
     ) -> HandlerResult:
         if self.on_tool_call is not None:
             self.on_tool_call(ctx.request_id)
-        return await super().intercept_tool_call(params, ctx, call_next)
+        return await super().handle_tool_call(ctx, params, handler)
 
 
 def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]]) -> None:
@@ -371,7 +374,7 @@ async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None) 
                     await stdout.send(item)
                     if isinstance(item.message, JSONRPCResponse | JSONRPCError):
                         outstanding.discard(item.message.id)
-                        unadmitted.discard(item.message.id)  # answered without reaching the interceptor
+                        unadmitted.discard(item.message.id)  # answered without reaching the session layer
 
         try:
             async with anyio.create_task_group() as tg:

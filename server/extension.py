@@ -3,6 +3,11 @@
 Tier: MCP integration. An `mcp.server.extension.Extension` for any `MCPServer`: it contributes
 the four session tools and wraps every other `tools/call` in a session with a deadline.
 
+It hooks in through the SDK's `intercept_tool_call`, and while its lifespan runs it serves
+`tools/call` itself (`handle_tool_call`, the same code): the SDK's interceptor chain cost a
+quarter of what the extension added to a call, so the lifespan takes it out of the path,
+keeping every other extension's interceptor in its place (`take_over_tool_calls`).
+
 Every call's session is registered with the manager's reaper, which cancels the call's scope
 at its deadline (one timer for all calls, not one per call). The scope is a `LateScope`
 (`server.deadline`): a real anyio cancel scope is built, and spliced in where the call began,
@@ -30,15 +35,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from types import CodeType
 from typing import Any
 
 import anyio
 import anyio.to_thread
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
-from mcp.server.extension import Extension, ToolBinding
+from mcp.server.extension import Extension, ToolBinding, compose_tool_call_handler
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
@@ -76,6 +82,12 @@ _Plan = tuple[object, Settings, bool, bool, float, float | None]
 #: Plans remembered at most (one per tool name called); past it they are worked out afresh.
 MAX_PLANS = 4096
 _COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
+#: A `tools/call` request handler, as the lowlevel server calls it: `handler(ctx, params)`.
+ToolCallHandler = Callable[[ServerRequestContext[Any, Any], CallToolRequestParams], Awaitable[HandlerResult]]
+
+
+async def _not_taken_over(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> HandlerResult:
+    raise RuntimeError("SessionsExtension.handle_tool_call needs a handler until take_over_tool_calls has run")
 
 
 @dataclass(slots=True, eq=False)
@@ -120,7 +132,10 @@ class SessionsExtension(Extension):
 
     Wire `lifespan` into the server (`MCPServer(..., lifespan=sessions.lifespan)`, or enter
     `sessions.lifespan(app)` from your own lifespan): it runs the reaper and owns the tasks
-    that do the tools' work. Until it runs, tool calls are refused with `not_running`.
+    that do the tools' work, and serves `tools/call` itself (`take_over_tool_calls`). Until it
+    runs, tool calls are refused with `not_running`. A subclass that observes calls overrides
+    `handle_tool_call`; one that overrides `intercept_tool_call` keeps the SDK's chain (and its
+    cost).
     """
 
     identifier = EXTENSION_ID
@@ -137,6 +152,9 @@ class SessionsExtension(Extension):
         #: The server's tool registry lookup (set by the lifespan; None: no registry to ask).
         self._get_tool: Callable[[str], Any] | None = None
         self._plans: dict[str, _Plan] = {}
+        #: What `handle_tool_call` calls by default: the handler it took over (see
+        #: `take_over_tool_calls`).
+        self._next_handler: ToolCallHandler = _not_taken_over
 
     # -- Extension contributions -----------------------------------------------------------
 
@@ -174,10 +192,13 @@ class SessionsExtension(Extension):
         self._get_tool = registry_lookup(app)
         async with self.manager.running():
             self._running = True
+            give_back = self.take_over_tool_calls(app)
             try:
                 yield {"sessions": self}
             finally:
                 self._running = False
+                if give_back is not None:
+                    give_back()
                 # Decoupled work runs in plain tasks, so that lifespan exit can leave a call
                 # stuck in a thread behind instead of waiting for it forever.
                 for work in self._works.values():
@@ -190,6 +211,49 @@ class SessionsExtension(Extension):
                     logger.warning(
                         "Leaving %s stuck thread(s) behind: sync tools still running past their deadline", stuck
                     )
+
+    def take_over_tool_calls(self, app: Any) -> Callable[[], None] | None:
+        """Serve `app`'s `tools/call` requests with `handle_tool_call` itself, in place of the
+        SDK's interceptor chain; return what puts the chain back (None: nothing was changed).
+
+        The chain (`mcp.server.extension.compose_tool_call_handler`) makes two closures and runs
+        four coroutines around the handler on every call: taking it out saved 14,000 of the 57,000
+        CPU instructions this extension added to a no-op call (cachegrind). The chain is rebuilt
+        without this extension's link, the same order kept: the interceptors of the extensions
+        listed before it still run outside it, and those listed after it inside.
+
+        Only the chain the SDK composed is replaced (recognised by its code): a handler someone
+        else registered is left alone, and so is the chain of a subclass that overrides
+        `intercept_tool_call` (the take-over would skip its override); calls then keep coming
+        through `intercept_tool_call`. To observe calls, a subclass overrides `handle_tool_call`,
+        which both ways run.
+        """
+        if type(self).intercept_tool_call is not SessionsExtension.intercept_tool_call:
+            return None
+        server = getattr(app, "_lowlevel_server", None)
+        if server is None or not hasattr(server, "get_request_handler"):
+            return None
+        entry = server.get_request_handler("tools/call")
+        chain = sdk_interceptor_chain(entry.handler) if entry is not None else None
+        if chain is None:
+            return None
+        extensions, handler = chain
+        mine = [i for i, extension in enumerate(extensions) if extension is self]
+        if len(mine) != 1:
+            return None
+        outer = [e for e in extensions[: mine[0]] if intercepts(e)]
+        inner = [e for e in extensions[mine[0] + 1 :] if intercepts(e)]
+        self._next_handler = compose_tool_call_handler(inner, handler) if inner else handler
+        ours: ToolCallHandler = self.handle_tool_call
+        top = compose_tool_call_handler(outer, ours) if outer else ours
+        server.add_request_handler("tools/call", entry.params_type, top)
+
+        def give_back() -> None:
+            current = server.get_request_handler("tools/call")
+            if current is not None and current.handler is top:  # nobody replaced it since
+                server.add_request_handler("tools/call", entry.params_type, entry.handler)
+
+        return give_back
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -238,15 +302,32 @@ class SessionsExtension(Extension):
         ctx: ServerRequestContext[Any, Any],
         call_next: CallNext,
     ) -> HandlerResult:
+        """The SDK's interceptor hook: runs the call as `handle_tool_call` does. Used until the
+        lifespan takes the `tools/call` handler over (see `take_over_tool_calls`), and where it
+        cannot."""
+        return await self.handle_tool_call(ctx, params, lambda inner_ctx, _params: call_next(inner_ctx))
+
+    async def handle_tool_call(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        params: CallToolRequestParams,
+        handler: ToolCallHandler | None = None,
+    ) -> HandlerResult:
+        """Run one `tools/call` as a tracked session; `handler(ctx, params)` does the call (by
+        default the handler this extension wraps, see `take_over_tool_calls`).
+
+        A `tools/call` request handler itself, with the lowlevel server's signature."""
+        if handler is None:
+            handler = self._next_handler
         name = params.name
         if name in MANAGEMENT_TOOLS:
             if name == "session_create" and not self._running:
                 return self._not_running(name)  # nothing would expire the session
-            return _with_invalid_argument_code(await call_next(ctx), name)
+            return _with_invalid_argument_code(await handler(ctx, params), name)
         get_tool = self._get_tool
         tool = get_tool(name) if get_tool is not None else _NO_REGISTRY
         if tool is None:
-            return await call_next(ctx)  # the SDK answers "unknown tool"; no session for it
+            return await handler(ctx, params)  # the SDK answers "unknown tool"; no session for it
         if not self._running:
             return self._not_running(name)
         config = self.config
@@ -273,7 +354,7 @@ class SessionsExtension(Extension):
         if idle_timeout is not None:
             ctx = replace(ctx, session=progress_session(ctx.session, lambda: manager.progress(session)))
         if not in_place:
-            return await self._call_decoupled(session, name, ctx, call_next)
+            return await self._call_decoupled(session, name, ctx, params, handler)
 
         # The call runs in place (inline here: a coroutine less on every call): an async tool,
         # or a sync one whose thread wait a cancellation ends (`server.threads`). Its deadline
@@ -283,7 +364,7 @@ class SessionsExtension(Extension):
         session.on_cancel = deadline if type(deadline) is LateScope else deadline.cancel
         try:
             with deadline:
-                result = await call_next(ctx)
+                result = await handler(ctx, params)
         except anyio.get_cancelled_exc_class() as exc:
             if not _being_cancelled():
                 # The tool raised CancelledError itself; passed on, it would end the server's loop.
@@ -324,14 +405,19 @@ class SessionsExtension(Extension):
         return ("connection", connection) if connection is not None else ("connection", ctx.session)
 
     async def _call_decoupled(
-        self, session: Session, name: str, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+        self,
+        session: Session,
+        name: str,
+        ctx: ServerRequestContext[Any, Any],
+        params: CallToolRequestParams,
+        handler: ToolCallHandler,
     ) -> HandlerResult:
         """A call that may be stuck in a thread no cancellation reaches (see `_plan_for`): the
         caller's wait ends at the deadline even if the work does not."""
         loop = asyncio.get_running_loop()
         work = _Work(session, loop.create_future())
         session.on_cancel = work.cancel  # the manager's reaper calls it at the deadline
-        work.task = task = loop.create_task(self._run(work, ctx, call_next))
+        work.task = task = loop.create_task(self._run(work, ctx, params, handler))
         self._works[task] = work  # until `_run` ends
         try:
             await work.wake
@@ -390,7 +476,9 @@ class SessionsExtension(Extension):
             )
         )
 
-    async def _run(self, work: _Work, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> None:
+    async def _run(
+        self, work: _Work, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, handler: ToolCallHandler
+    ) -> None:
         # A plain task, in no task group: whatever the tool raises (a GeneratorExit from its
         # thread included) ends here as the session's error and can fail nothing shared.
         deadline: Deadline | None = None
@@ -400,7 +488,7 @@ class SessionsExtension(Extension):
                 return
             work.scope = deadline = deadline_scope()
             with deadline:
-                work.result = await call_next(ctx)
+                work.result = await handler(ctx, params)
                 return
             work.cancelled = True  # the block swallowed the deadline's (or a stop's) cancellation
         except BaseException as exc:  # noqa: BLE001 - any failure of the tool is the session's error
@@ -483,6 +571,40 @@ def registry_lookup(app: Any) -> Callable[[str], Any] | None:
         return tools.get
     get_tool: Callable[[str], Any] | None = getattr(tool_manager, "get_tool", None)
     return get_tool
+
+
+def intercepts(extension: Extension) -> bool:
+    """Whether `extension` overrides `intercept_tool_call` (as the SDK decides it)."""
+    return type(extension).intercept_tool_call is not Extension.intercept_tool_call
+
+
+def _chain_code() -> CodeType | None:
+    for const in compose_tool_call_handler.__code__.co_consts:
+        if isinstance(const, CodeType) and const.co_name == "wrapped":
+            return const
+    return None  # pragma: no cover - an SDK that composes its chain differently
+
+
+#: The code of the handler `compose_tool_call_handler` returns, to recognise the SDK's chain.
+_CHAIN_CODE: CodeType | None = _chain_code()
+
+
+def sdk_interceptor_chain(handler: object) -> tuple[list[Extension], ToolCallHandler] | None:
+    """The extensions and the wrapped handler of a `tools/call` handler that the SDK's
+    `compose_tool_call_handler` made; None for any other handler."""
+    code = _CHAIN_CODE
+    if code is None:  # pragma: no cover - see `_chain_code`
+        return None
+    names = code.co_freevars
+    if getattr(handler, "__code__", None) is not code:
+        return None
+    cells = dict(zip(names, getattr(handler, "__closure__", None) or (), strict=False))
+    try:
+        extensions = list(cells["extensions"].cell_contents)
+        wrapped: ToolCallHandler = cells["handler"].cell_contents
+    except (KeyError, ValueError, TypeError):  # pragma: no cover - a chain of another shape
+        return None
+    return extensions, wrapped
 
 
 def _thread_limiter() -> anyio.CapacityLimiter:

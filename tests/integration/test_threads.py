@@ -155,15 +155,15 @@ async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_la
         release.set()
 
 
-def start_work(call_next: Callable[[Any], Awaitable[str]]) -> tuple[SessionsExtension, _Work]:
+def start_work(call_next: Callable[[Any, Any], Awaitable[str]]) -> tuple[SessionsExtension, _Work]:
     """A sync call's work as the extension starts it, with `call_next` standing in for the
-    SDK's next step (the one that would start the thread); its task has not run yet."""
+    SDK's handler (the one that would start the thread); its task has not run yet."""
     sessions = SessionsExtension(Settings())
     session = sessions.manager.open_call("block_sync", 30.0, None, True, None)
     assert session is not None
     loop = asyncio.get_running_loop()
     work = _Work(session, loop.create_future())
-    work.task = loop.create_task(sessions._run(work, None, call_next))  # type: ignore[arg-type]
+    work.task = loop.create_task(sessions._run(work, None, None, call_next))  # type: ignore[arg-type]
     sessions._works[work.task] = work
     return sessions, work
 
@@ -173,7 +173,7 @@ async def test_a_sync_call_stopped_before_its_work_starts_never_runs_the_tool() 
     # turn that created the work's task: then the tool is not started in a thread at all.
     called: list[object] = []
 
-    async def call_next(ctx: Any) -> str:
+    async def call_next(ctx: Any, params: Any) -> str:
         called.append(ctx)
         return "ran"
 
@@ -191,7 +191,7 @@ async def test_a_sync_call_whose_thread_returns_after_a_stop_keeps_its_result() 
     # is shielded, as the SDK's thread wait is) has a real result, which must not be lost.
     in_thread, thread_returns = anyio.Event(), anyio.Event()
 
-    async def call_next(ctx: Any) -> str:
+    async def call_next(ctx: Any, params: Any) -> str:
         with anyio.CancelScope(shield=True):  # what anyio.to_thread.run_sync does around its wait
             in_thread.set()
             await thread_returns.wait()

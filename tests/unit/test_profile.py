@@ -16,7 +16,7 @@ from tests.bench.profile import PACKAGE, bytecodes_per_call, counts_by_function,
 @pytest.mark.parametrize("tool", ["noop_async", "noop_sync"])
 def test_bytecodes_per_call_counts_this_package_only(tool: str) -> None:
     counts = bytecodes_per_call(tool, 5)
-    assert counts["server.extension.SessionsExtension.intercept_tool_call"] > 0
+    assert counts["server.extension.SessionsExtension.handle_tool_call"] > 0
     assert counts["server.sessions.SessionManager.end"] > 0
     # The dataclass's generated constructor has no file, but it is this package's code.
     assert any(name.startswith("server.sessions.") and name.endswith(".__init__") for name in counts)
