@@ -90,7 +90,6 @@ _COMPLETED = SessionState.COMPLETED
 _ERROR = SessionState.ERROR
 _TIMEOUT = SessionState.TIMEOUT
 _monotonic = time.monotonic
-_wall_clock = time.time
 _INFO = logging.INFO
 
 
@@ -111,8 +110,6 @@ class Session:
     #: All three are set when the session is admitted.
     started: float = 0.0
     deadline: float = 0.0
-    #: Wall-clock creation time (`time.time()`), only for `expires_at`.
-    created_at: float = 0.0
     state: SessionState = SessionState.ACTIVE
     ended: float | None = None
     error: str | None = None
@@ -129,9 +126,15 @@ class Session:
     on_cancel: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
+    def created_at(self) -> float:
+        """When the session was admitted, on the wall clock (`time.time()`); read from the
+        monotonic clock, as every time of a session is: no wall-clock read per session."""
+        return time.time() - (time.monotonic() - self.started)
+
+    @property
     def expires_at(self) -> datetime:
-        """When the session times out if still active (wall clock, UTC)."""
-        return datetime.fromtimestamp(self.created_at + self.timeout_seconds, UTC)
+        """When the session times out if still active, at its overall deadline (wall clock, UTC)."""
+        return datetime.fromtimestamp(time.time() + (self.hard_deadline - time.monotonic()), UTC)
 
     @property
     def duration(self) -> float:
@@ -524,7 +527,6 @@ class SessionManager:
         session.hard_deadline = now + session.timeout_seconds
         idle = session.idle_timeout
         session.deadline = session.hard_deadline if idle is None else min(session.hard_deadline, now + idle)
-        session.created_at = _wall_clock()
         self._active[session.id] = session
         self._created += 1
         self._metadata_bytes += session.metadata_bytes

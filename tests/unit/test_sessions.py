@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import time
+from datetime import UTC
 
 import anyio
 import anyio.lowlevel
@@ -124,6 +126,18 @@ async def test_timeout_is_capped_by_max_timeout_seconds() -> None:
     assert (await sessions.create(timeout_seconds=1000)).timeout_seconds == 10
     assert (await sessions.create()).timeout_seconds == 5
     assert (await sessions.create(timeout_seconds=2)).timeout_seconds == 2
+
+
+async def test_creation_and_expiry_times_are_on_the_wall_clock() -> None:
+    # Both are read from the monotonic clock (no wall-clock read per session), in wall-clock terms.
+    sessions = manager()
+    before = time.time()
+    session = await sessions.create(tool="search", timeout_seconds=90)
+    after = time.time()
+    assert before - 0.05 <= session.created_at <= after + 0.05
+    expires = session.expires_at
+    assert expires.tzinfo is UTC
+    assert before + 90 - 0.05 <= expires.timestamp() <= time.time() + 90 + 0.05
 
 
 async def test_second_release_is_already_released_and_unknown_id_is_unknown_session() -> None:
