@@ -13,9 +13,13 @@ Two views of one no-op call, on the overhead benchmark's servers (`tests.bench.o
    account for the extension's extra. Each server runs in a child process twice, with warm-up
    calls only and with warm-up plus N calls; the difference over N is the per-call figure, with
    start-up taken out. Six runs of about a minute each. The last-level cache is simulated at
-   `--ll-bytes` (default 512 KiB, one core's L2 on the development machine). Repeated runs of the
-   same code move by up to about 8k instructions and 0.15k misses per call: read differences
-   smaller than that as noise.
+   `--ll-bytes` (default 512 KiB, one core's L2 on the development machine). So that a run can be
+   repeated, each child runs with address-space randomisation off (`setarch -R`, where there is
+   one), a fixed hash seed, and the garbage collector off during the measured calls (a collection
+   more or less in one run moved the per-call figures by up to 8k instructions). Two runs of the
+   same code then agree within about 0.5k instructions and 0.01k misses per call. A change of code
+   moves the memory layout too: read LL-miss differences under about 0.15k between two versions as
+   layout, not as the change.
 
 The Python interpreter's own loop (`_PyEval_EvalFrameDefault`) is where this package's bytecodes
 run, so its share of the extra is the package's Python code; the rest is what that code calls.
@@ -25,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
+import gc
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -45,10 +52,15 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "server"
 
 
-async def _calls(variant: str, tool: str, warmup: int, calls: int, trace: Any = None) -> None:
+async def _calls(
+    variant: str, tool: str, warmup: int, calls: int, trace: Any = None, *, collector_off: bool = False
+) -> None:
     async with Client(server_for(variant)) as client:
         for _ in range(warmup):
             await client.call_tool(tool, {})
+        if collector_off:
+            gc.collect()
+            gc.disable()
         if trace is not None:
             sys.settrace(trace)
         try:
@@ -56,6 +68,7 @@ async def _calls(variant: str, tool: str, warmup: int, calls: int, trace: Any = 
                 await client.call_tool(tool, {})
         finally:
             sys.settrace(None)
+            gc.enable()
 
 
 def bytecodes_per_call(tool: str, calls: int) -> collections.Counter[str]:
@@ -83,6 +96,7 @@ def _cachegrind(variant: str, tool: str, calls: int, ll_bytes: int, out_dir: str
     """Per C function: cachegrind's event counts for one child run."""
     out_file = os.path.join(out_dir, f"{variant}.{tool}.{calls}")
     command = [
+        *_no_aslr(),
         "valgrind",
         "--tool=cachegrind",
         "--cache-sim=yes",
@@ -99,6 +113,21 @@ def _cachegrind(variant: str, tool: str, calls: int, ll_bytes: int, out_dir: str
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict layouts in every run
     subprocess.run(command, check=True, env=env, cwd=ROOT, capture_output=True, timeout=900)
     return counts_by_function(out_file)
+
+
+@functools.cache
+def _no_aslr() -> list[str]:
+    """The command prefix that runs a child with address-space randomisation off (with it, the
+    same code's figures moved from run to run); none where `setarch -R` is missing or refused."""
+    prefix = ["setarch", platform.machine(), "-R"]
+    if shutil.which("setarch") is None:
+        return []
+    try:
+        subprocess.run([*prefix, "true"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        sys.stderr.write("profile: setarch -R refused here; address-space randomisation stays on\n")
+        return []
+    return prefix
 
 
 def counts_by_function(path: str) -> dict[str, dict[str, int]]:
@@ -185,7 +214,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         variant, tool, calls = args.child
-        anyio.run(_calls, variant, tool, WARMUP, int(calls))
+        anyio.run(functools.partial(_calls, variant, tool, WARMUP, int(calls), collector_off=True))
         return 0
     if args.calls < 1 or args.top < 1:
         parser.error("--calls and --top must be at least 1")
