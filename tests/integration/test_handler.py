@@ -12,7 +12,8 @@ from mcp.server.extension import Extension
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolRequestParams
 
-from server import SessionsExtension
+from server import SessionsExtension, load_settings
+from server.app import _StandaloneSessions, build_app
 from server.extension import sdk_interceptor_chain
 from tests.helpers import build, code_of, echo, hang_async, settings, text_of
 
@@ -119,3 +120,15 @@ async def test_a_subclass_overriding_the_sdk_hook_keeps_the_chain_with_every_gua
     assert sessions.intercepted == ["echo", "hang_async"]
     snapshot = sessions.manager.metrics()
     assert (snapshot.total_sessions_completed, snapshot.total_sessions_timeout) == (1, 1)
+
+
+async def test_the_standalone_server_hears_of_each_call_reaching_the_session_layer() -> None:
+    # Its stdio loop waits on this at stdin EOF; the take-over must not skip it.
+    built = build_app(load_settings("config/demo.toml"))
+    assert isinstance(built.sessions, _StandaloneSessions)
+    heard: list[object] = []
+    built.sessions.on_tool_call = heard.append
+    async with Client(built.server) as client:
+        assert tools_call_handler(built.server) == built.sessions.handle_tool_call
+        assert text_of(await client.call_tool("echo", {"text": "heard"})) == "heard"
+    assert len(heard) == 1 and heard[0] is not None
