@@ -68,8 +68,9 @@ bench: $(STAMP)
 
 # Where a tool call's overhead goes (tests/bench/profile.py): this package's bytecodes per call,
 # then instructions and cache misses under valgrind's cachegrind (installed separately).
+# Options through PROFILE_ARGS, e.g. make profile PROFILE_ARGS="--against HEAD~1 --tool noop_sync".
 profile: $(STAMP)
-	$(BIN)/python -m tests.bench.profile
+	$(BIN)/python -m tests.bench.profile $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(CLIENTS_DIR)/node_modules

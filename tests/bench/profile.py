@@ -1,7 +1,7 @@
 """`make profile`: where the extension's cost per tool call goes (the why behind `make bench`).
 
 Usage: python -m tests.bench.profile [--tool noop_async|noop_sync] [--calls N] [--top K]
-                                     [--no-cachegrind] [--ll-bytes B]
+                                     [--no-cachegrind] [--ll-bytes B] [--against REF]
 
 Two views of one no-op call, on the overhead benchmark's servers (`tests.bench.overhead`):
 
@@ -17,9 +17,17 @@ Two views of one no-op call, on the overhead benchmark's servers (`tests.bench.o
    repeated, each child runs with address-space randomisation off (`setarch -R`, where there is
    one), a fixed hash seed, and the garbage collector off during the measured calls (a collection
    more or less in one run moved the per-call figures by up to 8k instructions). Two runs of the
-   same code then agree within about 0.5k instructions and 0.01k misses per call. A change of code
-   moves the memory layout too: read LL-miss differences under about 0.15k between two versions as
-   layout, not as the change.
+   same code, in the same environment, then agree within about 0.5k instructions and 0.01k misses
+   per call. Anything that moves the memory layout moves the figures more: a change of code, and
+   even a change in the size of the environment (with randomisation off, it shifts the stack),
+   moved the same code's figures by up to 6k instructions and 0.15k LL misses. So compare two
+   versions within one run (`--against`), and read differences smaller than that as layout.
+
+`--against REF` adds the extension as it was at a git ref (a commit, a branch, `HEAD~3`): its
+`server` and `tools` packages are taken from the ref into a temporary directory, and one more pair
+of child runs imports them from there, the rest (the SDK, this script) unchanged. Its row in the
+table reads against the same bare run, so a change's effect per call is the difference of the two
+extension rows.
 
 The Python interpreter's own loop (`_PyEval_EvalFrameDefault`) is where this package's bytecodes
 run, so its share of the extra is the package's Python code; the rest is what that code calls.
@@ -31,11 +39,14 @@ import argparse
 import collections
 import functools
 import gc
+import importlib
+import io
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 from types import FrameType
@@ -50,6 +61,8 @@ WARMUP = 30
 EVENTS = ("Ir", "L1d", "LL")  # instructions; L1 data misses; last-level misses (data and instructions)
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "server"
+#: Tells a child run the checkout root it must import this package from (see `_check_child_code`).
+EXPECT_CODE = "MCP_SESSIONS_PROFILE_CODE"
 
 
 async def _calls(
@@ -92,9 +105,12 @@ def bytecodes_per_call(tool: str, calls: int) -> collections.Counter[str]:
     return collections.Counter({name: n // calls for name, n in counts.items() if n >= calls})
 
 
-def _cachegrind(variant: str, tool: str, calls: int, ll_bytes: int, out_dir: str) -> dict[str, dict[str, int]]:
-    """Per C function: cachegrind's event counts for one child run."""
-    out_file = os.path.join(out_dir, f"{variant}.{tool}.{calls}")
+def _cachegrind(
+    variant: str, tool: str, calls: int, ll_bytes: int, out_dir: str, code: Path = ROOT
+) -> dict[str, dict[str, int]]:
+    """Per C function: cachegrind's event counts for one child run, with this package imported
+    from `code` (a checkout's root: this one, or another version taken by `checkout`)."""
+    out_file = os.path.join(out_dir, f"{variant}.{tool}.{calls}.{code.name}")
     command = [
         *_no_aslr(),
         "valgrind",
@@ -110,9 +126,38 @@ def _cachegrind(variant: str, tool: str, calls: int, ll_bytes: int, out_dir: str
         tool,
         str(calls),
     ]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict layouts in every run
-    subprocess.run(command, check=True, env=env, cwd=ROOT, capture_output=True, timeout=900)
+    # The child runs in `code`, so that its `server` comes first on its path; this script and the
+    # bench's servers come from this checkout (`tests` is only here). The same dict layouts in
+    # every run: a fixed hash seed.
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT), EXPECT_CODE: str(code)}
+    subprocess.run(command, check=True, env=env, cwd=code, capture_output=True, timeout=900)
     return counts_by_function(out_file)
+
+
+def checkout(ref: str, into: Path) -> Path:
+    """This repository's `server` and `tools` packages as they are at git `ref`, in `into`.
+
+    Raises:
+        ValueError: `ref` names no commit of this repository (git's own message).
+    """
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, PACKAGE, "tools"], capture_output=True, timeout=120
+    )
+    if archive.returncode != 0:
+        raise ValueError(f"--against {ref}: {archive.stderr.decode(errors='replace').strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def _check_child_code() -> None:
+    """In a child: refuse to measure another checkout's package than the parent asked for."""
+    expected = os.environ.get(EXPECT_CODE)
+    if expected is None:
+        return
+    imported = Path(importlib.import_module(PACKAGE).__file__ or "").resolve().parent.parent
+    if imported != Path(expected).resolve():
+        raise SystemExit(f"profile child: imported {PACKAGE} from {imported}, expected {expected}")
 
 
 @functools.cache
@@ -164,15 +209,19 @@ def _total(per_function: dict[str, dict[str, float]], event: str) -> float:
     return sum(counts.get(event, 0.0) for counts in per_function.values())
 
 
-def machine_profile(tool: str, calls: int, ll_bytes: int, top: int) -> list[str]:
-    """The machine view, as lines of Markdown."""
+def machine_profile(tool: str, calls: int, ll_bytes: int, top: int, against: str | None = None) -> list[str]:
+    """The machine view, as lines of Markdown; with `against`, a row for the extension at that ref."""
     per_variant: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="mcp-sessions-profile-") as out_dir:
-        for variant in VARIANTS:
-            sys.stderr.write(f"profile: cachegrind, {variant} ...\n")
-            start = _cachegrind(variant, tool, 0, ll_bytes, out_dir)
-            run = _cachegrind(variant, tool, calls, ll_bytes, out_dir)
-            per_variant[variant] = per_call(run, start, calls)
+        runs: list[tuple[str, str, Path]] = [(variant, variant, ROOT) for variant in VARIANTS]
+        if against is not None:
+            code = checkout(against, Path(out_dir) / "against")
+            runs.append((f"sessions at {against}", "sessions", code))
+        for label, variant, code in runs:
+            sys.stderr.write(f"profile: cachegrind, {label} ...\n")
+            start = _cachegrind(variant, tool, 0, ll_bytes, out_dir, code)
+            run = _cachegrind(variant, tool, calls, ll_bytes, out_dir, code)
+            per_variant[label] = per_call(run, start, calls)
     bare = per_variant["bare"]
     lines = [
         f"per call of {tool} ({calls} calls after {WARMUP} warm-up; LL = {ll_bytes // 1024} KiB):",
@@ -210,14 +259,22 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=15, help="functions listed (default 15)")
     parser.add_argument("--no-cachegrind", action="store_true", help="the bytecode view only")
     parser.add_argument("--ll-bytes", type=int, default=512 * 1024, help="simulated last-level cache size")
+    parser.add_argument("--against", metavar="REF", help="also profile the extension as it is at this git ref")
     parser.add_argument("--child", nargs=3, metavar=("VARIANT", "TOOL", "CALLS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        _check_child_code()
         variant, tool, calls = args.child
         anyio.run(functools.partial(_calls, variant, tool, WARMUP, int(calls), collector_off=True))
         return 0
     if args.calls < 1 or args.top < 1:
         parser.error("--calls and --top must be at least 1")
+    if args.against is not None:
+        try:  # a bad ref fails now, not after minutes of profiling
+            with tempfile.TemporaryDirectory(prefix="mcp-sessions-profile-") as scratch:
+                checkout(args.against, Path(scratch))
+        except ValueError as exc:
+            parser.error(str(exc))
 
     counts = bytecodes_per_call(args.tool, min(args.calls, 200))
     lines = [
@@ -232,7 +289,8 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         sys.stderr.write("valgrind is not installed, so no machine view (Debian: apt-get install valgrind)\n")
         return 1
-    sys.stdout.write("\n" + "\n".join(machine_profile(args.tool, args.calls, args.ll_bytes, args.top)) + "\n")
+    profile = machine_profile(args.tool, args.calls, args.ll_bytes, args.top, args.against)
+    sys.stdout.write("\n" + "\n".join(profile) + "\n")
     return 0
 
 

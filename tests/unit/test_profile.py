@@ -6,11 +6,21 @@ computes from what it measures.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.bench.profile import PACKAGE, bytecodes_per_call, counts_by_function, per_call
+from tests.bench.profile import (
+    EXPECT_CODE,
+    PACKAGE,
+    ROOT,
+    _check_child_code,
+    bytecodes_per_call,
+    checkout,
+    counts_by_function,
+    per_call,
+)
 
 
 @pytest.mark.parametrize("tool", ["noop_async", "noop_sync"])
@@ -82,3 +92,24 @@ def test_per_call_takes_start_up_out_and_derives_the_misses() -> None:
     assert out["f"]["LL"] == (20 + 10 + 0) / 4
     assert out["g"]["Ir"] == 100
     assert out["g"]["LL"] == (4 + 0 + 4) / 4
+
+
+def test_against_takes_the_packages_at_a_ref_and_refuses_a_bad_ref(tmp_path: Path) -> None:
+    code = checkout("HEAD", tmp_path / "head")
+    committed = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"HEAD:{PACKAGE}/sessions.py"], capture_output=True, check=True, timeout=60
+    ).stdout
+    assert (code / PACKAGE / "sessions.py").read_bytes() == committed
+    assert (code / "tools" / "sessions.py").is_file() and not (code / "tests").exists()
+    with pytest.raises(ValueError, match="no-such-ref"):
+        checkout("no-such-ref", tmp_path / "bad")
+
+
+def test_a_child_refuses_to_measure_another_checkout_than_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(EXPECT_CODE, str(ROOT))
+    _check_child_code()  # this checkout's package is the one imported here
+    monkeypatch.setenv(EXPECT_CODE, str(tmp_path))
+    with pytest.raises(SystemExit, match="expected"):
+        _check_child_code()
