@@ -27,6 +27,22 @@ SESSION_COUNTERS = (
 )
 
 text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=200)
+
+
+def pre_parsed_by_the_sdk(value: str) -> bool:
+    """Whether the SDK reads this string argument as the JSON in it: for a parameter that is
+    not a `str`, a string holding JSON null, a list or an object is replaced by that value
+    before validation (for clients that send JSON inside strings). So `"null"` means the
+    parameter was not given, and `'{"k": 1}'` is an object (see the test at the end)."""
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):
+        return False
+    return not isinstance(parsed, str | int | float)
+
+
+#: Text that stays a string for validation (a wrong type for any parameter that is not a `str`).
+text_as_such = text.filter(lambda value: not pre_parsed_by_the_sdk(value))
 json_scalars = (
     st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_nan=False, allow_infinity=False) | text
 )
@@ -43,7 +59,7 @@ bad_timeout = (
     st.floats(max_value=0.0)
     | st.sampled_from([math.nan, math.inf, -math.inf, 0, -1])
     | st.integers(max_value=0)
-    | text
+    | text_as_such
     | st.booleans()
     | st.lists(st.floats(), max_size=2)
     | st.dictionaries(text, json_scalars, max_size=2)
@@ -53,12 +69,12 @@ bad_shutdown_timeout = (
     st.floats(max_value=-1e-9)
     | st.sampled_from([math.nan, math.inf, -math.inf, -1])
     | st.integers(max_value=-1)
-    | text
+    | text_as_such
     | st.booleans()
     | st.lists(st.floats(), max_size=2)
     | st.dictionaries(text, json_scalars, max_size=2)
 )
-not_an_object = st.lists(json_scalars, max_size=3) | text | st.integers() | st.booleans() | st.floats()
+not_an_object = st.lists(json_scalars, max_size=3) | text_as_such | st.integers() | st.booleans() | st.floats()
 
 
 def result_of(response: dict[str, Any]) -> dict[str, Any]:
@@ -233,3 +249,16 @@ def test_metadata_nested_ten_thousand_levels_is_refused_and_the_server_stays_up(
     error = raw.portal.call(raw.server.next_unreadable_error, seen)
     assert error["error"]["code"] == -32700, error
     unchanged(before, raw.metrics(), *SESSION_COUNTERS)
+
+
+def test_json_inside_a_string_argument_is_read_as_that_json(raw: Raw) -> None:
+    # The SDK's own leniency, kept by the session tools: "null" is the parameter not given (the
+    # configured default timeout), an object in a string is that object. A number in a string
+    # stays a string, and is refused.
+    assert pre_parsed_by_the_sdk(" null ") and pre_parsed_by_the_sdk('{"k": 1}') and not pre_parsed_by_the_sdk("30")
+    created = result_of(raw.call("session_create", {"timeout_seconds": " null ", "metadata": '{"k": 1}'}))
+    session = created["structuredContent"]
+    assert not created.get("isError") and session["timeout_seconds"] == 30.0, created
+    assert raw.metrics()["current_metadata_bytes"] == len('{"k":1}')
+    assert result_of(raw.call("session_release", {"session_id": session["session_id"]}))["structuredContent"]
+    assert refusal(raw.call("session_create", {"timeout_seconds": "30"}))["code"] == "invalid_argument"
