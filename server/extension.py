@@ -219,9 +219,9 @@ class SessionsExtension(Extension):
         The chain (`mcp.server.extension.compose_tool_call_handler`) makes two closures and runs
         four coroutines around the handler on every call: taking it out saved 6,000-9,500 of the
         52,000-54,000 CPU instructions this extension added to a no-op call (cachegrind,
-        `make profile`, depending on the memory layout). The
-        chain is rebuilt without this extension's link, the same order kept: the interceptors of
-        the extensions listed before it still run outside it, and those listed after it inside.
+        `make profile`, depending on the memory layout). The chain is rebuilt without this
+        extension's link, the same order kept: the interceptors of the extensions listed before
+        it still run outside it, and those listed after it inside.
 
         Only the chain the SDK composed is replaced (recognised by its code): a handler someone
         else registered is left alone, and so is the chain of a subclass that overrides
@@ -596,7 +596,7 @@ def sdk_interceptor_chain(handler: object) -> tuple[list[Extension], ToolCallHan
     code = _CHAIN_CODE
     if code is None:  # pragma: no cover - see `_chain_code`
         return None
-    names = code.co_freevars
+    names = code.co_freevars  # before the `is not` below, which would narrow `code` to Any | None
     if getattr(handler, "__code__", None) is not code:
         return None
     cells = dict(zip(names, getattr(handler, "__closure__", None) or (), strict=False))

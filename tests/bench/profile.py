@@ -209,14 +209,17 @@ def _total(per_function: dict[str, dict[str, float]], event: str) -> float:
     return sum(counts.get(event, 0.0) for counts in per_function.values())
 
 
-def machine_profile(tool: str, calls: int, ll_bytes: int, top: int, against: str | None = None) -> list[str]:
-    """The machine view, as lines of Markdown; with `against`, a row for the extension at that ref."""
+def machine_profile(
+    tool: str, calls: int, ll_bytes: int, top: int, against: tuple[str, Path] | None = None
+) -> list[str]:
+    """The machine view, as lines of Markdown; with `against` (a ref and its `checkout`), a row
+    for the extension as it is there."""
     per_variant: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="mcp-sessions-profile-") as out_dir:
         runs: list[tuple[str, str, Path]] = [(variant, variant, ROOT) for variant in VARIANTS]
         if against is not None:
-            code = checkout(against, Path(out_dir) / "against")
-            runs.append((f"sessions at {against}", "sessions", code))
+            ref, code = against
+            runs.append((f"sessions at {ref}", "sessions", code))
         for label, variant, code in runs:
             sys.stderr.write(f"profile: cachegrind, {label} ...\n")
             start = _cachegrind(variant, tool, 0, ll_bytes, out_dir, code)
@@ -269,13 +272,17 @@ def main() -> int:
         return 0
     if args.calls < 1 or args.top < 1:
         parser.error("--calls and --top must be at least 1")
-    if args.against is not None:
-        try:  # a bad ref fails now, not after minutes of profiling
-            with tempfile.TemporaryDirectory(prefix="mcp-sessions-profile-") as scratch:
-                checkout(args.against, Path(scratch))
-        except ValueError as exc:
-            parser.error(str(exc))
+    with tempfile.TemporaryDirectory(prefix="mcp-sessions-profile-") as scratch:
+        against = None
+        if args.against is not None:
+            try:  # a bad ref fails now, not after minutes of profiling
+                against = (args.against, checkout(args.against, Path(scratch)))
+            except ValueError as exc:
+                parser.error(str(exc))
+        return _profile(args, against)
 
+
+def _profile(args: argparse.Namespace, against: tuple[str, Path] | None) -> int:
     counts = bytecodes_per_call(args.tool, min(args.calls, 200))
     lines = [
         f"bytecodes of this package per call of {args.tool}: {sum(counts.values())}",
@@ -289,7 +296,7 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         sys.stderr.write("valgrind is not installed, so no machine view (Debian: apt-get install valgrind)\n")
         return 1
-    profile = machine_profile(args.tool, args.calls, args.ll_bytes, args.top, args.against)
+    profile = machine_profile(args.tool, args.calls, args.ll_bytes, args.top, against)
     sys.stdout.write("\n" + "\n".join(profile) + "\n")
     return 0
 
