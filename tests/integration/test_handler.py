@@ -4,6 +4,7 @@ their places, and where the take-over must not happen calls still run through th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mcp import Client
@@ -16,6 +17,8 @@ from server import SessionsExtension, load_settings
 from server.app import _StandaloneSessions, build_app
 from server.extension import sdk_interceptor_chain
 from tests.helpers import build, code_of, echo, hang_async, settings, text_of
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.toml"
 
 
 def tools_call_handler(app: MCPServer[Any]) -> Any:
@@ -124,7 +127,7 @@ async def test_a_subclass_overriding_the_sdk_hook_keeps_the_chain_with_every_gua
 
 async def test_the_standalone_server_hears_of_each_call_reaching_the_session_layer() -> None:
     # Its stdio loop waits on this at stdin EOF; the take-over must not skip it.
-    built = build_app(load_settings("config/demo.toml"))
+    built = build_app(load_settings(DEMO_CONFIG))
     assert isinstance(built.sessions, _StandaloneSessions)
     heard: list[object] = []
     built.sessions.on_tool_call = heard.append
