@@ -155,6 +155,13 @@ class SessionsExtension(Extension):
         #: What `handle_tool_call` calls by default: the handler it took over (see
         #: `take_over_tool_calls`).
         self._next_handler: ToolCallHandler = _not_taken_over
+        #: Lifespans open now (they may overlap: see `lifespan`), and the lock their starts
+        #: and stops take turns under.
+        self._lifespans = 0
+        self._lifecycle = anyio.Lock()
+        #: The task running the manager, and what tells it to stop (while a lifespan is open).
+        self._runtime: tuple[asyncio.Task[None], anyio.Event] | None = None
+        self._give_back: Callable[[], None] | None = None
 
     # -- Extension contributions -----------------------------------------------------------
 
@@ -187,30 +194,91 @@ class SessionsExtension(Extension):
         """Start the session runtime for `app` (an `MCPServer`); stop it on exit.
 
         Usable as `MCPServer(lifespan=sessions.lifespan)` or nested in a host's own lifespan.
+        The SDK enters a server's lifespan once per connection on some transports (SSE, and each
+        in-process `Client`), so lifespans may overlap: the first one in starts the runtime, the
+        others join it, and the last one out stops it, whatever order they leave in.
+
+        Raises:
+            RuntimeError: the runtime already runs for another server (one extension serves one).
         """
+        with anyio.CancelScope(shield=True):  # a cancelled enter must not leave the count wrong
+            async with self._lifecycle:
+                if self._lifespans and app is not self._app:
+                    raise RuntimeError(
+                        "this SessionsExtension already runs for another server: give each server its own"
+                    )
+                if not self._lifespans:
+                    await self._start(app)
+                self._lifespans += 1
+        try:
+            yield {"sessions": self}
+        finally:
+            # Shielded: the last one out must stop the runtime even when its task is cancelled.
+            with anyio.CancelScope(shield=True):
+                async with self._lifecycle:
+                    self._lifespans -= 1
+                    if not self._lifespans:
+                        await self._stop()
+
+    async def _start(self, app: Any) -> None:
+        """Run the manager (`SessionManager.running`) in a task of the extension's own, so that it
+        outlives the lifespan that started it; take `tools/call` over. Raises what starting the
+        manager raised (e.g. the store is unreachable), with nothing started."""
         self._app = app
         self._get_tool = registry_lookup(app)
-        async with self.manager.running():
-            self._running = True
-            give_back = self.take_over_tool_calls(app)
-            try:
-                yield {"sessions": self}
-            finally:
-                self._running = False
-                if give_back is not None:
-                    give_back()
-                # Decoupled work runs in plain tasks, so that lifespan exit can leave a call
-                # stuck in a thread behind instead of waiting for it forever.
-                for work in self._works.values():
-                    work.stop()
-                if self._works:
-                    with anyio.CancelScope(shield=True):
-                        await asyncio.wait(list(self._works), timeout=WORK_EXIT_GRACE_SECONDS)
-                stuck = self.manager.metrics().abandoned_threads
-                if stuck:
-                    logger.warning(
-                        "Leaving %s stuck thread(s) behind: sync tools still running past their deadline", stuck
-                    )
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stop = anyio.Event()
+        runtime = asyncio.create_task(self._run_manager(started, stop))
+        try:
+            await started
+        except BaseException:
+            await asyncio.wait([runtime])  # it has ended, or is ending, by the same error
+            raise
+        self._runtime = (runtime, stop)
+        self._running = True
+        self._give_back = self.take_over_tool_calls(app)
+
+    async def _run_manager(self, started: asyncio.Future[None], stop: anyio.Event) -> None:
+        try:
+            async with self.manager.running():
+                started.set_result(None)
+                await stop.wait()
+        except asyncio.CancelledError:  # the loop is closing under an open lifespan
+            self._running = False
+            if not started.done():
+                started.cancel()
+            raise
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)  # the lifespan that started it raises it
+                return
+            # After start-up the manager's own tasks (the reaper) do not raise; if one did, say
+            # so, and refuse calls rather than serve them with no deadlines.
+            self._running = False
+            logger.exception("The session runtime stopped: tool calls are refused from now on")
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _stop(self) -> None:
+        """The last lifespan is leaving: give `tools/call` back, stop the work, stop the manager."""
+        self._running = False
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
+        # Decoupled work runs in plain tasks, so that lifespan exit can leave a call stuck in a
+        # thread behind instead of waiting for it forever.
+        for work in self._works.values():
+            work.stop()
+        if self._works:
+            await asyncio.wait(list(self._works), timeout=WORK_EXIT_GRACE_SECONDS)
+        stuck = self.manager.metrics().abandoned_threads
+        if stuck:
+            logger.warning("Leaving %s stuck thread(s) behind: sync tools still running past their deadline", stuck)
+        runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            task, stop = runtime
+            stop.set()
+            await asyncio.wait([task])
 
     def take_over_tool_calls(self, app: Any) -> Callable[[], None] | None:
         """Serve `app`'s `tools/call` requests with `handle_tool_call` itself, in place of the
