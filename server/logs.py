@@ -2,8 +2,10 @@
 
 Tier: operations. `configure_logging` installs (or, on a config reload, replaces) the one
 handler on the root logger, so the SDK's and uvicorn's records come out in the same format as
-ours. In JSON mode every record is one object per line with `ts`, `level`, `logger`, `message`
-and the structured fields a record carries (a session end has `session_id`, `tool`, `state`,
+ours. It is for the standalone server, which owns its process's logging; an embedding host
+keeps its own (`configured_here` tells the two apart, so a reload leaves a host's alone). In
+JSON mode every record is one object per line with `ts`, `level`, `logger`, `message` and the
+structured fields a record carries (a session end has `session_id`, `tool`, `state`,
 `duration_seconds`, `reason`; a refusal has `code`, `tool`, `session_id`). Never logged: the
 admin token and the contents of session metadata.
 
@@ -54,6 +56,13 @@ class JsonFormatter(logging.Formatter):
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installed, so a reload replaces it and nothing else."""
+
+
+def configured_here() -> bool:
+    """Whether this process's logging was set up by `configure_logging` (its handler is on the
+    root logger), as the standalone server does before it serves. Only then is the logging ours
+    to change on a config reload; an embedding host that never called it keeps its own."""
+    return any(isinstance(handler, _Handler) for handler in logging.getLogger().handlers)
 
 
 def configure_logging(settings: LoggingSettings) -> None:

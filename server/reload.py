@@ -2,12 +2,15 @@
 
 Tier: operations. `ConfigReloader.reload()` loads the file the way startup did
 (`load_settings(path, overrides)`: the command-line flags still win) and checks it the same
-way. A valid file is applied at once: new calls get its limits, per-tool deadlines, shutdown
-and logging settings; running sessions keep their deadlines, and lowering the cap ends none of
-them (new calls are refused until enough have ended). An invalid file is rejected with the
-same message as at startup, and the config in force stays. Keys bound at startup (the
-`[server]` table and `metrics.prometheus_port`) are reported as ignored until a restart.
-Both outcomes are counted by the manager (`config_reloads`, `config_reload_failures`).
+way. A valid file is applied at once: new calls get its limits, per-tool deadlines and shutdown
+settings; running sessions keep their deadlines, and lowering the cap ends none of them (new
+calls are refused until enough have ended). `[logging]` is applied only where this process's
+logging is ours, set up by `configure_logging` (the standalone server); in an embedding host
+it is the host's (handlers, levels, the `logging` module's flags), and a reload leaves it as it
+is, saying so. An invalid file is rejected with the same message as at startup, and the config
+in force stays. Keys bound at startup (the `[server]` table and `metrics.prometheus_port`) are
+reported as ignored until a restart. Both outcomes are counted by the manager
+(`config_reloads`, `config_reload_failures`).
 
 Example:
     ```python
@@ -30,12 +33,14 @@ from anyio.abc import TaskStatus
 
 from server.config import ConfigError, Settings, config_problems, load_settings
 from server.extension import SessionsExtension
-from server.logs import configure_logging
+from server.logs import configure_logging, configured_here
 
 logger = logging.getLogger(__name__)
 
 #: Settings bound at startup (a listening socket, imported modules): a reload cannot change them.
 RESTART_ONLY = ("server", "metrics")
+#: The table a reload leaves alone where the host, not this package, configures logging.
+LOGGING = "logging"
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -58,7 +63,13 @@ def changes(old: Settings, new: Settings) -> dict[str, tuple[Any, Any]]:
 
 
 class ConfigReloader:
-    """Re-reads `path` on request and applies it to `sessions` if valid."""
+    """Re-reads `path` on request and applies it to `sessions` if valid.
+
+    `manage_logging` says whether a reload applies `[logging]` to the process's logging (the
+    root logger's handler and level, process-wide `logging` flags). By default (None) it does
+    only if `configure_logging` set that logging up, as the standalone server does: an
+    embedding host's logging is never taken over.
+    """
 
     def __init__(
         self,
@@ -66,12 +77,15 @@ class ConfigReloader:
         path: str | os.PathLike[str] | None,
         overrides: Mapping[str, Any] | None = None,
         check: Callable[[Settings], None] | None = None,
+        *,
+        manage_logging: bool | None = None,
     ) -> None:
         self.sessions = sessions
         self.path = path
         self.overrides = dict(overrides or {})
         #: Further validation startup ran (the standalone server checks `[tools.NAME]` names).
         self.check = check
+        self.manage_logging = manage_logging
 
     def reload(self) -> bool:
         """Load and apply the file; False (logged, counted) if it is invalid and nothing changed."""
@@ -89,17 +103,23 @@ class ConfigReloader:
                 "\n  ".join(config_problems(exc, self.path)),
             )
             return False
-        effective = new.model_copy(update={section: getattr(old, section) for section in RESTART_ONLY})
+        ours = self.manage_logging if self.manage_logging is not None else configured_here()
+        kept = RESTART_ONLY if ours else (*RESTART_ONLY, LOGGING)
+        effective = new.model_copy(update={section: getattr(old, section) for section in kept})
         ignored = changes(effective, new)
+        host_owned = {key: change for key, change in ignored.items() if key.startswith(LOGGING + ".")}
+        restart_only = {key: change for key, change in ignored.items() if key not in host_owned}
         applied = changes(old, effective)
         self.sessions.apply_settings(effective)
         if old.logging != effective.logging:
             configure_logging(effective.logging)
         self.sessions.manager.config_reloaded(ok=True)
-        if ignored:
-            logger.warning(
-                "Config reload: ignored until restart: %s",
-                ", ".join(f"{key} (in force {_show(was)}, file {_show(now)})" for key, (was, now) in ignored.items()),
+        if restart_only:
+            logger.warning("Config reload: ignored until restart: %s", _describe(restart_only))
+        if host_owned:
+            logger.info(
+                "Config reload: [logging] left to the host, which configures this process's logging (not applied: %s)",
+                ", ".join(f"{key} = {_show(now)}" for key, (_, now) in host_owned.items()),
             )
         if applied:
             logger.info(
@@ -122,6 +142,10 @@ class ConfigReloader:
             async for _ in signals:
                 logger.info("Received SIGHUP: reloading the config")
                 self.reload()
+
+
+def _describe(ignored: Mapping[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} (in force {_show(was)}, file {_show(now)})" for key, (was, now) in ignored.items())
 
 
 def _show(value: Any) -> str:

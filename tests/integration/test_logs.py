@@ -1,13 +1,22 @@
 """Log lines through the SDK's in-memory Client: one INFO line per session end with its fields,
-one WARNING line per refusal, never the metadata; nothing formatted below the level in force."""
+one WARNING line per refusal, never the metadata; nothing formatted below the level in force.
+A config reload changes process-wide logging only where `configure_logging` set it up (the
+standalone server); an embedding host's own logging is left as the host made it."""
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from mcp import Client
 
+from server import SessionsExtension, load_settings
+from server.logs import JsonFormatter, configure_logging
+from server.reload import ConfigReloader
 from tests.helpers import build, code_of, settings
 
 SECRET = "metadata-contents-never-logged"
@@ -71,3 +80,88 @@ async def test_an_embedding_host_at_info_gets_no_session_end_lines_until_it_asks
         finally:
             logging.getLogger("server.sessions.ends").setLevel(logging.WARNING)
     assert [r.state for r in session_ends(caplog)] == ["completed"]  # type: ignore[attr-defined]
+
+
+# -- a config reload and the process's logging --------------------------------------------
+
+HOST_FORMAT = "HOST %(levelname)s %(threadName)s %(name)s: %(message)s"
+QUIET_JSON = '[logging]\nlevel = "warning"\nformat = "json"\n'
+
+
+def logging_state() -> dict[str, Any]:
+    """Everything process-wide that `configure_logging` changes."""
+    root = logging.getLogger()
+    return {
+        "handlers": [(h, h.formatter, h.level) for h in root.handlers],
+        "root_level": root.level,
+        "ends_level": logging.getLogger("server.sessions.ends").level,
+        "flags": (logging.logThreads, logging.logProcesses, logging.logMultiprocessing),
+        "srcfile": logging._srcfile,
+    }
+
+
+@pytest.fixture
+def host_stream() -> Iterator[io.StringIO]:
+    """A host's own logging, as `logging.basicConfig(level=DEBUG, format=...)` makes it (a plain
+    `StreamHandler` on the root logger); the process's logging state is restored afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved = list(root.handlers), logging_state()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(HOST_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        for current in list(root.handlers):
+            root.removeHandler(current)
+        for kept in saved_handlers:
+            root.addHandler(kept)
+        root.setLevel(saved["root_level"])
+        logging.getLogger("server.sessions.ends").setLevel(saved["ends_level"])
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = saved["flags"]
+        logging._srcfile = saved["srcfile"]
+
+
+async def test_a_reload_in_an_embedding_host_leaves_the_hosts_logging_alone(
+    tmp_path: Path, host_stream: io.StringIO
+) -> None:
+    path = tmp_path / "host.toml"
+    path.write_text("[limits]\nmax_concurrent_sessions = 5\n", encoding="utf-8")
+    app, sessions = build(load_settings(path))
+    before = logging_state()
+    path.write_text("[limits]\nmax_concurrent_sessions = 5\nmax_metadata_bytes = 8\n" + QUIET_JSON, encoding="utf-8")
+
+    assert ConfigReloader(sessions, path).reload() is True
+
+    assert logging_state() == before  # handlers, formats, levels, flags: all the host's
+    assert sessions.manager.limits.max_metadata_bytes == 8  # the rest of the file applies
+    assert sessions.config.logging.level == "info"  # [logging] is not in force: the host's is
+    async with Client(app) as client:
+        refused = await client.call_tool("session_create", {"metadata": {"note": "longer than eight"}})
+        assert code_of(refused) == "metadata_too_large"
+    logging.getLogger("host.app").info("host record after the reload")
+    lines = host_stream.getvalue().splitlines()
+    assert "HOST INFO MainThread host.app: host record after the reload" in lines
+    assert any(line.startswith("HOST WARNING MainThread server.refusals: Refused session_create") for line in lines)
+    assert any("[logging] left to the host" in line and line.startswith("HOST INFO") for line in lines), lines
+
+
+def test_a_reload_in_the_standalone_server_applies_the_logging_table(tmp_path: Path, host_stream: io.StringIO) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('[logging]\nlevel = "info"\n', encoding="utf-8")
+    sessions = SessionsExtension(load_settings(path))
+    configure_logging(sessions.config.logging)  # what the standalone server does before serving
+    path.write_text(QUIET_JSON, encoding="utf-8")
+
+    assert ConfigReloader(sessions, path).reload() is True
+
+    root = logging.getLogger()
+    [ours] = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+    assert root.level == logging.WARNING and logging.getLogger("server.sessions.ends").level == logging.WARNING
+    assert sessions.config.logging.format == "json"
+    # An explicit choice wins over what the process's logging looks like.
+    path.write_text('[logging]\nlevel = "debug"\n', encoding="utf-8")
+    assert ConfigReloader(sessions, path, manage_logging=False).reload() is True
+    assert root.level == logging.WARNING and root.handlers.count(ours) == 1
