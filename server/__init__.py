@@ -11,7 +11,7 @@ app = MCPServer("my-tools", extensions=[sessions], lifespan=sessions.lifespan)
 """
 
 from server.app import build_server
-from server.config import ConfigError, Settings, load_settings
+from server.config import ConfigError, LimitsSettings, Settings, load_settings
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.extension import SessionsExtension
 from server.metrics import MetricsSnapshot, ShutdownReport
@@ -22,6 +22,7 @@ __all__ = [
     "EXTENSION_ID",
     "ConfigError",
     "ErrorCode",
+    "LimitsSettings",
     "MetricsSnapshot",
     "Session",
     "SessionError",

@@ -7,9 +7,12 @@ waiting on them (`session_create`) are expired by a reaper that sleeps until the
 deadline in a cancel scope whose deadline moves; shutdown waits on an event that the last
 release sets. No polling anywhere.
 
+Build one from `load_settings(path)` (its `[limits]` and per-tool caps) or from a
+`LimitsSettings`; both are exported from `server`.
+
 Example:
     ```python
-    manager = SessionManager(LimitsSettings(max_concurrent_sessions=10))
+    manager = SessionManager(LimitsSettings(max_concurrent_sessions=10))  # or SessionManager(load_settings(path))
     async with manager.running():
         session = await manager.create(tool="search", timeout_seconds=5)
         await manager.release(session.id)
@@ -38,7 +41,7 @@ import anyio
 
 from server import admission
 from server.admission import Refusal, SessionRequest, Waiter
-from server.config import LimitsSettings
+from server.config import LimitsSettings, Settings
 from server.errors import ErrorCode, SessionError
 from server.metrics import (
     ClusterMetrics,
@@ -220,8 +223,29 @@ class SessionManager:
     #: Whose cap a `capacity_exceeded` refusal names.
     CAPACITY_SCOPE = "the server"
 
-    def __init__(self, limits: LimitsSettings | None = None, tool_caps: Mapping[str, int] | None = None) -> None:
-        self.limits = limits if limits is not None else LimitsSettings()  # see the property
+    def __init__(
+        self, limits: Settings | LimitsSettings | None = None, tool_caps: Mapping[str, int] | None = None
+    ) -> None:
+        """`limits`: a whole `Settings` (what `load_settings` returns: its `[limits]`, and its
+        `[tools.NAME].max_concurrent` caps unless `tool_caps` is given), a `LimitsSettings`, or
+        None for the defaults. `tool_caps`: per-tool concurrency caps by tool name.
+
+        Raises:
+            TypeError: `limits` is none of these (a dict, a path, ...).
+        """
+        if isinstance(limits, Settings):
+            if tool_caps is None:
+                tool_caps = limits.tool_caps()
+            limits = limits.limits
+        elif limits is None:
+            limits = LimitsSettings()
+        elif not isinstance(limits, LimitsSettings):
+            raise TypeError(
+                "SessionManager takes a Settings (from load_settings(path)), a LimitsSettings "
+                f"(e.g. LimitsSettings(max_concurrent_sessions=10)) or None, got {type(limits).__name__}: "
+                f"{limits!r:.80}"
+            )
+        self.limits = limits  # see the property
         #: Per-tool concurrency caps (`[tools.NAME].max_concurrent`), by tool name.
         self.tool_caps: dict[str, int] = dict(tool_caps or {})
         self._lock = threading.Lock()

@@ -6,13 +6,13 @@ import math
 import random
 import time
 from datetime import UTC
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
 import pytest
 
-from server import ErrorCode, SessionError, SessionManager, SessionState
-from server.config import LimitsSettings
+from server import ErrorCode, LimitsSettings, SessionError, SessionManager, SessionState, load_settings
 from server.metrics import DurationStats, MetricsSnapshot
 from server.sessions import ID_BATCH, RECENTLY_ENDED, metadata_size
 
@@ -29,6 +29,41 @@ def assert_invariant(m: MetricsSnapshot) -> None:
         + m.total_sessions_timeout
         + m.total_sessions_cancelled
     ), m
+
+
+async def test_a_manager_takes_the_settings_load_settings_returns(tmp_path: Path) -> None:
+    path = tmp_path / "manager.toml"
+    path.write_text(
+        "[limits]\nmax_concurrent_sessions = 2\ndefault_timeout_seconds = 7\n[tools.search]\nmax_concurrent = 1\n",
+        encoding="utf-8",
+    )
+    settings = load_settings(path)
+    sessions = SessionManager(settings)
+    assert sessions.limits is settings.limits and sessions.tool_caps == {"search": 1}
+    async with sessions.running():
+        first = await sessions.create(tool="search")
+        assert first.timeout_seconds == 7.0
+        with pytest.raises(SessionError) as tool_full:
+            await sessions.create(tool="search")
+        assert tool_full.value.code is ErrorCode.CAPACITY_EXCEEDED and "search" in tool_full.value.message
+        second = await sessions.create(tool="other")
+        with pytest.raises(SessionError) as full:
+            await sessions.create(tool="other")
+        assert full.value.code is ErrorCode.CAPACITY_EXCEEDED
+        await sessions.release(first.id)
+        await sessions.release(second.id)
+    # Explicit per-tool caps win over the file's; the README's default config works as is.
+    assert SessionManager(settings, tool_caps={"other": 3}).tool_caps == {"other": 3}
+    default = SessionManager(load_settings(Path(__file__).parents[2] / "config" / "default.toml"))
+    assert default.limits.max_concurrent_sessions == 100
+
+
+@pytest.mark.parametrize("wrong", [{"max_concurrent_sessions": 3}, 10, "config/default.toml"])
+def test_a_manager_built_from_anything_else_says_what_it_takes(wrong: object) -> None:
+    with pytest.raises(TypeError) as refused:
+        SessionManager(wrong)  # type: ignore[arg-type]
+    message = str(refused.value)
+    assert "Settings" in message and "LimitsSettings" in message and type(wrong).__name__ in message
 
 
 async def test_create_then_release_counts_one_completed_session() -> None:
