@@ -133,6 +133,13 @@ def test_every_snapshot_field_is_exported_or_deliberately_derived() -> None:
     assert not missing, f"add a row to server/prometheus.py for {sorted(missing)}"
 
 
+def test_the_readme_names_every_reason_label_of_the_rejected_counter() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    [row] = [line for line in readme.splitlines() if line.startswith("| `mcp_sessions_rejected_total{reason}`")]
+    missing = [reason for _, reason in REJECTED if f"`{reason}`" not in row]
+    assert not missing, f"the README's Prometheus table lacks the reason labels {missing}"
+
+
 def test_the_exporter_serves_metrics_on_loopback_until_stopped() -> None:
     manager = SessionManager()
     manager.config_reloaded(ok=True)
