@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import io
 import logging
 import os
 import signal
@@ -308,16 +309,48 @@ def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
     return os.fdopen(private, "rb", closefd=False), restore
 
 
-async def serve_stdio(app: App, reloader: ConfigReloader | None = None) -> None:
+def divert_stdout() -> BinaryIO:
+    """Reserve stdout for protocol messages until the process exits; returns the wire to write them to.
+
+    The wire is a private duplicate of fd 1; fd 1 itself (and so `sys.stdout`, `print`, child
+    processes) points at stderr from now on. The CLI calls this before any tool module is
+    imported: a module that prints while imported or set up must not corrupt the stdio stream
+    or the JSON of `--check-config`, and the SDK's own diversion starts only once serving
+    begins. fd 1 is never given back: whatever a stray thread or an exit handler prints after
+    the last response still misses the wire. If fd 1 cannot be duplicated, the wire is stdout
+    itself (nothing diverted), as the SDK does.
+    """
+    if sys.stdout is not None:
+        sys.stdout.flush()  # anything written before the diversion belongs to where it was written
+    try:
+        if sys.platform == "win32":  # pragma: no cover
+            private = os.dup(1)
+        else:
+            import fcntl
+
+            private = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        return sys.stdout.buffer
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        pass  # fd 1 still carries the wire; stray output may reach it, as without the diversion
+    # closefd=False: the descriptor stays open (and the client's stdout with it) until the process exits.
+    return os.fdopen(private, "wb", closefd=False)
+
+
+async def serve_stdio(app: App, reloader: ConfigReloader | None = None, wire: BinaryIO | None = None) -> None:
     """Serve over stdio until shutdown; stdin EOF starts the graceful shutdown.
 
     The SDK's stdio streams are relayed so that EOF is held back until the drain has finished
     and every response has been written, and so that the process exits only then. stdin is
     read by `_StdinLines`, so that a shutdown never waits for the client's next line.
+    Responses go to `wire` if given (from `divert_stdout`); otherwise the SDK diverts fd 1
+    while serving and gives it back after.
     """
     exit_ = _Exit(app.sessions)
     try:
-        await _serve_stdio(app, exit_, reloader)
+        await _serve_stdio(app, exit_, reloader, wire)
     except* (BrokenPipeError, ConnectionResetError):
         # The client died: its stdin closing ran the shutdown; the answers to its last calls
         # (cancelled at the deadline, say) have nowhere to go. Not a crash of the server.
@@ -325,7 +358,7 @@ async def serve_stdio(app: App, reloader: ConfigReloader | None = None) -> None:
     _report_exit(app, exit_)
 
 
-async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None) -> None:
+async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None, wire: BinaryIO | None) -> None:
     outstanding = _Outstanding()  # requests read, not answered yet
     unadmitted = _Outstanding()  # tools/call requests read that have not reached the session layer yet
     if isinstance(app.sessions, _StandaloneSessions):
@@ -339,8 +372,9 @@ async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None) 
     async def run_server() -> None:
         await lowlevel.run(in_recv, out_send, lowlevel.create_initialization_options())
 
-    # stdout is the SDK's: while serving, fd 1 points at stderr, so stray prints miss the wire.
-    async with stdio_server(stdin=cast("anyio.AsyncFile[str]", lines)) as (stdin, stdout):
+    # Without a wire, stdout is the SDK's: while serving, fd 1 points at stderr, so stray prints miss the wire.
+    out = anyio.wrap_file(io.TextIOWrapper(wire, encoding="utf-8")) if wire is not None else None
+    async with stdio_server(stdin=cast("anyio.AsyncFile[str]", lines), stdout=out) as (stdin, stdout):
 
         async def relay_in() -> None:
             async for item in stdin:
@@ -507,10 +541,11 @@ def _report_exit(app: App, exit_: _Exit) -> None:
         _force_exit(0)
 
 
-def serve(app: App, reloader: ConfigReloader | None = None) -> None:
+def serve(app: App, reloader: ConfigReloader | None = None, wire: BinaryIO | None = None) -> None:
     """Run the app on its configured transport until it shuts down; `reloader` (if given)
-    re-reads the config on SIGHUP. With `metrics.prometheus_port`, a loopback-only exporter
-    serves /metrics on that port too."""
+    re-reads the config on SIGHUP; on stdio, `wire` (if given) is where responses go (see
+    `divert_stdout`). With `metrics.prometheus_port`, a loopback-only exporter serves /metrics
+    on that port too."""
     registry = build_registry(app.sessions.manager)
     exporter = (
         Exporter(registry, app.settings.metrics.prometheus_port) if app.settings.metrics.prometheus_port else None
@@ -519,7 +554,7 @@ def serve(app: App, reloader: ConfigReloader | None = None) -> None:
         exporter.start()
     try:
         if app.settings.server.transport == "stdio":
-            anyio.run(serve_stdio, app, reloader)
+            anyio.run(serve_stdio, app, reloader, wire)
         else:
             anyio.run(serve_http, app, registry, reloader)
     finally:
