@@ -522,13 +522,25 @@ def transport_security(settings: ServerSettings) -> TransportSecuritySettings | 
 
     On loopback with no list the SDK's own settings apply (Host must be 127.0.0.1, localhost or
     [::1]); off loopback the config requires a list, and only those hosts (and loopback) pass.
+    A `name:*` pattern also admits the bare `name`: behind a proxy on port 80 or 443 clients send
+    no port, and the SDK matches `name:*` only against `name:PORT`.
     """
     if not settings.allowed_hosts:
         return None
     loopback = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
-    hosts = [*loopback, *settings.allowed_hosts]
+    hosts = _with_bare_names([*loopback, *settings.allowed_hosts])
     origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def _with_bare_names(patterns: list[str]) -> list[str]:
+    """The patterns, each `name:*` followed by the bare `name` (the SDK compares that one exactly)."""
+    out: list[str] = []
+    for pattern in patterns:
+        out.append(pattern)
+        if pattern.endswith(":*") and pattern[:-2] not in patterns:
+            out.append(pattern[:-2])
+    return out
 
 
 def _report_exit(app: App, exit_: _Exit) -> None:

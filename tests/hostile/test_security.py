@@ -98,6 +98,33 @@ async def test_allowed_hosts_extends_the_hosts_accepted_and_nothing_else(tmp_pat
     assert own.status_code == 200, own.text
 
 
+async def test_a_host_pattern_with_any_port_also_admits_the_bare_host_name(tmp_path: Path) -> None:
+    # Behind a proxy on port 80/443 clients send no port: "name:*" must admit "Host: name" too.
+    config = server_config()
+    config["server"] = {**config["server"], "allowed_hosts": ["mcp.internal.test:*", "10.0.0.5:8765"]}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        url = server.url or ""
+
+        bare = await post_initialize(url, host="mcp.internal.test")
+        bare_origins = [
+            await post_initialize(url, host="mcp.internal.test", origin=f"{scheme}://mcp.internal.test")
+            for scheme in ("http", "https")
+        ]
+        with_port = await post_initialize(url, host="mcp.internal.test:443", origin="https://mcp.internal.test:443")
+        # An exact host:port entry stays exact, and a name that only starts like an allowed one is not it.
+        refused = [
+            await post_initialize(url, host=host)
+            for host in ("10.0.0.5", "10.0.0.5:8766", "mcp.internal.test.evil.example", "evil-mcp.internal.test")
+        ]
+        refused_origin = await post_initialize(url, host="mcp.internal.test", origin="http://mcp.internal.test.evil")
+
+    assert bare.status_code == 200, bare.text
+    assert [r.status_code for r in bare_origins] == [200, 200], [r.text for r in bare_origins]
+    assert with_port.status_code == 200, with_port.text
+    assert [(r.status_code, r.text) for r in refused] == [(421, "Invalid Host header")] * 4
+    assert (refused_origin.status_code, refused_origin.text) == (403, "Invalid Origin header")
+
+
 def test_binding_off_loopback_without_allowed_hosts_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, '[server]\ntransport = "streamable-http"\nhost = "0.0.0.0"\n')
 
