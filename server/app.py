@@ -35,7 +35,7 @@ from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest,
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from server.config import ConfigError, ServerSettings, Settings
+from server.config import ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension, ToolCallHandler
 from server.metrics import ShutdownReport
@@ -482,8 +482,9 @@ async def serve_http(
     """Serve over streamable HTTP at http://HOST:PORT/mcp (and /healthz, /readyz, /metrics) until shutdown."""
     settings = app.settings.server
     exit_ = _Exit(app.sessions)
-    add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager))
-    starlette_app = app.server.streamable_http_app(host=settings.host, transport_security=transport_security(settings))
+    security = transport_security(settings)  # one check for /mcp and the operational endpoints
+    add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager), security)
+    starlette_app = app.server.streamable_http_app(host=settings.host, transport_security=security)
     config = uvicorn.Config(
         starlette_app,
         host=settings.host,
@@ -520,12 +521,15 @@ async def serve_http(
 def transport_security(settings: ServerSettings) -> TransportSecuritySettings | None:
     """DNS-rebinding protection: the SDK's loopback defaults, plus `server.allowed_hosts`.
 
-    On loopback with no list the SDK's own settings apply (Host must be 127.0.0.1, localhost or
-    [::1]); off loopback the config requires a list, and only those hosts (and loopback) pass.
+    On loopback with no list, as the SDK's own defaults, Host must be 127.0.0.1, localhost or
+    [::1]; off loopback the config requires a list, and only those hosts (and loopback) pass.
     A `name:*` pattern also admits the bare `name`: behind a proxy on port 80 or 443 clients send
-    no port, and the SDK matches `name:*` only against `name:PORT`.
+    no port, and the SDK matches `name:*` only against `name:PORT`. The settings are spelled out
+    even where the SDK has the same defaults, because the operational endpoints (outside the
+    SDK's transport) must get the same check. `None` (no check, as in the SDK) only off loopback
+    with no list, which the config refuses over HTTP.
     """
-    if not settings.allowed_hosts:
+    if not settings.allowed_hosts and not is_loopback(settings.host):
         return None
     loopback = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
     hosts = _with_bare_names([*loopback, *settings.allowed_hosts])
