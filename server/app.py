@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import io
 import logging
 import os
 import signal
@@ -34,7 +35,7 @@ from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest,
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from server.config import ConfigError, ServerSettings, Settings
+from server.config import ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension, ToolCallHandler
 from server.metrics import ShutdownReport
@@ -308,16 +309,48 @@ def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
     return os.fdopen(private, "rb", closefd=False), restore
 
 
-async def serve_stdio(app: App, reloader: ConfigReloader | None = None) -> None:
+def divert_stdout() -> BinaryIO:
+    """Reserve stdout for protocol messages until the process exits; returns the wire to write them to.
+
+    The wire is a private duplicate of fd 1; fd 1 itself (and so `sys.stdout`, `print`, child
+    processes) points at stderr from now on. The CLI calls this before any tool module is
+    imported: a module that prints while imported or set up must not corrupt the stdio stream
+    or the JSON of `--check-config`, and the SDK's own diversion starts only once serving
+    begins. fd 1 is never given back: whatever a stray thread or an exit handler prints after
+    the last response still misses the wire. If fd 1 cannot be duplicated, the wire is stdout
+    itself (nothing diverted), as the SDK does.
+    """
+    if sys.stdout is not None:
+        sys.stdout.flush()  # anything written before the diversion belongs to where it was written
+    try:
+        if sys.platform == "win32":  # pragma: no cover
+            private = os.dup(1)
+        else:
+            import fcntl
+
+            private = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        return sys.stdout.buffer
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        pass  # fd 1 still carries the wire; stray output may reach it, as without the diversion
+    # closefd=False: the descriptor stays open (and the client's stdout with it) until the process exits.
+    return os.fdopen(private, "wb", closefd=False)
+
+
+async def serve_stdio(app: App, reloader: ConfigReloader | None = None, wire: BinaryIO | None = None) -> None:
     """Serve over stdio until shutdown; stdin EOF starts the graceful shutdown.
 
     The SDK's stdio streams are relayed so that EOF is held back until the drain has finished
     and every response has been written, and so that the process exits only then. stdin is
     read by `_StdinLines`, so that a shutdown never waits for the client's next line.
+    Responses go to `wire` if given (from `divert_stdout`); otherwise the SDK diverts fd 1
+    while serving and gives it back after.
     """
     exit_ = _Exit(app.sessions)
     try:
-        await _serve_stdio(app, exit_, reloader)
+        await _serve_stdio(app, exit_, reloader, wire)
     except* (BrokenPipeError, ConnectionResetError):
         # The client died: its stdin closing ran the shutdown; the answers to its last calls
         # (cancelled at the deadline, say) have nowhere to go. Not a crash of the server.
@@ -325,7 +358,7 @@ async def serve_stdio(app: App, reloader: ConfigReloader | None = None) -> None:
     _report_exit(app, exit_)
 
 
-async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None) -> None:
+async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None, wire: BinaryIO | None) -> None:
     outstanding = _Outstanding()  # requests read, not answered yet
     unadmitted = _Outstanding()  # tools/call requests read that have not reached the session layer yet
     if isinstance(app.sessions, _StandaloneSessions):
@@ -339,8 +372,9 @@ async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None) 
     async def run_server() -> None:
         await lowlevel.run(in_recv, out_send, lowlevel.create_initialization_options())
 
-    # stdout is the SDK's: while serving, fd 1 points at stderr, so stray prints miss the wire.
-    async with stdio_server(stdin=cast("anyio.AsyncFile[str]", lines)) as (stdin, stdout):
+    # Without a wire, stdout is the SDK's: while serving, fd 1 points at stderr, so stray prints miss the wire.
+    out = anyio.wrap_file(io.TextIOWrapper(wire, encoding="utf-8")) if wire is not None else None
+    async with stdio_server(stdin=cast("anyio.AsyncFile[str]", lines), stdout=out) as (stdin, stdout):
 
         async def relay_in() -> None:
             async for item in stdin:
@@ -448,8 +482,9 @@ async def serve_http(
     """Serve over streamable HTTP at http://HOST:PORT/mcp (and /healthz, /readyz, /metrics) until shutdown."""
     settings = app.settings.server
     exit_ = _Exit(app.sessions)
-    add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager))
-    starlette_app = app.server.streamable_http_app(host=settings.host, transport_security=transport_security(settings))
+    security = transport_security(settings)  # one check for /mcp and the operational endpoints
+    add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager), security)
+    starlette_app = app.server.streamable_http_app(host=settings.host, transport_security=security)
     config = uvicorn.Config(
         starlette_app,
         host=settings.host,
@@ -486,15 +521,30 @@ async def serve_http(
 def transport_security(settings: ServerSettings) -> TransportSecuritySettings | None:
     """DNS-rebinding protection: the SDK's loopback defaults, plus `server.allowed_hosts`.
 
-    On loopback with no list the SDK's own settings apply (Host must be 127.0.0.1, localhost or
-    [::1]); off loopback the config requires a list, and only those hosts (and loopback) pass.
+    On loopback with no list, as the SDK's own defaults, Host must be 127.0.0.1, localhost or
+    [::1]; off loopback the config requires a list, and only those hosts (and loopback) pass.
+    A `name:*` pattern also admits the bare `name`: behind a proxy on port 80 or 443 clients send
+    no port, and the SDK matches `name:*` only against `name:PORT`. The settings are spelled out
+    even where the SDK has the same defaults, because the operational endpoints (outside the
+    SDK's transport) must get the same check. `None` (no check, as in the SDK) only off loopback
+    with no list, which the config refuses over HTTP.
     """
-    if not settings.allowed_hosts:
+    if not settings.allowed_hosts and not is_loopback(settings.host):
         return None
     loopback = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
-    hosts = [*loopback, *settings.allowed_hosts]
+    hosts = _with_bare_names([*loopback, *settings.allowed_hosts])
     origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def _with_bare_names(patterns: list[str]) -> list[str]:
+    """The patterns, each `name:*` followed by the bare `name` (the SDK compares that one exactly)."""
+    out: list[str] = []
+    for pattern in patterns:
+        out.append(pattern)
+        if pattern.endswith(":*") and pattern[:-2] not in patterns:
+            out.append(pattern[:-2])
+    return out
 
 
 def _report_exit(app: App, exit_: _Exit) -> None:
@@ -507,10 +557,11 @@ def _report_exit(app: App, exit_: _Exit) -> None:
         _force_exit(0)
 
 
-def serve(app: App, reloader: ConfigReloader | None = None) -> None:
+def serve(app: App, reloader: ConfigReloader | None = None, wire: BinaryIO | None = None) -> None:
     """Run the app on its configured transport until it shuts down; `reloader` (if given)
-    re-reads the config on SIGHUP. With `metrics.prometheus_port`, a loopback-only exporter
-    serves /metrics on that port too."""
+    re-reads the config on SIGHUP; on stdio, `wire` (if given) is where responses go (see
+    `divert_stdout`). With `metrics.prometheus_port`, a loopback-only exporter serves /metrics
+    on that port too."""
     registry = build_registry(app.sessions.manager)
     exporter = (
         Exporter(registry, app.settings.metrics.prometheus_port) if app.settings.metrics.prometheus_port else None
@@ -519,7 +570,7 @@ def serve(app: App, reloader: ConfigReloader | None = None) -> None:
         exporter.start()
     try:
         if app.settings.server.transport == "stdio":
-            anyio.run(serve_stdio, app, reloader)
+            anyio.run(serve_stdio, app, reloader, wire)
         else:
             anyio.run(serve_http, app, registry, reloader)
     finally:

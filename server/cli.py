@@ -2,7 +2,8 @@
 
 Tier: application entry. Exit status 0 after a clean (graceful) stop, 2 for a bad
 configuration (nothing is started). Logs go to stderr; on stdio, stdout carries only protocol
-messages.
+messages, and with `--check-config` only the settings JSON: fd 1 is diverted to stderr before
+the tool modules are imported.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
-from server.app import build_app, check_tool_overrides, load_tool_modules, serve
+from server.app import build_app, check_tool_overrides, divert_stdout, load_tool_modules, serve
 from server.config import ConfigError, config_problems, load_settings, safe_url
 from server.logs import configure_logging
 
@@ -49,8 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.setdefault("server", {})[flag] = value
+    wire: BinaryIO | None = None
     try:
         settings = load_settings(args.config, overrides)
+        if args.check_config or settings.server.transport == "stdio":
+            # Before any tool module is imported: what it prints must not reach the protocol
+            # stream (stdio) or the settings JSON (--check-config).
+            wire = divert_stdout()
         if args.check_config:
             check_tool_overrides(settings, load_tool_modules(settings.server.tool_modules))
         else:
@@ -62,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         effective = settings.model_dump(mode="json")
         effective["store"]["url"] = safe_url(settings.store.url)  # never print a password
-        sys.stdout.write(json.dumps(effective, indent=2) + "\n")
+        assert wire is not None
+        wire.write((json.dumps(effective, indent=2) + "\n").encode())
+        wire.flush()
         sys.stderr.write("mcp-session-manager: configuration is valid\n")
         return 0
     if settings.store.backend == "redis":
@@ -73,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"mcp-session-manager: {unreachable}\n")
             return EXIT_CONFIG
     configure_logging(settings.logging)
-    serve(app, app.reloader(args.config, overrides))
+    serve(app, app.reloader(args.config, overrides), wire)
     return 0
 
 

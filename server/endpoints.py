@@ -10,18 +10,25 @@ streamable HTTP port (and the uvicorn server) with `/mcp` and need no MCP sessio
 - `GET /metrics`: the Prometheus exposition of `server.prometheus` (text format, or OpenMetrics
   if the scraper asks for it).
 
+They get the same DNS-rebinding check as `/mcp` (the SDK's own, with the same settings): a
+request naming another host is refused with 421, one from another origin with 403, so a page
+that rebinds its name to the server's address cannot read them either.
+
 Example:
     ```python
-    add_operational_routes(server, sessions, build_registry(sessions.manager))
-    app = server.streamable_http_app()
+    security = transport_security(settings.server)
+    add_operational_routes(server, sessions, build_registry(sessions.manager), security)
+    app = server.streamable_http_app(transport_security=security)
     ```
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -29,9 +36,27 @@ from starlette.responses import PlainTextResponse, Response
 from server.extension import SessionsExtension
 from server.prometheus import render
 
+Endpoint = Callable[[Request], Awaitable[Response]]
 
-def add_operational_routes(server: MCPServer[Any], sessions: SessionsExtension, registry: CollectorRegistry) -> None:
-    """Register `/healthz`, `/readyz` and `/metrics` on `server`'s HTTP app (call before building it)."""
+
+def add_operational_routes(
+    server: MCPServer[Any],
+    sessions: SessionsExtension,
+    registry: CollectorRegistry,
+    security: TransportSecuritySettings | None = None,
+) -> None:
+    """Register `/healthz`, `/readyz` and `/metrics` on `server`'s HTTP app (call before building it).
+
+    `security` must be what `/mcp` gets (`None`: no Host/Origin check, as the SDK does then).
+    """
+    guard = TransportSecurityMiddleware(security)
+
+    def checked(handler: Endpoint) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            refused = await guard.validate_request(request)
+            return refused if refused is not None else await handler(request)
+
+        return endpoint
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -46,6 +71,6 @@ def add_operational_routes(server: MCPServer[Any], sessions: SessionsExtension, 
         body, content_type = render(registry, request.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
 
-    server.custom_route("/healthz", methods=["GET"], include_in_schema=False)(healthz)
-    server.custom_route("/readyz", methods=["GET"], include_in_schema=False)(readyz)
-    server.custom_route("/metrics", methods=["GET"], include_in_schema=False)(metrics)
+    server.custom_route("/healthz", methods=["GET"], include_in_schema=False)(checked(healthz))
+    server.custom_route("/readyz", methods=["GET"], include_in_schema=False)(checked(readyz))
+    server.custom_route("/metrics", methods=["GET"], include_in_schema=False)(checked(metrics))

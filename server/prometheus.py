@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -34,6 +35,9 @@ from prometheus_client.registry import Collector
 
 from server.metrics import MetricsSnapshot
 from server.sessions import SessionManager
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +215,12 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
 
 
 class Exporter:
-    """A loopback-only HTTP exporter for `/metrics` (for transports with no HTTP port of their own)."""
+    """A loopback-only HTTP exporter for `/metrics` (for transports with no HTTP port of their own).
+
+    Like `/mcp` on loopback, it answers only requests whose Host (and any Origin) names a loopback
+    address (421 / 403 otherwise): a web page that rebinds its own name to 127.0.0.1 must not
+    read the metrics through the user's browser.
+    """
 
     HOST = "127.0.0.1"
 
@@ -224,7 +233,8 @@ class Exporter:
     def start(self) -> bool:
         """Start serving in a daemon thread; False (logged) if the port cannot be bound."""
         try:
-            self._server, self._thread = start_http_server(self.port, addr=self.HOST, registry=self.registry)
+            app = _loopback_only(make_wsgi_app(self.registry))
+            self._server = make_server(self.HOST, self.port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
         except OSError as exc:
             logger.error(
                 "Could not serve Prometheus metrics on %s port %s: %s; serving MCP without them",
@@ -233,6 +243,8 @@ class Exporter:
                 exc.strerror or exc,
             )
             return False
+        self._thread = threading.Thread(target=self._server.serve_forever, name="prometheus-exporter", daemon=True)
+        self._thread.start()
         logger.info("Serving Prometheus metrics at http://%s:%s/metrics", self.HOST, self.port)
         return True
 
@@ -241,3 +253,36 @@ class Exporter:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+#: Host names of the loopback interface, as a Host or Origin header spells them.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _names_loopback(value: str) -> bool:
+    """Whether a Host value (`name` or `name:port`) names the loopback interface."""
+    return any(value == name or value.startswith(name + ":") for name in LOOPBACK_NAMES)
+
+
+def _loopback_only(app: WSGIApplication) -> WSGIApplication:
+    """`app`, answering 421 to a Host and 403 to an Origin that is not loopback (as the SDK does for `/mcp`)."""
+
+    def checked(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        host, origin = environ.get("HTTP_HOST", ""), environ.get("HTTP_ORIGIN")
+        if not _names_loopback(host):
+            status, body = "421 Misdirected Request", b"Invalid Host header"
+        elif origin and not _names_loopback(origin.removeprefix("http://").removeprefix("https://")):
+            status, body = "403 Forbidden", b"Invalid Origin header"
+        else:
+            return app(environ, start_response)
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return checked
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape (as `prometheus_client`'s own exporter)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

@@ -32,6 +32,7 @@ from tests.e2e.conftest import (
     server_env,
     start_server,
 )
+from tests.e2e_cli.test_cli import NOISY_IMPORT_FD, NOISY_IMPORT_PRINT, NOISY_MODULE, NOISY_SETUP_PRINT
 from tests.fixtures.e2e_tools import NOISE_FROM_FD, NOISE_FROM_PRINT
 from tests.helpers import code_of, error_of, text_of
 
@@ -367,6 +368,25 @@ async def test_stdout_carries_only_json_rpc_messages_even_when_a_tool_prints(tmp
     # `print` buffered was flushed there before the server gave fd 1 back.
     assert server.stderr.count(NOISE_FROM_FD) == 2
     assert server.stderr.count(NOISE_FROM_PRINT) == 2
+
+
+async def test_stdout_carries_only_json_rpc_messages_when_a_tool_module_prints_at_import_and_setup(
+    tmp_path: Path,
+) -> None:
+    config = server_config()
+    config["server"] = {"tool_modules": [*config["server"]["tool_modules"], NOISY_MODULE]}
+    async with start_server(tmp_path, config) as server:
+        initialized = await server.initialize()
+        assert text_of(await server.call("whisper", {"text": "QUIET"})) == "quiet"
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    # stdout, up to EOF, is exactly the two responses, one JSON-RPC message per line...
+    assert server.stray_stdout == []
+    first, second = (json.loads(line) for line in server.stdout_lines)
+    assert first == initialized and second["id"] == initialized["id"] + 1
+    # ...and what the module wrote while imported and set up (before serving began) went to stderr.
+    for noise in (NOISY_IMPORT_PRINT, NOISY_IMPORT_FD, NOISY_SETUP_PRINT):
+        assert server.stderr.count(noise) == 1, noise
 
 
 async def test_a_second_signal_forces_an_immediate_exit_with_status_1(tmp_path: Path) -> None:

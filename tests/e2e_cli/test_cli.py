@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "mcp-session-manager"
 HEADER = "mcp-session-manager: invalid configuration:"
 FIXTURES = "tests.fixtures_config"
+#: A tool module that writes to stdout (print and fd 1) at import and in `setup`; not imported
+#: here, where its output would go to the test's own stdout.
+NOISY_MODULE = f"{FIXTURES}.noisy_at_import"
+NOISY_IMPORT_PRINT = "noisy_at_import: print while importing"
+NOISY_IMPORT_FD = "noisy_at_import: fd 1 while importing"
+NOISY_SETUP_PRINT = "noisy_at_import: print in setup"
 
 
 def run(
@@ -130,6 +136,19 @@ def test_check_config_imports_a_good_tool_module() -> None:
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["server"]["tool_modules"] == [f"{FIXTURES}.good_tools"]
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["python-m-server", "console-script"])
+def test_check_config_stdout_is_the_settings_json_alone_when_a_tool_module_prints(script: bool) -> None:
+    env = {"MCP_SESSIONS_SERVER__TOOL_MODULES": f'["{NOISY_MODULE}"]'}
+
+    result = run("--check-config", script=script, env=env)
+
+    assert result.returncode == 0, result.stderr
+    expected = load_settings(overrides={"server": {"tool_modules": [NOISY_MODULE]}}).model_dump(mode="json")
+    assert result.stdout == json.dumps(expected, indent=2) + "\n"
+    # What the module wrote while imported went to stderr (setup hooks do not run for a check).
+    assert NOISY_IMPORT_PRINT in result.stderr and NOISY_IMPORT_FD in result.stderr
 
 
 # -- refused configurations: status 2, the problem on stderr, nothing started -------------

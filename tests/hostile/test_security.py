@@ -12,7 +12,7 @@ import anyio
 import httpx2
 import pytest
 
-from tests.e2e.conftest import PROTOCOL_VERSION, ServerProcess, metrics, server_config, start_server
+from tests.e2e.conftest import PROTOCOL_VERSION, ServerProcess, free_port, metrics, server_config, start_server
 from tests.e2e_cli.test_cli import assert_refused, problems, run, write
 from tests.helpers import code_of, text_of
 
@@ -96,6 +96,109 @@ async def test_allowed_hosts_extends_the_hosts_accepted_and_nothing_else(tmp_pat
     assert listed.status_code == 200, listed.text
     assert foreign.status_code in (400, 403, 421), foreign.text
     assert own.status_code == 200, own.text
+
+
+async def test_a_host_pattern_with_any_port_also_admits_the_bare_host_name(tmp_path: Path) -> None:
+    # Behind a proxy on port 80/443 clients send no port: "name:*" must admit "Host: name" too.
+    config = server_config()
+    config["server"] = {**config["server"], "allowed_hosts": ["mcp.internal.test:*", "10.0.0.5:8765"]}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        url = server.url or ""
+
+        bare = await post_initialize(url, host="mcp.internal.test")
+        bare_origins = [
+            await post_initialize(url, host="mcp.internal.test", origin=f"{scheme}://mcp.internal.test")
+            for scheme in ("http", "https")
+        ]
+        with_port = await post_initialize(url, host="mcp.internal.test:443", origin="https://mcp.internal.test:443")
+        # An exact host:port entry stays exact, and a name that only starts like an allowed one is not it.
+        refused = [
+            await post_initialize(url, host=host)
+            for host in ("10.0.0.5", "10.0.0.5:8766", "mcp.internal.test.evil.example", "evil-mcp.internal.test")
+        ]
+        refused_origin = await post_initialize(url, host="mcp.internal.test", origin="http://mcp.internal.test.evil")
+
+    assert bare.status_code == 200, bare.text
+    assert [r.status_code for r in bare_origins] == [200, 200], [r.text for r in bare_origins]
+    assert with_port.status_code == 200, with_port.text
+    assert [(r.status_code, r.text) for r in refused] == [(421, "Invalid Host header")] * 4
+    assert (refused_origin.status_code, refused_origin.text) == (403, "Invalid Origin header")
+
+
+OPERATIONAL = ("/healthz", "/readyz", "/metrics")
+
+
+async def get(url: str, host: str | None = None, origin: str | None = None) -> httpx2.Response:
+    headers = {name: value for name, value in (("Host", host), ("Origin", origin)) if value is not None}
+    with anyio.fail_after(15):
+        async with httpx2.AsyncClient() as http:
+            return await http.get(url, headers=headers)
+
+
+async def test_the_operational_endpoints_refuse_a_foreign_host_or_origin_as_mcp_does(tmp_path: Path) -> None:
+    # A page that rebinds its name to 127.0.0.1 must not read /metrics (or anything else) either.
+    async with start_server(tmp_path, server_config(), transport="streamable-http") as server:
+        url, port = server.url or "", port_of(server)
+        base = url.removesuffix("/mcp")
+        mcp_host = await post_initialize(url, host=f"evil.example:{port}")
+        mcp_origin = await post_initialize(url, origin="http://evil.example")
+        answers = {
+            path: (
+                await get(base + path, host=f"evil.example:{port}", origin="http://evil.example"),
+                await get(base + path, origin="http://evil.example"),
+                await get(base + path, host=f"localhost:{port}", origin=f"http://localhost:{port}"),
+                await get(base + path),
+            )
+            for path in OPERATIONAL
+        }
+
+    assert (mcp_host.status_code, mcp_host.text) == (421, "Invalid Host header")
+    assert (mcp_origin.status_code, mcp_origin.text) == (403, "Invalid Origin header")
+    for path, (foreign_host, foreign_origin, named, own) in answers.items():
+        assert (foreign_host.status_code, foreign_host.text) == (421, "Invalid Host header"), path
+        assert (foreign_origin.status_code, foreign_origin.text) == (403, "Invalid Origin header"), path
+        assert named.status_code == 200 and own.status_code == 200, (path, named.text, own.text)
+    assert "mcp_sessions_created_total" in answers["/metrics"][3].text
+
+
+async def test_the_operational_endpoints_admit_the_allowed_hosts(tmp_path: Path) -> None:
+    config = server_config()
+    config["server"] = {**config["server"], "allowed_hosts": ["mcp.internal.test:*"]}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        base = (server.url or "").removesuffix("/mcp")
+        answers = {
+            path: [
+                await get(base + path, host=host, origin=origin)
+                for host, origin in (
+                    ("mcp.internal.test", "https://mcp.internal.test"),
+                    (f"mcp.internal.test:{port_of(server)}", None),
+                    ("evil.example", None),
+                )
+            ]
+            for path in OPERATIONAL
+        }
+
+    for path, (bare, with_port, foreign) in answers.items():
+        assert (bare.status_code, with_port.status_code) == (200, 200), (path, bare.text, with_port.text)
+        assert (foreign.status_code, foreign.text) == (421, "Invalid Host header"), path
+
+
+async def test_the_stdio_servers_prometheus_exporter_refuses_a_foreign_host_or_origin(tmp_path: Path) -> None:
+    port = free_port()
+    config = {**server_config(), "metrics": {"prometheus_port": port}}
+    async with start_server(tmp_path, config) as server:
+        await server.wait_stderr(f"Serving Prometheus metrics at http://127.0.0.1:{port}/metrics")
+        url = f"http://127.0.0.1:{port}/metrics"
+        foreign_host = await get(url, host=f"evil.example:{port}")
+        foreign_origin = await get(url, origin="http://evil.example")
+        lookalike = await get(url, host=f"localhost.evil.example:{port}")
+        own = [await get(url), await get(url, host="localhost", origin=f"http://localhost:{port}")]
+
+    assert (foreign_host.status_code, foreign_host.text) == (421, "Invalid Host header")
+    assert (lookalike.status_code, lookalike.text) == (421, "Invalid Host header")
+    assert (foreign_origin.status_code, foreign_origin.text) == (403, "Invalid Origin header")
+    assert [r.status_code for r in own] == [200, 200]
+    assert "mcp_sessions_created_total" in own[0].text
 
 
 def test_binding_off_loopback_without_allowed_hosts_is_refused(tmp_path: Path) -> None:
