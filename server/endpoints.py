@@ -12,7 +12,11 @@ streamable HTTP port (and the uvicorn server) with `/mcp` and need no MCP sessio
 
 They get the same DNS-rebinding check as `/mcp` (the SDK's own, with the same settings): a
 request naming another host is refused with 421, one from another origin with 403, so a page
-that rebinds its name to the server's address cannot read them either.
+that rebinds its name to the server's address cannot read them either. One difference: a `Host`
+that is an IP address (with or without a port) is accepted here when the request carries no
+`Origin`. A rebinding page always sends the name it controls, never an address, and probes
+and scrapers address a replica by its IP (the kubelet, Prometheus' service discovery), which
+no list of names could hold.
 
 Example:
     ```python
@@ -24,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +42,24 @@ from server.extension import SessionsExtension
 from server.prometheus import render
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def is_ip_address(host: str) -> bool:
+    """Whether a `Host` header value names an IP address (`10.0.0.12`, `10.0.0.12:8765`,
+    `[fd00::1]:8765`) rather than a host name."""
+    if host.startswith("["):
+        address, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return False
+    else:
+        address, _, port = host.partition(":")
+        if port and not port.isdigit():
+            return False
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def add_operational_routes(
@@ -53,6 +76,9 @@ def add_operational_routes(
 
     def checked(handler: Endpoint) -> Endpoint:
         async def endpoint(request: Request) -> Response:
+            headers = request.headers
+            if "origin" not in headers and is_ip_address(headers.get("host", "")):
+                return await handler(request)
             refused = await guard.validate_request(request)
             return refused if refused is not None else await handler(request)
 

@@ -12,6 +12,7 @@ import anyio
 import httpx2
 import pytest
 
+from server.endpoints import is_ip_address
 from tests.e2e.conftest import PROTOCOL_VERSION, ServerProcess, free_port, metrics, server_config, start_server
 from tests.e2e_cli.test_cli import assert_refused, problems, run, write
 from tests.helpers import code_of, text_of
@@ -173,14 +174,43 @@ async def test_the_operational_endpoints_admit_the_allowed_hosts(tmp_path: Path)
                     ("mcp.internal.test", "https://mcp.internal.test"),
                     (f"mcp.internal.test:{port_of(server)}", None),
                     ("evil.example", None),
+                    # A probe or scraper addressing the replica by its IP (not a name a page
+                    # could rebind): admitted, unless it comes with a foreign Origin.
+                    (f"10.0.0.12:{port_of(server)}", None),
+                    ("[fd00::12]:8765", None),
+                    ("10.0.0.12", "http://evil.example"),
                 )
             ]
             for path in OPERATIONAL
         }
+        mcp_by_ip = await post_initialize(server.url or "", host=f"10.0.0.12:{port_of(server)}")
 
-    for path, (bare, with_port, foreign) in answers.items():
+    for path, (bare, with_port, foreign, by_ip, by_ipv6, by_ip_foreign_origin) in answers.items():
         assert (bare.status_code, with_port.status_code) == (200, 200), (path, bare.text, with_port.text)
         assert (foreign.status_code, foreign.text) == (421, "Invalid Host header"), path
+        assert (by_ip.status_code, by_ipv6.status_code) == (200, 200), (path, by_ip.text, by_ipv6.text)
+        # With an Origin, the whole check applies again (the Host is checked first).
+        assert (by_ip_foreign_origin.status_code, by_ip_foreign_origin.text) == (421, "Invalid Host header"), path
+    assert mcp_by_ip.status_code == 421  # /mcp itself admits only the listed names
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("10.0.0.12", True),
+        ("10.0.0.12:8765", True),
+        ("[fd00::12]", True),
+        ("[fd00::12]:8765", True),
+        ("10.0.0.12:http", False),
+        ("fd00::12", False),  # a Host header brackets an IPv6 address
+        ("[fd00::12]x", False),
+        ("10.0.0.12.evil.example", False),
+        ("evil.example:8765", False),
+        ("", False),
+    ],
+)
+def test_what_counts_as_a_host_given_as_an_ip_address(host: str, expected: bool) -> None:
+    assert is_ip_address(host) is expected
 
 
 async def test_the_stdio_servers_prometheus_exporter_refuses_a_foreign_host_or_origin(tmp_path: Path) -> None:
