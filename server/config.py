@@ -5,15 +5,19 @@ is global. Sources, highest priority first: explicit overrides (the CLI flags), 
 environment (`MCP_SESSIONS_` prefix, `__` between nested keys), the TOML file, and the
 built-in defaults (which `config/default.toml` spells out).
 
-`load_settings` reports every problem at once, one per line, as
-`SOURCE: key.path: reason (got VALUE)`, where SOURCE is the file, the environment variable
-or the command-line option the value came from, for example:
+`load_settings` reports every problem of the settings at once (an unreadable file alone), one
+per line, as `SOURCE: key.path: reason (got VALUE)`, where SOURCE is the file, the environment
+variable or the command-line option the value came from, for example:
 
     bad.toml: limits.max_concurent_sessions: unknown key; did you mean 'max_concurrent_sessions'?
     bad.toml: server.port: must be between 1 and 65535 (got 70000)
 
 Values in the file must have the type the key needs (`port = "80"` and `true` for a number
-are errors); values from the environment are text and are parsed.
+are errors); values from the environment are text and are parsed. A password in any text given
+for `store.url` is never echoed (`safe_url`).
+
+The standalone server's own checks (tool modules, `[tools.NAME]` names) need valid settings, so
+they run after `load_settings`; `config_problems` names the source of their keys the same way.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from collections.abc import Mapping
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from annotated_types import Ge, Le
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -56,19 +60,46 @@ _TOOL_TIMEOUT_KEYS = ("timeout_seconds", "idle_timeout_seconds")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+Loc = tuple[str | int, ...]
+
 
 class ConfigError(Exception):
-    """The configuration is invalid; the message says where and why, one problem per line."""
+    """The configuration is invalid; the message says where and why, one problem per line.
 
-    def __init__(self, problems: list[str]) -> None:
+    `sourced` says each problem already starts with its SOURCE (as `load_settings` words them);
+    the later checks of the standalone server (tool modules, `[tools.NAME]` names) start theirs
+    with the key path, and `config_problems` puts the source in front.
+    """
+
+    def __init__(self, problems: list[str], *, sourced: bool = False) -> None:
         self.problems = problems
+        self.sourced = sourced
         super().__init__("\n".join(problems))
 
 
 def config_problems(error: ConfigError, path: str | os.PathLike[str] | None) -> list[str]:
-    """The problems of `error`, each naming its source: those from no file get `path` in front."""
-    source = f"{path}: " if path else ""
-    return [p if path and p.startswith(str(path)) else source + p for p in error.problems]
+    """The problems of `error`, each naming its source once, as `SOURCE: key.path: reason`.
+
+    A problem that starts with its key path (`tools.nosuchtool: ...`) gets the source of that
+    key in front: the environment variable that set it, else the file `path`. The file and the
+    environment are read again for this, which only happens on the way out with an error.
+    """
+    if error.sourced:
+        return list(error.problems)
+    try:
+        file_data = read_toml(path) if path is not None else {}
+    except ConfigError:
+        file_data = {}
+    sources = _Sources(Path(path) if path is not None else None, file_data, _read_env()[0], {})
+    named = []
+    for problem in error.problems:
+        key, sep, _ = problem.partition(": ")
+        loc: Loc = tuple(key.split(".")) if sep and key and not any(c.isspace() for c in key) else ()
+        if loc and sources.origin(loc) is not None:
+            named.append(f"{sources.describe(loc)}: {problem}")
+        else:
+            named.append(f"{path}: {problem}" if path is not None else problem)
+    return named
 
 
 class _Section(BaseModel):
@@ -80,6 +111,63 @@ def _list_to_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+#: The host of a Host header: a DNS name or IPv4 address, or an IPv6 address in brackets.
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+_HOST_EXAMPLE = "mcp.example.com:*"
+
+
+def _host_pattern_problem(value: str) -> str | None:
+    """Why `value` is no `host[:port]` pattern (as the SDK compares them with the Host header), or None.
+
+    The SDK takes an entry as the exact Host header value, or with `:*` as any port of that host,
+    so an entry with a scheme, a path or a name wildcard would silently never match.
+    """
+    if not value:
+        return f'must not be empty; give a host[:port], e.g. "{_HOST_EXAMPLE}"'
+    if any(c.isspace() for c in value):
+        return "must not contain spaces; give one host[:port] per entry"
+    if "://" in value or "/" in value:
+        bare = value.partition("://")[2] if "://" in value else value
+        bare = bare.partition("/")[0]
+        bare = bare if bare.endswith("]") or ":" in bare else f"{bare}:*"
+        example = bare if _host_pattern_problem(bare) is None else _HOST_EXAMPLE
+        if "://" in value:
+            return f'must be a Host header value without a scheme, e.g. "{example}"'
+        return f'must be host[:port] with no path, e.g. "{example}"'
+    if value.startswith("["):
+        host, _, rest = value.partition("]")
+        host += "]"
+        port: str | None = rest[1:] if rest.startswith(":") else None
+        if rest and port is None:
+            host = value  # text after the brackets that is no port: refused as a whole
+    else:
+        host, colon, after = value.rpartition(":")
+        host, port = (host, after) if colon else (value, None)
+    if not _HOST.fullmatch(host):
+        return (
+            "must be host[:port] where host is a name, an IPv4 address or an IPv6 address in brackets ([::1]); "
+            "only the port may be *"
+        )
+    if port is not None and port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return "the port must be a number from 1 to 65535, or * for any port"
+    return None
+
+
+def _host_pattern(value: str) -> str:
+    problem = _host_pattern_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+#: The error type of the off-loopback check; `load_settings` words it itself, on the merged values.
+_OPEN_HOST = "host_needs_allowed_hosts"
+_OPEN_HOST_REASON = (
+    "so server.allowed_hosts must list the Host header values clients will use, e.g. "
+    '["mcp.example.com:*", "10.0.0.5:8765"], so that requests for any other host (DNS rebinding) are refused'
+)
+
+
 class ServerSettings(_Section):
     name: str = Field(default="mcp-session-manager", min_length=1, description="Server name shown to clients.")
     transport: Literal["stdio", "streamable-http"] = Field(default="stdio", description="How clients connect.")
@@ -88,7 +176,9 @@ class ServerSettings(_Section):
     tool_modules: Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)] = Field(
         default=(), description="Importable modules whose `TOOLS` list of functions is hosted by the server."
     )
-    allowed_hosts: Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)] = Field(
+    allowed_hosts: Annotated[
+        tuple[Annotated[str, AfterValidator(_host_pattern)], ...], BeforeValidator(_list_to_tuple)
+    ] = Field(
         default=(),
         description="Host header values streamable HTTP accepts besides loopback (DNS-rebinding protection), "
         'e.g. ["mcp.example.com:*"]; required when host is not a loopback address.',
@@ -97,10 +187,10 @@ class ServerSettings(_Section):
     @model_validator(mode="after")
     def _hosts_named_off_loopback(self) -> ServerSettings:
         if self.transport == "streamable-http" and not is_loopback(self.host) and not self.allowed_hosts:
-            raise ValueError(
-                f"server.host {self.host!r} is not a loopback address: list the Host header values clients "
-                'will use in server.allowed_hosts, e.g. ["mcp.example.com:*", "10.0.0.5:8765"], so that '
-                "requests for any other host (DNS rebinding) are refused"
+            raise PydanticCustomError(
+                _OPEN_HOST,
+                "server.host {host} is not a loopback address, " + _OPEN_HOST_REASON,
+                {"host": repr(self.host)},
             )
         return self
 
@@ -206,18 +296,35 @@ class MetricsSettings(_Section):
 STORE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def safe_url(url: str) -> str:
-    """`url` with any password replaced by `***`, for messages, logs and printed settings."""
-    parts = urlsplit(url)
-    if parts.query:  # unix:///run/redis.sock?password=...
-        query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-        parts = parts._replace(query=urlencode(query, safe="*/"))
-    if "@" in parts.netloc:
-        userinfo, host = parts.netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
-    text = f"{parts.scheme}://{parts.netloc}{parts.path}"  # urlunsplit would drop unix:// to unix:
-    return f"{text}?{parts.query}" if parts.query else text
+    """`url` with any password replaced by `***`, for messages, logs and printed settings.
+
+    Any text, not only a valid URL (an invalid one is echoed in its error): a `password=` query
+    value, and whatever stands between the first `:` of the userinfo and the last `@`. No URL
+    parser is used, since a password written unescaped may hold `/`, `?` or `#`, which a parser
+    takes for the start of the path and would then print.
+    """
+    text = _QUERY_PASSWORD.sub(r"\1***", url)  # unix:///run/redis.sock?password=...
+    scheme, sep, rest = text.partition("://")
+    head, rest = (scheme + sep, rest) if sep else ("", text)
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    return head + rest
+
+
+def _mask_secrets(loc: Loc, value: Any) -> Any:
+    """`value` as it may be echoed at `loc`: any text under `store` is masked like a store URL."""
+    if not loc or loc[0] != "store":
+        return value
+    if isinstance(value, str):
+        return safe_url(value)
+    if isinstance(value, list | tuple):
+        return [_mask_secrets(loc, item) for item in value]
+    return value
 
 
 class StoreSettings(_Section):
@@ -357,8 +464,6 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 _FLAGS = {("server", "transport"), ("server", "host"), ("server", "port")}
 _FLOAT = TypeAdapter(float)
 
-Loc = tuple[str | int, ...]
-
 
 # -- reading the sources -----------------------------------------------------------------
 
@@ -370,15 +475,17 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         with file.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError([f"{file}: config file not found (check the --config path)"]) from None
+        raise ConfigError([f"{file}: config file not found (check the --config path)"], sourced=True) from None
     except IsADirectoryError:
-        raise ConfigError([f"{file}: is a directory, not a config file (give the path of a .toml file)"]) from None
+        raise ConfigError(
+            [f"{file}: is a directory, not a config file (give the path of a .toml file)"], sourced=True
+        ) from None
     except PermissionError:
-        raise ConfigError([f"{file}: cannot read the config file: permission denied"]) from None
+        raise ConfigError([f"{file}: cannot read the config file: permission denied"], sourced=True) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{file}: invalid TOML: {exc}"]) from None
+        raise ConfigError([f"{file}: invalid TOML: {exc}"], sourced=True) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{file}: invalid TOML: the file is not UTF-8 ({exc.reason})"]) from None
+        raise ConfigError([f"{file}: invalid TOML: the file is not UTF-8 ({exc.reason})"], sourced=True) from None
 
 
 def _env_path(name: str) -> list[str] | None:
@@ -390,12 +497,20 @@ def _env_path(name: str) -> list[str] | None:
 def _read_env() -> tuple[dict[str, Any], list[str]]:
     """The `MCP_SESSIONS_*` variables nested like the file (values still text), and their problems."""
     problems = _env_name_problems()
+    source = EnvSettingsSource(Settings)
     try:
-        data = dict(EnvSettingsSource(Settings)())
+        return dict(source()), problems
     except SettingsError as exc:
-        problems += _env_json_problems() or [f"environment: {exc}"]
-        data = {}
-    return data, problems
+        not_json = _env_json_problems()
+        problems += [problem for _, problem in not_json] or [f"environment: {exc}"]
+    # Read the other variables without the ones that are not JSON, so that their problems are
+    # reported too, not only after the JSON is fixed.
+    skipped = {name.lower() for name, _ in not_json}
+    source.env_vars = {name: value for name, value in source.env_vars.items() if name.lower() not in skipped}
+    try:
+        return dict(source()), problems
+    except SettingsError:
+        return {}, problems
 
 
 def _env_name_problems() -> list[str]:
@@ -419,8 +534,9 @@ def _env_name_problems() -> list[str]:
     return problems
 
 
-def _env_json_problems() -> list[str]:
-    """Variables for a list or a table whose value is not JSON (the environment source gave up on them)."""
+def _env_json_problems() -> list[tuple[str, str]]:
+    """Variables for a list or a table whose value is not JSON (the environment source gave up on them),
+    with their problems."""
     problems = []
     for name, value in sorted(os.environ.items()):
         path = _env_path(name)
@@ -436,12 +552,41 @@ def _env_json_problems() -> list[str]:
         try:
             json.loads(value)
         except ValueError:
-            example = '["tools.demo"]' if path[-1] == "tool_modules" else '{"timeout_seconds": 60}'
+            example = _json_example(path)
+            shape = "a list" if example.startswith("[") else "a table"
             problems.append(
-                f"environment variable {name}: {'.'.join(path)}: must be JSON for a list or a table, "
-                f"e.g. {name}='{example}' (got {_show(value)})"
+                (
+                    name,
+                    f"environment variable {name}: {'.'.join(path)}: must be JSON for {shape}, "
+                    f"e.g. {name}='{example}' (got {_show(_mask_secrets(tuple(path), value))})",
+                )
             )
     return problems
+
+
+#: A key of each section to show in the example of a section given as one JSON variable.
+_SECTION_EXAMPLES: dict[str, tuple[str, Any]] = {
+    "server": ("port", 8765),
+    "limits": ("max_concurrent_sessions", 100),
+    "shutdown": ("timeout_seconds", 30.0),
+    "logging": ("level", "info"),
+    "metrics": ("prometheus_port", 9100),
+    "store": ("backend", "redis"),
+}
+
+
+def _json_example(path: list[str]) -> str:
+    """A JSON value of the shape the key at `path` takes: a list for lists, a table for tables."""
+    if path == ["server", "tool_modules"]:
+        return '["tools.demo"]'
+    if path == ["server", "allowed_hosts"]:
+        return f'["{_HOST_EXAMPLE}"]'
+    if path == ["tools"]:
+        return '{"my_tool": {"timeout_seconds": 60}}'
+    if path[0] == "tools":
+        return '{"timeout_seconds": 60}'
+    key, value = _SECTION_EXAMPLES[path[0]]
+    return json.dumps({key: value})
 
 
 def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
@@ -521,6 +666,9 @@ def _bounds(loc: Loc) -> tuple[Any, Any]:
     return low, high
 
 
+_TABLE_TYPES = ("model_type", "model_attributes_type", "dict_type")
+
+
 def _reason(error: ErrorDetails) -> str:
     kind = error["type"]
     loc: Loc = tuple(error["loc"])
@@ -550,7 +698,7 @@ def _reason(error: ErrorDetails) -> str:
         return simple[kind]
     if kind == "literal_error":
         return f"must be {ctx['expected']}"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
+    if kind in _TABLE_TYPES:
         key = ".".join(map(str, loc))
         return f"must be a table ([{key}] with its own keys), not a single value"
     if kind == "value_error":
@@ -585,6 +733,11 @@ class _Sources:
                 for name in os.environ:
                     if name.upper() == wanted:
                         return f"environment variable {name}"
+            # A table set key by key (MCP_SESSIONS_TOOLS__ECHO__TIMEOUT_SECONDS for tools.echo).
+            wanted = ENV_PREFIX + ENV_NESTED_DELIMITER.join(map(str, loc)).upper() + ENV_NESTED_DELIMITER
+            names = sorted(name for name in os.environ if name.upper().startswith(wanted))
+            if names:
+                return f"environment variable{'s' if len(names) > 1 else ''} {', '.join(names)}"
             return "environment"
         if layer == "file" and self.file is not None:
             return str(self.file)
@@ -600,7 +753,11 @@ class _Sources:
         value = error.get("input")
         secret = loc == ("shutdown", "admin_token_env")  # might be the token itself: never echo it
         show = error["type"] != "extra_forbidden" and not isinstance(value, Mapping) and not secret
-        return self.problem(loc, _reason(error), value, show)
+        reason = _reason(error)
+        if error["type"] in _TABLE_TYPES and isinstance(value, str) and self.origin(loc, exact=True) == "env":
+            name = self.describe(loc).removeprefix("environment variable ")
+            reason = f"must be JSON for a table, e.g. {name}='{_json_example([str(part) for part in loc])}'"
+        return self.problem(loc, reason, _mask_secrets(loc, value), show)
 
 
 def _effective_float(merged: Mapping[str, Any], loc: Loc, bad: set[Loc]) -> float | None:
@@ -661,6 +818,25 @@ def _cap_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) -
     return problems
 
 
+def _host_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) -> list[tuple[Loc, str]]:
+    """The off-loopback check (streamable HTTP on a public interface needs server.allowed_hosts),
+    on the merged values, so that it is reported with the other problems and names each source."""
+    server = merged.get("server", {})
+    keys = {"transport", "host", "allowed_hosts"}
+    if not isinstance(server, Mapping) or any(loc[:1] == ("server",) and set(loc[1:2]) <= keys for loc in bad):
+        return []
+    defaults = ServerSettings.model_fields
+    transport = server.get("transport", defaults["transport"].default)
+    host = server.get("host", defaults["host"].default)
+    if transport != "streamable-http" or is_loopback(host) or server.get("allowed_hosts"):
+        return []
+    host_loc: Loc = ("server", "host")
+    where = sources.describe(("server", "transport"), exact=True)
+    also = "" if where == sources.describe(host_loc) else f' and server.transport is "streamable-http" ({where})'
+    reason = f"is not a loopback address{also}, {_OPEN_HOST_REASON}"
+    return [(host_loc, sources.problem(host_loc, reason, host, show=True))]
+
+
 def _section_order(loc: Loc) -> int:
     fields = list(Settings.model_fields)
     return fields.index(str(loc[0])) if loc and loc[0] in fields else len(fields)
@@ -677,7 +853,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
 
     Raises:
         ConfigError: the file is missing or not TOML, a key is unknown, or a value has the wrong
-            type or is out of bounds. Every problem is reported, one per line.
+            type or is out of bounds. Every problem of the file, the environment and `overrides`
+            is reported, one per line (an unreadable file alone, since nothing else can be checked).
     """
     file = Path(path) if path is not None else None
     file_data = read_toml(file) if file is not None else {}
@@ -691,7 +868,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
     def record(exc: ValidationError, keep: set[str | None]) -> None:
         for error in exc.errors():
             loc: Loc = tuple(error["loc"])
-            if error["type"] != _ABOVE_CAP and sources.origin(loc) in keep:
+            # The cross-key checks are worded below, from the merged values and each one's source.
+            if error["type"] not in (_ABOVE_CAP, _OPEN_HOST) and sources.origin(loc) in keep:
                 found.setdefault(loc, sources.error(error))
 
     # The file alone, strictly: TOML has types, so `port = "80"` or `true` for a number is a mistake.
@@ -701,18 +879,20 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
         record(exc, {"file"})
     # Everything merged; values from the environment are text, so this pass parses them.
     checked: BaseModel | None = None
+    cross_key: list[str] = []  # pydantic's own wording, should the checks below find nothing
     try:
         checked = _Layout.model_validate(merged)
     except ValidationError as exc:
         record(exc, {"flags", "env", "file", None})
-    cap_errors: list[str] = []
+        cross_key = [sources.error(error) for error in exc.errors() if error["type"] in (_ABOVE_CAP, _OPEN_HOST)]
     if checked is not None and not found and not env_problems:
         try:
             return Settings(**{name: getattr(checked, name) for name in Settings.model_fields})
         except ValidationError as exc:  # only the cross-key checks are left to fail here
-            cap_errors = [sources.error(error) for error in exc.errors()]
+            cross_key = [sources.error(error) for error in exc.errors()]
     # Pydantic skips the cross-key checks once a field fails; run them on whatever is valid.
-    for loc, problem in _cap_problems(merged, set(found), sources):
+    bad = set(found)
+    for loc, problem in _cap_problems(merged, bad, sources) + _host_problems(merged, bad, sources):
         found.setdefault(loc, problem)
     ordered = sorted(found.items(), key=lambda item: _section_order(item[0]))
-    raise ConfigError(env_problems + [problem for _, problem in ordered] or cap_errors)
+    raise ConfigError(env_problems + [problem for _, problem in ordered] or cross_key, sourced=True)

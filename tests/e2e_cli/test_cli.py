@@ -367,3 +367,58 @@ def test_check_config_prints_the_store_url_without_its_password() -> None:
         "timeout_seconds": 1.0,
     }
     assert "hunter2" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("url", ["reds://:hunter2@h:6379/0", "http://user:hunter2@x/0"])
+def test_a_malformed_store_url_is_refused_without_its_password(tmp_path: Path, url: str) -> None:
+    from_env = run("--check-config", env={"MCP_SESSIONS_STORE__URL": url})
+    from_file = run("--config", str(write(tmp_path, f'[store]\nurl = "{url}"\n')), "--check-config")
+
+    for result in (from_env, from_file):
+        assert_refused(result)
+        [problem] = problems(result)
+        assert "store.url: must be a Redis URL" in problem and ":***@" in problem, problem
+        assert "hunter2" not in result.stderr
+
+
+def test_problems_from_a_flag_or_a_variable_name_it_and_not_the_config_file() -> None:
+    demo = str(ROOT / "config" / "demo.toml")
+    flag = run("--config", demo, "--port", "0", "--check-config")
+    variable = run("--config", demo, "--check-config", env={"MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS": "abc"})
+
+    assert_refused(flag)
+    assert problems(flag) == ["command line option --port: server.port: must be between 1 and 65535 (got 0)"]
+    assert_refused(variable)
+    assert problems(variable) == [
+        "environment variable MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS: limits.max_concurrent_sessions:"
+        ' must be a whole number (got "abc")'
+    ]
+
+
+def test_a_tools_table_from_the_environment_naming_no_hosted_tool_names_the_variable() -> None:
+    result = run(
+        "--config",
+        str(ROOT / "config" / "demo.toml"),
+        "--check-config",
+        env={"MCP_SESSIONS_TOOLS__SLEEP_ASYCN__TIMEOUT_SECONDS": "2"},
+    )
+
+    assert_refused(result)
+    [problem] = problems(result)
+    assert problem.startswith(
+        "environment variable MCP_SESSIONS_TOOLS__SLEEP_ASYCN__TIMEOUT_SECONDS: tools.sleep_asycn: no hosted tool"
+    ), problem
+
+
+def test_an_off_loopback_host_with_the_transport_from_the_command_line_names_the_file_once(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nhost = "0.0.0.0"\n')
+
+    result = run("--config", str(path), "--transport", "streamable-http", "--check-config")
+
+    assert_refused(result)
+    [problem] = problems(result)
+    assert problem.startswith(
+        f'{path}: server.host: is not a loopback address and server.transport is "streamable-http"'
+        " (command line option --transport), so server.allowed_hosts must list"
+    ), problem
+    assert problem.endswith('(got "0.0.0.0")'), problem

@@ -238,4 +238,5 @@ def test_binding_off_loopback_without_allowed_hosts_is_refused(tmp_path: Path) -
 
     assert_refused(result)
     [problem] = problems(result)
-    assert "server.allowed_hosts" in problem and "'0.0.0.0' is not a loopback address" in problem, problem
+    assert problem.startswith(f"{path}: server.host: is not a loopback address"), problem
+    assert "server.allowed_hosts must list" in problem and problem.endswith('(got "0.0.0.0")'), problem

@@ -16,8 +16,8 @@ import pytest
 from pydantic import ValidationError
 
 from server import ConfigError, Settings, load_settings
-from server.app import load_tool_modules
-from server.config import LimitsSettings, ToolSettings
+from server.app import check_tool_overrides, load_tool_modules
+from server.config import LimitsSettings, ToolSettings, config_problems, safe_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -504,6 +504,60 @@ BAD_FILES = [
         id="store-url-not-redis",
     ),
     pytest.param(
+        '[server]\nallowed_hosts = ["bad host"]\n',
+        'server.allowed_hosts.0: must not contain spaces; give one host[:port] per entry (got "bad host")',
+        id="allowed-host-with-space",
+    ),
+    pytest.param(
+        '[server]\nallowed_hosts = [""]\n',
+        'server.allowed_hosts.0: must not be empty; give a host[:port], e.g. "mcp.example.com:*" (got "")',
+        id="allowed-host-empty",
+    ),
+    pytest.param(
+        '[server]\nallowed_hosts = ["mcp.example.com", "https://x.com"]\n',
+        'server.allowed_hosts.1: must be a Host header value without a scheme, e.g. "x.com:*" (got "https://x.com")',
+        id="allowed-host-with-scheme",
+    ),
+    pytest.param(
+        '[server]\nallowed_hosts = ["x.com/mcp"]\n',
+        'server.allowed_hosts.0: must be host[:port] with no path, e.g. "x.com:*" (got "x.com/mcp")',
+        id="allowed-host-with-path",
+    ),
+    pytest.param(
+        '[server]\nallowed_hosts = ["x.com:0"]\n',
+        'server.allowed_hosts.0: the port must be a number from 1 to 65535, or * for any port (got "x.com:0")',
+        id="allowed-host-port-zero",
+    ),
+    pytest.param(
+        '[server]\nallowed_hosts = ["x.com:http"]\n',
+        'server.allowed_hosts.0: the port must be a number from 1 to 65535, or * for any port (got "x.com:http")',
+        id="allowed-host-port-name",
+    ),
+    pytest.param(
+        '[server]\nallowed_hosts = ["*.example.com:*"]\n',
+        "server.allowed_hosts.0: must be host[:port] where host is a name, an IPv4 address or an IPv6 address"
+        ' in brackets ([::1]); only the port may be * (got "*.example.com:*")',
+        id="allowed-host-wildcard-name",
+    ),
+    pytest.param(
+        '[server]\nallowed_hosts = ["::1"]\n',
+        "server.allowed_hosts.0: must be host[:port] where host is a name, an IPv4 address or an IPv6 address"
+        ' in brackets ([::1]); only the port may be * (got "::1")',
+        id="allowed-host-bare-ipv6",
+    ),
+    pytest.param(
+        "[server]\nallowed_hosts = [5]\n",
+        "server.allowed_hosts.0: must be a string (in quotes) (got 5)",
+        id="allowed-host-not-a-string",
+    ),
+    pytest.param(
+        '[server]\ntransport = "streamable-http"\nhost = "0.0.0.0"\n',
+        "server.host: is not a loopback address, so server.allowed_hosts must list the Host header values"
+        ' clients will use, e.g. ["mcp.example.com:*", "10.0.0.5:8765"], so that requests for any other host'
+        ' (DNS rebinding) are refused (got "0.0.0.0")',
+        id="off-loopback-without-allowed-hosts",
+    ),
+    pytest.param(
         '[store]\nkey_prefix = ""\n',
         'store.key_prefix: must not be empty (got "")',
         id="empty-key-prefix",
@@ -663,7 +717,7 @@ def test_a_file_with_several_problems_reports_all_of_them_one_per_line(tmp_path:
         pytest.param(
             "MCP_SESSIONS_SERVER__TOOL_MODULES",
             "tools.demo",
-            "server.tool_modules: must be JSON for a list or a table,"
+            "server.tool_modules: must be JSON for a list,"
             ' e.g. MCP_SESSIONS_SERVER__TOOL_MODULES=\'["tools.demo"]\' (got "tools.demo")',
             id="list-not-json",
         ),
@@ -720,4 +774,175 @@ def test_problems_from_every_source_are_reported_together(tmp_path: Path, monkey
         f"{path}: limits.max_concurrent_sessions: must be between 1 and 1000000 (got 0)",
         "environment variable MCP_SESSIONS_SHUTDOWN__TIMEOUT_SECONDS: shutdown.timeout_seconds: must be at least 0.0"
         ' (got "-1")',
+    ]
+
+
+def test_an_off_loopback_host_is_reported_with_the_other_server_problems(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\ntransport = "streamable-http"\nhost = "0.0.0.0"\nport = 0\n')
+
+    assert problems_of(path) == [
+        f"{path}: server.port: must be between 1 and 65535 (got 0)",
+        f"{path}: server.host: is not a loopback address, so server.allowed_hosts must list the Host header values"
+        ' clients will use, e.g. ["mcp.example.com:*", "10.0.0.5:8765"], so that requests for any other host'
+        ' (DNS rebinding) are refused (got "0.0.0.0")',
+    ]
+
+
+def test_an_off_loopback_host_with_the_transport_from_the_command_line_names_both_sources(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nhost = "0.0.0.0"\n')
+
+    assert problems_of(path, {"server": {"transport": "streamable-http"}}) == [
+        f'{path}: server.host: is not a loopback address and server.transport is "streamable-http"'
+        " (command line option --transport), so server.allowed_hosts must list the Host header values clients"
+        ' will use, e.g. ["mcp.example.com:*", "10.0.0.5:8765"], so that requests for any other host'
+        ' (DNS rebinding) are refused (got "0.0.0.0")'
+    ]
+
+
+def test_allowed_hosts_in_every_documented_form_are_accepted(tmp_path: Path) -> None:
+    hosts = ["mcp.example.com:*", "10.0.0.5:8765", "[::1]:*", "[2001:db8::1]:443", "my-host", "a.b.c:65535"]
+    path = write(tmp_path, f"[server]\nallowed_hosts = {hosts!r}\n".replace("'", '"'))
+
+    assert load_settings(path).server.allowed_hosts == tuple(hosts)
+
+
+def test_a_bad_allowed_host_from_the_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__ALLOWED_HOSTS", '["ok.example.com:*", "http://x.com"]')
+
+    assert problems_of(None) == [
+        "environment variable MCP_SESSIONS_SERVER__ALLOWED_HOSTS: server.allowed_hosts.1: must be a Host header"
+        ' value without a scheme, e.g. "x.com:*" (got "http://x.com")'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "example"),
+    [
+        pytest.param("MCP_SESSIONS_SERVER__ALLOWED_HOSTS", '["mcp.example.com:*"]', id="allowed-hosts-list"),
+        pytest.param("MCP_SESSIONS_SERVER__TOOL_MODULES", '["tools.demo"]', id="tool-modules-list"),
+        pytest.param("MCP_SESSIONS_TOOLS__ECHO", '{"timeout_seconds": 60}', id="one-tool-table"),
+        pytest.param("MCP_SESSIONS_TOOLS", '{"my_tool": {"timeout_seconds": 60}}', id="tools-table"),
+        pytest.param("MCP_SESSIONS_SERVER", '{"port": 8765}', id="section-table"),
+        pytest.param("MCP_SESSIONS_LIMITS", '{"max_concurrent_sessions": 100}', id="limits-table"),
+    ],
+)
+def test_bad_json_in_a_variable_gets_an_example_of_the_shape_its_key_takes(
+    monkeypatch: pytest.MonkeyPatch, name: str, example: str
+) -> None:
+    monkeypatch.setenv(name, "[oops")
+    shape = "a list" if example.startswith("[") else "a table"
+    key = name.removeprefix("MCP_SESSIONS_").lower().replace("__", ".")
+
+    assert problems_of(None) == [
+        f"environment variable {name}: {key}: must be JSON for {shape}, e.g. {name}='{example}' (got \"[oops\")"
+    ]
+
+
+# -- a password in store.url is never echoed ---------------------------------------------
+
+MALFORMED_URLS = [
+    pytest.param("reds://:hunter2@h:6379/0", "reds://:***@h:6379/0", id="misspelt-scheme"),
+    pytest.param("http://user:hunter2@x/0", "http://user:***@x/0", id="http-scheme"),
+    pytest.param("user:hunter2@cache:6379", "user:***@cache:6379", id="no-scheme"),
+    pytest.param("redis//:hunter2@h", "redis//:***@h", id="no-colon-after-scheme"),
+    pytest.param("reds://:hunter2/with/slash@h/0", "reds://:***@h/0", id="password-with-slash"),
+    pytest.param("reds://h:6379/0?password=hunter2", "reds://h:6379/0?password=***", id="password-in-query"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), MALFORMED_URLS)
+def test_a_malformed_store_url_is_refused_without_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, shown: str
+) -> None:
+    reason = "must be a Redis URL starting with redis://, rediss:// or unix://, e.g. redis://127.0.0.1:6379/0"
+    path = write(tmp_path, f'[store]\nurl = "{url}"\n')
+    assert problems_of(path) == [f'{path}: store.url: {reason} (got "{shown}")']
+
+    monkeypatch.setenv("MCP_SESSIONS_STORE__URL", url)
+    assert problems_of(None) == [f'environment variable MCP_SESSIONS_STORE__URL: store.url: {reason} (got "{shown}")']
+
+
+def test_a_url_given_where_the_store_table_belongs_is_not_echoed_with_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [in_file] = problems_of(write(tmp_path, 'store = "redis://:hunter2@h:6379/0"\n'))
+    monkeypatch.setenv("MCP_SESSIONS_STORE", "redis://:hunter2@h:6379/0")
+    [in_env] = problems_of(None)
+
+    assert "store: must be a table" in in_file and "redis://:***@h:6379/0" in in_file
+    assert "store: must be JSON for a table" in in_env and "redis://:***@h:6379/0" in in_env
+    assert "hunter2" not in in_file + in_env
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param("redis://app:pass/word@h:6379/0", "redis://app:***@h:6379/0", id="slash-in-password"),
+        pytest.param("redis://:pa?ss@h/0", "redis://:***@h/0", id="question-mark-in-password"),
+        pytest.param("redis://:pa#ss@h/0", "redis://:***@h/0", id="hash-in-password"),
+        pytest.param("redis://h:6379/0?password=hunter2&db=1", "redis://h:6379/0?password=***&db=1", id="query"),
+        pytest.param("rediss://app@cache/1", "rediss://app@cache/1", id="user-only"),
+    ],
+)
+def test_a_valid_store_url_is_shown_without_its_password_whatever_it_contains(url: str, shown: str) -> None:
+    assert safe_url(url) == shown
+
+
+# -- each problem names its own source, once ---------------------------------------------
+
+
+def test_problems_from_the_environment_and_the_command_line_are_not_labelled_with_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "[server]\nport = 9000\n")
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS", "abc")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {"server": {"port": 0}})
+
+    assert config_problems(caught.value, path) == [
+        "command line option --port: server.port: must be between 1 and 65535 (got 0)",
+        "environment variable MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS: limits.max_concurrent_sessions:"
+        ' must be a whole number (got "abc")',
+    ]
+
+
+def test_a_later_check_names_the_source_of_each_tool_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[tools.nosuchtool]\ntimeout_seconds = 1.0\n")
+    monkeypatch.setenv("MCP_SESSIONS_TOOLS__OTHERTOOL__TIMEOUT_SECONDS", "2")
+    settings = load_settings(path)
+
+    with pytest.raises(ConfigError) as caught:
+        check_tool_overrides(settings, [])
+    first, second = sorted(config_problems(caught.value, path), key=lambda problem: "tools.nosuchtool" not in problem)
+
+    assert first.startswith(f"{path}: tools.nosuchtool: no hosted tool has this name (hosted: ")
+    assert second.startswith(
+        "environment variable MCP_SESSIONS_TOOLS__OTHERTOOL__TIMEOUT_SECONDS: tools.othertool: no hosted tool"
+    )
+
+
+def test_a_later_check_with_no_file_names_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__TOOL_MODULES", '["tests.fixtures_config.no_tools"]')
+    settings = load_settings(None)
+
+    with pytest.raises(ConfigError) as caught:
+        load_tool_modules(settings.server.tool_modules)
+
+    assert config_problems(caught.value, None) == [
+        "environment variable MCP_SESSIONS_SERVER__TOOL_MODULES: server.tool_modules:"
+        " 'tests.fixtures_config.no_tools': the module has no TOOLS list (TOOLS = [my_tool, ...])"
+    ]
+
+
+def test_a_variable_that_is_not_json_is_reported_with_the_problems_of_the_other_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__ALLOWED_HOSTS", "[oops")
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__PORT", "0")
+
+    assert problems_of(None) == [
+        "environment variable MCP_SESSIONS_SERVER__ALLOWED_HOSTS: server.allowed_hosts: must be JSON for a list,"
+        ' e.g. MCP_SESSIONS_SERVER__ALLOWED_HOSTS=\'["mcp.example.com:*"]\' (got "[oops")',
+        'environment variable MCP_SESSIONS_SERVER__PORT: server.port: must be between 1 and 65535 (got "0")',
     ]
