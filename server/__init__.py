@@ -11,7 +11,8 @@ app = MCPServer("my-tools", extensions=[sessions], lifespan=sessions.lifespan)
 """
 
 from server.app import build_server
-from server.config import ConfigError, LimitsSettings, Settings, load_settings
+from server.config import ConfigError, LimitsSettings, Settings
+from server.config_loader import load_settings
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.extension import SessionsExtension
 from server.metrics import MetricsSnapshot, ShutdownReport

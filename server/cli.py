@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from server.app import build_app, check_tool_overrides, divert_stdout, load_tool_modules, serve
-from server.config import ConfigError, config_problems, load_settings, safe_url
+from server.config import ConfigError, safe_url
+from server.config_loader import config_problems, load_settings
 from server.logs import configure_logging
 
 EXIT_CONFIG = 2

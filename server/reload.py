@@ -31,7 +31,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from server.config import ConfigError, Settings, config_problems, load_settings
+from server.config import ConfigError, Settings
+from server.config_loader import config_problems, load_settings
 from server.extension import SessionsExtension
 from server.logs import configure_logging, configured_here
 

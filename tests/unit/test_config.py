@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from server import ConfigError, Settings, load_settings
 from server.app import check_tool_overrides, load_tool_modules
-from server.config import LimitsSettings, ToolSettings, config_problems, safe_url
+from server.config import LimitsSettings, ToolSettings, safe_url
+from server.config_loader import config_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from server import SessionsExtension, SessionState
-from server.config import ConfigError, LimitsSettings, load_settings
+from server.config import ConfigError, LimitsSettings
+from server.config_loader import load_settings
 from server.errors import ErrorCode, SessionError
 from server.logs import JsonFormatter
 from server.metrics import DurationStats, MetricsSnapshot, edge_index

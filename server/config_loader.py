@@ -1,0 +1,542 @@
+"""Loading the settings: the TOML file, the environment and the command-line flags, merged
+and validated, with every problem worded by where it came from.
+
+Tier: runtime foundation (beside `server.config`, which defines what valid settings are).
+Sources, highest priority first: explicit overrides (the CLI flags), the environment
+(`MCP_SESSIONS_` prefix, `__` between nested keys), the TOML file, and the built-in defaults
+(which `config/default.toml` spells out).
+
+`load_settings` reports every problem of the settings at once (an unreadable file alone), one
+per line, as `SOURCE: key.path: reason (got VALUE)`, where SOURCE is the file, the environment
+variable or the command-line option the value came from, for example:
+
+    bad.toml: limits.max_concurent_sessions: unknown key; did you mean 'max_concurrent_sessions'?
+    bad.toml: server.port: must be between 1 and 65535 (got 70000)
+
+Values in the file must have the type the key needs (`port = "80"` and `true` for a number
+are errors); values from the environment are text and are parsed.
+
+The standalone server's own checks (tool modules, `[tools.NAME]` names) need valid settings, so
+they run after `load_settings`; `config_problems` names the source of their keys the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any
+
+from annotated_types import Ge, Le
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
+from pydantic_core import ErrorDetails
+from pydantic_settings import EnvSettingsSource
+from pydantic_settings.exceptions import SettingsError
+
+from server.config import (
+    ABOVE_CAP,
+    ENV_NESTED_DELIMITER,
+    ENV_PREFIX,
+    HOST_EXAMPLE,
+    OPEN_HOST,
+    OPEN_HOST_REASON,
+    TOOL_TIMEOUT_KEYS,
+    ConfigError,
+    LimitsSettings,
+    Loc,
+    LoggingSettings,
+    MetricsSettings,
+    ServerSettings,
+    Settings,
+    ShutdownSettings,
+    StoreSettings,
+    ToolSettings,
+    is_loopback,
+    mask_secrets,
+)
+
+
+def config_problems(error: ConfigError, path: str | os.PathLike[str] | None) -> list[str]:
+    """The problems of `error`, each naming its source once, as `SOURCE: key.path: reason`.
+
+    A problem that starts with its key path (`tools.nosuchtool: ...`) gets the source of that
+    key in front: the environment variable that set it, else the file `path`. The file and the
+    environment are read again for this, which only happens on the way out with an error.
+    """
+    if error.sourced:
+        return list(error.problems)
+    try:
+        file_data = read_toml(path) if path is not None else {}
+    except ConfigError:
+        file_data = {}
+    sources = _Sources(Path(path) if path is not None else None, file_data, _read_env()[0], {})
+    named = []
+    for problem in error.problems:
+        key, sep, _ = problem.partition(": ")
+        loc: Loc = tuple(key.split(".")) if sep and key and not any(c.isspace() for c in key) else ()
+        if loc and sources.origin(loc) is not None:
+            named.append(f"{sources.describe(loc)}: {problem}")
+        else:
+            named.append(f"{path}: {problem}" if path is not None else problem)
+    return named
+
+
+#: The same shape as `Settings` without its sources (and so without the `BaseSettings` init
+#: parameters such as `_env_file`, which must not be settable from a file): validates plain data.
+_LAYOUT_FIELDS: dict[str, Any] = {name: (field.annotation, field) for name, field in Settings.model_fields.items()}
+_Layout: type[BaseModel] = create_model("_Layout", __config__=ConfigDict(extra="forbid"), **_LAYOUT_FIELDS)
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "server": ServerSettings,
+    "limits": LimitsSettings,
+    "shutdown": ShutdownSettings,
+    "logging": LoggingSettings,
+    "metrics": MetricsSettings,
+    "store": StoreSettings,
+}
+_FLAGS = {("server", "transport"), ("server", "host"), ("server", "port")}
+_FLOAT = TypeAdapter(float)
+
+
+# -- reading the sources -----------------------------------------------------------------
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse one TOML file, turning every failure into a ConfigError that names the file."""
+    file = Path(path)
+    try:
+        with file.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: config file not found (check the --config path)"], sourced=True) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            [f"{file}: is a directory, not a config file (give the path of a .toml file)"], sourced=True
+        ) from None
+    except PermissionError:
+        raise ConfigError([f"{file}: cannot read the config file: permission denied"], sourced=True) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: invalid TOML: {exc}"], sourced=True) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{file}: invalid TOML: the file is not UTF-8 ({exc.reason})"], sourced=True) from None
+
+
+def _env_path(name: str) -> list[str] | None:
+    if not name.upper().startswith(ENV_PREFIX):
+        return None
+    return name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER)
+
+
+def _read_env() -> tuple[dict[str, Any], list[str]]:
+    """The `MCP_SESSIONS_*` variables nested like the file (values still text), and their problems."""
+    problems = _env_name_problems()
+    source = EnvSettingsSource(Settings)
+    try:
+        return dict(source()), problems
+    except SettingsError as exc:
+        not_json = _env_json_problems()
+        problems += [problem for _, problem in not_json] or [f"environment: {exc}"]
+    # Read the other variables without the ones that are not JSON, so that their problems are
+    # reported too, not only after the JSON is fixed.
+    skipped = {name.lower() for name, _ in not_json}
+    source.env_vars = {name: value for name, value in source.env_vars.items() if name.lower() not in skipped}
+    try:
+        return dict(source()), problems
+    except SettingsError:
+        return {}, problems
+
+
+def _env_name_problems() -> list[str]:
+    """Variables that look meant for us but name no key (the environment source would ignore them)."""
+    problems = []
+    for name in sorted(os.environ):
+        path = _env_path(name)
+        if path is None:
+            continue
+        if len(path) > 1 and path[0] not in Settings.model_fields:
+            problems.append(f"environment variable {name}: {'.'.join(path)}: {_unknown_key(path[0], ())}")
+            continue
+        for section, model in _SECTIONS.items():
+            for key in model.model_fields:
+                if path == [f"{section}_{key}"]:
+                    fixed = ENV_PREFIX + f"{section}{ENV_NESTED_DELIMITER}{key}".upper()
+                    problems.append(
+                        f"environment variable {name}: {section}.{key}: "
+                        f"nested keys are separated by two underscores; did you mean {fixed}?"
+                    )
+    return problems
+
+
+def _env_json_problems() -> list[tuple[str, str]]:
+    """Variables for a list or a table whose value is not JSON (the environment source gave up on them),
+    with their problems."""
+    problems = []
+    for name, value in sorted(os.environ.items()):
+        path = _env_path(name)
+        if path is None or not path or path[0] not in Settings.model_fields:
+            continue
+        takes_json = (
+            len(path) == 1
+            or path in (["server", "tool_modules"], ["server", "allowed_hosts"])
+            or (path[0] == "tools" and len(path) == 2)
+        )
+        if not takes_json:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            example = _json_example(path)
+            shape = "a list" if example.startswith("[") else "a table"
+            problems.append(
+                (
+                    name,
+                    f"environment variable {name}: {'.'.join(path)}: must be JSON for {shape}, "
+                    f"e.g. {name}='{example}' (got {_show(mask_secrets(tuple(path), value))})",
+                )
+            )
+    return problems
+
+
+#: A key of each section to show in the example of a section given as one JSON variable.
+_SECTION_EXAMPLES: dict[str, tuple[str, Any]] = {
+    "server": ("port", 8765),
+    "limits": ("max_concurrent_sessions", 100),
+    "shutdown": ("timeout_seconds", 30.0),
+    "logging": ("level", "info"),
+    "metrics": ("prometheus_port", 9100),
+    "store": ("backend", "redis"),
+}
+
+
+def _json_example(path: list[str]) -> str:
+    """A JSON value of the shape the key at `path` takes: a list for lists, a table for tables."""
+    if path == ["server", "tool_modules"]:
+        return '["tools.demo"]'
+    if path == ["server", "allowed_hosts"]:
+        return f'["{HOST_EXAMPLE}"]'
+    if path == ["tools"]:
+        return '{"my_tool": {"timeout_seconds": 60}}'
+    if path[0] == "tools":
+        return '{"timeout_seconds": 60}'
+    key, value = _SECTION_EXAMPLES[path[0]]
+    return json.dumps({key: value})
+
+
+def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge tables; a later layer wins."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            previous = result.get(key)
+            if isinstance(value, Mapping) and isinstance(previous, Mapping):
+                result[key] = _merge(previous, value)
+            else:
+                result[key] = value
+    return result
+
+
+# -- describing problems -----------------------------------------------------------------
+
+
+def _has_path(data: Any, path: Loc) -> bool:
+    node = data
+    for part in path:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list | tuple) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it (TOML spelling), shortened."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, float) and not math.isfinite(value):
+        text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    elif isinstance(value, list | tuple):
+        text = "[" + ", ".join(_show(item) for item in value) + "]"
+    elif isinstance(value, Mapping):
+        text = "a table"
+    elif isinstance(value, datetime | date | time):
+        text = value.isoformat()
+    else:
+        text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _known_keys(parent: Loc) -> list[str]:
+    if parent == ():
+        return list(Settings.model_fields)
+    if len(parent) == 1 and parent[0] in _SECTIONS:
+        return list(_SECTIONS[str(parent[0])].model_fields)
+    if len(parent) == 2 and parent[0] == "tools":
+        return list(ToolSettings.model_fields)
+    return []
+
+
+def _unknown_key(key: str | int, parent: Loc) -> str:
+    known = _known_keys(parent)
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    if known:
+        return f"unknown key; the keys here are {', '.join(known)}"
+    return "unknown key"
+
+
+def _bounds(loc: Loc) -> tuple[Any, Any]:
+    """The (lower, upper) inclusive bounds declared on the field at `loc`, where both exist."""
+    if len(loc) != 2 or loc[0] not in _SECTIONS:
+        return None, None
+    field = _SECTIONS[str(loc[0])].model_fields.get(str(loc[1]))
+    low = next((m.ge for m in field.metadata if isinstance(m, Ge)), None) if field else None
+    high = next((m.le for m in field.metadata if isinstance(m, Le)), None) if field else None
+    return low, high
+
+
+_TABLE_TYPES = ("model_type", "model_attributes_type", "dict_type")
+
+
+def _reason(error: ErrorDetails) -> str:
+    kind = error["type"]
+    loc: Loc = tuple(error["loc"])
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return _unknown_key(loc[-1], loc[:-1])
+    if kind in ("greater_than_equal", "less_than_equal"):
+        low, high = _bounds(loc)
+        if low is not None and high is not None:
+            return f"must be between {low} and {high}"
+        return f"must be at least {ctx['ge']}" if kind == "greater_than_equal" else f"must be at most {ctx['le']}"
+    if kind == "greater_than":
+        return f"must be greater than {_show(ctx['gt'])}"
+    simple = {
+        "int_type": "must be a whole number",
+        "int_parsing": "must be a whole number",
+        "int_from_float": "must be a whole number",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "finite_number": "must be a finite number (nan and inf are not allowed)",
+        "string_type": "must be a string (in quotes)",
+        "string_too_short": "must not be empty",
+        "tuple_type": 'must be a list, e.g. ["tools.demo"]',
+        "list_type": 'must be a list, e.g. ["tools.demo"]',
+    }
+    if kind in simple:
+        return simple[kind]
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind in _TABLE_TYPES:
+        key = ".".join(map(str, loc))
+        return f"must be a table ([{key}] with its own keys), not a single value"
+    if kind == "value_error":
+        return str(error["msg"]).removeprefix("Value error, ")
+    return str(error["msg"]).replace("Input should be", "must be")
+
+
+class _Sources:
+    """Where each key's value came from: the flags, the environment, the file or the defaults."""
+
+    def __init__(
+        self, file: Path | None, file_data: Mapping[str, Any], env: Mapping[str, Any], flags: Mapping[str, Any]
+    ) -> None:
+        self.file = file
+        self.layers = (("flags", flags), ("env", env), ("file", file_data))
+
+    def origin(self, loc: Loc, exact: bool = False) -> str | None:
+        """The layer the value at `loc` comes from (else the one holding its nearest parent, unless `exact`)."""
+        for depth in range(len(loc), len(loc) - 1 if exact else 0, -1):
+            for layer, data in self.layers:
+                if _has_path(data, loc[:depth]):
+                    return layer
+        return None
+
+    def describe(self, loc: Loc, exact: bool = False) -> str:
+        layer = self.origin(loc, exact)
+        if layer == "flags":
+            return f"command line option --{loc[1]}" if loc[:2] in _FLAGS else "command line"
+        if layer == "env":
+            for depth in range(len(loc), 0, -1):
+                wanted = ENV_PREFIX + ENV_NESTED_DELIMITER.join(map(str, loc[:depth])).upper()
+                for name in os.environ:
+                    if name.upper() == wanted:
+                        return f"environment variable {name}"
+            # A table set key by key (MCP_SESSIONS_TOOLS__ECHO__TIMEOUT_SECONDS for tools.echo).
+            wanted = ENV_PREFIX + ENV_NESTED_DELIMITER.join(map(str, loc)).upper() + ENV_NESTED_DELIMITER
+            names = sorted(name for name in os.environ if name.upper().startswith(wanted))
+            if names:
+                return f"environment variable{'s' if len(names) > 1 else ''} {', '.join(names)}"
+            return "environment"
+        if layer == "file" and self.file is not None:
+            return str(self.file)
+        return "built-in default"
+
+    def problem(self, loc: Loc, reason: str, value: Any = None, show: bool = False) -> str:
+        key = ".".join(map(str, loc))
+        got = f" (got {_show(value)})" if show else ""
+        return f"{self.describe(loc)}: {key}: {reason}{got}"
+
+    def error(self, error: ErrorDetails) -> str:
+        loc: Loc = tuple(error["loc"])
+        value = error.get("input")
+        secret = loc == ("shutdown", "admin_token_env")  # might be the token itself: never echo it
+        show = error["type"] != "extra_forbidden" and not isinstance(value, Mapping) and not secret
+        reason = _reason(error)
+        if error["type"] in _TABLE_TYPES and isinstance(value, str) and self.origin(loc, exact=True) == "env":
+            name = self.describe(loc).removeprefix("environment variable ")
+            reason = f"must be JSON for a table, e.g. {name}='{_json_example([str(part) for part in loc])}'"
+        return self.problem(loc, reason, mask_secrets(loc, value), show)
+
+
+def _effective_float(merged: Mapping[str, Any], loc: Loc, bad: set[Loc]) -> float | None:
+    """The value in force at `loc` if it is a valid number on its own, else None (already reported)."""
+    if any(loc[:depth] in bad for depth in range(1, len(loc) + 1)):
+        return None
+    if _has_path(merged, loc):
+        raw: Any = merged
+        for part in loc:
+            raw = raw[part]
+    elif loc[0] == "limits":
+        raw = LimitsSettings.model_fields[str(loc[1])].default
+    else:
+        return None
+    try:
+        return _FLOAT.validate_python(raw)
+    except ValidationError:
+        return None
+
+
+def _cap_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) -> list[tuple[Loc, str]]:
+    """The cross-key checks (timeouts within limits.max_timeout_seconds), on the merged values."""
+    cap_loc: Loc = ("limits", "max_timeout_seconds")
+    default_loc: Loc = ("limits", "default_timeout_seconds")
+    cap = _effective_float(merged, cap_loc, bad)
+    if cap is None:
+        return []
+
+    def above_cap(loc: Loc) -> str:
+        where = sources.describe(cap_loc, exact=True)
+        if where == sources.describe(loc):
+            where = "in this file" if sources.origin(loc) == "file" else f"(also from {where})"
+        else:
+            where = f"({where})"
+        return f"must not exceed limits.max_timeout_seconds, which is {_show(cap)} {where}; lower it or raise the cap"
+
+    problems: list[tuple[Loc, str]] = []
+    default = _effective_float(merged, default_loc, bad)
+    if default is not None and default > cap:
+        if sources.origin(default_loc, exact=True) is not None:
+            reason = above_cap(default_loc)
+            problems.append((default_loc, sources.problem(default_loc, reason, default, show=True)))
+        else:
+            reason = (
+                f"must be at least limits.default_timeout_seconds, which is {_show(default)} (built-in default); "
+                "raise it or set a lower limits.default_timeout_seconds"
+            )
+            problems.append((cap_loc, sources.problem(cap_loc, reason, cap, show=True)))
+    tools = merged.get("tools")
+    if isinstance(tools, Mapping):
+        for name in tools:
+            for key in TOOL_TIMEOUT_KEYS:
+                loc: Loc = ("tools", name, key)
+                value = _effective_float(merged, loc, bad)
+                if value is not None and value > cap:
+                    reason = above_cap(loc)
+                    problems.append((loc, sources.problem(loc, reason, value, show=True)))
+    return problems
+
+
+def _host_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) -> list[tuple[Loc, str]]:
+    """The off-loopback check (streamable HTTP on a public interface needs server.allowed_hosts),
+    on the merged values, so that it is reported with the other problems and names each source."""
+    server = merged.get("server", {})
+    keys = {"transport", "host", "allowed_hosts"}
+    if not isinstance(server, Mapping) or any(loc[:1] == ("server",) and set(loc[1:2]) <= keys for loc in bad):
+        return []
+    defaults = ServerSettings.model_fields
+    transport = server.get("transport", defaults["transport"].default)
+    host = server.get("host", defaults["host"].default)
+    if transport != "streamable-http" or is_loopback(host) or server.get("allowed_hosts"):
+        return []
+    host_loc: Loc = ("server", "host")
+    where = sources.describe(("server", "transport"), exact=True)
+    also = "" if where == sources.describe(host_loc) else f' and server.transport is "streamable-http" ({where})'
+    reason = f"is not a loopback address{also}, {OPEN_HOST_REASON}"
+    return [(host_loc, sources.problem(host_loc, reason, host, show=True))]
+
+
+def _section_order(loc: Loc) -> int:
+    fields = list(Settings.model_fields)
+    return fields.index(str(loc[0])) if loc and loc[0] in fields else len(fields)
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Load settings from `path` (TOML), the environment and `overrides`, in rising priority.
+
+    `overrides` is nested like the file (`{"server": {"port": 9000}}`); the CLI passes its flags
+    this way. With no path, the built-in defaults (the same as `config/default.toml`) are the base.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, a key is unknown, or a value has the wrong
+            type or is out of bounds. Every problem of the file, the environment and `overrides`
+            is reported, one per line (an unreadable file alone, since nothing else can be checked).
+    """
+    file = Path(path) if path is not None else None
+    file_data = read_toml(file) if file is not None else {}
+    env, env_problems = _read_env()
+    flags = dict(overrides or {})
+    sources = _Sources(file, file_data, env, flags)
+    merged = _merge(file_data, env, flags)
+
+    found: dict[Loc, str] = {}
+
+    def record(exc: ValidationError, keep: set[str | None]) -> None:
+        for error in exc.errors():
+            loc: Loc = tuple(error["loc"])
+            # The cross-key checks are worded below, from the merged values and each one's source.
+            if error["type"] not in (ABOVE_CAP, OPEN_HOST) and sources.origin(loc) in keep:
+                found.setdefault(loc, sources.error(error))
+
+    # The file alone, strictly: TOML has types, so `port = "80"` or `true` for a number is a mistake.
+    try:
+        _Layout.model_validate(file_data, strict=True)
+    except ValidationError as exc:
+        record(exc, {"file"})
+    # Everything merged; values from the environment are text, so this pass parses them.
+    checked: BaseModel | None = None
+    cross_key: list[str] = []  # pydantic's own wording, should the checks below find nothing
+    try:
+        checked = _Layout.model_validate(merged)
+    except ValidationError as exc:
+        record(exc, {"flags", "env", "file", None})
+        cross_key = [sources.error(error) for error in exc.errors() if error["type"] in (ABOVE_CAP, OPEN_HOST)]
+    if checked is not None and not found and not env_problems:
+        try:
+            return Settings(**{name: getattr(checked, name) for name in Settings.model_fields})
+        except ValidationError as exc:  # only the cross-key checks are left to fail here
+            cross_key = [sources.error(error) for error in exc.errors()]
+    # Pydantic skips the cross-key checks once a field fails; run them on whatever is valid.
+    bad = set(found)
+    for loc, problem in _cap_problems(merged, bad, sources) + _host_problems(merged, bad, sources):
+        found.setdefault(loc, problem)
+    ordered = sorted(found.items(), key=lambda item: _section_order(item[0]))
+    raise ConfigError(env_problems + [problem for _, problem in ordered] or cross_key, sourced=True)
