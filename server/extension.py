@@ -455,8 +455,14 @@ class SessionsExtension(Extension):
 
         On streamable HTTP: the MCP session (`Mcp-Session-Id`); the stateless 2026-07-28 era
         has none, so there it is the credential (`Authorization`, kept only as a digest), else
-        the peer's address. Otherwise the connection: stdio is one client, and so is each
-        in-process handshake-era client.
+        the peer's address. Otherwise the stream the connection talks over: stdio is one
+        client in either protocol era, and so is each in-process handshake-era client.
+
+        The stream, not the `Connection`: in the 2026-07-28 era the SDK builds a `Connection`
+        per request, sharing the stream's channel (`outbound`) among them. Where there is no
+        channel (in-process 2026-era clients: every request is a connection of its own, on the
+        SDK's one no-channel sentinel) the connection is all there is, so such clients are not
+        told apart from their own earlier requests: each request is a client.
         """
         request = ctx.request
         headers = getattr(request, "headers", None)
@@ -471,7 +477,11 @@ class SessionsExtension(Extension):
             if peer is not None:
                 return ("http-peer", peer.host)
         connection = getattr(ctx.session, "_connection", None)
-        return ("connection", connection) if connection is not None else ("connection", ctx.session)
+        if connection is None:
+            return ("connection", ctx.session)
+        if getattr(connection, "has_standalone_channel", False):
+            return ("stream", connection.outbound)
+        return ("connection", connection)
 
     async def _call_decoupled(
         self,
