@@ -557,14 +557,14 @@ class SessionsExtension(Extension):
         return CallToolResult(content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True)
 
     def _not_running(self, name: str) -> CallToolResult:
-        return error_result(
-            SessionError(
-                ErrorCode.NOT_RUNNING,
-                "the session runtime is not running: construct the server with "
-                "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
-                tool=name,
-            )
+        error = SessionError(
+            ErrorCode.NOT_RUNNING,
+            "the session runtime is not running: construct the server with "
+            "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
+            tool=name,
         )
+        log_refusal(error)
+        return error_result(error)
 
     async def _run(
         self, work: _Work, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, handler: ToolCallHandler
@@ -740,12 +740,16 @@ def _error_text(result: HandlerResult) -> str:
 
 
 def _with_invalid_argument_code(result: HandlerResult, tool: str) -> HandlerResult:
-    """Give the SDK's own argument-validation failures of a session tool the `invalid_argument` code."""
+    """Give the SDK's own argument-validation failures of a session tool the `invalid_argument`
+    code, and log them as the refusals they are (the tools log their own refusals, which
+    already carry a code)."""
     if isinstance(result, CallToolResult) and result.is_error:
         meta = dict(result.meta or {})
         if ERROR_META_KEY not in meta:
             text = " ".join(block.text for block in result.content if isinstance(block, TextContent))
-            meta[ERROR_META_KEY] = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool).to_meta()
+            error = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool)
+            log_refusal(error)
+            meta[ERROR_META_KEY] = error.to_meta()
             return result.model_copy(update={"meta": meta})
     return result
 
