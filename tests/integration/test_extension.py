@@ -93,6 +93,8 @@ async def test_an_async_tool_hanging_gets_a_timeout_result_on_time() -> None:
         m = await metrics(client)
     assert error["code"] == "timeout" and error["tool"] == "hang_async" and error["session_id"]
     assert "0.3s" in error["message"]
+    # An async call is cancelled; "abandoned" is for threads left running (abandoned_threads).
+    assert "was cancelled" in error["message"] and "abandoned" not in error["message"]
     assert elapsed >= 0.3
     assert (m["total_sessions_timeout"], m["total_sessions_error"], m["abandoned_threads"]) == (1, 0, 0)
     assert m["timeout_rate"] == 1.0 and m["tools"]["hang_async"]["timeouts"] == 1
@@ -172,6 +174,8 @@ async def test_a_sync_tool_stuck_in_its_thread_times_out_and_is_counted_until_it
         with anyio.fail_after(5):
             result = await client.call_tool("block_sync", {})
         assert code_of(result) == "timeout"
+        assert "was abandoned: its thread runs on until the tool returns" in text_of(result)
+        assert "cancelled" not in text_of(result)
         m = await metrics(client)
         assert (m["abandoned_threads"], m["total_sessions_timeout"], m["total_sessions_error"]) == (1, 1, 0)
         assert m["active_sessions"] == 0  # the slot is free although the thread still runs
