@@ -395,7 +395,10 @@ async def test_without_the_lifespan_calls_are_refused_with_not_running() -> None
     app.add_tool(echo)
     async with Client(app) as client:
         error = error_of(await client.call_tool("echo", {"text": "x"}))
+        # With no registry to ask (the lifespan hands it over), an unknown name is refused too.
+        unknown = error_of(await client.call_tool("no_such_tool", {}))
     assert error["code"] == "not_running" and "lifespan=sessions.lifespan" in error["message"]
+    assert (unknown["code"], unknown["tool"]) == ("not_running", "no_such_tool")
 
 
 async def test_lifespan_composes_with_a_host_lifespan() -> None:
