@@ -71,6 +71,9 @@ class Waiter:
 
 
 def refuse_capacity(tool: str | None, cap: int, queued: int, max_queued: int, where: str) -> SessionError:
+    """`where` (the server, the cluster) is full. `max_queued` is 0 when the call could not have
+    waited (there is no queue, or the call may not queue, as `session_create`): then the
+    sentence does not mention a queue the caller has no use for."""
     if max_queued:
         detail = f"and its queue holds {queued} of {max_queued} waiting calls"
         return SessionError(

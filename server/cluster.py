@@ -141,7 +141,7 @@ class ClusterSessionManager(SessionManager):
                 raise admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
             if not may_queue:
                 with self._lock:
-                    raise self._full_locked(session, tool_full=verdict == "tool_limit")
+                    raise self._full_locked(session, tool_full=verdict == "tool_limit", may_queue=queue)
         with self._lock:
             waiter = self._enqueue_locked(session)
         self._freed.set()

@@ -37,6 +37,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from types import CodeType
 from typing import Any
@@ -82,6 +83,16 @@ _Plan = tuple[object, Settings, bool, bool, float, float | None]
 #: Plans remembered at most (one per tool name called); past it they are worked out afresh.
 MAX_PLANS = 4096
 _COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
+#: Set by a sync tool's stand-in (`server.threads`) running in place when its wait was cancelled
+#: while its thread ran on; set in the call's own context (the stand-in runs in the caller's task),
+#: read and cleared by `_stopped`, so the timeout's message says what happened. Touched only on
+#: the cancelled paths.
+_THREAD_LEFT_RUNNING: ContextVar[bool] = ContextVar("mcp_sessions_thread_left_running", default=False)
+#: What became of a call past its deadline, as its timeout message says it.
+_CANCELLED = "was cancelled"
+_ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
+_LATE = "its late result was discarded"
+_MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a thread cannot be stopped)"
 #: A `tools/call` request handler, as the lowlevel server calls it: `handler(ctx, params)`.
 ToolCallHandler = Callable[[ServerRequestContext[Any, Any], CallToolRequestParams], Awaitable[HandlerResult]]
 
@@ -146,6 +157,8 @@ class SessionsExtension(Extension):
         self._running = False
         self._app: Any = None
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
+        #: The report of the shutdown whose summary was logged and listeners notified.
+        self._announced: ShutdownReport | None = None
         #: Decoupled work still running. Plain asyncio tasks, not tasks of an anyio task
         #: group: `start_soon` costs about 40 µs per call here, `create_task` about 5 µs.
         self._works: dict[asyncio.Task[None], _Work] = {}
@@ -331,9 +344,18 @@ class SessionsExtension(Extension):
         self._exit_listeners.append(listener)
 
     async def shutdown(self, timeout_seconds: float | None = None) -> ShutdownReport:
-        """Graceful shutdown: stop admitting, drain, cancel the rest, notify exit listeners."""
+        """Graceful shutdown: stop admitting, drain, cancel the rest, notify exit listeners.
+
+        A call made while a shutdown runs, or after it, joins it and returns its report; only
+        the call that ran it logs the summary and notifies the listeners (once per shutdown).
+        """
         timeout = self.config.shutdown.timeout_seconds if timeout_seconds is None else timeout_seconds
         report = await self.manager.shutdown(timeout)
+        # The manager hands every joining call the same report object: the first call back
+        # with it (the one that ran the shutdown, which resumes first) announces it.
+        if report is self._announced:
+            return report
+        self._announced = report
         logger.info(
             "Shutdown finished in %.3fs: %s of %s session(s) finished, %s cancelled at the deadline",
             report.shutdown_duration,
@@ -358,12 +380,18 @@ class SessionsExtension(Extension):
         else:
             needs_thread = runs_in_thread(tool)
             manager = self.manager
-            in_place = not needs_thread or make_cancellable(tool, manager.thread_abandoned, manager.thread_ended)
+            in_place = not needs_thread or make_cancellable(tool, self._thread_left_running, manager.thread_ended)
         plan = (tool, config, needs_thread, in_place, config.timeout_for(name), config.idle_timeout_for(name))
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         self._plans[name] = plan
         return plan
+
+    def _thread_left_running(self) -> None:
+        """A sync tool's thread runs on past its caller's cancelled wait: count it, and mark the
+        call (see `_THREAD_LEFT_RUNNING`)."""
+        self.manager.thread_abandoned()
+        _THREAD_LEFT_RUNNING.set(True)
 
     async def intercept_tool_call(
         self,
@@ -439,6 +467,7 @@ class SessionsExtension(Extension):
                 # The tool raised CancelledError itself; passed on, it would end the server's loop.
                 return self._failed(session, name, exc)
             manager.end(session, SessionState.CANCELLED, "cancelled by the client")
+            _THREAD_LEFT_RUNNING.set(False)  # nobody reads it for this call
             raise
         except MCPError as exc:
             manager.end(session, SessionState.ERROR, f"{type(exc).__name__}: {exc}")
@@ -455,8 +484,14 @@ class SessionsExtension(Extension):
 
         On streamable HTTP: the MCP session (`Mcp-Session-Id`); the stateless 2026-07-28 era
         has none, so there it is the credential (`Authorization`, kept only as a digest), else
-        the peer's address. Otherwise the connection: stdio is one client, and so is each
-        in-process handshake-era client.
+        the peer's address. Otherwise the stream the connection talks over: stdio is one
+        client in either protocol era, and so is each in-process handshake-era client.
+
+        The stream, not the `Connection`: in the 2026-07-28 era the SDK builds a `Connection`
+        per request, sharing the stream's channel (`outbound`) among them. Where there is no
+        channel (in-process 2026-era clients: every request is a connection of its own, on the
+        SDK's one no-channel sentinel) the connection is all there is, so such clients are not
+        told apart from their own earlier requests: each request is a client.
         """
         request = ctx.request
         headers = getattr(request, "headers", None)
@@ -471,7 +506,11 @@ class SessionsExtension(Extension):
             if peer is not None:
                 return ("http-peer", peer.host)
         connection = getattr(ctx.session, "_connection", None)
-        return ("connection", connection) if connection is not None else ("connection", ctx.session)
+        if connection is None:
+            return ("connection", ctx.session)
+        if getattr(connection, "has_standalone_channel", False):
+            return ("stream", connection.outbound)
+        return ("connection", connection)
 
     async def _call_decoupled(
         self,
@@ -500,11 +539,29 @@ class SessionsExtension(Extension):
 
         if work.done and not work.cancelled:  # it ran to its end (a late stop does not undo that)
             return self._finish(work, name)
+        if not work.done:
+            # One turn of the loop for the work to take its cancellation: async work ends in it
+            # (and is cancelled, not abandoned); work stuck in a thread does not.
+            work.stop()
+            try:
+                await asyncio.sleep(0)
+            except anyio.get_cancelled_exc_class():
+                self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
+                self._give_up(work)
+                raise
         self._give_up(work)
-        return self._stopped(session, name)
+        return self._stopped(session, name, _MAYBE_ABANDONED if work.abandoned else _CANCELLED)
 
-    def _stopped(self, session: Session, name: str) -> CallToolResult:
-        """The call's deadline passed, or shutdown cancelled it: the matching error result."""
+    def _stopped(self, session: Session, name: str, fate: str | None = None) -> CallToolResult:
+        """The call's deadline passed, or shutdown cancelled it: the matching error result.
+
+        `fate` says what became of the work (a `_CANCELLED`-like sentence part); by default,
+        for a call run in place, whether its thread was left running (`_THREAD_LEFT_RUNNING`)."""
+        if fate is None:
+            fate = _CANCELLED
+            if _THREAD_LEFT_RUNNING.get():
+                _THREAD_LEFT_RUNNING.set(False)
+                fate = _ABANDONED
         if session.state is SessionState.CANCELLED:
             return error_result(
                 SessionError(
@@ -519,11 +576,11 @@ class SessionsExtension(Extension):
         if session.idle_expired:
             message = (
                 f"tool {name!r} reported no progress for {session.idle_timeout:g}s (its idle timeout) "
-                "and was timed out; a long-running tool must report progress to stay alive"
+                f"and {fate}; a long-running tool must report progress to stay alive"
             )
         else:
             message = (
-                f"tool {name!r} did not finish within its deadline of {timeout:g}s and was abandoned; "
+                f"tool {name!r} did not finish within its deadline of {timeout:g}s and {fate}; "
                 "retry with a smaller request, or ask the operator to raise its timeout"
             )
         return error_result(SessionError(ErrorCode.TIMEOUT, message, session_id=session.id, tool=name))
@@ -536,14 +593,14 @@ class SessionsExtension(Extension):
         return CallToolResult(content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True)
 
     def _not_running(self, name: str) -> CallToolResult:
-        return error_result(
-            SessionError(
-                ErrorCode.NOT_RUNNING,
-                "the session runtime is not running: construct the server with "
-                "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
-                tool=name,
-            )
+        error = SessionError(
+            ErrorCode.NOT_RUNNING,
+            "the session runtime is not running: construct the server with "
+            "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
+            tool=name,
         )
+        log_refusal(error)
+        return error_result(error)
 
     async def _run(
         self, work: _Work, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, handler: ToolCallHandler
@@ -611,7 +668,7 @@ class SessionsExtension(Extension):
             ended = self.manager.end(session, _COMPLETED)
         if ended:
             return result
-        return self._stopped(session, name)  # too late: answer as the session was accounted
+        return self._stopped(session, name, _LATE)  # too late: answer as the session was accounted
 
 
 def make_manager(settings: Settings) -> SessionManager:
@@ -719,12 +776,16 @@ def _error_text(result: HandlerResult) -> str:
 
 
 def _with_invalid_argument_code(result: HandlerResult, tool: str) -> HandlerResult:
-    """Give the SDK's own argument-validation failures of a session tool the `invalid_argument` code."""
+    """Give the SDK's own argument-validation failures of a session tool the `invalid_argument`
+    code, and log them as the refusals they are (the tools log their own refusals, which
+    already carry a code)."""
     if isinstance(result, CallToolResult) and result.is_error:
         meta = dict(result.meta or {})
         if ERROR_META_KEY not in meta:
             text = " ".join(block.text for block in result.content if isinstance(block, TextContent))
-            meta[ERROR_META_KEY] = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool).to_meta()
+            error = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool)
+            log_refusal(error)
+            meta[ERROR_META_KEY] = error.to_meta()
             return result.model_copy(update={"meta": meta})
     return result
 

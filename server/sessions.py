@@ -389,7 +389,7 @@ class SessionManager:
             if self._admit_locked(session):
                 return session
             if not queue or len(self._queue) >= limits.max_queued:
-                raise self._full_locked(session)
+                raise self._full_locked(session, may_queue=queue)
             waiter = self._enqueue_locked(session)
         finally:
             lock.release()
@@ -401,7 +401,7 @@ class SessionManager:
         with self._lock:
             if self._admit_locked(session):
                 return session
-            raise self._full_locked(session)
+            raise self._full_locked(session, may_queue=False)
 
     def open_call(
         self, tool: str, timeout: float, request_id: str | None, needs_thread: bool, idle_timeout: float | None
@@ -517,9 +517,10 @@ class SessionManager:
             self._rejected[Refusal.THREADS] += 1
             raise admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
 
-    def _full_locked(self, session: Session, tool_full: bool | None = None) -> SessionError:
+    def _full_locked(self, session: Session, tool_full: bool | None = None, may_queue: bool = True) -> SessionError:
         """Count and word the refusal of a call that does not fit and may not wait: its tool is
-        full (`tool_full`; by default, whenever the server itself is not), else the server."""
+        full (`tool_full`; by default, whenever the server itself is not), else the server. A
+        call that could never queue (`may_queue=False`) is not told about the queue."""
         limits = self.limits
         tool = session.tool
         if tool_full is None:
@@ -530,7 +531,8 @@ class SessionManager:
             return admission.refuse_tool_limit(tool, self.tool_caps[tool])
         self._rejected[Refusal.CAPACITY] += 1
         cap = limits.max_concurrent_sessions
-        return admission.refuse_capacity(tool, cap, len(self._queue), limits.max_queued, self.CAPACITY_SCOPE)
+        max_queued = limits.max_queued if may_queue else 0
+        return admission.refuse_capacity(tool, cap, len(self._queue), max_queued, self.CAPACITY_SCOPE)
 
     def _enqueue_locked(self, session: Session) -> Waiter:
         """Put `session` at the back of the queue; it counts toward its client's share."""

@@ -2,8 +2,9 @@
 
 Tier: tools. Each tool has typed arguments (the input schema clients see) and a pydantic
 result model (the output schema). Refusals come back as error results carrying the error
-code in `_meta` and no `structuredContent`, so that clients validating structured content
-against the output schema accept them.
+code and the tool's name in `_meta` and no `structuredContent`, so that clients validating
+structured content against the output schema accept them; each is logged once
+(`server.logs.log_refusal`).
 """
 
 import hmac
@@ -49,7 +50,12 @@ def _ok(model: BaseModel) -> CallToolResult:
     )
 
 
-def _refused(error: SessionError) -> CallToolResult:
+def _refused(error: SessionError, tool: str) -> CallToolResult:
+    """A refusal of session tool `tool`: named in the error (the manager does not know which tool
+    asked), logged once, and returned as an error result."""
+    if error.tool is None:
+        error.tool = tool
+    log_refusal(error)
     return CallToolResult(
         content=[TextContent(type="text", text=error.message)],
         is_error=True,
@@ -92,8 +98,7 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
                 client=ext.client_of(ctx.request_context) if ctx is not None and limited else None,
             )
         except SessionError as exc:
-            log_refusal(exc, "session_create")
-            return _refused(exc)
+            return _refused(exc, "session_create")
         return _ok(
             SessionCreateResult(
                 session_id=session.id,
@@ -117,7 +122,7 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
         try:
             session = await manager.release(session_id, outcome, error)
         except SessionError as exc:
-            return _refused(exc)
+            return _refused(exc, "session_release")
         return _ok(
             SessionReleaseResult(session_id=session.id, state=session.state.value, duration_seconds=session.duration)
         )
@@ -155,16 +160,14 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
                 SessionError(
                     ErrorCode.INVALID_ARGUMENT,
                     f"timeout_seconds must be a finite number of seconds >= 0, got {timeout_seconds!r}",
-                    tool="server_shutdown",
-                )
+                ),
+                "server_shutdown",
             )
         over_http = ctx is not None and ctx.headers is not None
         refusal = _authorize(ext.config.shutdown.admin_token_env, token) if over_http else None
         if refusal is not None:
             manager.shutdown_refused()
-            error = SessionError(ErrorCode.UNAUTHORIZED, refusal, tool="server_shutdown")
-            log_refusal(error)
-            return _refused(error)
+            return _refused(SessionError(ErrorCode.UNAUTHORIZED, refusal), "server_shutdown")
         report = await ext.shutdown(timeout_seconds)
         return _ok(report)
 

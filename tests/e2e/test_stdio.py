@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from mcp import Client, StdioServerParameters
 
 from tests.e2e.conftest import (
@@ -169,6 +170,30 @@ async def test_a_full_server_refuses_new_work_until_a_slot_is_released_or_expire
     assert (after["total_sessions_completed"], after["total_sessions_timeout"]) == (2, 1)
 
 
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_the_stdio_client_is_one_client_for_the_per_client_share_in_either_protocol_era(
+    tmp_path: Path, mode: str
+) -> None:
+    # "auto" negotiates the 2026-07-28 era, where the SDK builds a Connection per request: the
+    # share must still be the stdio stream's, not the request's.
+    config = server_config(limits={"max_sessions_per_client": 1})
+    async with start_server(tmp_path, config) as server:
+        async with Client(server.transport(), mode=mode, read_timeout_seconds=CALL_SECONDS) as client:
+            assert (client.protocol_version == "2026-07-28") == (mode == "auto"), client.protocol_version
+            held = (await client.call_tool("session_create", {})).structured_content or {}
+            assert held["state"] == "active"
+            second = await client.call_tool("session_create", {})
+            call = await client.call_tool("echo", {"text": "over the share"})
+            await client.call_tool("session_release", {"session_id": held["session_id"]})
+            again = await client.call_tool("echo", {"text": "room again"})
+            m = await metrics(client)
+    error = error_of(second)
+    assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"]
+    assert code_of(call) == "capacity_exceeded" and "max_sessions_per_client" in text_of(call)
+    assert text_of(again) == "room again"
+    assert (m["sessions_rejected_client_limit"], m["total_sessions_created"]) == (2, 2)
+
+
 # -- deadlines ---------------------------------------------------------------------------
 
 
@@ -183,6 +208,8 @@ async def test_hanging_async_and_sync_tools_get_a_timeout_on_time_and_the_server
                 error = error_of(result)
                 assert error["code"] == "timeout" and error["tool"] == tool and error["session_id"], result
                 assert "0.5s" in error["message"]
+                fate = "was abandoned: its thread runs on" if tool == "hang_sync" else "was cancelled"
+                assert fate in error["message"], error["message"]
                 assert elapsed >= 0.5
             m = await metrics(client)
             # The server keeps serving while the stuck thread runs on.

@@ -114,6 +114,22 @@ async def test_the_queue_never_grows_past_max_queued() -> None:
     assert (m["sessions_rejected_capacity"], m["total_sessions_created"], m["total_sessions_completed"]) == (1, 3, 3)
 
 
+async def test_session_create_on_a_full_server_is_refused_without_talk_of_the_queue_it_never_uses() -> None:
+    app, _ = build(settings(max_concurrent_sessions=2, max_queued=2))
+    async with Client(app) as client:
+        for _ in range(2):
+            assert not (await client.call_tool("session_create", {})).is_error
+        with anyio.fail_after(5):
+            refused = await client.call_tool("session_create", {})
+        m = await metrics(client)
+    error = error_of(refused)
+    assert error["code"] == "capacity_exceeded" and error["tool"] == "session_create"
+    assert error["message"] == ("the server is at its limit of 2 concurrent sessions; retry after a session ends"), (
+        "session_create never queues: its refusal must not mention the queue"
+    )
+    assert (m["sessions_rejected_capacity"], m["queued_sessions"]) == (1, 0)
+
+
 async def test_a_call_cancelled_while_queued_leaves_the_queue_at_once() -> None:
     recorder = Recorder()
     app, sessions = build(settings(max_concurrent_sessions=1, max_queued=5), tools=recorder.tools())

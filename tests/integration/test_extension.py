@@ -3,6 +3,7 @@ capacity, metadata, errors, cancellation and graceful shutdown."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ from server import SessionsExtension
 from server import extension as extension_module
 from server.deadline import Deadline, LateScope
 from server.extension import registry_lookup
-from tests.helpers import Gate, boom, build, code_of, echo, error_of, hang_async, settings, text_of
+from tests.helpers import Gate, boom, build, code_of, echo, error_of, hang_async, settings, text_of, until
 
 
 async def metrics(client: Client) -> dict[str, Any]:
@@ -92,6 +93,8 @@ async def test_an_async_tool_hanging_gets_a_timeout_result_on_time() -> None:
         m = await metrics(client)
     assert error["code"] == "timeout" and error["tool"] == "hang_async" and error["session_id"]
     assert "0.3s" in error["message"]
+    # An async call is cancelled; "abandoned" is for threads left running (abandoned_threads).
+    assert "was cancelled" in error["message"] and "abandoned" not in error["message"]
     assert elapsed >= 0.3
     assert (m["total_sessions_timeout"], m["total_sessions_error"], m["abandoned_threads"]) == (1, 0, 0)
     assert m["timeout_rate"] == 1.0 and m["tools"]["hang_async"]["timeouts"] == 1
@@ -171,6 +174,8 @@ async def test_a_sync_tool_stuck_in_its_thread_times_out_and_is_counted_until_it
         with anyio.fail_after(5):
             result = await client.call_tool("block_sync", {})
         assert code_of(result) == "timeout"
+        assert "was abandoned: its thread runs on until the tool returns" in text_of(result)
+        assert "cancelled" not in text_of(result)
         m = await metrics(client)
         assert (m["abandoned_threads"], m["total_sessions_timeout"], m["total_sessions_error"]) == (1, 1, 0)
         assert m["active_sessions"] == 0  # the slot is free although the thread still runs
@@ -390,7 +395,10 @@ async def test_without_the_lifespan_calls_are_refused_with_not_running() -> None
     app.add_tool(echo)
     async with Client(app) as client:
         error = error_of(await client.call_tool("echo", {"text": "x"}))
+        # With no registry to ask (the lifespan hands it over), an unknown name is refused too.
+        unknown = error_of(await client.call_tool("no_such_tool", {}))
     assert error["code"] == "not_running" and "lifespan=sessions.lifespan" in error["message"]
+    assert (unknown["code"], unknown["tool"]) == ("not_running", "no_such_tool")
 
 
 async def test_lifespan_composes_with_a_host_lifespan() -> None:
@@ -465,6 +473,49 @@ async def test_server_shutdown_with_nothing_running_returns_at_once() -> None:
             result = await client.call_tool("server_shutdown", {})
     report = result.structured_content
     assert report["initial_active_sessions"] == 0 and report["timeout_reached"] is False
+
+
+async def test_a_shutdown_notifies_its_exit_listeners_and_logs_its_summary_once_however_many_calls_join(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Counted(SessionsExtension):
+        """Counts the calls that have entered `shutdown`, so the test knows the second has joined."""
+
+        entered = 0
+
+        async def shutdown(self, timeout_seconds: float | None = None) -> Any:
+            self.entered += 1
+            return await super().shutdown(timeout_seconds)
+
+    gate = Gate()
+    sessions = Counted(settings())
+    app: MCPServer[Any] = MCPServer("joined", extensions=[sessions], lifespan=sessions.lifespan)
+    for fn in gate.tools():
+        app.add_tool(fn)
+    exits: list[Any] = []
+    sessions.add_exit_listener(exits.append)
+    caplog.set_level(logging.INFO, logger="server.extension")
+    results: list[CallToolResult] = []
+
+    async def shut_down() -> None:
+        results.append(await client.call_tool("server_shutdown", {"timeout_seconds": 5}))
+
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "block_async", {})
+                await gate.entered_event.wait()
+                tg.start_soon(shut_down)
+                await sessions.manager.wait_shutting_down()
+                tg.start_soon(shut_down)  # joins the running shutdown
+                await until(lambda: sessions.entered == 2)
+                gate.open()
+            await shut_down()  # after it finished
+    reports = [r.structured_content for r in results]
+    assert len(reports) == 3 and reports[0] == reports[1] == reports[2], reports
+    assert len(exits) == 1 and exits[0].model_dump() == reports[0]
+    summaries = [r for r in caplog.records if r.getMessage().startswith("Shutdown finished")]
+    assert len(summaries) == 1
 
 
 async def test_mixed_workload_keeps_the_invariant() -> None:

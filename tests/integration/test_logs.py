@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 from mcp import Client
+from mcp.server.mcpserver import MCPServer
 
 from server import SessionsExtension, load_settings
 from server.logs import JsonFormatter, configure_logging
 from server.reload import ConfigReloader
-from tests.helpers import build, code_of, settings
+from tests.helpers import build, code_of, echo, error_of, settings
 
 SECRET = "metadata-contents-never-logged"
 
@@ -165,3 +166,58 @@ def test_a_reload_in_the_standalone_server_applies_the_logging_table(tmp_path: P
     path.write_text('[logging]\nlevel = "debug"\n', encoding="utf-8")
     assert ConfigReloader(sessions, path, manage_logging=False).reload() is True
     assert root.level == logging.WARNING and root.handlers.count(ours) == 1
+
+
+#: (tool, arguments, code, what to do first): every way a session tool is refused with a code.
+#: "{held}" in the arguments is replaced by the id of a session opened (and per `first`, released).
+REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
+    ("session_create", {"metadata": {"note": "x" * 100}}, "metadata_too_large", ""),
+    ("session_create", {"timeout_seconds": -1}, "invalid_argument", ""),
+    ("session_create", {"timeout_seconds": "soon"}, "invalid_argument", ""),
+    ("session_create", {"metadata": [1, 2]}, "invalid_argument", ""),
+    ("session_create", {}, "capacity_exceeded", "hold"),
+    ("session_create", {}, "shutting_down", "shut down"),
+    ("session_release", {"session_id": "s1-not-ours"}, "unknown_session", ""),
+    ("session_release", {"session_id": "{held}"}, "already_released", "release"),
+    ("session_release", {"session_id": "{held}", "outcome": "weird"}, "invalid_argument", "hold"),
+    ("session_release", {}, "invalid_argument", ""),
+    ("server_shutdown", {"timeout_seconds": -1}, "invalid_argument", ""),
+    ("server_shutdown", {"timeout_seconds": "soon"}, "invalid_argument", ""),
+]
+
+
+@pytest.mark.parametrize(("tool", "arguments", "code", "first"), REFUSALS)
+async def test_every_refusal_of_a_session_tool_names_the_tool_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture, tool: str, arguments: dict[str, Any], code: str, first: str
+) -> None:
+    app, _ = build(settings(max_concurrent_sessions=1, max_metadata_bytes=64))
+    caplog.set_level(logging.INFO)
+    async with Client(app) as client:
+        held = ""
+        if first in ("hold", "release"):
+            held = str((await client.call_tool("session_create", {})).structured_content["session_id"])
+        if first == "release":
+            assert not (await client.call_tool("session_release", {"session_id": held})).is_error
+        if first == "shut down":
+            assert not (await client.call_tool("server_shutdown", {"timeout_seconds": 0})).is_error
+        caplog.clear()
+        args = {key: held if value == "{held}" else value for key, value in arguments.items()}
+        error = error_of(await client.call_tool(tool, args))
+    assert (error["code"], error["tool"]) == (code, tool)
+    refusals = [r for r in caplog.records if r.name == "server.refusals"]
+    assert [(r.code, r.tool) for r in refusals] == [(code, tool)]  # type: ignore[attr-defined]
+    assert refusals[0].levelno == logging.WARNING and error["message"] in refusals[0].getMessage()
+
+
+async def test_a_call_refused_for_want_of_the_lifespan_names_its_tool_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sessions = SessionsExtension(settings())
+    app: MCPServer[Any] = MCPServer("no-lifespan", extensions=[sessions])
+    app.add_tool(echo)
+    caplog.set_level(logging.INFO)
+    async with Client(app) as client:
+        refused = [error_of(await client.call_tool(name, {"text": "x"})) for name in ("echo", "session_create")]
+    assert [(e["code"], e["tool"]) for e in refused] == [("not_running", "echo"), ("not_running", "session_create")]
+    refusals = [(r.code, r.tool) for r in caplog.records if r.name == "server.refusals"]  # type: ignore[attr-defined]
+    assert refusals == [("not_running", "echo"), ("not_running", "session_create")]

@@ -76,7 +76,8 @@ async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, held: int)
             async with Client(app) as client:
                 # As many stuck calls as the limiter has tokens, each still in its thread.
                 for _ in range(TOKENS):
-                    assert code_of(await client.call_tool(tool, {})) == "timeout"
+                    result = await client.call_tool(tool, {})
+                    assert code_of(result) == "timeout" and "was abandoned" in text_of(result)
                 m = await metrics(client)
                 assert m["abandoned_threads"] == TOKENS
                 assert limiter.borrowed_tokens == held
@@ -125,6 +126,23 @@ async def test_an_async_tool_whose_resolver_hangs_in_a_thread_still_times_out() 
                 assert text_of(await client.call_tool("resolved_async", {})) == "resolved 1"
     finally:
         _resolver_release.set()
+
+
+async def resolved_hang(n: Annotated[int, Resolve(_one)]) -> str:
+    await anyio.sleep(3600)
+    return f"woke {n}"
+
+
+async def test_a_decoupled_async_tool_past_its_deadline_is_cancelled_not_abandoned() -> None:
+    # Run decoupled (a resolver fills a parameter), but it is async and the cancellation
+    # reaches it: no thread is left behind, and the message says so.
+    app, sessions = build(settings(tool_timeouts={"resolved_hang": 0.2}), tools=[resolved_hang])
+    async with Client(app) as client:
+        with anyio.fail_after(5):
+            result = await client.call_tool("resolved_hang", {})
+            await sessions.manager.wait_no_abandoned_threads()
+    assert code_of(result) == "timeout"
+    assert "was cancelled" in text_of(result) and "abandoned" not in text_of(result)
 
 
 async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_later() -> None:
