@@ -37,10 +37,11 @@ from pydantic import ValidationError
 
 from server.config import ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
-from server.extension import SessionsExtension, ToolCallHandler
+from server.extension import SessionsExtension
 from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
+from server.sdk_seams import ToolCallHandler
 from tools.sessions import MANAGEMENT_TOOLS
 
 logger = logging.getLogger(__name__)

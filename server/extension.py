@@ -35,19 +35,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from types import CodeType
 from typing import Any
 
 import anyio
 import anyio.to_thread
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, ToolBinding, compose_tool_call_handler
-from mcp.server.mcpserver.tools.tool_manager import ToolManager
-from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
@@ -56,6 +53,7 @@ from server.deadline import Deadline, LateScope, deadline_scope
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
+from server.sdk_seams import ToolCallHandler, intercepts, progress_session, registry_lookup, sdk_interceptor_chain
 from server.sessions import Session, SessionManager, SessionState
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings
@@ -93,8 +91,6 @@ _CANCELLED = "was cancelled"
 _ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
 _LATE = "its late result was discarded"
 _MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a thread cannot be stopped)"
-#: A `tools/call` request handler, as the lowlevel server calls it: `handler(ctx, params)`.
-ToolCallHandler = Callable[[ServerRequestContext[Any, Any], CallToolRequestParams], Awaitable[HandlerResult]]
 
 
 async def _not_taken_over(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> HandlerResult:
@@ -685,87 +681,8 @@ def make_manager(settings: Settings) -> SessionManager:
     return SessionManager(settings.limits, settings.tool_caps())
 
 
-def registry_lookup(app: Any) -> Callable[[str], Any] | None:
-    """How to find a tool's registry entry in `app` (an `MCPServer`) by name; None if it has no
-    registry to ask. That is its tool manager's `get_tool`; where that is the SDK's own, which
-    returns `self._tools.get(name)`, the dict's `get` itself: the same answer without a Python
-    call on every tool call."""
-    tool_manager = getattr(app, "_tool_manager", None)
-    tools = getattr(tool_manager, "_tools", None)
-    sdk_own = isinstance(tool_manager, ToolManager) and type(tool_manager).get_tool is ToolManager.get_tool
-    if sdk_own and type(tools) is dict:
-        return tools.get
-    get_tool: Callable[[str], Any] | None = getattr(tool_manager, "get_tool", None)
-    return get_tool
-
-
-def intercepts(extension: Extension) -> bool:
-    """Whether `extension` overrides `intercept_tool_call` (as the SDK decides it)."""
-    return type(extension).intercept_tool_call is not Extension.intercept_tool_call
-
-
-def _chain_code() -> CodeType | None:
-    for const in compose_tool_call_handler.__code__.co_consts:
-        if isinstance(const, CodeType) and const.co_name == "wrapped":
-            return const
-    return None  # pragma: no cover - an SDK that composes its chain differently
-
-
-#: The code of the handler `compose_tool_call_handler` returns, to recognise the SDK's chain.
-_CHAIN_CODE: CodeType | None = _chain_code()
-
-
-def sdk_interceptor_chain(handler: object) -> tuple[list[Extension], ToolCallHandler] | None:
-    """The extensions and the wrapped handler of a `tools/call` handler that the SDK's
-    `compose_tool_call_handler` made; None for any other handler."""
-    code = _CHAIN_CODE
-    if code is None:  # pragma: no cover - see `_chain_code`
-        return None
-    names = code.co_freevars  # before the `is not` below, which would narrow `code` to Any | None
-    if getattr(handler, "__code__", None) is not code:
-        return None
-    cells = dict(zip(names, getattr(handler, "__closure__", None) or (), strict=False))
-    try:
-        extensions = list(cells["extensions"].cell_contents)
-        wrapped: ToolCallHandler = cells["handler"].cell_contents
-    except (KeyError, ValueError, TypeError):  # pragma: no cover - a chain of another shape
-        return None
-    return extensions, wrapped
-
-
 def _thread_limiter() -> anyio.CapacityLimiter:
     return anyio.to_thread.current_default_thread_limiter()
-
-
-def progress_session(session: ServerSession, on_progress: Callable[[], None]) -> ServerSession:
-    """A copy of the request's `ServerSession` that calls `on_progress` whenever the tool reports
-    progress (`Context.report_progress`, or a progress notification it sends itself), then
-    forwards it. The SDK hands the tool `ctx.session` from the context the interceptor passes
-    on, so this is the seam where progress becomes visible, whether or not the client asked
-    for progress notifications."""
-    proxy = _ProgressSession.__new__(_ProgressSession)
-    proxy.__dict__.update(session.__dict__)
-    proxy._on_progress = on_progress
-    return proxy
-
-
-class _ProgressSession(ServerSession):
-    _on_progress: Callable[[], None]
-
-    async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
-        self._on_progress()
-        await super().report_progress(progress, total, message)
-
-    async def send_progress_notification(
-        self,
-        progress_token: str | int,
-        progress: float,
-        total: float | None = None,
-        message: str | None = None,
-        related_request_id: str | None = None,
-    ) -> None:
-        self._on_progress()
-        await super().send_progress_notification(progress_token, progress, total, message, related_request_id)
 
 
 def _error_text(result: HandlerResult) -> str:

@@ -18,7 +18,7 @@ from mcp_types import CallToolResult
 from server import SessionsExtension
 from server import extension as extension_module
 from server.deadline import Deadline, LateScope
-from server.extension import registry_lookup
+from server.sdk_seams import registry_lookup
 from tests.helpers import Gate, boom, build, code_of, echo, error_of, hang_async, settings, text_of, until
 
 

@@ -15,7 +15,7 @@ from mcp_types import CallToolRequestParams
 
 from server import SessionsExtension, load_settings
 from server.app import _StandaloneSessions, build_app
-from server.extension import sdk_interceptor_chain
+from server.sdk_seams import sdk_interceptor_chain
 from tests.helpers import build, code_of, echo, hang_async, settings, text_of
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.toml"

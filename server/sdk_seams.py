@@ -1,0 +1,108 @@
+"""Where this package reaches into the SDK (`mcp` 2.x): the seams the extension hooks into.
+
+Tier: MCP integration. Each seam is a part of the SDK this package depends on beyond its public
+API, kept here so that an SDK upgrade has one place to check:
+
+- `registry_lookup`: how to find a tool's registry entry by name (to tell sync tools from
+  async ones, and hosted tools from unknown names);
+- `sdk_interceptor_chain` and `intercepts`: recognising the `tools/call` handler that the SDK's
+  `compose_tool_call_handler` built, to take this extension's link out of it;
+- `progress_session`: a copy of the request's `ServerSession` that sees the tool's progress.
+
+Each one degrades rather than fails when the SDK's shape differs: no registry (every tool is of
+unknown kind), no take-over (the SDK's chain keeps running), as the extension's docs say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from types import CodeType
+from typing import Any
+
+from mcp.server.context import HandlerResult, ServerRequestContext
+from mcp.server.extension import Extension, compose_tool_call_handler
+from mcp.server.mcpserver.tools.tool_manager import ToolManager
+from mcp.server.session import ServerSession
+from mcp_types import CallToolRequestParams
+
+#: A `tools/call` request handler, as the lowlevel server calls it: `handler(ctx, params)`.
+ToolCallHandler = Callable[[ServerRequestContext[Any, Any], CallToolRequestParams], Awaitable[HandlerResult]]
+
+
+def registry_lookup(app: Any) -> Callable[[str], Any] | None:
+    """How to find a tool's registry entry in `app` (an `MCPServer`) by name; None if it has no
+    registry to ask. That is its tool manager's `get_tool`; where that is the SDK's own, which
+    returns `self._tools.get(name)`, the dict's `get` itself: the same answer without a Python
+    call on every tool call."""
+    tool_manager = getattr(app, "_tool_manager", None)
+    tools = getattr(tool_manager, "_tools", None)
+    sdk_own = isinstance(tool_manager, ToolManager) and type(tool_manager).get_tool is ToolManager.get_tool
+    if sdk_own and type(tools) is dict:
+        return tools.get
+    get_tool: Callable[[str], Any] | None = getattr(tool_manager, "get_tool", None)
+    return get_tool
+
+
+def intercepts(extension: Extension) -> bool:
+    """Whether `extension` overrides `intercept_tool_call` (as the SDK decides it)."""
+    return type(extension).intercept_tool_call is not Extension.intercept_tool_call
+
+
+def _chain_code() -> CodeType | None:
+    for const in compose_tool_call_handler.__code__.co_consts:
+        if isinstance(const, CodeType) and const.co_name == "wrapped":
+            return const
+    return None  # pragma: no cover - an SDK that composes its chain differently
+
+
+#: The code of the handler `compose_tool_call_handler` returns, to recognise the SDK's chain.
+_CHAIN_CODE: CodeType | None = _chain_code()
+
+
+def sdk_interceptor_chain(handler: object) -> tuple[list[Extension], ToolCallHandler] | None:
+    """The extensions and the wrapped handler of a `tools/call` handler that the SDK's
+    `compose_tool_call_handler` made; None for any other handler."""
+    code = _CHAIN_CODE
+    if code is None:  # pragma: no cover - see `_chain_code`
+        return None
+    names = code.co_freevars  # before the `is not` below, which would narrow `code` to Any | None
+    if getattr(handler, "__code__", None) is not code:
+        return None
+    cells = dict(zip(names, getattr(handler, "__closure__", None) or (), strict=False))
+    try:
+        extensions = list(cells["extensions"].cell_contents)
+        wrapped: ToolCallHandler = cells["handler"].cell_contents
+    except (KeyError, ValueError, TypeError):  # pragma: no cover - a chain of another shape
+        return None
+    return extensions, wrapped
+
+
+def progress_session(session: ServerSession, on_progress: Callable[[], None]) -> ServerSession:
+    """A copy of the request's `ServerSession` that calls `on_progress` whenever the tool reports
+    progress (`Context.report_progress`, or a progress notification it sends itself), then
+    forwards it. The SDK hands the tool `ctx.session` from the context the interceptor passes
+    on, so this is the seam where progress becomes visible, whether or not the client asked
+    for progress notifications."""
+    proxy = _ProgressSession.__new__(_ProgressSession)
+    proxy.__dict__.update(session.__dict__)
+    proxy._on_progress = on_progress
+    return proxy
+
+
+class _ProgressSession(ServerSession):
+    _on_progress: Callable[[], None]
+
+    async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        self._on_progress()
+        await super().report_progress(progress, total, message)
+
+    async def send_progress_notification(
+        self,
+        progress_token: str | int,
+        progress: float,
+        total: float | None = None,
+        message: str | None = None,
+        related_request_id: str | None = None,
+    ) -> None:
+        self._on_progress()
+        await super().send_progress_notification(progress_token, progress, total, message, related_request_id)
