@@ -282,16 +282,23 @@ class _StdinLines:
             raise StopAsyncIteration from None
 
 
-def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
-    """Serve the wire from a private duplicate of fd 0 and point fd 0 at the null device."""
+def _private_duplicate(fd: int) -> int | None:
+    """A duplicate of `fd` above the standard three, not inherited by child processes; None if
+    it cannot be made."""
     try:
         if sys.platform == "win32":  # pragma: no cover
-            private = os.dup(0)
-        else:
-            import fcntl
+            return os.dup(fd)
+        import fcntl
 
-            private = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
     except OSError:
+        return None
+
+
+def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
+    """Serve the wire from a private duplicate of fd 0 and point fd 0 at the null device."""
+    private = _private_duplicate(0)
+    if private is None:
         return sys.stdin.buffer, None
     try:
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -323,14 +330,8 @@ def divert_stdout() -> BinaryIO:
     """
     if sys.stdout is not None:
         sys.stdout.flush()  # anything written before the diversion belongs to where it was written
-    try:
-        if sys.platform == "win32":  # pragma: no cover
-            private = os.dup(1)
-        else:
-            import fcntl
-
-            private = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
-    except OSError:
+    private = _private_duplicate(1)
+    if private is None:
         return sys.stdout.buffer
     try:
         os.dup2(2, 1)
