@@ -35,7 +35,7 @@ from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest,
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from server.config import ConfigError, ServerSettings, Settings, is_loopback
+from server.config import LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
 from server.metrics import ShutdownReport
@@ -533,7 +533,7 @@ def transport_security(settings: ServerSettings) -> TransportSecuritySettings | 
     """
     if not settings.allowed_hosts and not is_loopback(settings.host):
         return None
-    loopback = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+    loopback = [f"{name}:*" for name in LOOPBACK_HOST_NAMES]
     hosts = _with_bare_names([*loopback, *settings.allowed_hosts])
     origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)

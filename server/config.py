@@ -157,6 +157,8 @@ class ServerSettings(_Section):
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: The same, as a Host or Origin header spells them (an IPv6 address in brackets).
+LOOPBACK_HOST_NAMES = tuple(f"[{host}]" if ":" in host else host for host in LOOPBACK_HOSTS)
 
 
 def is_loopback(host: str) -> bool:

@@ -33,6 +33,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from server.config import LOOPBACK_HOST_NAMES
 from server.metrics import MetricsSnapshot
 from server.sessions import SessionManager
 
@@ -255,13 +256,9 @@ class Exporter:
             self._server = None
 
 
-#: Host names of the loopback interface, as a Host or Origin header spells them.
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
-
-
 def _names_loopback(value: str) -> bool:
     """Whether a Host value (`name` or `name:port`) names the loopback interface."""
-    return any(value == name or value.startswith(name + ":") for name in LOOPBACK_NAMES)
+    return any(value == name or value.startswith(name + ":") for name in LOOPBACK_HOST_NAMES)
 
 
 def _loopback_only(app: WSGIApplication) -> WSGIApplication:
