@@ -525,6 +525,12 @@ class SessionsExtension(Extension):
         self._works[task] = work  # until `_run` ends
         try:
             await work.wake
+            ran_to_end = work.done and not work.cancelled  # (a late stop does not undo that)
+            if not work.done:
+                # Woken by `work.cancel`, which stopped the work: one turn of the loop for it to
+                # take its cancellation. Async work ends in it (cancelled, not abandoned); work
+                # stuck in a thread does not.
+                await asyncio.sleep(0)
         except anyio.get_cancelled_exc_class():
             # The client cancelled the request or went away, or the server is stopping.
             self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
@@ -533,18 +539,8 @@ class SessionsExtension(Extension):
         finally:
             session.on_cancel = None  # nobody waits any more; and no cycle session -> work -> session
 
-        if work.done and not work.cancelled:  # it ran to its end (a late stop does not undo that)
+        if ran_to_end:
             return self._finish(work, name)
-        if not work.done:
-            # One turn of the loop for the work to take its cancellation: async work ends in it
-            # (and is cancelled, not abandoned); work stuck in a thread does not.
-            work.stop()
-            try:
-                await asyncio.sleep(0)
-            except anyio.get_cancelled_exc_class():
-                self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
-                self._give_up(work)
-                raise
         self._give_up(work)
         return self._stopped(session, name, _MAYBE_ABANDONED if work.abandoned else _CANCELLED)
 
