@@ -105,10 +105,12 @@ def _host_pattern_problem(value: str) -> str | None:
 
 
 def _host_pattern(value: str) -> str:
+    """`value`, checked, in lower case: host names are case-insensitive and clients send them in
+    lower case, but the SDK compares the Host header with each entry as written."""
     problem = _host_pattern_problem(value)
     if problem is not None:
         raise ValueError(problem)
-    return value
+    return value.lower()
 
 
 #: The error type of the off-loopback check; `load_settings` words it itself, on the merged values.

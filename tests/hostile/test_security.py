@@ -99,6 +99,23 @@ async def test_allowed_hosts_extends_the_hosts_accepted_and_nothing_else(tmp_pat
     assert own.status_code == 200, own.text
 
 
+async def test_an_allowed_host_written_with_capitals_admits_the_name_as_clients_send_it(tmp_path: Path) -> None:
+    # Host names are case-insensitive and clients send them in lower case; the SDK compares
+    # each entry exactly, so an entry as an operator may write it must not silently never match.
+    config = server_config()
+    config["server"] = {**config["server"], "allowed_hosts": ["MCP.Internal.Test:*", "Proxy.Example:8443"]}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        url, port = server.url or "", port_of(server)
+
+        any_port = await post_initialize(url, host=f"mcp.internal.test:{port}", origin="https://mcp.internal.test")
+        exact = await post_initialize(url, host="proxy.example:8443", origin="https://proxy.example:8443")
+        other_port = await post_initialize(url, host="proxy.example:8444")
+
+    assert any_port.status_code == 200, any_port.text
+    assert exact.status_code == 200, exact.text
+    assert (other_port.status_code, other_port.text) == (421, "Invalid Host header")
+
+
 async def test_a_host_pattern_with_any_port_also_admits_the_bare_host_name(tmp_path: Path) -> None:
     # Behind a proxy on port 80/443 clients send no port: "name:*" must admit "Host: name" too.
     config = server_config()

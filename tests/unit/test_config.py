@@ -57,7 +57,7 @@ def test_a_complete_file_parses_into_every_field(tmp_path: Path) -> None:
         host = "0.0.0.0"
         port = 9000
         tool_modules = ["tools.demo"]
-        allowed_hosts = ["tools.example.com:*"]
+        allowed_hosts = ["Tools.Example.COM:*"]
 
         [limits]
         default_timeout_seconds = 12.5
@@ -79,7 +79,7 @@ def test_a_complete_file_parses_into_every_field(tmp_path: Path) -> None:
     assert settings.server.name == "my-tools"
     assert settings.server.transport == "streamable-http"
     assert settings.server.host == "0.0.0.0"
-    assert settings.server.allowed_hosts == ("tools.example.com:*",)
+    assert settings.server.allowed_hosts == ("tools.example.com:*",)  # lower-cased: the SDK compares exactly
     assert settings.server.port == 9000
     assert settings.server.tool_modules == ("tools.demo",)
     assert settings.limits.default_timeout_seconds == 12.5
