@@ -67,6 +67,19 @@ _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+
 HOST_EXAMPLE = "mcp.example.com:*"
 
 
+def split_host_port(value: str) -> tuple[str, str | None] | None:
+    """The host and the port (None: no port) of a `host[:port]` Host header value or pattern; an
+    IPv6 host keeps its brackets. None if a bracketed host is unclosed or followed by anything
+    but `:port`."""
+    if value.startswith("["):
+        host, bracket, rest = value.partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        return host + bracket, rest[1:] if rest else None
+    host, colon, port = value.rpartition(":")
+    return (host, port) if colon else (value, None)
+
+
 def _host_pattern_problem(value: str) -> str | None:
     """Why `value` is no `host[:port]` pattern (as the SDK compares them with the Host header), or None.
 
@@ -85,15 +98,8 @@ def _host_pattern_problem(value: str) -> str | None:
         if "://" in value:
             return f'must be a Host header value without a scheme, e.g. "{example}"'
         return f'must be host[:port] with no path, e.g. "{example}"'
-    if value.startswith("["):
-        host, _, rest = value.partition("]")
-        host += "]"
-        port: str | None = rest[1:] if rest.startswith(":") else None
-        if rest and port is None:
-            host = value  # text after the brackets that is no port: refused as a whole
-    else:
-        host, colon, after = value.rpartition(":")
-        host, port = (host, after) if colon else (value, None)
+    split = split_host_port(value)
+    host, port = split if split is not None else (value, None)  # None: refused as a whole
     if not _HOST.fullmatch(host):
         return (
             "must be host[:port] where host is a name, an IPv4 address or an IPv6 address in brackets ([::1]); "

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from server.config import split_host_port
 from server.extension import SessionsExtension
 from server.prometheus import render
 
@@ -47,14 +48,14 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 def is_ip_address(host: str) -> bool:
     """Whether a `Host` header value names an IP address (`10.0.0.12`, `10.0.0.12:8765`,
     `[fd00::1]:8765`) rather than a host name."""
-    if host.startswith("["):
-        address, bracket, rest = host[1:].partition("]")
-        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
-            return False
-    else:
-        address, _, port = host.partition(":")
-        if port and not port.isdigit():
-            return False
+    split = split_host_port(host)
+    if split is None:
+        return False
+    address, port = split
+    if port is not None and not port.isdigit():
+        return False
+    if address.startswith("["):
+        address = address[1:-1]
     try:
         ipaddress.ip_address(address)
     except ValueError:

@@ -221,6 +221,8 @@ async def test_the_operational_endpoints_admit_the_allowed_hosts(tmp_path: Path)
         ("10.0.0.12:http", False),
         ("fd00::12", False),  # a Host header brackets an IPv6 address
         ("[fd00::12]x", False),
+        ("[fd00::12", False),
+        ("10.0.0.12:", False),
         ("10.0.0.12.evil.example", False),
         ("evil.example:8765", False),
         ("", False),

@@ -547,6 +547,12 @@ BAD_FILES = [
         id="allowed-host-bare-ipv6",
     ),
     pytest.param(
+        '[server]\nallowed_hosts = ["[::1"]\n',
+        "server.allowed_hosts.0: must be host[:port] where host is a name, an IPv4 address or an IPv6 address"
+        ' in brackets ([::1]); only the port may be * (got "[::1")',
+        id="allowed-host-unclosed-bracket",
+    ),
+    pytest.param(
         "[server]\nallowed_hosts = [5]\n",
         "server.allowed_hosts.0: must be a string (in quotes) (got 5)",
         id="allowed-host-not-a-string",
