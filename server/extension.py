@@ -682,8 +682,8 @@ def make_manager(settings: Settings) -> SessionManager:
             raise ConfigError(
                 [f"store.backend: \"redis\" needs the redis package ({exc}): pip install 'mcp-session-manager[redis]'"]
             ) from None
-        return ClusterSessionManager(settings.limits, settings.tool_caps(), settings.store)
-    return SessionManager(settings.limits, settings.tool_caps())
+        return ClusterSessionManager(settings)  # its [limits], per-tool caps and [store]
+    return SessionManager(settings)
 
 
 def _thread_limiter() -> anyio.CapacityLimiter:
