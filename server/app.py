@@ -239,17 +239,22 @@ class _StdinLines:
     The SDK's `stdio_server` reads stdin in an anyio worker thread, which no cancellation
     reaches: a shutdown begun by a signal or by `server_shutdown` while the client keeps stdin
     open would wait for the client's next line forever. A daemon thread can be left blocked in
-    `read()`; the loop ends this iterator by closing the stream the thread feeds. Like the SDK,
-    fd 0 itself points at the null device while serving, so tools cannot steal protocol bytes.
+    `read()`; the loop ends this iterator by closing the stream the thread feeds. fd 0 itself
+    points at the null device, so tools cannot steal protocol bytes: from before the tool modules
+    are imported when the CLI has claimed it (`claim_stdin`, whose wire is then given here), else
+    while serving, like the SDK.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wire: BinaryIO | None = None) -> None:
         self._send, self._receive = anyio.create_memory_object_stream[str](32)
+        self._wire = wire
         self._restore: Callable[[], None] | None = None
         self.eof = False
 
     def start(self) -> None:
-        wire, self._restore = _claim_stdin()
+        wire = self._wire
+        if wire is None:
+            wire, self._restore = _claim_stdin()
         token = anyio.lowlevel.current_token()
         threading.Thread(target=self._pump, args=(wire, token), name="mcp-stdin-reader", daemon=True).start()
 
@@ -317,6 +322,19 @@ def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
     return os.fdopen(private, "rb", closefd=False), restore
 
 
+def claim_stdin() -> BinaryIO:
+    """Reserve stdin for protocol messages until the process exits; returns the wire to read them from.
+
+    The wire is a private duplicate of fd 0; fd 0 itself (and so `sys.stdin`, `input()`, child
+    processes) reads the null device from now on: at once end of file. The CLI calls this before
+    any tool module is imported, as it does `divert_stdout`: a module that reads stdin while
+    imported or set up must not consume the client's first messages, and serving alone would
+    claim fd 0 only once it begins. fd 0 is never given back. If fd 0 cannot be duplicated, the
+    wire is stdin itself (nothing claimed), as the SDK does.
+    """
+    return _claim_stdin()[0]
+
+
 def divert_stdout() -> BinaryIO:
     """Reserve stdout for protocol messages until the process exits; returns the wire to write them to.
 
@@ -341,18 +359,21 @@ def divert_stdout() -> BinaryIO:
     return os.fdopen(private, "wb", closefd=False)
 
 
-async def serve_stdio(app: App, reloader: ConfigReloader | None = None, wire: BinaryIO | None = None) -> None:
+async def serve_stdio(
+    app: App, reloader: ConfigReloader | None = None, wire: BinaryIO | None = None, stdin: BinaryIO | None = None
+) -> None:
     """Serve over stdio until shutdown; stdin EOF starts the graceful shutdown.
 
     The SDK's stdio streams are relayed so that EOF is held back until the drain has finished
     and every response has been written, and so that the process exits only then. stdin is
     read by `_StdinLines`, so that a shutdown never waits for the client's next line.
     Responses go to `wire` if given (from `divert_stdout`); otherwise the SDK diverts fd 1
-    while serving and gives it back after.
+    while serving and gives it back after. Requests are read from `stdin` if given (from
+    `claim_stdin`); otherwise fd 0 is claimed while serving and given back after.
     """
     exit_ = _Exit(app.sessions)
     try:
-        await _serve_stdio(app, exit_, reloader, wire)
+        await _serve_stdio(app, exit_, reloader, wire, stdin)
     except* (BrokenPipeError, ConnectionResetError):
         # The client died: its stdin closing ran the shutdown; the answers to its last calls
         # (cancelled at the deadline, say) have nowhere to go. Not a crash of the server.
@@ -360,7 +381,9 @@ async def serve_stdio(app: App, reloader: ConfigReloader | None = None, wire: Bi
     _report_exit(app, exit_)
 
 
-async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None, wire: BinaryIO | None) -> None:
+async def _serve_stdio(
+    app: App, exit_: _Exit, reloader: ConfigReloader | None, wire: BinaryIO | None, stdin_wire: BinaryIO | None
+) -> None:
     outstanding = _Outstanding()  # requests read, not answered yet
     unadmitted = _Outstanding()  # tools/call requests read that have not reached the session layer yet
     if isinstance(app.sessions, _StandaloneSessions):
@@ -368,7 +391,7 @@ async def _serve_stdio(app: App, exit_: _Exit, reloader: ConfigReloader | None, 
     lowlevel = app.server._lowlevel_server  # the SDK offers no public hook around its stdio loop
     in_send, in_recv = anyio.create_memory_object_stream[SessionMessage | Exception](32)
     out_send, out_recv = anyio.create_memory_object_stream[SessionMessage](32)
-    lines = _StdinLines()
+    lines = _StdinLines(stdin_wire)
     lines.start()
 
     async def run_server() -> None:
@@ -559,11 +582,13 @@ def _report_exit(app: App, exit_: _Exit) -> None:
         _force_exit(0)
 
 
-def serve(app: App, reloader: ConfigReloader | None = None, wire: BinaryIO | None = None) -> None:
+def serve(
+    app: App, reloader: ConfigReloader | None = None, wire: BinaryIO | None = None, stdin: BinaryIO | None = None
+) -> None:
     """Run the app on its configured transport until it shuts down; `reloader` (if given)
     re-reads the config on SIGHUP; on stdio, `wire` (if given) is where responses go (see
-    `divert_stdout`). With `metrics.prometheus_port`, a loopback-only exporter serves /metrics
-    on that port too."""
+    `divert_stdout`) and `stdin` (if given) where requests come from (see `claim_stdin`).
+    With `metrics.prometheus_port`, a loopback-only exporter serves /metrics on that port too."""
     registry = build_registry(app.sessions.manager)
     exporter = (
         Exporter(registry, app.settings.metrics.prometheus_port) if app.settings.metrics.prometheus_port else None
@@ -572,7 +597,7 @@ def serve(app: App, reloader: ConfigReloader | None = None, wire: BinaryIO | Non
         exporter.start()
     try:
         if app.settings.server.transport == "stdio":
-            anyio.run(serve_stdio, app, reloader, wire)
+            anyio.run(serve_stdio, app, reloader, wire, stdin)
         else:
             anyio.run(serve_http, app, registry, reloader)
     finally:

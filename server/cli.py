@@ -3,7 +3,8 @@
 Tier: application entry. Exit status 0 after a clean (graceful) stop, 2 for a bad
 configuration (nothing is started). Logs go to stderr; on stdio, stdout carries only protocol
 messages, and with `--check-config` only the settings JSON: fd 1 is diverted to stderr before
-the tool modules are imported.
+the tool modules are imported. On stdio, stdin is claimed for the protocol before then too: a
+module that reads it finds it at end of file, and the client's messages all reach the server.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from server.app import build_app, check_tool_overrides, divert_stdout, load_tool_modules, serve
+from server.app import build_app, check_tool_overrides, claim_stdin, divert_stdout, load_tool_modules, serve
 from server.config import ConfigError, safe_url
 from server.config_loader import config_problems, load_settings
 from server.logs import configure_logging
@@ -52,12 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None:
             overrides.setdefault("server", {})[flag] = value
     wire: BinaryIO | None = None
+    stdin: BinaryIO | None = None
     try:
         settings = load_settings(args.config, overrides)
         if args.check_config or settings.server.transport == "stdio":
             # Before any tool module is imported: what it prints must not reach the protocol
             # stream (stdio) or the settings JSON (--check-config).
             wire = divert_stdout()
+        if settings.server.transport == "stdio" and not args.check_config:
+            # Likewise, what it reads must not be the client's messages.
+            stdin = claim_stdin()
         if args.check_config:
             check_tool_overrides(settings, load_tool_modules(settings.server.tool_modules))
         else:
@@ -82,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"mcp-session-manager: {unreachable}\n")
             return EXIT_CONFIG
     configure_logging(settings.logging)
-    serve(app, app.reloader(args.config, overrides), wire)
+    serve(app, app.reloader(args.config, overrides), wire, stdin)
     return 0
 
 

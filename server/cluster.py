@@ -35,7 +35,7 @@ import anyio
 
 from server import admission
 from server.admission import Refusal, SessionRequest, Waiter
-from server.config import LimitsSettings, StoreSettings
+from server.config import LimitsSettings, Settings, StoreSettings
 from server.errors import ErrorCode, SessionError
 from server.metrics import ClusterMetrics, ClusterToolMetrics
 from server.sessions import Session, SessionManager, SessionState, ended_state
@@ -72,10 +72,29 @@ class ClusterSessionManager(SessionManager):
 
     def __init__(
         self,
-        limits: LimitsSettings | None = None,
+        limits: Settings | LimitsSettings | None = None,
         tool_caps: Mapping[str, int] | None = None,
         store: StoreSettings | None = None,
     ) -> None:
+        """`limits` and `tool_caps` as for `SessionManager`: a whole `Settings` (what
+        `load_settings` returns) gives its `[limits]`, its per-tool caps (unless `tool_caps` is
+        given) and its `[store]` (unless `store` is given), whose backend must then be "redis".
+        `store`: the Redis to share; without it and without a `Settings`, the `[store]` defaults
+        with the redis backend (a Redis on 127.0.0.1:6379).
+
+        Raises:
+            ValueError: `limits` is a `Settings` whose `[store] backend` is not "redis", and no
+                `store` is given.
+            TypeError: `limits` is none of the accepted types.
+        """
+        if store is None and isinstance(limits, Settings):
+            if limits.store.backend != "redis":
+                raise ValueError(
+                    "ClusterSessionManager needs a Redis store, but these settings have [store] backend = "
+                    f'"{limits.store.backend}": set [store] backend = "redis" (and its url), pass '
+                    'store=StoreSettings(backend="redis", url=...), or use SessionManager for one process'
+                )
+            store = limits.store
         super().__init__(limits, tool_caps)
         settings = store if store is not None else StoreSettings(backend="redis")
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"

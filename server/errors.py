@@ -26,6 +26,9 @@ class ErrorCode(StrEnum):
     NOT_RUNNING = "not_running"
     #: Cluster mode: the shared session store (Redis) cannot be reached; the call was not run.
     STORE_UNAVAILABLE = "store_unavailable"
+    #: A session tool failed for a reason that is not its arguments (an unexpected exception
+    #: inside it); the server's log has the details.
+    INTERNAL_ERROR = "internal_error"
 
 
 class SessionError(Exception):

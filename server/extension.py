@@ -53,7 +53,14 @@ from server.deadline import Deadline, LateScope, deadline_scope
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
-from server.sdk_seams import ToolCallHandler, intercepts, progress_session, registry_lookup, sdk_interceptor_chain
+from server.sdk_seams import (
+    ToolCallHandler,
+    argument_validation_failure,
+    intercepts,
+    progress_session,
+    registry_lookup,
+    sdk_interceptor_chain,
+)
 from server.sessions import Session, SessionManager, SessionState
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings
@@ -413,11 +420,13 @@ class SessionsExtension(Extension):
         if handler is None:
             handler = self._next_handler
         name = params.name
+        get_tool = self._get_tool
         if name in MANAGEMENT_TOOLS:
             if name == "session_create" and not self._running:
                 return self._not_running(name)  # nothing would expire the session
-            return _with_invalid_argument_code(await handler(ctx, params), name)
-        get_tool = self._get_tool
+            if get_tool is not None and get_tool(name) is None:
+                return await handler(ctx, params)  # the host removed it: the SDK answers "unknown tool"
+            return _with_error_code(await handler(ctx, params), name)
         tool = get_tool(name) if get_tool is not None else _NO_REGISTRY
         if tool is None:
             return await handler(ctx, params)  # the SDK answers "unknown tool"; no session for it
@@ -673,8 +682,8 @@ def make_manager(settings: Settings) -> SessionManager:
             raise ConfigError(
                 [f"store.backend: \"redis\" needs the redis package ({exc}): pip install 'mcp-session-manager[redis]'"]
             ) from None
-        return ClusterSessionManager(settings.limits, settings.tool_caps(), settings.store)
-    return SessionManager(settings.limits, settings.tool_caps())
+        return ClusterSessionManager(settings)  # its [limits], per-tool caps and [store]
+    return SessionManager(settings)
 
 
 def _thread_limiter() -> anyio.CapacityLimiter:
@@ -688,19 +697,45 @@ def _error_text(result: HandlerResult) -> str:
     return text or "the tool returned an error result"
 
 
-def _with_invalid_argument_code(result: HandlerResult, tool: str) -> HandlerResult:
-    """Give the SDK's own argument-validation failures of a session tool the `invalid_argument`
-    code, and log them as the refusals they are (the tools log their own refusals, which
-    already carry a code)."""
-    if isinstance(result, CallToolResult) and result.is_error:
-        meta = dict(result.meta or {})
-        if ERROR_META_KEY not in meta:
-            text = " ".join(block.text for block in result.content if isinstance(block, TextContent))
-            error = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool)
-            log_refusal(error)
-            meta[ERROR_META_KEY] = error.to_meta()
-            return result.model_copy(update={"meta": meta})
-    return result
+def _with_error_code(result: HandlerResult, tool: str) -> HandlerResult:
+    """Give an error result of session tool `tool` that carries no code (the tools' own refusals
+    carry theirs, and are logged already) the code that says what happened, and log it once:
+
+    - `invalid_argument` for the SDK's own argument-validation failure (`sdk_seams.
+      argument_validation_failure`), logged as the refusal it is;
+    - `internal_error` for anything else (an unexpected exception inside the tool, say a reply
+      from the session store it could not read): the caller's arguments were not the problem, and
+      the sentence says so. Logged at ERROR (the SDK logs the exception's traceback itself).
+    """
+    if not isinstance(result, CallToolResult) or not result.is_error:
+        return result
+    meta = dict(result.meta or {})
+    if ERROR_META_KEY in meta:
+        return result
+    text = " ".join(block.text for block in result.content if isinstance(block, TextContent))
+    update: dict[str, Any] = {}
+    if argument_validation_failure(text, tool):
+        error = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool)
+        log_refusal(error)
+    else:
+        what = text or f"Error executing tool {tool}"
+        error = SessionError(
+            ErrorCode.INTERNAL_ERROR,
+            f"{what} (an internal error of the server, not a problem with the arguments; "
+            "the server's log has the details)",
+            tool=tool,
+        )
+        logger.error(
+            "Session tool %s failed (%s): %s",
+            tool,
+            error.code.value,
+            what,
+            extra={"code": error.code.value, "tool": tool},
+        )
+        update["content"] = [TextContent(type="text", text=error.message)]
+    meta[ERROR_META_KEY] = error.to_meta()
+    update["meta"] = meta
+    return result.model_copy(update=update)
 
 
 def _being_cancelled() -> bool:

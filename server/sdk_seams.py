@@ -7,7 +7,9 @@ API, kept here so that an SDK upgrade has one place to check:
   async ones, and hosted tools from unknown names);
 - `sdk_interceptor_chain` and `intercepts`: recognising the `tools/call` handler that the SDK's
   `compose_tool_call_handler` built, to take this extension's link out of it;
-- `progress_session`: a copy of the request's `ServerSession` that sees the tool's progress.
+- `progress_session`: a copy of the request's `ServerSession` that sees the tool's progress;
+- `argument_validation_failure`: recognising the SDK's answer to arguments that fail a tool's
+  input schema (the SDK marks it only in its wording).
 
 Each one degrades rather than fails when the SDK's shape differs: no registry (every tool is of
 unknown kind), no take-over (the SDK's chain keeps running), as the extension's docs say.
@@ -15,6 +17,7 @@ unknown kind), no take-over (the SDK's chain keeps running), as the extension's 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from types import CodeType
 from typing import Any
@@ -75,6 +78,25 @@ def sdk_interceptor_chain(handler: object) -> tuple[list[Extension], ToolCallHan
     except (KeyError, ValueError, TypeError):  # pragma: no cover - a chain of another shape
         return None
     return extensions, wrapped
+
+
+def argument_validation_failure(text: str, tool: str) -> bool:
+    """Whether `text`, the text of an error result of `tool`, is the SDK's answer to arguments
+    that failed the tool's input schema (and not a failure inside the tool).
+
+    mcp 2.x marks it only in its wording: `Tool.run` raises `ToolError(f"Error executing tool
+    {name}: {exc}")` from the pydantic `ValidationError` of the tool's arguments model, which
+    `func_metadata` names `<function name>Arguments` and whose text starts `N validation
+    error(s) for <model>` and a newline; `MCPServer._handle_call_tool` returns that text as the
+    result's one text block. Every other failure reads differently: a crash inside the tool is
+    `Error executing tool <name>` alone (`UnexpectedToolError`, the cause kept off the wire), and a
+    `ToolError` the tool raises on purpose has its own message after the prefix. `tool` must be
+    registered under its function's name, as the session tools are. An SDK that words it
+    differently makes this False, and such failures are then reported as internal errors.
+    """
+    name = re.escape(tool)
+    pattern = rf"Error executing tool {name}: [1-9][0-9]* validation errors? for {name}Arguments\n"
+    return re.match(pattern, text) is not None
 
 
 def progress_session(session: ServerSession, on_progress: Callable[[], None]) -> ServerSession:

@@ -7,6 +7,8 @@ stopped and restarted (same port) mid-test, Redis hung (SIGSTOP), and Redis unre
   fast (within about `[store] timeout_seconds`) with `store_unavailable`; `session_metrics`
   still answers, with `cluster.available` false. When Redis is back, calls succeed again by
   themselves.
+- A reply from Redis the replica cannot read (a counter that is not a number) fails
+  `session_metrics` inside: `internal_error`, logged once, never `invalid_argument`.
 - At startup an unreachable Redis is a clear error naming `[store] url`, and exit status 2.
 """
 
@@ -23,6 +25,7 @@ import anyio
 import anyio.to_thread
 import httpx2
 import pytest
+import redis
 from mcp import Client
 from mcp_types import CallToolResult
 
@@ -240,6 +243,29 @@ async def timed_metrics(client: Client) -> tuple[tuple[dict[str, Any], dict[str,
     with anyio.fail_after(10):
         views = await cluster_metrics(client)
     return views, time.monotonic() - started
+
+
+async def test_a_store_reply_session_metrics_cannot_read_is_an_internal_error_not_invalid_argument(
+    tmp_path: Path, shared_redis_url: str, shared_store: dict[str, TomlValue], key_prefix: str
+) -> None:
+    async with start_replicas(tmp_path, cluster_config(shared_store), 1) as (replica,), replica.client() as client:
+        await cluster_metrics(client)  # the cluster totals read fine
+        # Something else writes into the service's keys: a counter that is not a number. Redis
+        # answers, so it is not `store_unavailable`; reading the totals fails inside the tool.
+        store = redis.Redis.from_url(shared_redis_url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            store.hset(f"{key_prefix}counts", "created", "not a number")
+        finally:
+            store.close()
+        with anyio.fail_after(10):
+            result = await client.call_tool("session_metrics", {})
+        error = error_of(result)
+        assert (error["code"], error["tool"]) == ("internal_error", "session_metrics"), error
+        assert "not a problem with the arguments" in error["message"]
+        logged = await replica.wait_stderr("failed (internal_error)")
+        assert "session_metrics" in logged
+    assert sum("failed (internal_error)" in line for line in replica.stderr_lines) == 1, replica.stderr
+    assert "(invalid_argument)" not in replica.stderr, replica.stderr
 
 
 @contextmanager

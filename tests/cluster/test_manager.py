@@ -12,9 +12,10 @@ from typing import Any
 
 import anyio
 import pytest
+import redis
 
 from server.cluster import ClusterSessionManager
-from server.config import LimitsSettings, StoreSettings
+from server.config import LimitsSettings, Settings, StoreSettings, ToolSettings
 from server.errors import ErrorCode, SessionError
 from server.metrics import ClusterMetrics
 from server.sessions import SessionState
@@ -275,3 +276,46 @@ async def test_a_manager_will_not_start_without_redis(own_redis: RedisServer) ->
     with pytest.raises(StoreUnavailable, match=url):
         async with manager.running():
             pass
+
+
+async def test_a_whole_settings_gives_the_manager_its_store_limits_and_tool_caps(
+    shared_redis_url: str, shared_store: dict[str, TomlValue], key_prefix: str
+) -> None:
+    # What `load_settings` returns, as `SessionManager(settings)` takes it: its [store] is the
+    # Redis to share (this test's, under its prefix), not the built-in default URL.
+    config = Settings(
+        limits=LimitsSettings(max_concurrent_sessions=2),
+        tools={"slow": ToolSettings(max_concurrent=1)},
+        store=StoreSettings(**shared_store),  # type: ignore[arg-type]
+    )
+    a, b = ClusterSessionManager(config), ClusterSessionManager(config)
+    assert a.store.settings == config.store and a.store.prefix == key_prefix
+    assert a.limits == config.limits and a.tool_caps == {"slow": 1}
+    async with _running(a, b):
+        held = await a.create(tool="slow")
+        with pytest.raises(SessionError) as tool_full:
+            await b.create(tool="slow")  # the tool cap, held across the two through that Redis
+        assert "tools.slow.max_concurrent" in tool_full.value.message
+        await b.create(tool="fast")
+        with pytest.raises(SessionError) as full:
+            await b.create(tool="fast")  # the global cap of 2
+        assert full.value.code is ErrorCode.CAPACITY_EXCEEDED
+        store = redis.Redis.from_url(shared_redis_url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            assert store.zscore(f"{key_prefix}active", held.id) is not None  # in the Redis the settings name
+        finally:
+            store.close()
+    # An explicit store still wins over the settings' own.
+    explicit = StoreSettings(**{**shared_store, "key_prefix": f"{key_prefix}other:"})  # type: ignore[arg-type]
+    assert ClusterSessionManager(config, store=explicit).store.settings == explicit
+
+
+def test_settings_without_the_redis_backend_are_refused_with_the_fix() -> None:
+    config = Settings(limits=LimitsSettings(max_concurrent_sessions=3))  # [store] backend = "memory"
+    with pytest.raises(ValueError, match='backend = "memory"') as refused:
+        ClusterSessionManager(config)
+    message = str(refused.value)
+    assert 'backend = "redis"' in message and "store=StoreSettings" in message and "SessionManager" in message
+    # Given a store explicitly, the settings' [store] is not consulted.
+    manager = ClusterSessionManager(config, store=StoreSettings(backend="redis"))
+    assert manager.limits.max_concurrent_sessions == 3

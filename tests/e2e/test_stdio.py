@@ -33,12 +33,21 @@ from tests.e2e.conftest import (
     server_env,
     start_server,
 )
-from tests.e2e_cli.test_cli import NOISY_IMPORT_FD, NOISY_IMPORT_PRINT, NOISY_MODULE, NOISY_SETUP_PRINT
+from tests.e2e_cli.test_cli import (
+    FIXTURES,
+    NOISY_IMPORT_FD,
+    NOISY_IMPORT_PRINT,
+    NOISY_MODULE,
+    NOISY_SETUP_PRINT,
+)
 from tests.fixtures.e2e_tools import NOISE_FROM_FD, NOISE_FROM_PRINT
 from tests.helpers import code_of, error_of, text_of
 
 #: Margin on top of a shutdown deadline for the process to wind down and exit.
 EXIT_MARGIN = 8.0
+#: A tool module that reads stdin at import and in `setup`; not imported here, where it would
+#: read the test's own stdin.
+STDIN_READER_MODULE = f"{FIXTURES}.reads_stdin_at_import"
 
 
 async def raw_metrics(server: ServerProcess) -> dict[str, Any]:
@@ -414,6 +423,31 @@ async def test_stdout_carries_only_json_rpc_messages_when_a_tool_module_prints_a
     # ...and what the module wrote while imported and set up (before serving began) went to stderr.
     for noise in (NOISY_IMPORT_PRINT, NOISY_IMPORT_FD, NOISY_SETUP_PRINT):
         assert server.stderr.count(noise) == 1, noise
+
+
+async def test_a_tool_module_reading_stdin_at_import_and_setup_reads_nothing_and_every_message_is_served(
+    tmp_path: Path,
+) -> None:
+    config = server_config()
+    config["server"] = {"tool_modules": [*config["server"]["tool_modules"], STDIN_READER_MODULE]}
+    async with start_server(tmp_path, config) as server:
+        # Sent at once, maybe while the module is still being imported: before serving began
+        # it must already read the null device, not this stream.
+        try:
+            initialized = await server.initialize()
+        except TimeoutError:
+            raise AssertionError(
+                f"initialize was never answered (read by the tool module?):\n{server.stderr}"
+            ) from None
+        listed = await server.request("tools/list", {})
+        read = await server.call("stdin_read_at_startup")
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert "result" in initialized
+    assert "stdin_read_at_startup" in {tool["name"] for tool in listed["result"]["tools"]}
+    assert json.loads(text_of(read)) == {"import": "", "setup": ""}  # end of file at once, both ways
+    # Every message the client sent was read by the server: three requests, three responses.
+    assert server.stray_stdout == [] and len(server.stdout_lines) == 3
 
 
 async def test_a_second_signal_forces_an_immediate_exit_with_status_1(tmp_path: Path) -> None:

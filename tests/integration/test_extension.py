@@ -15,7 +15,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp_types import CallToolResult
 
-from server import SessionsExtension
+from server import ERROR_META_KEY, SessionsExtension
 from server import extension as extension_module
 from server.deadline import Deadline, LateScope
 from server.sdk_seams import registry_lookup
@@ -308,6 +308,41 @@ async def test_bad_arguments_to_session_tools_are_invalid_argument(tool: str, ar
         m = await metrics(client)
     assert error["code"] == "invalid_argument" and error["message"]
     assert m["total_sessions_created"] == 0 and not m["shutdown_requested"]
+
+
+async def test_a_session_tool_failing_inside_is_an_internal_error_not_invalid_argument(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A host's exit listener that raises makes `server_shutdown` fail inside, with valid
+    # arguments: the SDK answers with its generic crash result, which carries no code.
+    app, sessions = build()
+
+    def broken_listener(report: object) -> None:
+        raise RuntimeError("the host's exit listener broke")
+
+    sessions.add_exit_listener(broken_listener)
+    caplog.set_level(logging.INFO)
+    async with Client(app) as client:
+        result = await client.call_tool("server_shutdown", {"timeout_seconds": 0})
+        error = error_of(result)
+        bad = error_of(await client.call_tool("server_shutdown", {"timeout_seconds": "soon"}))
+    assert (error["code"], error["tool"]) == ("internal_error", "server_shutdown")
+    assert "not a problem with the arguments" in error["message"]
+    assert "listener broke" not in error["message"]  # the exception's text stays on the server
+    assert bad["code"] == "invalid_argument"  # the SDK's argument validation keeps its code
+    ours = [r for r in caplog.records if getattr(r, "code", None) == "internal_error"]
+    assert [(r.levelno, r.tool) for r in ours] == [(logging.ERROR, "server_shutdown")]  # type: ignore[attr-defined]
+    refusals = [r for r in caplog.records if r.name == "server.refusals"]
+    assert [r.code for r in refusals] == ["invalid_argument"]  # type: ignore[attr-defined]
+
+
+async def test_a_session_tool_the_host_removed_is_answered_as_an_unknown_tool_with_no_code() -> None:
+    app, _ = build()
+    app.remove_tool("session_metrics")
+    async with Client(app) as client:
+        result = await client.call_tool("session_metrics", {})
+    assert result.is_error and "Unknown tool" in text_of(result)
+    assert ERROR_META_KEY not in (result.meta or {})  # as for any name the server does not have
 
 
 async def test_a_session_create_session_expires_by_itself_and_frees_its_slot() -> None:
