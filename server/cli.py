@@ -3,8 +3,9 @@
 Tier: application entry. Exit status 0 after a clean (graceful) stop, 2 for a bad
 configuration (nothing is started). Logs go to stderr; on stdio, stdout carries only protocol
 messages, and with `--check-config` only the settings JSON: fd 1 is diverted to stderr before
-the tool modules are imported. On stdio, stdin is claimed for the protocol before then too: a
-module that reads it finds it at end of file, and the client's messages all reach the server.
+the tool modules are imported. stdin is claimed before then too (on stdio for the protocol, and
+for `--check-config`): a module that reads it finds it at end of file, so the client's messages
+all reach the server and a check never waits for input.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Before any tool module is imported: what it prints must not reach the protocol
             # stream (stdio) or the settings JSON (--check-config).
             wire = divert_stdout()
-        if settings.server.transport == "stdio" and not args.check_config:
-            # Likewise, what it reads must not be the client's messages.
+        if args.check_config or settings.server.transport == "stdio":
+            # Likewise, what it reads must not be the client's messages (nor wait, in a check,
+            # for a terminal or a pipe that never ends).
             stdin = claim_stdin()
         if args.check_config:
             check_tool_overrides(settings, load_tool_modules(settings.server.tool_modules))

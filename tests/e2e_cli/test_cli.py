@@ -138,6 +138,33 @@ def test_check_config_imports_a_good_tool_module() -> None:
     assert json.loads(result.stdout)["server"]["tool_modules"] == [f"{FIXTURES}.good_tools"]
 
 
+def test_check_config_with_a_tool_module_that_reads_stdin_does_not_wait_for_stdin() -> None:
+    # stdin stays open and empty, as a terminal or an idle pipe: a module reading it at import
+    # would wait forever, unless the check has claimed fd 0 first (the module reads end of file).
+    environ = {name: value for name, value in os.environ.items() if not name.upper().startswith("MCP_SESSIONS_")}
+    environ["MCP_SESSIONS_SERVER__TOOL_MODULES"] = f'["{FIXTURES}.reads_stdin_at_import"]'
+    with subprocess.Popen(
+        [sys.executable, "-m", "server", "--check-config"],
+        cwd=ROOT,
+        env=environ,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            returncode = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+            pytest.fail("--check-config waited on stdin while importing a tool module that reads it")
+        assert process.stdout is not None and process.stderr is not None
+        stdout, stderr = process.stdout.read(), process.stderr.read()
+
+    assert returncode == 0, stderr
+    assert json.loads(stdout)["server"]["tool_modules"] == [f"{FIXTURES}.reads_stdin_at_import"]
+
+
 @pytest.mark.parametrize("script", [False, True], ids=["python-m-server", "console-script"])
 def test_check_config_stdout_is_the_settings_json_alone_when_a_tool_module_prints(script: bool) -> None:
     env = {"MCP_SESSIONS_SERVER__TOOL_MODULES": f'["{NOISY_MODULE}"]'}
