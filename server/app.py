@@ -304,7 +304,16 @@ def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
     """Serve the wire from a private duplicate of fd 0 and point fd 0 at the null device."""
     private = _private_duplicate(0)
     if private is None:
-        return sys.stdin.buffer, None
+        if sys.stdin is not None:
+            return sys.stdin.buffer, None
+        # No fd 0 at all (started with stdin closed): no client, so no messages, at once; and
+        # fd 0 reads the null device, or the next file opened would be taken for stdin.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            if devnull != 0:
+                os.dup2(devnull, 0)
+                os.close(devnull)
+        return io.BytesIO(b""), None
     try:
         devnull = os.open(os.devnull, os.O_RDONLY)
         try:
@@ -330,7 +339,7 @@ def claim_stdin() -> BinaryIO:
     any tool module is imported, as it does `divert_stdout`: a module that reads stdin while
     imported or set up must not consume the client's first messages, and serving alone would
     claim fd 0 only once it begins. fd 0 is never given back. If fd 0 cannot be duplicated, the
-    wire is stdin itself (nothing claimed), as the SDK does.
+    wire is stdin itself (nothing claimed), as the SDK does; if there is no fd 0, an empty stream.
     """
     return _claim_stdin()[0]
 
@@ -344,13 +353,19 @@ def divert_stdout() -> BinaryIO:
     or the JSON of `--check-config`, and the SDK's own diversion starts only once serving
     begins. fd 1 is never given back: whatever a stray thread or an exit handler prints after
     the last response still misses the wire. If fd 1 cannot be duplicated, the wire is stdout
-    itself (nothing diverted), as the SDK does.
+    itself (nothing diverted), as the SDK does; if there is no fd 1, the null device.
     """
     if sys.stdout is not None:
         sys.stdout.flush()  # anything written before the diversion belongs to where it was written
     private = _private_duplicate(1)
     if private is None:
-        return sys.stdout.buffer
+        if sys.stdout is not None:
+            return sys.stdout.buffer
+        # No fd 1 at all (started with stdout closed): nobody reads what the wire carries; and
+        # fd 1 points at stderr, or the next file or socket opened would be taken for stdout.
+        with contextlib.suppress(OSError):
+            os.dup2(2, 1)
+        return open(os.devnull, "wb")  # noqa: SIM115 - the wire stays open until the process exits
     try:
         os.dup2(2, 1)
     except OSError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,35 @@ def test_check_config_imports_a_good_tool_module() -> None:
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["server"]["tool_modules"] == [f"{FIXTURES}.good_tools"]
+
+
+def run_with_closed(fd: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m server ARGS` started with file descriptor `fd` (0 or 1) closed, as a shell's
+    `<&-` / `>&-` does; stderr is captured, and stdout too when it is open."""
+    environ = {name: value for name, value in os.environ.items() if not name.upper().startswith("MCP_SESSIONS_")}
+    redirect = "<&-" if fd == 0 else ">&-"
+    command = " ".join([shlex.quote(sys.executable), "-m", "server", *map(shlex.quote, args), redirect])
+    return subprocess.run(
+        ["/bin/sh", "-c", f"exec {command}"], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_check_config_and_stdio_started_with_stdin_closed_see_end_of_file() -> None:
+    checked = run_with_closed(0, "--check-config")
+    served = run_with_closed(0, "--transport", "stdio")
+
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["server"]["transport"] == "stdio"
+    # No client at all: the stdio server stops at once, as on stdin EOF.
+    assert served.returncode == 0, served.stderr
+    assert "Graceful shutdown: stdin closed" in served.stderr and "Traceback" not in served.stderr
+
+
+def test_check_config_started_with_stdout_closed_still_checks() -> None:
+    result = run_with_closed(1, "--check-config")
+
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_check_config_with_a_tool_module_that_reads_stdin_does_not_wait_for_stdin() -> None:
