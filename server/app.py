@@ -41,7 +41,7 @@ from server.extension import SessionsExtension
 from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
-from server.sdk_seams import ToolCallHandler
+from server.sdk_seams import ToolCallHandler, end_listen_streams
 from tools.sessions import MANAGEMENT_TOOLS
 
 logger = logging.getLogger(__name__)
@@ -180,15 +180,19 @@ def build_server(settings: Settings) -> MCPServer[Any]:
 class _Exit:
     """Coordinates the one graceful shutdown, whoever asks for it first."""
 
-    def __init__(self, sessions: SessionsExtension) -> None:
-        self.sessions = sessions
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.sessions = app.sessions
         self.done = anyio.Event()
         self.report: ShutdownReport | None = None
         self.signals = 0
-        sessions.add_exit_listener(self._finished)
+        app.sessions.add_exit_listener(self._finished)
 
     def _finished(self, report: ShutdownReport) -> None:
         self.report = report
+        # The drain is over: `subscriptions/listen` streams end with their result, as the protocol
+        # wants, instead of being cut when the transport stops (and, meanwhile, awaited as unanswered).
+        end_listen_streams(self.app.server)
         self.done.set()
 
     async def begin(self, reason: str) -> None:
@@ -350,7 +354,7 @@ async def serve_stdio(app: App, reloader: ConfigReloader | None = None, wire: Bi
     Responses go to `wire` if given (from `divert_stdout`); otherwise the SDK diverts fd 1
     while serving and gives it back after.
     """
-    exit_ = _Exit(app.sessions)
+    exit_ = _Exit(app)
     try:
         await _serve_stdio(app, exit_, reloader, wire)
     except* (BrokenPipeError, ConnectionResetError):
@@ -483,7 +487,7 @@ async def serve_http(
 ) -> None:
     """Serve over streamable HTTP at http://HOST:PORT/mcp (and /healthz, /readyz, /metrics) until shutdown."""
     settings = app.settings.server
-    exit_ = _Exit(app.sessions)
+    exit_ = _Exit(app)
     security = transport_security(settings)  # one check for /mcp and the operational endpoints
     add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager), security)
     starlette_app = app.server.streamable_http_app(host=settings.host, transport_security=security)

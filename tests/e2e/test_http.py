@@ -1,6 +1,6 @@
 """The standalone server as a real process over streamable HTTP on loopback: the URL on stderr,
 tools and deadlines through the SDK's `Client(url)`, `server_shutdown` guarded by the admin
-token, SIGTERM, and a port already in use.
+token, SIGTERM (also with a `subscriptions/listen` stream open), and a port already in use.
 
 The tests that leave the server running share one process (`shared_http_server`, each with
 its own MCP session, asserting on metric deltas); the ones that stop it start their own.
@@ -38,6 +38,15 @@ TOKEN = "correct horse battery staple"
 def url_of(server: ServerProcess) -> str:
     assert server.url is not None, "not an HTTP server"
     return server.url
+
+
+def error_lines(server: ServerProcess) -> list[str]:
+    """The stderr lines logged at ERROR or above, and any traceback."""
+    return [
+        line
+        for line in server.stderr_lines
+        if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+    ]
 
 
 async def test_the_server_prints_its_url_on_stderr_and_serves_tools(shared_http_server: ServerProcess) -> None:
@@ -149,6 +158,23 @@ async def test_sigterm_drains_calls_in_flight_and_exits_0(tmp_path: Path) -> Non
     assert "received SIGTERM" in server.stderr
     assert "1 of 2 session(s) finished, 1 cancelled" in server.stderr
     assert "Exiting with 1 stuck tool thread(s) abandoned" in server.stderr
+
+
+async def test_sigterm_ends_an_open_listen_stream_with_its_result(tmp_path: Path) -> None:
+    # Protocol 2026-07-28 (the SDK client's default): a `subscriptions/listen` POST stays open
+    # for change events. The shutdown ends it the protocol's way, with its result as the last
+    # frame; the SDK's client raises `SubscriptionLost` for a stream that is cut instead.
+    async with start_server(tmp_path, server_config(), transport="streamable-http") as server:
+        events: list[object] = []
+        with anyio.fail_after(EXIT_MARGIN):
+            async with server.client() as client, client.listen(tools_list_changed=True) as subscription:
+                server.send_signal(signal.SIGTERM)
+                async for event in subscription:
+                    events.append(event)
+            assert await server.wait_exit(within=EXIT_MARGIN) == 0
+
+    assert events == []
+    assert error_lines(server) == [], server.stderr
 
 
 async def test_a_port_in_use_fails_fast_with_exit_status_1_and_a_clear_error(tmp_path: Path) -> None:
