@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from server.config import LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
+from server.http_shutdown import HttpShutdown
 from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
@@ -490,9 +491,10 @@ async def serve_http(
     exit_ = _Exit(app)
     security = transport_security(settings)  # one check for /mcp and the operational endpoints
     add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager), security)
-    starlette_app = app.server.streamable_http_app(host=settings.host, transport_security=security)
+    # Ends open GET event streams and waits for responses in flight before uvicorn stops (see its module).
+    http = HttpShutdown(app.server.streamable_http_app(host=settings.host, transport_security=security))
     config = uvicorn.Config(
-        starlette_app,
+        http,
         host=settings.host,
         port=settings.port,
         log_level="warning",
@@ -511,6 +513,7 @@ async def serve_http(
 
         async def stop_when_done() -> None:
             await exit_.done.wait()
+            await http.close(within=FLUSH_SECONDS)
             server.should_exit = True
 
         tg.start_soon(stop_when_done)
