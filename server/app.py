@@ -38,10 +38,11 @@ from pydantic import ValidationError
 from server.config import LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
+from server.http_shutdown import HttpShutdown
 from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
-from server.sdk_seams import ToolCallHandler
+from server.sdk_seams import ToolCallHandler, end_listen_streams
 from tools.sessions import MANAGEMENT_TOOLS
 
 logger = logging.getLogger(__name__)
@@ -180,15 +181,19 @@ def build_server(settings: Settings) -> MCPServer[Any]:
 class _Exit:
     """Coordinates the one graceful shutdown, whoever asks for it first."""
 
-    def __init__(self, sessions: SessionsExtension) -> None:
-        self.sessions = sessions
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.sessions = app.sessions
         self.done = anyio.Event()
         self.report: ShutdownReport | None = None
         self.signals = 0
-        sessions.add_exit_listener(self._finished)
+        app.sessions.add_exit_listener(self._finished)
 
     def _finished(self, report: ShutdownReport) -> None:
         self.report = report
+        # The drain is over: `subscriptions/listen` streams end with their result, as the protocol
+        # wants, instead of being cut when the transport stops (and, meanwhile, awaited as unanswered).
+        end_listen_streams(self.app.server)
         self.done.set()
 
     async def begin(self, reason: str) -> None:
@@ -386,7 +391,7 @@ async def serve_stdio(
     while serving and gives it back after. Requests are read from `stdin` if given (from
     `claim_stdin`); otherwise fd 0 is claimed while serving and given back after.
     """
-    exit_ = _Exit(app.sessions)
+    exit_ = _Exit(app)
     try:
         await _serve_stdio(app, exit_, reloader, wire, stdin)
     except* (BrokenPipeError, ConnectionResetError):
@@ -521,12 +526,13 @@ async def serve_http(
 ) -> None:
     """Serve over streamable HTTP at http://HOST:PORT/mcp (and /healthz, /readyz, /metrics) until shutdown."""
     settings = app.settings.server
-    exit_ = _Exit(app.sessions)
+    exit_ = _Exit(app)
     security = transport_security(settings)  # one check for /mcp and the operational endpoints
     add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager), security)
-    starlette_app = app.server.streamable_http_app(host=settings.host, transport_security=security)
+    # Ends open GET event streams and waits for responses in flight before uvicorn stops (see its module).
+    http = HttpShutdown(app.server.streamable_http_app(host=settings.host, transport_security=security))
     config = uvicorn.Config(
-        starlette_app,
+        http,
         host=settings.host,
         port=settings.port,
         log_level="warning",
@@ -545,6 +551,7 @@ async def serve_http(
 
         async def stop_when_done() -> None:
             await exit_.done.wait()
+            await http.close(within=FLUSH_SECONDS)
             server.should_exit = True
 
         tg.start_soon(stop_when_done)

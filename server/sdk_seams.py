@@ -9,10 +9,13 @@ API, kept here so that an SDK upgrade has one place to check:
   `compose_tool_call_handler` built, to take this extension's link out of it;
 - `progress_session`: a copy of the request's `ServerSession` that sees the tool's progress;
 - `argument_validation_failure`: recognising the SDK's answer to arguments that fail a tool's
-  input schema (the SDK marks it only in its wording).
+  input schema (the SDK marks it only in its wording);
+- `end_listen_streams`: the graceful close of the `subscriptions/listen` streams, which the SDK
+  itself never calls.
 
 Each one degrades rather than fails when the SDK's shape differs: no registry (every tool is of
-unknown kind), no take-over (the SDK's chain keeps running), as the extension's docs say.
+unknown kind), no take-over (the SDK's chain keeps running), as the extension's docs say; no
+graceful close of listen streams (they are cut when the server stops, as before).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mcp.server.context import HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, compose_tool_call_handler
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp.server.session import ServerSession
+from mcp.server.subscriptions import ListenHandler
 from mcp_types import CallToolRequestParams
 
 #: A `tools/call` request handler, as the lowlevel server calls it: `handler(ctx, params)`.
@@ -128,3 +132,19 @@ class _ProgressSession(ServerSession):
     ) -> None:
         self._on_progress()
         await super().send_progress_notification(progress_token, progress, total, message, related_request_id)
+
+
+def end_listen_streams(app: Any) -> bool:
+    """Close every open `subscriptions/listen` stream of `app` (an `MCPServer`) gracefully: each
+    sends its buffered events, then its result as the last frame, so the client knows the stream
+    ended on purpose. `MCPServer` serves the method with the SDK's `ListenHandler` on its
+    lowlevel server and never closes it; a listen stream otherwise lasts until the transport
+    cuts it. False if `app` serves `subscriptions/listen` otherwise (or not at all)."""
+    lowlevel = getattr(app, "_lowlevel_server", None)
+    get_request_handler = getattr(lowlevel, "get_request_handler", None)
+    entry = get_request_handler("subscriptions/listen") if get_request_handler is not None else None
+    handler = getattr(entry, "handler", None)
+    if not isinstance(handler, ListenHandler):
+        return False
+    handler.close()
+    return True

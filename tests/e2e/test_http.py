@@ -1,6 +1,7 @@
 """The standalone server as a real process over streamable HTTP on loopback: the URL on stderr,
 tools and deadlines through the SDK's `Client(url)`, `server_shutdown` guarded by the admin
-token, SIGTERM, and a port already in use.
+token, SIGTERM (also with a handshake-era client's GET event stream, or a `subscriptions/listen`
+stream, open), and a port already in use.
 
 The tests that leave the server running share one process (`shared_http_server`, each with
 its own MCP session, asserting on metric deltas); the ones that stop it start their own.
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 from mcp import Client
 from mcp_types import CallToolResult
 
 from tests.e2e.conftest import (
     CALL_SECONDS,
     HOST,
+    PROTOCOL_VERSION,
     START_SECONDS,
     ServerProcess,
     metrics,
@@ -38,6 +41,15 @@ TOKEN = "correct horse battery staple"
 def url_of(server: ServerProcess) -> str:
     assert server.url is not None, "not an HTTP server"
     return server.url
+
+
+def error_lines(server: ServerProcess) -> list[str]:
+    """The stderr lines logged at ERROR or above, and any traceback."""
+    return [
+        line
+        for line in server.stderr_lines
+        if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+    ]
 
 
 async def test_the_server_prints_its_url_on_stderr_and_serves_tools(shared_http_server: ServerProcess) -> None:
@@ -149,6 +161,88 @@ async def test_sigterm_drains_calls_in_flight_and_exits_0(tmp_path: Path) -> Non
     assert "received SIGTERM" in server.stderr
     assert "1 of 2 session(s) finished, 1 cancelled" in server.stderr
     assert "Exiting with 1 stuck tool thread(s) abandoned" in server.stderr
+
+
+async def test_sigterm_ends_an_open_get_event_stream_cleanly_and_logs_no_error(tmp_path: Path) -> None:
+    # A handshake-era client (the MCP Inspector's default, the SDK's `streamable_http_client`)
+    # keeps GET /mcp open for what the server sends unprompted. Stopping the server must end that
+    # response properly (its last chunk sent), not cut it and log an ERROR per open stream.
+    async with start_server(tmp_path, server_config(), transport="streamable-http") as server:
+        url = url_of(server)
+        headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        init = {"protocolVersion": PROTOCOL_VERSION, "capabilities": {}, "clientInfo": {"name": "e2e", "version": "0"}}
+        received: list[bytes] = []
+        with anyio.fail_after(EXIT_MARGIN + 5):
+            async with httpx2.AsyncClient(timeout=CALL_SECONDS) as http:
+                initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}
+                first = await http.post(url, headers=headers, json=initialize)
+                assert first.status_code == 200, first.text
+                session_id = first.headers["mcp-session-id"]
+                session = {**headers, "mcp-session-id": session_id, "mcp-protocol-version": PROTOCOL_VERSION}
+                initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+                assert (await http.post(url, headers=session, json=initialized)).status_code == 202
+                unprompted = {"Accept": "text/event-stream", "mcp-session-id": session_id}
+                unprompted["mcp-protocol-version"] = PROTOCOL_VERSION
+                async with http.stream("GET", url, headers=unprompted) as stream:
+                    # The headers have arrived: the server has started the event stream.
+                    assert stream.status_code == 200
+                    assert stream.headers["content-type"].startswith("text/event-stream")
+                    server.send_signal(signal.SIGTERM)
+                    # Ends without httpx2.RemoteProtocolError ("incomplete chunked read").
+                    async for chunk in stream.aiter_raw():
+                        received.append(chunk)
+            assert await server.wait_exit(within=EXIT_MARGIN) == 0
+
+    assert "received SIGTERM" in server.stderr
+    assert error_lines(server) == [], server.stderr
+    assert all(chunk.startswith(b":") for chunk in received), received  # pings at most, no message
+
+
+async def test_server_shutdown_from_a_handshake_era_client_is_answered_with_its_event_stream_open(
+    tmp_path: Path,
+) -> None:
+    # The SDK's client in the handshake era opens its GET event stream after `initialize`. The
+    # shutdown ends that stream, but not the responses still owed on their POSTs: the call
+    # cancelled at the drain deadline, and `server_shutdown`'s own report.
+    config = server_config(shutdown={"admin_token_env": TOKEN_ENV})
+    results: dict[str, CallToolResult] = {}
+    async with start_server(tmp_path, config, transport="streamable-http", env={TOKEN_ENV: TOKEN}) as server:
+        async with Client(url_of(server), mode="legacy", read_timeout_seconds=CALL_SECONDS) as client:
+
+            async def call(key: str, tool: str, arguments: dict[str, Any]) -> None:
+                results[key] = await client.call_tool(tool, arguments)
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call, "stuck", "sleep_async", {"seconds": 3600})
+                    await metrics_until(client, lambda m: m["active_sessions"] == 1)
+                    await call("shutdown", "server_shutdown", {"token": TOKEN, "timeout_seconds": 0.5})
+            assert await server.wait_exit(within=EXIT_MARGIN) == 0
+
+    report = results["shutdown"]
+    assert not report.is_error, report
+    numbers = report.structured_content or {}
+    assert numbers["initial_active_sessions"] == 1 and numbers["sessions_cancelled_at_deadline"] == 1
+    assert code_of(results["stuck"]) == "shutting_down"
+    assert error_lines(server) == [], server.stderr
+
+
+async def test_sigterm_ends_an_open_listen_stream_with_its_result(tmp_path: Path) -> None:
+    # Protocol 2026-07-28 (the SDK client's default): a `subscriptions/listen` POST stays open
+    # for change events. The shutdown ends it the protocol's way, with its result as the last
+    # frame; the SDK's client raises `SubscriptionLost` for a stream that is cut instead.
+    async with start_server(tmp_path, server_config(), transport="streamable-http") as server:
+        events: list[object] = []
+        with anyio.fail_after(EXIT_MARGIN):
+            async with server.client() as client, client.listen(tools_list_changed=True) as subscription:
+                server.send_signal(signal.SIGTERM)
+                async for event in subscription:
+                    events.append(event)
+            assert await server.wait_exit(within=EXIT_MARGIN) == 0
+
+    assert events == []
+    assert "still in flight" not in server.stderr  # nothing held the exit up
+    assert error_lines(server) == [], server.stderr
 
 
 async def test_a_port_in_use_fails_fast_with_exit_status_1_and_a_clear_error(tmp_path: Path) -> None:

@@ -372,6 +372,24 @@ async def test_stdin_eof_lets_running_calls_answer_then_exits_0(tmp_path: Path) 
     assert "stdin closed" in server.stderr
 
 
+async def test_sigterm_ends_an_open_listen_stream_with_its_result_and_exits_at_once(tmp_path: Path) -> None:
+    # A `subscriptions/listen` request (protocol 2026-07-28) is answered only when its stream ends:
+    # the shutdown ends it with its result (the SDK's client raises `SubscriptionLost` for a stream
+    # that stops without one), so the exit does not wait for it as an unanswered request.
+    async with start_server(tmp_path, server_config()) as server:
+        events: list[object] = []
+        with anyio.fail_after(EXIT_MARGIN):
+            async with server.client() as client, client.listen(tools_list_changed=True) as subscription:
+                server.send_signal(signal.SIGTERM)
+                async for event in subscription:
+                    events.append(event)
+            assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert events == []
+    assert "received SIGTERM" in server.stderr
+    assert "unanswered" not in server.stderr
+    assert server.stray_stdout == []
+
+
 async def test_a_call_the_client_cancels_ends_as_cancelled_and_does_not_hold_up_the_exit(tmp_path: Path) -> None:
     async with start_server(tmp_path, server_config()) as server:
         await server.initialize()

@@ -1,0 +1,140 @@
+"""`HttpShutdown` on its own, around small ASGI apps: which responses `close()` ends, which it
+waits for, and what each client receives. The real stack (uvicorn, the SDK's event streams) is
+driven by the SIGTERM tests in `tests/e2e/test_http.py`."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import pytest
+from starlette.types import Message, Receive, Scope, Send
+
+from server.http_shutdown import HttpShutdown
+
+LAST_CHUNK: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+EVENT_STREAM = [(b"content-type", b"text/event-stream; charset=utf-8")]
+
+
+class Exchange:
+    """One request through the wrapper: what its client was sent, and when it started and ended."""
+
+    def __init__(self, http: HttpShutdown, method: str, path: str = "/mcp") -> None:
+        self.http = http
+        self.scope: Scope = {"type": "http", "method": method, "path": path, "headers": []}
+        self.sent: list[Message] = []
+        self.started = anyio.Event()
+        self.ended = anyio.Event()
+
+    async def _receive(self) -> Message:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def _send(self, message: Message) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.body":
+            self.started.set()
+
+    async def run(self) -> None:
+        try:
+            await self.http(self.scope, self._receive, self._send)
+        finally:
+            self.ended.set()
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    """GET /mcp: an event stream that never ends by itself (like the SDK's); GET /healthz: a
+    plain response; POST: a response that waits for `release` (set on the app) before it ends."""
+    if scope["method"] == "GET" and scope["path"] == "/mcp":
+        await send({"type": "http.response.start", "status": 200, "headers": EVENT_STREAM})
+        await send({"type": "http.response.body", "body": b": ping\r\n\r\n", "more_body": True})
+        await anyio.sleep_forever()
+    elif scope["method"] == "GET":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+    else:
+        await send({"type": "http.response.start", "status": 200, "headers": EVENT_STREAM})
+        await send({"type": "http.response.body", "body": b"event: message\r\n\r\n", "more_body": True})
+        await scope["release"].wait()
+        await send({"type": "http.response.body", "body": b"data: {}\r\n\r\n", "more_body": False})
+
+
+async def test_close_ends_an_open_get_event_stream_with_its_last_chunk() -> None:
+    http = HttpShutdown(app)
+    stream = Exchange(http, "GET")
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream.run)
+            await stream.started.wait()
+            await http.close(within=5)
+            assert stream.ended.is_set()  # close returns once the stream's request has ended
+    assert stream.sent[-1] == LAST_CHUNK
+    assert [m for m in stream.sent if m == LAST_CHUNK] == [LAST_CHUNK]
+
+
+async def test_close_waits_for_a_post_in_flight_and_leaves_its_response_alone() -> None:
+    http = HttpShutdown(app)
+    post = Exchange(http, "POST")
+    release = anyio.Event()
+    post.scope["release"] = release
+    closed = anyio.Event()
+
+    async def close() -> None:
+        await http.close(within=5)
+        closed.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post.run)
+            await post.started.wait()
+            tg.start_soon(close)
+            await anyio.wait_all_tasks_blocked()
+            assert not closed.is_set() and not post.ended.is_set()  # an event stream, but not a GET's
+            release.set()
+            await closed.wait()
+    assert post.sent[-1] == {"type": "http.response.body", "body": b"data: {}\r\n\r\n", "more_body": False}
+
+
+async def test_a_get_event_stream_that_starts_after_close_is_ended_at_once() -> None:
+    http = HttpShutdown(app)
+    with anyio.fail_after(5):
+        await http.close(within=5)
+        late = Exchange(http, "GET")
+        await late.run()
+    assert late.sent[0]["type"] == "http.response.start"
+    assert late.sent[-1] == LAST_CHUNK
+
+
+async def test_other_responses_and_the_lifespan_pass_through_untouched() -> None:
+    http = HttpShutdown(app)
+    health = Exchange(http, "GET", "/healthz")
+    lifespan: list[Scope] = []
+
+    async def lifespan_app(scope: Scope, receive: Receive, send: Send) -> None:
+        lifespan.append(scope)
+
+    with anyio.fail_after(5):
+        await health.run()
+        await HttpShutdown(lifespan_app)({"type": "lifespan"}, health._receive, health._send)
+        await http.close(within=5)
+    assert health.sent == [
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]},
+        {"type": "http.response.body", "body": b"ok", "more_body": False},
+    ]
+    assert lifespan == [{"type": "lifespan"}]
+
+
+async def test_close_gives_up_on_a_request_that_does_not_end_within_its_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    http = HttpShutdown(app)
+    post = Exchange(http, "POST")
+    post.scope["release"] = anyio.Event()  # never set
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post.run)
+            await post.started.wait()
+            with caplog.at_level(logging.WARNING, logger="server.http_shutdown"):
+                await http.close(within=0.1)
+            tg.cancel_scope.cancel()
+    assert "Stopping with 1 HTTP request(s) still in flight after 0.1s" in caplog.text
