@@ -61,7 +61,7 @@ from server.sdk_seams import (
     registry_lookup,
     sdk_interceptor_chain,
 )
-from server.sessions import Session, SessionManager, SessionState
+from server.sessions import Session, SessionManager, SessionState, timeout_reason
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings
 
@@ -97,6 +97,9 @@ _THREAD_LEFT_RUNNING: ContextVar[bool] = ContextVar("mcp_sessions_thread_left_ru
 _CANCELLED = "was cancelled"
 _ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
 _LATE = "its late result was discarded"
+#: A call that stops this long (or longer) after the reaper stopped it at its deadline says so
+#: in its timeout message.
+HELD_OFF_SECONDS = 0.1
 _MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a thread cannot be stopped)"
 
 
@@ -464,6 +467,7 @@ class SessionsExtension(Extension):
         deadline = deadline_scope()
         # The manager's reaper calls it at the deadline (a LateScope is its own cancel callback).
         session.on_cancel = deadline if type(deadline) is LateScope else deadline.cancel
+        result: HandlerResult | None = None
         try:
             with deadline:
                 result = await handler(ctx, params)
@@ -479,8 +483,9 @@ class SessionsExtension(Extension):
             raise
         except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
             return self._failed(session, name, exc)
-        if deadline.cancel_called:  # the reaper or shutdown ended the session, then cancelled the scope
-            return self._stopped(session, name)
+        if deadline.cancel_called:  # the reaper (at the deadline) or shutdown cancelled the scope
+            # A result despite the cancellation: the tool held it off (a shield) and finished late.
+            return self._stopped(session, name, None if result is None else _LATE)
         return self._completed(session, name, result)
 
     @staticmethod
@@ -573,11 +578,22 @@ class SessionsExtension(Extension):
                 )
             )
         timeout = session.timeout_seconds
-        self.manager.end(session, SessionState.TIMEOUT, f"deadline of {timeout:g}s reached")
+        # The reaper left the ending to this call (see `SessionManager.create`): the session
+        # ends now, when the call stops, so its slot was held while its work ran on.
+        self.manager.end(session, SessionState.TIMEOUT, timeout_reason(session))
+        asked = session.stop_requested
+        held_off = (session.ended or asked) - asked if asked else 0.0
+        if held_off >= HELD_OFF_SECONDS:
+            fate += f" {held_off:.1f}s after the deadline, as the tool held the cancellation off until then"
         if session.idle_expired:
+            advice = (
+                "a sync tool cannot report progress, so ask the operator to raise or remove its idle timeout"
+                if session.needs_thread
+                else "a long-running tool must report progress to stay alive"
+            )
             message = (
                 f"tool {name!r} reported no progress for {session.idle_timeout:g}s (its idle timeout) "
-                f"and {fate}; a long-running tool must report progress to stay alive"
+                f"and {fate}; {advice}"
             )
         else:
             message = (

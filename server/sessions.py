@@ -124,9 +124,12 @@ class Session:
     hard_deadline: float = 0.0
     #: Set when the session timed out for reporting no progress (not at its overall deadline).
     idle_expired: bool = False
-    #: Set by whoever runs the session's work, to stop it when the session is ended for it:
-    #: at its deadline (by the reaper) or at the shutdown deadline.
+    #: Set by whoever runs the session's work, to stop it: at its deadline (the reaper calls it
+    #: and leaves the ending to that work, which ends the session as `timeout` once it stops)
+    #: and at the shutdown deadline (after shutdown has ended the session as `cancelled`).
     on_cancel: Callable[[], None] | None = field(default=None, repr=False)
+    #: When the reaper called `on_cancel` at the deadline (`time.monotonic()`; 0.0: it has not).
+    stop_requested: float = 0.0
 
     @property
     def created_at(self) -> float:
@@ -207,6 +210,13 @@ def ended_state(outcome: SessionState | str, session_id: str) -> SessionState:
             session_id=session_id,
         )
     return state
+
+
+def timeout_reason(session: Session) -> str:
+    """Why a session timed out: its overall deadline, or its idle timeout (no progress)."""
+    if session.idle_expired:
+        return f"no progress reported for {session.idle_timeout:g}s"
+    return f"deadline of {session.timeout_seconds:g}s reached"
 
 
 def _check_timeout(value: float) -> None:
@@ -336,11 +346,15 @@ class SessionManager:
                     continue
                 if session.deadline < session.hard_deadline:
                     session.idle_expired = True
-                    reason = f"no progress reported for {session.idle_timeout:g}s"
+                stop = session.on_cancel
+                if stop is not None:
+                    # A call runs it: stop the call, which ends the session as it stops. Until
+                    # then (a shield in the tool can hold the cancellation off) its work still
+                    # runs, so it keeps its slot and counts as active.
+                    session.stop_requested = now
+                    stop()
                 else:
-                    reason = f"deadline of {session.timeout_seconds:g}s reached"
-                if self.end(session, SessionState.TIMEOUT, reason) and session.on_cancel is not None:
-                    session.on_cancel()  # stop the call that owns it, if one waits
+                    self.end(session, SessionState.TIMEOUT, timeout_reason(session))
             scope = anyio.CancelScope()
             if self._expiry:
                 scope.deadline = self._expiry[0][0]
@@ -370,8 +384,9 @@ class SessionManager:
         When the server (or the call's tool) is full and `limits.max_queued` allows, the call
         waits in FIFO order for a slot, up to `limits.queue_timeout_seconds` (not with
         `queue=False`). The session's deadline starts when it is admitted. Unless
-        `expire=False`, the reaper ends the session as `timeout` at its deadline and then calls
-        its `on_cancel` (set by whoever runs the session's work, to stop it).
+        `expire=False`, at its deadline the reaper calls its `on_cancel` (set by whoever runs the
+        session's work, to stop it; that work then ends the session as `timeout`, so that it
+        holds its slot for as long as the work runs on), or without one ends it as `timeout`.
 
         Raises:
             SessionError: `shutting_down`, `invalid_argument`, `metadata_too_large` or

@@ -324,4 +324,8 @@ async def test_a_tool_that_stops_reporting_progress_times_out_at_its_idle_timeou
     assert error["code"] == "timeout" and "no progress" in error["message"] and "0.4s" in error["message"]
     assert 0.3 + 0.4 <= elapsed < 0.3 + 0.4 + 0.5, "timed out at the idle timeout after the last progress"
     assert code_of(in_thread) == "timeout" and 0.4 <= thread_elapsed < 1.2
+    assert "must report progress to stay alive" in error["message"]
+    # A sync tool cannot report progress: the advice is the operator's idle timeout, not progress.
+    assert "a sync tool cannot report progress" in text_of(in_thread)
+    assert "must report progress" not in text_of(in_thread)
     assert m["total_sessions_timeout"] == 2

@@ -167,6 +167,87 @@ async def test_an_async_tool_waiting_inside_its_own_scopes_times_out_and_its_shi
     assert (m["total_sessions_timeout"], m["total_sessions_completed"], m["active_sessions"]) == (4, 1, 0)
 
 
+class HeldOff:
+    """An async tool whose clean-up, shielded, holds its deadline's cancellation off until the
+    test lets it finish: `cancelled` is set when the cancellation has reached the tool."""
+
+    def __init__(self) -> None:
+        self.cancelled = anyio.Event()
+        self.release = anyio.Event()
+        self.finished = 0
+
+    async def held_off(self) -> str:
+        try:
+            await anyio.sleep(3600)
+        finally:
+            self.cancelled.set()
+            with anyio.CancelScope(shield=True):
+                await self.release.wait()  # a clean-up that outlasts the deadline
+                self.finished += 1
+        return "finished"
+
+
+@pytest.mark.parametrize("deadline_scope", [LateScope, anyio.CancelScope], ids=["late", "plain"])
+async def test_a_call_holding_its_deadline_off_keeps_its_slot_until_its_work_stops(
+    deadline_scope: Callable[[], Deadline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At the deadline the call is cancelled, but a shield in the tool holds that off: its work
+    # runs on, so it still counts as active and holds its slot (the caps bound real work), and
+    # it ends as `timeout` only when the work stops, with a message that says how late.
+    monkeypatch.setattr(extension_module, "deadline_scope", deadline_scope)
+    monkeypatch.setattr(extension_module, "HELD_OFF_SECONDS", 0.0)  # any delay is reported
+    tool = HeldOff()
+    config = settings(max_concurrent_sessions=1, tool_timeouts={"held_off": 0.2})
+    app, _ = build(config, tools=[tool.held_off, echo])
+    results: list[CallToolResult] = []
+    async with Client(app) as client:
+
+        async def call() -> None:
+            results.append(await client.call_tool("held_off", {}))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await tool.cancelled.wait()  # past the deadline: the reaper has cancelled it
+                during = await metrics(client)
+                refused = await client.call_tool("echo", {"text": "a second call"})
+                tool.release.set()
+        after = await metrics(client)
+
+    assert (during["active_sessions"], during["tools"]["held_off"]["active"]) == (1, 1)
+    assert during["total_sessions_timeout"] == 0
+    assert code_of(refused) == "capacity_exceeded"  # the slot is still taken by work that runs
+    error = error_of(results[0])
+    assert error["code"] == "timeout" and tool.finished == 1
+    assert "did not finish within its deadline of 0.2s and was cancelled" in error["message"]
+    assert "after the deadline, as the tool held the cancellation off until then" in error["message"]
+    assert (after["active_sessions"], after["total_sessions_timeout"]) == (0, 1)
+
+
+async def test_shutdown_counts_and_waits_for_a_call_holding_its_deadline_off() -> None:
+    tool = HeldOff()
+    config = settings(tool_timeouts={"held_off": 0.2})
+    app, _ = build(config, tools=[tool.held_off])
+    results: list[CallToolResult] = []
+    async with Client(app) as client:
+
+        async def call() -> None:
+            results.append(await client.call_tool("held_off", {}))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await tool.cancelled.wait()
+                report = await client.call_tool("server_shutdown", {"timeout_seconds": 0.3})
+                tool.release.set()
+
+    numbers = report.structured_content or {}
+    # Its work was still running: it is one of the sessions the drain waited for, and cancelled.
+    assert (numbers["initial_active_sessions"], numbers["sessions_cancelled_at_deadline"]) == (1, 1)
+    assert numbers["timeout_reached"] is True
+    assert code_of(results[0]) == "shutting_down"
+
+
 async def test_a_sync_tool_stuck_in_its_thread_times_out_and_is_counted_until_it_ends() -> None:
     gate = Gate()
     app, sessions = build(settings(default_timeout_seconds=0.3), tools=gate.tools())
