@@ -18,10 +18,17 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import anyio
 
-from server.errors import ErrorCode, SessionError
+from server.errors import ErrorCode, SessionError, shorten
 
 if TYPE_CHECKING:
     from server.sessions import Session
+
+
+#: The longest `provider` and `model` a session is made with, in characters. They are short
+#: labels kept with the session for as long as it is active, outside its metadata (whose size
+#: `limits.max_metadata_bytes` caps): without a bound, they would let a caller park any amount
+#: of memory in a session even where metadata is refused. Longer data goes in `metadata`.
+MAX_LABEL_CHARS = 256
 
 
 class SessionRequest(TypedDict, total=False):
@@ -29,6 +36,7 @@ class SessionRequest(TypedDict, total=False):
 
     #: The tool whose call this session tracks (None for `session_create` sessions).
     tool: str | None
+    #: Short labels of who the work is for: at most `MAX_LABEL_CHARS` characters each.
     provider: str
     model: str
     #: Seconds until the session times out; the default limit when None; capped by the maximum.
@@ -68,6 +76,16 @@ class Waiter:
     event: anyio.Event
     admitted: bool = False
     refusal: SessionError | None = None
+
+
+def refuse_label(field: str, value: str, tool: str | None) -> SessionError:
+    """`provider` or `model` (`field`) is longer than `MAX_LABEL_CHARS`."""
+    return SessionError(
+        ErrorCode.INVALID_ARGUMENT,
+        f"{field} is {len(value)} characters long ({shorten(value, 20)!r}); the limit is {MAX_LABEL_CHARS} "
+        "characters: it is a short label, put longer data in metadata",
+        tool=tool,
+    )
 
 
 def refuse_capacity(tool: str | None, cap: int, queued: int, max_queued: int, where: str) -> SessionError:

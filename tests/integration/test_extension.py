@@ -288,6 +288,42 @@ async def test_session_metadata_at_the_limit_is_accepted_and_one_byte_over_refus
     assert m["current_metadata_bytes"] == 0 and m["sessions_rejected_metadata_size"] == 1
 
 
+async def test_provider_and_model_are_bounded_even_where_metadata_is_refused() -> None:
+    # max_metadata_bytes = 0 refuses metadata; provider and model are not metadata, but they are
+    # kept with the session all the same, so they have a bound of their own (256 characters).
+    app, sessions = build(settings(max_metadata_bytes=0))
+    async with Client(app) as client:
+        at_bound = await client.call_tool("session_create", {"provider": "p" * 256, "model": "é" * 256})
+        assert not at_bound.is_error, at_bound
+        refused = {
+            field: error_of(await client.call_tool("session_create", {field: "x" * size}))
+            for field, size in (("provider", 2_000_000), ("model", 257))
+        }
+        m = await metrics(client)
+        held = [(s.provider, s.model) for s in sessions.manager._active.values()]
+    for field, error in refused.items():
+        assert error["code"] == "invalid_argument" and error["tool"] == "session_create", error
+        assert field in error["message"] and "256" in error["message"], error
+        assert len(error["message"]) < 1000, "the refusal does not echo the value"
+    assert (m["total_sessions_created"], m["active_sessions"], m["current_metadata_bytes"]) == (1, 1, 0)
+    assert held == [("p" * 256, "é" * 256)], "nothing of the refused calls is kept"
+
+
+async def test_an_unknown_session_id_of_any_length_is_quoted_short_in_the_refusal_and_its_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="server.refusals")
+    app, _ = build()
+    huge = "x" * 100_000
+    async with Client(app) as client:
+        error = error_of(await client.call_tool("session_release", {"session_id": huge}))
+    assert error["code"] == "unknown_session"
+    assert "x" * 80 + "…" in error["message"] and len(error["message"]) < 300, len(error["message"])
+    assert error["session_id"] == "x" * 80 + "…"
+    (line,) = [r for r in caplog.records if r.name == "server.refusals"]
+    assert len(line.getMessage()) < 400 and len(str(getattr(line, "session_id", ""))) <= 81
+
+
 @pytest.mark.parametrize(
     ("tool", "arguments"),
     [
