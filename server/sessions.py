@@ -619,9 +619,25 @@ class SessionManager:
         with self._lock:
             if waiter.admitted:  # pragma: no cover - handed a slot as the wait timed out
                 return session
-            waited = self._leave_queue_locked(waiter)
-            self._rejected[Refusal.QUEUE_TIMEOUT] += 1
-        raise admission.refuse_queue_timeout(session.tool, waited, self.limits.max_concurrent_sessions)
+            raise self._waited_out_locked(waiter)
+
+    def _waited_out_locked(self, waiter: Waiter) -> SessionError:
+        """Take a waiter whose queue timeout passed out of the queue; count and word its refusal,
+        naming what it waited for: the server's slots, its tool's cap, or both."""
+        waited = self._leave_queue_locked(waiter)
+        self._rejected[Refusal.QUEUE_TIMEOUT] += 1
+        cap = self.limits.max_concurrent_sessions
+        tool = waiter.session.tool
+        tool_cap = self.tool_caps.get(tool) if tool is not None else None
+        return admission.refuse_queue_timeout(
+            tool,
+            waited,
+            self.CAPACITY_SCOPE,
+            cap,
+            server_full=len(self._active) >= cap,
+            tool_cap=tool_cap,
+            tool_full=tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap,
+        )
 
     def _leave_queue_locked(self, waiter: Waiter) -> float:
         """Take a waiter out of the queue unadmitted; return how long it waited."""
