@@ -113,10 +113,17 @@ def refuse_tool_limit(tool: str, cap: int) -> SessionError:
 
 
 def refuse_client_limit(tool: str | None, cap: int) -> SessionError:
+    """The client holds its share. A tool call is told to retry once one of its calls ends; a
+    session with no tool (`session_create`'s) is held until released, so its caller is told to
+    release one it no longer needs."""
+    if tool is None:
+        advice = "release a session it no longer needs with session_release, or retry after one of its calls ends"
+    else:
+        advice = "retry after one of its calls ends (or after it releases a session_create session)"
     return SessionError(
         ErrorCode.CAPACITY_EXCEEDED,
         f"this client already holds or waits for {_count(cap, 'session')}, the per-client limit "
-        "(limits.max_sessions_per_client); retry after one of its calls ends",
+        f"(limits.max_sessions_per_client); {advice}",
         tool=tool,
     )
 
@@ -128,7 +135,8 @@ def refuse_threads(tool: str | None, stuck: int, cap: int) -> SessionError:
         stuck_text = f"{stuck} threads are stuck in sync tool calls past their deadline"
     return SessionError(
         ErrorCode.CAPACITY_EXCEEDED,
-        f"{stuck_text} (the limit, limits.max_abandoned_threads, is {cap}); sync tools are refused until they end",
+        f"{stuck_text} (the limit, limits.max_abandoned_threads, is {cap}); sync tools are refused until they end: "
+        "retry later (async tools are still served), or ask the operator to raise limits.max_abandoned_threads",
         tool=tool,
     )
 

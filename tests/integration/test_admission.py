@@ -296,10 +296,27 @@ async def test_one_client_flooding_is_refused_while_another_is_served() -> None:
         m = await metrics(polite)
     error = error_of(refused)
     assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"]
+    assert "retry after one of its calls ends" in error["message"]
     assert code_of(created) == "capacity_exceeded", "session_create counts against the client's share too"
     assert text_of(served) == "served"
     assert m["sessions_rejected_client_limit"] == 2 and m["sessions_rejected_capacity"] == 0
     assert m["total_sessions_created"] == 4
+
+
+async def test_session_create_refused_for_the_client_s_share_is_told_to_release_one_with_session_release() -> None:
+    app, _ = build(settings(max_sessions_per_client=2))
+    async with Client(app, mode="legacy") as client:
+        held = [await client.call_tool("session_create", {}) for _ in range(2)]
+        refused = error_of(await client.call_tool("session_create", {}))
+        # Following the advice works: release one, and the next reservation is admitted.
+        await client.call_tool("session_release", {"session_id": held[0].structured_content["session_id"]})
+        again = await client.call_tool("session_create", {})
+    assert refused["code"] == "capacity_exceeded" and refused["tool"] == "session_create"
+    assert refused["message"] == (
+        "this client already holds or waits for 2 sessions, the per-client limit (limits.max_sessions_per_client); "
+        "release a session it no longer needs with session_release, or retry after one of its calls ends"
+    )
+    assert not again.is_error
 
 
 async def test_a_tool_that_keeps_reporting_progress_outlives_its_idle_timeout() -> None:

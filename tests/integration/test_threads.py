@@ -158,6 +158,10 @@ async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_la
                     refused = await client.call_tool("quick_sync", {})
                 assert code_of(refused) == "capacity_exceeded"
                 assert "stuck" in text_of(refused) and "2" in text_of(refused)
+                assert text_of(refused).endswith(
+                    "sync tools are refused until they end: retry later (async tools are still served), "
+                    "or ask the operator to raise limits.max_abandoned_threads"
+                ), "the refusal says what to do about it"
                 # Async tools are still served: they need no thread.
                 echo_result = await client.call_tool("echo_async", {"text": "async still served"})
                 assert text_of(echo_result) == "async still served"
