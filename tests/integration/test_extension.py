@@ -12,6 +12,7 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp_types import CallToolResult
 
@@ -59,6 +60,66 @@ async def test_a_tool_that_raises_ends_its_session_as_error() -> None:
         assert result.is_error
         m = await metrics(client)
     assert m["total_sessions_error"] == 1 and m["tools"]["boom"]["errors"] == 1 and m["error_rate"] == 1.0
+
+
+async def test_a_plain_exception_gives_the_bare_sdk_text_and_a_tool_error_its_message() -> None:
+    def plain() -> str:
+        raise ValueError("internal detail")
+
+    def told() -> str:
+        raise ToolError("what the caller should read")
+
+    app, _ = build(tools=[plain, told])
+    async with Client(app) as client:
+        bare = await client.call_tool("plain", {})
+        explained = await client.call_tool("told", {})
+        m = await metrics(client)
+    assert bare.is_error and text_of(bare) == "Error executing tool plain", "the README quotes it so"
+    assert explained.is_error and text_of(explained) == "Error executing tool told: what the caller should read"
+    assert ERROR_META_KEY not in (bare.meta or {}) and ERROR_META_KEY not in (explained.meta or {})
+    assert m["total_sessions_error"] == 2
+
+
+async def test_a_tool_calling_another_in_process_bypasses_the_session_layer_while_a_client_call_is_tracked() -> None:
+    inner_cancelled = anyio.Event()
+
+    async def inner(seconds: float = 0.0) -> str:
+        try:
+            await anyio.sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            inner_cancelled.set()
+            raise
+        return "inner"
+
+    async def direct() -> str:
+        result = await app.call_tool("inner", {"seconds": 0.0})
+        assert isinstance(result, CallToolResult)
+        return "direct: " + text_of(result)
+
+    async def direct_hang() -> str:
+        await app.call_tool("inner", {"seconds": 3600})
+        return "never"
+
+    async def through_a_client() -> str:
+        async with Client(app) as client:
+            return "client: " + text_of(await client.call_tool("inner", {}))
+
+    config = settings(tool_timeouts={"inner": 0.1, "direct_hang": 0.5})
+    app, _ = build(config, tools=[inner, direct, direct_hang, through_a_client])
+    async with Client(app) as client:
+        with anyio.fail_after(5):
+            assert text_of(await client.call_tool("direct", {})) == "direct: inner"
+            assert text_of(await client.call_tool("through_a_client", {})) == "client: inner"
+            started = time.monotonic()
+            hung = await client.call_tool("direct_hang", {})
+            took = time.monotonic() - started
+            await inner_cancelled.wait()
+        m = await metrics(client)
+    # The direct calls got no session (nor inner's 0.1 s deadline): only the Client's call of
+    # `inner` is one. The outer deadline still cancels the inner call, which runs in its task.
+    assert m["tools"]["inner"]["calls"] == 1 and m["tools"]["inner"]["completed"] == 1
+    assert code_of(hung) == "timeout" and "0.5s" in text_of(hung) and took >= 0.5
+    assert m["total_sessions_created"] == 4  # direct, through_a_client and its inner call, direct_hang
 
 
 class Fatal(BaseException):
