@@ -18,10 +18,17 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import anyio
 
-from server.errors import ErrorCode, SessionError
+from server.errors import ErrorCode, SessionError, shorten
 
 if TYPE_CHECKING:
     from server.sessions import Session
+
+
+#: The longest `provider` and `model` a session is made with, in characters. They are short
+#: labels kept with the session for as long as it is active, outside its metadata (whose size
+#: `limits.max_metadata_bytes` caps): without a bound, they would let a caller park any amount
+#: of memory in a session even where metadata is refused. Longer data goes in `metadata`.
+MAX_LABEL_CHARS = 256
 
 
 class SessionRequest(TypedDict, total=False):
@@ -29,6 +36,7 @@ class SessionRequest(TypedDict, total=False):
 
     #: The tool whose call this session tracks (None for `session_create` sessions).
     tool: str | None
+    #: Short labels of who the work is for: at most `MAX_LABEL_CHARS` characters each.
     provider: str
     model: str
     #: Seconds until the session times out; the default limit when None; capped by the maximum.
@@ -70,56 +78,104 @@ class Waiter:
     refusal: SessionError | None = None
 
 
+def refuse_label(field: str, value: str, tool: str | None) -> SessionError:
+    """`provider` or `model` (`field`) is longer than `MAX_LABEL_CHARS`."""
+    return SessionError(
+        ErrorCode.INVALID_ARGUMENT,
+        f"{field} is {len(value)} characters long ({shorten(value, 20)!r}); the limit is {MAX_LABEL_CHARS} "
+        "characters: it is a short label, put longer data in metadata",
+        tool=tool,
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    """`n` and `noun`, in the plural unless `n` is 1: "1 concurrent session", "2 concurrent sessions"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def refuse_capacity(tool: str | None, cap: int, queued: int, max_queued: int, where: str) -> SessionError:
     """`where` (the server, the cluster) is full. `max_queued` is 0 when the call could not have
     waited (there is no queue, or the call may not queue, as `session_create`): then the
     sentence does not mention a queue the caller has no use for."""
+    limit = f"{where} is at its limit of {_count(cap, 'concurrent session')}"
     if max_queued:
-        detail = f"and its queue holds {queued} of {max_queued} waiting calls"
-        return SessionError(
-            ErrorCode.CAPACITY_EXCEEDED,
-            f"{where} is at its limit of {cap} concurrent sessions {detail}; retry after a session ends",
-            tool=tool,
-        )
-    return SessionError(
-        ErrorCode.CAPACITY_EXCEEDED,
-        f"{where} is at its limit of {cap} concurrent sessions; retry after a session ends",
-        tool=tool,
-    )
+        limit += f" and its queue holds {queued} of {_count(max_queued, 'waiting call')}"
+    return SessionError(ErrorCode.CAPACITY_EXCEEDED, f"{limit}; retry after a session ends", tool=tool)
 
 
 def refuse_tool_limit(tool: str, cap: int) -> SessionError:
     return SessionError(
         ErrorCode.CAPACITY_EXCEEDED,
-        f"tool {tool!r} is at its limit of {cap} concurrent calls (tools.{tool}.max_concurrent); "
+        f"tool {tool!r} is at its limit of {_count(cap, 'concurrent call')} (tools.{tool}.max_concurrent); "
         "retry after one of its calls ends",
         tool=tool,
     )
 
 
 def refuse_client_limit(tool: str | None, cap: int) -> SessionError:
+    """The client holds its share. A tool call is told to retry once one of its calls ends; a
+    session with no tool (`session_create`'s) is held until released, so its caller is told to
+    release one it no longer needs."""
+    if tool is None:
+        advice = "release a session it no longer needs with session_release, or retry after one of its calls ends"
+    else:
+        advice = "retry after one of its calls ends (or after it releases a session_create session)"
     return SessionError(
         ErrorCode.CAPACITY_EXCEEDED,
-        f"this client already holds or waits for {cap} sessions, the per-client limit "
-        "(limits.max_sessions_per_client); retry after one of its calls ends",
+        f"this client already holds or waits for {_count(cap, 'session')}, the per-client limit "
+        f"(limits.max_sessions_per_client); {advice}",
         tool=tool,
     )
 
 
 def refuse_threads(tool: str | None, stuck: int, cap: int) -> SessionError:
+    if stuck == 1:
+        stuck_text = "1 thread is stuck in a sync tool call past its deadline"
+    else:
+        stuck_text = f"{stuck} threads are stuck in sync tool calls past their deadline"
     return SessionError(
         ErrorCode.CAPACITY_EXCEEDED,
-        f"{stuck} threads are stuck in sync tool calls past their deadline (the limit, "
-        f"limits.max_abandoned_threads, is {cap}); sync tools are refused until they end",
+        f"{stuck_text} (the limit, limits.max_abandoned_threads, is {cap}); sync tools are refused until they end: "
+        "retry later (async tools are still served), or ask the operator to raise limits.max_abandoned_threads",
         tool=tool,
     )
 
 
-def refuse_queue_timeout(tool: str | None, waited: float, cap: int) -> SessionError:
+def refuse_queue_timeout(
+    tool: str | None,
+    waited: float,
+    where: str,
+    cap: int,
+    *,
+    server_full: bool,
+    tool_cap: int | None,
+    tool_full: bool,
+) -> SessionError:
+    """A queued call waited `limits.queue_timeout_seconds` without being admitted. The sentence
+    says what kept it waiting, as things stand at the end of its wait: `where` (the server)
+    at its `cap` (`server_full`), its tool at its `tool_cap` (`tool_full`), or both. When
+    neither is seen full (in cluster mode the caps count every replica's calls, which this one
+    does not see), it names the caps that may have: the server's, and the tool's if it has one.
+    (The per-client share never makes a call wait: it is refused at once.)"""
+    tool_limit = (
+        f"tool {tool!r} is at its limit of {_count(tool_cap or 0, 'concurrent call')} (tools.{tool}.max_concurrent)"
+    )
+    server_limit = f"{where} is at its limit of {_count(cap, 'concurrent session')} (limits.max_concurrent_sessions)"
+    if tool_full and server_full:
+        reason = f"{server_limit}, and {tool_limit}"
+    elif tool_full:
+        reason = tool_limit
+    elif server_full or tool_cap is None:
+        reason = server_limit
+    else:
+        reason = (
+            f"neither {where} (limits.max_concurrent_sessions, {cap}) nor tool {tool!r} "
+            f"(tools.{tool}.max_concurrent, {tool_cap}) had room for it"
+        )
     return SessionError(
         ErrorCode.CAPACITY_EXCEEDED,
-        f"waited {waited:.3g}s in the queue (limits.queue_timeout_seconds) for one of the server's "
-        f"{cap} session slots without getting one; retry later",
+        f"waited {waited:.3g}s in the queue (limits.queue_timeout_seconds) without getting a slot: {reason}; "
+        "retry later",
         tool=tool,
     )
 

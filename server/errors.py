@@ -12,6 +12,14 @@ from typing import Any
 
 ERROR_META_KEY = "io.github.mcp-session-manager/error"
 EXTENSION_ID = "io.github.mcp-session-manager/sessions"
+#: How many characters of a caller's string (an id, a value) a refusal's sentence quotes.
+QUOTE_CHARS = 80
+
+
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """`text`, or its first `limit` characters and "…" when it is longer: a caller's string quoted
+    in a refusal (which is also logged) must not make the sentence as long as the string."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class ErrorCode(StrEnum):

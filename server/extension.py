@@ -181,15 +181,28 @@ class SessionsExtension(Extension):
         #: The task running the manager, and what tells it to stop (while a lifespan is open).
         self._runtime: tuple[asyncio.Task[None], anyio.Event] | None = None
         self._give_back: Callable[[], None] | None = None
+        #: What `settings` advertises: one dict for the extension's life, kept current.
+        self._advertised: dict[str, Any] = {}
+        self._advertise()
 
     # -- Extension contributions -----------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:
+        """What the server advertises under `capabilities.extensions[EXTENSION_ID]` (protocol
+        2026-07-28): `maxConcurrentSessions` and `defaultTimeoutSeconds`, the limits in force.
+
+        The SDK asks once, when the server is built, and keeps the dict it got (see
+        `server.sdk_seams`); `server/discover` reads it at every request. So this is one dict
+        of the extension's own, which `apply_settings` updates in place: a client that connects
+        after a reload sees the new limits."""
+        return self._advertised
+
+    def _advertise(self) -> None:
         limits = self.config.limits
-        return {
-            "maxConcurrentSessions": limits.max_concurrent_sessions,
-            "defaultTimeoutSeconds": limits.default_timeout_seconds,
-        }
+        self._advertised.update(
+            maxConcurrentSessions=limits.max_concurrent_sessions,
+            defaultTimeoutSeconds=limits.default_timeout_seconds,
+        )
 
     def tools(self) -> Sequence[ToolBinding]:
         return session_tool_bindings(self)
@@ -204,9 +217,11 @@ class SessionsExtension(Extension):
     def apply_settings(self, settings: Settings) -> None:
         """Use `settings` from now on (a config reload): new calls get its limits and per-tool
         deadlines, caps and idle timeouts; running sessions keep theirs. Raising a cap admits
-        queued calls that now fit; lowering one ends nothing (admission waits below it)."""
+        queued calls that now fit; lowering one ends nothing (admission waits below it). Clients that
+        connect from now on see the new limits in the extension's advertised `settings`."""
         self.config = settings
         self.manager.set_limits(settings.limits, settings.tool_caps())
+        self._advertise()
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:

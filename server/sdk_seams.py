@@ -11,7 +11,12 @@ API, kept here so that an SDK upgrade has one place to check:
 - `argument_validation_failure`: recognising the SDK's answer to arguments that fail a tool's
   input schema (the SDK marks it only in its wording);
 - `end_listen_streams`: the graceful close of the `subscriptions/listen` streams, which the SDK
-  itself never calls.
+  itself never calls;
+- (no code here) the advertised settings: `MCPServer` asks `Extension.settings()` once, at
+  construction, and keeps the very dict it returns in its lowlevel server's `extensions` map,
+  which `server/discover` reads at every request. `SessionsExtension` updates that dict in
+  place on a reload; an SDK that copied it would advertise the limits of construction time
+  (`test_the_advertised_limits_follow_a_reload_for_clients_that_connect_after_it` would say so).
 
 Each one degrades rather than fails when the SDK's shape differs: no registry (every tool is of
 unknown kind), no take-over (the SDK's chain keeps running), as the extension's docs say; no

@@ -42,7 +42,7 @@ import anyio
 from server import admission
 from server.admission import Refusal, SessionRequest, Waiter
 from server.config import LimitsSettings, Settings
-from server.errors import ErrorCode, SessionError
+from server.errors import ErrorCode, SessionError, shorten
 from server.metrics import (
     ClusterMetrics,
     DurationStats,
@@ -172,7 +172,7 @@ def metadata_size(metadata: Any) -> int:
     except RecursionError:
         raise SessionError(ErrorCode.INVALID_ARGUMENT, "metadata nests too deeply to be stored") from None
     except (TypeError, ValueError) as exc:
-        raise SessionError(ErrorCode.INVALID_ARGUMENT, f"metadata is not plain JSON: {exc}") from None
+        raise SessionError(ErrorCode.INVALID_ARGUMENT, f"metadata is not plain JSON: {shorten(str(exc))}") from None
     return len(text.encode("utf-8", errors="surrogatepass"))
 
 
@@ -206,8 +206,8 @@ def ended_state(outcome: SessionState | str, session_id: str) -> SessionState:
     if state is SessionState.ACTIVE:
         raise SessionError(
             ErrorCode.INVALID_ARGUMENT,
-            f"outcome must be one of completed, error, timeout, cancelled; got {outcome!r}",
-            session_id=session_id,
+            f"outcome must be one of completed, error, timeout, cancelled; got {shorten(repr(outcome))}",
+            session_id=shorten(session_id),
         )
     return state
 
@@ -223,7 +223,7 @@ def _check_timeout(value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise SessionError(
             ErrorCode.INVALID_ARGUMENT,
-            f"timeout_seconds must be a finite number of seconds greater than 0, got {value!r}",
+            f"timeout_seconds must be a finite number of seconds greater than 0, got {shorten(repr(value))}",
         )
 
 
@@ -477,6 +477,10 @@ class SessionManager:
                 raise
         if idle_timeout_seconds is not None:
             _check_timeout(idle_timeout_seconds)
+        if provider or model:  # (a tool call has neither)
+            for name, label in (("provider", provider), ("model", model)):
+                if len(label) > admission.MAX_LABEL_CHARS:
+                    raise admission.refuse_label(name, label, tool)
         return Session(
             "",
             request_id or "",
@@ -630,9 +634,25 @@ class SessionManager:
         with self._lock:
             if waiter.admitted:  # pragma: no cover - handed a slot as the wait timed out
                 return session
-            waited = self._leave_queue_locked(waiter)
-            self._rejected[Refusal.QUEUE_TIMEOUT] += 1
-        raise admission.refuse_queue_timeout(session.tool, waited, self.limits.max_concurrent_sessions)
+            raise self._waited_out_locked(waiter)
+
+    def _waited_out_locked(self, waiter: Waiter) -> SessionError:
+        """Take a waiter whose queue timeout passed out of the queue; count and word its refusal,
+        naming what it waited for: the server's slots, its tool's cap, or both."""
+        waited = self._leave_queue_locked(waiter)
+        self._rejected[Refusal.QUEUE_TIMEOUT] += 1
+        cap = self.limits.max_concurrent_sessions
+        tool = waiter.session.tool
+        tool_cap = self.tool_caps.get(tool) if tool is not None else None
+        return admission.refuse_queue_timeout(
+            tool,
+            waited,
+            self.CAPACITY_SCOPE,
+            cap,
+            server_full=len(self._active) >= cap,
+            tool_cap=tool_cap,
+            tool_full=tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap,
+        )
 
     def _leave_queue_locked(self, waiter: Waiter) -> float:
         """Take a waiter out of the queue unadmitted; return how long it waited."""
@@ -763,11 +783,13 @@ class SessionManager:
                 f"session {session_id} has already ended; it cannot be released again",
                 session_id=session_id,
             )
+        # Any string may come here: quote a bounded part of it (the sentence is logged too). An id
+        # longer than the quote is none this server could have issued.
+        shown = shorten(session_id)
         return SessionError(
             ErrorCode.UNKNOWN_SESSION,
-            f"no session with id {session_id!r} was issued by this server; use the session_id "
-            "that session_create returned",
-            session_id=session_id,
+            f"no session with id {shown!r} was issued by this server; use the session_id that session_create returned",
+            session_id=shown,
         )
 
     def end(self, session: Session, state: SessionState, error: str | None = None) -> bool:

@@ -19,6 +19,7 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from server.admission import MAX_LABEL_CHARS
 from server.errors import ERROR_META_KEY, ErrorCode, SessionError
 from server.logs import log_refusal
 from server.metrics import MetricsSnapshot, ShutdownReport
@@ -68,8 +69,10 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
     manager = ext.manager
 
     async def session_create(
-        provider: Annotated[str, Field(description="Who the work is for, e.g. the model provider.")] = "",
-        model: Annotated[str, Field(description="The model the work is for.")] = "",
+        provider: Annotated[
+            str, Field(description="Who the work is for, e.g. the model provider.", max_length=MAX_LABEL_CHARS)
+        ] = "",
+        model: Annotated[str, Field(description="The model the work is for.", max_length=MAX_LABEL_CHARS)] = "",
         timeout_seconds: Annotated[
             float | None,
             # strict: JSON `true` or "30" is not a number of seconds (lax mode would read 1.0 and 30.0)

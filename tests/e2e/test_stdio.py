@@ -247,7 +247,7 @@ async def test_past_max_abandoned_threads_sync_tools_are_refused_at_once_async_o
         await server.close_stdin()
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
     error = error_of(refused)
-    assert error["code"] == "capacity_exceeded" and "threads are stuck" in error["message"]
+    assert error["code"] == "capacity_exceeded" and "1 thread is stuck" in error["message"]
     assert (m["sessions_rejected_threads"], m["abandoned_threads"], m["max_abandoned_threads"]) == (1, 1, 1)
 
 

@@ -84,6 +84,7 @@ async def test_a_queued_call_times_out_with_capacity_exceeded_saying_how_long_it
         m = await metrics(client)
     error = error_of(refused)
     assert error["code"] == "capacity_exceeded" and "waited" in error["message"] and "queue" in error["message"]
+    assert "the server is at its limit of 1 concurrent session (limits.max_concurrent_sessions)" in error["message"]
     assert 0.3 <= waited < 2.0
     assert recorder.started == [], "a call that waited out the queue never runs"
     assert m["sessions_rejected_queue_timeout"] == 1 and m["sessions_rejected_capacity"] == 0
@@ -223,6 +224,37 @@ async def test_a_tool_at_its_cap_does_not_take_the_slots_other_tools_need() -> N
     assert (hold["active"], hold["max_concurrent"], hold["rejected_tool_limit"], hold["calls"]) == (1, 1, 1, 1)
 
 
+async def test_a_call_that_waits_out_the_queue_for_its_tool_s_cap_is_told_so_not_blamed_on_the_server() -> None:
+    recorder = Recorder()
+    config = settings(max_queued=5, queue_timeout_seconds=0.3, tools={"hold": {"max_concurrent": 1}})
+    app, sessions = build(config, tools=recorder.tools())
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "hold", {})
+                await recorder.gate.entered_event.wait()
+                refused = await client.call_tool("hold", {})  # queued for the tool's cap, then waited out
+                recorder.gate.open()
+        m = await metrics(client)
+    error = error_of(refused)
+    assert error["code"] == "capacity_exceeded" and error["tool"] == "hold"
+    assert error["message"].startswith("waited 0.3"), error
+    assert (
+        "without getting a slot: tool 'hold' is at its limit of 1 concurrent call (tools.hold.max_concurrent); "
+        "retry later" in error["message"]
+    ), error
+    assert "server" not in error["message"], "99 of the server's 100 slots were free"
+    assert m["sessions_rejected_queue_timeout"] == 1 and m["active_sessions"] == 0
+
+
+async def test_a_server_with_one_slot_says_one_concurrent_session() -> None:
+    app, _ = build(settings(max_concurrent_sessions=1))
+    async with Client(app) as client:
+        assert not (await client.call_tool("session_create", {})).is_error
+        error = error_of(await client.call_tool("session_create", {}))
+    assert error["message"] == "the server is at its limit of 1 concurrent session; retry after a session ends"
+
+
 async def test_a_call_queued_for_its_tool_does_not_block_calls_of_other_tools_behind_it() -> None:
     recorder = Recorder()
     config = settings(max_concurrent_sessions=2, max_queued=5, tools={"hold": {"max_concurrent": 1}})
@@ -264,10 +296,27 @@ async def test_one_client_flooding_is_refused_while_another_is_served() -> None:
         m = await metrics(polite)
     error = error_of(refused)
     assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"]
+    assert "retry after one of its calls ends" in error["message"]
     assert code_of(created) == "capacity_exceeded", "session_create counts against the client's share too"
     assert text_of(served) == "served"
     assert m["sessions_rejected_client_limit"] == 2 and m["sessions_rejected_capacity"] == 0
     assert m["total_sessions_created"] == 4
+
+
+async def test_session_create_refused_for_the_client_s_share_is_told_to_release_one_with_session_release() -> None:
+    app, _ = build(settings(max_sessions_per_client=2))
+    async with Client(app, mode="legacy") as client:
+        held = [await client.call_tool("session_create", {}) for _ in range(2)]
+        refused = error_of(await client.call_tool("session_create", {}))
+        # Following the advice works: release one, and the next reservation is admitted.
+        await client.call_tool("session_release", {"session_id": held[0].structured_content["session_id"]})
+        again = await client.call_tool("session_create", {})
+    assert refused["code"] == "capacity_exceeded" and refused["tool"] == "session_create"
+    assert refused["message"] == (
+        "this client already holds or waits for 2 sessions, the per-client limit (limits.max_sessions_per_client); "
+        "release a session it no longer needs with session_release, or retry after one of its calls ends"
+    )
+    assert not again.is_error
 
 
 async def test_a_tool_that_keeps_reporting_progress_outlives_its_idle_timeout() -> None:

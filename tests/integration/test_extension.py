@@ -12,6 +12,7 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp_types import CallToolResult
 
@@ -59,6 +60,66 @@ async def test_a_tool_that_raises_ends_its_session_as_error() -> None:
         assert result.is_error
         m = await metrics(client)
     assert m["total_sessions_error"] == 1 and m["tools"]["boom"]["errors"] == 1 and m["error_rate"] == 1.0
+
+
+async def test_a_plain_exception_gives_the_bare_sdk_text_and_a_tool_error_its_message() -> None:
+    def plain() -> str:
+        raise ValueError("internal detail")
+
+    def told() -> str:
+        raise ToolError("what the caller should read")
+
+    app, _ = build(tools=[plain, told])
+    async with Client(app) as client:
+        bare = await client.call_tool("plain", {})
+        explained = await client.call_tool("told", {})
+        m = await metrics(client)
+    assert bare.is_error and text_of(bare) == "Error executing tool plain", "the README quotes it so"
+    assert explained.is_error and text_of(explained) == "Error executing tool told: what the caller should read"
+    assert ERROR_META_KEY not in (bare.meta or {}) and ERROR_META_KEY not in (explained.meta or {})
+    assert m["total_sessions_error"] == 2
+
+
+async def test_a_tool_calling_another_in_process_bypasses_the_session_layer_while_a_client_call_is_tracked() -> None:
+    inner_cancelled = anyio.Event()
+
+    async def inner(seconds: float = 0.0) -> str:
+        try:
+            await anyio.sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            inner_cancelled.set()
+            raise
+        return "inner"
+
+    async def direct() -> str:
+        result = await app.call_tool("inner", {"seconds": 0.0})
+        assert isinstance(result, CallToolResult)
+        return "direct: " + text_of(result)
+
+    async def direct_hang() -> str:
+        await app.call_tool("inner", {"seconds": 3600})
+        return "never"
+
+    async def through_a_client() -> str:
+        async with Client(app) as client:
+            return "client: " + text_of(await client.call_tool("inner", {}))
+
+    config = settings(tool_timeouts={"inner": 0.1, "direct_hang": 0.5})
+    app, _ = build(config, tools=[inner, direct, direct_hang, through_a_client])
+    async with Client(app) as client:
+        with anyio.fail_after(5):
+            assert text_of(await client.call_tool("direct", {})) == "direct: inner"
+            assert text_of(await client.call_tool("through_a_client", {})) == "client: inner"
+            started = time.monotonic()
+            hung = await client.call_tool("direct_hang", {})
+            took = time.monotonic() - started
+            await inner_cancelled.wait()
+        m = await metrics(client)
+    # The direct calls got no session (nor inner's 0.1 s deadline): only the Client's call of
+    # `inner` is one. The outer deadline still cancels the inner call, which runs in its task.
+    assert m["tools"]["inner"]["calls"] == 1 and m["tools"]["inner"]["completed"] == 1
+    assert code_of(hung) == "timeout" and "0.5s" in text_of(hung) and took >= 0.5
+    assert m["total_sessions_created"] == 4  # direct, through_a_client and its inner call, direct_hang
 
 
 class Fatal(BaseException):
@@ -367,6 +428,42 @@ async def test_session_metadata_at_the_limit_is_accepted_and_one_byte_over_refus
         await client.call_tool("session_release", {"session_id": ok.structured_content["session_id"]})
         m = await metrics(client)
     assert m["current_metadata_bytes"] == 0 and m["sessions_rejected_metadata_size"] == 1
+
+
+async def test_provider_and_model_are_bounded_even_where_metadata_is_refused() -> None:
+    # max_metadata_bytes = 0 refuses metadata; provider and model are not metadata, but they are
+    # kept with the session all the same, so they have a bound of their own (256 characters).
+    app, sessions = build(settings(max_metadata_bytes=0))
+    async with Client(app) as client:
+        at_bound = await client.call_tool("session_create", {"provider": "p" * 256, "model": "é" * 256})
+        assert not at_bound.is_error, at_bound
+        refused = {
+            field: error_of(await client.call_tool("session_create", {field: "x" * size}))
+            for field, size in (("provider", 2_000_000), ("model", 257))
+        }
+        m = await metrics(client)
+        held = [(s.provider, s.model) for s in sessions.manager._active.values()]
+    for field, error in refused.items():
+        assert error["code"] == "invalid_argument" and error["tool"] == "session_create", error
+        assert field in error["message"] and "256" in error["message"], error
+        assert len(error["message"]) < 1000, "the refusal does not echo the value"
+    assert (m["total_sessions_created"], m["active_sessions"], m["current_metadata_bytes"]) == (1, 1, 0)
+    assert held == [("p" * 256, "é" * 256)], "nothing of the refused calls is kept"
+
+
+async def test_an_unknown_session_id_of_any_length_is_quoted_short_in_the_refusal_and_its_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="server.refusals")
+    app, _ = build()
+    huge = "x" * 100_000
+    async with Client(app) as client:
+        error = error_of(await client.call_tool("session_release", {"session_id": huge}))
+    assert error["code"] == "unknown_session"
+    assert "x" * 80 + "…" in error["message"] and len(error["message"]) < 300, len(error["message"])
+    assert error["session_id"] == "x" * 80 + "…"
+    (line,) = [r for r in caplog.records if r.name == "server.refusals"]
+    assert len(line.getMessage()) < 400 and len(str(getattr(line, "session_id", ""))) <= 81
 
 
 @pytest.mark.parametrize(

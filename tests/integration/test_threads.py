@@ -158,6 +158,10 @@ async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_la
                     refused = await client.call_tool("quick_sync", {})
                 assert code_of(refused) == "capacity_exceeded"
                 assert "stuck" in text_of(refused) and "2" in text_of(refused)
+                assert text_of(refused).endswith(
+                    "sync tools are refused until they end: retry later (async tools are still served), "
+                    "or ask the operator to raise limits.max_abandoned_threads"
+                ), "the refusal says what to do about it"
                 # Async tools are still served: they need no thread.
                 echo_result = await client.call_tool("echo_async", {"text": "async still served"})
                 assert text_of(echo_result) == "async still served"
@@ -224,3 +228,36 @@ async def test_a_sync_call_whose_thread_returns_after_a_stop_keeps_its_result() 
         await work.task
     assert work.done and not work.cancelled and work.raised is None
     assert work.result == "ran"  # type: ignore[comparison-overlap]  # call_next here returns a str
+
+
+async def test_threads_an_async_tool_starts_itself_answer_on_time_but_are_not_counted_as_abandoned() -> None:
+    # What the README's table says: only the SDK's sync-tool threads are tracked. An async tool
+    # that hands blocking work to a thread of its own times out on time, and its thread runs on
+    # without a count (or a bound).
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def blocking() -> str:
+        entered.release()
+        release.wait(timeout=60)
+        return "unstuck"
+
+    async def via_asyncio_to_thread() -> str:
+        return await asyncio.to_thread(blocking)
+
+    async def via_anyio_abandoning() -> str:
+        return await anyio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+
+    timeouts = {"via_asyncio_to_thread": 0.2, "via_anyio_abandoning": 0.2}
+    app, sessions = build(settings(tool_timeouts=timeouts), tools=[via_asyncio_to_thread, via_anyio_abandoning])
+    try:
+        async with Client(app) as client:
+            with anyio.fail_after(5):  # on time: not when the threads return (they never do here)
+                results = [await client.call_tool(name, {}) for name in timeouts]
+            m = await metrics(client)
+    finally:
+        release.set()
+    assert [code_of(r) for r in results] == ["timeout", "timeout"]
+    assert all("was cancelled" in text_of(r) for r in results)
+    assert entered.acquire(timeout=5) and entered.acquire(timeout=5), "both threads ran"
+    assert m["abandoned_threads"] == 0 and m["total_sessions_timeout"] == 2

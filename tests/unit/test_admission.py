@@ -12,7 +12,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from server import ErrorCode, SessionError, SessionManager, SessionState
+from server import ErrorCode, SessionError, SessionManager, SessionState, admission
 from server.config import LimitsSettings
 from server.sessions import Session
 from tests.helpers import until
@@ -111,7 +111,10 @@ async def test_sync_work_is_refused_at_once_while_too_many_threads_are_stuck() -
     sessions.thread_abandoned()
     with pytest.raises(SessionError) as refused:
         await sessions.create(tool="blocking", needs_thread=True)
-    assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED and "1 threads are stuck" in refused.value.message
+    assert (
+        refused.value.code is ErrorCode.CAPACITY_EXCEEDED
+        and "1 thread is stuck in a sync tool call" in refused.value.message
+    )
     await sessions.release((await sessions.create(tool="async")).id)  # no thread needed: admitted
     sessions.thread_ended()
     await sessions.release((await sessions.create(tool="blocking", needs_thread=True)).id)
@@ -233,3 +236,32 @@ async def test_a_refusal_keeps_no_reference_to_the_refused_call_without_the_cycl
     finally:
         gc.enable()
     assert held.state is SessionState.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("server_full", "tool_full", "says"),
+    [
+        (True, False, "the server is at its limit of 100 concurrent sessions (limits.max_concurrent_sessions)"),
+        (False, True, "tool 'slow' is at its limit of 1 concurrent call (tools.slow.max_concurrent)"),
+        (
+            True,
+            True,
+            "the server is at its limit of 100 concurrent sessions (limits.max_concurrent_sessions), and tool 'slow'",
+        ),
+        # Neither seen full (cluster mode: other replicas' calls count): both caps that may have kept it.
+        (
+            False,
+            False,
+            "neither the server (limits.max_concurrent_sessions, 100) nor tool 'slow' (tools.slow.max_concurrent, 1)",
+        ),
+    ],
+)
+def test_a_queue_timeout_names_what_the_call_waited_for(server_full: bool, tool_full: bool, says: str) -> None:
+    refusal = admission.refuse_queue_timeout(
+        "slow", 0.5, "the server", 100, server_full=server_full, tool_cap=1, tool_full=tool_full
+    )
+    assert refusal.code is ErrorCode.CAPACITY_EXCEEDED
+    assert refusal.message.startswith(
+        "waited 0.5s in the queue (limits.queue_timeout_seconds) without getting a slot: "
+    )
+    assert says in refusal.message and refusal.message.endswith("; retry later"), refusal.message

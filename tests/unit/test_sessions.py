@@ -13,6 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from server import ErrorCode, LimitsSettings, SessionError, SessionManager, SessionState, load_settings
+from server.admission import MAX_LABEL_CHARS
 from server.metrics import DurationStats, MetricsSnapshot
 from server.sessions import ID_BATCH, RECENTLY_ENDED, metadata_size
 
@@ -504,3 +505,19 @@ async def test_open_call_refuses_a_sync_tool_when_too_many_threads_are_stuck() -
         sessions.open_call("search", 30.0, None, True, None)
     assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED
     assert sessions.metrics().sessions_rejected_threads == 1
+
+
+async def test_the_manager_refuses_a_provider_or_model_longer_than_the_label_bound() -> None:
+    manager = SessionManager(LimitsSettings(max_metadata_bytes=0))
+    async with manager.running():
+        too_long = "x" * (MAX_LABEL_CHARS + 1)
+        with pytest.raises(SessionError) as refused_provider:
+            await manager.create(provider=too_long)
+        with pytest.raises(SessionError) as refused_model:
+            await manager.create(model=too_long)
+        for field, refused in (("provider", refused_provider), ("model", refused_model)):
+            assert refused.value.code is ErrorCode.INVALID_ARGUMENT and field in refused.value.message
+            assert len(refused.value.message) < 300
+        session = await manager.create(provider="p" * MAX_LABEL_CHARS, model="m" * MAX_LABEL_CHARS)
+        assert manager.metrics().total_sessions_created == 1
+        await manager.release(session.id)
