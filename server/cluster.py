@@ -39,7 +39,7 @@ from server.config import LimitsSettings, Settings, StoreSettings
 from server.errors import ErrorCode, SessionError
 from server.metrics import ClusterMetrics, ClusterToolMetrics
 from server.sessions import Session, SessionManager, SessionState, ended_state
-from server.store import RedisStore, StoreUnavailable
+from server.store import EXPIRY_GRACE_SECONDS, RedisStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +128,32 @@ class ClusterSessionManager(SessionManager):
                 try:
                     yield self
                 finally:
-                    with anyio.move_on_after(self.store.settings.timeout_seconds * 2, shield=True):
-                        await self.store.flush_ended()
+                    await self._flush_at_exit()
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.store.close()
+
+    async def _flush_at_exit(self) -> None:
+        """Write the session ends still waiting, bounded by the store's timeout. If Redis is away,
+        say once how many could not be written and why: a stop is no failure of the runtime (their
+        sessions stay counted in Redis until their deadlines pass, then expire as `timeout`)."""
+        limit = self.store.settings.timeout_seconds * 2
+        reason = f"{self.store.where} did not answer within {limit:g}s"
+        with anyio.move_on_after(limit, shield=True):
+            try:
+                await self.store.flush_ended()
+            except StoreUnavailable as exc:
+                reason = str(exc)
+        unwritten = self.store.pending_ends
+        if unwritten:
+            logger.warning(
+                "Stopping: %s session end(s) could not be written to the session store (%s); in the cluster "
+                "totals they stay active until their deadlines pass (+ %gs), then count as timeout",
+                unwritten,
+                reason,
+                EXPIRY_GRACE_SECONDS,
+            )
 
     # -- admission -------------------------------------------------------------------------
 
