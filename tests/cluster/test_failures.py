@@ -257,6 +257,25 @@ async def test_a_sigterm_while_redis_is_down_exits_0_with_one_warning_for_the_un
     assert own_redis.url in line, line
 
 
+async def test_store_unavailable_sentences_read_cleanly_with_no_stray_full_stop(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # redis-py's reasons end with a full stop; the sentence around them must not read ".;".
+    config = cluster_config(store_section(own_redis.url, key_prefix))
+    async with start_replicas(tmp_path, config, 1) as (replica,), replica.client() as client:
+        await anyio.to_thread.run_sync(own_redis.stop)
+        refused_call, _ = await timed_call(client, "echo", {"text": "no store"})
+        refused_release, _ = await timed_call(client, "session_release", {"session_id": "s000000000000-1"})
+
+    messages = [error_of(refused_call)["message"], error_of(refused_release)["message"]]
+    assert [error_of(r)["code"] for r in (refused_call, refused_release)] == ["store_unavailable"] * 2, messages
+    for message in messages:
+        assert ".;" not in message and ".." not in message, message
+        assert "Connect call failed" in message or "connecting" in message, message
+    assert "; the call was not run. The server reconnects by itself: retry in a moment" in messages[0]
+    assert "; session s000000000000-1 was not released. Retry in a moment" in messages[1]
+
+
 @contextmanager
 def paused(server: RedisServer) -> Iterator[None]:
     server.pause()
