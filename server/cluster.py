@@ -331,6 +331,20 @@ class ClusterSessionManager(SessionManager):
             session_id=session_id,
         )
 
+    def _not_active(self, session_id: str) -> SessionError:
+        """As `SessionManager._not_active`, but an unknown id is unknown to the whole cluster: no
+        replica sharing the store issued it in the last hour (ended sessions are kept that long)."""
+        error = super()._not_active(session_id)
+        if error.code is not ErrorCode.UNKNOWN_SESSION:
+            return error
+        shown = error.session_id or session_id  # the id as the base class quotes it
+        return SessionError(
+            ErrorCode.UNKNOWN_SESSION,
+            f"no replica sharing the session store issued a session with id {shown!r} in the last hour; "
+            "use the session_id that session_create returned",
+            session_id=shown,
+        )
+
     def end(self, session: Session, state: SessionState, error: str | None = None) -> bool:
         """End `session` here, and in the store unless the store told us it ended."""
         if not super().end(session, state, error):
