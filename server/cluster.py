@@ -39,7 +39,7 @@ from server.config import LimitsSettings, Settings, StoreSettings
 from server.errors import ErrorCode, SessionError
 from server.metrics import ClusterMetrics, ClusterToolMetrics
 from server.sessions import Session, SessionManager, SessionState, ended_state
-from server.store import RedisStore, StoreUnavailable
+from server.store import EXPIRY_GRACE_SECONDS, RedisStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +128,32 @@ class ClusterSessionManager(SessionManager):
                 try:
                     yield self
                 finally:
-                    with anyio.move_on_after(self.store.settings.timeout_seconds * 2, shield=True):
-                        await self.store.flush_ended()
+                    await self._flush_at_exit()
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.store.close()
+
+    async def _flush_at_exit(self) -> None:
+        """Write the session ends still waiting, bounded by the store's timeout. If Redis is away,
+        say once how many could not be written and why: a stop is no failure of the runtime (their
+        sessions stay counted in Redis until their deadlines pass, then expire as `timeout`)."""
+        limit = self.store.settings.timeout_seconds * 2
+        reason = f"{self.store.where} did not answer within {limit:g}s"
+        with anyio.move_on_after(limit, shield=True):
+            try:
+                await self.store.flush_ended()
+            except StoreUnavailable as exc:
+                reason = str(exc)
+        unwritten = self.store.pending_ends
+        if unwritten:
+            logger.warning(
+                "Stopping: %s session end(s) could not be written to the session store (%s); in the cluster "
+                "totals they stay active until their deadlines pass (+ %gs), then count as timeout",
+                unwritten,
+                reason,
+                EXPIRY_GRACE_SECONDS,
+            )
 
     # -- admission -------------------------------------------------------------------------
 
@@ -309,6 +329,20 @@ class ClusterSessionManager(SessionManager):
             ErrorCode.ALREADY_RELEASED,
             f"session {session_id} has already ended ({known.before}); it cannot be released again",
             session_id=session_id,
+        )
+
+    def _not_active(self, session_id: str) -> SessionError:
+        """As `SessionManager._not_active`, but an unknown id is unknown to the whole cluster: no
+        replica sharing the store issued it in the last hour (ended sessions are kept that long)."""
+        error = super()._not_active(session_id)
+        if error.code is not ErrorCode.UNKNOWN_SESSION:
+            return error
+        shown = error.session_id or session_id  # the id as the base class quotes it
+        return SessionError(
+            ErrorCode.UNKNOWN_SESSION,
+            f"no replica sharing the session store issued a session with id {shown!r} in the last hour; "
+            "use the session_id that session_create returned",
+            session_id=shown,
         )
 
     def end(self, session: Session, state: SessionState, error: str | None = None) -> bool:

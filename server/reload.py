@@ -8,8 +8,9 @@ calls are refused until enough have ended). `[logging]` is applied only where th
 logging is ours, set up by `configure_logging` (the standalone server); in an embedding host
 it is the host's (handlers, levels, the `logging` module's flags), and a reload leaves it as it
 is, saying so. An invalid file is rejected with the same message as at startup, and the config
-in force stays. Keys bound at startup (the `[server]` table and `metrics.prometheus_port`) are
-reported as ignored until a restart. Both outcomes are counted by the manager
+in force stays. Keys bound at startup (the `[server]` table, `metrics.prometheus_port` and the
+`[store]` table: the session store is opened once, at startup) are reported as ignored until a
+restart, never as applied. Both outcomes are counted by the manager
 (`config_reloads`, `config_reload_failures`).
 
 Example:
@@ -31,15 +32,16 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from server.config import ConfigError, Settings
+from server.config import ConfigError, Settings, mask_secrets
 from server.config_loader import config_problems, load_settings
 from server.extension import SessionsExtension
 from server.logs import configure_logging, configured_here
 
 logger = logging.getLogger(__name__)
 
-#: Settings bound at startup (a listening socket, imported modules): a reload cannot change them.
-RESTART_ONLY = ("server", "metrics")
+#: Settings bound at startup (a listening socket, imported modules, the session store and its
+#: connection): a reload cannot change them.
+RESTART_ONLY = ("server", "metrics", "store")
 #: The table a reload leaves alone where the host, not this package, configures logging.
 LOGGING = "logging"
 
@@ -120,13 +122,13 @@ class ConfigReloader:
         if host_owned:
             logger.info(
                 "Config reload: [logging] left to the host, which configures this process's logging (not applied: %s)",
-                ", ".join(f"{key} = {_show(now)}" for key, (_, now) in host_owned.items()),
+                ", ".join(f"{key} = {_show(now, key)}" for key, (_, now) in host_owned.items()),
             )
         if applied:
             logger.info(
                 "Config reloaded from %s: %s",
                 where,
-                ", ".join(f"{key} {_show(was)} -> {_show(now)}" for key, (was, now) in applied.items()),
+                ", ".join(f"{key} {_show(was, key)} -> {_show(now, key)}" for key, (was, now) in applied.items()),
             )
         else:
             logger.info("Config reloaded from %s: nothing changed", where)
@@ -146,8 +148,12 @@ class ConfigReloader:
 
 
 def _describe(ignored: Mapping[str, tuple[Any, Any]]) -> str:
-    return ", ".join(f"{key} (in force {_show(was)}, file {_show(now)})" for key, (was, now) in ignored.items())
+    return ", ".join(
+        f"{key} (in force {_show(was, key)}, file {_show(now, key)})" for key, (was, now) in ignored.items()
+    )
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, key: str = "") -> str:
+    """`value` as logged for the dotted `key`: a password in a store URL is shown as ***."""
+    value = mask_secrets(tuple(key.split(".")), value)
     return "unset" if value is None else repr(value)

@@ -489,7 +489,8 @@ def check_reachable(settings: StoreSettings) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+    """`exc` as the end of a clause: callers go on with "; ..." (redis-py's texts end with a full stop)."""
+    text = str(exc).strip().rstrip(".").rstrip()
     if isinstance(exc, TimeoutError) and not text:
         return "no answer in time"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

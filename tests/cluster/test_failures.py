@@ -14,6 +14,7 @@ stopped and restarted (same port) mid-test, Redis hung (SIGSTOP), and Redis unre
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -60,6 +61,8 @@ RETRY_PAUSE = 0.1
 #: How long a replica that cannot reach Redis may take to give up at startup.
 STARTUP_EXIT_SECONDS = START_SECONDS + 10.0
 ERROR_KEYS = {"store.url", "[store] url"}
+#: How long a replica may take to stop on SIGTERM with Redis away (drain, one bounded flush).
+STOP_EXIT_SECONDS = 15.0
 
 
 async def timed_call(client: Client, tool: str, arguments: dict[str, Any]) -> tuple[CallToolResult, float]:
@@ -227,6 +230,50 @@ async def test_calls_fail_fast_while_redis_hangs_and_recover_when_it_answers(
     assert down["sessions_rejected_store_unavailable"] == 2, down
     assert text_of(recovered) == "answering again"
     assert cluster_back["available"] is True, cluster_back
+
+
+async def test_a_sigterm_while_redis_is_down_exits_0_with_one_warning_for_the_unwritten_session_ends(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # A session is held when Redis goes away; SIGTERM's drain cancels it at its short deadline,
+    # and its end cannot be written. The README's promise: a clean stop logs no error.
+    config = cluster_config(store_section(own_redis.url, key_prefix))
+    config["shutdown"] = {"timeout_seconds": 0.2}
+    async with start_replicas(tmp_path, config, 1) as (replica,):
+        async with replica.client() as client:
+            held = await client.call_tool("session_create", {"timeout_seconds": 60})
+            assert not held.is_error, held
+        await anyio.to_thread.run_sync(own_redis.stop)
+        replica.send_signal(signal.SIGTERM)
+        status = await replica.wait_exit(within=STOP_EXIT_SECONDS)
+
+    assert status == 0, replica.stderr
+    assert "Traceback" not in replica.stderr and " ERROR " not in replica.stderr, replica.stderr
+    unwritten = [line for line in replica.stderr_lines if "could not be written" in line]
+    assert len(unwritten) == 1, replica.stderr
+    [line] = unwritten
+    assert " WARNING server.cluster: " in line, line
+    assert "1 session end(s) could not be written to the session store" in line, line
+    assert own_redis.url in line, line
+
+
+async def test_store_unavailable_sentences_read_cleanly_with_no_stray_full_stop(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # redis-py's reasons end with a full stop; the sentence around them must not read ".;".
+    config = cluster_config(store_section(own_redis.url, key_prefix))
+    async with start_replicas(tmp_path, config, 1) as (replica,), replica.client() as client:
+        await anyio.to_thread.run_sync(own_redis.stop)
+        refused_call, _ = await timed_call(client, "echo", {"text": "no store"})
+        refused_release, _ = await timed_call(client, "session_release", {"session_id": "s000000000000-1"})
+
+    messages = [error_of(refused_call)["message"], error_of(refused_release)["message"]]
+    assert [error_of(r)["code"] for r in (refused_call, refused_release)] == ["store_unavailable"] * 2, messages
+    for message in messages:
+        assert ".;" not in message and ".." not in message, message
+        assert "Connect call failed" in message or "connecting" in message, message
+    assert "; the call was not run. The server reconnects by itself: retry in a moment" in messages[0]
+    assert "; session s000000000000-1 was not released. Retry in a moment" in messages[1]
 
 
 @contextmanager

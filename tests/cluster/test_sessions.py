@@ -68,6 +68,22 @@ async def test_a_session_created_on_one_replica_is_released_on_another(
     assert_cluster_accounts(cluster)
 
 
+async def test_an_unknown_session_in_cluster_mode_is_worded_for_the_whole_cluster(
+    tmp_path: Path, shared_store: dict[str, TomlValue]
+) -> None:
+    async with start_replicas(tmp_path, cluster_config(shared_store), 1) as (replica,), replica.client() as client:
+        unknown = await client.call_tool("session_release", {"session_id": MADE_UP_ID})
+
+    error = error_of(unknown)
+    assert error["code"] == "unknown_session" and error["session_id"] == MADE_UP_ID, error
+    # The check covers every replica sharing the store, and ended sessions for an hour.
+    assert "this server" not in error["message"], error
+    assert error["message"] == (
+        f"no replica sharing the session store issued a session with id {MADE_UP_ID!r} in the last hour; "
+        "use the session_id that session_create returned"
+    ), error
+
+
 async def test_a_release_on_another_replica_keeps_its_outcome(
     tmp_path: Path, shared_store: dict[str, TomlValue]
 ) -> None:

@@ -267,6 +267,29 @@ async def test_sighup_raises_and_lowers_the_cap_and_an_invalid_file_keeps_the_ol
     assert "ignored until restart: server.name" in server.stderr
 
 
+async def test_sighup_keeps_a_changed_store_section_until_restart_and_says_so(tmp_path: Path) -> None:
+    # The store is opened once at startup: a reload cannot move it, so a changed [store] must be
+    # reported as ignored (a warning), never as applied, while the rest of the file applies.
+    config = {**server_config(limits={"max_concurrent_sessions": 1}), "store": {"key_prefix": "before:"}}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        changed = {
+            **server_config(limits={"max_concurrent_sessions": 2}),
+            "store": {"key_prefix": "after:", "timeout_seconds": 2.0, "url": "redis://ops:hunter2@127.0.0.1:6379/0"},
+        }
+        samples = await reload(server, changed, reloads=1)
+        assert gauge(samples, "max_concurrent") == 2
+        applied = await server.wait_stderr("Config reloaded from")  # the reload's last line
+        warning = next((line for line in server.stderr_lines if "ignored until restart:" in line), "(none)")
+        async with server.client() as client:
+            in_force = await metrics(client)
+    assert "WARNING" in warning, warning
+    assert "store.key_prefix (in force 'before:', file 'after:')" in warning, warning
+    assert "store.timeout_seconds (in force 1.0, file 2.0)" in warning, warning
+    assert "file 'redis://ops:***@127.0.0.1:6379/0'" in warning and "hunter2" not in server.stderr, warning
+    assert "limits.max_concurrent_sessions 1 -> 2" in applied and "store." not in applied, applied
+    assert in_force["limits"]["max_concurrent_sessions"] == 2
+
+
 async def test_sighup_reloads_over_stdio_and_the_loopback_exporter_serves_metrics(tmp_path: Path) -> None:
     port = free_port()
     config = {**server_config(limits={"max_concurrent_sessions": 1}), "metrics": {"prometheus_port": port}}

@@ -237,6 +237,18 @@ BAD_FILES = [
         "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)",
         id="bad-toml",
     ),
+    pytest.param(
+        '[store]\nbackend = "redis"\nurl = "redis://tools:hunter2@127.0.0.1:99999/0"\n',
+        "store.url: the port must be a number from 1 to 65535 (a password holding / ? # or @ must be"
+        ' percent-encoded, e.g. / as %2F), e.g. redis://127.0.0.1:6379/0 (got "redis://tools:***@127.0.0.1:99999/0")',
+        id="store-url-port-out-of-range",
+    ),
+    pytest.param(
+        '[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:6379/0?socket_timeout=abc"\n',
+        "store.url: is not a URL redis-py accepts: Invalid value for 'socket_timeout' in connection URL."
+        ' (got "redis://127.0.0.1:6379/0?socket_timeout=abc")',
+        id="store-url-query-value",
+    ),
 ]
 
 

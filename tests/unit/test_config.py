@@ -7,6 +7,7 @@ expected lines, so a change of wording is a deliberate change of these tests.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from server import ConfigError, Settings, load_settings
+from server import ConfigError, SessionsExtension, Settings, load_settings
 from server.app import check_tool_overrides, load_tool_modules
-from server.config import LimitsSettings, ToolSettings, safe_url
+from server.config import LimitsSettings, StoreSettings, ToolSettings, safe_url
 from server.config_loader import config_problems
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -879,6 +880,136 @@ def test_a_url_given_where_the_store_table_belongs_is_not_echoed_with_its_passwo
     assert "store: must be a table" in in_file and "redis://:***@h:6379/0" in in_file
     assert "store: must be JSON for a table" in in_env and "redis://:***@h:6379/0" in in_env
     assert "hunter2" not in in_file + in_env
+
+
+PORT = "the port must be a number from 1 to 65535, e.g. redis://127.0.0.1:6379/0"
+ENCODE = "(a password holding / ? # or @ must be percent-encoded, e.g. / as %2F)"
+MISSHAPEN_URLS = [
+    pytest.param("redis://127.0.0.1:notaport/0", PORT, id="port-not-a-number"),
+    pytest.param("redis://127.0.0.1:99999/0", PORT, id="port-out-of-range"),
+    pytest.param("redis://127.0.0.1:0/0", PORT, id="port-zero"),
+    pytest.param(
+        "redis://[::1/0", "is not a valid URL: an IPv6 host must be in brackets, e.g. redis://[::1]:6379/0", id="ipv6"
+    ),
+    pytest.param(
+        "redis://h:6379/abc",
+        "the path must be the database index, a whole number, e.g. redis://127.0.0.1:6379/0",
+        id="database-not-a-number",
+    ),
+    pytest.param(
+        "redis://h:6379/-1",
+        "the path must be the database index, a whole number, e.g. redis://127.0.0.1:6379/0",
+        id="database-negative",
+    ),
+    pytest.param("redis:///0", "names no host, e.g. redis://127.0.0.1:6379/0", id="no-host"),
+    pytest.param(
+        "unix://", "must give the socket's absolute path after unix://, e.g. unix:///run/redis.sock", id="unix-no-path"
+    ),
+    pytest.param(
+        "unix://run/redis.sock",
+        "must give the socket's absolute path after unix://, e.g. unix:///run/redis.sock",
+        id="unix-relative-path",
+    ),
+    pytest.param(
+        "redis://h/0?socket_timeout=abc",
+        "is not a URL redis-py accepts: Invalid value for 'socket_timeout' in connection URL.",
+        id="query-value-redis-py-refuses",
+    ),
+    pytest.param(
+        "redis://h/0?db=x",
+        "is not a URL redis-py accepts: Invalid value for 'db' in connection URL.",
+        id="query-database-not-a-number",
+    ),
+]
+
+
+@pytest.mark.parametrize(("url", "reason"), MISSHAPEN_URLS)
+def test_a_store_url_redis_py_could_not_connect_with_is_a_config_error_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, reason: str
+) -> None:
+    path = write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{url}"\n')
+    assert problems_of(path) == [f'{path}: store.url: {reason} (got "{url}")']
+
+    monkeypatch.setenv("MCP_SESSIONS_STORE__URL", url)
+    monkeypatch.setenv("MCP_SESSIONS_STORE__BACKEND", "redis")
+    assert problems_of(None) == [f'environment variable MCP_SESSIONS_STORE__URL: store.url: {reason} (got "{url}")']
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "reason"),
+    [
+        pytest.param(
+            "redis://app:hunter2@h:notaport/0",
+            "redis://app:***@h:notaport/0",
+            f"the port must be a number from 1 to 65535 {ENCODE}, e.g. redis://127.0.0.1:6379/0",
+            id="bad-port",
+        ),
+        pytest.param(
+            "redis://app:hunter2/x@h:6379/0",
+            "redis://app:***@h:6379/0",
+            f"the port must be a number from 1 to 65535 {ENCODE}, e.g. redis://127.0.0.1:6379/0",
+            id="unescaped-slash-in-password",
+        ),
+        pytest.param(
+            "redis://:hunter2#x@h/0",
+            "redis://:***@h/0",
+            f"the port must be a number from 1 to 65535 {ENCODE}, e.g. redis://127.0.0.1:6379/0",
+            id="unescaped-hash-in-password",
+        ),
+        pytest.param(
+            "redis://:hunter2@/0",
+            "redis://:***@/0",
+            f"names no host {ENCODE}, e.g. redis://127.0.0.1:6379/0",
+            id="no-host",
+        ),
+    ],
+)
+def test_a_misshapen_store_url_with_a_password_is_refused_without_echoing_it(
+    tmp_path: Path, url: str, shown: str, reason: str
+) -> None:
+    path = write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{url}"\n')
+    assert problems_of(path) == [f'{path}: store.url: {reason} (got "{shown}")']
+
+
+def test_a_query_argument_redis_py_would_crash_on_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings.model_validate({"store": {"backend": "redis", "url": "redis://h:6379/0?sockettimeout=1"}})
+    message = str(caught.value)
+    assert "store.url" in message and "query argument 'sockettimeout' is not a connection option" in message
+    assert "socket_timeout" in message  # the known ones are listed
+    # TLS options only where the connection is TLS.
+    with pytest.raises(ValidationError, match="'ssl_certfile' is not a connection option"):
+        StoreSettings(backend="redis", url="redis://h:6379/0?ssl_certfile=/c.pem")
+    tls = StoreSettings(backend="redis", url="rediss://h:6380/1?ssl_certfile=/c.pem&client_name=tools")
+    assert tls.url.endswith("client_name=tools")
+
+
+def test_with_the_memory_backend_only_the_url_shape_is_checked() -> None:
+    # The url is not used with the memory backend: redis-py is not asked about its query
+    # (nor imported for it), but a URL of the wrong shape is refused as soon as it is written.
+    assert StoreSettings(url="redis://h:6379/0?sockettimeout=1").backend == "memory"
+    with pytest.raises(ValidationError, match="the port must be a number"):
+        StoreSettings(url="redis://h:99999/0")
+
+
+def test_without_redis_py_installed_the_url_shape_is_still_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # redis is an optional extra: with it missing, the urllib checks still catch a bad port.
+    monkeypatch.setitem(sys.modules, "redis.connection", None)  # `import` then raises ImportError
+    with pytest.raises(ValidationError, match="the port must be a number"):
+        StoreSettings(backend="redis", url="redis://127.0.0.1:notaport/0")
+    assert StoreSettings(backend="redis", url="redis://h:6379/0?client_name=x").backend == "redis"
+
+
+def test_an_embedding_host_building_settings_with_a_bad_store_url_gets_the_key_and_reason_at_construction() -> None:
+    url = "redis://127.0.0.1:notaport/0"
+    with pytest.raises(ValidationError) as caught:
+        SessionsExtension(Settings.model_validate({"store": {"backend": "redis", "url": url}}))
+    [error] = caught.value.errors()
+    assert (error["loc"], error["msg"]) == (("store", "url"), f"Value error, {PORT}")
+    with pytest.raises(ValidationError) as built:
+        SessionsExtension(Settings(store=StoreSettings(backend="redis", url=url)))
+    [error] = built.value.errors()
+    assert (error["loc"], error["msg"]) == (("url",), f"Value error, {PORT}")
 
 
 @pytest.mark.parametrize(
