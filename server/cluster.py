@@ -36,7 +36,7 @@ import anyio
 from server import admission
 from server.admission import Refusal, SessionRequest, Waiter
 from server.config import LimitsSettings, Settings, StoreSettings
-from server.errors import ErrorCode, SessionError
+from server.errors import ErrorCode, SessionError, shorten
 from server.metrics import ClusterMetrics, ClusterToolMetrics
 from server.sessions import Session, SessionManager, SessionState, ended_state
 from server.store import EXPIRY_GRACE_SECONDS, RedisStore, StoreUnavailable
@@ -310,8 +310,8 @@ class ClusterSessionManager(SessionManager):
             self._count(Refusal.STORE)
             raise SessionError(
                 ErrorCode.STORE_UNAVAILABLE,
-                f"{exc}; session {session_id} was not released. Retry in a moment",
-                session_id=session_id,
+                f"{exc}; session {shorten(session_id)} was not released. Retry in a moment",
+                session_id=shorten(session_id),
             ) from None
         local = self._active.get(session_id)
         if known.before in ("active", "unknown") and local is not None:
@@ -327,8 +327,8 @@ class ClusterSessionManager(SessionManager):
             super().end(local, SessionState(known.before), "released through another replica")
         raise SessionError(
             ErrorCode.ALREADY_RELEASED,
-            f"session {session_id} has already ended ({known.before}); it cannot be released again",
-            session_id=session_id,
+            f"session {shorten(session_id)} has already ended ({known.before}); it cannot be released again",
+            session_id=shorten(session_id),
         )
 
     def _not_active(self, session_id: str) -> SessionError:

@@ -325,6 +325,10 @@ def _encode_hint(url: str) -> str:
     return " (a password holding / ? # or @ must be percent-encoded, e.g. / as %2F)" if "@" in url else ""
 
 
+#: Connection options the store sets from `store.timeout_seconds` (a URL's own would win).
+_SET_BY_STORE_TIMEOUT = frozenset({"socket_timeout", "socket_connect_timeout"})
+
+
 def _redis_py_problem(url: str, scheme: str) -> str | None:
     try:
         from redis.connection import parse_url
@@ -334,8 +338,15 @@ def _redis_py_problem(url: str, scheme: str) -> str | None:
         parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as exc:  # its messages name a query argument, never its value
         return f"is not a URL redis-py accepts: {safe_url(str(exc))}"
+    given = {name for name, _ in parse_qsl(urlsplit(url).query)}
+    overriding = sorted(given & _SET_BY_STORE_TIMEOUT)
+    if overriding:  # redis-py lets the URL's value win over the one the store passes
+        return (
+            f"query argument {', '.join(map(repr, overriding))} would override store.timeout_seconds, "
+            "which bounds every Redis round trip: remove it and set store.timeout_seconds instead"
+        )
     accepted = _query_arguments(scheme)
-    unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query)} - accepted) if accepted else []
+    unknown = sorted(given - accepted) if accepted else []
     if unknown:
         return (
             f"query argument {', '.join(map(repr, unknown))} is not a connection option redis-py takes "

@@ -266,7 +266,12 @@ async def test_store_unavailable_sentences_read_cleanly_with_no_stray_full_stop(
         await anyio.to_thread.run_sync(own_redis.stop)
         refused_call, _ = await timed_call(client, "echo", {"text": "no store"})
         refused_release, _ = await timed_call(client, "session_release", {"session_id": "s000000000000-1"})
+        refused_long, _ = await timed_call(client, "session_release", {"session_id": "x" * 5000})
 
+    # Any string may be given as an id: the refusal (and its log line) quotes a bounded part.
+    long_error = error_of(refused_long)
+    assert long_error["code"] == "store_unavailable" and "x" * 81 not in long_error["message"]
+    assert len(long_error["session_id"]) <= 81 and long_error["session_id"].endswith("…")
     messages = [error_of(refused_call)["message"], error_of(refused_release)["message"]]
     assert [error_of(r)["code"] for r in (refused_call, refused_release)] == ["store_unavailable"] * 2, messages
     for message in messages:

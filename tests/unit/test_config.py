@@ -976,12 +976,23 @@ def test_a_query_argument_redis_py_would_crash_on_is_refused_with_the_known_ones
         Settings.model_validate({"store": {"backend": "redis", "url": "redis://h:6379/0?sockettimeout=1"}})
     message = str(caught.value)
     assert "store.url" in message and "query argument 'sockettimeout' is not a connection option" in message
-    assert "socket_timeout" in message  # the known ones are listed
+    assert "client_name" in message  # the known ones are listed
     # TLS options only where the connection is TLS.
     with pytest.raises(ValidationError, match="'ssl_certfile' is not a connection option"):
         StoreSettings(backend="redis", url="redis://h:6379/0?ssl_certfile=/c.pem")
     tls = StoreSettings(backend="redis", url="rediss://h:6380/1?ssl_certfile=/c.pem&client_name=tools")
     assert tls.url.endswith("client_name=tools")
+
+
+@pytest.mark.parametrize("argument", ["socket_timeout", "socket_connect_timeout"])
+def test_a_query_argument_that_would_override_store_timeout_seconds_is_refused(argument: str) -> None:
+    # redis-py lets a URL's own timeout win over the one the store passes, silently unbounding
+    # (or shortening) every round trip that store.timeout_seconds is documented to bound.
+    with pytest.raises(ValidationError) as caught:
+        StoreSettings(backend="redis", url=f"redis://h:6379/0?{argument}=30")
+    message = str(caught.value)
+    assert f"query argument '{argument}' would override store.timeout_seconds" in message
+    assert "set store.timeout_seconds instead" in message
 
 
 def test_with_the_memory_backend_only_the_url_shape_is_checked() -> None:
