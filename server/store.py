@@ -99,7 +99,11 @@ local function purge(grace, ttl, limit)
   local ids = redis.call('ZRANGEBYSCORE', active, '-inf', now - grace, 'LIMIT', 0, limit)
   local freed = 0
   for _, id in ipairs(ids) do
-    if finish(id, 'timeout', ttl) then freed = freed + 1 end
+    if finish(id, 'timeout', ttl) then
+      freed = freed + 1
+      -- Marked: its replica may only have been cut off from Redis (see the ends in _SYNC).
+      redis.call('HSET', P .. 's:' .. id, 'purged', 1)
+    end
   end
   if freed > 0 then signal_freed() end
   return freed
@@ -141,12 +145,19 @@ local freed = false
 for i = 8, 7 + 2 * ends, 2 do
   local id, state = ARGV[i], ARGV[i + 1]
   local key = P .. 's:' .. id
-  local f = redis.call('HMGET', key, 'state', 'created', 'replica')
+  local f = redis.call('HMGET', key, 'state', 'created', 'replica', 'purged')
   local before = f[1] or 'unknown'
   if before == 'active' then
     finish(id, state, ttl)
     freed = true
     if f[3] ~= replica then redis.call('PUBLISH', P .. 'events', 'ended ' .. id .. ' ' .. state) end
+  elseif own and f[4] and f[3] == replica and before == 'timeout' and state ~= 'timeout' then
+    -- Expired as overdue while its live replica could not reach Redis, which kept its end and
+    -- writes it now: it ended otherwise, so count it as it ended (its slot is free already).
+    redis.call('HINCRBY', counts, 'timeout', -1)
+    redis.call('HINCRBY', counts, state, 1)
+    redis.call('HSET', key, 'state', state)
+    redis.call('HDEL', key, 'purged')
   elseif before == 'unknown' and own then
     -- One of ours that Redis has not seen: its admission may still be on its way (sent before
     -- a time-out, run late). Leave a mark so that it is not admitted then.

@@ -30,6 +30,8 @@ import redis
 from mcp import Client
 from mcp_types import CallToolResult
 
+from server.config import StoreSettings
+from server.store import EXPIRY_GRACE_SECONDS, RedisStore
 from tests.cluster.conftest import (
     STORE_TIMEOUT_SECONDS,
     RedisServer,
@@ -279,6 +281,53 @@ async def test_store_unavailable_sentences_read_cleanly_with_no_stray_full_stop(
         assert "Connect call failed" in message or "connecting" in message, message
     assert "; the call was not run. The server reconnects by itself: retry in a moment" in messages[0]
     assert "; session s000000000000-1 was not released. Retry in a moment" in messages[1]
+
+
+async def test_a_call_that_completed_while_redis_was_away_counts_as_completed_not_timeout(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # The call ends (completed) while Redis hangs; its replica keeps the end and writes it when
+    # Redis answers again. By then the session is overdue by more than the grace, and whichever
+    # replica runs housekeeping first expires it as `timeout`: the end written after that must
+    # still count it as it ended. (Which comes first varies from run to run: the end can also
+    # reach Redis before the expiry does. Either way the totals must count it as completed.)
+    deadline = 1.0
+    tools = {"sleep_async": {"timeout_seconds": deadline}}
+    config = cluster_config(store_section(own_redis.url, key_prefix), tools=tools)
+    async with start_replicas(tmp_path, config, 2) as (a, b), a.client() as on_a, b.client() as on_b:
+        results: list[CallToolResult] = []
+        answered = anyio.Event()
+
+        async def call() -> None:
+            results.append(await on_a.call_tool("sleep_async", {"seconds": 0.5}))
+            answered.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await cluster_until(on_b, lambda c: c["active_sessions"] == 1, what="the call admitted")
+            own_redis.pause()
+            try:
+                with anyio.fail_after(10):
+                    await answered.wait()  # it completes on its replica with Redis hung
+                # Redis comes back only once the session is overdue by more than the grace (it
+                # cannot be asked meanwhile: the wait is for the clock to pass that point).
+                await anyio.sleep(deadline + EXPIRY_GRACE_SECONDS + 0.5)
+            finally:
+                own_redis.resume()
+            # Expire what is overdue now, before the replica's kept end can be written.
+            settings = StoreSettings.model_validate(store_section(own_redis.url, key_prefix))
+            store = RedisStore(settings, "test-housekeeper")
+            try:
+                await store.housekeeping()
+            finally:
+                await store.close()
+        view = await cluster_until(
+            on_b, lambda c: c["total_sessions_completed"] == 1, within=10, what="the kept end written"
+        )
+
+    assert text_of(results[0]) == "slept 0.5s"
+    assert (view["total_sessions_timeout"], view["active_sessions"]) == (0, 0), view
+    assert_cluster_accounts(view)
 
 
 @contextmanager
