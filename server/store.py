@@ -377,6 +377,13 @@ class RedisStore:
                         # Refused here, but Redis may still run the admission (a time-out, not a
                         # refusal): end it there, or mark it so that it is never admitted.
                         self.end_later(request[0], "cancelled")
+                    # Those that asked while it was failing would wait for a whole round trip
+                    # more: refuse them for the same reason, within the one timeout they waited
+                    # (never sent, so nothing to undo). Calls that ask from now on try again.
+                    waited, self._admissions = self._admissions, []
+                    for _, verdict in waited:
+                        if not verdict.done():
+                            verdict.set_exception(StoreUnavailable(str(exc)))
                     continue
                 for (request, verdict), answer in zip(batch, rows, strict=True):
                     text = _text(answer)

@@ -234,6 +234,30 @@ async def test_calls_fail_fast_while_redis_hangs_and_recover_when_it_answers(
     assert cluster_back["available"] is True, cluster_back
 
 
+async def test_concurrent_calls_while_redis_hangs_are_each_refused_within_one_store_timeout(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # Calls that ask while an admission round trip is failing are refused with it, not after a
+    # round trip of their own: none waits much beyond one `store.timeout_seconds`.
+    config = cluster_config(store_section(own_redis.url, key_prefix))
+    async with start_replicas(tmp_path, config, 1) as (a,), a.client() as on_a:
+        assert text_of(await on_a.call_tool("echo", {"text": "before"})) == "before"
+        refused: list[tuple[CallToolResult, float]] = []
+
+        async def call(n: int) -> None:
+            refused.append(await timed_call(on_a, "echo", {"text": f"call {n}"}))
+
+        with paused(own_redis):
+            async with anyio.create_task_group() as tg:
+                for n in range(6):  # one every 0.1 s: most arrive while a round trip is failing
+                    tg.start_soon(call, n)
+                    await anyio.sleep(0.1)
+
+    assert [code_of(result) for result, _ in refused] == ["store_unavailable"] * 6, refused
+    slowest = max(seconds for _, seconds in refused)
+    assert slowest <= STORE_TIMEOUT_SECONDS * 1.5, f"a refusal took {slowest:.2f}s"
+
+
 async def test_a_sigterm_while_redis_is_down_exits_0_with_one_warning_for_the_unwritten_session_ends(
     tmp_path: Path, own_redis: RedisServer, key_prefix: str
 ) -> None:
