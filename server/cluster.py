@@ -402,7 +402,10 @@ class ClusterSessionManager(SessionManager):
         with self._lock:
             mine = [s for s in self._active.values() if s.deadline > now]
         states = await self.store.reconcile(
-            [(s.id, s.deadline - now, s.tool, client_key(s.client, self.replica), s.metadata_bytes) for s in mine]
+            [
+                (s.id, s.deadline - now, s.tool, client_key(s.client, self.replica), s.metadata_bytes, now - s.started)
+                for s in mine
+            ]
         )
         restored = 0
         for session, state in zip(mine, states, strict=True):

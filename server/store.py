@@ -217,7 +217,7 @@ return {freed, wait, redis.call('GET', P .. 'epoch')}
 """
 )
 
-# ARGV: prefix, ttl_s, replica, then (id, ms left, tool, client, bytes) per session this
+# ARGV: prefix, ttl_s, replica, then (id, ms left, tool, client, bytes, ms since it began) per session this
 # replica holds. Returns each one's state in Redis: "active"; an ended state (it was released
 # through another replica, and the message was missed); or "restored" (Redis no longer had it,
 # having restarted empty: it is registered again).
@@ -226,11 +226,13 @@ _RECONCILE = (
     + """
 local ttl, replica = tonumber(ARGV[2]), ARGV[3]
 local out = {}
-for i = 4, #ARGV, 5 do
+for i = 4, #ARGV, 6 do
   local id = ARGV[i]
   local state = redis.call('HGET', P .. 's:' .. id, 'state')
   if not state then
     register(id, tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), replica, ttl)
+    -- Its age, so that a release through another replica reports its whole duration.
+    redis.call('HSET', P .. 's:' .. id, 'created', now - tonumber(ARGV[i + 5]))
     state = 'restored'
   end
   out[#out + 1] = state
@@ -459,15 +461,15 @@ class RedisStore:
         _, wait_ms, epoch = await self._call("expire overdue sessions", self._housekeeping(args=args))
         return (None if int(wait_ms) < 0 else int(wait_ms) / 1000), _text(epoch)
 
-    async def reconcile(self, sessions: Sequence[tuple[str, float, str | None, str | None, int]]) -> list[str]:
-        """Compare this replica's (id, seconds left, tool, client, bytes) sessions with Redis:
-        per session "active", the state another replica ended it with, or "restored" (Redis
-        had lost it and has it again)."""
+    async def reconcile(self, sessions: Sequence[tuple[str, float, str | None, str | None, int, float]]) -> list[str]:
+        """Compare this replica's (id, seconds left, tool, client, bytes, seconds since it began)
+        sessions with Redis: per session "active", the state another replica ended it with, or
+        "restored" (Redis had lost it and has it again, with the age it had)."""
         if not sessions:
             return []
         args: list[Any] = [self.prefix, ENDED_TTL_SECONDS, self.replica]
-        for session_id, left, tool, client, size in sessions:
-            args += (session_id, max(1, math.ceil(left * 1000)), tool or "", client or "", size)
+        for session_id, left, tool, client, size, age in sessions:
+            args += (session_id, max(1, math.ceil(left * 1000)), tool or "", client or "", size, int(age * 1000))
         return [_text(state) for state in await self._call("reconcile sessions", self._reconcile(args=args))]
 
     async def totals(self) -> Totals:

@@ -152,6 +152,7 @@ async def test_calls_fail_fast_while_redis_is_stopped_and_succeed_again_when_it_
         assert text_of(await on_a.call_tool("echo", {"text": "before"})) == "before"
         held = await on_a.call_tool("session_create", {"timeout_seconds": 120})
         held_id = (held.structured_content or {})["session_id"]
+        held_since = time.monotonic()
 
         await anyio.to_thread.run_sync(own_redis.stop)
         refused = [
@@ -183,6 +184,10 @@ async def test_calls_fail_fast_while_redis_is_stopped_and_succeed_again_when_it_
         second_id = (second.structured_content or {})["session_id"]
         released_second = await on_b.call_tool("session_release", {"session_id": second_id})
         again.append(await on_a.call_tool("session_release", {"session_id": second_id}))
+        # `held` lived through the outage: registered again, it keeps the age it had.
+        await cluster_until(on_b, lambda c: c["active_sessions"] >= 1, what="`held` registered again")
+        held_for = time.monotonic() - held_since
+        released_held = await on_b.call_tool("session_release", {"session_id": held_id})
 
     for result, seconds in refused:
         error = error_of(result)
@@ -197,6 +202,8 @@ async def test_calls_fail_fast_while_redis_is_stopped_and_succeed_again_when_it_
     assert down_a["active_sessions"] == 1, "A's own view still has the session it holds"
 
     assert text_of(recovered_a) == "back" and text_of(recovered_b) == "slept 0.01s"
+    held_duration = (released_held.structured_content or {})["duration_seconds"]
+    assert held_duration >= held_for - 0.1, f"released after {held_for:.2f}s, reported {held_duration}s"
     assert cluster_back["available"] is True and cluster_back["error"] is None, cluster_back
     assert (released.structured_content or {})["state"] == "completed", released
     assert (released_second.structured_content or {})["state"] == "completed", released_second
