@@ -243,11 +243,18 @@ class ShutdownSettings(_Section):
         return value
 
 
+def _lower(value: Any) -> Any:
+    # Level and format names in any case: DEBUG (as Python's logging spells it) is debug.
+    return value.lower() if isinstance(value, str) else value
+
+
 class LoggingSettings(_Section):
-    level: Literal["debug", "info", "warning", "error"] = Field(
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = Field(
         default="info", description="Least severe level written to stderr (session ends are info, refusals warning)."
     )
-    format: Literal["text", "json"] = Field(default="text", description="One line per record: text, or a JSON object.")
+    format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = Field(
+        default="text", description="One line per record: text, or a JSON object."
+    )
 
 
 class MetricsSettings(_Section):

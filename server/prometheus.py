@@ -262,7 +262,8 @@ def _names_loopback(value: str) -> bool:
 
 
 def _loopback_only(app: WSGIApplication) -> WSGIApplication:
-    """`app`, answering 421 to a Host and 403 to an Origin that is not loopback (as the SDK does for `/mcp`)."""
+    """`app` at `/metrics`, answering 421 to a Host and 403 to an Origin that is not loopback (as the
+    SDK does for `/mcp`), and 404 to any other path."""
 
     def checked(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         host, origin = environ.get("HTTP_HOST", ""), environ.get("HTTP_ORIGIN")
@@ -270,6 +271,8 @@ def _loopback_only(app: WSGIApplication) -> WSGIApplication:
             status, body = "421 Misdirected Request", b"Invalid Host header"
         elif origin and not _names_loopback(origin.removeprefix("http://").removeprefix("https://")):
             status, body = "403 Forbidden", b"Invalid Origin header"
+        elif environ.get("PATH_INFO") != "/metrics":
+            status, body = "404 Not Found", b"Not Found: this exporter serves /metrics only"
         else:
             return app(environ, start_response)
         start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])

@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from server.config import ConfigError, Settings, mask_secrets
+from server.config import ENV_PREFIX, ConfigError, Settings, mask_secrets
 from server.config_loader import config_problems, load_settings
 from server.extension import SessionsExtension
 from server.logs import configure_logging, configured_here
@@ -131,7 +131,7 @@ class ConfigReloader:
                 ", ".join(f"{key} {_show(was, key)} -> {_show(now, key)}" for key, (was, now) in applied.items()),
             )
         else:
-            logger.info("Config reloaded from %s: nothing changed", where)
+            logger.info("Config reloaded from %s: nothing changed%s", where, _environment_note())
         return True
 
     async def watch_sighup(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -145,6 +145,14 @@ class ConfigReloader:
             async for _ in signals:
                 logger.info("Received SIGHUP: reloading the config")
                 self.reload()
+
+
+def _environment_note() -> str:
+    """Which environment variables override the file (an edit to what they set changes nothing)."""
+    names = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX))
+    if not names:
+        return ""
+    return f" (the environment overrides the file: {', '.join(names)})"
 
 
 def _describe(ignored: Mapping[str, tuple[Any, Any]]) -> str:

@@ -470,9 +470,9 @@ BAD_FILES = [
         id="date-for-number",
     ),
     pytest.param(
-        '[logging]\nlevel = "INFO"\n',
-        "logging.level: must be 'debug', 'info', 'warning' or 'error' (got \"INFO\")",
-        id="log-level-in-capitals",
+        '[logging]\nlevel = "verbose"\n',
+        "logging.level: must be 'debug', 'info', 'warning' or 'error' (got \"verbose\")",
+        id="unknown-log-level",
     ),
     pytest.param(
         '[logging]\nformat = "logfmt"\n',
@@ -1095,3 +1095,15 @@ def test_a_variable_that_is_not_json_is_reported_with_the_problems_of_the_other_
         ' e.g. MCP_SESSIONS_SERVER__ALLOWED_HOSTS=\'["mcp.example.com:*"]\' (got "[oops")',
         'environment variable MCP_SESSIONS_SERVER__PORT: server.port: must be between 1 and 65535 (got "0")',
     ]
+
+
+def test_log_level_and_format_are_read_in_any_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python's logging spells levels in capitals, and operators often do too.
+    path = tmp_path / "c.toml"
+    path.write_text('[logging]\nlevel = "WARNING"\nformat = "JSON"\n', encoding="utf-8")
+    from_file = load_settings(path)
+    monkeypatch.setenv("MCP_SESSIONS_LOGGING__LEVEL", "DEBUG")
+    from_environment = load_settings(path)
+
+    assert (from_file.logging.level, from_file.logging.format) == ("warning", "json")
+    assert from_environment.logging.level == "debug"

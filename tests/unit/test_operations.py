@@ -151,10 +151,14 @@ def test_the_exporter_serves_metrics_on_loopback_until_stopped() -> None:
     assert exporter.start() is True
     try:
         response = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        elsewhere = [httpx2.get(f"http://127.0.0.1:{port}{path}", timeout=5) for path in ("/", "/healthz", "/metricsx")]
     finally:
         exporter.stop()
     assert response.status_code == 200
     assert "mcp_sessions_config_reloads_total 1.0" in response.text
+    # It serves /metrics only: a probe of another path must not read as a healthy endpoint.
+    assert [r.status_code for r in elsewhere] == [404] * 3
+    assert all("mcp_sessions" not in r.text for r in elsewhere)
     with pytest.raises(httpx2.ConnectError):
         httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
@@ -243,6 +247,26 @@ def test_a_reload_keeps_the_keys_bound_at_startup_and_reports_them(
     assert "ignored until restart: metrics.prometheus_port (in force 0, file 9300), server.name" in text
     assert "server.port" not in text  # the command line still wins: nothing to ignore
     assert "shutdown.timeout_seconds 30.0 -> 3.0" in text
+
+
+def test_a_reload_that_changes_nothing_names_the_environment_variables_that_override_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The operator edits the file, but a variable set at startup overrides that key: the reload
+    # changes nothing, and the log line must say where to look rather than only "nothing changed".
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS", "7")
+    path = write(tmp_path / "c.toml", "[limits]\nmax_concurrent_sessions = 4\n")
+    sessions = SessionsExtension(load_settings(path))
+    write(path, "[limits]\nmax_concurrent_sessions = 9\n")
+
+    with caplog.at_level(logging.INFO, logger="server.reload"):
+        assert ConfigReloader(sessions, path).reload() is True
+
+    assert sessions.config.limits.max_concurrent_sessions == 7
+    assert (
+        "nothing changed (the environment overrides the file: MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS)"
+        in caplog.text
+    )
 
 
 def test_a_reload_rechecks_tool_tables_like_startup(tmp_path: Path) -> None:
