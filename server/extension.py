@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -50,7 +50,7 @@ from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
 from server.config import ConfigError, Settings
 from server.deadline import Deadline, LateScope, deadline_scope
-from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
+from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError, shorten
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.sdk_seams import (
@@ -442,8 +442,14 @@ class SessionsExtension(Extension):
         if name in MANAGEMENT_TOOLS:
             if name == "session_create" and not self._running:
                 return self._not_running(name)  # nothing would expire the session
-            if get_tool is not None and get_tool(name) is None:
+            entry = get_tool(name) if get_tool is not None else None
+            if get_tool is not None and entry is None:
                 return await handler(ctx, params)  # the host removed it: the SDK answers "unknown tool"
+            unknown = _unknown_arguments(entry, params.arguments)
+            if unknown:  # the SDK would drop them: a misspelt `timeout_seconds` must not become the default
+                error = SessionError(ErrorCode.INVALID_ARGUMENT, unknown, tool=name)
+                log_refusal(error)
+                return error_result(error)
             return _with_error_code(await handler(ctx, params), name)
         tool = get_tool(name) if get_tool is not None else _NO_REGISTRY
         if tool is None:
@@ -767,6 +773,21 @@ def _with_error_code(result: HandlerResult, tool: str) -> HandlerResult:
     meta[ERROR_META_KEY] = error.to_meta()
     update["meta"] = meta
     return result.model_copy(update=update)
+
+
+def _unknown_arguments(entry: Any, arguments: Mapping[str, Any] | None) -> str | None:
+    """Why `arguments` has names the session tool `entry` (its registry entry) does not take, or
+    None (also when its input schema cannot be read)."""
+    schema = getattr(entry, "parameters", None)
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if not arguments or not isinstance(properties, dict):
+        return None
+    unknown = [key for key in arguments if key not in properties]
+    if not unknown:
+        return None
+    names = ", ".join(repr(shorten(key)) for key in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    takes = f"its arguments are {', '.join(properties)}" if properties else "it takes no arguments"
+    return f"unknown argument{'s' if len(unknown) > 1 else ''} {names} for {entry.name}: {takes}"
 
 
 def _being_cancelled() -> bool:

@@ -203,12 +203,15 @@ def test_server_shutdown_with_bad_arguments_is_refused_and_the_server_stays_up(
         max_size=3,
     )
 )
-def test_extra_fields_are_ignored_by_session_metrics_and_create(raw: Raw, extra: dict[str, Any]) -> None:
-    # The SDK validates arguments against the tool's input schema and ignores unknown keys.
-    assert "active_sessions" in result_of(raw.call("session_metrics", extra))["structuredContent"]
-    created = result_of(raw.call("session_create", extra))
-    assert not created.get("isError"), created
-    raw.call("session_release", {"session_id": created["structuredContent"]["session_id"]})
+def test_extra_fields_are_refused_by_session_metrics_and_create(raw: Raw, extra: dict[str, Any]) -> None:
+    # The SDK would drop unknown keys; the session tools refuse them, whatever their names and
+    # values, and no session is made.
+    before = raw.metrics()
+    for tool in ("session_metrics", "session_create"):
+        error = refusal(raw.call(tool, extra))
+        assert error["code"] == "invalid_argument" and error["tool"] == tool, error
+        assert f"for {tool}:" in error["message"] and len(error["message"]) < 1000, error
+    assert raw.metrics()["total_sessions_created"] == before["total_sessions_created"]
 
 
 def test_ten_megabytes_of_metadata_is_metadata_too_large_and_leaves_no_memory_behind(raw: Raw) -> None:

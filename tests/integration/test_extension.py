@@ -228,6 +228,26 @@ async def test_an_async_tool_waiting_inside_its_own_scopes_times_out_and_its_shi
     assert (m["total_sessions_timeout"], m["total_sessions_completed"], m["active_sessions"]) == (4, 1, 0)
 
 
+async def test_a_session_tool_given_an_argument_it_does_not_take_is_refused_naming_the_ones_it_takes() -> None:
+    # The SDK drops unknown arguments: `timeout` for `timeout_seconds` would silently become the
+    # server's default deadline, and a misspelt `token` a refusal for the wrong reason.
+    app, _ = build()
+    async with Client(app) as client:
+        misspelt = await client.call_tool("session_create", {"timeout": 5, "provider": "acme"})
+        extra = await client.call_tool("session_metrics", {"verbose": True, "all": 1})
+        fine = await client.call_tool("session_create", {"timeout_seconds": 5})
+        m = await metrics(client)
+
+    error = error_of(misspelt)
+    assert error["code"] == "invalid_argument" and error["tool"] == "session_create"
+    assert error["message"] == (
+        "unknown argument 'timeout' for session_create: its arguments are provider, model, timeout_seconds, metadata"
+    )
+    assert error_of(extra)["message"] == "unknown arguments 'verbose', 'all' for session_metrics: it takes no arguments"
+    assert not fine.is_error and (fine.structured_content or {})["timeout_seconds"] == 5.0
+    assert m["total_sessions_created"] == 1  # the refused call made no session
+
+
 class HeldOff:
     """An async tool whose clean-up, shielded, holds its deadline's cancellation off until the
     test lets it finish: `cancelled` is set when the cancellation has reached the tool."""
