@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -267,6 +268,24 @@ class HeldOff:
                 self.finished += 1
         return "finished"
 
+    @asynccontextmanager
+    async def past_its_deadline(self, client: Client) -> AsyncIterator[list[CallToolResult]]:
+        """Call the tool; inside the block the reaper has cancelled it and its clean-up holds
+        that off; leaving the block lets the clean-up end, and the list then has the result."""
+        results: list[CallToolResult] = []
+
+        async def call() -> None:
+            results.append(await client.call_tool("held_off", {}))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await self.cancelled.wait()  # past the deadline: the reaper has cancelled it
+                try:
+                    yield results
+                finally:
+                    self.release.set()
+
 
 @pytest.mark.parametrize("deadline_scope", [LateScope, anyio.CancelScope], ids=["late", "plain"])
 async def test_a_call_holding_its_deadline_off_keeps_its_slot_until_its_work_stops(
@@ -280,19 +299,10 @@ async def test_a_call_holding_its_deadline_off_keeps_its_slot_until_its_work_sto
     tool = HeldOff()
     config = settings(max_concurrent_sessions=1, tool_timeouts={"held_off": 0.2})
     app, _ = build(config, tools=[tool.held_off, echo])
-    results: list[CallToolResult] = []
     async with Client(app) as client:
-
-        async def call() -> None:
-            results.append(await client.call_tool("held_off", {}))
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(call)
-                await tool.cancelled.wait()  # past the deadline: the reaper has cancelled it
-                during = await metrics(client)
-                refused = await client.call_tool("echo", {"text": "a second call"})
-                tool.release.set()
+        async with tool.past_its_deadline(client) as results:
+            during = await metrics(client)
+            refused = await client.call_tool("echo", {"text": "a second call"})
         after = await metrics(client)
 
     assert (during["active_sessions"], during["tools"]["held_off"]["active"]) == (1, 1)
@@ -309,18 +319,8 @@ async def test_shutdown_counts_and_waits_for_a_call_holding_its_deadline_off() -
     tool = HeldOff()
     config = settings(tool_timeouts={"held_off": 0.2})
     app, _ = build(config, tools=[tool.held_off])
-    results: list[CallToolResult] = []
-    async with Client(app) as client:
-
-        async def call() -> None:
-            results.append(await client.call_tool("held_off", {}))
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(call)
-                await tool.cancelled.wait()
-                report = await client.call_tool("server_shutdown", {"timeout_seconds": 0.3})
-                tool.release.set()
+    async with Client(app) as client, tool.past_its_deadline(client) as results:
+        report = await client.call_tool("server_shutdown", {"timeout_seconds": 0.3})
 
     numbers = report.structured_content or {}
     # Its work was still running: it is one of the sessions the drain waited for, and cancelled.
@@ -635,7 +635,6 @@ async def test_without_the_lifespan_calls_are_refused_with_not_running() -> None
 
 
 async def test_lifespan_composes_with_a_host_lifespan() -> None:
-    from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
     sessions = SessionsExtension(settings())
