@@ -393,6 +393,19 @@ async def start_server(
             await process.aclose()
 
 
+async def listen_through_sigterm(server: ServerProcess, within: float) -> tuple[list[object], int]:
+    """Open a `subscriptions/listen` stream (protocol 2026-07-28, the SDK client's default), send
+    SIGTERM, and read the stream to its end: (the events it carried, the exit status). The SDK's
+    client raises `SubscriptionLost` for a stream cut without its result."""
+    events: list[object] = []
+    with anyio.fail_after(within):
+        async with server.client() as client, client.listen(tools_list_changed=True) as subscription:
+            server.send_signal(signal.SIGTERM)
+            async for event in subscription:
+                events.append(event)
+        return events, await server.wait_exit(within=within)
+
+
 async def _stop(server: ServerProcess) -> None:
     """Kill the process if the test left it running, and wait (bounded) for it to go."""
     if server.process.returncode is None:

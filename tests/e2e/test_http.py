@@ -26,6 +26,7 @@ from tests.e2e.conftest import (
     PROTOCOL_VERSION,
     START_SECONDS,
     ServerProcess,
+    listen_through_sigterm,
     metrics,
     metrics_until,
     server_config,
@@ -232,15 +233,9 @@ async def test_sigterm_ends_an_open_listen_stream_with_its_result(tmp_path: Path
     # for change events. The shutdown ends it the protocol's way, with its result as the last
     # frame; the SDK's client raises `SubscriptionLost` for a stream that is cut instead.
     async with start_server(tmp_path, server_config(), transport="streamable-http") as server:
-        events: list[object] = []
-        with anyio.fail_after(EXIT_MARGIN):
-            async with server.client() as client, client.listen(tools_list_changed=True) as subscription:
-                server.send_signal(signal.SIGTERM)
-                async for event in subscription:
-                    events.append(event)
-            assert await server.wait_exit(within=EXIT_MARGIN) == 0
+        events, status = await listen_through_sigterm(server, within=EXIT_MARGIN)
 
-    assert events == []
+    assert (events, status) == ([], 0)
     assert "still in flight" not in server.stderr  # nothing held the exit up
     assert error_lines(server) == [], server.stderr
 

@@ -26,6 +26,7 @@ from tests.e2e.conftest import (
     CALL_SECONDS,
     ROOT,
     ServerProcess,
+    listen_through_sigterm,
     metrics,
     metrics_until,
     render_toml,
@@ -377,14 +378,8 @@ async def test_sigterm_ends_an_open_listen_stream_with_its_result_and_exits_at_o
     # the shutdown ends it with its result (the SDK's client raises `SubscriptionLost` for a stream
     # that stops without one), so the exit does not wait for it as an unanswered request.
     async with start_server(tmp_path, server_config()) as server:
-        events: list[object] = []
-        with anyio.fail_after(EXIT_MARGIN):
-            async with server.client() as client, client.listen(tools_list_changed=True) as subscription:
-                server.send_signal(signal.SIGTERM)
-                async for event in subscription:
-                    events.append(event)
-            assert await server.wait_exit(within=EXIT_MARGIN) == 0
-    assert events == []
+        events, status = await listen_through_sigterm(server, within=EXIT_MARGIN)
+    assert (events, status) == ([], 0)
     assert "received SIGTERM" in server.stderr
     assert "unanswered" not in server.stderr
     assert server.stray_stdout == []
