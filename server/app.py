@@ -305,6 +305,17 @@ def _private_duplicate(fd: int) -> int | None:
         return None
 
 
+def _null_stdin() -> None:
+    """Point fd 0 at the null device (taking it if it was closed); nothing if that fails."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        if devnull != 0:  # 0 if fd 0 was closed: the null device has it already
+            try:
+                os.dup2(devnull, 0)
+            finally:
+                os.close(devnull)
+
+
 def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
     """Serve the wire from a private duplicate of fd 0 and point fd 0 at the null device."""
     private = _private_duplicate(0)
@@ -313,20 +324,9 @@ def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
             return sys.stdin.buffer, None
         # No fd 0 at all (started with stdin closed): no client, so no messages, at once; and
         # fd 0 reads the null device, or the next file opened would be taken for stdin.
-        with contextlib.suppress(OSError):
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            if devnull != 0:
-                os.dup2(devnull, 0)
-                os.close(devnull)
+        _null_stdin()
         return io.BytesIO(b""), None
-    try:
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        try:
-            os.dup2(devnull, 0)
-        finally:
-            os.close(devnull)
-    except OSError:
-        pass  # fd 0 still carries the wire; reading from the duplicate is just as good
+    _null_stdin()  # if it fails, fd 0 still carries the wire; reading the duplicate is just as good
 
     def restore() -> None:
         with contextlib.suppress(OSError):
