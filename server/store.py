@@ -109,12 +109,13 @@ local function purge(grace, ttl, limit)
   return freed
 end
 
-local function register(id, timeout_ms, tool, client, bytes, replica, ttl)
+-- Register an active session; `age_ms` (default 0): how long it has run already.
+local function register(id, timeout_ms, tool, client, bytes, replica, ttl, age_ms)
   local deadline = now + timeout_ms
   redis.call('ZADD', active, deadline, id)
   local key = P .. 's:' .. id
   redis.call('HSET', key, 'tool', tool, 'client', client, 'replica', replica, 'bytes', bytes,
-    'created', now, 'deadline', deadline, 'state', 'active')
+    'created', now - (age_ms or 0), 'deadline', deadline, 'state', 'active')
   redis.call('PEXPIRE', key, timeout_ms + ttl * 1000)
   if tool ~= '' then redis.call('HINCRBY', tools, tool, 1) end
   if client ~= '' then redis.call('HINCRBY', clients, client, 1) end
@@ -230,9 +231,9 @@ for i = 4, #ARGV, 6 do
   local id = ARGV[i]
   local state = redis.call('HGET', P .. 's:' .. id, 'state')
   if not state then
-    register(id, tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), replica, ttl)
-    -- Its age, so that a release through another replica reports its whole duration.
-    redis.call('HSET', P .. 's:' .. id, 'created', now - tonumber(ARGV[i + 5]))
+    -- With its age, so that a release through another replica reports its whole duration.
+    register(id, tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), replica, ttl,
+      tonumber(ARGV[i + 5]))
     state = 'restored'
   end
   out[#out + 1] = state
@@ -373,19 +374,18 @@ class RedisStore:
                 try:
                     _, rows = await self._run_sync("admit a session", self._take_ended(), [r for r, _ in batch], True)
                 except StoreUnavailable as exc:
-                    for request, verdict in batch:
-                        if not verdict.done():
-                            verdict.set_exception(StoreUnavailable(str(exc)))
-                        # Refused here, but Redis may still run the admission (a time-out, not a
-                        # refusal): end it there, or mark it so that it is never admitted.
-                        self.end_later(request[0], "cancelled")
                     # Those that asked while it was failing would wait for a whole round trip
-                    # more: refuse them for the same reason, within the one timeout they waited
-                    # (never sent, so nothing to undo). Calls that ask from now on try again.
+                    # more: they are refused for the same reason, within the one timeout they
+                    # waited. Calls that ask from now on try again.
                     waited, self._admissions = self._admissions, []
-                    for _, verdict in waited:
+                    for _, verdict in batch + waited:
                         if not verdict.done():
                             verdict.set_exception(StoreUnavailable(str(exc)))
+                    for request, _ in batch:
+                        # Refused here, but Redis may still run the admission (a time-out, not a
+                        # refusal): end it there, or mark it so that it is never admitted. (The
+                        # waiting ones were never sent: nothing to undo.)
+                        self.end_later(request[0], "cancelled")
                     continue
                 for (request, verdict), answer in zip(batch, rows, strict=True):
                     text = _text(answer)
