@@ -1,6 +1,6 @@
 """Error codes and the one exception the session layer raises for a refused or failed request.
 
-Tier: runtime foundation. The manager raises `SessionError`; the extension turns it into a
+Tier: runtime foundation. The manager raises `SessionError`; `error_result` turns it into a
 tool result with `isError`, a sentence a model can act on, and the machine-readable error in
 `_meta` (see `ERROR_META_KEY`). Nothing here knows about MCP transports.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Any
+
+from mcp_types import CallToolResult, TextContent
 
 ERROR_META_KEY = "io.github.mcp-session-manager/error"
 EXTENSION_ID = "io.github.mcp-session-manager/sessions"
@@ -59,3 +61,12 @@ class SessionError(Exception):
         if self.tool is not None:
             data["tool"] = self.tool
         return data
+
+
+def error_result(error: SessionError) -> CallToolResult:
+    """A tool result for a refusal or failure: `isError`, a sentence, the code in `_meta`."""
+    return CallToolResult(
+        content=[TextContent(type="text", text=error.message)],
+        is_error=True,
+        _meta={ERROR_META_KEY: error.to_meta()},
+    )

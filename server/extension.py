@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -50,12 +50,11 @@ from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
 from server.config import ConfigError, Settings
 from server.deadline import Deadline, LateScope, deadline_scope
-from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError, shorten
+from server.errors import EXTENSION_ID, ErrorCode, SessionError, error_result
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.sdk_seams import (
     ToolCallHandler,
-    argument_validation_failure,
     intercepts,
     progress_session,
     registry_lookup,
@@ -63,21 +62,12 @@ from server.sdk_seams import (
 )
 from server.sessions import Session, SessionManager, SessionState, timeout_reason
 from server.threads import make_cancellable, runs_in_thread
-from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings
+from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings, unknown_arguments, with_error_code
 
 logger = logging.getLogger(__name__)
 
 #: How long lifespan exit waits for cancelled work to wind down before leaving stuck threads behind.
 WORK_EXIT_GRACE_SECONDS = 2.0
-
-
-def error_result(error: SessionError) -> CallToolResult:
-    """A tool result for a refusal or failure: `isError`, a sentence, the code in `_meta`."""
-    return CallToolResult(
-        content=[TextContent(type="text", text=error.message)],
-        is_error=True,
-        _meta={ERROR_META_KEY: error.to_meta()},
-    )
 
 
 #: The tool a call names when the server has no registry to ask (then its kind is unknown).
@@ -97,10 +87,10 @@ _THREAD_LEFT_RUNNING: ContextVar[bool] = ContextVar("mcp_sessions_thread_left_ru
 _CANCELLED = "was cancelled"
 _ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
 _LATE = "its late result was discarded"
+_MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a thread cannot be stopped)"
 #: A call that stops this long (or longer) after the reaper stopped it at its deadline says so
 #: in its timeout message.
 HELD_OFF_SECONDS = 0.1
-_MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a thread cannot be stopped)"
 
 
 async def _not_taken_over(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> HandlerResult:
@@ -445,12 +435,12 @@ class SessionsExtension(Extension):
             entry = get_tool(name) if get_tool is not None else None
             if get_tool is not None and entry is None:
                 return await handler(ctx, params)  # the host removed it: the SDK answers "unknown tool"
-            unknown = _unknown_arguments(entry, params.arguments)
+            unknown = unknown_arguments(entry, params.arguments)
             if unknown:  # the SDK would drop them: a misspelt `timeout_seconds` must not become the default
                 error = SessionError(ErrorCode.INVALID_ARGUMENT, unknown, tool=name)
                 log_refusal(error)
                 return error_result(error)
-            return _with_error_code(await handler(ctx, params), name)
+            return with_error_code(await handler(ctx, params), name)
         tool = get_tool(name) if get_tool is not None else _NO_REGISTRY
         if tool is None:
             return await handler(ctx, params)  # the SDK answers "unknown tool"; no session for it
@@ -732,62 +722,6 @@ def _error_text(result: HandlerResult) -> str:
     content = getattr(result, "content", None) or []
     text = " ".join(block.text for block in content if isinstance(block, TextContent))
     return text or "the tool returned an error result"
-
-
-def _with_error_code(result: HandlerResult, tool: str) -> HandlerResult:
-    """Give an error result of session tool `tool` that carries no code (the tools' own refusals
-    carry theirs, and are logged already) the code that says what happened, and log it once:
-
-    - `invalid_argument` for the SDK's own argument-validation failure (`sdk_seams.
-      argument_validation_failure`), logged as the refusal it is;
-    - `internal_error` for anything else (an unexpected exception inside the tool, say a reply
-      from the session store it could not read): the caller's arguments were not the problem, and
-      the sentence says so. Logged at ERROR (the SDK logs the exception's traceback itself).
-    """
-    if not isinstance(result, CallToolResult) or not result.is_error:
-        return result
-    meta = dict(result.meta or {})
-    if ERROR_META_KEY in meta:
-        return result
-    text = " ".join(block.text for block in result.content if isinstance(block, TextContent))
-    update: dict[str, Any] = {}
-    if argument_validation_failure(text, tool):
-        error = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool)
-        log_refusal(error)
-    else:
-        what = text or f"Error executing tool {tool}"
-        error = SessionError(
-            ErrorCode.INTERNAL_ERROR,
-            f"{what} (an internal error of the server, not a problem with the arguments; "
-            "the server's log has the details)",
-            tool=tool,
-        )
-        logger.error(
-            "Session tool %s failed (%s): %s",
-            tool,
-            error.code.value,
-            what,
-            extra={"code": error.code.value, "tool": tool},
-        )
-        update["content"] = [TextContent(type="text", text=error.message)]
-    meta[ERROR_META_KEY] = error.to_meta()
-    update["meta"] = meta
-    return result.model_copy(update=update)
-
-
-def _unknown_arguments(entry: Any, arguments: Mapping[str, Any] | None) -> str | None:
-    """Why `arguments` has names the session tool `entry` (its registry entry) does not take, or
-    None (also when its input schema cannot be read)."""
-    schema = getattr(entry, "parameters", None)
-    properties = schema.get("properties") if isinstance(schema, dict) else None
-    if not arguments or not isinstance(properties, dict):
-        return None
-    unknown = [key for key in arguments if key not in properties]
-    if not unknown:
-        return None
-    names = ", ".join(repr(shorten(key)) for key in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-    takes = f"its arguments are {', '.join(properties)}" if properties else "it takes no arguments"
-    return f"unknown argument{'s' if len(unknown) > 1 else ''} {names} for {entry.name}: {takes}"
 
 
 def _being_cancelled() -> bool:

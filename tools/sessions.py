@@ -4,28 +4,35 @@ Tier: tools. Each tool has typed arguments (the input schema clients see) and a 
 result model (the output schema). Refusals come back as error results carrying the error
 code and the tool's name in `_meta` and no `structuredContent`, so that clients validating
 structured content against the output schema accept them; each is logged once
-(`server.logs.log_refusal`).
+(`server.logs.log_refusal`). The extension checks a call's argument names against the tool's
+input schema first (`unknown_arguments`), and gives the SDK's own codeless error results a code
+(`with_error_code`).
 """
 
 import hmac
 import inspect
+import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from mcp.server.context import HandlerResult
 from mcp.server.extension import ToolBinding
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from server.admission import MAX_LABEL_CHARS
-from server.errors import ERROR_META_KEY, ErrorCode, SessionError
+from server.errors import ERROR_META_KEY, ErrorCode, SessionError, error_result, shorten
 from server.logs import log_refusal
 from server.metrics import MetricsSnapshot, ShutdownReport
+from server.sdk_seams import argument_validation_failure
 
 if TYPE_CHECKING:
     from server.extension import SessionsExtension
+
+logger = logging.getLogger(__name__)
 
 MANAGEMENT_TOOLS = frozenset({"session_create", "session_release", "session_metrics", "server_shutdown"})
 
@@ -57,11 +64,7 @@ def _refused(error: SessionError, tool: str) -> CallToolResult:
     if error.tool is None:
         error.tool = tool
     log_refusal(error)
-    return CallToolResult(
-        content=[TextContent(type="text", text=error.message)],
-        is_error=True,
-        _meta={ERROR_META_KEY: error.to_meta()},
-    )
+    return error_result(error)
 
 
 def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
@@ -201,3 +204,59 @@ def _authorize(env_name: str, token: str | None) -> str | None:
     if not hmac.compare_digest(expected.encode("utf-8"), token.encode("utf-8", errors="surrogatepass")):
         return "server_shutdown refused: the token does not match the admin token"
     return None
+
+
+def with_error_code(result: HandlerResult, tool: str) -> HandlerResult:
+    """Give an error result of session tool `tool` that carries no code (the tools' own refusals
+    carry theirs, and are logged already) the code that says what happened, and log it once:
+
+    - `invalid_argument` for the SDK's own argument-validation failure (`server.sdk_seams.
+      argument_validation_failure`), logged as the refusal it is;
+    - `internal_error` for anything else (an unexpected exception inside the tool, say a reply
+      from the session store it could not read): the caller's arguments were not the problem, and
+      the sentence says so. Logged at ERROR (the SDK logs the exception's traceback itself).
+    """
+    if not isinstance(result, CallToolResult) or not result.is_error:
+        return result
+    meta = dict(result.meta or {})
+    if ERROR_META_KEY in meta:
+        return result
+    text = " ".join(block.text for block in result.content if isinstance(block, TextContent))
+    update: dict[str, Any] = {}
+    if argument_validation_failure(text, tool):
+        error = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool)
+        log_refusal(error)
+    else:
+        what = text or f"Error executing tool {tool}"
+        error = SessionError(
+            ErrorCode.INTERNAL_ERROR,
+            f"{what} (an internal error of the server, not a problem with the arguments; "
+            "the server's log has the details)",
+            tool=tool,
+        )
+        logger.error(
+            "Session tool %s failed (%s): %s",
+            tool,
+            error.code.value,
+            what,
+            extra={"code": error.code.value, "tool": tool},
+        )
+        update["content"] = [TextContent(type="text", text=error.message)]
+    meta[ERROR_META_KEY] = error.to_meta()
+    update["meta"] = meta
+    return result.model_copy(update=update)
+
+
+def unknown_arguments(entry: Any, arguments: Mapping[str, Any] | None) -> str | None:
+    """Why `arguments` has names the session tool `entry` (its registry entry) does not take, or
+    None (also when its input schema cannot be read)."""
+    schema = getattr(entry, "parameters", None)
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if not arguments or not isinstance(properties, dict):
+        return None
+    unknown = [key for key in arguments if key not in properties]
+    if not unknown:
+        return None
+    names = ", ".join(repr(shorten(key)) for key in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    takes = f"its arguments are {', '.join(properties)}" if properties else "it takes no arguments"
+    return f"unknown argument{'s' if len(unknown) > 1 else ''} {names} for {entry.name}: {takes}"
