@@ -68,7 +68,7 @@ class ClusterSessionManager(SessionManager):
     """A `SessionManager` whose limits hold across the replicas sharing `[store]`."""
 
     #: A capacity refusal names the service's cap, not this replica's.
-    CAPACITY_SCOPE = "the cluster (every replica sharing the session store)"
+    CAPACITY_SCOPE = "the cluster of replicas sharing the session store"
 
     def __init__(
         self,

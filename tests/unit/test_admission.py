@@ -13,6 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from server import ErrorCode, SessionError, SessionManager, SessionState, admission
+from server.cluster import ClusterSessionManager
 from server.config import LimitsSettings
 from server.sessions import Session
 from tests.helpers import until
@@ -265,3 +266,16 @@ def test_a_queue_timeout_names_what_the_call_waited_for(server_full: bool, tool_
         "waited 0.5s in the queue (limits.queue_timeout_seconds) without getting a slot: "
     )
     assert says in refusal.message and refusal.message.endswith("; retry later"), refusal.message
+
+
+def test_a_cluster_queue_timeout_reads_as_one_sentence() -> None:
+    # In cluster mode neither cap is seen full here (other replicas' calls count): the sentence
+    # names the cluster's cap and the tool's, with no parentheses back to back.
+    refusal = admission.refuse_queue_timeout(
+        "slow", 0.5, ClusterSessionManager.CAPACITY_SCOPE, 100, server_full=False, tool_cap=1, tool_full=False
+    )
+    assert (
+        "without getting a slot: neither the cluster of replicas sharing the session store "
+        "(limits.max_concurrent_sessions, 100) nor tool 'slow' (tools.slow.max_concurrent, 1) had room for it"
+    ) in refusal.message, refusal.message
+    assert ") (" not in refusal.message
