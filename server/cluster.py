@@ -11,9 +11,12 @@ lost while Redis is away). Limits that concern this process stay per replica: th
 
 Replicas hear of each other through the store's pub/sub channel: "freed" (a slot may be free:
 queued calls try again) and "ended <id> <state>" (a session was released through another
-replica: its owner ends its local copy). A session whose replica died is expired by Redis
-itself, at its deadline plus a grace (`server.store.EXPIRY_GRACE_SECONDS`), when any replica
-next admits or does its housekeeping.
+replica: its owner ends its local copy). A live replica ends its sessions itself, when their
+work stops (a call holding its cancellation off keeps its slot past its deadline, in the cluster
+as here). A session whose replica died is expired by Redis itself, at its deadline plus a grace
+(`server.store.EXPIRY_GRACE_SECONDS`) once its replica has not reported for
+`server.store.OWNER_LIVE_SECONDS`, when any replica next admits or does its housekeeping. A
+replica that stops cleanly says so, so its leftovers need not wait for that.
 
 When Redis cannot be reached, calls are refused at once with `store_unavailable` (within
 `[store] timeout_seconds`), and everything resumes by itself when it is back; if it came back
@@ -39,7 +42,7 @@ from server.config import LimitsSettings, Settings, StoreSettings
 from server.errors import ErrorCode, SessionError, shorten
 from server.metrics import ClusterMetrics, ClusterToolMetrics
 from server.sessions import Session, SessionManager, SessionState, ended_state
-from server.store import EXPIRY_GRACE_SECONDS, RedisStore, StoreUnavailable
+from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, RedisStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -135,24 +138,28 @@ class ClusterSessionManager(SessionManager):
                 await self.store.close()
 
     async def _flush_at_exit(self) -> None:
-        """Write the session ends still waiting, bounded by the store's timeout. If Redis is away,
-        say once how many could not be written and why: a stop is no failure of the runtime (their
-        sessions stay counted in Redis until their deadlines pass, then expire as `timeout`)."""
+        """Write the session ends still waiting, then leave the replicas counted live, bounded by
+        the store's timeout. If Redis is away, say once how many ends could not be written and
+        why: a stop is no failure of the runtime (their sessions stay counted in Redis until their
+        deadlines pass, then expire as `timeout`)."""
         limit = self.store.settings.timeout_seconds * 2
         reason = f"{self.store.where} did not answer within {limit:g}s"
         with anyio.move_on_after(limit, shield=True):
             try:
                 await self.store.flush_ended()
+                await self.store.leave()
             except StoreUnavailable as exc:
                 reason = str(exc)
         unwritten = self.store.pending_ends
         if unwritten:
             logger.warning(
                 "Stopping: %s session end(s) could not be written to the session store (%s); in the cluster "
-                "totals they stay active until their deadlines pass (+ %gs), then count as timeout",
+                "totals they stay active until their deadlines pass (+ %gs, and %gs after this replica last "
+                "reported), then count as timeout",
                 unwritten,
                 reason,
                 EXPIRY_GRACE_SECONDS,
+                OWNER_LIVE_SECONDS,
             )
 
     # -- admission -------------------------------------------------------------------------
@@ -400,7 +407,9 @@ class ClusterSessionManager(SessionManager):
         again those Redis lost."""
         now = time.monotonic()
         with self._lock:
-            mine = [s for s in self._active.values() if s.deadline > now]
+            # Past their deadline too: a call holding its cancellation off still runs, and a
+            # session the reaper is about to end is ended in Redis by its end, written next.
+            mine = list(self._active.values())
         states = await self.store.reconcile(
             [
                 (s.id, s.deadline - now, s.tool, client_key(s.client, self.replica), s.metadata_bytes, now - s.started)

@@ -44,6 +44,11 @@ from server.config import StoreSettings, safe_url
 #: replica that owns a session ends it at its deadline itself, so Redis only steps in for one
 #: that died (and never races a live replica's own timeout).
 EXPIRY_GRACE_SECONDS = 1.0
+#: A session past its deadline (+ the grace) is left to its replica while that replica reported
+#: within this many seconds (it does at least once a second, see `server.cluster`): a live
+#: replica ends its sessions itself, when their work stops. A call that holds its cancellation
+#: off (a shield) still runs, so its slot stays taken in the cluster as in its replica.
+OWNER_LIVE_SECONDS = 3.0
 #: How long an ended session is remembered, to answer `already_released` with how it ended.
 ENDED_TTL_SECONDS = 3600
 #: A replica counts as live in the cluster totals if it reported within this many seconds.
@@ -56,6 +61,7 @@ TOMBSTONE_TTL_SECONDS = 120
 
 _COMMON = (
     f"local PURGE_BATCH, TOMBSTONE_TTL = {PURGE_BATCH}, {TOMBSTONE_TTL_SECONDS}\n"
+    f"local OWNER_LIVE_MS = {int(OWNER_LIVE_SECONDS * 1000)}\n"
     + """
 local P = ARGV[1]
 local active, counts, tools, clients = P .. 'active', P .. 'counts', P .. 'tools', P .. 'clients'
@@ -94,12 +100,19 @@ local function set_waiting(replica, n)
   if n > 0 then redis.call('HSET', P .. 'waiting', replica, n) else redis.call('HDEL', P .. 'waiting', replica) end
 end
 
--- Expire sessions overdue by more than the grace (their replica did not end them).
+-- Expire sessions overdue by more than the grace whose replica is silent (it died, or has been
+-- cut off from Redis). A live replica's overdue session is still running (a call holding its
+-- cancellation off): it is looked at again a grace from now, and its replica ends it.
 local function purge(grace, ttl, limit)
   local ids = redis.call('ZRANGEBYSCORE', active, '-inf', now - grace, 'LIMIT', 0, limit)
+  local replicas = P .. 'replicas'
   local freed = 0
   for _, id in ipairs(ids) do
-    if finish(id, 'timeout', ttl) then
+    local owner = redis.call('HGET', P .. 's:' .. id, 'replica')
+    local seen = owner and redis.call('ZSCORE', replicas, owner)
+    if seen and tonumber(seen) >= now - OWNER_LIVE_MS then
+      redis.call('ZADD', active, 'XX', now, id)
+    elseif finish(id, 'timeout', ttl) then
       freed = freed + 1
       -- Marked: its replica may only have been cut off from Redis (see the ends in _SYNC).
       redis.call('HSET', P .. 's:' .. id, 'purged', 1)
@@ -477,6 +490,11 @@ class RedisStore:
         args = (self.prefix, int(REPLICA_LIVE_SECONDS * 1000))
         active, counts, tools, replicas = await self._call("read the cluster totals", self._totals(args=args))
         return Totals(int(active), _pairs(counts), _pairs(tools), int(replicas))
+
+    async def leave(self) -> None:
+        """Stop counting this replica as live (a clean stop): a session it could not end is then
+        expired at its deadline (+ the grace), without waiting for it to fall silent."""
+        await self._call("leave the cluster", self.redis.zrem(self.prefix + "replicas", self.replica))
 
     async def close(self) -> None:
         try:

@@ -16,7 +16,9 @@ from pathlib import Path
 import anyio
 import redis.asyncio as aioredis
 from mcp import Client
+from mcp_types import CallToolResult
 
+from server.store import EXPIRY_GRACE_SECONDS
 from tests.cluster.conftest import (
     assert_cluster_accounts,
     client_with_credential,
@@ -210,3 +212,40 @@ async def test_a_client_share_holds_across_replicas(tmp_path: Path, shared_store
     assert cluster["sessions_rejected_client_limit"] == 2, cluster
     assert cluster["active_sessions"] == 3 and cluster["total_sessions_created"] == 3, cluster
     assert_cluster_accounts(cluster)
+
+
+async def test_a_call_holding_its_deadline_off_keeps_its_cluster_slot_until_it_stops(
+    tmp_path: Path, shared_store: dict[str, TomlValue]
+) -> None:
+    # A call whose shielded clean-up runs 3 s past its 0.3 s deadline still runs, and its replica
+    # still counts it: Redis must not free its slot at the deadline + the grace while its live
+    # replica holds it, or another replica admits a call the cap has no room for.
+    deadline, hold = 0.3, 3.0
+    limits: dict[str, TomlValue] = {"max_concurrent_sessions": 1, "max_queued": 0}
+    config = cluster_config(shared_store, limits=limits, tools={"held_off_sleep": {"timeout_seconds": deadline}})
+    async with start_replicas(tmp_path, config, 2) as (a, b), a.client() as on_a, b.client() as on_b:
+        held: list[CallToolResult] = []
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+
+                async def call_held_off() -> None:
+                    held.append(await on_a.call_tool("held_off_sleep", {"seconds": 30, "hold": hold}))
+
+                tg.start_soon(call_held_off)
+                await cluster_until(on_b, lambda c: c["active_sessions"] == 1, what="the held call admitted")
+                admitted = time.monotonic()
+                # The condition is the clock passing the deadline + the grace (+ a margin for
+                # housekeeping): nothing to wait on but the time itself.
+                await anyio.sleep(deadline + EXPIRY_GRACE_SECONDS + 0.7)
+                assert not held, f"the held call answered before its hold was over: {held}"
+                refused = await on_b.call_tool("echo", {"text": "no slot"})
+                _, during = await cluster_metrics(on_b)
+                assert time.monotonic() - admitted < deadline + hold, "the hold ended before the checks"
+            cluster = await quiescent_cluster(on_b)
+        admitted_after = await on_b.call_tool("echo", {"text": "a freed slot"})
+
+    assert code_of(refused) == "capacity_exceeded", refused
+    assert during["active_sessions"] == 1, during
+    assert code_of(held[0]) == "timeout" and "held the cancellation off" in error_of(held[0])["message"], held
+    assert text_of(admitted_after) == "a freed slot"
+    assert cluster["total_sessions_timeout"] == 1 and cluster["sessions_rejected_capacity"] == 1, cluster

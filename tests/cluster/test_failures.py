@@ -2,7 +2,8 @@
 stopped and restarted (same port) mid-test, Redis hung (SIGSTOP), and Redis unreachable at startup.
 
 - The sessions of a dead replica keep their slots until their deadlines (+ a grace of about
-  1 s), then expire in Redis, count as `timeout` in the cluster totals and free their slots.
+  1 s, once the replica has been silent for 3 s), then expire in Redis, count as `timeout` in
+  the cluster totals and free their slots.
 - While Redis is away, hosted calls, `session_create` and a release on another replica fail
   fast (within about `[store] timeout_seconds`) with `store_unavailable`; `session_metrics`
   still answers, with `cluster.available` false. When Redis is back, calls succeed again by
@@ -31,7 +32,7 @@ from mcp import Client
 from mcp_types import CallToolResult
 
 from server.config import StoreSettings
-from server.store import EXPIRY_GRACE_SECONDS, RedisStore
+from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, RedisStore
 from tests.cluster.conftest import (
     STORE_TIMEOUT_SECONDS,
     RedisServer,
@@ -340,9 +341,10 @@ async def test_a_call_that_completed_while_redis_was_away_counts_as_completed_no
             try:
                 with anyio.fail_after(10):
                     await answered.wait()  # it completes on its replica with Redis hung
-                # Redis comes back only once the session is overdue by more than the grace (it
-                # cannot be asked meanwhile: the wait is for the clock to pass that point).
-                await anyio.sleep(deadline + EXPIRY_GRACE_SECONDS + 0.5)
+                # Redis comes back only once the session is overdue by more than the grace, and
+                # its replica has been silent long enough to count as gone (it cannot be asked
+                # meanwhile: the wait is for the clock to pass that point).
+                await anyio.sleep(max(deadline + EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS) + 0.5)
             finally:
                 own_redis.resume()
             # Expire what is overdue now, before the replica's kept end can be written.

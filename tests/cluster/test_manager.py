@@ -231,6 +231,34 @@ async def test_redis_away_refuses_fast_and_everything_resumes(own_redis: RedisSe
         assert totals.active_sessions == 0
 
 
+async def test_a_session_held_past_its_deadline_is_registered_again_when_redis_comes_back_empty(
+    own_redis: RedisServer,
+) -> None:
+    # A call that holds its cancellation off still runs past its deadline: when Redis restarts
+    # empty, its replica registers it again with the others, so the cap keeps counting it.
+    store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
+    a, b = _replica(store, max_concurrent_sessions=1), _replica(store, max_concurrent_sessions=1)
+    async with _running(a, b):
+        held = await a.create(tool="t", timeout_seconds=0.2)
+        asked_to_stop = anyio.Event()
+        held.on_cancel = asked_to_stop.set  # its work, told to stop at the deadline, holds it off
+        with anyio.fail_after(WAIT_SECONDS):
+            await asked_to_stop.wait()
+        assert a.get(held.id) is held and held.state is SessionState.ACTIVE
+
+        own_redis.stop()
+        own_redis.start()  # the same port, empty
+        registered = await _until_cluster(b, "active_sessions", 1)
+        with pytest.raises(SessionError) as full:
+            await b.create(queue=False)
+        assert full.value.code is ErrorCode.CAPACITY_EXCEEDED, full.value
+
+        assert a.end(held, SessionState.TIMEOUT, "stopped late")
+        await _until_cluster(b, "active_sessions", 0)
+        await b.create(queue=False)
+    assert registered.active_sessions == 1
+
+
 async def test_session_ends_made_while_redis_hangs_are_written_when_it_answers(own_redis: RedisServer) -> None:
     store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.3}
     a = _replica(store, max_concurrent_sessions=5)
