@@ -38,7 +38,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from server.config import StoreSettings, safe_url
+from server.config import StoreSettings
+from server.store_url import safe_url
 
 #: A session whose replica stopped answering is expired this long after its deadline: the
 #: replica that owns a session ends it at its deadline itself, so Redis only steps in for one

@@ -18,8 +18,9 @@ from pydantic import ValidationError
 
 from server import ConfigError, SessionsExtension, Settings, load_settings
 from server.app import check_tool_overrides, load_tool_modules
-from server.config import LimitsSettings, StoreSettings, ToolSettings, safe_url
+from server.config import LimitsSettings, StoreSettings, ToolSettings
 from server.config_loader import config_problems
+from server.store_url import safe_url
 
 ROOT = Path(__file__).resolve().parents[2]
 

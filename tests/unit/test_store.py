@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from server.config import ConfigError, Settings, StoreSettings, safe_url
+from server.config import ConfigError, Settings, StoreSettings
 from server.extension import make_manager
 from server.store import check_reachable
+from server.store_url import safe_url
 
 
 @pytest.mark.parametrize(
