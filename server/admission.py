@@ -1,12 +1,12 @@
 """Admission: what a session is asked for with, the queue of calls waiting for a slot, and
 the refusals, each with the sentence a caller can act on.
 
-Tier: runtime core, used by `server.sessions`, which holds the counters and the lock. A call
-is admitted when the server, its tool and its client each have room. A call that finds the
-server (or its tool) full waits in FIFO order when `limits.max_queued` allows; the manager
-hands a freed slot to the first waiter that fits, under its lock, so a newcomer can never
-take a slot a waiter could use. The client limit counts queued calls too, and refuses at
-once: one client's flood must not fill the queue.
+Tier: runtime core, used by the session manager (`server.intake`, `server.sessions`), which
+holds the counters and the lock. A call is admitted when the server, its tool and its client
+each have room. A call that finds the server (or its tool) full waits in FIFO order when
+`limits.max_queued` allows; the manager hands a freed slot to the first waiter that fits,
+under its lock, so a newcomer can never take a slot a waiter could use. The client limit
+counts queued calls too, and refuses at once: one client's flood must not fill the queue.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import anyio
 from server.errors import ErrorCode, SessionError, shorten
 
 if TYPE_CHECKING:
-    from server.sessions import Session
+    from server.session import Session
 
 
 #: The longest `provider` and `model` a session is made with, in characters. They are short

@@ -28,8 +28,8 @@ def test_bytecodes_per_call_counts_this_package_only(tool: str) -> None:
     counts = bytecodes_per_call(tool, 5)
     assert counts["server.extension.SessionsExtension.handle_tool_call"] > 0
     assert counts["server.sessions.SessionManager.end"] > 0
-    # The dataclass's generated constructor has no file, but it is this package's code.
-    assert any(name.startswith("server.sessions.") and name.endswith(".__init__") for name in counts)
+    # The dataclass's generated constructor (`Session`'s) has no file, but it is this package's code.
+    assert any(name.startswith("server.session.") and name.endswith(".__init__") for name in counts)
     assert all(name.startswith(PACKAGE + ".") for name in counts)
     # Per call, not in total: five calls count as one.
     assert (

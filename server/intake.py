@@ -1,0 +1,297 @@
+"""Admission off the per-call path: `create`, the refusals it counts, and the queue.
+
+Tier: runtime core, a base of `server.sessions.SessionManager`, on `server.manager_state`. A
+tool call that fits is admitted by `SessionManager.open_call` without coming here; what needs
+more goes through `create`: the request is checked (timeout, labels, metadata size), refused
+(each refusal counted, and worded by `server.admission`), admitted, or queued when the
+server or its tool is full. Queued calls wait in FIFO order; the release that frees a slot
+hands it, under the manager's lock, to the first waiter that fits (`_hand_over_locked`), so a
+newcomer never takes a slot a waiter could use.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING, Any, Unpack
+
+import anyio
+
+from server import admission
+from server.admission import Refusal, SessionRequest, Waiter
+from server.config import LimitsSettings
+from server.errors import ErrorCode, SessionError, shorten
+from server.manager_state import ManagerState
+from server.session import Session, SessionState, metadata_size
+
+
+def _check_timeout(value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise SessionError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"timeout_seconds must be a finite number of seconds greater than 0, got {shorten(repr(value))}",
+        )
+
+
+class Intake(ManagerState):
+    """`SessionManager`'s admission beyond the per-call path. Not used alone: build a `SessionManager`."""
+
+    #: Whose cap a `capacity_exceeded` refusal names.
+    CAPACITY_SCOPE = "the server"
+
+    if TYPE_CHECKING:  # the per-call path, in `SessionManager` (server.sessions)
+
+        def _admit_locked(self, session: Session) -> bool: ...
+
+        def _open_locked(self, session: Session) -> Session: ...
+
+        def _release_client_locked(self, client: Hashable | None) -> None: ...
+
+        def end(self, session: Session, state: SessionState, error: str | None = None) -> bool: ...
+
+    def timeout_for(self, requested: float | None, default: float | None = None) -> float:
+        """The effective timeout: requested (or default), capped by `max_timeout_seconds`."""
+        value = requested if requested is not None else (default or self.limits.default_timeout_seconds)
+        _check_timeout(value)
+        return min(float(value), self.limits.max_timeout_seconds)
+
+    async def create(self, *, queue: bool = True, **request: Unpack[SessionRequest]) -> Session:
+        """Admit a new session or raise `SessionError`; O(1) in the number of open sessions.
+
+        When the server (or the call's tool) is full and `limits.max_queued` allows, the call
+        waits in FIFO order for a slot, up to `limits.queue_timeout_seconds` (not with
+        `queue=False`). The session's deadline starts when it is admitted. Unless
+        `expire=False`, at its deadline the reaper calls its `on_cancel` (set by whoever runs the
+        session's work, to stop it; that work then ends the session as `timeout`, so that it
+        holds its slot for as long as the work runs on), or without one ends it as `timeout`.
+
+        Raises:
+            SessionError: `shutting_down`, `invalid_argument`, `metadata_too_large` or
+                `capacity_exceeded` (server, tool or client full, queue full or waited out, too
+                many stuck threads); each refusal is counted and creates no session.
+        """
+        session = self._prepare(**request)
+        limits = self.limits
+        # Refusals are raised where they are made, never held in a local of the raising frame:
+        # that would be a cycle (error -> traceback -> frame -> error) keeping the refused
+        # metadata alive until the cyclic GC runs.
+        lock = self._lock
+        lock.acquire()  # not `with`: an explicit pair costs half as much, and this runs per call
+        try:
+            if self._admit_locked(session):
+                return session
+            if not queue or len(self._queue) >= limits.max_queued:
+                raise self._full_locked(session, may_queue=queue)
+            waiter = self._enqueue_locked(session)
+        finally:
+            lock.release()
+        return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
+
+    def create_nowait(self, **request: Unpack[SessionRequest]) -> Session:
+        """`create` for callers that must not yield: never queues, refuses at once when full."""
+        session = self._prepare(**request)
+        with self._lock:
+            if self._admit_locked(session):
+                return session
+            raise self._full_locked(session, may_queue=False)
+
+    def _prepare(
+        self,
+        *,
+        tool: str | None = None,
+        provider: str = "",
+        model: str = "",
+        timeout_seconds: float | None = None,
+        metadata: Any = None,
+        request_id: str | None = None,
+        expire: bool = True,
+        client: Hashable | None = None,
+        needs_thread: bool = False,
+        idle_timeout_seconds: float | None = None,
+    ) -> Session:
+        """Check what needs no lock and build the (not yet admitted) session (see `SessionRequest`)."""
+        if self._shutting_down:
+            with self._lock:
+                self._rejected[Refusal.SHUTDOWN] += 1
+            raise admission.refuse_shutdown(tool)
+        limits = self.limits
+        if timeout_seconds is None:
+            timeout = limits.default_timeout_seconds  # validated with the settings
+        elif type(timeout_seconds) is float and 0.0 < timeout_seconds <= limits.max_timeout_seconds:
+            timeout = timeout_seconds  # already valid and within the cap (a tool's configured timeout)
+        else:
+            try:
+                timeout = self.timeout_for(timeout_seconds)
+            except SessionError as exc:
+                exc.tool = tool
+                raise
+        if idle_timeout_seconds is not None:
+            _check_timeout(idle_timeout_seconds)
+        if provider or model:  # (a tool call has neither)
+            for name, label in (("provider", provider), ("model", model)):
+                if len(label) > admission.MAX_LABEL_CHARS:
+                    raise admission.refuse_label(name, label, tool)
+        return Session(
+            "",
+            request_id or "",
+            tool,
+            timeout,
+            provider=provider,
+            model=model,
+            metadata=metadata,
+            metadata_bytes=0 if metadata is None else metadata_size(metadata),
+            client=client,
+            idle_timeout=idle_timeout_seconds,
+            expire=expire,
+            needs_thread=needs_thread,
+        )
+
+    def _check_refusals_locked(self, session: Session) -> None:
+        """Raise the refusals that never wait: metadata size, the client's share, stuck threads."""
+        limits = self.limits
+        if session.metadata_bytes > limits.max_metadata_bytes:
+            self._rejected[Refusal.METADATA] += 1
+            raise SessionError(
+                ErrorCode.METADATA_TOO_LARGE,
+                f"metadata is {session.metadata_bytes} bytes as compact JSON; "
+                f"the limit is {limits.max_metadata_bytes} bytes",
+                tool=session.tool,
+            )
+        client = session.client
+        if client is not None and limits.max_sessions_per_client:
+            if self._client_load.get(client, 0) >= limits.max_sessions_per_client:
+                self._rejected[Refusal.CLIENT_LIMIT] += 1
+                raise admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
+        if session.needs_thread and self._abandoned >= limits.max_abandoned_threads:
+            self._rejected[Refusal.THREADS] += 1
+            raise admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
+
+    def _full_locked(self, session: Session, tool_full: bool | None = None, may_queue: bool = True) -> SessionError:
+        """Count and word the refusal of a call that does not fit and may not wait: its tool is
+        full (`tool_full`; by default, whenever the server itself is not), else the server. A
+        call that could never queue (`may_queue=False`) is not told about the queue."""
+        limits = self.limits
+        tool = session.tool
+        if tool_full is None:
+            tool_full = len(self._active) < limits.max_concurrent_sessions
+        if tool_full and tool is not None:
+            self._rejected[Refusal.TOOL_LIMIT] += 1
+            self._tool_stats(tool).rejected_tool_limit += 1
+            return admission.refuse_tool_limit(tool, self.tool_caps[tool])
+        self._rejected[Refusal.CAPACITY] += 1
+        cap = limits.max_concurrent_sessions
+        max_queued = limits.max_queued if may_queue else 0
+        return admission.refuse_capacity(tool, cap, len(self._queue), max_queued, self.CAPACITY_SCOPE)
+
+    # -- the queue -------------------------------------------------------------------------
+
+    def _enqueue_locked(self, session: Session) -> Waiter:
+        """Put `session` at the back of the queue; it counts toward its client's share."""
+        waiter = Waiter(session, time.monotonic(), anyio.Event())
+        self._queue[waiter] = None
+        if session.client is not None:
+            self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
+        return waiter
+
+    async def _wait_in_queue(self, waiter: Waiter, timeout: float) -> Session:  # noqa: ASYNC109 - the queue's own bound
+        session = waiter.session
+        try:
+            with anyio.move_on_after(timeout):
+                await waiter.event.wait()
+        except BaseException:
+            # The caller was cancelled (the client gave up or went away) while waiting.
+            with self._lock:
+                if not waiter.admitted and waiter.refusal is None:
+                    self._leave_queue_locked(waiter)
+                    self._queue_cancelled += 1
+            if waiter.admitted:
+                self.end(session, SessionState.CANCELLED, "cancelled by the client before it started")
+            raise
+        if waiter.admitted:
+            return session
+        if waiter.refusal is not None:
+            refusal, waiter.refusal = waiter.refusal, None
+            try:
+                raise refusal
+            finally:
+                del refusal  # no cycle through this frame (see `create`)
+        with self._lock:
+            if waiter.admitted:  # pragma: no cover - handed a slot as the wait timed out
+                return session
+            raise self._waited_out_locked(waiter)
+
+    def _waited_out_locked(self, waiter: Waiter) -> SessionError:
+        """Take a waiter whose queue timeout passed out of the queue; count and word its refusal,
+        naming what it waited for: the server's slots, its tool's cap, or both."""
+        waited = self._leave_queue_locked(waiter)
+        self._rejected[Refusal.QUEUE_TIMEOUT] += 1
+        cap = self.limits.max_concurrent_sessions
+        tool = waiter.session.tool
+        tool_cap = self.tool_caps.get(tool) if tool is not None else None
+        return admission.refuse_queue_timeout(
+            tool,
+            waited,
+            self.CAPACITY_SCOPE,
+            cap,
+            server_full=len(self._active) >= cap,
+            tool_cap=tool_cap,
+            tool_full=tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap,
+        )
+
+    def _leave_queue_locked(self, waiter: Waiter) -> float:
+        """Take a waiter out of the queue unadmitted; return how long it waited."""
+        del self._queue[waiter]
+        self._release_client_locked(waiter.session.client)
+        waited = time.monotonic() - waiter.enqueued
+        self._queue_waits.add(waited)
+        return waited
+
+    def _hand_over_locked(self) -> list[Waiter]:
+        """Give free slots to the oldest waiters that fit; the caller wakes them after the lock."""
+        free = self.limits.max_concurrent_sessions - len(self._active)
+        if free <= 0 or not self._queue:
+            return []
+        caps = self.tool_caps
+        taken: dict[str, int] = {}
+        chosen: list[Waiter] = []
+        for waiter in self._queue:
+            tool = waiter.session.tool
+            if tool is not None and tool in caps:
+                used = self._tool_active.get(tool, 0) + taken.get(tool, 0)
+                if used >= caps[tool]:
+                    continue  # its tool is full: let the calls behind it through
+                taken[tool] = taken.get(tool, 0) + 1
+            chosen.append(waiter)
+            if len(chosen) >= free:
+                break
+        limits = self.limits
+        for waiter in chosen:
+            session = waiter.session
+            if session.needs_thread and self._abandoned >= limits.max_abandoned_threads:
+                self._leave_queue_locked(waiter)
+                self._rejected[Refusal.THREADS] += 1
+                waiter.refusal = admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
+                continue
+            self._admit_waiter_locked(waiter)
+        return chosen
+
+    def _admit_waiter_locked(self, waiter: Waiter) -> None:
+        """Take a waiter out of the queue and open its session; the caller wakes it after the lock."""
+        del self._queue[waiter]
+        self._queue_waits.add(time.monotonic() - waiter.enqueued)
+        session = waiter.session
+        if session.client is not None:
+            self._client_load[session.client] -= 1  # counted again as active by _open_locked
+        self._open_locked(session)
+        waiter.admitted = True
+
+    def set_limits(self, limits: LimitsSettings, tool_caps: Mapping[str, int] | None = None) -> None:
+        """Apply new limits to new sessions (running ones keep theirs); admit waiters that now fit."""
+        with self._lock:
+            self.limits = limits
+            if tool_caps is not None:
+                self.tool_caps = dict(tool_caps)
+            woken = self._hand_over_locked()
+        for waiter in woken:
+            waiter.event.set()

@@ -1,0 +1,278 @@
+"""What a session manager holds and counts, and the readings of it: the metrics.
+
+Tier: runtime core, the base of `server.sessions.SessionManager` (through `server.intake`).
+`ManagerState` builds the manager's state from its limits: the active sessions by id, the
+calls active per tool and the sessions per client, the queue, the deadline heap, the ids
+recently ended, and every counter. Its methods read that state under the manager's one lock
+(`metrics`, `duration_histograms`), start counting afresh, or count what happens beside
+admission and release: config reloads, refused shutdowns, threads stuck past their deadline.
+The counting on the per-call path is `SessionManager`'s own (`_open_locked`, `end`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+
+from server.admission import Refusal, Waiter
+from server.config import LimitsSettings, Settings
+from server.metrics import (
+    ClusterMetrics,
+    DurationStats,
+    HistogramReading,
+    MetricsSnapshot,
+    ShutdownReport,
+    ToolMetrics,
+)
+from server.session import Session, SessionState
+
+#: Per-tool statistics are kept for at most this many tool names; the rest share one entry.
+MAX_TRACKED_TOOLS = 1024
+OTHER_TOOLS = "(other)"
+#: The key, in `duration_histograms`, of sessions not tied to a tool call (made by `session_create`).
+NO_TOOL = "(none)"
+
+
+@dataclass(slots=True)
+class _ToolStats:
+    calls: int = 0
+    completed: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    cancelled: int = 0
+    rejected_tool_limit: int = 0
+    durations: DurationStats = field(default_factory=DurationStats)
+
+
+class ManagerState:
+    """The state of a `SessionManager`, made by its constructor (this class's), and the readings of
+    it. Not used alone: `server.intake.Intake`, then `SessionManager`, build on it."""
+
+    def __init__(
+        self, limits: Settings | LimitsSettings | None = None, tool_caps: Mapping[str, int] | None = None
+    ) -> None:
+        """`limits`: a whole `Settings` (what `load_settings` returns: its `[limits]`, and its
+        `[tools.NAME].max_concurrent` caps unless `tool_caps` is given), a `LimitsSettings`, or
+        None for the defaults. `tool_caps`: per-tool concurrency caps by tool name.
+
+        Raises:
+            TypeError: `limits` is none of these (a dict, a path, ...).
+        """
+        if isinstance(limits, Settings):
+            if tool_caps is None:
+                tool_caps = limits.tool_caps()
+            limits = limits.limits
+        elif limits is None:
+            limits = LimitsSettings()
+        elif not isinstance(limits, LimitsSettings):
+            raise TypeError(
+                "SessionManager takes a Settings (from load_settings(path)), a LimitsSettings "
+                f"(e.g. LimitsSettings(max_concurrent_sessions=10)) or None, got {type(limits).__name__}: "
+                f"{limits!r:.80}"
+            )
+        self.limits = limits  # see the property
+        #: Per-tool concurrency caps (`[tools.NAME].max_concurrent`), by tool name.
+        self.tool_caps: dict[str, int] = dict(tool_caps or {})
+        self._lock = threading.Lock()
+        # Ids are "s<random>-<seq>": unguessable across servers and restarts, and recognisable
+        # as ours after they end without remembering every one of them.
+        self._id_prefix = f"s{secrets.token_hex(6)}-"
+        #: Ids are made ID_BATCH at a time: taking one from a list costs less on every call than
+        #: formatting one (cold code between two calls). `_seq` is the last one made; the ones
+        #: made and not yet given out wait in `_spare_ids`, next one last.
+        self._seq = 0
+        self._spare_ids: list[str] = []
+        self._active: dict[str, Session] = {}
+        # Admission state (not statistics: `reset_metrics` keeps it): calls active per tool,
+        # sessions held or queued per client, and the calls waiting for a slot, oldest first.
+        self._tool_active: dict[str, int] = {}
+        self._client_load: dict[Hashable, int] = {}
+        self._queue: dict[Waiter, None] = {}
+        self._recent: OrderedDict[str, SessionState] = OrderedDict()
+        #: (deadline, session id) of every session the reaper expires. Entries hold the id, not
+        #: the session: a released session must not stay alive (and age into the garbage
+        #: collector's old generation) until its deadline; released entries are skipped.
+        self._expiry: list[tuple[float, str]] = []
+        self._end_waiters: dict[str, anyio.Event] = {}
+        self._reaper_scope: anyio.CancelScope | None = None
+        self._started_at = time.monotonic()
+        self._shutting_down = False
+        self._idle_waiter: anyio.Event | None = None
+        self._shutdown_done: anyio.Event | None = None
+        self._shutdown_begun: anyio.Event | None = None
+        self._report: ShutdownReport | None = None
+        self._abandoned = 0
+        self._no_abandoned = anyio.Event()
+        self._no_abandoned.set()
+        self._config_reloads = 0
+        self._config_reload_failures = 0
+        self._reset_counters()
+
+    @property
+    def limits(self) -> LimitsSettings:
+        """The limits new sessions are admitted under (`set_limits` changes them)."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: LimitsSettings) -> None:
+        self._limits = limits
+        # Plain copies of what admission reads on every call: a settings model's attribute
+        # costs a type lookup through its class's MRO, often a cache miss between calls.
+        self._max_active = limits.max_concurrent_sessions
+        self._max_metadata = limits.max_metadata_bytes
+        self._max_timeout = limits.max_timeout_seconds
+        self._max_abandoned = limits.max_abandoned_threads
+        self._per_client = bool(limits.max_sessions_per_client)
+
+    def _reset_counters(self) -> None:
+        self._created = len(self._active)
+        self._peak = len(self._active)
+        self._ended: dict[SessionState, int] = {s: 0 for s in SessionState if s is not SessionState.ACTIVE}
+        self._rejected: dict[Refusal, int] = dict.fromkeys(Refusal, 0)
+        self._rejected_unauthorized = 0
+        self._queue_cancelled = 0
+        self._queue_waits = DurationStats()
+        self._tools: dict[str, _ToolStats] = {}
+        self._untooled_durations = DurationStats()
+        self._metadata_bytes = sum(s.metadata_bytes for s in self._active.values())
+
+    def _tool_stats(self, tool: str) -> _ToolStats:
+        stats = self._tools.get(tool)
+        if stats is None:
+            if len(self._tools) >= MAX_TRACKED_TOOLS and tool not in self.tool_caps:
+                tool = OTHER_TOOLS
+            stats = self._tools.setdefault(tool, _ToolStats())
+        return stats
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    # -- counted beside admission and release ----------------------------------------------
+
+    def config_reloaded(self, ok: bool) -> None:
+        """Count a config reload: applied (`ok`) or rejected as invalid."""
+        with self._lock:
+            if ok:
+                self._config_reloads += 1
+            else:
+                self._config_reload_failures += 1
+
+    def shutdown_refused(self) -> None:
+        """Count a `server_shutdown` refused for a missing or wrong admin token."""
+        with self._lock:
+            self._rejected_unauthorized += 1
+
+    # -- stuck threads ---------------------------------------------------------------------
+
+    def thread_abandoned(self) -> None:
+        """A call's deadline passed while its sync work still runs in a thread."""
+        with self._lock:
+            self._abandoned += 1
+            if self._no_abandoned.is_set():
+                self._no_abandoned = anyio.Event()
+
+    def thread_ended(self) -> None:
+        """An abandoned thread has finally returned."""
+        with self._lock:
+            self._abandoned -= 1
+            idle = self._abandoned == 0
+        if idle:
+            self._no_abandoned.set()
+
+    async def wait_no_abandoned_threads(self) -> None:
+        """Return once no abandoned thread is running (at once if none is)."""
+        while not self._no_abandoned.is_set():
+            await self._no_abandoned.wait()
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def metrics(self) -> MetricsSnapshot:
+        """A consistent snapshot of every counter."""
+        with self._lock:
+            ended = self._ended
+            rejected = self._rejected
+            finished = sum(ended.values())
+            durations = DurationStats.merged([self._untooled_durations, *(t.durations for t in self._tools.values())])
+
+            def rate(state: SessionState) -> float:
+                return ended[state] / finished if finished else 0.0
+
+            return MetricsSnapshot(
+                active_sessions=len(self._active),
+                peak_concurrent_sessions=self._peak,
+                total_sessions_created=self._created,
+                total_sessions_completed=ended[SessionState.COMPLETED],
+                total_sessions_timeout=ended[SessionState.TIMEOUT],
+                total_sessions_error=ended[SessionState.ERROR],
+                total_sessions_cancelled=ended[SessionState.CANCELLED],
+                sessions_rejected_capacity=rejected[Refusal.CAPACITY],
+                sessions_rejected_metadata_size=rejected[Refusal.METADATA],
+                sessions_rejected_shutdown=rejected[Refusal.SHUTDOWN],
+                sessions_rejected_queue_timeout=rejected[Refusal.QUEUE_TIMEOUT],
+                sessions_rejected_tool_limit=rejected[Refusal.TOOL_LIMIT],
+                sessions_rejected_client_limit=rejected[Refusal.CLIENT_LIMIT],
+                sessions_rejected_threads=rejected[Refusal.THREADS],
+                sessions_rejected_store_unavailable=rejected[Refusal.STORE],
+                queued_sessions=len(self._queue),
+                queued_calls_cancelled=self._queue_cancelled,
+                queue_wait_p95=self._queue_waits.quantile(0.95),
+                max_abandoned_threads=self.limits.max_abandoned_threads,
+                shutdown_rejected_unauthorized=self._rejected_unauthorized,
+                current_metadata_bytes=self._metadata_bytes,
+                abandoned_threads=self._abandoned,
+                success_rate=rate(SessionState.COMPLETED),
+                error_rate=rate(SessionState.ERROR),
+                timeout_rate=rate(SessionState.TIMEOUT),
+                average_session_duration=durations.mean,
+                duration_p50=durations.quantile(0.50),
+                duration_p95=durations.quantile(0.95),
+                duration_p99=durations.quantile(0.99),
+                uptime_seconds=time.monotonic() - self._started_at,
+                shutdown_requested=self._shutting_down,
+                config_reloads=self._config_reloads,
+                config_reload_failures=self._config_reload_failures,
+                limits=self.limits.model_dump(),
+                tools={
+                    name: ToolMetrics(
+                        calls=s.calls,
+                        completed=s.completed,
+                        errors=s.errors,
+                        timeouts=s.timeouts,
+                        cancelled=s.cancelled,
+                        p95=s.durations.quantile(0.95),
+                        active=self._tool_active.get(name, 0),
+                        max_concurrent=self.tool_caps.get(name),
+                        rejected_tool_limit=s.rejected_tool_limit,
+                    )
+                    for name, s in self._tools.items()
+                },
+            )
+
+    async def cluster_metrics(self) -> ClusterMetrics | None:
+        """The cluster's totals (cluster mode, see `server.cluster`); None for a lone manager."""
+        return None
+
+    def duration_histograms(self, bounds: Sequence[float]) -> dict[str, HistogramReading]:
+        """Durations of finished sessions per tool at `bounds` (ascending seconds); sessions made
+        by `session_create` under `NO_TOOL`. Tools with no finished session are left out."""
+        with self._lock:
+            readings = {name: s.durations.reading(bounds) for name, s in self._tools.items() if s.durations.count}
+            if self._untooled_durations.count:
+                readings[NO_TOOL] = self._untooled_durations.reading(bounds)
+            return readings
+
+    def reset_metrics(self) -> None:
+        """Start counting afresh; active sessions stay and are counted as created."""
+        with self._lock:
+            self._reset_counters()
