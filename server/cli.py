@@ -18,10 +18,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from server.app import build_app, check_tool_overrides, claim_stdin, divert_stdout, load_tool_modules, serve
+from server.app import build_app, check_tool_overrides, load_tool_modules, serve
 from server.config import ConfigError
 from server.config_loader import config_problems, load_settings
 from server.logs import configure_logging
+from server.stdio_wire import claim_stdin, divert_stdout
 from server.store_url import safe_url
 
 EXIT_CONFIG = 2

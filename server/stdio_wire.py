@@ -1,0 +1,182 @@
+"""The process's stdin and stdout, kept for protocol messages on the stdio transport.
+
+Tier: application wiring (used by `server.cli` and `server.app.serve_stdio`). `divert_stdout`
+and `claim_stdin` take fd 1 and fd 0 for the wire before any tool module is imported, so that
+nothing a tool prints or reads touches the protocol stream; `StdinLines` reads the client's
+lines in a daemon thread that a shutdown never waits for; `Outstanding` tracks the requests
+read and not yet answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+
+class Outstanding:
+    """Request ids read from the client whose response has not been written yet."""
+
+    def __init__(self) -> None:
+        self.ids: set[Any] = set()
+        self.empty = anyio.Event()
+        self.empty.set()
+
+    def add(self, request_id: Any) -> None:
+        self.ids.add(request_id)
+        if self.empty.is_set():
+            self.empty = anyio.Event()
+
+    def discard(self, request_id: Any) -> None:
+        self.ids.discard(request_id)
+        if not self.ids:
+            self.empty.set()
+
+
+class StdinLines:
+    """The client's lines, read from a private duplicate of fd 0 by a daemon thread.
+
+    The SDK's `stdio_server` reads stdin in an anyio worker thread, which no cancellation
+    reaches: a shutdown begun by a signal or by `server_shutdown` while the client keeps stdin
+    open would wait for the client's next line forever. A daemon thread can be left blocked in
+    `read()`; the loop ends this iterator by closing the stream the thread feeds. fd 0 itself
+    points at the null device, so tools cannot steal protocol bytes: from before the tool modules
+    are imported when the CLI has claimed it (`claim_stdin`, whose wire is then given here), else
+    while serving, like the SDK.
+    """
+
+    def __init__(self, wire: BinaryIO | None = None) -> None:
+        self._send, self._receive = anyio.create_memory_object_stream[str](32)
+        self._wire = wire
+        self._restore: Callable[[], None] | None = None
+        self.eof = False
+
+    def start(self) -> None:
+        wire = self._wire
+        if wire is None:
+            wire, self._restore = _claim_stdin()
+        token = anyio.lowlevel.current_token()
+        threading.Thread(target=self._pump, args=(wire, token), name="mcp-stdin-reader", daemon=True).start()
+
+    def _pump(self, wire: BinaryIO, token: anyio.lowlevel.EventLoopToken) -> None:
+        try:
+            for raw in wire:
+                anyio.from_thread.run(self._send.send, raw.decode("utf-8", errors="replace"), token=token)
+            anyio.from_thread.run_sync(self._reached_eof, token=token)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.RunFinishedError, OSError, ValueError):
+            pass  # the server stopped reading (shutdown) or the loop is gone: nothing left to do
+
+    def _reached_eof(self) -> None:
+        self.eof = True
+        self._send.close()
+
+    def close(self) -> None:
+        """End the iteration (the thread, if blocked in read(), stays behind as a daemon)."""
+        self._send.close()
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+
+    def __aiter__(self) -> StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+
+def _private_duplicate(fd: int) -> int | None:
+    """A duplicate of `fd` above the standard three, not inherited by child processes; None if
+    it cannot be made."""
+    try:
+        if sys.platform == "win32":  # pragma: no cover
+            return os.dup(fd)
+        import fcntl
+
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        return None
+
+
+def _null_stdin() -> None:
+    """Point fd 0 at the null device (taking it if it was closed); nothing if that fails."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        if devnull != 0:  # 0 if fd 0 was closed: the null device has it already
+            try:
+                os.dup2(devnull, 0)
+            finally:
+                os.close(devnull)
+
+
+def _claim_stdin() -> tuple[BinaryIO, Callable[[], None] | None]:
+    """Serve the wire from a private duplicate of fd 0 and point fd 0 at the null device."""
+    private = _private_duplicate(0)
+    if private is None:
+        if sys.stdin is not None:
+            return sys.stdin.buffer, None
+        # No fd 0 at all (started with stdin closed): no client, so no messages, at once; and
+        # fd 0 reads the null device, or the next file opened would be taken for stdin.
+        _null_stdin()
+        return io.BytesIO(b""), None
+    _null_stdin()  # if it fails, fd 0 still carries the wire; reading the duplicate is just as good
+
+    def restore() -> None:
+        with contextlib.suppress(OSError):
+            os.dup2(private, 0)
+
+    # closefd=False: the reader thread may still block on it when the server exits.
+    return os.fdopen(private, "rb", closefd=False), restore
+
+
+def claim_stdin() -> BinaryIO:
+    """Reserve stdin for protocol messages until the process exits; returns the wire to read them from.
+
+    The wire is a private duplicate of fd 0; fd 0 itself (and so `sys.stdin`, `input()`, child
+    processes) reads the null device from now on: at once end of file. The CLI calls this before
+    any tool module is imported, as it does `divert_stdout`: a module that reads stdin while
+    imported or set up must not consume the client's first messages, and serving alone would
+    claim fd 0 only once it begins. fd 0 is never given back. If fd 0 cannot be duplicated, the
+    wire is stdin itself (nothing claimed), as the SDK does; if there is no fd 0, an empty stream.
+    """
+    return _claim_stdin()[0]
+
+
+def divert_stdout() -> BinaryIO:
+    """Reserve stdout for protocol messages until the process exits; returns the wire to write them to.
+
+    The wire is a private duplicate of fd 1; fd 1 itself (and so `sys.stdout`, `print`, child
+    processes) points at stderr from now on. The CLI calls this before any tool module is
+    imported: a module that prints while imported or set up must not corrupt the stdio stream
+    or the JSON of `--check-config`, and the SDK's own diversion starts only once serving
+    begins. fd 1 is never given back: whatever a stray thread or an exit handler prints after
+    the last response still misses the wire. If fd 1 cannot be duplicated, the wire is stdout
+    itself (nothing diverted), as the SDK does; if there is no fd 1, the null device.
+    """
+    if sys.stdout is not None:
+        sys.stdout.flush()  # anything written before the diversion belongs to where it was written
+    private = _private_duplicate(1)
+    if private is None:
+        if sys.stdout is not None:
+            return sys.stdout.buffer
+        # No fd 1 at all (started with stdout closed): nobody reads what the wire carries; and
+        # fd 1 points at stderr, or the next file or socket opened would be taken for stdout.
+        with contextlib.suppress(OSError):
+            os.dup2(2, 1)
+        return open(os.devnull, "wb")  # noqa: SIM115 - the wire stays open until the process exits
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        pass  # fd 1 still carries the wire; stray output may reach it, as without the diversion
+    # closefd=False: the descriptor stays open (and the client's stdout with it) until the process exits.
+    return os.fdopen(private, "wb", closefd=False)
