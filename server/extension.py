@@ -33,9 +33,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -44,7 +43,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
-from mcp.server.extension import Extension, ToolBinding, compose_tool_call_handler
+from mcp.server.extension import Extension, ToolBinding
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, TextContent
 
@@ -53,13 +52,7 @@ from server.deadline import Deadline, LateScope, deadline_scope
 from server.errors import EXTENSION_ID, ErrorCode, SessionError, error_result
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
-from server.sdk_seams import (
-    ToolCallHandler,
-    intercepts,
-    progress_session,
-    registry_lookup,
-    sdk_interceptor_chain,
-)
+from server.sdk_seams import ToolCallHandler, progress_session, registry_lookup, request_client, serve_tool_calls
 from server.sessions import Session, SessionManager, SessionState, timeout_reason
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings, unknown_arguments, with_error_code
@@ -313,7 +306,8 @@ class SessionsExtension(Extension):
         52,000-54,000 CPU instructions this extension added to a no-op call (cachegrind,
         `make profile`, depending on the memory layout). The chain is rebuilt without this
         extension's link, the same order kept: the interceptors of the extensions listed before
-        it still run outside it, and those listed after it inside.
+        it still run outside it, and those listed after it inside (see
+        `server.sdk_seams.serve_tool_calls`).
 
         Only the chain the SDK composed is replaced (recognised by its code): a handler someone
         else registered is left alone, and so is the chain of a subclass that overrides
@@ -323,29 +317,10 @@ class SessionsExtension(Extension):
         """
         if type(self).intercept_tool_call is not SessionsExtension.intercept_tool_call:
             return None
-        server = getattr(app, "_lowlevel_server", None)
-        if server is None or not hasattr(server, "get_request_handler"):
+        taken = serve_tool_calls(app, self, self.handle_tool_call)
+        if taken is None:
             return None
-        entry = server.get_request_handler("tools/call")
-        chain = sdk_interceptor_chain(entry.handler) if entry is not None else None
-        if chain is None:
-            return None
-        extensions, handler = chain
-        mine = [i for i, extension in enumerate(extensions) if extension is self]
-        if len(mine) != 1:
-            return None
-        outer = [e for e in extensions[: mine[0]] if intercepts(e)]
-        inner = [e for e in extensions[mine[0] + 1 :] if intercepts(e)]
-        self._next_handler = compose_tool_call_handler(inner, handler) if inner else handler
-        ours: ToolCallHandler = self.handle_tool_call
-        top = compose_tool_call_handler(outer, ours) if outer else ours
-        server.add_request_handler("tools/call", entry.params_type, top)
-
-        def give_back() -> None:
-            current = server.get_request_handler("tools/call")
-            if current is not None and current.handler is top:  # nobody replaced it since
-                server.add_request_handler("tools/call", entry.params_type, entry.handler)
-
+        self._next_handler, give_back = taken
         return give_back
 
     # -- shutdown --------------------------------------------------------------------------
@@ -499,39 +474,8 @@ class SessionsExtension(Extension):
             return self._stopped(session, name, None if result is None else _LATE)
         return self._completed(session, name, result)
 
-    @staticmethod
-    def client_of(ctx: ServerRequestContext[Any, Any]) -> Hashable:
-        """Who is calling, for `limits.max_sessions_per_client`.
-
-        On streamable HTTP: the MCP session (`Mcp-Session-Id`); the stateless 2026-07-28 era
-        has none, so there it is the credential (`Authorization`, kept only as a digest), else
-        the peer's address. Otherwise the stream the connection talks over: stdio is one
-        client in either protocol era, and so is each in-process handshake-era client.
-
-        The stream, not the `Connection`: in the 2026-07-28 era the SDK builds a `Connection`
-        per request, sharing the stream's channel (`outbound`) among them. Where there is no
-        channel (in-process 2026-era clients: every request is a connection of its own, on the
-        SDK's one no-channel sentinel) the connection is all there is, so such clients are not
-        told apart from their own earlier requests: each request is a client.
-        """
-        request = ctx.request
-        headers = getattr(request, "headers", None)
-        if headers is not None:
-            mcp_session = headers.get("mcp-session-id")
-            if mcp_session:
-                return ("mcp-session", mcp_session)
-            credential = headers.get("authorization")
-            if credential:
-                return ("credential", hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest())
-            peer = getattr(request, "client", None)
-            if peer is not None:
-                return ("http-peer", peer.host)
-        connection = getattr(ctx.session, "_connection", None)
-        if connection is None:
-            return ("connection", ctx.session)
-        if getattr(connection, "has_standalone_channel", False):
-            return ("stream", connection.outbound)
-        return ("connection", connection)
+    #: Who is calling, for `limits.max_sessions_per_client` (see `server.sdk_seams.request_client`).
+    client_of = staticmethod(request_client)
 
     async def _call_decoupled(
         self,
