@@ -36,7 +36,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -45,15 +44,25 @@ import anyio.to_thread
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, ToolBinding
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolRequestParams, CallToolResult, TextContent
+from mcp_types import CallToolRequestParams
 
 from server.config import ConfigError, Settings
 from server.deadline import Deadline, LateScope, deadline_scope
 from server.errors import EXTENSION_ID, ErrorCode, SessionError, error_result
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
+from server.outcomes import (
+    CANCELLED,
+    LATE,
+    MAYBE_ABANDONED,
+    THREAD_LEFT_RUNNING,
+    completed,
+    failed,
+    not_running,
+    stopped,
+)
 from server.sdk_seams import ToolCallHandler, progress_session, registry_lookup, request_client, serve_tool_calls
-from server.sessions import Session, SessionManager, SessionState, timeout_reason
+from server.sessions import Session, SessionManager, SessionState
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings, unknown_arguments, with_error_code
 
@@ -70,20 +79,6 @@ _NO_REGISTRY = object()
 _Plan = tuple[object, Settings, bool, bool, float, float | None]
 #: Plans remembered at most (one per tool name called); past it they are worked out afresh.
 MAX_PLANS = 4096
-_COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
-#: Set by a sync tool's stand-in (`server.threads`) running in place when its wait was cancelled
-#: while its thread ran on; set in the call's own context (the stand-in runs in the caller's task),
-#: read and cleared by `_stopped`, so the timeout's message says what happened. Touched only on
-#: the cancelled paths.
-_THREAD_LEFT_RUNNING: ContextVar[bool] = ContextVar("mcp_sessions_thread_left_running", default=False)
-#: What became of a call past its deadline, as its timeout message says it.
-_CANCELLED = "was cancelled"
-_ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
-_LATE = "its late result was discarded"
-_MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a thread cannot be stopped)"
-#: A call that stops this long (or longer) after the reaper stopped it at its deadline says so
-#: in its timeout message.
-HELD_OFF_SECONDS = 0.1
 
 
 async def _not_taken_over(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> HandlerResult:
@@ -375,9 +370,9 @@ class SessionsExtension(Extension):
 
     def _thread_left_running(self) -> None:
         """A sync tool's thread runs on past its caller's cancelled wait: count it, and mark the
-        call (see `_THREAD_LEFT_RUNNING`)."""
+        call (see `server.outcomes.THREAD_LEFT_RUNNING`)."""
         self.manager.thread_abandoned()
-        _THREAD_LEFT_RUNNING.set(True)
+        THREAD_LEFT_RUNNING.set(True)
 
     async def intercept_tool_call(
         self,
@@ -406,7 +401,7 @@ class SessionsExtension(Extension):
         get_tool = self._get_tool
         if name in MANAGEMENT_TOOLS:
             if name == "session_create" and not self._running:
-                return self._not_running(name)  # nothing would expire the session
+                return not_running(name)  # nothing would expire the session
             entry = get_tool(name) if get_tool is not None else None
             if get_tool is not None and entry is None:
                 return await handler(ctx, params)  # the host removed it: the SDK answers "unknown tool"
@@ -420,7 +415,7 @@ class SessionsExtension(Extension):
         if tool is None:
             return await handler(ctx, params)  # the SDK answers "unknown tool"; no session for it
         if not self._running:
-            return self._not_running(name)
+            return not_running(name)
         config = self.config
         plan = self._plans.get(name)
         if plan is None or plan[0] is not tool or plan[1] is not config:
@@ -460,19 +455,19 @@ class SessionsExtension(Extension):
         except anyio.get_cancelled_exc_class() as exc:
             if not _being_cancelled():
                 # The tool raised CancelledError itself; passed on, it would end the server's loop.
-                return self._failed(session, name, exc)
+                return failed(manager, session, name, exc)
             manager.end(session, SessionState.CANCELLED, "cancelled by the client")
-            _THREAD_LEFT_RUNNING.set(False)  # nobody reads it for this call
+            THREAD_LEFT_RUNNING.set(False)  # nobody reads it for this call
             raise
         except MCPError as exc:
             manager.end(session, SessionState.ERROR, f"{type(exc).__name__}: {exc}")
             raise
         except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
-            return self._failed(session, name, exc)
+            return failed(manager, session, name, exc)
         if deadline.cancel_called:  # the reaper (at the deadline) or shutdown cancelled the scope
             # A result despite the cancellation: the tool held it off (a shield) and finished late.
-            return self._stopped(session, name, None if result is None else _LATE)
-        return self._completed(session, name, result)
+            return stopped(manager, session, name, None if result is None else LATE)
+        return completed(manager, session, name, result)
 
     #: Who is calling, for `limits.max_sessions_per_client` (see `server.sdk_seams.request_client`).
     client_of = staticmethod(request_client)
@@ -511,68 +506,7 @@ class SessionsExtension(Extension):
         if ran_to_end:
             return self._finish(work, name)
         self._give_up(work)
-        return self._stopped(session, name, _MAYBE_ABANDONED if work.abandoned else _CANCELLED)
-
-    def _stopped(self, session: Session, name: str, fate: str | None = None) -> CallToolResult:
-        """The call's deadline passed, or shutdown cancelled it: the matching error result.
-
-        `fate` says what became of the work (a `_CANCELLED`-like sentence part); by default,
-        for a call run in place, whether its thread was left running (`_THREAD_LEFT_RUNNING`)."""
-        if fate is None:
-            fate = _CANCELLED
-            if _THREAD_LEFT_RUNNING.get():
-                _THREAD_LEFT_RUNNING.set(False)
-                fate = _ABANDONED
-        if session.state is SessionState.CANCELLED:
-            return error_result(
-                SessionError(
-                    ErrorCode.SHUTTING_DOWN,
-                    f"the server shut down before tool {name!r} finished; the call was cancelled",
-                    session_id=session.id,
-                    tool=name,
-                )
-            )
-        timeout = session.timeout_seconds
-        # The reaper left the ending to this call (see `SessionManager.create`): the session
-        # ends now, when the call stops, so its slot was held while its work ran on.
-        self.manager.end(session, SessionState.TIMEOUT, timeout_reason(session))
-        asked = session.stop_requested
-        held_off = (session.ended or asked) - asked if asked else 0.0
-        if held_off >= HELD_OFF_SECONDS:
-            fate += f" {held_off:.1f}s after the deadline, as the tool held the cancellation off until then"
-        if session.idle_expired:
-            advice = (
-                "a sync tool cannot report progress, so ask the operator to raise or remove its idle timeout"
-                if session.needs_thread
-                else "a long-running tool must report progress to stay alive"
-            )
-            message = (
-                f"tool {name!r} reported no progress for {session.idle_timeout:g}s (its idle timeout) "
-                f"and {fate}; {advice}"
-            )
-        else:
-            message = (
-                f"tool {name!r} did not finish within its deadline of {timeout:g}s and {fate}; "
-                "retry with a smaller request, or ask the operator to raise its timeout"
-            )
-        return error_result(SessionError(ErrorCode.TIMEOUT, message, session_id=session.id, tool=name))
-
-    def _failed(self, session: Session, name: str, raised: BaseException) -> CallToolResult:
-        """The tool raised something the SDK did not turn into a result (a BaseException)."""
-        detail = f"{type(raised).__name__}: {raised}"
-        self.manager.end(session, SessionState.ERROR, detail)
-        logger.error("Tool %r raised %s", name, detail)
-        return CallToolResult(content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True)
-
-    def _not_running(self, name: str) -> CallToolResult:
-        error = SessionError(
-            ErrorCode.NOT_RUNNING,
-            "the session runtime is not running: construct the server with "
-            "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
-            tool=name,
-        )
-        log_refusal(error)
-        return error_result(error)
+        return stopped(self.manager, session, name, MAYBE_ABANDONED if work.abandoned else CANCELLED)
 
     async def _run(
         self, work: _Work, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, handler: ToolCallHandler
@@ -620,27 +554,13 @@ class SessionsExtension(Extension):
     def _finish(self, work: _Work, name: str) -> HandlerResult:
         session = work.session
         raised = work.raised
-        if raised is not None:
-            detail = f"{type(raised).__name__}: {raised}"
-            self.manager.end(session, SessionState.ERROR, detail)
-            if isinstance(raised, MCPError):
-                raise raised  # a protocol error the tool chose to raise stays a protocol error
-            logger.error("Tool %r raised %s", name, detail)
-            return CallToolResult(
-                content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True
-            )
-        return self._completed(session, name, work.result)
-
-    def _completed(self, session: Session, name: str, result: HandlerResult) -> HandlerResult:
-        """The tool returned: its result, unless its deadline or shutdown ended the session first."""
-        failed = bool(getattr(result, "is_error", False))
-        if failed:
-            ended = self.manager.end(session, SessionState.ERROR, _error_text(result))
-        else:
-            ended = self.manager.end(session, _COMPLETED)
-        if ended:
-            return result
-        return self._stopped(session, name, _LATE)  # too late: answer as the session was accounted
+        if raised is None:
+            return completed(self.manager, session, name, work.result)
+        if isinstance(raised, MCPError):
+            # A protocol error the tool chose to raise stays a protocol error.
+            self.manager.end(session, SessionState.ERROR, f"{type(raised).__name__}: {raised}")
+            raise raised
+        return failed(self.manager, session, name, raised)
 
 
 def make_manager(settings: Settings) -> SessionManager:
@@ -659,13 +579,6 @@ def make_manager(settings: Settings) -> SessionManager:
 
 def _thread_limiter() -> anyio.CapacityLimiter:
     return anyio.to_thread.current_default_thread_limiter()
-
-
-def _error_text(result: HandlerResult) -> str:
-    """The text of an error result the tool returned (the session's error reason)."""
-    content = getattr(result, "content", None) or []
-    text = " ".join(block.text for block in content if isinstance(block, TextContent))
-    return text or "the tool returned an error result"
 
 
 def _being_cancelled() -> bool:
