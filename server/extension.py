@@ -16,11 +16,13 @@ tool runs in place inside that scope, and so does a sync tool: at its first call
 swaps its function in the registry for a stand-in whose wait for the worker thread gives way
 to cancellation (`server.threads`). For a call that may be stuck in a thread it cannot reach
 (a tool whose parameters resolvers fill, async or sync, or one of unknown kind) the caller's
-wait and the work are decoupled: the work runs in a plain asyncio task the extension owns, and
-only the caller's wait is cancelled.
+wait and the work are decoupled (`server.decoupled`): the work runs in a plain asyncio task the
+extension owns, and only the caller's wait is cancelled.
 Either way, at the deadline the caller gets a `timeout` result on time even when the work is
 stuck in a thread (which no cancellation reaches); such a thread is counted in
-`abandoned_threads` until it really returns.
+`abandoned_threads` until it really returns. How a call ends (its session's end, and what its
+caller reads) is worded in `server.outcomes`; the SDK internals it leans on are in
+`server.sdk_seams`.
 
 Example:
     ```python
@@ -36,40 +38,28 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import anyio
-import anyio.to_thread
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, ToolBinding
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams
 
 from server.config import ConfigError, Settings
-from server.deadline import Deadline, LateScope, deadline_scope
+from server.deadline import LateScope, deadline_scope
+from server.decoupled import DecoupledCalls
 from server.errors import EXTENSION_ID, ErrorCode, SessionError, error_result
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
-from server.outcomes import (
-    CANCELLED,
-    LATE,
-    MAYBE_ABANDONED,
-    THREAD_LEFT_RUNNING,
-    completed,
-    failed,
-    not_running,
-    stopped,
-)
+from server.outcomes import LATE, THREAD_LEFT_RUNNING, completed, failed, not_running, stopped
 from server.sdk_seams import ToolCallHandler, progress_session, registry_lookup, request_client, serve_tool_calls
-from server.sessions import Session, SessionManager, SessionState
+from server.sessions import SessionManager, SessionState
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings, unknown_arguments, with_error_code
 
 logger = logging.getLogger(__name__)
-
-#: How long lifespan exit waits for cancelled work to wind down before leaving stuck threads behind.
-WORK_EXIT_GRACE_SECONDS = 2.0
 
 
 #: The tool a call names when the server has no registry to ask (then its kind is unknown).
@@ -85,43 +75,7 @@ async def _not_taken_over(ctx: ServerRequestContext[Any, Any], params: CallToolR
     raise RuntimeError("SessionsExtension.handle_tool_call needs a handler until take_over_tool_calls has run")
 
 
-@dataclass(slots=True, eq=False)
-class _Work:
-    """One tool call's work, running in a task of its own that the extension owns."""
-
-    session: Session
-    #: Resolved (with None) when the work ends or the caller must stop waiting, whichever is first.
-    wake: asyncio.Future[None]
-    task: asyncio.Task[None] | None = None
-    #: The work's deadline scope, entered by the work's task when it starts; cancelled when the
-    #: caller stops waiting (deadline, shutdown) or the lifespan ends.
-    scope: Deadline | None = None
-    #: Set by `stop`: a work stopped before it starts never calls the tool.
-    stopped: bool = False
-    done: bool = False
-    #: The work ended by its own cancellation (or never started): no result to give.
-    cancelled: bool = False
-    result: HandlerResult = None
-    raised: BaseException | None = None
-    abandoned: bool = False
-
-    def wake_caller(self) -> None:
-        if not self.wake.done():
-            self.wake.set_result(None)
-
-    def cancel(self) -> None:
-        """The deadline passed, or shutdown reached its own: stop waiting, stop the work."""
-        self.wake_caller()
-        self.stop()
-
-    def stop(self) -> None:
-        """Cancel the work (an anyio cancel: a thread's shielded wait still holds its task)."""
-        self.stopped = True
-        if self.scope is not None:
-            self.scope.cancel()
-
-
-class SessionsExtension(Extension):
+class SessionsExtension(DecoupledCalls, Extension):
     """Tracks every tool call as a session; adds `session_create`, `session_release`,
     `session_metrics` and `server_shutdown`.
 
@@ -143,9 +97,7 @@ class SessionsExtension(Extension):
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
         #: The report of the shutdown whose summary was logged and listeners notified.
         self._announced: ShutdownReport | None = None
-        #: Decoupled work still running. Plain asyncio tasks, not tasks of an anyio task
-        #: group: `start_soon` costs about 40 µs per call here, `create_task` about 5 µs.
-        self._works: dict[asyncio.Task[None], _Work] = {}
+        self._works = {}  # decoupled work still running (see `DecoupledCalls`)
         #: The server's tool registry lookup (set by the lifespan; None: no registry to ask).
         self._get_tool: Callable[[str], Any] | None = None
         self._plans: dict[str, _Plan] = {}
@@ -277,12 +229,7 @@ class SessionsExtension(Extension):
         give_back, self._give_back = self._give_back, None
         if give_back is not None:
             give_back()
-        # Decoupled work runs in plain tasks, so that lifespan exit can leave a call stuck in a
-        # thread behind instead of waiting for it forever.
-        for work in self._works.values():
-            work.stop()
-        if self._works:
-            await asyncio.wait(list(self._works), timeout=WORK_EXIT_GRACE_SECONDS)
+        await self._stop_works()
         stuck = self.manager.metrics().abandoned_threads
         if stuck:
             logger.warning("Leaving %s stuck thread(s) behind: sync tools still running past their deadline", stuck)
@@ -472,96 +419,6 @@ class SessionsExtension(Extension):
     #: Who is calling, for `limits.max_sessions_per_client` (see `server.sdk_seams.request_client`).
     client_of = staticmethod(request_client)
 
-    async def _call_decoupled(
-        self,
-        session: Session,
-        name: str,
-        ctx: ServerRequestContext[Any, Any],
-        params: CallToolRequestParams,
-        handler: ToolCallHandler,
-    ) -> HandlerResult:
-        """A call that may be stuck in a thread no cancellation reaches (see `_plan_for`): the
-        caller's wait ends at the deadline even if the work does not."""
-        loop = asyncio.get_running_loop()
-        work = _Work(session, loop.create_future())
-        session.on_cancel = work.cancel  # the manager's reaper calls it at the deadline
-        work.task = task = loop.create_task(self._run(work, ctx, params, handler))
-        self._works[task] = work  # until `_run` ends
-        try:
-            await work.wake
-            ran_to_end = work.done and not work.cancelled  # (a late stop does not undo that)
-            if not work.done:
-                # Woken by `work.cancel`, which stopped the work: one turn of the loop for it to
-                # take its cancellation. Async work ends in it (cancelled, not abandoned); work
-                # stuck in a thread does not.
-                await asyncio.sleep(0)
-        except anyio.get_cancelled_exc_class():
-            # The client cancelled the request or went away, or the server is stopping.
-            self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
-            self._give_up(work)
-            raise
-        finally:
-            session.on_cancel = None  # nobody waits any more; and no cycle session -> work -> session
-
-        if ran_to_end:
-            return self._finish(work, name)
-        self._give_up(work)
-        return stopped(self.manager, session, name, MAYBE_ABANDONED if work.abandoned else CANCELLED)
-
-    async def _run(
-        self, work: _Work, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, handler: ToolCallHandler
-    ) -> None:
-        # A plain task, in no task group: whatever the tool raises (a GeneratorExit from its
-        # thread included) ends here as the session's error and can fail nothing shared.
-        deadline: Deadline | None = None
-        try:
-            if work.stopped:
-                work.cancelled = True  # stopped before it began: the tool is not called at all
-                return
-            work.scope = deadline = deadline_scope()
-            with deadline:
-                work.result = await handler(ctx, params)
-                return
-            work.cancelled = True  # the block swallowed the deadline's (or a stop's) cancellation
-        except BaseException as exc:  # noqa: BLE001 - any failure of the tool is the session's error
-            if deadline is not None and deadline.cancel_called and isinstance(exc, anyio.get_cancelled_exc_class()):
-                work.cancelled = True
-            else:
-                work.raised = exc
-        finally:
-            work.done = True
-            work.wake_caller()
-            del self._works[work.task]  # type: ignore[arg-type]  # set before the task first runs
-            if work.abandoned:
-                _thread_limiter().total_tokens -= 1  # its token is back: take the loan back
-                self.manager.thread_ended()
-
-    def _give_up(self, work: _Work) -> None:
-        """The caller stops waiting: cancel the work; count it if it stays stuck in a thread.
-
-        A thread cannot be cancelled, so the work keeps its token of anyio's default thread
-        limiter (which the SDK runs sync tools with) until the thread returns. Unanswered, enough
-        stuck calls would hold every token and starve every later sync call; so each abandoned
-        call lends the limiter one more token while it is stuck. `limits.max_abandoned_threads`
-        bounds how many there can be (the manager refuses sync tools past it).
-        """
-        work.stop()
-        if not work.done and not work.abandoned:
-            work.abandoned = True
-            _thread_limiter().total_tokens += 1
-            self.manager.thread_abandoned()
-
-    def _finish(self, work: _Work, name: str) -> HandlerResult:
-        session = work.session
-        raised = work.raised
-        if raised is None:
-            return completed(self.manager, session, name, work.result)
-        if isinstance(raised, MCPError):
-            # A protocol error the tool chose to raise stays a protocol error.
-            self.manager.end(session, SessionState.ERROR, f"{type(raised).__name__}: {raised}")
-            raise raised
-        return failed(self.manager, session, name, raised)
-
 
 def make_manager(settings: Settings) -> SessionManager:
     """The manager `settings` ask for: this process's own, or (`[store] backend = "redis"`) one
@@ -575,10 +432,6 @@ def make_manager(settings: Settings) -> SessionManager:
             ) from None
         return ClusterSessionManager(settings)  # its [limits], per-tool caps and [store]
     return SessionManager(settings)
-
-
-def _thread_limiter() -> anyio.CapacityLimiter:
-    return anyio.to_thread.current_default_thread_limiter()
 
 
 def _being_cancelled() -> bool:

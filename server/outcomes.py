@@ -1,12 +1,12 @@
 """A tool call's outcomes: its session's end, and the result its caller gets, in words.
 
-Tier: MCP integration (used by `server.extension`). Each function but `not_running` (the
-refusal of a call made while the session runtime is not running) ends the call's session with
-the manager as its outcome says (completed, error, timeout) and returns what the caller reads:
-the tool's own result, or an error result whose sentence says what happened and what to do. A
-call stopped at its deadline says what became of its work (cancelled, abandoned in a thread, or
-a late result discarded), and how long after the deadline it stopped when the tool held the
-cancellation off.
+Tier: MCP integration (used by `server.extension` and `server.decoupled`). Each function but
+`not_running` (the refusal of a call made while the session runtime is not running) ends the
+call's session with the manager as its outcome says (completed, error, timeout) and returns
+what the caller reads: the tool's own result, or an error result whose sentence says what
+happened and what to do. A call stopped at its deadline says what became of its work
+(cancelled, abandoned in a thread, or a late result discarded), and how long after the deadline
+it stopped when the tool held the cancellation off.
 
 `completed` runs on every tool call, so it reads nothing but its arguments and this module's
 globals.
