@@ -16,11 +16,13 @@ tool runs in place inside that scope, and so does a sync tool: at its first call
 swaps its function in the registry for a stand-in whose wait for the worker thread gives way
 to cancellation (`server.threads`). For a call that may be stuck in a thread it cannot reach
 (a tool whose parameters resolvers fill, async or sync, or one of unknown kind) the caller's
-wait and the work are decoupled: the work runs in a plain asyncio task the extension owns, and
-only the caller's wait is cancelled.
+wait and the work are decoupled (`server.decoupled`): the work runs in a plain asyncio task the
+extension owns, and only the caller's wait is cancelled.
 Either way, at the deadline the caller gets a `timeout` result on time even when the work is
 stuck in a thread (which no cancellation reaches); such a thread is counted in
-`abandoned_threads` until it really returns.
+`abandoned_threads` until it really returns. How a call ends (its session's end, and what its
+caller reads) is worded in `server.outcomes`; the SDK internals it leans on are in
+`server.sdk_seams`.
 
 Example:
     ```python
@@ -33,41 +35,31 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import anyio
-import anyio.to_thread
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
-from mcp.server.extension import Extension, ToolBinding, compose_tool_call_handler
+from mcp.server.extension import Extension, ToolBinding
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolRequestParams, CallToolResult, TextContent
+from mcp_types import CallToolRequestParams
 
 from server.config import ConfigError, Settings
-from server.deadline import Deadline, LateScope, deadline_scope
+from server.deadline import LateScope, deadline_scope
+from server.decoupled import DecoupledCalls
 from server.errors import EXTENSION_ID, ErrorCode, SessionError, error_result
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
-from server.sdk_seams import (
-    ToolCallHandler,
-    intercepts,
-    progress_session,
-    registry_lookup,
-    sdk_interceptor_chain,
-)
-from server.sessions import Session, SessionManager, SessionState, timeout_reason
+from server.outcomes import LATE, THREAD_LEFT_RUNNING, completed, failed, not_running, stopped
+from server.sdk_seams import ToolCallHandler, progress_session, registry_lookup, request_client, serve_tool_calls
+from server.sessions import SessionManager, SessionState
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings, unknown_arguments, with_error_code
 
 logger = logging.getLogger(__name__)
-
-#: How long lifespan exit waits for cancelled work to wind down before leaving stuck threads behind.
-WORK_EXIT_GRACE_SECONDS = 2.0
 
 
 #: The tool a call names when the server has no registry to ask (then its kind is unknown).
@@ -77,63 +69,13 @@ _NO_REGISTRY = object()
 _Plan = tuple[object, Settings, bool, bool, float, float | None]
 #: Plans remembered at most (one per tool name called); past it they are worked out afresh.
 MAX_PLANS = 4096
-_COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
-#: Set by a sync tool's stand-in (`server.threads`) running in place when its wait was cancelled
-#: while its thread ran on; set in the call's own context (the stand-in runs in the caller's task),
-#: read and cleared by `_stopped`, so the timeout's message says what happened. Touched only on
-#: the cancelled paths.
-_THREAD_LEFT_RUNNING: ContextVar[bool] = ContextVar("mcp_sessions_thread_left_running", default=False)
-#: What became of a call past its deadline, as its timeout message says it.
-_CANCELLED = "was cancelled"
-_ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
-_LATE = "its late result was discarded"
-_MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a thread cannot be stopped)"
-#: A call that stops this long (or longer) after the reaper stopped it at its deadline says so
-#: in its timeout message.
-HELD_OFF_SECONDS = 0.1
 
 
 async def _not_taken_over(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> HandlerResult:
     raise RuntimeError("SessionsExtension.handle_tool_call needs a handler until take_over_tool_calls has run")
 
 
-@dataclass(slots=True, eq=False)
-class _Work:
-    """One tool call's work, running in a task of its own that the extension owns."""
-
-    session: Session
-    #: Resolved (with None) when the work ends or the caller must stop waiting, whichever is first.
-    wake: asyncio.Future[None]
-    task: asyncio.Task[None] | None = None
-    #: The work's deadline scope, entered by the work's task when it starts; cancelled when the
-    #: caller stops waiting (deadline, shutdown) or the lifespan ends.
-    scope: Deadline | None = None
-    #: Set by `stop`: a work stopped before it starts never calls the tool.
-    stopped: bool = False
-    done: bool = False
-    #: The work ended by its own cancellation (or never started): no result to give.
-    cancelled: bool = False
-    result: HandlerResult = None
-    raised: BaseException | None = None
-    abandoned: bool = False
-
-    def wake_caller(self) -> None:
-        if not self.wake.done():
-            self.wake.set_result(None)
-
-    def cancel(self) -> None:
-        """The deadline passed, or shutdown reached its own: stop waiting, stop the work."""
-        self.wake_caller()
-        self.stop()
-
-    def stop(self) -> None:
-        """Cancel the work (an anyio cancel: a thread's shielded wait still holds its task)."""
-        self.stopped = True
-        if self.scope is not None:
-            self.scope.cancel()
-
-
-class SessionsExtension(Extension):
+class SessionsExtension(DecoupledCalls, Extension):
     """Tracks every tool call as a session; adds `session_create`, `session_release`,
     `session_metrics` and `server_shutdown`.
 
@@ -155,9 +97,7 @@ class SessionsExtension(Extension):
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
         #: The report of the shutdown whose summary was logged and listeners notified.
         self._announced: ShutdownReport | None = None
-        #: Decoupled work still running. Plain asyncio tasks, not tasks of an anyio task
-        #: group: `start_soon` costs about 40 µs per call here, `create_task` about 5 µs.
-        self._works: dict[asyncio.Task[None], _Work] = {}
+        self._works = {}  # decoupled work still running (see `DecoupledCalls`)
         #: The server's tool registry lookup (set by the lifespan; None: no registry to ask).
         self._get_tool: Callable[[str], Any] | None = None
         self._plans: dict[str, _Plan] = {}
@@ -289,12 +229,7 @@ class SessionsExtension(Extension):
         give_back, self._give_back = self._give_back, None
         if give_back is not None:
             give_back()
-        # Decoupled work runs in plain tasks, so that lifespan exit can leave a call stuck in a
-        # thread behind instead of waiting for it forever.
-        for work in self._works.values():
-            work.stop()
-        if self._works:
-            await asyncio.wait(list(self._works), timeout=WORK_EXIT_GRACE_SECONDS)
+        await self._stop_works()
         stuck = self.manager.metrics().abandoned_threads
         if stuck:
             logger.warning("Leaving %s stuck thread(s) behind: sync tools still running past their deadline", stuck)
@@ -313,7 +248,8 @@ class SessionsExtension(Extension):
         52,000-54,000 CPU instructions this extension added to a no-op call (cachegrind,
         `make profile`, depending on the memory layout). The chain is rebuilt without this
         extension's link, the same order kept: the interceptors of the extensions listed before
-        it still run outside it, and those listed after it inside.
+        it still run outside it, and those listed after it inside (see
+        `server.sdk_seams.serve_tool_calls`).
 
         Only the chain the SDK composed is replaced (recognised by its code): a handler someone
         else registered is left alone, and so is the chain of a subclass that overrides
@@ -323,29 +259,10 @@ class SessionsExtension(Extension):
         """
         if type(self).intercept_tool_call is not SessionsExtension.intercept_tool_call:
             return None
-        server = getattr(app, "_lowlevel_server", None)
-        if server is None or not hasattr(server, "get_request_handler"):
+        taken = serve_tool_calls(app, self, self.handle_tool_call)
+        if taken is None:
             return None
-        entry = server.get_request_handler("tools/call")
-        chain = sdk_interceptor_chain(entry.handler) if entry is not None else None
-        if chain is None:
-            return None
-        extensions, handler = chain
-        mine = [i for i, extension in enumerate(extensions) if extension is self]
-        if len(mine) != 1:
-            return None
-        outer = [e for e in extensions[: mine[0]] if intercepts(e)]
-        inner = [e for e in extensions[mine[0] + 1 :] if intercepts(e)]
-        self._next_handler = compose_tool_call_handler(inner, handler) if inner else handler
-        ours: ToolCallHandler = self.handle_tool_call
-        top = compose_tool_call_handler(outer, ours) if outer else ours
-        server.add_request_handler("tools/call", entry.params_type, top)
-
-        def give_back() -> None:
-            current = server.get_request_handler("tools/call")
-            if current is not None and current.handler is top:  # nobody replaced it since
-                server.add_request_handler("tools/call", entry.params_type, entry.handler)
-
+        self._next_handler, give_back = taken
         return give_back
 
     # -- shutdown --------------------------------------------------------------------------
@@ -400,9 +317,9 @@ class SessionsExtension(Extension):
 
     def _thread_left_running(self) -> None:
         """A sync tool's thread runs on past its caller's cancelled wait: count it, and mark the
-        call (see `_THREAD_LEFT_RUNNING`)."""
+        call (see `server.outcomes.THREAD_LEFT_RUNNING`)."""
         self.manager.thread_abandoned()
-        _THREAD_LEFT_RUNNING.set(True)
+        THREAD_LEFT_RUNNING.set(True)
 
     async def intercept_tool_call(
         self,
@@ -431,7 +348,7 @@ class SessionsExtension(Extension):
         get_tool = self._get_tool
         if name in MANAGEMENT_TOOLS:
             if name == "session_create" and not self._running:
-                return self._not_running(name)  # nothing would expire the session
+                return not_running(name)  # nothing would expire the session
             entry = get_tool(name) if get_tool is not None else None
             if get_tool is not None and entry is None:
                 return await handler(ctx, params)  # the host removed it: the SDK answers "unknown tool"
@@ -445,7 +362,7 @@ class SessionsExtension(Extension):
         if tool is None:
             return await handler(ctx, params)  # the SDK answers "unknown tool"; no session for it
         if not self._running:
-            return self._not_running(name)
+            return not_running(name)
         config = self.config
         plan = self._plans.get(name)
         if plan is None or plan[0] is not tool or plan[1] is not config:
@@ -485,218 +402,22 @@ class SessionsExtension(Extension):
         except anyio.get_cancelled_exc_class() as exc:
             if not _being_cancelled():
                 # The tool raised CancelledError itself; passed on, it would end the server's loop.
-                return self._failed(session, name, exc)
+                return failed(manager, session, name, exc)
             manager.end(session, SessionState.CANCELLED, "cancelled by the client")
-            _THREAD_LEFT_RUNNING.set(False)  # nobody reads it for this call
+            THREAD_LEFT_RUNNING.set(False)  # nobody reads it for this call
             raise
         except MCPError as exc:
             manager.end(session, SessionState.ERROR, f"{type(exc).__name__}: {exc}")
             raise
         except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
-            return self._failed(session, name, exc)
+            return failed(manager, session, name, exc)
         if deadline.cancel_called:  # the reaper (at the deadline) or shutdown cancelled the scope
             # A result despite the cancellation: the tool held it off (a shield) and finished late.
-            return self._stopped(session, name, None if result is None else _LATE)
-        return self._completed(session, name, result)
+            return stopped(manager, session, name, None if result is None else LATE)
+        return completed(manager, session, name, result)
 
-    @staticmethod
-    def client_of(ctx: ServerRequestContext[Any, Any]) -> Hashable:
-        """Who is calling, for `limits.max_sessions_per_client`.
-
-        On streamable HTTP: the MCP session (`Mcp-Session-Id`); the stateless 2026-07-28 era
-        has none, so there it is the credential (`Authorization`, kept only as a digest), else
-        the peer's address. Otherwise the stream the connection talks over: stdio is one
-        client in either protocol era, and so is each in-process handshake-era client.
-
-        The stream, not the `Connection`: in the 2026-07-28 era the SDK builds a `Connection`
-        per request, sharing the stream's channel (`outbound`) among them. Where there is no
-        channel (in-process 2026-era clients: every request is a connection of its own, on the
-        SDK's one no-channel sentinel) the connection is all there is, so such clients are not
-        told apart from their own earlier requests: each request is a client.
-        """
-        request = ctx.request
-        headers = getattr(request, "headers", None)
-        if headers is not None:
-            mcp_session = headers.get("mcp-session-id")
-            if mcp_session:
-                return ("mcp-session", mcp_session)
-            credential = headers.get("authorization")
-            if credential:
-                return ("credential", hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest())
-            peer = getattr(request, "client", None)
-            if peer is not None:
-                return ("http-peer", peer.host)
-        connection = getattr(ctx.session, "_connection", None)
-        if connection is None:
-            return ("connection", ctx.session)
-        if getattr(connection, "has_standalone_channel", False):
-            return ("stream", connection.outbound)
-        return ("connection", connection)
-
-    async def _call_decoupled(
-        self,
-        session: Session,
-        name: str,
-        ctx: ServerRequestContext[Any, Any],
-        params: CallToolRequestParams,
-        handler: ToolCallHandler,
-    ) -> HandlerResult:
-        """A call that may be stuck in a thread no cancellation reaches (see `_plan_for`): the
-        caller's wait ends at the deadline even if the work does not."""
-        loop = asyncio.get_running_loop()
-        work = _Work(session, loop.create_future())
-        session.on_cancel = work.cancel  # the manager's reaper calls it at the deadline
-        work.task = task = loop.create_task(self._run(work, ctx, params, handler))
-        self._works[task] = work  # until `_run` ends
-        try:
-            await work.wake
-            ran_to_end = work.done and not work.cancelled  # (a late stop does not undo that)
-            if not work.done:
-                # Woken by `work.cancel`, which stopped the work: one turn of the loop for it to
-                # take its cancellation. Async work ends in it (cancelled, not abandoned); work
-                # stuck in a thread does not.
-                await asyncio.sleep(0)
-        except anyio.get_cancelled_exc_class():
-            # The client cancelled the request or went away, or the server is stopping.
-            self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
-            self._give_up(work)
-            raise
-        finally:
-            session.on_cancel = None  # nobody waits any more; and no cycle session -> work -> session
-
-        if ran_to_end:
-            return self._finish(work, name)
-        self._give_up(work)
-        return self._stopped(session, name, _MAYBE_ABANDONED if work.abandoned else _CANCELLED)
-
-    def _stopped(self, session: Session, name: str, fate: str | None = None) -> CallToolResult:
-        """The call's deadline passed, or shutdown cancelled it: the matching error result.
-
-        `fate` says what became of the work (a `_CANCELLED`-like sentence part); by default,
-        for a call run in place, whether its thread was left running (`_THREAD_LEFT_RUNNING`)."""
-        if fate is None:
-            fate = _CANCELLED
-            if _THREAD_LEFT_RUNNING.get():
-                _THREAD_LEFT_RUNNING.set(False)
-                fate = _ABANDONED
-        if session.state is SessionState.CANCELLED:
-            return error_result(
-                SessionError(
-                    ErrorCode.SHUTTING_DOWN,
-                    f"the server shut down before tool {name!r} finished; the call was cancelled",
-                    session_id=session.id,
-                    tool=name,
-                )
-            )
-        timeout = session.timeout_seconds
-        # The reaper left the ending to this call (see `SessionManager.create`): the session
-        # ends now, when the call stops, so its slot was held while its work ran on.
-        self.manager.end(session, SessionState.TIMEOUT, timeout_reason(session))
-        asked = session.stop_requested
-        held_off = (session.ended or asked) - asked if asked else 0.0
-        if held_off >= HELD_OFF_SECONDS:
-            fate += f" {held_off:.1f}s after the deadline, as the tool held the cancellation off until then"
-        if session.idle_expired:
-            advice = (
-                "a sync tool cannot report progress, so ask the operator to raise or remove its idle timeout"
-                if session.needs_thread
-                else "a long-running tool must report progress to stay alive"
-            )
-            message = (
-                f"tool {name!r} reported no progress for {session.idle_timeout:g}s (its idle timeout) "
-                f"and {fate}; {advice}"
-            )
-        else:
-            message = (
-                f"tool {name!r} did not finish within its deadline of {timeout:g}s and {fate}; "
-                "retry with a smaller request, or ask the operator to raise its timeout"
-            )
-        return error_result(SessionError(ErrorCode.TIMEOUT, message, session_id=session.id, tool=name))
-
-    def _failed(self, session: Session, name: str, raised: BaseException) -> CallToolResult:
-        """The tool raised something the SDK did not turn into a result (a BaseException)."""
-        detail = f"{type(raised).__name__}: {raised}"
-        self.manager.end(session, SessionState.ERROR, detail)
-        logger.error("Tool %r raised %s", name, detail)
-        return CallToolResult(content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True)
-
-    def _not_running(self, name: str) -> CallToolResult:
-        error = SessionError(
-            ErrorCode.NOT_RUNNING,
-            "the session runtime is not running: construct the server with "
-            "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
-            tool=name,
-        )
-        log_refusal(error)
-        return error_result(error)
-
-    async def _run(
-        self, work: _Work, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, handler: ToolCallHandler
-    ) -> None:
-        # A plain task, in no task group: whatever the tool raises (a GeneratorExit from its
-        # thread included) ends here as the session's error and can fail nothing shared.
-        deadline: Deadline | None = None
-        try:
-            if work.stopped:
-                work.cancelled = True  # stopped before it began: the tool is not called at all
-                return
-            work.scope = deadline = deadline_scope()
-            with deadline:
-                work.result = await handler(ctx, params)
-                return
-            work.cancelled = True  # the block swallowed the deadline's (or a stop's) cancellation
-        except BaseException as exc:  # noqa: BLE001 - any failure of the tool is the session's error
-            if deadline is not None and deadline.cancel_called and isinstance(exc, anyio.get_cancelled_exc_class()):
-                work.cancelled = True
-            else:
-                work.raised = exc
-        finally:
-            work.done = True
-            work.wake_caller()
-            del self._works[work.task]  # type: ignore[arg-type]  # set before the task first runs
-            if work.abandoned:
-                _thread_limiter().total_tokens -= 1  # its token is back: take the loan back
-                self.manager.thread_ended()
-
-    def _give_up(self, work: _Work) -> None:
-        """The caller stops waiting: cancel the work; count it if it stays stuck in a thread.
-
-        A thread cannot be cancelled, so the work keeps its token of anyio's default thread
-        limiter (which the SDK runs sync tools with) until the thread returns. Unanswered, enough
-        stuck calls would hold every token and starve every later sync call; so each abandoned
-        call lends the limiter one more token while it is stuck. `limits.max_abandoned_threads`
-        bounds how many there can be (the manager refuses sync tools past it).
-        """
-        work.stop()
-        if not work.done and not work.abandoned:
-            work.abandoned = True
-            _thread_limiter().total_tokens += 1
-            self.manager.thread_abandoned()
-
-    def _finish(self, work: _Work, name: str) -> HandlerResult:
-        session = work.session
-        raised = work.raised
-        if raised is not None:
-            detail = f"{type(raised).__name__}: {raised}"
-            self.manager.end(session, SessionState.ERROR, detail)
-            if isinstance(raised, MCPError):
-                raise raised  # a protocol error the tool chose to raise stays a protocol error
-            logger.error("Tool %r raised %s", name, detail)
-            return CallToolResult(
-                content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True
-            )
-        return self._completed(session, name, work.result)
-
-    def _completed(self, session: Session, name: str, result: HandlerResult) -> HandlerResult:
-        """The tool returned: its result, unless its deadline or shutdown ended the session first."""
-        failed = bool(getattr(result, "is_error", False))
-        if failed:
-            ended = self.manager.end(session, SessionState.ERROR, _error_text(result))
-        else:
-            ended = self.manager.end(session, _COMPLETED)
-        if ended:
-            return result
-        return self._stopped(session, name, _LATE)  # too late: answer as the session was accounted
+    #: Who is calling, for `limits.max_sessions_per_client` (see `server.sdk_seams.request_client`).
+    client_of = staticmethod(request_client)
 
 
 def make_manager(settings: Settings) -> SessionManager:
@@ -711,17 +432,6 @@ def make_manager(settings: Settings) -> SessionManager:
             ) from None
         return ClusterSessionManager(settings)  # its [limits], per-tool caps and [store]
     return SessionManager(settings)
-
-
-def _thread_limiter() -> anyio.CapacityLimiter:
-    return anyio.to_thread.current_default_thread_limiter()
-
-
-def _error_text(result: HandlerResult) -> str:
-    """The text of an error result the tool returned (the session's error reason)."""
-    content = getattr(result, "content", None) or []
-    text = " ".join(block.text for block in content if isinstance(block, TextContent))
-    return text or "the tool returned an error result"
 
 
 def _being_cancelled() -> bool:

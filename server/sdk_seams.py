@@ -6,7 +6,10 @@ API, kept here so that an SDK upgrade has one place to check:
 - `registry_lookup`: how to find a tool's registry entry by name (to tell sync tools from
   async ones, and hosted tools from unknown names);
 - `sdk_interceptor_chain` and `intercepts`: recognising the `tools/call` handler that the SDK's
-  `compose_tool_call_handler` built, to take this extension's link out of it;
+  `compose_tool_call_handler` built; `serve_tool_calls`: taking this extension's link out of it,
+  and serving `tools/call` in its place (`SessionsExtension.take_over_tool_calls`);
+- `request_client`: who is calling (`SessionsExtension.client_of`), from the HTTP request's
+  headers or the stream a connection talks over;
 - `progress_session`: a copy of the request's `ServerSession` that sees the tool's progress;
 - `argument_validation_failure`: recognising the SDK's answer to arguments that fail a tool's
   input schema (the SDK marks it only in its wording);
@@ -25,8 +28,9 @@ graceful close of listen streams (they are cut when the server stops, as before)
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from types import CodeType
 from typing import Any
 
@@ -89,6 +93,44 @@ def sdk_interceptor_chain(handler: object) -> tuple[list[Extension], ToolCallHan
     return extensions, wrapped
 
 
+def serve_tool_calls(
+    app: Any, extension: Extension, handler: ToolCallHandler
+) -> tuple[ToolCallHandler, Callable[[], None]] | None:
+    """Serve `app`'s (an `MCPServer`) `tools/call` requests with `handler`, in place of
+    `extension`'s link in the interceptor chain the SDK composed; return what `handler` is to
+    call next (the rest of the chain, down to the SDK's own handler) and what puts the chain
+    back. None, with nothing changed, where `app`'s handler is not that chain (a handler
+    someone else registered, recognised by its code), or `extension` is not on it once.
+
+    The chain is rebuilt without `extension`'s link, the same order kept: the interceptors of
+    the extensions listed before it run outside `handler`, those listed after it in what
+    `handler` calls next. The lowlevel server's handler map (`add_request_handler`,
+    `get_request_handler` and the entry's `params_type`) is the seam."""
+    server = getattr(app, "_lowlevel_server", None)
+    if server is None or not hasattr(server, "get_request_handler"):
+        return None
+    entry = server.get_request_handler("tools/call")
+    chain = sdk_interceptor_chain(entry.handler) if entry is not None else None
+    if chain is None:
+        return None
+    extensions, wrapped = chain
+    mine = [i for i, other in enumerate(extensions) if other is extension]
+    if len(mine) != 1:
+        return None
+    outer = [e for e in extensions[: mine[0]] if intercepts(e)]
+    inner = [e for e in extensions[mine[0] + 1 :] if intercepts(e)]
+    next_handler = compose_tool_call_handler(inner, wrapped) if inner else wrapped
+    top = compose_tool_call_handler(outer, handler) if outer else handler
+    server.add_request_handler("tools/call", entry.params_type, top)
+
+    def give_back() -> None:
+        current = server.get_request_handler("tools/call")
+        if current is not None and current.handler is top:  # nobody replaced it since
+            server.add_request_handler("tools/call", entry.params_type, entry.handler)
+
+    return next_handler, give_back
+
+
 def argument_validation_failure(text: str, tool: str) -> bool:
     """Whether `text`, the text of an error result of `tool`, is the SDK's answer to arguments
     that failed the tool's input schema (and not a failure inside the tool).
@@ -137,6 +179,40 @@ class _ProgressSession(ServerSession):
     ) -> None:
         self._on_progress()
         await super().send_progress_notification(progress_token, progress, total, message, related_request_id)
+
+
+def request_client(ctx: ServerRequestContext[Any, Any]) -> Hashable:
+    """Who is calling, for `limits.max_sessions_per_client`.
+
+    On streamable HTTP: the MCP session (`Mcp-Session-Id`); the stateless 2026-07-28 era
+    has none, so there it is the credential (`Authorization`, kept only as a digest), else
+    the peer's address. Otherwise the stream the connection talks over: stdio is one
+    client in either protocol era, and so is each in-process handshake-era client.
+
+    The stream, not the `Connection`: in the 2026-07-28 era the SDK builds a `Connection`
+    per request, sharing the stream's channel (`outbound`) among them. Where there is no
+    channel (in-process 2026-era clients: every request is a connection of its own, on the
+    SDK's one no-channel sentinel) the connection is all there is, so such clients are not
+    told apart from their own earlier requests: each request is a client.
+    """
+    request = ctx.request
+    headers = getattr(request, "headers", None)
+    if headers is not None:
+        mcp_session = headers.get("mcp-session-id")
+        if mcp_session:
+            return ("mcp-session", mcp_session)
+        credential = headers.get("authorization")
+        if credential:
+            return ("credential", hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest())
+        peer = getattr(request, "client", None)
+        if peer is not None:
+            return ("http-peer", peer.host)
+    connection = getattr(ctx.session, "_connection", None)
+    if connection is None:
+        return ("connection", ctx.session)
+    if getattr(connection, "has_standalone_channel", False):
+        return ("stream", connection.outbound)
+    return ("connection", connection)
 
 
 def end_listen_streams(app: Any) -> bool:

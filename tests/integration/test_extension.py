@@ -17,7 +17,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp_types import CallToolResult
 
-from server import ERROR_META_KEY, SessionsExtension
+from server import ERROR_META_KEY, SessionsExtension, outcomes
 from server import extension as extension_module
 from server.deadline import Deadline, LateScope
 from server.sdk_seams import registry_lookup
@@ -295,7 +295,7 @@ async def test_a_call_holding_its_deadline_off_keeps_its_slot_until_its_work_sto
     # runs on, so it still counts as active and holds its slot (the caps bound real work), and
     # it ends as `timeout` only when the work stops, with a message that says how late.
     monkeypatch.setattr(extension_module, "deadline_scope", deadline_scope)
-    monkeypatch.setattr(extension_module, "HELD_OFF_SECONDS", 0.0)  # any delay is reported
+    monkeypatch.setattr(outcomes, "HELD_OFF_SECONDS", 0.0)  # any delay is reported
     tool = HeldOff()
     config = settings(max_concurrent_sessions=1, tool_timeouts={"held_off": 0.2})
     app, _ = build(config, tools=[tool.held_off, echo])

@@ -18,7 +18,7 @@ from mcp import Client
 from mcp.server.mcpserver.resolve import Resolve
 
 from server import SessionsExtension, Settings
-from server.extension import _Work
+from server.decoupled import _Work
 from tests.helpers import build, code_of, settings, text_of
 from tests.integration.test_extension import metrics
 

@@ -1,0 +1,127 @@
+"""A tool call's outcomes: its session's end, and the result its caller gets, in words.
+
+Tier: MCP integration (used by `server.extension` and `server.decoupled`). Each function but
+`not_running` (the refusal of a call made while the session runtime is not running) ends the
+call's session with the manager as its outcome says (completed, error, timeout) and returns
+what the caller reads: the tool's own result, or an error result whose sentence says what
+happened and what to do. A call stopped at its deadline says what became of its work
+(cancelled, abandoned in a thread, or a late result discarded), and how long after the deadline
+it stopped when the tool held the cancellation off.
+
+`completed` runs on every tool call, so it reads nothing but its arguments and this module's
+globals.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+
+from mcp.server.context import HandlerResult
+from mcp_types import CallToolResult, TextContent
+
+from server.errors import ErrorCode, SessionError, error_result
+from server.logs import log_refusal
+from server.sessions import Session, SessionManager, SessionState, timeout_reason
+
+#: The extension's logger: a tool's failure is logged under `server.extension`, where the
+#: extension's other lines are.
+logger = logging.getLogger("server.extension")
+
+_COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
+#: Set by a sync tool's stand-in (`server.threads`) running in place when its wait was cancelled
+#: while its thread ran on; set in the call's own context (the stand-in runs in the caller's task),
+#: read and cleared by `stopped`, so the timeout's message says what happened. Touched only on
+#: the cancelled paths.
+THREAD_LEFT_RUNNING: ContextVar[bool] = ContextVar("mcp_sessions_thread_left_running", default=False)
+#: What became of a call past its deadline, as its timeout message says it.
+CANCELLED = "was cancelled"
+ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
+LATE = "its late result was discarded"
+MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a thread cannot be stopped)"
+#: A call that stops this long (or longer) after the reaper stopped it at its deadline says so
+#: in its timeout message.
+HELD_OFF_SECONDS = 0.1
+
+
+def stopped(manager: SessionManager, session: Session, name: str, fate: str | None = None) -> CallToolResult:
+    """The call's deadline passed, or shutdown cancelled it: the matching error result.
+
+    `fate` says what became of the work (a `CANCELLED`-like sentence part); by default,
+    for a call run in place, whether its thread was left running (`THREAD_LEFT_RUNNING`)."""
+    if fate is None:
+        fate = CANCELLED
+        if THREAD_LEFT_RUNNING.get():
+            THREAD_LEFT_RUNNING.set(False)
+            fate = ABANDONED
+    if session.state is SessionState.CANCELLED:
+        return error_result(
+            SessionError(
+                ErrorCode.SHUTTING_DOWN,
+                f"the server shut down before tool {name!r} finished; the call was cancelled",
+                session_id=session.id,
+                tool=name,
+            )
+        )
+    timeout = session.timeout_seconds
+    # The reaper left the ending to this call (see `SessionManager.create`): the session
+    # ends now, when the call stops, so its slot was held while its work ran on.
+    manager.end(session, SessionState.TIMEOUT, timeout_reason(session))
+    asked = session.stop_requested
+    held_off = (session.ended or asked) - asked if asked else 0.0
+    if held_off >= HELD_OFF_SECONDS:
+        fate += f" {held_off:.1f}s after the deadline, as the tool held the cancellation off until then"
+    if session.idle_expired:
+        advice = (
+            "a sync tool cannot report progress, so ask the operator to raise or remove its idle timeout"
+            if session.needs_thread
+            else "a long-running tool must report progress to stay alive"
+        )
+        message = (
+            f"tool {name!r} reported no progress for {session.idle_timeout:g}s (its idle timeout) and {fate}; {advice}"
+        )
+    else:
+        message = (
+            f"tool {name!r} did not finish within its deadline of {timeout:g}s and {fate}; "
+            "retry with a smaller request, or ask the operator to raise its timeout"
+        )
+    return error_result(SessionError(ErrorCode.TIMEOUT, message, session_id=session.id, tool=name))
+
+
+def failed(manager: SessionManager, session: Session, name: str, raised: BaseException) -> CallToolResult:
+    """The tool raised something the SDK did not turn into a result (a BaseException)."""
+    detail = f"{type(raised).__name__}: {raised}"
+    manager.end(session, SessionState.ERROR, detail)
+    logger.error("Tool %r raised %s", name, detail)
+    return CallToolResult(content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True)
+
+
+def not_running(name: str) -> CallToolResult:
+    """The refusal of a call that came while the session runtime (the lifespan) is not running."""
+    error = SessionError(
+        ErrorCode.NOT_RUNNING,
+        "the session runtime is not running: construct the server with "
+        "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
+        tool=name,
+    )
+    log_refusal(error)
+    return error_result(error)
+
+
+def completed(manager: SessionManager, session: Session, name: str, result: HandlerResult) -> HandlerResult:
+    """The tool returned: its result, unless its deadline or shutdown ended the session first."""
+    is_error = bool(getattr(result, "is_error", False))
+    if is_error:
+        ended = manager.end(session, SessionState.ERROR, _error_text(result))
+    else:
+        ended = manager.end(session, _COMPLETED)
+    if ended:
+        return result
+    return stopped(manager, session, name, LATE)  # too late: answer as the session was accounted
+
+
+def _error_text(result: HandlerResult) -> str:
+    """The text of an error result the tool returned (the session's error reason)."""
+    content = getattr(result, "content", None) or []
+    text = " ".join(block.text for block in content if isinstance(block, TextContent))
+    return text or "the tool returned an error result"
