@@ -529,7 +529,8 @@ async def test_a_session_tool_failing_inside_is_an_internal_error_not_invalid_ar
     assert "listener broke" not in error["message"]  # the exception's text stays on the server
     assert bad["code"] == "invalid_argument"  # the SDK's argument validation keeps its code
     ours = [r for r in caplog.records if getattr(r, "code", None) == "internal_error"]
-    assert [(r.levelno, r.tool) for r in ours] == [(logging.ERROR, "server_shutdown")]  # type: ignore[attr-defined]
+    # The logger README's Logs section names.
+    assert [(r.name, r.levelno, r.tool) for r in ours] == [("tools.sessions", logging.ERROR, "server_shutdown")]  # type: ignore[attr-defined]
     refusals = [r for r in caplog.records if r.name == "server.refusals"]
     assert [r.code for r in refusals] == ["invalid_argument"]  # type: ignore[attr-defined]
 
