@@ -10,10 +10,13 @@ lost while Redis is away). Limits that concern this process stay per replica: th
 (`limits.max_queued`, `queue_timeout_seconds`) and the stuck-thread bound.
 
 Replicas hear of each other through the store's pub/sub channel: "freed" (a slot may be free:
-queued calls try again) and "ended <id> <state>" (a session was released through another
-replica: its owner ends its local copy). A live replica ends its sessions itself, when their
-work stops (a call holding its cancellation off keeps its slot past its deadline, in the cluster
-as here). A session whose replica died is expired by Redis itself, at its deadline plus a grace
+queued calls try again), "ended <id> <state>" (a session was released through another
+replica: its owner ends its local copy) and "overdue <id> <replica>" (Redis keeps a live
+replica's session past its deadline: its owner ends it there if it no longer runs it).
+
+A live replica ends its sessions itself, when their work stops (a call holding its
+cancellation off keeps its slot past its deadline, in the cluster as here). A session whose
+replica died is expired by Redis itself, at its deadline plus a grace
 (`server.store.EXPIRY_GRACE_SECONDS`) once its replica has not reported for
 `server.store.OWNER_LIVE_SECONDS`, when any replica next admits or does its housekeeping. A
 replica that stops cleanly says so, so its leftovers need not wait for that.
@@ -453,6 +456,13 @@ class ClusterSessionManager(SessionManager):
             if session is not None:
                 # Released through another replica: end our copy without telling Redis back.
                 super().end(session, SessionState(state), "released through another replica")
+        elif text.startswith("overdue "):
+            _, session_id, owner = text.split(" ", 2)
+            if owner == self.replica and session_id not in self._active:
+                # Redis keeps an overdue session for this live replica, which no longer runs it
+                # (its end may be on its way): end it there, or its slot would stay taken.
+                logger.debug("Session %s is overdue in the session store and not running here: ending it", session_id)
+                self._send_end(session_id, SessionState.TIMEOUT)
         if self._queue:
             self._freed.set()
 

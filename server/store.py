@@ -103,7 +103,8 @@ end
 
 -- Expire sessions overdue by more than the grace whose replica is silent (it died, or has been
 -- cut off from Redis). A live replica's overdue session is still running (a call holding its
--- cancellation off): it is looked at again a grace from now, and its replica ends it.
+-- cancellation off): it is looked at again a grace from now, and its replica ends it. The
+-- replica is told ("overdue <id> <replica>"), so that it ends one it no longer runs.
 local function purge(grace, ttl, limit)
   local ids = redis.call('ZRANGEBYSCORE', active, '-inf', now - grace, 'LIMIT', 0, limit)
   local replicas = P .. 'replicas'
@@ -113,6 +114,7 @@ local function purge(grace, ttl, limit)
     local seen = owner and redis.call('ZSCORE', replicas, owner)
     if seen and tonumber(seen) >= now - OWNER_LIVE_MS then
       redis.call('ZADD', active, 'XX', now, id)
+      redis.call('PUBLISH', P .. 'events', 'overdue ' .. id .. ' ' .. owner)
     elseif finish(id, 'timeout', ttl) then
       freed = freed + 1
       -- Marked: its replica may only have been cut off from Redis (see the ends in _SYNC).

@@ -259,6 +259,24 @@ async def test_a_session_held_past_its_deadline_is_registered_again_when_redis_c
     assert registered.active_sessions == 1
 
 
+async def test_an_overdue_session_its_live_replica_no_longer_runs_is_ended_in_the_store(
+    shared_store: dict[str, TomlValue],
+) -> None:
+    # Redis leaves a live replica's overdue sessions to it. One that the replica does not run
+    # (registered in Redis, never opened here: lost track of) must not keep its slot for as long
+    # as the replica lives: told it is overdue, the replica ends it in Redis.
+    a, b = _replica(shared_store, max_concurrent_sessions=1), _replica(shared_store, max_concurrent_sessions=1)
+    async with _running(a, b):
+        assert await a.store.acquire("s-lost-track", 0.2, "t", None, 0, 1, None, 0, True) == "ok"
+        assert a.get("s-lost-track") is None
+        with pytest.raises(SessionError) as full:
+            await b.create(queue=False)
+        assert full.value.code is ErrorCode.CAPACITY_EXCEEDED, full.value
+        totals = await _until_cluster(b, "total_sessions_timeout", 1)
+        assert totals.active_sessions == 0
+        await b.create(queue=False)
+
+
 async def test_session_ends_made_while_redis_hangs_are_written_when_it_answers(own_redis: RedisServer) -> None:
     store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.3}
     a = _replica(store, max_concurrent_sessions=5)
