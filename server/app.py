@@ -33,7 +33,7 @@ from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest,
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from server.config import LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
+from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
 from server.http_shutdown import HttpShutdown
@@ -148,12 +148,23 @@ def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]]) ->
     """
     hosted = sorted({*MANAGEMENT_TOOLS, *(getattr(fn, "__name__", "") for fn in tools)})
     problems = [
-        f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)})"
+        f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)}){_case_hint(name, hosted)}"
         for name in settings.tools
         if name not in hosted
     ]
     if problems:
         raise ConfigError(problems)
+
+
+def _case_hint(name: str, hosted: list[str]) -> str:
+    """For a name that differs from one hosted tool's only in case: why, and what to do."""
+    alike = [tool for tool in hosted if tool.lower() == name.lower()]
+    if len(alike) != 1:
+        return ""
+    return (
+        f"; tool names are case-sensitive (names in environment variables arrive in lower case): "
+        f'write [tools.{alike[0]}] in the config file, or {{"{alike[0]}": ...}} in {ENV_PREFIX}TOOLS (JSON)'
+    )
 
 
 def build_app(settings: Settings) -> App:

@@ -1072,6 +1072,34 @@ def test_a_later_check_names_the_source_of_each_tool_table(tmp_path: Path, monke
     )
 
 
+def test_a_tool_name_that_differs_only_in_case_says_why_and_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Environment variable names are not case-sensitive: the tool's name arrives in lower case.
+    monkeypatch.setenv("MCP_SESSIONS_TOOLS__Search__TIMEOUT_SECONDS", "5")
+    path = write(tmp_path, "[tools.SLEEP_ASYNC]\ntimeout_seconds = 1.0\n")
+    settings = load_settings(path)
+
+    def Search(q: str) -> str:  # noqa: N802 - a host's tool named in capitals
+        return q
+
+    def sleep_async() -> None: ...
+
+    with pytest.raises(ConfigError) as caught:
+        check_tool_overrides(settings, [Search, sleep_async])
+    problems = sorted(config_problems(caught.value, path))
+
+    hint = "tool names are case-sensitive (names in environment variables arrive in lower case): write"
+    assert problems == [
+        f"{path}: tools.SLEEP_ASYNC: no hosted tool has this name (hosted: Search, server_shutdown, session_create,"
+        f" session_metrics, session_release, sleep_async); {hint} [tools.sleep_async] in the config file,"
+        ' or {"sleep_async": ...} in MCP_SESSIONS_TOOLS (JSON)',
+        "environment variable MCP_SESSIONS_TOOLS__Search__TIMEOUT_SECONDS: tools.search: no hosted tool has this"
+        f" name (hosted: Search, server_shutdown, session_create, session_metrics, session_release, sleep_async);"
+        f' {hint} [tools.Search] in the config file, or {{"Search": ...}} in MCP_SESSIONS_TOOLS (JSON)',
+    ], problems
+
+
 def test_a_later_check_with_no_file_names_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MCP_SESSIONS_SERVER__TOOL_MODULES", '["tests.fixtures_config.no_tools"]')
     settings = load_settings(None)
