@@ -63,6 +63,12 @@ class SessionError(Exception):
         return data
 
 
+def result_text(result: object) -> str:
+    """The text blocks of a tool result, joined with spaces ("" if it has none)."""
+    content = getattr(result, "content", None) or []
+    return " ".join(block.text for block in content if isinstance(block, TextContent))
+
+
 def error_result(error: SessionError) -> CallToolResult:
     """A tool result for a refusal or failure: `isError`, a sentence, the code in `_meta`."""
     return CallToolResult(

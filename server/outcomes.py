@@ -20,7 +20,7 @@ from contextvars import ContextVar
 from mcp.server.context import HandlerResult
 from mcp_types import CallToolResult, TextContent
 
-from server.errors import ErrorCode, SessionError, error_result
+from server.errors import ErrorCode, SessionError, error_result, result_text
 from server.logs import log_refusal
 from server.sessions import Session, SessionManager, SessionState, timeout_reason
 
@@ -122,6 +122,4 @@ def completed(manager: SessionManager, session: Session, name: str, result: Hand
 
 def _error_text(result: HandlerResult) -> str:
     """The text of an error result the tool returned (the session's error reason)."""
-    content = getattr(result, "content", None) or []
-    text = " ".join(block.text for block in content if isinstance(block, TextContent))
-    return text or "the tool returned an error result"
+    return result_text(result) or "the tool returned an error result"

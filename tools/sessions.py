@@ -24,7 +24,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from server.admission import MAX_LABEL_CHARS
-from server.errors import ERROR_META_KEY, ErrorCode, SessionError, error_result, shorten
+from server.errors import ERROR_META_KEY, ErrorCode, SessionError, error_result, result_text, shorten
 from server.logs import log_refusal
 from server.metrics import MetricsSnapshot, ShutdownReport
 from server.sdk_seams import argument_validation_failure
@@ -221,7 +221,7 @@ def with_error_code(result: HandlerResult, tool: str) -> HandlerResult:
     meta = dict(result.meta or {})
     if ERROR_META_KEY in meta:
         return result
-    text = " ".join(block.text for block in result.content if isinstance(block, TextContent))
+    text = result_text(result)
     update: dict[str, Any] = {}
     if argument_validation_failure(text, tool):
         error = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool)
