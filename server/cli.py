@@ -61,11 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config, overrides)
         if args.check_config or settings.server.transport == "stdio":
             # Before any tool module is imported: what it prints must not reach the protocol
-            # stream (stdio) or the settings JSON (--check-config).
+            # stream (stdio) or the settings JSON (--check-config), and what it reads must not be
+            # the client's messages (nor wait, in a check, for a terminal or a pipe that never ends).
             wire = divert_stdout()
-        if args.check_config or settings.server.transport == "stdio":
-            # Likewise, what it reads must not be the client's messages (nor wait, in a check,
-            # for a terminal or a pipe that never ends).
             stdin = claim_stdin()
         if args.check_config:
             check_tool_overrides(settings, load_tool_modules(settings.server.tool_modules))
