@@ -16,7 +16,8 @@ from server.config_loader import load_settings
 from server.errors import ERROR_META_KEY, EXTENSION_ID, ErrorCode, SessionError
 from server.extension import SessionsExtension
 from server.metrics import MetricsSnapshot, ShutdownReport
-from server.sessions import Session, SessionManager, SessionState
+from server.session import Session, SessionState
+from server.sessions import SessionManager
 
 __all__ = [
     "ERROR_META_KEY",

@@ -44,7 +44,8 @@ from server.admission import Refusal, SessionRequest, Waiter
 from server.config import LimitsSettings, Settings, StoreSettings
 from server.errors import ErrorCode, SessionError, shorten
 from server.metrics import ClusterMetrics, ClusterToolMetrics
-from server.sessions import Session, SessionManager, SessionState, ended_state
+from server.session import Session, SessionState, ended_state
+from server.sessions import SessionManager
 from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, RedisStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)

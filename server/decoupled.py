@@ -28,7 +28,8 @@ from mcp_types import CallToolRequestParams
 from server.deadline import Deadline, deadline_scope
 from server.outcomes import CANCELLED, MAYBE_ABANDONED, completed, failed, stopped
 from server.sdk_seams import ToolCallHandler
-from server.sessions import Session, SessionManager, SessionState
+from server.session import Session, SessionState
+from server.sessions import SessionManager
 
 #: How long lifespan exit waits for cancelled work to wind down before leaving stuck threads behind.
 WORK_EXIT_GRACE_SECONDS = 2.0

@@ -55,7 +55,8 @@ from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.outcomes import LATE, THREAD_LEFT_RUNNING, completed, failed, not_running, stopped
 from server.sdk_seams import ToolCallHandler, progress_session, registry_lookup, request_client, serve_tool_calls
-from server.sessions import SessionManager, SessionState
+from server.session import SessionState
+from server.sessions import SessionManager
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings, unknown_arguments, with_error_code
 

@@ -85,7 +85,7 @@ def configure_logging(settings: LoggingSettings) -> None:
     root.addHandler(handler)
     root.setLevel(settings.level.upper())
     # Session-end lines have their own logger, off by default for embedding hosts (see
-    # `server.sessions.end_logger`); the standalone server follows its configured level.
+    # `server.session.end_logger`); the standalone server follows its configured level.
     logging.getLogger("server.sessions.ends").setLevel(settings.level.upper())
 
 

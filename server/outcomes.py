@@ -22,7 +22,8 @@ from mcp_types import CallToolResult, TextContent
 
 from server.errors import ErrorCode, SessionError, error_result, result_text
 from server.logs import log_refusal
-from server.sessions import Session, SessionManager, SessionState, timeout_reason
+from server.session import Session, SessionState, timeout_reason
+from server.sessions import SessionManager
 
 #: The extension's logger: a tool's failure is logged under `server.extension`, where the
 #: extension's other lines are.

@@ -40,31 +40,8 @@ from server import admission
 from server.admission import Refusal
 from server.errors import ErrorCode, SessionError, shorten
 from server.intake import Intake
-from server.manager_state import NO_TOOL
 from server.metrics import ShutdownReport
-from server.session import (
-    Session,
-    SessionState,
-    _log_end,
-    end_logger,
-    ended_state,
-    metadata_size,
-    timeout_reason,
-)
-
-# What other modules and tests import from here, some of it defined in the layers below.
-__all__ = [
-    "ID_BATCH",
-    "NO_TOOL",
-    "RECENTLY_ENDED",
-    "Session",
-    "SessionManager",
-    "SessionState",
-    "end_logger",
-    "ended_state",
-    "metadata_size",
-    "timeout_reason",
-]
+from server.session import Session, SessionState, _log_end, end_logger, ended_state, timeout_reason
 
 logger = logging.getLogger(__name__)
 

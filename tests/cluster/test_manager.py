@@ -18,7 +18,7 @@ from server.cluster import ClusterSessionManager
 from server.config import LimitsSettings, Settings, StoreSettings, ToolSettings
 from server.errors import ErrorCode, SessionError
 from server.metrics import ClusterMetrics
-from server.sessions import SessionState
+from server.session import SessionState
 from server.store import EXPIRY_GRACE_SECONDS, StoreUnavailable
 from tests.cluster.conftest import RedisServer
 from tests.e2e.conftest import TomlValue

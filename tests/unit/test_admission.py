@@ -15,7 +15,7 @@ import pytest
 from server import ErrorCode, SessionError, SessionManager, SessionState, admission
 from server.cluster import ClusterSessionManager
 from server.config import LimitsSettings
-from server.sessions import Session
+from server.session import Session
 from tests.helpers import until
 from tests.unit.test_sessions import assert_invariant
 

@@ -20,10 +20,11 @@ from server.config import ConfigError, LimitsSettings
 from server.config_loader import load_settings
 from server.errors import ErrorCode, SessionError
 from server.logs import JsonFormatter
+from server.manager_state import NO_TOOL
 from server.metrics import DurationStats, MetricsSnapshot, edge_index
 from server.prometheus import COUNTERS, DERIVED, GAUGES, REJECTED, Exporter, build_registry, render
 from server.reload import ConfigReloader
-from server.sessions import NO_TOOL, SessionManager
+from server.sessions import SessionManager
 
 MIN, GROWTH = 1e-6, 1.02
 

@@ -15,7 +15,8 @@ import pytest
 from server import ErrorCode, LimitsSettings, SessionError, SessionManager, SessionState, load_settings
 from server.admission import MAX_LABEL_CHARS
 from server.metrics import DurationStats, MetricsSnapshot
-from server.sessions import ID_BATCH, RECENTLY_ENDED, metadata_size
+from server.session import metadata_size
+from server.sessions import ID_BATCH, RECENTLY_ENDED
 
 
 def manager(**limits: float) -> SessionManager:
