@@ -32,6 +32,7 @@ from tests.e2e.conftest import (
     server_config,
     start_server,
 )
+from tests.fixtures.e2e_tools import IN_SHUTDOWN
 from tests.helpers import code_of, error_of, text_of
 
 EXIT_MARGIN = 8.0
@@ -122,7 +123,7 @@ async def test_server_shutdown_with_the_admin_token_reports_and_the_process_exit
 
             with anyio.fail_after(10):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(call, "quick", "sleep_async", {"seconds": 0.3})
+                    tg.start_soon(call, "quick", "finish_in_shutdown", {})
                     await metrics_until(client, lambda m: m["active_sessions"] == 1)
                     await call("shutdown", "server_shutdown", {"token": TOKEN, "timeout_seconds": 5})
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
@@ -134,7 +135,7 @@ async def test_server_shutdown_with_the_admin_token_reports_and_the_process_exit
     assert numbers["initial_active_sessions"] == 1 and numbers["sessions_completed_during_shutdown"] == 1
     assert numbers["sessions_cancelled_at_deadline"] == 0 and numbers["timeout_reached"] is False
     assert numbers["final_active_sessions"] == 0 and numbers["total_sessions_at_shutdown"] == 1
-    assert text_of(results["quick"]) == "slept 0.3s"
+    assert text_of(results["quick"]) == IN_SHUTDOWN
 
 
 async def test_sigterm_drains_calls_in_flight_and_exits_0(tmp_path: Path) -> None:
@@ -151,13 +152,13 @@ async def test_sigterm_drains_calls_in_flight_and_exits_0(tmp_path: Path) -> Non
             assert code_of(await client.call_tool("hang_sync", {})) == "timeout"
             with anyio.fail_after(10):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(call, "quick", "sleep_async", {"seconds": 0.3})
+                    tg.start_soon(call, "quick", "finish_in_shutdown", {})
                     tg.start_soon(call, "stuck", "sleep_async", {"seconds": 3600})
                     await metrics_until(client, lambda m: m["active_sessions"] == 2)
                     server.send_signal(signal.SIGTERM)
             assert await server.wait_exit(within=shutdown_seconds + EXIT_MARGIN) == 0
 
-    assert text_of(results["quick"]) == "slept 0.3s"
+    assert text_of(results["quick"]) == IN_SHUTDOWN
     assert code_of(results["stuck"]) == "shutting_down"
     assert "received SIGTERM" in server.stderr
     assert "1 of 2 session(s) finished, 1 cancelled" in server.stderr

@@ -41,7 +41,7 @@ from tests.e2e_cli.test_cli import (
     NOISY_MODULE,
     NOISY_SETUP_PRINT,
 )
-from tests.fixtures.e2e_tools import NOISE_FROM_FD, NOISE_FROM_PRINT
+from tests.fixtures.e2e_tools import IN_SHUTDOWN, NOISE_FROM_FD, NOISE_FROM_PRINT
 from tests.helpers import code_of, error_of, text_of
 
 #: Margin on top of a shutdown deadline for the process to wind down and exit.
@@ -295,7 +295,7 @@ async def test_server_shutdown_drains_cancels_the_rest_refuses_new_work_and_exit
 
             with anyio.fail_after(10):
                 async with anyio.create_task_group() as tg:  # ends once every call has its answer
-                    tg.start_soon(call, "quick", "sleep_async", {"seconds": 0.3})
+                    tg.start_soon(call, "quick", "finish_in_shutdown", {})
                     tg.start_soon(call, "stuck", "sleep_async", {"seconds": 3600})
                     await metrics_until(client, lambda m: m["active_sessions"] == 2)
                     tg.start_soon(call, "shutdown", "server_shutdown", {"timeout_seconds": 1})
@@ -318,14 +318,14 @@ async def test_server_shutdown_drains_cancels_the_rest_refuses_new_work_and_exit
     assert numbers["timeout_reached"] is True
     assert numbers["total_sessions_at_shutdown"] == 2
     assert 1.0 <= numbers["shutdown_duration"] < 5.0
-    assert text_of(results["quick"]) == "slept 0.3s"
+    assert text_of(results["quick"]) == IN_SHUTDOWN
     assert code_of(results["stuck"]) == "shutting_down"
 
 
 async def start_quick_and_stuck_calls(server: ServerProcess) -> tuple[int, int]:
-    """Start a call that finishes in 0.3 s and one that hangs; return once both are sessions."""
+    """Start a call that finishes early in the shutdown and one that hangs; return once both are sessions."""
     await server.initialize()
-    quick = await server.start_call("sleep_async", {"seconds": 0.3})
+    quick = await server.start_call("finish_in_shutdown")
     stuck = await server.start_call("sleep_async", {"seconds": 3600})
     await raw_metrics_until(server, lambda m: m["active_sessions"] == 2)
     return quick, stuck
@@ -342,7 +342,7 @@ async def test_sigterm_drains_calls_in_flight_then_exits_0(tmp_path: Path) -> No
         exit_seconds = time.monotonic() - signalled
         finished = await server.call_result(quick)
         cancelled = await server.call_result(stuck)
-    assert text_of(finished) == "slept 0.3s"
+    assert text_of(finished) == IN_SHUTDOWN
     assert code_of(cancelled) == "shutting_down"
     assert exit_seconds >= shutdown_seconds  # it drained up to the deadline, not a moment less
     assert "received SIGTERM" in server.stderr
@@ -353,23 +353,23 @@ async def test_sigterm_drains_calls_in_flight_then_exits_0(tmp_path: Path) -> No
 async def test_sigint_runs_the_same_graceful_shutdown(tmp_path: Path) -> None:
     async with start_server(tmp_path, server_config()) as server:
         await server.initialize()
-        quick = await server.start_call("sleep_async", {"seconds": 0.3})
+        quick = await server.start_call("finish_in_shutdown")
         await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
         server.send_signal(signal.SIGINT)
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
         finished = await server.call_result(quick)
-    assert text_of(finished) == "slept 0.3s"
+    assert text_of(finished) == IN_SHUTDOWN
     assert "received SIGINT" in server.stderr and "1 of 1 session(s) finished, 0 cancelled" in server.stderr
 
 
 async def test_stdin_eof_lets_running_calls_answer_then_exits_0(tmp_path: Path) -> None:
     async with start_server(tmp_path, server_config()) as server:
         await server.initialize()
-        quick = await server.start_call("sleep_async", {"seconds": 0.3})
+        quick = await server.start_call("finish_in_shutdown")
         await server.close_stdin()
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
         finished = await server.call_result(quick)
-    assert text_of(finished) == "slept 0.3s"
+    assert text_of(finished) == IN_SHUTDOWN
     assert "stdin closed" in server.stderr
 
 

@@ -160,7 +160,7 @@ async def test_sigterm_with_100_calls_in_flight_drains_reports_and_exits_0_in_ti
     )
     async with start_server(tmp_path, config) as server:
         await server.initialize()
-        quick_ids = [await server.start_call("sleep_async", {"seconds": 0.5}) for _ in range(quick)]
+        quick_ids = [await server.start_call("finish_in_shutdown", {"seconds": 0.5}) for _ in range(quick)]
         stuck_ids = [await server.start_call("hang_async") for _ in range(stuck)]
         with anyio.fail_after(20):
             while (data := raw(await server.call("session_metrics")))["active_sessions"] < quick + stuck:
@@ -176,7 +176,7 @@ async def test_sigterm_with_100_calls_in_flight_drains_reports_and_exits_0_in_ti
         cancelled = [await server.call_result(request_id, within=1) for request_id in stuck_ids]
     assert code == 0, server.stderr
     assert exit_seconds <= shutdown_seconds + 1.0, exit_seconds
-    assert all(text_of(result) == "slept 0.5s" for result in finished)
+    assert all(text_of(result) == "finished 0.5s into the shutdown" for result in finished)
     assert all(code_of(result) == "shutting_down" for result in cancelled)
     report = f"{quick} of {quick + stuck} session(s) finished, {stuck} cancelled at the deadline"
     assert report in server.stderr, server.stderr
