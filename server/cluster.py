@@ -45,7 +45,7 @@ from server.config import LimitsSettings, Settings, StoreSettings
 from server.errors import ErrorCode, SessionError, shorten
 from server.metrics import ClusterMetrics, ClusterToolMetrics
 from server.session import Session, SessionState, ended_state
-from server.sessions import SessionManager
+from server.sessions import SessionManager, runs_a_call
 from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, RedisStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,12 @@ class ClusterSessionManager(SessionManager):
     # -- release ---------------------------------------------------------------------------
 
     async def release(
-        self, session_id: str, outcome: SessionState | str = SessionState.COMPLETED, error: str | None = None
+        self,
+        session_id: str,
+        outcome: SessionState | str = SessionState.COMPLETED,
+        error: str | None = None,
+        *,
+        tool_calls: bool = True,
     ) -> Session:
         """End a session made through any replica (see `SessionManager.release`). Redis decides,
         so that a session released through two replicas at once is released once.
@@ -312,10 +317,12 @@ class ClusterSessionManager(SessionManager):
         """
         state = ended_state(outcome, session_id)
         local = self._active.get(session_id)
+        if local is not None and local.tool is not None and not tool_calls:
+            raise runs_a_call(session_id, local.tool)
         if local is None and self._issued_by_us(session_id):
             raise self._not_active(session_id)  # it ended here (its end may still be on its way)
         try:
-            (known,) = await self.store.release([(session_id, state.value)])
+            (known,) = await self.store.release([(session_id, state.value)], tool_calls)
         except StoreUnavailable as exc:
             self._store_failed(exc)
             self._count(Refusal.STORE)
@@ -324,6 +331,8 @@ class ClusterSessionManager(SessionManager):
                 f"{exc}; session {shorten(session_id)} was not released. Retry in a moment",
                 session_id=shorten(session_id),
             ) from None
+        if known.before.startswith("call "):  # another replica's tool call (see `tool_calls`)
+            raise runs_a_call(session_id, known.before.removeprefix("call "))
         local = self._active.get(session_id)
         if known.before in ("active", "unknown") and local is not None:
             # Ours, and now ended in Redis (or Redis no longer knew it): end our copy.

@@ -62,6 +62,16 @@ _monotonic = time.monotonic
 _INFO = logging.INFO
 
 
+def runs_a_call(session_id: str, tool: str) -> SessionError:
+    """The refusal of a client's release of a tool call's session (see `SessionManager.release`)."""
+    return SessionError(
+        ErrorCode.INVALID_ARGUMENT,
+        f"session {session_id} is the session of a running call of tool {shorten(tool)!r}, and it ends "
+        "when that call does; session_release ends only sessions made by session_create",
+        session_id=session_id,
+    )
+
+
 class SessionManager(Intake):
     """Tracks sessions against the limits it was built with. Build one per server; never global."""
 
@@ -233,22 +243,39 @@ class SessionManager(Intake):
         return self._active.get(session_id)
 
     async def release(
-        self, session_id: str, outcome: SessionState | str = SessionState.COMPLETED, error: str | None = None
+        self,
+        session_id: str,
+        outcome: SessionState | str = SessionState.COMPLETED,
+        error: str | None = None,
+        *,
+        tool_calls: bool = True,
     ) -> Session:
         """End an active session with `outcome` and return it (now ended).
 
+        With `tool_calls=False` (what the `session_release` tool passes) a session made for a
+        tool (`create(tool=...)`: a tool call's) is refused: it ends with its call, and a client
+        that released it would free the slot of work that still runs.
+
         Raises:
             SessionError: `unknown_session` for an id never issued here, `already_released`
-                for one that has already ended, `invalid_argument` for a bad outcome.
+                for one that has already ended, `invalid_argument` for a bad outcome or (with
+                `tool_calls=False`) a tool call's session.
         """
-        return self.release_nowait(session_id, outcome, error)
+        return self.release_nowait(session_id, outcome, error, tool_calls=tool_calls)
 
     def release_nowait(
-        self, session_id: str, outcome: SessionState | str = SessionState.COMPLETED, error: str | None = None
+        self,
+        session_id: str,
+        outcome: SessionState | str = SessionState.COMPLETED,
+        error: str | None = None,
+        *,
+        tool_calls: bool = True,
     ) -> Session:
         """`release` without yielding to the event loop (see `release`)."""
         state = ended_state(outcome, session_id)
         session = self._active.get(session_id)
+        if session is not None and session.tool is not None and not tool_calls:
+            raise runs_a_call(session_id, session.tool)
         if session is None or not self.end(session, state, error):
             raise self._not_active(session_id)
         return session

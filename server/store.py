@@ -156,15 +156,18 @@ _SYNC = (
     + """
 local grace, ttl, replica = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 set_waiting(replica, tonumber(ARGV[5]))
-local ends, own = tonumber(ARGV[6]), ARGV[7] == '1'
+-- ARGV[7]: '1' the replica's own ends; '0' a release; '2' a release that spares tool calls.
+local ends, own, calls_too = tonumber(ARGV[6]), ARGV[7] == '1', ARGV[7] ~= '2'
 local released, admitted = {}, {}
 local freed = false
 for i = 8, 7 + 2 * ends, 2 do
   local id, state = ARGV[i], ARGV[i + 1]
   local key = P .. 's:' .. id
-  local f = redis.call('HMGET', key, 'state', 'created', 'replica', 'purged')
+  local f = redis.call('HMGET', key, 'state', 'created', 'replica', 'purged', 'tool')
   local before = f[1] or 'unknown'
-  if before == 'active' then
+  if before == 'active' and not calls_too and f[5] and f[5] ~= '' then
+    before = 'call ' .. f[5]  -- a tool call's session: it ends with its call, not by a release
+  elseif before == 'active' then
     finish(id, state, ttl)
     freed = true
     if f[3] ~= replica then redis.call('PUBLISH', P .. 'events', 'ended ' .. id .. ' ' .. state) end
@@ -432,16 +435,23 @@ class RedisStore:
         ended, self._ended = self._ended[:1000], self._ended[1000:]
         return ended
 
-    async def release(self, ended: Sequence[tuple[str, str]]) -> list[Released]:
-        """End each (session id, state) now if it is still active; say what each was before."""
-        rows, _ = await self._run_sync("release a session", list(ended), [], False)
+    async def release(self, ended: Sequence[tuple[str, str]], tool_calls: bool = True) -> list[Released]:
+        """End each (session id, state) now if it is still active; say what each was before.
+        With `tool_calls=False` a tool call's session is left active, and is said to be
+        "call <tool>"."""
+        rows, _ = await self._run_sync("release a session", list(ended), [], False, tool_calls)
         return [
             Released(_text(before), max(0, int(now) - int(created)) / 1000 if created else 0.0)
             for before, created, now in rows
         ]
 
     async def _run_sync(
-        self, what: str, ended: list[tuple[str, str]], admissions: list[tuple[Any, ...]], requeue: bool
+        self,
+        what: str,
+        ended: list[tuple[str, str]],
+        admissions: list[tuple[Any, ...]],
+        requeue: bool,
+        tool_calls: bool = True,
     ) -> tuple[list[Any], list[Any]]:
         """One run of the call-path script. On failure, with `requeue`, the ends go back to the
         front of the queue (written again later: ending a session twice changes nothing)."""
@@ -452,7 +462,7 @@ class RedisStore:
             self.replica,
             self.waiting(),
             len(ended),
-            1 if requeue else 0,  # the outbox holds this replica's own sessions
+            1 if requeue else 0 if tool_calls else 2,  # 1: the outbox holds this replica's own sessions
         ]
         for pair in ended:
             args += pair

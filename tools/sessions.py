@@ -122,11 +122,12 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
     ) -> Annotated[CallToolResult, SessionReleaseResult]:
         """Release a session made by session_create, freeing its slot.
 
-        Refused with unknown_session for an id this server never issued, and already_released
-        for a session that already ended (released before, or timed out).
+        Refused with unknown_session for an id this server never issued, already_released
+        for a session that already ended (released before, or timed out), and invalid_argument
+        for the session of a running tool call (it ends with its call).
         """
         try:
-            session = await manager.release(session_id, outcome, error)
+            session = await manager.release(session_id, outcome, error, tool_calls=False)
         except SessionError as exc:
             return _refused(exc, "session_release")
         return _ok(

@@ -178,6 +178,34 @@ async def test_a_release_through_another_manager_ends_the_owners_copy(shared_sto
         _accounts(totals)
 
 
+async def test_a_tool_call_s_session_is_not_released_by_a_client_through_any_manager(
+    shared_store: dict[str, TomlValue],
+) -> None:
+    # What the session_release tool asks (tool_calls=False): a tool call's session ends with its
+    # call, on its own replica and through another, and keeps its cluster slot meanwhile.
+    a, b = _replica(shared_store, max_concurrent_sessions=1), _replica(shared_store, max_concurrent_sessions=1)
+    async with _running(a, b):
+        call = await a.create(tool="search")
+        for manager in (a, b):
+            with pytest.raises(SessionError) as refused:
+                await manager.release(call.id, tool_calls=False)
+            assert refused.value.code is ErrorCode.INVALID_ARGUMENT, manager
+            assert "'search'" in refused.value.message and "session_create" in refused.value.message
+        assert call.state is SessionState.ACTIVE
+        with pytest.raises(SessionError) as full:
+            await b.create(tool="other", queue=False)
+        assert full.value.code is ErrorCode.CAPACITY_EXCEEDED
+        assert (await _totals(b)).active_sessions == 1
+
+        await a.release(call.id)  # the Python API still ends a tool's session by default
+        made = await a.create()  # session_create's kind: released through either, as before
+        released = await b.release(made.id, tool_calls=False)
+        assert released.state is SessionState.COMPLETED
+        totals = await _until_cluster(b, "active_sessions", 0)
+        assert totals.total_sessions_completed == 2
+        _accounts(totals)
+
+
 async def test_sessions_left_by_a_dead_manager_expire_after_their_deadline(shared_store: dict[str, TomlValue]) -> None:
     dead, alive = _replica(shared_store, max_concurrent_sessions=1), _replica(shared_store, max_concurrent_sessions=1)
     async with _running(alive):

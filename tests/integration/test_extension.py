@@ -434,6 +434,40 @@ async def test_session_create_and_release_round_trip() -> None:
     assert (m["total_sessions_completed"], m["total_sessions_error"], m["current_metadata_bytes"]) == (1, 1, 0)
 
 
+async def test_session_release_refuses_a_running_tool_call_s_session_which_keeps_its_slot() -> None:
+    # A tool call's session id is as easy to guess as the next session_create id (one sequence).
+    # Released by a client, the call would lose its slot while it runs, and a second call would
+    # run past the cap; the caller would read a false "timeout". It ends only with its call.
+    gate = Gate()
+    app, sessions = build(settings(max_concurrent_sessions=1), tools=[*gate.tools(), echo])
+    async with Client(app) as client:
+        made = (await client.call_tool("session_create", {})).structured_content["session_id"]
+        await client.call_tool("session_release", {"session_id": made})
+        prefix, _, seq = made.rpartition("-")
+        guess = f"{prefix}-{int(seq, 16) + 1:x}"
+        results: dict[str, CallToolResult] = {}
+
+        async def run() -> None:
+            results["call"] = await client.call_tool("block_async", {})
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                await gate.entered_event.wait()
+                assert sessions.manager.get(guess) is not None, "the guess is the running call's id"
+                refused = error_of(await client.call_tool("session_release", {"session_id": guess}))
+                still_full = await client.call_tool("echo", {"text": "x"})
+                m = await metrics(client)
+                gate.open()
+        after = await metrics(client)
+    assert refused["code"] == "invalid_argument" and refused["session_id"] == guess
+    assert "block_async" in refused["message"] and "session_create" in refused["message"]
+    assert code_of(still_full) == "capacity_exceeded"
+    assert m["active_sessions"] == 1
+    assert text_of(results["call"]) == "opened"
+    assert after["tools"]["block_async"]["completed"] == 1 and after["active_sessions"] == 0
+
+
 async def test_session_metadata_at_the_limit_is_accepted_and_one_byte_over_refused() -> None:
     limit = 100
     app, _ = build(settings(max_metadata_bytes=limit))
