@@ -181,7 +181,7 @@ class ClusterSessionManager(SessionManager):
             self._check_refusals_locked(session)  # metadata size, this replica's stuck threads
             may_queue = queue and len(self._queue) < limits.max_queued
             behind = may_queue and bool(self._queue)  # FIFO: a newcomer queues behind the waiters here
-            session.id = self._new_id_locked()
+            session.id = self._new_id_locked() if session.tool is not None else self._signed_id_locked()
         if not behind:
             verdict = await self._acquire(session, final=not may_queue)
             if verdict == "ok":

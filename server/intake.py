@@ -46,6 +46,8 @@ class Intake(ManagerState):
 
         def _open_locked(self, session: Session) -> Session: ...
 
+        def _signed_id_locked(self) -> str: ...
+
         def _release_client_locked(self, client: Hashable | None) -> None: ...
 
         def end(self, session: Session, state: SessionState, error: str | None = None) -> bool: ...
@@ -79,6 +81,8 @@ class Intake(ManagerState):
         lock = self._lock
         lock.acquire()  # not `with`: an explicit pair costs half as much, and this runs per call
         try:
+            if session.tool is None:
+                session.id = self._signed_id_locked()
             if self._admit_locked(session):
                 return session
             if not queue or len(self._queue) >= limits.max_queued:
@@ -92,6 +96,8 @@ class Intake(ManagerState):
         """`create` for callers that must not yield: never queues, refuses at once when full."""
         session = self._prepare(**request)
         with self._lock:
+            if session.tool is None:
+                session.id = self._signed_id_locked()
             if self._admit_locked(session):
                 return session
             raise self._full_locked(session, may_queue=False)

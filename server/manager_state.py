@@ -83,6 +83,9 @@ class ManagerState:
         # Ids are "s<random>-<seq>": unguessable across servers and restarts, and recognisable
         # as ours after they end without remembering every one of them.
         self._id_prefix = f"s{secrets.token_hex(6)}-"
+        #: Signs the ids of sessions made for no tool (`session_create`'s), which a client shows
+        #: to release one: an id is then no guess from another's (see `SessionManager._signed_id_locked`).
+        self._id_key = secrets.token_bytes(16)
         #: Ids are made ID_BATCH at a time: taking one from a list costs less on every call than
         #: formatting one (cold code between two calls). `_seq` is the last one made; the ones
         #: made and not yet given out wait in `_spare_ids`, next one last.

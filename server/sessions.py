@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import heapq
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Hashable
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 RECENTLY_ENDED = 4096
 #: How many session ids are made at a time (see `SessionManager._more_ids_locked`).
 ID_BATCH = 256
+#: Hex digits of the signature a `session_create` session's id carries (64 bits).
+SIGNATURE_CHARS = 16
 
 # The members as module globals for the per-call paths: `SessionState.X` is an attribute lookup
 # through the enum's metaclass (about 0.1 µs each on Python 3.11), a global is a dict read.
@@ -205,6 +208,16 @@ class SessionManager(Intake):
     def _new_id_locked(self) -> str:
         return (self._spare_ids or self._more_ids_locked()).pop()
 
+    def _signed_id_locked(self) -> str:
+        """A new id with its signature ("<id>.<signature>"), for a session made for no tool: its
+        client releases it by its id, so the id must be no guess from another's (a client that
+        made one session could otherwise release the next, another client's)."""
+        base = self._new_id_locked()
+        return f"{base}.{self._signature(base)}"
+
+    def _signature(self, base: str) -> str:
+        return hmac.new(self._id_key, base.encode(), "sha256").hexdigest()[:SIGNATURE_CHARS]
+
     def _more_ids_locked(self) -> list[str]:
         """Make the next ID_BATCH ids ("s<random>-<seq in hex>": see `_issued_by_us`)."""
         first = self._seq + 1
@@ -228,10 +241,14 @@ class SessionManager(Intake):
             session.deadline = min(session.hard_deadline, time.monotonic() + idle)
 
     def _issued_by_us(self, session_id: str) -> bool:
-        """Whether the id has this manager's random prefix and a sequence number it has issued."""
+        """Whether the id has this manager's random prefix and a sequence number it has issued
+        (and, if signed, its signature)."""
         if not session_id.startswith(self._id_prefix):
             return False
-        digits = session_id[len(self._id_prefix) :]
+        base, signed, signature = session_id.partition(".")
+        if signed and not hmac.compare_digest(signature, self._signature(base)):
+            return False
+        digits = base[len(self._id_prefix) :]
         if not digits or not all(c in "0123456789abcdef" for c in digits) or digits.startswith("0"):
             return False
         return int(digits, 16) <= self._seq - len(self._spare_ids)

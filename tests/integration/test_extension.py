@@ -443,7 +443,7 @@ async def test_session_release_refuses_a_running_tool_call_s_session_which_keeps
     async with Client(app) as client:
         made = (await client.call_tool("session_create", {})).structured_content["session_id"]
         await client.call_tool("session_release", {"session_id": made})
-        prefix, _, seq = made.rpartition("-")
+        prefix, _, seq = made.partition(".")[0].rpartition("-")  # "s<prefix>-<seq>.<signature>"
         guess = f"{prefix}-{int(seq, 16) + 1:x}"
         results: dict[str, CallToolResult] = {}
 

@@ -16,7 +16,7 @@ from server import ErrorCode, LimitsSettings, SessionError, SessionManager, Sess
 from server.admission import MAX_LABEL_CHARS
 from server.metrics import DurationStats, MetricsSnapshot
 from server.session import metadata_size
-from server.sessions import ID_BATCH, RECENTLY_ENDED
+from server.sessions import ID_BATCH, RECENTLY_ENDED, SIGNATURE_CHARS
 
 
 def manager(**limits: float) -> SessionManager:
@@ -210,7 +210,7 @@ async def test_ids_are_made_in_batches_but_only_those_given_out_count_as_ours() 
         await sessions.release(f"{prefix}-2")  # made with the first, not given out yet
     assert made_not_given.value.code is ErrorCode.UNKNOWN_SESSION
     ids = [first.id] + [(await sessions.create()).id for _ in range(ID_BATCH + 1)]  # across a batch's end
-    assert [int(i.rsplit("-", 1)[1], 16) for i in ids] == list(range(1, ID_BATCH + 3))
+    assert [int(i.partition(".")[0].rsplit("-", 1)[1], 16) for i in ids] == list(range(1, ID_BATCH + 3))
     calls = [sessions.open_call("search", 30.0, None, False, None) for _ in range(ID_BATCH)]
     assert [int(c.id.rsplit("-", 1)[1], 16) for c in calls if c] == list(range(ID_BATCH + 3, 2 * ID_BATCH + 3))
     for session_id in ids:
@@ -218,6 +218,27 @@ async def test_ids_are_made_in_batches_but_only_those_given_out_count_as_ours() 
     with pytest.raises(SessionError) as again:
         await sessions.release(ids[-1])
     assert again.value.code is ErrorCode.ALREADY_RELEASED
+
+
+async def test_a_session_create_id_is_signed_so_another_client_cannot_guess_it() -> None:
+    # session_create's sessions are released by their id: without a signature, a client that made
+    # one could release the next one, another client's, by counting on from its own id.
+    sessions = manager(max_concurrent_sessions=10)
+    mine = await sessions.create()
+    theirs = await sessions.create()
+    base, dot, signature = theirs.id.partition(".")
+    assert dot and len(signature) == SIGNATURE_CHARS and base.startswith(mine.id.partition(".")[0][:-1])
+    forged = [base, f"{base}.{'0' * SIGNATURE_CHARS}", f"{base}.{mine.id.partition('.')[2]}", f"{base}."]
+    for guess in forged:
+        with pytest.raises(SessionError) as refused:
+            await sessions.release(guess)
+        # A bad signature is no id of ours; a bare one has an issued number (as a tool call's has).
+        expected = ErrorCode.UNKNOWN_SESSION if "." in guess else ErrorCode.ALREADY_RELEASED
+        assert refused.value.code is expected, guess
+        assert theirs.state is SessionState.ACTIVE, guess
+    assert (await sessions.release(theirs.id)).state is SessionState.COMPLETED
+    call = sessions.open_call("search", 30.0, None, False, None)  # a tool call's id: no signature
+    assert call is not None and "." not in call.id
 
 
 async def test_long_released_ids_are_still_recognised_as_released() -> None:
