@@ -9,6 +9,7 @@ its own MCP session, asserting on metric deltas); the ones that stop it start th
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import pytest
 from mcp import Client
 from mcp_types import CallToolResult
 
@@ -106,6 +108,28 @@ async def test_server_shutdown_without_a_configured_admin_token_is_refused_and_c
     assert after["shutdown_rejected_unauthorized"] - before["shutdown_rejected_unauthorized"] == 3
     assert after["shutdown_requested"] is False
     assert shared_http_server.returncode is None
+
+
+@pytest.mark.parametrize(("value", "state"), [(None, "is not set"), ("", "is empty")])
+async def test_server_shutdown_with_its_token_variable_unset_or_empty_says_to_set_the_variable(
+    tmp_path: Path, value: str | None, state: str
+) -> None:
+    # shutdown.admin_token_env is set: what is missing is the variable's value, in the server's environment.
+    variable = "E2E_SESSIONS_TOKEN_NOT_GIVEN"
+    assert variable not in os.environ
+    config = server_config(shutdown={"admin_token_env": variable})
+    env = {} if value is None else {variable: value}
+    async with start_server(tmp_path, config, transport="streamable-http", env=env) as server:
+        async with server.client() as client:
+            refused = await client.call_tool("server_shutdown", {"token": ""})
+            assert text_of(await client.call_tool("echo", {"text": "still here"})) == "still here"
+    error = error_of(refused)
+    assert (error["code"], error["tool"]) == ("unauthorized", "server_shutdown")
+    assert error["message"] == (
+        f"server_shutdown is disabled over HTTP because the environment variable {variable} "
+        f"(named by shutdown.admin_token_env) {state}: the operator must restart the server with "
+        f"{variable} set to a non-empty admin token"
+    )
 
 
 async def test_server_shutdown_with_the_admin_token_reports_and_the_process_exits_0(tmp_path: Path) -> None:
