@@ -20,6 +20,7 @@ import anyio
 import httpx2
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 
 from tests.e2e.conftest import (
@@ -301,3 +302,33 @@ async def test_one_http_client_flooding_is_refused_while_another_is_served(tmp_p
     assert [text_of(r) for r in served] == ["polite 0", "polite 1", "polite 2"]
     assert m["sessions_rejected_client_limit"] == 3 and m["sessions_rejected_capacity"] == 0
     assert m["total_sessions_created"] == 5 and m["total_sessions_completed"] == 5
+
+
+async def test_stateless_era_clients_without_credentials_share_the_quota_of_their_peer_ip_address(
+    tmp_path: Path,
+) -> None:
+    # The 2026-07-28 era has no MCP session: a client is its credential, else its peer's IP
+    # address. Two clients on one machine (or behind one proxy) are one client to the server.
+    config = server_config(limits={"max_sessions_per_client": 2})
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        url = url_of(server)
+        timeout = httpx2.Timeout(CALL_SECONDS, read=60.0)
+        async with (
+            Client(url, read_timeout_seconds=CALL_SECONDS) as first,
+            Client(url, read_timeout_seconds=CALL_SECONDS) as second,
+            httpx2.AsyncClient(headers={"Authorization": "Bearer someone-else"}, timeout=timeout) as http,
+            Client(streamable_http_client(url, http_client=http), read_timeout_seconds=CALL_SECONDS) as credentialed,
+            # uvicorn takes the address from X-Forwarded-For when the peer is trusted (loopback by
+            # default: FORWARDED_ALLOW_IPS), as from a reverse proxy on the same machine.
+            httpx2.AsyncClient(headers={"X-Forwarded-For": "192.0.2.7"}, timeout=timeout) as proxied_http,
+            Client(streamable_http_client(url, http_client=proxied_http), read_timeout_seconds=CALL_SECONDS) as proxied,
+        ):
+            held = [await first.call_tool("session_create", {}) for _ in range(2)]
+            refused = await second.call_tool("session_create", {})
+            served = await credentialed.call_tool("session_create", {})
+            forwarded = await proxied.call_tool("session_create", {})
+    assert not any(result.is_error for result in held)
+    error = error_of(refused)
+    assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"]
+    assert not served.is_error, "a credential is a client of its own"
+    assert not forwarded.is_error, "a forwarded address from a trusted peer is a client of its own"
