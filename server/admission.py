@@ -103,13 +103,14 @@ def refuse_capacity(tool: str | None, cap: int, queued: int, max_queued: int, wh
     return SessionError(ErrorCode.CAPACITY_EXCEEDED, f"{limit}; retry after a session ends", tool=tool)
 
 
-def refuse_tool_limit(tool: str, cap: int) -> SessionError:
-    return SessionError(
-        ErrorCode.CAPACITY_EXCEEDED,
-        f"tool {tool!r} is at its limit of {_count(cap, 'concurrent call')} (tools.{tool}.max_concurrent); "
-        "retry after one of its calls ends",
-        tool=tool,
-    )
+def refuse_tool_limit(tool: str, cap: int, queued: int = 0, max_queued: int = 0) -> SessionError:
+    """`tool` is at its cap. `max_queued` is 0 when the call could not have waited (see
+    `refuse_capacity`); otherwise the server's queue is full too, and the sentence says so: the
+    call would have waited there, and a longer queue (`limits.max_queued`) would have taken it."""
+    limit = f"tool {tool!r} is at its limit of {_count(cap, 'concurrent call')} (tools.{tool}.max_concurrent)"
+    if max_queued:
+        limit += f" and the server's queue holds {queued} of {_count(max_queued, 'waiting call')} (limits.max_queued)"
+    return SessionError(ErrorCode.CAPACITY_EXCEEDED, f"{limit}; retry after one of its calls ends", tool=tool)
 
 
 def refuse_client_limit(tool: str | None, cap: int) -> SessionError:

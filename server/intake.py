@@ -176,18 +176,19 @@ class Intake(ManagerState):
     def _full_locked(self, session: Session, tool_full: bool | None = None, may_queue: bool = True) -> SessionError:
         """Count and word the refusal of a call that does not fit and may not wait: its tool is
         full (`tool_full`; by default, whenever the server itself is not), else the server. A
-        call that could never queue (`may_queue=False`) is not told about the queue."""
+        call that may queue is refused only when the queue is full, and is told so; a call that
+        could never queue (`may_queue=False`) is not told about the queue."""
         limits = self.limits
         tool = session.tool
+        max_queued = limits.max_queued if may_queue else 0
         if tool_full is None:
             tool_full = len(self._active) < limits.max_concurrent_sessions
         if tool_full and tool is not None:
             self._rejected[Refusal.TOOL_LIMIT] += 1
             self._tool_stats(tool).rejected_tool_limit += 1
-            return admission.refuse_tool_limit(tool, self.tool_caps[tool])
+            return admission.refuse_tool_limit(tool, self.tool_caps[tool], len(self._queue), max_queued)
         self._rejected[Refusal.CAPACITY] += 1
         cap = limits.max_concurrent_sessions
-        max_queued = limits.max_queued if may_queue else 0
         return admission.refuse_capacity(tool, cap, len(self._queue), max_queued, self.CAPACITY_SCOPE)
 
     # -- the queue -------------------------------------------------------------------------

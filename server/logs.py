@@ -4,6 +4,8 @@ Tier: operations. `configure_logging` installs (or, on a config reload, replaces
 handler on the root logger, so the SDK's and uvicorn's records come out in the same format as
 ours. It is for the standalone server, which owns its process's logging; an embedding host
 keeps its own (`configured_here` tells the two apart, so a reload leaves a host's alone). In
+text mode every record is one line (`TextFormatter` escapes control characters, which a
+client's or a tool's text in a message may hold); only a traceback follows on lines of its own. In
 JSON mode every record is one object per line with `ts`, `level`, `logger`, `message` and the
 structured fields a record carries (a session end has `session_id`, `tool`, `state`,
 `duration_seconds`, `reason`; a refusal has `code`, `tool`, `session_id`). Never logged: the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +34,35 @@ logger = logging.getLogger("server.refusals")
 #: Structured fields copied from a record's `extra` into the JSON object.
 FIELDS = ("session_id", "tool", "state", "duration_seconds", "reason", "code")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: What could end or rewrite a line of text: the C0 and C1 control characters (newline, carriage
+#: return, escape, ...) and Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) <= 0xFF else f"\\u{ord(char):04x}")
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped as Python writes them (a newline as `\\n`,
+    escape as `\\x1b`), so that it cannot end its line or start a forged one."""
+    return _CONTROL.sub(_escape, text)
+
+
+class TextFormatter(logging.Formatter):
+    """`TEXT_FORMAT`, one line per record: control characters in the record's line are escaped
+    (`one_line`). A message can hold text from a client or a tool (the error of a released
+    session, the SDK's multi-line validation errors, an unknown tool name), and in a text log a
+    newline there would forge a record. Only a traceback keeps its own lines, after the record's."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -81,7 +113,7 @@ def configure_logging(settings: LoggingSettings) -> None:
         if isinstance(handler, _Handler) or type(handler) is logging.StreamHandler:
             root.removeHandler(handler)
     handler = _Handler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(settings.level.upper())
     # Session-end lines have their own logger, off by default for embedding hosts (see

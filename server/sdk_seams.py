@@ -186,7 +186,8 @@ def request_client(ctx: ServerRequestContext[Any, Any]) -> Hashable:
 
     On streamable HTTP: the MCP session (`Mcp-Session-Id`); the stateless 2026-07-28 era
     has none, so there it is the credential (`Authorization`, kept only as a digest), else
-    the peer's address. Otherwise the stream the connection talks over: stdio is one
+    the peer's IP address (the port left out: one client's requests come from many ports; so
+    every client behind one proxy or NAT is one client). Otherwise the stream the connection talks over: stdio is one
     client in either protocol era, and so is each in-process handshake-era client.
 
     The stream, not the `Connection`: in the 2026-07-28 era the SDK builds a `Connection`

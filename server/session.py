@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -99,7 +100,8 @@ def metadata_size(metadata: Any) -> int:
 
     Raises:
         SessionError: `invalid_argument` when the value is not plain JSON (NaN, infinities,
-            non-JSON types) or nests too deeply to serialize.
+            non-JSON types), nests too deeply to serialize, or holds an integer longer than
+            Python turns into text (`sys.get_int_max_str_digits()`, 4300 digits by default).
     """
     if metadata is None or metadata == {}:
         return 0
@@ -108,7 +110,15 @@ def metadata_size(metadata: Any) -> int:
     except RecursionError:
         raise SessionError(ErrorCode.INVALID_ARGUMENT, "metadata nests too deeply to be stored") from None
     except (TypeError, ValueError) as exc:
-        raise SessionError(ErrorCode.INVALID_ARGUMENT, f"metadata is not plain JSON: {shorten(str(exc))}") from None
+        reason = str(exc)
+        if "integer string conversion" in reason:  # Python's own cap on int-to-text (`sys.set_int_max_str_digits`)
+            reason = (
+                f"metadata holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+                "too large to store: send it as a string"
+            )
+        else:
+            reason = f"metadata is not plain JSON: {shorten(reason)}"
+        raise SessionError(ErrorCode.INVALID_ARGUMENT, reason) from None
     return len(text.encode("utf-8", errors="surrogatepass"))
 
 

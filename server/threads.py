@@ -9,8 +9,8 @@ an async stand-in that runs the same function with the same arguments through
 shutdown) ends the wait at once, and the thread, which nothing can stop, is *abandoned*:
 reported to `on_abandoned()` when it is left running, and to `on_returned()` (on the event
 loop) when it finally returns. Its limiter token goes back at abandonment (anyio's rule for
-abandoned threads), so stuck threads never starve later calls; `limits.max_abandoned_threads`
-bounds how many there can be.
+abandoned threads), so stuck threads never starve later calls; at `limits.max_abandoned_threads`
+stuck threads, new sync calls are refused (the calls already running may still each leave one).
 
 A call the cancellation reaches before its thread begins never calls the function.
 """

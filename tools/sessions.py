@@ -193,12 +193,19 @@ def _binding(fn: Callable[..., Any], annotations: ToolAnnotations) -> ToolBindin
 
 def _authorize(env_name: str, token: str | None) -> str | None:
     """None if `token` matches the admin token; otherwise why the shutdown is refused."""
-    expected = os.environ.get(env_name) if env_name else None
-    if not expected:
-        where = f"the environment variable {env_name} is not set" if env_name else "shutdown.admin_token_env is empty"
+    if not env_name:
         return (
-            f"server_shutdown is disabled over HTTP because {where}: the operator must set "
+            "server_shutdown is disabled over HTTP because shutdown.admin_token_env is empty: the operator must set "
             "shutdown.admin_token_env to the name of an environment variable that holds an admin token"
+        )
+    expected = os.environ.get(env_name)
+    if not expected:
+        # The key is set: what is missing is the variable's value, which only a restart can bring.
+        state = "is not set" if expected is None else "is empty"
+        return (
+            f"server_shutdown is disabled over HTTP because the environment variable {env_name} "
+            f"(named by shutdown.admin_token_env) {state}: the operator must restart the server with "
+            f"{env_name} set to a non-empty admin token"
         )
     if token is None:
         return f"server_shutdown over HTTP needs the admin token: pass it as 'token' (the value of ${env_name})"

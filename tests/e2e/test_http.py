@@ -9,6 +9,7 @@ its own MCP session, asserting on metric deltas); the ones that stop it start th
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -17,7 +18,9 @@ from typing import Any
 
 import anyio
 import httpx2
+import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 
 from tests.e2e.conftest import (
@@ -106,6 +109,28 @@ async def test_server_shutdown_without_a_configured_admin_token_is_refused_and_c
     assert after["shutdown_rejected_unauthorized"] - before["shutdown_rejected_unauthorized"] == 3
     assert after["shutdown_requested"] is False
     assert shared_http_server.returncode is None
+
+
+@pytest.mark.parametrize(("value", "state"), [(None, "is not set"), ("", "is empty")])
+async def test_server_shutdown_with_its_token_variable_unset_or_empty_says_to_set_the_variable(
+    tmp_path: Path, value: str | None, state: str
+) -> None:
+    # shutdown.admin_token_env is set: what is missing is the variable's value, in the server's environment.
+    variable = "E2E_SESSIONS_TOKEN_NOT_GIVEN"
+    assert variable not in os.environ
+    config = server_config(shutdown={"admin_token_env": variable})
+    env = {} if value is None else {variable: value}
+    async with start_server(tmp_path, config, transport="streamable-http", env=env) as server:
+        async with server.client() as client:
+            refused = await client.call_tool("server_shutdown", {"token": ""})
+            assert text_of(await client.call_tool("echo", {"text": "still here"})) == "still here"
+    error = error_of(refused)
+    assert (error["code"], error["tool"]) == ("unauthorized", "server_shutdown")
+    assert error["message"] == (
+        f"server_shutdown is disabled over HTTP because the environment variable {variable} "
+        f"(named by shutdown.admin_token_env) {state}: the operator must restart the server with "
+        f"{variable} set to a non-empty admin token"
+    )
 
 
 async def test_server_shutdown_with_the_admin_token_reports_and_the_process_exits_0(tmp_path: Path) -> None:
@@ -277,3 +302,33 @@ async def test_one_http_client_flooding_is_refused_while_another_is_served(tmp_p
     assert [text_of(r) for r in served] == ["polite 0", "polite 1", "polite 2"]
     assert m["sessions_rejected_client_limit"] == 3 and m["sessions_rejected_capacity"] == 0
     assert m["total_sessions_created"] == 5 and m["total_sessions_completed"] == 5
+
+
+async def test_stateless_era_clients_without_credentials_share_the_quota_of_their_peer_ip_address(
+    tmp_path: Path,
+) -> None:
+    # The 2026-07-28 era has no MCP session: a client is its credential, else its peer's IP
+    # address. Two clients on one machine (or behind one proxy) are one client to the server.
+    config = server_config(limits={"max_sessions_per_client": 2})
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        url = url_of(server)
+        timeout = httpx2.Timeout(CALL_SECONDS, read=60.0)
+        async with (
+            Client(url, read_timeout_seconds=CALL_SECONDS) as first,
+            Client(url, read_timeout_seconds=CALL_SECONDS) as second,
+            httpx2.AsyncClient(headers={"Authorization": "Bearer someone-else"}, timeout=timeout) as http,
+            Client(streamable_http_client(url, http_client=http), read_timeout_seconds=CALL_SECONDS) as credentialed,
+            # uvicorn takes the address from X-Forwarded-For when the peer is trusted (loopback by
+            # default: FORWARDED_ALLOW_IPS), as from a reverse proxy on the same machine.
+            httpx2.AsyncClient(headers={"X-Forwarded-For": "192.0.2.7"}, timeout=timeout) as proxied_http,
+            Client(streamable_http_client(url, http_client=proxied_http), read_timeout_seconds=CALL_SECONDS) as proxied,
+        ):
+            held = [await first.call_tool("session_create", {}) for _ in range(2)]
+            refused = await second.call_tool("session_create", {})
+            served = await credentialed.call_tool("session_create", {})
+            forwarded = await proxied.call_tool("session_create", {})
+    assert not any(result.is_error for result in held)
+    error = error_of(refused)
+    assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"]
+    assert not served.is_error, "a credential is a client of its own"
+    assert not forwarded.is_error, "a forwarded address from a trusted peer is a client of its own"

@@ -115,6 +115,32 @@ async def test_the_queue_never_grows_past_max_queued() -> None:
     assert (m["sessions_rejected_capacity"], m["total_sessions_created"], m["total_sessions_completed"]) == (1, 3, 3)
 
 
+async def test_a_call_refused_with_its_tool_at_its_cap_and_the_queue_full_is_told_of_both() -> None:
+    recorder = Recorder()
+    config = settings(max_queued=2, tools={"hold": {"max_concurrent": 1}})
+    app, sessions = build(config, tools=recorder.tools())
+    results: dict[str, CallToolResult] = {}
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_call, client, results, "running", "hold", {})
+                await recorder.gate.entered_event.wait()
+                for key in ("first", "second"):
+                    tg.start_soon(_call, client, results, key, "hold", {})
+                await until(lambda: sessions.manager.metrics().queued_sessions == 2)
+                refused = await client.call_tool("hold", {})
+                recorder.gate.open()
+        m = await metrics(client)
+    error = error_of(refused)
+    assert (error["code"], error["tool"]) == ("capacity_exceeded", "hold")
+    assert error["message"] == (
+        "tool 'hold' is at its limit of 1 concurrent call (tools.hold.max_concurrent) and the server's queue "
+        "holds 2 of 2 waiting calls (limits.max_queued); retry after one of its calls ends"
+    )
+    assert [text_of(results[key]) for key in ("running", "first", "second")] == ["released"] * 3
+    assert (m["sessions_rejected_tool_limit"], m["sessions_rejected_capacity"]) == (1, 0)
+
+
 async def test_session_create_on_a_full_server_is_refused_without_talk_of_the_queue_it_never_uses() -> None:
     app, _ = build(settings(max_concurrent_sessions=2, max_queued=2))
     async with Client(app) as client:

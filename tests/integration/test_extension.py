@@ -4,6 +4,7 @@ capacity, metadata, errors, cancellation and graceful shutdown."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -466,6 +467,19 @@ async def test_session_release_refuses_a_running_tool_call_s_session_which_keeps
     assert m["active_sessions"] == 1
     assert text_of(results["call"]) == "opened"
     assert after["tools"]["block_async"]["completed"] == 1 and after["active_sessions"] == 0
+
+
+async def test_metadata_with_an_integer_too_large_to_store_is_refused_in_words_for_the_client() -> None:
+    app, _ = build()
+    async with Client(app) as client:
+        refused = error_of(await client.call_tool("session_create", {"metadata": {"x": 10**5000}}))
+        m = await metrics(client)
+    assert (refused["code"], refused["tool"]) == ("invalid_argument", "session_create")
+    assert refused["message"] == (
+        f"metadata holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+        "too large to store: send it as a string"
+    )
+    assert (m["total_sessions_created"], m["current_metadata_bytes"]) == (0, 0)
 
 
 async def test_session_metadata_at_the_limit_is_accepted_and_one_byte_over_refused() -> None:

@@ -6,7 +6,10 @@ standalone server); an embedding host's own logging is left as the host made it.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,10 @@ from mcp import Client
 from mcp.server.mcpserver import MCPServer
 
 from server import SessionsExtension, load_settings
+from server.config import LoggingSettings
 from server.logs import JsonFormatter, configure_logging
 from server.reload import ConfigReloader
-from tests.helpers import build, code_of, echo, error_of, settings
+from tests.helpers import build, code_of, echo, error_of, settings, text_of
 
 SECRET = "metadata-contents-never-logged"
 
@@ -221,3 +225,99 @@ async def test_a_call_refused_for_want_of_the_lifespan_names_its_tool_and_is_log
     assert [(e["code"], e["tool"]) for e in refused] == [("not_running", "echo"), ("not_running", "session_create")]
     refusals = [(r.code, r.tool) for r in caplog.records if r.name == "server.refusals"]  # type: ignore[attr-defined]
     assert refusals == [("not_running", "echo"), ("not_running", "session_create")]
+
+
+# -- one line per record in the text format ------------------------------------------------
+
+#: How every record's line in the text format begins (`logs.TEXT_FORMAT`'s asctime).
+RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (?P<logger>\S+): ")
+FORGED = "a\nINJECTED 2026-11-27 03:08:53,245 WARNING server.refusals: Refused echo (unauthorized)\r\x1b[2Kx"
+
+
+@pytest.fixture
+def text_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """The standalone server's logging (`configure_logging`, `format = "text"` at INFO), its
+    stderr read from a StringIO; the process's logging state is restored afterwards."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root = logging.getLogger()
+    saved_handlers, saved = list(root.handlers), logging_state()
+    configure_logging(LoggingSettings(level="info", format="text"))
+    try:
+        yield stream
+    finally:
+        for handler in list(root.handlers):
+            if handler not in saved_handlers:
+                root.removeHandler(handler)
+        for handler in saved_handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(saved["root_level"])
+        logging.getLogger("server.sessions.ends").setLevel(saved["ends_level"])
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = saved["flags"]
+        logging._srcfile = saved["srcfile"]
+
+
+def logger_of(line: str) -> str:
+    match = RECORD_START.match(line)
+    assert match is not None, line
+    return match["logger"]
+
+
+def assert_one_line_per_record(text: str) -> list[str]:
+    lines = text.splitlines()
+    assert lines, "nothing was logged"
+    strays = [line for line in lines if not RECORD_START.match(line)]
+    assert strays == [], f"lines that are not records of their own: {strays}"
+    return lines
+
+
+async def test_an_error_a_client_releases_with_cannot_forge_lines_in_the_text_log(
+    text_log: io.StringIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, _ = build()
+    async with Client(app) as client:
+        created = (await client.call_tool("session_create", {})).structured_content or {}
+        arguments = {"session_id": created["session_id"], "outcome": "error", "error": FORGED}
+        released = await client.call_tool("session_release", arguments)
+        assert (released.structured_content or {})["state"] == "error"
+
+    lines = assert_one_line_per_record(text_log.getvalue())
+    [end] = [line for line in lines if logger_of(line) == "server.sessions.ends"]
+    assert end.endswith(
+        r"(no tool): a\nINJECTED 2026-11-27 03:08:53,245 WARNING server.refusals: Refused echo (unauthorized)\r\x1b[2Kx"
+    )
+    assert "server.refusals" not in {logger_of(line) for line in lines}
+    # JSON escapes by itself: there the message and the `reason` field keep the text as it came.
+    [record] = session_ends(caplog)
+    data = json.loads(JsonFormatter().format(record))
+    assert data["reason"] == FORGED and data["message"].endswith(f"(no tool): {FORGED}")
+
+
+async def test_the_sdks_multi_line_validation_errors_are_one_line_each_in_the_text_log(
+    text_log: io.StringIO,
+) -> None:
+    app, _ = build()
+    async with Client(app) as client:
+        missing = await client.call_tool("echo", {})  # a hosted tool: its session ends as error
+        assert missing.is_error and "\n" in text_of(missing)
+        refused = await client.call_tool("server_shutdown", {"timeout_seconds": "abc"})  # a refusal
+        assert code_of(refused) == "invalid_argument" and "\n" in text_of(refused)
+
+    lines = assert_one_line_per_record(text_log.getvalue())
+    [end] = [line for line in lines if logger_of(line) == "server.sessions.ends"]
+    assert "ended error" in end and r"1 validation error for echoArguments\ntext\n  Field required" in end
+    [refusal] = [line for line in lines if logger_of(line) == "server.refusals"]
+    assert "Refused server_shutdown (invalid_argument): " in refusal
+    assert r"server_shutdownArguments\ntimeout_seconds\n  Input should be a valid number" in refusal
+
+
+async def test_a_traceback_in_the_text_log_keeps_its_own_lines(text_log: io.StringIO) -> None:
+    try:
+        raise ValueError("first line\nsecond line")
+    except ValueError:
+        logging.getLogger("tests.logs").exception("Handling a\nrequest failed")
+    record, *traceback = text_log.getvalue().splitlines()
+    assert RECORD_START.match(record) and record.endswith(r"tests.logs: Handling a\nrequest failed")
+    assert traceback[0] == "Traceback (most recent call last):"
+    assert traceback[-2:] == ["ValueError: first line", "second line"]

@@ -19,7 +19,7 @@ from mcp.server.mcpserver.resolve import Resolve
 
 from server import SessionsExtension, Settings
 from server.decoupled import _Work
-from tests.helpers import build, code_of, settings, text_of
+from tests.helpers import build, code_of, settings, text_of, until
 from tests.integration.test_extension import metrics
 
 #: A small thread limiter makes exhaustion quick to reach; the mechanism is the same at 40.
@@ -175,6 +175,38 @@ async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_la
                 assert text_of(await client.call_tool("quick_sync", {})) == "quick"
     finally:
         release.set()
+
+
+async def test_the_bound_gates_admission_only_so_sync_calls_already_running_can_all_be_left_stuck() -> None:
+    # What the README states: limits.max_abandoned_threads refuses new sync calls; the calls
+    # admitted while fewer threads were stuck each leave their thread at their deadline.
+    release = threading.Event()
+    config = settings(tool_timeouts={"stuck": 1.0}, max_abandoned_threads=2)
+    app, sessions = build(config, tools=stuck_tools(release))
+    results: list[str] = []
+
+    async def call_stuck(client: Client) -> None:
+        results.append(code_of(await client.call_tool("stuck", {})))
+
+    try:
+        async with Client(app) as client:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(4):
+                        tg.start_soon(call_stuck, client)
+                    await until(lambda: sessions.manager.metrics().active_sessions == 4)
+                    assert sessions.manager.metrics().abandoned_threads == 0, "all four admitted in time"
+            refused = await client.call_tool("quick_sync", {})
+            m = await metrics(client)
+            release.set()
+            with anyio.fail_after(5):
+                await sessions.manager.wait_no_abandoned_threads()
+    finally:
+        release.set()
+    assert results == ["timeout"] * 4
+    assert (m["abandoned_threads"], m["max_abandoned_threads"]) == (4, 2), "the bound was passed by the calls in flight"
+    assert code_of(refused) == "capacity_exceeded" and text_of(refused).startswith("4 threads are stuck")
+    assert m["sessions_rejected_threads"] == 1
 
 
 def start_work(call_next: Callable[[Any, Any], Awaitable[str]]) -> tuple[SessionsExtension, _Work]:
