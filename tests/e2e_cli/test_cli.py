@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,40 @@ def test_a_directory_given_as_config_exits_2(tmp_path: Path) -> None:
 
     assert_refused(result)
     assert problems(result) == [f"{tmp_path}: is a directory, not a config file (give the path of a .toml file)"]
+
+
+def _fifo(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "fifo.toml"
+    os.mkfifo(path)
+    return path, "is a named pipe (FIFO), not a regular file"
+
+
+def _under_a_file(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "plain").write_text("", encoding="utf-8")
+    return tmp_path / "plain" / "config.toml", "cannot read the config file: Not a directory;"
+
+
+def _symlink_loop(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "loop.toml"
+    path.symlink_to(path)
+    return path, "cannot read the config file: Too many levels of symbolic links;"
+
+
+@pytest.mark.parametrize("make", [_fifo, _under_a_file, _symlink_loop], ids=["fifo", "not-a-directory", "loop"])
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_config_path_that_cannot_be_read_as_a_file_exits_2_at_once(
+    tmp_path: Path, make: Callable[[Path], tuple[Path, str]], check: bool
+) -> None:
+    # A FIFO is refused without being opened for reading (which waits for a writer): `run` is
+    # bounded, so the old behaviour fails here rather than hangs. The others were tracebacks, exit 1.
+    path, reason = make(tmp_path)
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    [problem] = problems(result)
+    assert problem.startswith(f"{path}: {reason}"), problem
+    assert "Traceback" not in result.stderr
 
 
 def test_a_file_with_several_problems_reports_each_on_its_own_line(tmp_path: Path) -> None:

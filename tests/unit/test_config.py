@@ -628,10 +628,68 @@ def _not_utf8(tmp_path: Path) -> Path:
     return path
 
 
+def _under_a_file(tmp_path: Path) -> Path:
+    return write(tmp_path, "", name="plain") / "config.toml"
+
+
+def _symlink_loop(tmp_path: Path) -> Path:
+    path = tmp_path / "loop.toml"
+    path.symlink_to(path)
+    return path
+
+
+def _name_too_long(tmp_path: Path) -> Path:
+    return tmp_path / ("x" * 300 + ".toml")
+
+
+def _fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "fifo.toml"
+    os.mkfifo(path)
+    return path
+
+
+def _link_to_a_fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "link.toml"
+    path.symlink_to(_fifo(tmp_path))
+    return path
+
+
+def _character_device(tmp_path: Path) -> Path:
+    return Path(os.devnull)
+
+
+NOT_REGULAR = (
+    "not a regular file: the config must be a regular file (or a symlink to one), which is read whole;"
+    " write the settings to a .toml file and give its path"
+)
+
+
+@pytest.mark.timeout(10)  # opening a FIFO for reading waits for a writer: fail, do not hang
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
         pytest.param(_missing, "config file not found (check the --config path)", id="missing-file"),
+        pytest.param(
+            _under_a_file,
+            "cannot read the config file: Not a directory; part of the path is a file, not a directory"
+            " (check the --config path)",
+            id="not-a-directory",
+        ),
+        pytest.param(
+            _symlink_loop,
+            "cannot read the config file: Too many levels of symbolic links; the path is a symlink loop"
+            " (check the --config path)",
+            id="symlink-loop",
+        ),
+        pytest.param(
+            _name_too_long,
+            "cannot read the config file: File name too long; the path or one of its names is too long"
+            " (check the --config path)",
+            id="name-too-long",
+        ),
+        pytest.param(_fifo, f"is a named pipe (FIFO), {NOT_REGULAR}", id="fifo"),
+        pytest.param(_link_to_a_fifo, f"is a named pipe (FIFO), {NOT_REGULAR}", id="symlink-to-fifo"),
+        pytest.param(_character_device, f"is a character device, {NOT_REGULAR}", id="character-device"),
         pytest.param(_directory, "is a directory, not a config file (give the path of a .toml file)", id="directory"),
         pytest.param(
             _bad_syntax,
