@@ -118,7 +118,8 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse one TOML file, turning every failure into a ConfigError that names the file.
 
     Only a regular file (after symlinks) is read: a FIFO, a device or a socket is refused without
-    being opened for reading, which could wait forever.
+    being opened for reading, which could wait forever. A UTF-8 byte-order mark at the start (as
+    some Windows editors write) is skipped.
     """
     file = Path(path)
     try:
@@ -132,11 +133,15 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read the config file: {_os_error(exc)}"], sourced=True) from None
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        return tomllib.loads(data.removeprefix(UTF8_BOM).decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: invalid TOML: {exc}"], sourced=True) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{file}: invalid TOML: the file is not UTF-8 ({exc.reason})"], sourced=True) from None
+
+
+#: The UTF-8 encoding of U+FEFF, which some editors write at the start of a text file.
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class _NotRegular(Exception):

@@ -708,6 +708,21 @@ def test_an_unreadable_file_is_refused_naming_the_file(
     assert problems_of(path) == [f"{path}: {expected}"]
 
 
+def test_a_file_starting_with_a_utf8_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Some Windows editors (Notepad, older Visual Studio) write one at the start of a UTF-8 file.
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + "[server]\nname = \"caf\u00e9\"\n".encode())
+
+    assert load_settings(path).server.name == "caf\u00e9"
+
+
+def test_a_byte_order_mark_elsewhere_is_still_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf\xef\xbb\xbf[server]\n")
+
+    assert problems_of(path) == [f"{path}: invalid TOML: Invalid statement (at line 1, column 1)"]
+
+
 def test_a_file_with_several_problems_reports_all_of_them_one_per_line(tmp_path: Path) -> None:
     path = write(
         tmp_path,
