@@ -205,8 +205,9 @@ def test_check_config_stdout_is_the_settings_json_alone_when_a_tool_module_print
     assert result.returncode == 0, result.stderr
     expected = load_settings(overrides={"server": {"tool_modules": [NOISY_MODULE]}}).model_dump(mode="json")
     assert result.stdout == json.dumps(expected, indent=2) + "\n"
-    # What the module wrote while imported went to stderr (setup hooks do not run for a check).
+    # What the module wrote while imported and set up (a check runs the setup hooks) went to stderr.
     assert NOISY_IMPORT_PRINT in result.stderr and NOISY_IMPORT_FD in result.stderr
+    assert NOISY_SETUP_PRINT in result.stderr
 
 
 # -- refused configurations: status 2, the problem on stderr, nothing started -------------
@@ -362,6 +363,11 @@ def test_a_bad_environment_variable_exits_2_naming_it() -> None:
 
 # -- bad tool modules: status 2 naming the module ---------------------------------------
 
+EXIT_HINT = (
+    "a tool module must not exit the process (argparse's parse_args() does, on arguments it does not know:"
+    ' run it under if __name__ == "__main__":)'
+)
+
 BAD_MODULES = [
     pytest.param(
         [f"{FIXTURES}.raises_at_import"],
@@ -370,7 +376,8 @@ BAD_MODULES = [
     ),
     pytest.param(
         [f"{FIXTURES}.not_there"],
-        f"'{FIXTURES}.not_there': cannot import it: ModuleNotFoundError: No module named '{FIXTURES}.not_there'",
+        f"'{FIXTURES}.not_there': cannot import it: ModuleNotFoundError: No module named '{FIXTURES}.not_there';"
+        f" looked for in the working directory ({ROOT}), PYTHONPATH",
         id="not-importable",
     ),
     pytest.param(
@@ -398,6 +405,26 @@ BAD_MODULES = [
         f"'{FIXTURES}.duplicate_session_tool': tool 'session_create' is already provided by the session extension",
         id="duplicate-management-tool",
     ),
+    pytest.param(
+        [f"{FIXTURES}.setup_raises"],
+        f"'{FIXTURES}.setup_raises': setup(server) failed: KeyError: 'API_KEY'",
+        id="setup-raises",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.exits_at_import"],
+        f"'{FIXTURES}.exits_at_import': called sys.exit(3) while being imported; {EXIT_HINT}",
+        id="sys-exit-at-import",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.parses_argv_at_import"],
+        f"'{FIXTURES}.parses_argv_at_import': called sys.exit(2) while being imported; {EXIT_HINT}",
+        id="argparse-at-import",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.exits_in_setup"],
+        f"'{FIXTURES}.exits_in_setup': setup(server) called sys.exit('no database'); {EXIT_HINT}",
+        id="sys-exit-in-setup",
+    ),
 ]
 
 
@@ -412,8 +439,41 @@ def test_a_bad_tool_module_exits_2_naming_the_module(
 
     assert_refused(result)
     [problem] = problems(result)
-    assert problem.startswith(f"{path}: server.tool_modules: "), problem
-    assert problem.endswith(expected), problem
+    assert problem.startswith(f"{path}: server.tool_modules: {expected}"), problem
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_tools_the_sdk_refuses_to_register_exit_2_naming_each(tmp_path: Path, check: bool) -> None:
+    # A lambda and a functools.partial: `add_tool` refuses both. The check registers the tools as
+    # the start does, so it no longer says "valid" for a config the start dies on.
+    path = modules_config(tmp_path, f"{FIXTURES}.good_tools", f"{FIXTURES}.nameless_tools")
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    key = f"{path}: server.tool_modules: '{FIXTURES}.nameless_tools': tool"
+    lambda_problem, partial_problem = problems(result)
+    assert lambda_problem.startswith(f"{key} '<lambda>' cannot be registered: ValueError:"), lambda_problem
+    assert partial_problem.startswith(f"{key} functools.partial("), partial_problem
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_module_name_that_is_a_file_path_is_refused_without_importing_it(tmp_path: Path, check: bool) -> None:
+    path = write(tmp_path, f'[server]\nport = 0\ntool_modules = ["{NOISY_MODULE}.py"]\n')
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    # Reported with the other settings problems, before anything is imported.
+    assert problems(result) == [
+        f"{path}: server.port: must be between 1 and 65535 (got 0)",
+        f"{path}: server.tool_modules.0: is a file path, not a module name; write the module's dotted name,"
+        f' e.g. "{NOISY_MODULE}"; modules are found from the working directory and PYTHONPATH'
+        f' (got "{NOISY_MODULE}.py")',
+    ]
+    assert NOISY_IMPORT_PRINT not in result.stderr
 
 
 def test_every_bad_tool_module_is_reported_at_once(tmp_path: Path) -> None:

@@ -17,10 +17,11 @@ import pytest
 from pydantic import ValidationError
 
 from server import ConfigError, SessionsExtension, Settings, load_settings
-from server.app import check_tool_overrides, load_tool_modules
+from server.app import check_tool_overrides
 from server.config import LimitsSettings, StoreSettings, ToolSettings
 from server.config_loader import config_problems
 from server.store_url import safe_url
+from server.tool_modules import load_tool_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -425,6 +426,31 @@ BAD_FILES = [
         id="module-name-not-a-string",
     ),
     pytest.param(
+        '[server]\ntool_modules = ["tools.demo", "m_print.py"]\n',
+        "server.tool_modules.1: is a file path, not a module name; write the module's dotted name, e.g."
+        ' "m_print"; modules are found from the working directory and PYTHONPATH (got "m_print.py")',
+        id="module-name-a-file-name",
+    ),
+    pytest.param(
+        '[server]\ntool_modules = ["tools/demo"]\n',
+        "server.tool_modules.0: is a file path, not a module name; write the module's dotted name, e.g."
+        ' "tools.demo"; modules are found from the working directory and PYTHONPATH (got "tools/demo")',
+        id="module-name-a-relative-path",
+    ),
+    pytest.param(
+        '[server]\ntool_modules = ["/srv/mcp/my_tools.py"]\n',
+        "server.tool_modules.0: is a file path, not a module name; write the module's dotted name, e.g."
+        ' "my_tools", with its directory on PYTHONPATH; modules are found from the working directory and'
+        ' PYTHONPATH (got "/srv/mcp/my_tools.py")',
+        id="module-name-an-absolute-path",
+    ),
+    pytest.param(
+        '[server]\ntool_modules = [".rel"]\n',
+        'server.tool_modules.0: is a relative module name; write the full dotted name, e.g. "my_package.rel";'
+        ' modules are found from the working directory and PYTHONPATH (got ".rel")',
+        id="module-name-relative",
+    ),
+    pytest.param(
         "[limits]\nmax_queued = -1\n",
         "limits.max_queued: must be between 0 and 1000000 (got -1)",
         id="negative-queue",
@@ -711,7 +737,7 @@ def test_an_unreadable_file_is_refused_naming_the_file(
 def test_a_file_starting_with_a_utf8_byte_order_mark_is_read(tmp_path: Path) -> None:
     # Some Windows editors (Notepad, older Visual Studio) write one at the start of a UTF-8 file.
     path = tmp_path / "bom.toml"
-    path.write_bytes(b"\xef\xbb\xbf" + "[server]\nname = \"caf\u00e9\"\n".encode())
+    path.write_bytes(b"\xef\xbb\xbf" + '[server]\nname = "caf\u00e9"\n'.encode())
 
     assert load_settings(path).server.name == "caf\u00e9"
 
