@@ -91,10 +91,11 @@ class _StandaloneSessions(SessionsExtension):
 
 
 def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]]) -> None:
-    """Refuse `[tools.NAME]` tables that name no hosted tool (a typo must not be ignored).
+    """Refuse `[tools.NAME]` tables that name no hosted tool (a typo must not be ignored), and
+    tables for the session tools, whose per-tool settings would silently do nothing.
 
     Raises:
-        ConfigError: one problem per unknown name, listing the hosted tools.
+        ConfigError: one problem per such table (an unknown name lists the hosted tools).
     """
     problems = tool_override_problems(settings, tools)
     if problems:
@@ -102,13 +103,34 @@ def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]]) ->
 
 
 def tool_override_problems(settings: Settings, tools: list[Callable[..., Any]]) -> list[str]:
-    """The problems `check_tool_overrides` raises, one per `[tools.NAME]` that names no hosted tool."""
+    """The problems `check_tool_overrides` raises, one per `[tools.NAME]` that names no hosted
+    tool or names a session tool."""
     hosted = sorted({*MANAGEMENT_TOOLS, *(getattr(fn, "__name__", "") for fn in tools)})
-    return [
-        f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)}){_case_hint(name, hosted)}"
-        for name in settings.tools
-        if name not in hosted
-    ]
+    own = [tool for tool in hosted if tool not in MANAGEMENT_TOOLS]
+    problems = []
+    for name in settings.tools:
+        if name in MANAGEMENT_TOOLS:
+            problems.append(f"tools.{name}: {SESSION_TOOL_TABLE}{_SESSION_TOOL_DEADLINES.get(name, '')}; remove it")
+        elif name not in hosted:
+            hint = _case_hint(name, own)
+            problems.append(f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)}){hint}")
+    return problems
+
+
+#: Why a `[tools.NAME]` table for a session tool is refused.
+SESSION_TOOL_TABLE = (
+    "per-tool settings do not apply to the session tools: no per-tool deadline, cap or idle timeout"
+    " holds them (they answer even when the server is full)"
+)
+#: Where the deadline a user may have meant to set is set instead.
+_SESSION_TOOL_DEADLINES = {
+    "session_create": (
+        "; a session's deadline is session_create's timeout_seconds argument, else limits.default_timeout_seconds"
+    ),
+    "server_shutdown": (
+        "; the drain's deadline is server_shutdown's timeout_seconds argument, else shutdown.timeout_seconds"
+    ),
+}
 
 
 def _case_hint(name: str, hosted: list[str]) -> str:

@@ -504,6 +504,20 @@ def test_a_tools_table_naming_no_hosted_tool_is_refused(tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize("tool", ["session_create", "session_release", "session_metrics", "server_shutdown"])
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_tools_table_for_a_session_tool_is_refused(tmp_path: Path, tool: str, check: bool) -> None:
+    # Per-tool settings have no effect on the session tools: such a table would be silently ignored.
+    path = write(tmp_path, f"[tools.{tool}]\ntimeout_seconds = 5.0\n")
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    [problem] = problems(result)
+    assert problem.startswith(f"{path}: tools.{tool}: per-tool settings do not apply to the session tools"), problem
+    assert problem.endswith("; remove it"), problem
+
+
 def test_the_console_script_imports_tool_modules_from_the_working_directory(tmp_path: Path) -> None:
     (tmp_path / "my_local_tools.py").write_text("def lookup(key: str) -> str:\n    return key\n\nTOOLS = [lookup]\n")
     config = tmp_path / "local.toml"

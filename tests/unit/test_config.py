@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from server import ConfigError, SessionsExtension, Settings, load_settings
-from server.app import check_tool_overrides
+from server.app import build_app, check_tool_overrides
 from server.config import LimitsSettings, StoreSettings, ToolSettings
 from server.config_loader import config_problems
 from server.store_url import safe_url
@@ -1169,6 +1169,41 @@ def test_a_later_check_names_the_source_of_each_tool_table(tmp_path: Path, monke
     assert second.startswith(
         "environment variable MCP_SESSIONS_TOOLS__OTHERTOOL__TIMEOUT_SECONDS: tools.othertool: no hosted tool"
     )
+
+
+def test_a_table_for_a_session_tool_is_refused_since_it_would_do_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "[tools.session_create]\ntimeout_seconds = 5.0\n[tools.session_metrics]\n")
+    monkeypatch.setenv("MCP_SESSIONS_TOOLS__SERVER_SHUTDOWN__TIMEOUT_SECONDS", "2")
+    settings = load_settings(path)
+
+    with pytest.raises(ConfigError) as caught:
+        check_tool_overrides(settings, [])
+
+    reason = (
+        "per-tool settings do not apply to the session tools: no per-tool deadline, cap or idle timeout holds them"
+        " (they answer even when the server is full)"
+    )
+    assert sorted(config_problems(caught.value, path)) == sorted(
+        [
+            f"{path}: tools.session_create: {reason}; a session's deadline is session_create's timeout_seconds"
+            " argument, else limits.default_timeout_seconds; remove it",
+            f"{path}: tools.session_metrics: {reason}; remove it",
+            "environment variable MCP_SESSIONS_TOOLS__SERVER_SHUTDOWN__TIMEOUT_SECONDS: tools.server_shutdown:"
+            f" {reason}; the drain's deadline is server_shutdown's timeout_seconds argument, else"
+            " shutdown.timeout_seconds; remove it",
+        ]
+    )
+
+
+def test_a_reload_adding_a_table_for_a_session_tool_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\ntool_modules = ["tools.demo"]\n')
+    app = build_app(load_settings(path))
+    write(tmp_path, '[server]\ntool_modules = ["tools.demo"]\n[tools.session_release]\nmax_concurrent = 1\n')
+
+    assert app.reloader(path).reload() is False
+    assert app.sessions.config.tools == {}
 
 
 def test_a_tool_name_that_differs_only_in_case_says_why_and_what_to_do(
