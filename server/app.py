@@ -9,7 +9,6 @@ stdin EOF, each of which runs the same graceful shutdown before the process exit
 from __future__ import annotations
 
 import asyncio
-import importlib
 import io
 import logging
 import os
@@ -42,62 +41,13 @@ from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams
 from server.stdio_wire import Outstanding, StdinLines
+from server.tool_modules import import_tool_modules, install_tool_modules
 from tools.sessions import MANAGEMENT_TOOLS
 
 logger = logging.getLogger(__name__)
 
 #: After shutdown, how long to wait for responses still on their way out before exiting.
 FLUSH_SECONDS = 2.0
-
-
-def load_tool_modules(names: tuple[str, ...] | list[str]) -> list[Callable[..., Any]]:
-    """Import each module and collect its `TOOLS` (a list of functions).
-
-    Raises:
-        ConfigError: a module does not import, has no `TOOLS`, its `TOOLS` is not a list of
-            callables, or two tools share a name.
-    """
-    return _load_tool_modules(names)[0]
-
-
-def _load_tool_modules(
-    names: tuple[str, ...] | list[str],
-) -> tuple[list[Callable[..., Any]], list[Callable[[MCPServer[Any]], None]]]:
-    """The modules' tools, and their optional `setup(server)` hooks (for resources, prompts, handlers)."""
-    tools: list[Callable[..., Any]] = []
-    hooks: list[Callable[[MCPServer[Any]], None]] = []
-    owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
-    problems: list[str] = []
-    for module_name in names:
-        key = f"server.tool_modules: {module_name!r}"
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:  # noqa: BLE001 - any import failure is a config error to report
-            problems.append(f"{key}: cannot import it: {type(exc).__name__}: {exc}")
-            continue
-        setup = getattr(module, "setup", None)
-        if setup is not None and not callable(setup):
-            problems.append(f"{key}: setup must be a function setup(server), got {setup!r:.200}")
-            continue
-        if setup is not None:
-            hooks.append(setup)
-        exported = getattr(module, "TOOLS", None)
-        if exported is None:
-            problems.append(f"{key}: the module has no TOOLS list (TOOLS = [my_tool, ...])")
-            continue
-        if not isinstance(exported, list | tuple) or not all(callable(fn) for fn in exported):
-            problems.append(f"{key}: TOOLS must be a list of functions, got {exported!r:.200}")
-            continue
-        for fn in exported:
-            tool_name = getattr(fn, "__name__", repr(fn))
-            if tool_name in owners:
-                problems.append(f"{key}: tool {tool_name!r} is already provided by {owners[tool_name]}")
-                continue
-            owners[tool_name] = f"module {module_name!r}"
-            tools.append(fn)
-    if problems:
-        raise ConfigError(problems)
-    return tools, hooks
 
 
 @dataclass
@@ -141,19 +91,46 @@ class _StandaloneSessions(SessionsExtension):
 
 
 def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]]) -> None:
-    """Refuse `[tools.NAME]` tables that name no hosted tool (a typo must not be ignored).
+    """Refuse `[tools.NAME]` tables that name no hosted tool (a typo must not be ignored), and
+    tables for the session tools, whose per-tool settings would silently do nothing.
 
     Raises:
-        ConfigError: one problem per unknown name, listing the hosted tools.
+        ConfigError: one problem per such table (an unknown name lists the hosted tools).
     """
-    hosted = sorted({*MANAGEMENT_TOOLS, *(getattr(fn, "__name__", "") for fn in tools)})
-    problems = [
-        f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)}){_case_hint(name, hosted)}"
-        for name in settings.tools
-        if name not in hosted
-    ]
+    problems = tool_override_problems(settings, tools)
     if problems:
         raise ConfigError(problems)
+
+
+def tool_override_problems(settings: Settings, tools: list[Callable[..., Any]]) -> list[str]:
+    """The problems `check_tool_overrides` raises, one per `[tools.NAME]` that names no hosted
+    tool or names a session tool."""
+    hosted = sorted({*MANAGEMENT_TOOLS, *(getattr(fn, "__name__", "") for fn in tools)})
+    own = [tool for tool in hosted if tool not in MANAGEMENT_TOOLS]
+    problems = []
+    for name in settings.tools:
+        if name in MANAGEMENT_TOOLS:
+            problems.append(f"tools.{name}: {SESSION_TOOL_TABLE}{_SESSION_TOOL_DEADLINES.get(name, '')}; remove it")
+        elif name not in hosted:
+            hint = _case_hint(name, own)
+            problems.append(f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)}){hint}")
+    return problems
+
+
+#: Why a `[tools.NAME]` table for a session tool is refused.
+SESSION_TOOL_TABLE = (
+    "per-tool settings do not apply to the session tools: no per-tool deadline, cap or idle timeout"
+    " holds them (they answer even when the server is full)"
+)
+#: Where the deadline a user may have meant to set is set instead.
+_SESSION_TOOL_DEADLINES = {
+    "session_create": (
+        "; a session's deadline is session_create's timeout_seconds argument, else limits.default_timeout_seconds"
+    ),
+    "server_shutdown": (
+        "; the drain's deadline is server_shutdown's timeout_seconds argument, else shutdown.timeout_seconds"
+    ),
+}
 
 
 def _case_hint(name: str, hosted: list[str]) -> str:
@@ -168,15 +145,25 @@ def _case_hint(name: str, hosted: list[str]) -> str:
 
 
 def build_app(settings: Settings) -> App:
-    """Build the server with the extension installed and the configured tool modules hosted."""
-    tools, hooks = _load_tool_modules(settings.server.tool_modules)
-    check_tool_overrides(settings, tools)
+    """Build the server with the extension installed and the configured tool modules hosted:
+    their tools registered, then their `setup(server)` hooks run. Nothing is served yet, so
+    `--check-config` builds it too, and finds what would make the start fail.
+
+    Raises:
+        ConfigError: a tool module's problems (see `server.tool_modules`) and `[tools.NAME]`
+            tables naming no hosted tool, together.
+    """
+    modules = import_tool_modules(settings.server.tool_modules)
+    tools = [fn for module in modules for fn in module.tools]
     sessions = _StandaloneSessions(settings)
     server: MCPServer[Any] = MCPServer(settings.server.name, extensions=[sessions], lifespan=sessions.lifespan)
-    for fn in tools:
-        server.add_tool(fn)
-    for setup in hooks:
-        setup(server)  # resources, prompts, other handlers; its tools/call still goes through the sessions
+    problems = tool_override_problems(settings, tools)
+    try:
+        install_tool_modules(server, modules)
+    except ConfigError as exc:
+        problems = exc.problems + problems
+    if problems:
+        raise ConfigError(problems)
     return App(settings=settings, server=server, sessions=sessions, tools=tools)
 
 

@@ -5,7 +5,9 @@ configuration (nothing is started). Logs go to stderr; on stdio, stdout carries 
 messages, and with `--check-config` only the settings JSON: fd 1 is diverted to stderr before
 the tool modules are imported. stdin is claimed before then too (on stdio for the protocol, and
 for `--check-config`): a module that reads it finds it at end of file, so the client's messages
-all reach the server and a check never waits for input.
+all reach the server and a check never waits for input. `--check-config` builds the server as
+a start does (tool modules imported, their tools registered, their `setup(server)` hooks run), so
+that what would make the start fail fails the check, and serves nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from server.app import build_app, check_tool_overrides, load_tool_modules, serve
+from server.app import build_app, serve
 from server.config import ConfigError
 from server.config_loader import config_problems, load_settings
 from server.logs import configure_logging
@@ -40,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the config (and import its tool modules), print the effective settings, exit",
+        help="validate the config (import its tool modules, register their tools, run their setup hooks), "
+        "print the effective settings, exit",
     )
     return parser
 
@@ -65,10 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # the client's messages (nor wait, in a check, for a terminal or a pipe that never ends).
             wire = divert_stdout()
             stdin = claim_stdin()
-        if args.check_config:
-            check_tool_overrides(settings, load_tool_modules(settings.server.tool_modules))
-        else:
-            app = build_app(settings)
+        # A check builds the server as a start does (tools registered, setup hooks run), short of serving.
+        app = build_app(settings)
     except ConfigError as exc:
         problems = "\n  ".join(config_problems(exc, args.config))
         sys.stderr.write(f"mcp-session-manager: invalid configuration:\n  {problems}\n")

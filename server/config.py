@@ -131,14 +131,46 @@ OPEN_HOST_REASON = (
 )
 
 
+#: Where the standalone server finds tool modules, as said in the hints of module name problems.
+MODULE_ROOTS = "modules are found from the working directory and PYTHONPATH"
+
+
+def module_name_problem(name: str) -> str | None:
+    """Why `name` cannot be an entry of `server.tool_modules` (a file path, a relative name), or None.
+
+    Checked before anything is imported: `importlib` would take "m_print.py" as the submodule `py`
+    of the package `m_print`, and so run `m_print` before failing.
+    """
+    path = name.replace("\\", "/")
+    if path.endswith(".py") or "/" in path:
+        parts = [part for part in path.removesuffix(".py").split("/") if part not in ("", ".")]
+        absolute = path.startswith(("/", "~")) or path[1:2] == ":" or ".." in parts
+        dotted = parts[-1] if absolute and parts else ".".join(parts)
+        if dotted and all(part.isidentifier() for part in dotted.split(".")):
+            example = f', e.g. "{dotted}"' + (", with its directory on PYTHONPATH" if absolute else "")
+        else:
+            example = ""
+        return f"is a file path, not a module name; write the module's dotted name{example}; {MODULE_ROOTS}"
+    if name.startswith("."):
+        return f'is a relative module name; write the full dotted name, e.g. "my_package{name}"; {MODULE_ROOTS}'
+    return None
+
+
+def _module_name(name: str) -> str:
+    problem = module_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
 class ServerSettings(_Section):
     name: str = Field(default="mcp-session-manager", min_length=1, description="Server name shown to clients.")
     transport: Literal["stdio", "streamable-http"] = Field(default="stdio", description="How clients connect.")
     host: str = Field(default="127.0.0.1", min_length=1, description="Interface for streamable HTTP.")
     port: int = Field(default=8765, ge=1, le=65535, description="TCP port for streamable HTTP.")
-    tool_modules: Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)] = Field(
-        default=(), description="Importable modules whose `TOOLS` list of functions is hosted by the server."
-    )
+    tool_modules: Annotated[
+        tuple[Annotated[str, AfterValidator(_module_name)], ...], BeforeValidator(_list_to_tuple)
+    ] = Field(default=(), description="Importable modules whose `TOOLS` list of functions is hosted by the server.")
     allowed_hosts: Annotated[
         tuple[Annotated[str, AfterValidator(_host_pattern)], ...], BeforeValidator(_list_to_tuple)
     ] = Field(

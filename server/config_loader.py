@@ -23,9 +23,11 @@ they run after `load_settings`; `config_problems` names the source of their keys
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import math
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from datetime import date, datetime, time
@@ -113,23 +115,89 @@ _FLOAT = TypeAdapter(float)
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse one TOML file, turning every failure into a ConfigError that names the file."""
+    """Parse one TOML file, turning every failure into a ConfigError that names the file.
+
+    Only a regular file (after symlinks) is read: a FIFO, a device or a socket is refused without
+    being opened for reading, which could wait forever. A UTF-8 byte-order mark at the start (as
+    some Windows editors write) is skipped.
+    """
     file = Path(path)
     try:
-        with file.open("rb") as handle:
-            return tomllib.load(handle)
+        data = _read_regular_file(file)
     except FileNotFoundError:
         raise ConfigError([f"{file}: config file not found (check the --config path)"], sourced=True) from None
-    except IsADirectoryError:
-        raise ConfigError(
-            [f"{file}: is a directory, not a config file (give the path of a .toml file)"], sourced=True
-        ) from None
     except PermissionError:
         raise ConfigError([f"{file}: cannot read the config file: permission denied"], sourced=True) from None
+    except _NotRegular as exc:
+        raise ConfigError([f"{file}: {exc.reason}"], sourced=True) from None
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read the config file: {_os_error(exc)}"], sourced=True) from None
+    try:
+        return tomllib.loads(data.removeprefix(UTF8_BOM).decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: invalid TOML: {exc}"], sourced=True) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{file}: invalid TOML: the file is not UTF-8 ({exc.reason})"], sourced=True) from None
+
+
+#: The UTF-8 encoding of U+FEFF, which some editors write at the start of a text file.
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class _NotRegular(Exception):
+    """The path names something that is not a regular file; `reason` says what it is."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _kind(mode: int) -> str | None:
+    """Why a file of this `st_mode` is no config file, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a config file (give the path of a .toml file)"
+    kinds = {
+        stat.S_ISFIFO: "a named pipe (FIFO)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    what = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    return (
+        f"is {what}, not a regular file: the config must be a regular file (or a symlink to one), "
+        "which is read whole; write the settings to a .toml file and give its path"
+    )
+
+
+def _read_regular_file(file: Path) -> bytes:
+    """The bytes of `file` if it is a regular file (symlinks followed); raises OSError or `_NotRegular`.
+
+    What the path names is checked before it is opened, and again on the descriptor, which is
+    opened non-blocking: a FIFO put in the file's place in between is refused, not waited on.
+    """
+    reason = _kind(os.stat(file).st_mode)
+    if reason is not None:
+        raise _NotRegular(reason)
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", closefd=True) as handle:
+        reason = _kind(os.fstat(fd).st_mode)
+        if reason is not None:
+            raise _NotRegular(reason)
+        return handle.read()
+
+
+def _os_error(exc: OSError) -> str:
+    """An OS error reading the config file, as a reason: the system's wording, and a hint where one helps."""
+    text = exc.strerror or str(exc)
+    hints = {
+        errno.ENOTDIR: "part of the path is a file, not a directory (check the --config path)",
+        errno.ELOOP: "the path is a symlink loop (check the --config path)",
+        errno.ENAMETOOLONG: "the path or one of its names is too long (check the --config path)",
+    }
+    hint = hints.get(exc.errno) if exc.errno is not None else None
+    return f"{text}; {hint}" if hint else text
 
 
 def _env_path(name: str) -> list[str] | None:

@@ -7,10 +7,12 @@ settings; running sessions keep their deadlines, and lowering the cap ends none 
 calls are refused until enough have ended). `[logging]` is applied only where this process's
 logging is ours, set up by `configure_logging` (the standalone server); in an embedding host
 it is the host's (handlers, levels, the `logging` module's flags), and a reload leaves it as it
-is, saying so. An invalid file is rejected with the same message as at startup, and the config
-in force stays. Keys bound at startup (the `[server]` table, `metrics.prometheus_port` and the
-`[store]` table: the session store is opened once, at startup) are reported as ignored until a
-restart, never as applied. Both outcomes are counted by the manager
+is, saying so. An invalid file (and a path that cannot be read as one: missing, not a regular
+file, any OS error) is rejected with the same message as at startup, and the config in force
+stays. Keys bound at startup (the `[server]` table, `metrics.prometheus_port` and the `[store]`
+table: the session store is opened once, at startup) are reported as ignored until a restart,
+never as applied. `watch_sighup` reads and checks the file in a worker thread, so that a slow
+disk or mount stalls no call. Both outcomes are counted by the manager
 (`config_reloads`, `config_reload_failures`).
 
 Example:
@@ -30,6 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from server.config import ENV_PREFIX, ConfigError, Settings, mask_secrets
@@ -92,18 +95,31 @@ class ConfigReloader:
 
     def reload(self) -> bool:
         """Load and apply the file; False (logged, counted) if it is invalid and nothing changed."""
-        where = str(self.path) if self.path is not None else "the environment (no --config file)"
-        old = self.sessions.config
+        return self._apply(self._load())
+
+    def _load(self) -> Settings | list[str]:
+        """The settings the file (with the environment and the flags) gives now, or its problems.
+
+        Only reads and validates: it may run in a worker thread (see `watch_sighup`)."""
         try:
             new = load_settings(self.path, self.overrides)
             if self.check is not None:
                 self.check(new)
         except ConfigError as exc:
+            return config_problems(exc, self.path)
+        return new
+
+    def _apply(self, new: Settings | list[str]) -> bool:
+        """Apply loaded settings, or reject the problems of an invalid file (on the event loop's thread)."""
+        where = str(self.path) if self.path is not None else "the environment (no --config file)"
+        old = self.sessions.config
+        if isinstance(new, list):
             self.sessions.manager.config_reloaded(ok=False)
             logger.error(
-                "Config reload from %s rejected; the config in force is unchanged. invalid configuration:\n  %s",
+                # One line, as every record (a log line per problem would read as separate events).
+                "Config reload from %s rejected; the config in force is unchanged. invalid configuration: %s",
                 where,
-                "\n  ".join(config_problems(exc, self.path)),
+                "; ".join(new),
             )
             return False
         ours = self.manage_logging if self.manage_logging is not None else configured_here()
@@ -140,11 +156,16 @@ class ConfigReloader:
         if hangup is None:  # pragma: no cover - Windows has no SIGHUP
             task_status.started()
             return
+        # The file is read and checked in a worker thread, so that a slow disk or mount stalls no
+        # call; with a limiter of its own, so that sync tools holding the default threads cannot
+        # hold a reload up. Applying the result is back on the event loop.
+        reading = anyio.CapacityLimiter(1)
         with anyio.open_signal_receiver(hangup) as signals:
             task_status.started()
             async for _ in signals:
                 logger.info("Received SIGHUP: reloading the config")
-                self.reload()
+                loaded = await anyio.to_thread.run_sync(self._load, abandon_on_cancel=True, limiter=reading)
+                self._apply(loaded)
 
 
 def _environment_note() -> str:

@@ -9,6 +9,7 @@ trips (a scrape, a call), never a sleep.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -265,6 +266,47 @@ async def test_sighup_raises_and_lowers_the_cap_and_an_invalid_file_keeps_the_ol
         f"{path}: limits.max_concurent_sessions: unknown key; did you mean 'max_concurrent_sessions'?" in server.stderr
     )
     assert "ignored until restart: server.name" in server.stderr
+
+
+async def test_sighup_with_the_config_path_turned_into_a_fifo_or_a_symlink_loop_is_a_rejected_reload(
+    tmp_path: Path,
+) -> None:
+    # Reading a FIFO waited for a writer on the event loop (even SIGTERM went unheard), and a
+    # symlink loop's OSError escaped the reload and killed the server with its calls in flight.
+    # Each is now a rejected reload: counted, the config in force kept, the calls served. Every
+    # wait here is bounded (a blocked server fails `scrape_until`; the process is killed after).
+    config = server_config(limits={"max_concurrent_sessions": 2})
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        base = base_of(server)
+        path = server.config_path
+        async with server.client() as client, anyio.create_task_group() as tg:
+            in_flight: list[CallToolResult] = []
+
+            async def slow_call() -> None:
+                in_flight.append(await client.call_tool("sleep_async", {"seconds": 2}))
+
+            tg.start_soon(slow_call)
+            await metrics_until(client, lambda m: m["active_sessions"] == 1)
+
+            path.unlink()
+            os.mkfifo(path)
+            server.send_signal(signal.SIGHUP)
+            samples = await scrape_until(base, lambda s: counter(s, "config_reload_failures") == 1)
+            assert gauge(samples, "max_concurrent") == 2
+            assert text_of(await client.call_tool("echo", {"text": "still here"})) == "still here"
+
+            path.unlink()
+            path.symlink_to(path)
+            server.send_signal(signal.SIGHUP)
+            samples = await scrape_until(base, lambda s: counter(s, "config_reload_failures") == 2)
+            assert counter(samples, "config_reloads") == 0 and gauge(samples, "max_concurrent") == 2
+        assert [text_of(result) for result in in_flight] == ["slept 2s"]
+
+        server.send_signal(signal.SIGTERM)
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert f"{path}: is a named pipe (FIFO), not a regular file" in server.stderr
+    assert f"{path}: cannot read the config file: Too many levels of symbolic links" in server.stderr
+    assert "Traceback" not in server.stderr
 
 
 async def test_sighup_keeps_a_changed_store_section_until_restart_and_says_so(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +205,9 @@ def test_check_config_stdout_is_the_settings_json_alone_when_a_tool_module_print
     assert result.returncode == 0, result.stderr
     expected = load_settings(overrides={"server": {"tool_modules": [NOISY_MODULE]}}).model_dump(mode="json")
     assert result.stdout == json.dumps(expected, indent=2) + "\n"
-    # What the module wrote while imported went to stderr (setup hooks do not run for a check).
+    # What the module wrote while imported and set up (a check runs the setup hooks) went to stderr.
     assert NOISY_IMPORT_PRINT in result.stderr and NOISY_IMPORT_FD in result.stderr
+    assert NOISY_SETUP_PRINT in result.stderr
 
 
 # -- refused configurations: status 2, the problem on stderr, nothing started -------------
@@ -280,6 +282,40 @@ def test_a_directory_given_as_config_exits_2(tmp_path: Path) -> None:
     assert problems(result) == [f"{tmp_path}: is a directory, not a config file (give the path of a .toml file)"]
 
 
+def _fifo(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "fifo.toml"
+    os.mkfifo(path)
+    return path, "is a named pipe (FIFO), not a regular file"
+
+
+def _under_a_file(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "plain").write_text("", encoding="utf-8")
+    return tmp_path / "plain" / "config.toml", "cannot read the config file: Not a directory;"
+
+
+def _symlink_loop(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "loop.toml"
+    path.symlink_to(path)
+    return path, "cannot read the config file: Too many levels of symbolic links;"
+
+
+@pytest.mark.parametrize("make", [_fifo, _under_a_file, _symlink_loop], ids=["fifo", "not-a-directory", "loop"])
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_config_path_that_cannot_be_read_as_a_file_exits_2_at_once(
+    tmp_path: Path, make: Callable[[Path], tuple[Path, str]], check: bool
+) -> None:
+    # A FIFO is refused without being opened for reading (which waits for a writer): `run` is
+    # bounded, so the old behaviour fails here rather than hangs. The others were tracebacks, exit 1.
+    path, reason = make(tmp_path)
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    [problem] = problems(result)
+    assert problem.startswith(f"{path}: {reason}"), problem
+    assert "Traceback" not in result.stderr
+
+
 def test_a_file_with_several_problems_reports_each_on_its_own_line(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -327,6 +363,11 @@ def test_a_bad_environment_variable_exits_2_naming_it() -> None:
 
 # -- bad tool modules: status 2 naming the module ---------------------------------------
 
+EXIT_HINT = (
+    "a tool module must not exit the process (argparse's parse_args() does, on arguments it does not know:"
+    ' run it under if __name__ == "__main__":)'
+)
+
 BAD_MODULES = [
     pytest.param(
         [f"{FIXTURES}.raises_at_import"],
@@ -335,7 +376,8 @@ BAD_MODULES = [
     ),
     pytest.param(
         [f"{FIXTURES}.not_there"],
-        f"'{FIXTURES}.not_there': cannot import it: ModuleNotFoundError: No module named '{FIXTURES}.not_there'",
+        f"'{FIXTURES}.not_there': cannot import it: ModuleNotFoundError: No module named '{FIXTURES}.not_there';"
+        f" looked for in the working directory ({ROOT}), PYTHONPATH",
         id="not-importable",
     ),
     pytest.param(
@@ -363,6 +405,26 @@ BAD_MODULES = [
         f"'{FIXTURES}.duplicate_session_tool': tool 'session_create' is already provided by the session extension",
         id="duplicate-management-tool",
     ),
+    pytest.param(
+        [f"{FIXTURES}.setup_raises"],
+        f"'{FIXTURES}.setup_raises': setup(server) failed: KeyError: 'API_KEY'",
+        id="setup-raises",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.exits_at_import"],
+        f"'{FIXTURES}.exits_at_import': called sys.exit(3) while being imported; {EXIT_HINT}",
+        id="sys-exit-at-import",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.parses_argv_at_import"],
+        f"'{FIXTURES}.parses_argv_at_import': called sys.exit(2) while being imported; {EXIT_HINT}",
+        id="argparse-at-import",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.exits_in_setup"],
+        f"'{FIXTURES}.exits_in_setup': setup(server) called sys.exit('no database'); {EXIT_HINT}",
+        id="sys-exit-in-setup",
+    ),
 ]
 
 
@@ -377,8 +439,41 @@ def test_a_bad_tool_module_exits_2_naming_the_module(
 
     assert_refused(result)
     [problem] = problems(result)
-    assert problem.startswith(f"{path}: server.tool_modules: "), problem
-    assert problem.endswith(expected), problem
+    assert problem.startswith(f"{path}: server.tool_modules: {expected}"), problem
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_tools_the_sdk_refuses_to_register_exit_2_naming_each(tmp_path: Path, check: bool) -> None:
+    # A lambda and a functools.partial: `add_tool` refuses both. The check registers the tools as
+    # the start does, so it no longer says "valid" for a config the start dies on.
+    path = modules_config(tmp_path, f"{FIXTURES}.good_tools", f"{FIXTURES}.nameless_tools")
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    key = f"{path}: server.tool_modules: '{FIXTURES}.nameless_tools': tool"
+    lambda_problem, partial_problem = problems(result)
+    assert lambda_problem.startswith(f"{key} '<lambda>' cannot be registered: ValueError:"), lambda_problem
+    assert partial_problem.startswith(f"{key} functools.partial("), partial_problem
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_module_name_that_is_a_file_path_is_refused_without_importing_it(tmp_path: Path, check: bool) -> None:
+    path = write(tmp_path, f'[server]\nport = 0\ntool_modules = ["{NOISY_MODULE}.py"]\n')
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    # Reported with the other settings problems, before anything is imported.
+    assert problems(result) == [
+        f"{path}: server.port: must be between 1 and 65535 (got 0)",
+        f"{path}: server.tool_modules.0: is a file path, not a module name; write the module's dotted name,"
+        f' e.g. "{NOISY_MODULE}"; modules are found from the working directory and PYTHONPATH'
+        f' (got "{NOISY_MODULE}.py")',
+    ]
+    assert NOISY_IMPORT_PRINT not in result.stderr
 
 
 def test_every_bad_tool_module_is_reported_at_once(tmp_path: Path) -> None:
@@ -407,6 +502,20 @@ def test_a_tools_table_naming_no_hosted_tool_is_refused(tmp_path: Path) -> None:
     assert f"{config}: tools.sleep_asycn: no hosted tool has this name" in done.stderr
     assert "sleep_async" in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("tool", ["session_create", "session_release", "session_metrics", "server_shutdown"])
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_tools_table_for_a_session_tool_is_refused(tmp_path: Path, tool: str, check: bool) -> None:
+    # Per-tool settings have no effect on the session tools: such a table would be silently ignored.
+    path = write(tmp_path, f"[tools.{tool}]\ntimeout_seconds = 5.0\n")
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    [problem] = problems(result)
+    assert problem.startswith(f"{path}: tools.{tool}: per-tool settings do not apply to the session tools"), problem
+    assert problem.endswith("; remove it"), problem
 
 
 def test_the_console_script_imports_tool_modules_from_the_working_directory(tmp_path: Path) -> None:

@@ -17,10 +17,11 @@ import pytest
 from pydantic import ValidationError
 
 from server import ConfigError, SessionsExtension, Settings, load_settings
-from server.app import check_tool_overrides, load_tool_modules
+from server.app import build_app, check_tool_overrides
 from server.config import LimitsSettings, StoreSettings, ToolSettings
 from server.config_loader import config_problems
 from server.store_url import safe_url
+from server.tool_modules import load_tool_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -425,6 +426,31 @@ BAD_FILES = [
         id="module-name-not-a-string",
     ),
     pytest.param(
+        '[server]\ntool_modules = ["tools.demo", "m_print.py"]\n',
+        "server.tool_modules.1: is a file path, not a module name; write the module's dotted name, e.g."
+        ' "m_print"; modules are found from the working directory and PYTHONPATH (got "m_print.py")',
+        id="module-name-a-file-name",
+    ),
+    pytest.param(
+        '[server]\ntool_modules = ["tools/demo"]\n',
+        "server.tool_modules.0: is a file path, not a module name; write the module's dotted name, e.g."
+        ' "tools.demo"; modules are found from the working directory and PYTHONPATH (got "tools/demo")',
+        id="module-name-a-relative-path",
+    ),
+    pytest.param(
+        '[server]\ntool_modules = ["/srv/mcp/my_tools.py"]\n',
+        "server.tool_modules.0: is a file path, not a module name; write the module's dotted name, e.g."
+        ' "my_tools", with its directory on PYTHONPATH; modules are found from the working directory and'
+        ' PYTHONPATH (got "/srv/mcp/my_tools.py")',
+        id="module-name-an-absolute-path",
+    ),
+    pytest.param(
+        '[server]\ntool_modules = [".rel"]\n',
+        'server.tool_modules.0: is a relative module name; write the full dotted name, e.g. "my_package.rel";'
+        ' modules are found from the working directory and PYTHONPATH (got ".rel")',
+        id="module-name-relative",
+    ),
+    pytest.param(
         "[limits]\nmax_queued = -1\n",
         "limits.max_queued: must be between 0 and 1000000 (got -1)",
         id="negative-queue",
@@ -628,10 +654,68 @@ def _not_utf8(tmp_path: Path) -> Path:
     return path
 
 
+def _under_a_file(tmp_path: Path) -> Path:
+    return write(tmp_path, "", name="plain") / "config.toml"
+
+
+def _symlink_loop(tmp_path: Path) -> Path:
+    path = tmp_path / "loop.toml"
+    path.symlink_to(path)
+    return path
+
+
+def _name_too_long(tmp_path: Path) -> Path:
+    return tmp_path / ("x" * 300 + ".toml")
+
+
+def _fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "fifo.toml"
+    os.mkfifo(path)
+    return path
+
+
+def _link_to_a_fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "link.toml"
+    path.symlink_to(_fifo(tmp_path))
+    return path
+
+
+def _character_device(tmp_path: Path) -> Path:
+    return Path(os.devnull)
+
+
+NOT_REGULAR = (
+    "not a regular file: the config must be a regular file (or a symlink to one), which is read whole;"
+    " write the settings to a .toml file and give its path"
+)
+
+
+@pytest.mark.timeout(10)  # opening a FIFO for reading waits for a writer: fail, do not hang
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
         pytest.param(_missing, "config file not found (check the --config path)", id="missing-file"),
+        pytest.param(
+            _under_a_file,
+            "cannot read the config file: Not a directory; part of the path is a file, not a directory"
+            " (check the --config path)",
+            id="not-a-directory",
+        ),
+        pytest.param(
+            _symlink_loop,
+            "cannot read the config file: Too many levels of symbolic links; the path is a symlink loop"
+            " (check the --config path)",
+            id="symlink-loop",
+        ),
+        pytest.param(
+            _name_too_long,
+            "cannot read the config file: File name too long; the path or one of its names is too long"
+            " (check the --config path)",
+            id="name-too-long",
+        ),
+        pytest.param(_fifo, f"is a named pipe (FIFO), {NOT_REGULAR}", id="fifo"),
+        pytest.param(_link_to_a_fifo, f"is a named pipe (FIFO), {NOT_REGULAR}", id="symlink-to-fifo"),
+        pytest.param(_character_device, f"is a character device, {NOT_REGULAR}", id="character-device"),
         pytest.param(_directory, "is a directory, not a config file (give the path of a .toml file)", id="directory"),
         pytest.param(
             _bad_syntax,
@@ -648,6 +732,21 @@ def test_an_unreadable_file_is_refused_naming_the_file(
     path = make(tmp_path)
 
     assert problems_of(path) == [f"{path}: {expected}"]
+
+
+def test_a_file_starting_with_a_utf8_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Some Windows editors (Notepad, older Visual Studio) write one at the start of a UTF-8 file.
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + '[server]\nname = "caf\u00e9"\n'.encode())
+
+    assert load_settings(path).server.name == "caf\u00e9"
+
+
+def test_a_byte_order_mark_elsewhere_is_still_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf\xef\xbb\xbf[server]\n")
+
+    assert problems_of(path) == [f"{path}: invalid TOML: Invalid statement (at line 1, column 1)"]
 
 
 def test_a_file_with_several_problems_reports_all_of_them_one_per_line(tmp_path: Path) -> None:
@@ -1070,6 +1169,41 @@ def test_a_later_check_names_the_source_of_each_tool_table(tmp_path: Path, monke
     assert second.startswith(
         "environment variable MCP_SESSIONS_TOOLS__OTHERTOOL__TIMEOUT_SECONDS: tools.othertool: no hosted tool"
     )
+
+
+def test_a_table_for_a_session_tool_is_refused_since_it_would_do_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "[tools.session_create]\ntimeout_seconds = 5.0\n[tools.session_metrics]\n")
+    monkeypatch.setenv("MCP_SESSIONS_TOOLS__SERVER_SHUTDOWN__TIMEOUT_SECONDS", "2")
+    settings = load_settings(path)
+
+    with pytest.raises(ConfigError) as caught:
+        check_tool_overrides(settings, [])
+
+    reason = (
+        "per-tool settings do not apply to the session tools: no per-tool deadline, cap or idle timeout holds them"
+        " (they answer even when the server is full)"
+    )
+    assert sorted(config_problems(caught.value, path)) == sorted(
+        [
+            f"{path}: tools.session_create: {reason}; a session's deadline is session_create's timeout_seconds"
+            " argument, else limits.default_timeout_seconds; remove it",
+            f"{path}: tools.session_metrics: {reason}; remove it",
+            "environment variable MCP_SESSIONS_TOOLS__SERVER_SHUTDOWN__TIMEOUT_SECONDS: tools.server_shutdown:"
+            f" {reason}; the drain's deadline is server_shutdown's timeout_seconds argument, else"
+            " shutdown.timeout_seconds; remove it",
+        ]
+    )
+
+
+def test_a_reload_adding_a_table_for_a_session_tool_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\ntool_modules = ["tools.demo"]\n')
+    app = build_app(load_settings(path))
+    write(tmp_path, '[server]\ntool_modules = ["tools.demo"]\n[tools.session_release]\nmax_concurrent = 1\n')
+
+    assert app.reloader(path).reload() is False
+    assert app.sessions.config.tools == {}
 
 
 def test_a_tool_name_that_differs_only_in_case_says_why_and_what_to_do(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
@@ -267,6 +269,54 @@ def test_a_reload_that_changes_nothing_names_the_environment_variables_that_over
     assert (
         "nothing changed (the environment overrides the file: MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS)"
         in caplog.text
+    )
+
+
+def _replace_with_a_file_above(path: Path) -> None:
+    # The config's directory becomes a file: reading the path fails with ENOTDIR.
+    for child in path.parent.iterdir():
+        child.unlink()
+    path.parent.rmdir()
+    path.parent.write_text("", encoding="utf-8")
+
+
+def _replace_with_a_symlink_loop(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path)
+
+
+def _replace_with_a_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.timeout(10)  # reading a FIFO waits for a writer: fail, do not hang
+@pytest.mark.parametrize(
+    ("replace", "reason"),
+    [
+        (_replace_with_a_file_above, "cannot read the config file: Not a directory;"),
+        (_replace_with_a_symlink_loop, "cannot read the config file: Too many levels of symbolic links;"),
+        (_replace_with_a_fifo, "is a named pipe (FIFO), not a regular file"),
+    ],
+    ids=["not-a-directory", "symlink-loop", "fifo"],
+)
+def test_a_reload_from_a_path_that_cannot_be_read_is_rejected_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, replace: Callable[[Path], None], reason: str
+) -> None:
+    (tmp_path / "conf").mkdir()
+    path = write(tmp_path / "conf" / "c.toml", "[limits]\nmax_concurrent_sessions = 4\n")
+    sessions = SessionsExtension(load_settings(path))
+    before = sessions.config
+    replace(path)
+
+    with caplog.at_level(logging.ERROR, logger="server.reload"):
+        assert ConfigReloader(sessions, path).reload() is False
+
+    assert sessions.config is before and sessions.manager.limits.max_concurrent_sessions == 4
+    assert sessions.manager.metrics().config_reload_failures == 1
+    [record] = [r for r in caplog.records if r.name == "server.reload"]
+    assert f"rejected; the config in force is unchanged. invalid configuration: {path}: {reason}" in (
+        record.getMessage()
     )
 
 

@@ -1,0 +1,184 @@
+"""Tool modules: the modules `server.tool_modules` names, imported, their tools registered on an
+`MCPServer` and their `setup(server)` hooks run, every failure a config problem naming the module.
+
+Tier: application wiring (beside `server.app`, which builds the standalone server with these).
+The standalone server and `--check-config` both go through `import_tool_modules` and then
+`install_tool_modules`, so that a check finds what would make the start fail: a tool the SDK
+cannot register (a lambda, a `functools.partial`, a parameter type it has no schema for), a
+`setup` that raises, a module that calls `sys.exit` while imported or set up.
+
+Each problem reads `server.tool_modules: 'MODULE': reason`, for example:
+
+    server.tool_modules: 'my_tools': cannot import it: ModuleNotFoundError: No module named 'requests'
+    server.tool_modules: 'my_tools': setup(server) failed: KeyError: 'API_KEY'
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+
+from server.config import ConfigError, module_name_problem
+from tools.sessions import MANAGEMENT_TOOLS
+
+#: The longest error text quoted in a problem (a module's own message can be anything).
+_QUOTE_CHARS = 300
+
+
+@dataclass(frozen=True)
+class ToolModule:
+    """One imported tool module: its `TOOLS`, and its `setup(server)` hook if it has one."""
+
+    name: str
+    tools: tuple[Callable[..., Any], ...]
+    setup: Callable[[MCPServer[Any]], None] | None
+
+
+def _key(module_name: str) -> str:
+    return f"server.tool_modules: {module_name!r}"
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: message`, the message's first line only, shortened: a problem is one line."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > _QUOTE_CHARS:
+        text = text[: _QUOTE_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _exit_call(exc: SystemExit) -> str:
+    """The `sys.exit(...)` call that raised `exc`, as the module would have written it."""
+    return "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
+
+
+#: What to do about a module that exits: the usual culprit is a command line parsed at import.
+_EXIT_HINT = (
+    "a tool module must not exit the process (argparse's parse_args() does, on arguments it does not "
+    'know: run it under if __name__ == "__main__":)'
+)
+
+
+#: What to do about a tool with no name of its own (a lambda, a `functools.partial`).
+_NAMELESS_HINT = "; list functions defined with def in TOOLS (a tool takes its name from the function's __name__)"
+
+
+def _search_roots() -> str:
+    """Where a module was looked for, in one phrase: the working directory, PYTHONPATH, the venv."""
+    roots = []
+    if "" in sys.path or os.getcwd() in sys.path:
+        roots.append(f"the working directory ({os.getcwd()})")
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    roots.append(f"PYTHONPATH ({pythonpath})" if pythonpath else "PYTHONPATH (not set)")
+    roots.append("the installed packages")
+    return ", ".join(roots[:-1]) + " and " + roots[-1]
+
+
+def _import_problem(module_name: str, exc: Exception) -> str:
+    """Why importing `module_name` failed, naming where it was looked for if it was not found."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if missing is not None and (module_name == missing or module_name.startswith(missing + ".")):
+        return f"cannot import it: {_one_line(exc)}; looked for in {_search_roots()}"
+    return f"cannot import it: {_one_line(exc)}"
+
+
+def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
+    """Import each module and collect its `TOOLS` and `setup`.
+
+    A name that is a file path or a relative name is refused without importing anything.
+
+    Raises:
+        ConfigError: a name is not a module name, a module does not import (or exits while
+            imported), has no `TOOLS`, its `TOOLS` is not a list of callables, its `setup` is not
+            callable, or two tools share a name; every problem at once.
+    """
+    modules: list[ToolModule] = []
+    owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
+    problems: list[str] = []
+    for module_name in names:
+        key = _key(module_name)
+        shape = module_name_problem(module_name)
+        if shape is not None:
+            problems.append(f"{key}: {shape}")
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except SystemExit as exc:
+            problems.append(f"{key}: called {_exit_call(exc)} while being imported; {_EXIT_HINT}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - any import failure is a config error to report
+            problems.append(f"{key}: {_import_problem(module_name, exc)}")
+            continue
+        setup = getattr(module, "setup", None)
+        if setup is not None and not callable(setup):
+            problems.append(f"{key}: setup must be a function setup(server), got {setup!r:.200}")
+            continue
+        exported = getattr(module, "TOOLS", None)
+        if exported is None:
+            problems.append(f"{key}: the module has no TOOLS list (TOOLS = [my_tool, ...])")
+            continue
+        if not isinstance(exported, list | tuple) or not all(callable(fn) for fn in exported):
+            problems.append(f"{key}: TOOLS must be a list of functions, got {exported!r:.200}")
+            continue
+        for fn in exported:
+            tool_name = _tool_name(fn)
+            if tool_name is None:
+                continue  # nameless: refused when registered, with the SDK's reason
+            if tool_name in owners:
+                problems.append(f"{key}: tool {tool_name!r} is already provided by {owners[tool_name]}")
+                continue
+            owners[tool_name] = f"module {module_name!r}"
+        modules.append(ToolModule(module_name, tuple(exported), setup))
+    if problems:
+        raise ConfigError(problems)
+    return modules
+
+
+def load_tool_modules(names: Sequence[str]) -> list[Callable[..., Any]]:
+    """Import each module and collect its `TOOLS` (a list of functions); see `import_tool_modules`."""
+    return [fn for module in import_tool_modules(names) for fn in module.tools]
+
+
+def _tool_name(fn: Callable[..., Any]) -> str | None:
+    """The name `fn` is registered under (its `__name__`), or None if it has no usable one."""
+    name = getattr(fn, "__name__", None)
+    return name if isinstance(name, str) and name != "<lambda>" else None
+
+
+def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) -> None:
+    """Register every module's tools on `server` with `add_tool`, then run the `setup(server)` hooks.
+
+    The hooks run only once every tool is registered (a hook may rely on them).
+
+    Raises:
+        ConfigError: a tool the SDK refuses, or a hook that raises or exits; every problem at once.
+    """
+    problems: list[str] = []
+    for module in modules:
+        for fn in module.tools:
+            try:
+                server.add_tool(fn)
+            except Exception as exc:  # noqa: BLE001 - any refusal by the SDK is a config error to report
+                name = _tool_name(fn)
+                label = repr(name) if name is not None else f"{getattr(fn, '__name__', None) or fn!r:.200}"
+                hint = "" if name is not None else _NAMELESS_HINT
+                problems.append(f"{_key(module.name)}: tool {label} cannot be registered: {_one_line(exc)}{hint}")
+    if problems:
+        raise ConfigError(problems)
+    for module in modules:
+        if module.setup is None:
+            continue
+        try:
+            module.setup(server)  # resources, prompts, other handlers; tools/call still goes through the sessions
+        except SystemExit as exc:
+            problems.append(f"{_key(module.name)}: setup(server) called {_exit_call(exc)}; {_EXIT_HINT}")
+        except Exception as exc:  # noqa: BLE001 - any failure of a hook is a config error to report
+            problems.append(f"{_key(module.name)}: setup(server) failed: {_one_line(exc)}")
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,144 @@
+"""Tool modules imported, registered on a real `MCPServer` and set up, as the standalone server and
+`--check-config` both do it: every failure a config problem naming the module, nothing escaping.
+
+The fixture modules are in `tests/fixtures_config/`; the ones that print, read stdin or parse the
+command line at import are left to the CLI tests, which run them in a process of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from mcp.server.mcpserver import MCPServer
+
+from server import ConfigError, load_settings
+from server.app import build_app
+from server.tool_modules import ToolModule, import_tool_modules, install_tool_modules
+
+FIXTURES = "tests.fixtures_config"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("MCP_SESSIONS_"):
+            monkeypatch.delenv(name)
+
+
+def problems_building(*modules: str) -> list[str]:
+    """The problems `build_app` raises for settings hosting `modules` (asserting it raises)."""
+    settings = load_settings(None, {"server": {"tool_modules": list(modules)}})
+    with pytest.raises(ConfigError) as caught:
+        build_app(settings)
+    return caught.value.problems
+
+
+def test_a_module_name_that_is_a_file_path_is_refused_without_importing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # importlib would take "good_tools.py" as the submodule `py` of `good_tools`, and import that first.
+    monkeypatch.delitem(sys.modules, f"{FIXTURES}.good_tools", raising=False)
+
+    with pytest.raises(ConfigError) as caught:
+        import_tool_modules([f"{FIXTURES}.good_tools.py", "tests/fixtures_config/good_tools", ".good_tools"])
+
+    assert f"{FIXTURES}.good_tools" not in sys.modules
+    assert caught.value.problems == [
+        f"server.tool_modules: '{FIXTURES}.good_tools.py': is a file path, not a module name; write the module's"
+        f' dotted name, e.g. "tests.fixtures_config.good_tools"; modules are found from the working directory'
+        " and PYTHONPATH",
+        "server.tool_modules: 'tests/fixtures_config/good_tools': is a file path, not a module name; write the"
+        ' module\'s dotted name, e.g. "tests.fixtures_config.good_tools"; modules are found from the working'
+        " directory and PYTHONPATH",
+        "server.tool_modules: '.good_tools': is a relative module name; write the full dotted name, e.g."
+        ' "my_package.good_tools"; modules are found from the working directory and PYTHONPATH',
+    ]
+
+
+def test_a_module_that_is_not_found_names_where_it_was_looked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/opt/mcp-tools")
+    monkeypatch.syspath_prepend(os.getcwd())
+
+    with pytest.raises(ConfigError) as caught:
+        import_tool_modules(["no_such_tools", "no_such_package.tools"])
+
+    assert caught.value.problems == [
+        f"server.tool_modules: '{name}': cannot import it: ModuleNotFoundError: No module named '{missing}';"
+        f" looked for in the working directory ({os.getcwd()}), PYTHONPATH (/opt/mcp-tools) and the installed"
+        " packages"
+        for name, missing in [("no_such_tools", "no_such_tools"), ("no_such_package.tools", "no_such_package")]
+    ]
+
+
+def test_a_module_whose_own_import_is_missing_says_only_that(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "needs_a_package.py").write_text("import no_such_dependency\nTOOLS = []\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    with pytest.raises(ConfigError) as caught:
+        import_tool_modules(["needs_a_package"])
+
+    assert caught.value.problems == [
+        "server.tool_modules: 'needs_a_package': cannot import it: ModuleNotFoundError:"
+        " No module named 'no_such_dependency'"
+    ]
+
+
+def test_a_module_calling_sys_exit_while_imported_is_a_problem_naming_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        import_tool_modules([f"{FIXTURES}.exits_at_import"])
+
+    [problem] = caught.value.problems
+    assert problem.startswith(
+        f"server.tool_modules: '{FIXTURES}.exits_at_import': called sys.exit(3) while being imported;"
+        " a tool module must not exit the process"
+    ), problem
+
+
+def test_tools_without_a_name_of_their_own_are_problems_naming_each() -> None:
+    problems = problems_building(f"{FIXTURES}.nameless_tools")
+
+    assert len(problems) == 2, problems
+    lambda_problem, partial_problem = problems
+    key = f"server.tool_modules: '{FIXTURES}.nameless_tools'"
+    hint = "; list functions defined with def in TOOLS (a tool takes its name from the function's __name__)"
+    assert lambda_problem == (
+        f"{key}: tool '<lambda>' cannot be registered: ValueError: You must provide a name for lambda functions{hint}"
+    )
+    assert partial_problem.startswith(f"{key}: tool functools.partial(<function scale at "), partial_problem
+    assert partial_problem.endswith(
+        "cannot be registered: AttributeError: 'functools.partial' object has no attribute '__name__'" + hint
+    ), partial_problem
+
+
+class Opaque:
+    """A parameter type pydantic has no JSON schema for."""
+
+
+def takes_opaque(value: Opaque) -> str:
+    return "never"
+
+
+def test_a_tool_the_sdk_cannot_describe_is_a_problem_with_the_first_line_of_its_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        install_tool_modules(MCPServer("t"), [ToolModule("my_tools", (takes_opaque,), None)])
+
+    [problem] = caught.value.problems
+    assert problem.startswith(
+        "server.tool_modules: 'my_tools': tool 'takes_opaque' cannot be registered: PydanticInvalidForJsonSchema:"
+    ), problem
+    assert "\n" not in problem
+
+
+def test_a_setup_hook_that_raises_is_a_problem_naming_the_module_and_the_error() -> None:
+    assert problems_building(f"{FIXTURES}.good_tools", f"{FIXTURES}.setup_raises") == [
+        f"server.tool_modules: '{FIXTURES}.setup_raises': setup(server) failed: KeyError: 'API_KEY'"
+    ]
+
+
+def test_a_setup_hook_calling_sys_exit_is_a_problem_naming_the_module() -> None:
+    [problem] = problems_building(f"{FIXTURES}.exits_in_setup")
+
+    assert problem.startswith(
+        f"server.tool_modules: '{FIXTURES}.exits_in_setup': setup(server) called sys.exit('no database');"
+    ), problem
