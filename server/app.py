@@ -455,7 +455,7 @@ async def serve_http(
     if not server.started:
         logger.error("Could not serve MCP over streamable HTTP on %s port %s", settings.host, settings.port)
         raise SystemExit(1)
-    _report_exit(app, exit_)
+    _report_exit(app, exit_, http.left_behind())
 
 
 def transport_security(settings: ServerSettings) -> TransportSecuritySettings | None:
