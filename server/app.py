@@ -9,11 +9,13 @@ stdin EOF, each of which runs the same graceful shutdown before the process exit
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
@@ -42,12 +44,19 @@ from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams
 from server.stdio_wire import Outstanding, StdinLines
 from server.tool_modules import import_tool_modules, install_tool_modules
+from server.unanswered import ANSWERED, abandoned_answer
 from tools.sessions import MANAGEMENT_TOOLS
 
 logger = logging.getLogger(__name__)
 
 #: After shutdown, how long to wait for responses still on their way out before exiting.
 FLUSH_SECONDS = 2.0
+#: After the responses, how long the stdio server loop gets to end (its lifespan's exit waits up to
+#: 2 s for decoupled work) before it is left running and the process exits without it.
+UNWIND_SECONDS = 5.0
+#: The same, once requests had to be answered for work that holds its cancellation off: their
+#: handlers are in the loop, which cannot end before that work does.
+LEFT_BEHIND_GRACE = 0.2
 
 
 @dataclass
@@ -184,6 +193,8 @@ class _Exit:
         self.done = anyio.Event()
         self.report: ShutdownReport | None = None
         self.signals = 0
+        #: Tasks left running at the exit because their work holds its cancellation off.
+        self.left_behind = 0
         app.sessions.add_exit_listener(self._finished)
 
     def _finished(self, report: ShutdownReport) -> None:
@@ -235,7 +246,7 @@ async def serve_stdio(
         # The client died: its stdin closing ran the shutdown; the answers to its last calls
         # (cancelled at the deadline, say) have nowhere to go. Not a crash of the server.
         logger.warning("The client closed its end of the pipe: response(s) still on their way were not delivered")
-    _report_exit(app, exit_)
+    _report_exit(app, exit_, exit_.left_behind)
 
 
 async def _serve_stdio(
@@ -250,9 +261,15 @@ async def _serve_stdio(
     out_send, out_recv = anyio.create_memory_object_stream[SessionMessage](32)
     lines = StdinLines(stdin_wire)
     lines.start()
+    answered: set[Any] = set()  # requests answered here at the exit: their handler's late answer is dropped
+    server_scope = anyio.CancelScope()
 
     async def run_server() -> None:
-        await lowlevel.run(in_recv, out_send, lowlevel.create_initialization_options())
+        with server_scope:
+            await lowlevel.run(in_recv, out_send, lowlevel.create_initialization_options())
+
+    async def watch_server() -> None:
+        await asyncio.shield(server_task)  # re-raises what ended the loop; cancelling this wait leaves it be
 
     # Without a wire, stdout is the SDK's: while serving, fd 1 points at stderr, so stray prints miss the wire.
     out = anyio.wrap_file(io.TextIOWrapper(wire, encoding="utf-8")) if wire is not None else None
@@ -267,7 +284,7 @@ async def _serve_stdio(
                     continue
                 message = item.message if isinstance(item, SessionMessage) else None
                 if isinstance(message, JSONRPCRequest):
-                    outstanding.add(message.id)
+                    outstanding.add(message.id, message.method, message.params)
                     if message.method == "tools/call" and isinstance(app.sessions, _StandaloneSessions):
                         unadmitted.add(message.id)
                 elif isinstance(message, JSONRPCNotification) and message.method == "notifications/cancelled":
@@ -287,11 +304,16 @@ async def _serve_stdio(
         async def relay_out() -> None:
             async with out_recv:
                 async for item in out_recv:
+                    if isinstance(item.message, JSONRPCResponse | JSONRPCError) and item.message.id in answered:
+                        continue  # answered at the exit already (see below)
                     await stdout.send(item)
                     if isinstance(item.message, JSONRPCResponse | JSONRPCError):
                         outstanding.discard(item.message.id)
                         unadmitted.discard(item.message.id)  # answered without reaching the session layer
 
+        # Not a task of the group below: a handler whose work holds its cancellation off would hold
+        # the group's exit, and so the process, until that work ends. It is awaited with a bound instead.
+        server_task = asyncio.get_running_loop().create_task(run_server())
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(exit_.watch_signals, tg)
@@ -299,14 +321,34 @@ async def _serve_stdio(
                     await tg.start(reloader.watch_sighup)
                 tg.start_soon(relay_in)
                 tg.start_soon(relay_out)
-                tg.start_soon(run_server)
+                tg.start_soon(watch_server)
                 await exit_.done.wait()
                 with anyio.move_on_after(FLUSH_SECONDS):
                     await outstanding.empty.wait()
-                if outstanding.ids:
-                    logger.warning("Exiting with %s request(s) unanswered", len(outstanding.ids))
+                held = dict(outstanding.requests)
+                if held:
+                    # Their sessions ended at the drain deadline, but their work holds the cancellation
+                    # off and their handlers write nothing: answer them, rather than leave silence.
+                    for request_id, (method, params) in held.items():
+                        answered.add(request_id)
+                        await stdout.send(SessionMessage(abandoned_answer(request_id, method, params)))
+                        outstanding.discard(request_id)
+                        unadmitted.discard(request_id)
+                    logger.warning(
+                        "%s request(s) %s; no answer had come %ss after the shutdown",
+                        len(held),
+                        ANSWERED,
+                        FLUSH_SECONDS,
+                    )
                 tg.cancel_scope.cancel()
         finally:
+            # The server loop ends too, unless a handler whose work holds its cancellation off holds
+            # it: it is then left running, and the process exits without it (`_report_exit`).
+            server_scope.cancel()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(LEFT_BEHIND_GRACE if answered else UNWIND_SECONDS):
+                await asyncio.wait({server_task})
+            if not server_task.done():
+                exit_.left_behind += 1
             # The server loop and its lifespan have ended. Stray output buffered in sys.stdout goes
             # to stderr now, while fd 1 is still diverted, not to the wire when the SDK restores it.
             if sys.stdout is not None:
@@ -399,7 +441,7 @@ async def serve_http(
     if not server.started:
         logger.error("Could not serve MCP over streamable HTTP on %s port %s", settings.host, settings.port)
         raise SystemExit(1)
-    _report_exit(app, exit_)
+    _report_exit(app, exit_, http.left_behind())
 
 
 def transport_security(settings: ServerSettings) -> TransportSecuritySettings | None:
@@ -431,14 +473,51 @@ def _with_bare_names(patterns: list[str]) -> list[str]:
     return out
 
 
-def _report_exit(app: App, exit_: _Exit) -> None:
+def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
+    """Exit at once if anything would hold the process past the shutdown; else return.
+
+    Python joins every non-daemon thread at exit, and `anyio.run` waits for every task: a thread
+    stuck in a tool's work, or a task whose work holds its cancellation off (`left_behind`), would
+    keep the process alive long after its shutdown, until an orchestrator kills it unexplained.
+    So those are named in one warning and the process exits with status 0, as the shutdown ran.
+    """
     stuck = app.sessions.manager.metrics().abandoned_threads
+    busy = len(_busy_threads())
     if stuck:
         # Threads cannot be killed; the interpreter would wait for them forever at exit.
         logger.warning("Exiting with %s stuck tool thread(s) abandoned", stuck)
+    if busy > stuck:
+        logger.warning(
+            "Exiting with %s thread(s) still running tool work past the shutdown (threads cannot be stopped)",
+            busy - stuck,
+        )
+    elif left_behind and not busy:
+        logger.warning(
+            "Exiting with %s task(s) still running tool work that holds its cancellation off past the shutdown",
+            left_behind,
+        )
+    if stuck or busy or left_behind:
         if sys.stdout is not None:
             sys.stdout.flush()
         _force_exit(0)
+
+
+def _busy_threads() -> list[threading.Thread]:
+    """The threads the interpreter would wait for at exit: alive, not daemon, not the main thread,
+    and not an anyio worker idle in its queue (anyio stops those itself when its loop ends)."""
+    main = threading.main_thread()
+    return [
+        thread
+        for thread in threading.enumerate()
+        if thread is not main and not thread.daemon and thread.is_alive() and not _idle_anyio_worker(thread)
+    ]
+
+
+def _idle_anyio_worker(thread: threading.Thread) -> bool:
+    """Whether `thread` is one of anyio's worker threads waiting for work: each such worker holds
+    the deque of idle workers it joins when done (read on the loop's thread, which alone changes it)."""
+    idle = getattr(thread, "idle_workers", None)
+    return isinstance(idle, collections.deque) and thread in idle
 
 
 def serve(

@@ -20,7 +20,19 @@ cancels those (and any that starts later) and sends the final empty body itself,
 response ends properly. They carry nothing the client is still owed: the answer to a request
 goes out on the POST that asked for it. `close` then waits, up to `within` seconds, for the
 other requests in flight (responses on their way out, `server_shutdown`'s own report among
-them) so that uvicorn does not cut those either. Everything else passes through untouched.
+them) so that uvicorn does not cut those either.
+
+A POST still in flight after that wait is a call whose work holds its cancellation off past the
+drain (a shielded wait, `anyio.to_thread.run_sync` without `abandon_on_cancel`): its session
+ended at the deadline, but its handler writes nothing until the work ends. Left to uvicorn, it
+would be cancelled after its grace second, the client would get a transport error, and the log an
+ERROR with a traceback. So each POST's body is kept as it is received (up to `MAX_BODY_BYTES`),
+and such a request is answered here (`server.unanswered`): a plain JSON response if its response
+has not started, else one last `message` event on its event stream. The app runs each POST in a
+task of its own, which is then left running (its later messages go nowhere), so that the request
+ends; `left_behind()` counts those tasks, and the lifespan's shutdown, which in the handshake era
+waits for the sessions they run in, is then given `LEFT_BEHIND_GRACE` seconds, not forever. The
+server exits without them (`server.app._report_exit`). Everything else passes through untouched.
 
 Example:
     ```python
@@ -33,14 +45,67 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+from collections.abc import Coroutine
+from typing import Any
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.unanswered import ANSWERED, MAX_BODY_BYTES, abandoned_answer_to
+
 logger = logging.getLogger(__name__)
 
 _LAST_CHUNK: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+#: Once requests have been answered at the exit, how long the lifespan's shutdown may take before the
+#: server stops without it (it may wait for the sessions those requests run in).
+LEFT_BEHIND_GRACE = 0.2
+#: After answering the requests left running, how long to wait for the answers to go out.
+ANSWER_SECONDS = 1.0
+
+
+class _Post:
+    """One POST in flight: its body as received, how far its response got, and its answer at the exit."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.too_large = False
+        self.started = False
+        self.event_stream = False
+        self.ended = False
+        #: The JSON-RPC message to end the response with, once `close` gives up waiting for the app.
+        self.answer: bytes | None = None
+        #: Set when the app has returned, or when `answer` is set.
+        self.wake = anyio.Event()
+
+    def received(self, message: Message) -> None:
+        if message["type"] != "http.request" or self.too_large:
+            return
+        chunk = message.get("body", b"")
+        if len(self.body) + len(chunk) > MAX_BODY_BYTES:
+            self.too_large = True
+            self.body = bytearray()
+        else:
+            self.body += chunk
+
+    def sent(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.event_stream = _is_event_stream(message)
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.ended = True
+
+    def answer_now(self) -> bool:
+        """Take the answer to give at the exit; False if there is none to give (then uvicorn ends it)."""
+        if self.ended or self.too_large or (self.started and not self.event_stream):
+            return False
+        self.answer = abandoned_answer_to(bytes(self.body))
+        if self.answer is None:
+            return False
+        self.wake.set()
+        return True
 
 
 class HttpShutdown:
@@ -50,24 +115,38 @@ class HttpShutdown:
         self.app = app
         #: One cancel scope per GET whose event stream has started and not ended.
         self._streams: set[anyio.CancelScope] = set()
+        self._posts: set[_Post] = set()
+        #: Tasks of requests answered at the exit, and of a lifespan not waited for, still running.
+        self._left: set[asyncio.Task[None]] = set()
+        #: Requests answered at the exit (their work held the cancellation off).
+        self._answered = 0
         self._in_flight = 0
-        self._idle: anyio.Event | None = None
+        self._fewer: anyio.Event | None = None
         self._closing = False
 
+    def left_behind(self) -> int:
+        """How many of the app's tasks are still running though their request was answered at the exit."""
+        return sum(not task.done() for task in self._left)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._serve_lifespan(scope, receive, send)
+            return
         if scope["type"] != "http":
-            await self.app(scope, receive, send)  # the lifespan
+            await self.app(scope, receive, send)
             return
         self._in_flight += 1
         try:
             if scope["method"] == "GET":
                 await self._serve_get(scope, receive, send)
+            elif scope["method"] == "POST":
+                await self._serve_post(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
         finally:
             self._in_flight -= 1
-            if not self._in_flight and self._idle is not None:
-                self._idle.set()
+            if self._fewer is not None:
+                self._fewer.set()
 
     async def _serve_get(self, scope: Scope, receive: Receive, send: Send) -> None:
         streaming = False  # an event stream has started and its last chunk is not sent yet
@@ -91,20 +170,127 @@ class HttpShutdown:
         if stream.cancel_called and streaming:
             await send(_LAST_CHUNK)
 
+    async def _serve_post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        post = _Post()
+
+        async def capture() -> Message:
+            message = await receive()
+            post.received(message)
+            return message
+
+        async def watch(message: Message) -> None:
+            if post.answer is not None:
+                return  # answered at the exit: the app's late messages go nowhere
+            await send(message)
+            post.sent(message)
+
+        work = anyio.CancelScope()
+
+        async def run() -> None:
+            try:
+                with work:
+                    await self.app(scope, capture, watch)
+            finally:
+                post.wake.set()
+
+        task = _start(run())
+        self._posts.add(post)
+        try:
+            await post.wake.wait()
+        except BaseException:
+            task.cancel()  # uvicorn cancels the request (its graceful-shutdown timeout): the app with it
+            raise
+        finally:
+            self._posts.discard(post)
+        if post.answer is None:
+            await task  # the app's own ending, its exception included
+            return
+        # Its work holds the cancellation off: it unwinds what it can, and is left running.
+        work.cancel()
+        self._left.add(task)
+        if post.started:
+            event = b"event: message\r\ndata: " + post.answer + b"\r\n\r\n"
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send(_LAST_CHUNK)
+        else:
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(post.answer)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": post.answer, "more_body": False})
+
+    async def _serve_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app's lifespan, whose shutdown is not waited for past `LEFT_BEHIND_GRACE` once
+        requests have been left running (in the handshake era it waits for their sessions)."""
+        stopping = anyio.Event()
+        given_up = False
+
+        async def watch_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                stopping.set()
+            return message
+
+        async def watch_send(message: Message) -> None:
+            if not given_up:
+                await send(message)
+
+        async def run() -> None:
+            try:
+                await self.app(scope, watch_receive, watch_send)
+            finally:
+                stopping.set()
+
+        task = _start(run())
+        await stopping.wait()
+        with anyio.move_on_after(LEFT_BEHIND_GRACE if self._answered else math.inf):
+            await asyncio.wait({task})
+        if task.done():
+            await task
+            return
+        given_up = True
+        self._left.add(task)
+        logger.info("Not waiting for the application's shutdown: it waits for work left running")
+
     async def close(self, within: float) -> None:
         """End every open GET event stream, then wait up to `within` seconds for the requests
-        still in flight; GET event streams that start from now on are ended at once."""
+        still in flight; GET event streams that start from now on are ended at once. A POST still
+        in flight then is answered here, if its body is a JSON-RPC request, and left running."""
         self._closing = True
         if self._streams:
             logger.info("Ending %s open event stream(s)", len(self._streams))
         for stream in self._streams:
             stream.cancel()
+        await self._wait_in_flight(0, within)
+        if not self._in_flight:
+            return
+        still = self._in_flight
+        answered = sum(post.answer_now() for post in list(self._posts))
+        self._answered += answered
+        if answered:
+            logger.warning(
+                "Stopping with %s HTTP request(s) still in flight after %ss: %s request(s) %s",
+                still,
+                within,
+                answered,
+                ANSWERED,
+            )
+            await self._wait_in_flight(still - answered, ANSWER_SECONDS)
+        else:
+            logger.warning("Stopping with %s HTTP request(s) still in flight after %ss", still, within)
+
+    async def _wait_in_flight(self, at_most: int, within: float) -> None:
+        """Wait (up to `within` seconds) until at most `at_most` requests are in flight."""
         with anyio.move_on_after(within):
-            while self._in_flight:
-                self._idle = anyio.Event()
-                await self._idle.wait()
-        if self._in_flight:
-            logger.warning("Stopping with %s HTTP request(s) still in flight after %ss", self._in_flight, within)
+            while self._in_flight > at_most:
+                self._fewer = anyio.Event()
+                await self._fewer.wait()
+
+
+def _start(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """`work` as a task of its own, which its caller may stop waiting for; an exception it raises
+    after that is not reported as never retrieved."""
+    task = asyncio.get_running_loop().create_task(work)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
 
 
 def _is_event_stream(start: Message) -> bool:

@@ -23,21 +23,26 @@ import anyio.lowlevel
 
 
 class Outstanding:
-    """Request ids read from the client whose response has not been written yet."""
+    """Request ids read from the client whose response has not been written yet, each with its
+    method and params (to answer it at the exit if its work never does, see `server.unanswered`)."""
 
     def __init__(self) -> None:
-        self.ids: set[Any] = set()
+        self.requests: dict[Any, tuple[str, Any]] = {}
         self.empty = anyio.Event()
         self.empty.set()
 
-    def add(self, request_id: Any) -> None:
-        self.ids.add(request_id)
+    @property
+    def ids(self) -> set[Any]:
+        return set(self.requests)
+
+    def add(self, request_id: Any, method: str = "", params: Any = None) -> None:
+        self.requests[request_id] = (method, params)
         if self.empty.is_set():
             self.empty = anyio.Event()
 
     def discard(self, request_id: Any) -> None:
-        self.ids.discard(request_id)
-        if not self.ids:
+        self.requests.pop(request_id, None)
+        if not self.requests:
             self.empty.set()
 
 

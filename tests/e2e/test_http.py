@@ -332,3 +332,53 @@ async def test_stateless_era_clients_without_credentials_share_the_quota_of_thei
     assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"]
     assert not served.is_error, "a credential is a client of its own"
     assert not forwarded.is_error, "a forwarded address from a trusted peer is a client of its own"
+
+
+# -- work that holds the shutdown's cancellation off -------------------------------------
+
+#: How long the work of a call that holds the shutdown off lasts: far past any exit we accept.
+HELD_SECONDS = 60.0
+#: How soon after its drain deadline the process must exit when work holds the cancellation off:
+#: the flush of answers still on their way (2 s), then a loaded machine's margin.
+HELD_EXIT_MARGIN = 6.0
+
+
+@pytest.mark.parametrize("mode", ["default", "legacy"])
+@pytest.mark.parametrize("tool", ["thread_wait", "shielded_sleep"])
+async def test_a_call_holding_the_shutdown_off_is_answered_shutting_down_and_the_process_exits_0_on_time(
+    tmp_path: Path, tool: str, mode: str
+) -> None:
+    # The call's work holds the cancellation off (a shielded thread wait, a shield) far past the
+    # drain deadline: the shutdown still ends on time, the caller gets `shutting_down` on its POST
+    # (not a transport error), nothing is logged as an error, and the process exits without
+    # waiting for the work, saying why.
+    shutdown_seconds = 1.0
+    config = server_config(shutdown={"timeout_seconds": shutdown_seconds})
+    results: dict[str, CallToolResult] = {}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        client = Client(url_of(server), read_timeout_seconds=CALL_SECONDS)
+        if mode == "legacy":
+            client = Client(url_of(server), mode="legacy", read_timeout_seconds=CALL_SECONDS)
+        async with client:
+
+            async def call() -> None:
+                results["held"] = await client.call_tool(tool, {"seconds": HELD_SECONDS})
+
+            with anyio.fail_after(shutdown_seconds + HELD_EXIT_MARGIN + 5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call)
+                    await metrics_until(client, lambda m: m["active_sessions"] == 1)
+                    signalled = time.monotonic()
+                    server.send_signal(signal.SIGTERM)
+            assert await server.wait_exit(within=shutdown_seconds + HELD_EXIT_MARGIN) == 0
+            exit_seconds = time.monotonic() - signalled
+
+    error = error_of(results["held"])
+    assert error["code"] == "shutting_down", results["held"]
+    assert "held" in error["message"] and "abandoned" in error["message"], error["message"]
+    assert exit_seconds >= shutdown_seconds
+    assert "0 of 1 session(s) finished, 1 cancelled" in server.stderr
+    assert "1 request(s) answered shutting_down" in server.stderr
+    if tool == "thread_wait":
+        assert "thread(s) still running" in server.stderr
+    assert error_lines(server) == [], server.stderr

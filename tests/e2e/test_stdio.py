@@ -483,3 +483,41 @@ async def test_a_bad_config_exits_2_naming_the_file_and_key_without_starting(tmp
     assert server.stdout_lines == []
     assert f"{server.config_path}: limits.max_concurrent_sessions" in server.stderr
     assert f"{server.config_path}: limits.max_sesions: unknown key" in server.stderr
+
+
+# -- work that holds the shutdown's cancellation off -------------------------------------
+
+#: How long the work of a call that holds the shutdown off lasts: far past any exit we accept.
+HELD_SECONDS = 60.0
+#: How soon after its drain deadline the process must exit when work holds the cancellation off:
+#: the flush of answers still on their way (2 s), then a loaded machine's margin.
+HELD_EXIT_MARGIN = 6.0
+
+
+@pytest.mark.parametrize("tool", ["thread_wait", "shielded_sleep"])
+async def test_a_call_holding_the_shutdown_off_is_answered_shutting_down_and_the_process_exits_0_on_time(
+    tmp_path: Path, tool: str
+) -> None:
+    # The call's work holds the cancellation off (a shielded thread wait, a shield) far past the
+    # drain deadline: the shutdown still ends on time, the caller gets `shutting_down` (not
+    # silence), and the process exits without waiting for the work, saying why.
+    shutdown_seconds = 1.0
+    config = server_config(shutdown={"timeout_seconds": shutdown_seconds})
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        held = await server.start_call(tool, {"seconds": HELD_SECONDS})
+        await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert await server.wait_exit(within=shutdown_seconds + HELD_EXIT_MARGIN) == 0
+        exit_seconds = time.monotonic() - signalled
+        answer = await server.call_result(held, within=0)
+    error = error_of(answer)
+    assert error["code"] == "shutting_down", answer
+    assert "held" in error["message"] and "abandoned" in error["message"], error["message"]
+    assert exit_seconds >= shutdown_seconds
+    assert "0 of 1 session(s) finished, 1 cancelled" in server.stderr
+    assert "1 request(s) answered shutting_down" in server.stderr
+    if tool == "thread_wait":
+        assert "thread(s) still running" in server.stderr
+    assert server.stray_stdout == []

@@ -1,0 +1,62 @@
+"""Answers for requests the standalone server stops without: their work held its cancellation off.
+
+Tier: application wiring (used by `server.app`'s stdio loop and `server.http_shutdown`). A
+shutdown cancels what is still running at its drain deadline; a call whose work holds that
+cancellation off (a shielded wait, `anyio.to_thread.run_sync` without `abandon_on_cancel`) has
+its session ended `cancelled` on time, but its handler still runs and writes no answer. Rather
+than leave the caller with silence or a cut connection, the transport answers it itself when it
+stops: a `tools/call` with the extension's `shutting_down` error result, any other request with
+a JSON-RPC error. The work itself is left running until the process exits.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mcp_types import INTERNAL_ERROR, ErrorData
+from mcp_types.jsonrpc import JSONRPCError, JSONRPCResponse
+
+from server.errors import ErrorCode, SessionError, error_result, shorten
+
+#: Request bodies larger than this are not kept to be answered at the exit (a tool call is far smaller).
+MAX_BODY_BYTES = 1 << 20
+#: What the log says of requests answered this way.
+ANSWERED = "answered shutting_down (their work held the cancellation off past the shutdown)"
+
+
+def abandoned_answer(request_id: Any, method: str, params: Any = None) -> JSONRPCResponse | JSONRPCError:
+    """The answer to request `request_id` (`method`, `params`) left running when the server stopped."""
+    if method == "tools/call":
+        name = params.get("name") if isinstance(params, dict) else None
+        tool = shorten(name) if isinstance(name, str) else None
+        subject = f"tool {tool!r}" if tool is not None else "the tool"
+        error = SessionError(
+            ErrorCode.SHUTTING_DOWN,
+            f"{subject} held its cancellation off past the shutdown deadline and was abandoned: the server "
+            "has stopped, and its work may not have finished; retry on a running server",
+            tool=tool,
+        )
+        result = error_result(error).model_dump(by_alias=True, exclude_none=True, mode="json")
+        return JSONRPCResponse(jsonrpc="2.0", id=request_id, result=result)
+    message = (
+        f"the server stopped while {shorten(method)!r} still ran: it held its cancellation off past the "
+        "shutdown deadline and was abandoned"
+    )
+    return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=INTERNAL_ERROR, message=message))
+
+
+def abandoned_answer_to(body: bytes) -> bytes | None:
+    """The JSON of `abandoned_answer` for a request received as `body` (one JSON-RPC request);
+    None if `body` is not one (a notification, a response, a batch, not JSON)."""
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get("method"), str):
+        return None
+    request_id = message.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, int | str):
+        return None
+    answer = abandoned_answer(request_id, message["method"], message.get("params"))
+    return answer.model_dump_json(by_alias=True, exclude_unset=True).encode()
