@@ -67,9 +67,13 @@ ANSWER_SECONDS = 1.0
 
 
 class _Post:
-    """One POST in flight: its body as received, how far its response got, and its answer at the exit."""
+    """One POST in flight: its body as received, how far its response got, and its answer at the exit.
 
-    def __init__(self) -> None:
+    Every POST makes one (plain asyncio primitives and slots: it is made on every request)."""
+
+    __slots__ = ("body", "too_large", "started", "event_stream", "ended", "answer", "wake")
+
+    def __init__(self, wake: asyncio.Future[None]) -> None:
         self.body = bytearray()
         self.too_large = False
         self.started = False
@@ -77,8 +81,12 @@ class _Post:
         self.ended = False
         #: The JSON-RPC message to end the response with, once `close` gives up waiting for the app.
         self.answer: bytes | None = None
-        #: Set when the app has returned, or when `answer` is set.
-        self.wake = anyio.Event()
+        #: Done when the app has returned, or when `answer` is set.
+        self.wake = wake
+
+    def done(self, _task: object = None) -> None:
+        if not self.wake.done():
+            self.wake.set_result(None)
 
     def received(self, message: Message) -> None:
         if message["type"] != "http.request" or self.too_large:
@@ -104,7 +112,7 @@ class _Post:
         self.answer = abandoned_answer_to(bytes(self.body))
         if self.answer is None:
             return False
-        self.wake.set()
+        self.done()
         return True
 
 
@@ -171,7 +179,8 @@ class HttpShutdown:
             await send(_LAST_CHUNK)
 
     async def _serve_post(self, scope: Scope, receive: Receive, send: Send) -> None:
-        post = _Post()
+        loop = asyncio.get_running_loop()
+        post = _Post(loop.create_future())
 
         async def capture() -> Message:
             message = await receive()
@@ -184,29 +193,22 @@ class HttpShutdown:
             await send(message)
             post.sent(message)
 
-        work = anyio.CancelScope()
-
-        async def run() -> None:
-            try:
-                with work:
-                    await self.app(scope, capture, watch)
-            finally:
-                post.wake.set()
-
-        task = _start(run())
+        task: asyncio.Task[None] = loop.create_task(_run(self.app, scope, capture, watch))
+        task.add_done_callback(post.done)
         self._posts.add(post)
         try:
-            await post.wake.wait()
+            await post.wake
         except BaseException:
             task.cancel()  # uvicorn cancels the request (its graceful-shutdown timeout): the app with it
             raise
         finally:
             self._posts.discard(post)
         if post.answer is None:
-            await task  # the app's own ending, its exception included
+            await task  # the app's own ending (done already), its exception included
             return
         # Its work holds the cancellation off: it unwinds what it can, and is left running.
-        work.cancel()
+        task.cancel()
+        task.add_done_callback(_retrieve)
         self._left.add(task)
         if post.started:
             event = b"event: message\r\ndata: " + post.answer + b"\r\n\r\n"
@@ -289,8 +291,18 @@ def _start(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """`work` as a task of its own, which its caller may stop waiting for; an exception it raises
     after that is not reported as never retrieved."""
     task = asyncio.get_running_loop().create_task(work)
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    task.add_done_callback(_retrieve)
     return task
+
+
+async def _run(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    await app(scope, receive, send)  # an ASGI app returns an awaitable; a task needs a coroutine
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Retrieve a left task's exception, so that it is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _is_event_stream(start: Message) -> bool:
