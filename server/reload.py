@@ -147,7 +147,10 @@ class ConfigReloader:
                 ", ".join(f"{key} {_show(was, key)} -> {_show(now, key)}" for key, (was, now) in applied.items()),
             )
         else:
-            logger.info("Config reloaded from %s: nothing changed%s", where, _environment_note())
+            # The environment as the reason only where it may be one: a file was read, and no edit
+            # was reported above as ignored (the environment cannot change under a running process).
+            note = _environment_note() if self.path is not None and not ignored else ""
+            logger.info("Config reloaded from %s: nothing changed%s", where, note)
         return True
 
     async def watch_sighup(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -272,6 +272,26 @@ def test_a_reload_that_changes_nothing_names_the_environment_variables_that_over
     )
 
 
+def test_a_reload_does_not_blame_the_environment_when_it_cannot_be_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The edit was to a key bound at startup (reported as ignored until restart), or there is no
+    # file at all: the variables set are not why nothing changed, and naming them would mislead.
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_QUEUED", "3")
+    path = write(tmp_path / "c.toml", '[server]\nname = "one"\n')
+    sessions = SessionsExtension(load_settings(path))
+    write(path, '[server]\nname = "two"\n')
+    without_file = SessionsExtension(load_settings(None))
+
+    with caplog.at_level(logging.INFO, logger="server.reload"):
+        assert ConfigReloader(sessions, path).reload() is True
+        assert ConfigReloader(without_file, None).reload() is True
+
+    assert "ignored until restart: server.name" in caplog.text
+    assert caplog.text.count("nothing changed") == 2
+    assert "environment overrides" not in caplog.text
+
+
 def _replace_with_a_file_above(path: Path) -> None:
     # The config's directory becomes a file: reading the path fails with ENOTDIR.
     for child in path.parent.iterdir():
