@@ -27,6 +27,8 @@ from server.logs import configure_logging
 from server.stdio_wire import claim_stdin, divert_stdout
 from server.store_url import safe_url
 
+logger = logging.getLogger(__name__)
+
 EXIT_CONFIG = 2
 
 
@@ -80,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert wire is not None
         wire.write((json.dumps(effective, indent=2) + "\n").encode())
         wire.flush()
+        for note in settings.ineffective():
+            sys.stderr.write(f"mcp-session-manager: note: {note}\n")
         sys.stderr.write("mcp-session-manager: configuration is valid\n")
         return 0
     if settings.store.backend == "redis":
@@ -90,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"mcp-session-manager: {unreachable}\n")
             return EXIT_CONFIG
     configure_logging(settings.logging)
+    for note in settings.ineffective():
+        logger.warning("Config: %s", note)
     serve(app, app.reloader(args.config, overrides), wire, stdin)
     return 0
 

@@ -412,6 +412,35 @@ class Settings(BaseSettings):
         # so that it knows where each value came from.
         return (init_settings, env_settings)
 
+    def ineffective(self) -> list[str]:
+        """Valid settings that cannot take effect as written, each as a sentence naming its keys
+        (warned about at start, by `--check-config` and on a reload, never refused: each is
+        harmless, but its author expects something that will not happen)."""
+        limits = self.limits
+        cap = limits.max_concurrent_sessions
+        notes = []
+        if limits.max_sessions_per_client > cap:
+            notes.append(
+                f"limits.max_sessions_per_client ({limits.max_sessions_per_client}) is above "
+                f"limits.max_concurrent_sessions ({cap}): the server-wide cap is reached first"
+            )
+        for name, tool in sorted(self.tools.items()):
+            if tool.max_concurrent is not None and tool.max_concurrent > cap:
+                notes.append(
+                    f"tools.{name}.max_concurrent ({tool.max_concurrent}) is above "
+                    f"limits.max_concurrent_sessions ({cap}): the server-wide cap is reached first"
+                )
+            idle, deadline = tool.idle_timeout_seconds, self.timeout_for(name)
+            if idle is not None and idle >= deadline:
+                source = f"tools.{name}.timeout_seconds"
+                if tool.timeout_seconds is None:
+                    source = "limits.default_timeout_seconds"
+                notes.append(
+                    f"tools.{name}.idle_timeout_seconds ({idle:g}) is not below the call's deadline "
+                    f"({deadline:g}, {source}): a call reaches its deadline first, so the idle timeout never fires"
+                )
+        return notes
+
     def timeout_for(self, tool: str) -> float:
         """The deadline, in seconds, of one call of `tool`."""
         override = self.tools.get(tool)

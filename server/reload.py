@@ -133,6 +133,8 @@ class ConfigReloader:
         if old.logging != effective.logging:
             configure_logging(effective.logging)
         self.sessions.manager.config_reloaded(ok=True)
+        for note in effective.ineffective():
+            logger.warning("Config reload: %s", note)
         if restart_only:
             logger.warning("Config reload: ignored until restart: %s", _describe(restart_only))
         if host_owned:

@@ -373,6 +373,18 @@ async def test_stdin_eof_lets_running_calls_answer_then_exits_0(tmp_path: Path) 
     assert "stdin closed" in server.stderr
 
 
+async def test_a_setting_that_cannot_take_effect_is_warned_about_at_start(tmp_path: Path) -> None:
+    config = server_config(limits={"max_concurrent_sessions": 5}, tools={"echo": {"max_concurrent": 50}})
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert (
+        "WARNING server.cli: Config: tools.echo.max_concurrent (50) is above limits.max_concurrent_sessions (5): "
+        "the server-wide cap is reached first" in server.stderr
+    ), server.stderr
+
+
 async def test_sigterm_ends_an_open_listen_stream_with_its_result_and_exits_at_once(tmp_path: Path) -> None:
     # A `subscriptions/listen` request (protocol 2026-07-28) is answered only when its stream ends:
     # the shutdown ends it with its result (the SDK's client raises `SubscriptionLost` for a stream

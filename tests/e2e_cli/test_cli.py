@@ -133,6 +133,28 @@ def test_the_environment_beats_the_file_when_no_flag_is_given(tmp_path: Path) ->
     assert effective["server"]["port"] == 9000
 
 
+def test_check_config_notes_settings_that_cannot_take_effect_and_still_passes(tmp_path: Path) -> None:
+    # Valid, so not refused; but an idle timeout longer than the call's deadline never fires,
+    # and a per-tool cap above the server's never binds: the author should hear of it.
+    path = write(
+        tmp_path,
+        '[server]\ntool_modules = ["tools.demo"]\n[limits]\nmax_concurrent_sessions = 5\n'
+        "[tools.echo]\ntimeout_seconds = 2\nidle_timeout_seconds = 100\nmax_concurrent = 500\n",
+    )
+
+    result = run("--config", str(path), "--check-config")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tools"]["echo"]["idle_timeout_seconds"] == 100
+    notes = [line for line in result.stderr.splitlines() if line.startswith("mcp-session-manager: note: ")]
+    assert notes == [
+        "mcp-session-manager: note: tools.echo.max_concurrent (500) is above limits.max_concurrent_sessions (5): "
+        "the server-wide cap is reached first",
+        "mcp-session-manager: note: tools.echo.idle_timeout_seconds (100) is not below the call's deadline "
+        "(2, tools.echo.timeout_seconds): a call reaches its deadline first, so the idle timeout never fires",
+    ], result.stderr
+
+
 def test_check_config_imports_a_good_tool_module() -> None:
     result = run("--check-config", env={"MCP_SESSIONS_SERVER__TOOL_MODULES": f'["{FIXTURES}.good_tools"]'})
 

@@ -1270,3 +1270,22 @@ def test_log_level_and_format_are_read_in_any_case(tmp_path: Path, monkeypatch: 
 
     assert (from_file.logging.level, from_file.logging.format) == ("warning", "json")
     assert from_environment.logging.level == "debug"
+
+
+def test_settings_that_cannot_take_effect_are_named_and_a_sound_config_has_none() -> None:
+    sound = Settings(
+        limits=LimitsSettings(max_concurrent_sessions=10, max_sessions_per_client=10, default_timeout_seconds=30),
+        tools={"a": ToolSettings(max_concurrent=10, idle_timeout_seconds=29.5)},
+    )
+    assert sound.ineffective() == []
+    odd = Settings(
+        limits=LimitsSettings(max_concurrent_sessions=4, max_sessions_per_client=8, default_timeout_seconds=30),
+        tools={"b": ToolSettings(idle_timeout_seconds=30), "a": ToolSettings(max_concurrent=5)},
+    )
+    assert odd.ineffective() == [
+        "limits.max_sessions_per_client (8) is above limits.max_concurrent_sessions (4): "
+        "the server-wide cap is reached first",
+        "tools.a.max_concurrent (5) is above limits.max_concurrent_sessions (4): the server-wide cap is reached first",
+        "tools.b.idle_timeout_seconds (30) is not below the call's deadline (30, limits.default_timeout_seconds): "
+        "a call reaches its deadline first, so the idle timeout never fires",
+    ]

@@ -292,6 +292,23 @@ def test_a_reload_does_not_blame_the_environment_when_it_cannot_be_the_reason(
     assert "environment overrides" not in caplog.text
 
 
+def test_a_reload_applies_a_setting_that_cannot_take_effect_and_warns_about_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path / "c.toml", "[limits]\nmax_concurrent_sessions = 4\n")
+    sessions = SessionsExtension(load_settings(path))
+    write(path, "[limits]\nmax_concurrent_sessions = 4\n[tools.echo]\nmax_concurrent = 9\n")
+
+    with caplog.at_level(logging.INFO, logger="server.reload"):
+        assert ConfigReloader(sessions, path).reload() is True
+
+    assert sessions.manager.tool_caps == {"echo": 9}
+    assert (
+        "Config reload: tools.echo.max_concurrent (9) is above limits.max_concurrent_sessions (4): "
+        "the server-wide cap is reached first" in caplog.text
+    )
+
+
 def _replace_with_a_file_above(path: Path) -> None:
     # The config's directory becomes a file: reading the path fails with ENOTDIR.
     for child in path.parent.iterdir():
