@@ -44,7 +44,7 @@ from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams
 from server.stdio_wire import Outstanding, StdinLines
 from server.tool_modules import import_tool_modules, install_tool_modules
-from server.unanswered import ANSWERED, abandoned_answer
+from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, abandoned_answer
 from tools.sessions import MANAGEMENT_TOOLS
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,6 @@ FLUSH_SECONDS = 2.0
 #: After the responses, how long the stdio server loop gets to end (its lifespan's exit waits up to
 #: 2 s for decoupled work) before it is left running and the process exits without it.
 UNWIND_SECONDS = 5.0
-#: The same, once requests had to be answered for work that holds its cancellation off: their
-#: handlers are in the loop, which cannot end before that work does.
-LEFT_BEHIND_GRACE = 0.2
 
 
 @dataclass

@@ -54,14 +54,11 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.unanswered import ANSWERED, MAX_BODY_BYTES, abandoned_answer_to
+from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, MAX_BODY_BYTES, abandoned_answer_to
 
 logger = logging.getLogger(__name__)
 
 _LAST_CHUNK: Message = {"type": "http.response.body", "body": b"", "more_body": False}
-#: Once requests have been answered at the exit, how long the lifespan's shutdown may take before the
-#: server stops without it (it may wait for the sessions those requests run in).
-LEFT_BEHIND_GRACE = 0.2
 #: After answering the requests left running, how long to wait for the answers to go out.
 ANSWER_SECONDS = 1.0
 

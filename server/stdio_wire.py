@@ -31,10 +31,6 @@ class Outstanding:
         self.empty = anyio.Event()
         self.empty.set()
 
-    @property
-    def ids(self) -> set[Any]:
-        return set(self.requests)
-
     def add(self, request_id: Any, method: str = "", params: Any = None) -> None:
         self.requests[request_id] = (method, params)
         if self.empty.is_set():

@@ -21,6 +21,9 @@ from server.errors import ErrorCode, SessionError, error_result, shorten
 
 #: Request bodies larger than this are not kept to be answered at the exit (a tool call is far smaller).
 MAX_BODY_BYTES = 1 << 20
+#: Once requests have been answered this way, how long what still waits for their work (the stdio
+#: server loop, the HTTP app's lifespan shutdown) may take before the process exits without it.
+LEFT_BEHIND_GRACE = 0.2
 #: What the log says of requests answered this way.
 ANSWERED = "answered shutting_down (their work held the cancellation off past the shutdown)"
 
