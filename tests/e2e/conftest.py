@@ -35,6 +35,8 @@ from mcp.shared.message import SessionMessage
 from mcp_types import CallToolResult, JSONRPCError, JSONRPCResponse, jsonrpc_message_adapter
 from pydantic import ValidationError
 
+from tests.helpers import error_of
+
 ClientStreams = tuple[MemoryObjectReceiveStream[SessionMessage | Exception], MemoryObjectSendStream[SessionMessage]]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -404,6 +406,29 @@ async def listen_through_sigterm(server: ServerProcess, within: float) -> tuple[
             async for event in subscription:
                 events.append(event)
         return events, await server.wait_exit(within=within)
+
+
+#: How long the work of a call that holds the shutdown off lasts: far past any exit we accept.
+HELD_SECONDS = 60.0
+#: How soon after its drain deadline the process must exit when work holds the cancellation off:
+#: the flush of answers still on their way (2 s), then a loaded machine's margin.
+HELD_EXIT_MARGIN = 6.0
+
+
+def assert_held_call_answered(
+    answer: CallToolResult, stderr: str, tool: str, exit_seconds: float, shutdown_seconds: float
+) -> None:
+    """What a call whose work (`tool`) held the shutdown's cancellation off past the drain leaves,
+    on either transport: its `shutting_down` answer, an exit no sooner than the drain deadline,
+    the report counting it cancelled, and the exit's lines saying what was answered and left."""
+    error = error_of(answer)
+    assert error["code"] == "shutting_down", answer
+    assert "held" in error["message"] and "abandoned" in error["message"], error["message"]
+    assert exit_seconds >= shutdown_seconds
+    assert "0 of 1 session(s) finished, 1 cancelled" in stderr
+    assert "1 request(s) answered shutting_down" in stderr
+    if tool == "thread_wait":
+        assert "thread(s) still running" in stderr
 
 
 async def _stop(server: ServerProcess) -> None:

@@ -25,10 +25,13 @@ from mcp_types import CallToolResult
 
 from tests.e2e.conftest import (
     CALL_SECONDS,
+    HELD_EXIT_MARGIN,
+    HELD_SECONDS,
     HOST,
     PROTOCOL_VERSION,
     START_SECONDS,
     ServerProcess,
+    assert_held_call_answered,
     listen_through_sigterm,
     metrics,
     metrics_until,
@@ -336,12 +339,6 @@ async def test_stateless_era_clients_without_credentials_share_the_quota_of_thei
 
 # -- work that holds the shutdown's cancellation off -------------------------------------
 
-#: How long the work of a call that holds the shutdown off lasts: far past any exit we accept.
-HELD_SECONDS = 60.0
-#: How soon after its drain deadline the process must exit when work holds the cancellation off:
-#: the flush of answers still on their way (2 s), then a loaded machine's margin.
-HELD_EXIT_MARGIN = 6.0
-
 
 @pytest.mark.parametrize("mode", ["default", "legacy"])
 @pytest.mark.parametrize("tool", ["thread_wait", "shielded_sleep"])
@@ -373,12 +370,5 @@ async def test_a_call_holding_the_shutdown_off_is_answered_shutting_down_and_the
             assert await server.wait_exit(within=shutdown_seconds + HELD_EXIT_MARGIN) == 0
             exit_seconds = time.monotonic() - signalled
 
-    error = error_of(results["held"])
-    assert error["code"] == "shutting_down", results["held"]
-    assert "held" in error["message"] and "abandoned" in error["message"], error["message"]
-    assert exit_seconds >= shutdown_seconds
-    assert "0 of 1 session(s) finished, 1 cancelled" in server.stderr
-    assert "1 request(s) answered shutting_down" in server.stderr
-    if tool == "thread_wait":
-        assert "thread(s) still running" in server.stderr
+    assert_held_call_answered(results["held"], server.stderr, tool, exit_seconds, shutdown_seconds)
     assert error_lines(server) == [], server.stderr

@@ -24,8 +24,11 @@ from mcp import Client, StdioServerParameters
 
 from tests.e2e.conftest import (
     CALL_SECONDS,
+    HELD_EXIT_MARGIN,
+    HELD_SECONDS,
     ROOT,
     ServerProcess,
+    assert_held_call_answered,
     listen_through_sigterm,
     metrics,
     metrics_until,
@@ -499,12 +502,6 @@ async def test_a_bad_config_exits_2_naming_the_file_and_key_without_starting(tmp
 
 # -- work that holds the shutdown's cancellation off -------------------------------------
 
-#: How long the work of a call that holds the shutdown off lasts: far past any exit we accept.
-HELD_SECONDS = 60.0
-#: How soon after its drain deadline the process must exit when work holds the cancellation off:
-#: the flush of answers still on their way (2 s), then a loaded machine's margin.
-HELD_EXIT_MARGIN = 6.0
-
 
 @pytest.mark.parametrize("tool", ["thread_wait", "shielded_sleep"])
 async def test_a_call_holding_the_shutdown_off_is_answered_shutting_down_and_the_process_exits_0_on_time(
@@ -524,12 +521,5 @@ async def test_a_call_holding_the_shutdown_off_is_answered_shutting_down_and_the
         assert await server.wait_exit(within=shutdown_seconds + HELD_EXIT_MARGIN) == 0
         exit_seconds = time.monotonic() - signalled
         answer = await server.call_result(held, within=0)
-    error = error_of(answer)
-    assert error["code"] == "shutting_down", answer
-    assert "held" in error["message"] and "abandoned" in error["message"], error["message"]
-    assert exit_seconds >= shutdown_seconds
-    assert "0 of 1 session(s) finished, 1 cancelled" in server.stderr
-    assert "1 request(s) answered shutting_down" in server.stderr
-    if tool == "thread_wait":
-        assert "thread(s) still running" in server.stderr
+    assert_held_call_answered(answer, server.stderr, tool, exit_seconds, shutdown_seconds)
     assert server.stray_stdout == []
