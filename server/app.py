@@ -243,7 +243,7 @@ async def serve_stdio(
         # The client died: its stdin closing ran the shutdown; the answers to its last calls
         # (cancelled at the deadline, say) have nowhere to go. Not a crash of the server.
         logger.warning("The client closed its end of the pipe: response(s) still on their way were not delivered")
-    _report_exit(app, exit_, exit_.left_behind)
+    await _report_exit(app, exit_, exit_.left_behind)
 
 
 async def _serve_stdio(
@@ -438,7 +438,7 @@ async def serve_http(
     if not server.started:
         logger.error("Could not serve MCP over streamable HTTP on %s port %s", settings.host, settings.port)
         raise SystemExit(1)
-    _report_exit(app, exit_, http.left_behind())
+    await _report_exit(app, exit_, http.left_behind())
 
 
 def transport_security(settings: ServerSettings) -> TransportSecuritySettings | None:
@@ -470,14 +470,19 @@ def _with_bare_names(patterns: list[str]) -> list[str]:
     return out
 
 
-def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
+async def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
     """Exit at once if anything would hold the process past the shutdown; else return.
 
     Python joins every non-daemon thread at exit, and `anyio.run` waits for every task: a thread
     stuck in a tool's work, or a task whose work holds its cancellation off (`left_behind`), would
     keep the process alive long after its shutdown, until an orchestrator kills it unexplained.
     So those are named in one warning and the process exits with status 0, as the shutdown ran.
+    Such a task also holds the lifespan open, so what its end does for the session manager (a
+    cluster replica's last session ends, its leaving) is done first.
     """
+    if left_behind:
+        with anyio.CancelScope(shield=True):
+            await app.sessions.manager.close_at_exit()
     stuck = app.sessions.manager.metrics().abandoned_threads
     busy = len(_busy_threads())
     if stuck:

@@ -116,6 +116,8 @@ class ClusterSessionManager(SessionManager):
         self._store_error: str | None = None
         #: The store's epoch when last seen; a new one means Redis lost its data.
         self._epoch: str | None = None
+        #: Set once this replica has written its last session ends and left the cluster (made when it begins).
+        self._left: anyio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -135,17 +137,30 @@ class ClusterSessionManager(SessionManager):
                 try:
                     yield self
                 finally:
-                    await self._flush_at_exit()
+                    await self.close_at_exit()
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.store.close()
 
-    async def _flush_at_exit(self) -> None:
+    async def close_at_exit(self) -> None:
         """Write the session ends still waiting, then leave the replicas counted live, bounded by
-        the store's timeout. If Redis is away, say once how many ends could not be written and
-        why: a stop is no failure of the runtime (their sessions stay counted in Redis until their
-        deadlines pass, then expire as `timeout`)."""
+        the store's timeout; once (a second call waits for the first). `running()` does it on its
+        way out; an exit that cannot wait for that (work left running holds it open) calls it
+        first, or the other replicas would count this one live, and its ended sessions active,
+        for seconds after it has gone. If Redis is away, say once how many ends could not be
+        written and why: a stop is no failure of the runtime (their sessions stay counted in
+        Redis until their deadlines pass, then expire as `timeout`)."""
+        if self._left is not None:
+            await self._left.wait()
+            return
+        self._left = anyio.Event()
+        try:
+            await self._write_last_ends()
+        finally:
+            self._left.set()
+
+    async def _write_last_ends(self) -> None:
         limit = self.store.settings.timeout_seconds * 2
         reason = f"{self.store.where} did not answer within {limit:g}s"
         with anyio.move_on_after(limit, shield=True):

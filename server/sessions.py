@@ -90,6 +90,11 @@ class SessionManager(Intake):
             finally:
                 tg.cancel_scope.cancel()
 
+    async def close_at_exit(self) -> None:
+        """Do what the end of `running()` must not leave undone, for an exit that cannot wait for
+        that block to end (work left running past the shutdown holds it open): nothing here; a
+        cluster replica writes its last session ends and leaves the cluster."""
+
     async def _reap(self) -> None:
         while True:
             now = time.monotonic()

@@ -45,7 +45,17 @@ from tests.cluster.conftest import (
     start_replicas,
     store_section,
 )
-from tests.e2e.conftest import HOST, START_SECONDS, TomlValue, free_port, metrics, start_server
+from tests.e2e.conftest import (
+    CALL_SECONDS,
+    HELD_EXIT_MARGIN,
+    HELD_SECONDS,
+    HOST,
+    START_SECONDS,
+    TomlValue,
+    free_port,
+    metrics,
+    start_server,
+)
 from tests.helpers import code_of, error_of, text_of
 
 #: Deadline of the dead replica's sessions.
@@ -289,6 +299,48 @@ async def test_a_sigterm_while_redis_is_down_exits_0_with_one_warning_for_the_un
     assert " WARNING server.cluster: " in line, line
     assert "1 session end(s) could not be written to the session store" in line, line
     assert own_redis.url in line, line
+
+
+@pytest.mark.parametrize("transport", ["stdio", "streamable-http-legacy"])
+async def test_a_replica_stopping_past_work_that_holds_the_shutdown_off_still_leaves_the_cluster(
+    tmp_path: Path, shared_store: dict[str, TomlValue], transport: str
+) -> None:
+    # Work that holds the drain's cancellation off (a shielded thread wait) makes the replica exit
+    # without its lifespan's end (over stdio, and over HTTP with a client of the handshake era,
+    # whose session the lifespan waits for). It must still write the call's end and leave the
+    # replicas counted live, as a clean stop does: the others see one replica and no active
+    # session at once, not only once it has been silent for 3 s.
+    shutdown_seconds = 1.0
+    config = cluster_config(shared_store)
+    config["shutdown"] = {"timeout_seconds": shutdown_seconds}
+    results: dict[str, CallToolResult] = {}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with (
+        start_server(tmp_path / "a", config, transport=transport.removesuffix("-legacy")) as a,
+        start_server(tmp_path / "b", config, transport="streamable-http") as b,
+        b.client() as on_b,
+    ):
+        on_a = a.client() if a.url is None else Client(a.url, mode="legacy", read_timeout_seconds=CALL_SECONDS)
+        async with on_a:
+            await cluster_until(on_b, lambda c: c["replicas"] == 2, within=10)
+
+            async def call() -> None:
+                results["held"] = await on_a.call_tool("thread_wait", {"seconds": HELD_SECONDS})
+
+            with anyio.fail_after(shutdown_seconds + HELD_EXIT_MARGIN + 5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call)
+                    await cluster_until(on_b, lambda c: c["active_sessions"] == 1)
+                    a.send_signal(signal.SIGTERM)
+            assert await a.wait_exit(within=shutdown_seconds + HELD_EXIT_MARGIN) == 0, a.stderr
+        _, cluster = await cluster_metrics(on_b)  # read once, right away: nothing left to expire
+
+    assert code_of(results["held"]) == "shutting_down", results["held"]
+    assert "thread(s) still running" in a.stderr, a.stderr
+    assert cluster["replicas"] == 1, cluster
+    assert cluster["active_sessions"] == 0 and cluster["total_sessions_cancelled"] == 1, cluster
+    assert_cluster_accounts(cluster)
 
 
 async def test_store_unavailable_sentences_read_cleanly_with_no_stray_full_stop(
