@@ -8,6 +8,8 @@ stopped and restarted (same port) mid-test, Redis hung (SIGSTOP), and Redis unre
   fast (within about `[store] timeout_seconds`) with `store_unavailable`; `session_metrics`
   still answers, with `cluster.available` false. When Redis is back, calls succeed again by
   themselves.
+- A replica that exits past work holding its shutdown off still writes its sessions' ends and
+  leaves the live replicas at once, as any clean stop does.
 - A reply from Redis the replica cannot read (a counter that is not a number) fails
   `session_metrics` inside: `internal_error`, logged once, never `invalid_argument`.
 - At startup an unreachable Redis is a clear error naming `[store] url`, and exit status 2.
