@@ -418,7 +418,11 @@ class SessionManager(Intake):
     async def shutdown(self, timeout: float) -> ShutdownReport:  # noqa: ASYNC109 - a drain deadline
         """Stop admitting, drain active sessions for up to `timeout` seconds, cancel the rest.
 
-        A second call while one runs waits for it and returns the same report.
+        A second call while one runs waits for it and returns the same report. Once begun, a
+        shutdown runs to its end even if its caller is cancelled (a client giving up on its
+        `server_shutdown`): the caller's cancellation takes effect when the drain is over, at
+        most `timeout` seconds on, since a shutdown left half-way would admit nothing, cancel
+        nothing and leave every later call waiting for its report.
         """
         if self._shutdown_done is not None:
             await self._shutdown_done.wait()
@@ -440,7 +444,7 @@ class SessionManager(Intake):
         for waiter in queued:
             waiter.event.set()
         logger.info("Shutting down: waiting up to %.3gs for %s active session(s)", timeout, initial)
-        with anyio.move_on_after(timeout):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
             await self.wait_idle()
         left = list(self._active.values())
         if left:

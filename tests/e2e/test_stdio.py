@@ -491,6 +491,26 @@ async def test_a_second_signal_forces_an_immediate_exit_with_status_1(tmp_path: 
     assert "Second SIGINT: forcing exit" in server.stderr
 
 
+async def test_a_server_shutdown_its_client_cancels_still_ends_and_the_process_exits_0(tmp_path: Path) -> None:
+    # The client gives up on its `server_shutdown` during the drain (a request timeout shorter
+    # than the drain): the shutdown still runs to its end, the call left at the deadline is
+    # answered, and the process exits 0, instead of staying half shut down until a second signal.
+    shutdown_seconds = 1.0
+    config = server_config(shutdown={"timeout_seconds": 60})
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        hanging = await server.start_call("sleep_async", {"seconds": 3600})
+        await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
+        shutdown = await server.start_call("server_shutdown", {"timeout_seconds": shutdown_seconds})
+        await server.wait_stderr("Shutting down: waiting up to")
+        await server.notify("notifications/cancelled", {"requestId": shutdown, "reason": "client timeout"})
+        assert await server.wait_exit(within=shutdown_seconds + EXIT_MARGIN) == 0, server.stderr
+        answer = await server.call_result(hanging, within=0)
+    assert error_of(answer)["code"] == "shutting_down", answer
+    assert "0 of 1 session(s) finished, 1 cancelled" in server.stderr, server.stderr
+    assert server.stray_stdout == []
+
+
 async def test_a_bad_config_exits_2_naming_the_file_and_key_without_starting(tmp_path: Path) -> None:
     config = server_config(limits={"max_concurrent_sessions": 0, "max_sesions": 5})
     async with start_server(tmp_path, config) as server:

@@ -747,6 +747,41 @@ async def test_server_shutdown_drains_cancels_and_refuses_new_work() -> None:
     assert (m["total_sessions_completed"], m["total_sessions_cancelled"]) == (2, 2)
 
 
+async def test_a_server_shutdown_call_the_client_cancels_still_drains_cancels_and_notifies_its_listeners() -> None:
+    # A client whose timeout is shorter than the drain cancels its own `server_shutdown`. The
+    # shutdown, once begun, must still run to its end: the work left at the deadline cancelled,
+    # the exit listeners told (the standalone server exits on them), and any later shutdown
+    # answered with that report, not left waiting for one that never comes.
+    app, sessions = build(settings(), tools=[hang_async])
+    exits: list[Any] = []
+    sessions.add_exit_listener(exits.append)
+    async with Client(app) as client:
+        hanging: list[CallToolResult] = []
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+
+                async def hang() -> None:
+                    hanging.append(await client.call_tool("hang_async", {"seconds": 3600}))
+
+                async def impatient_shutdown(scope: anyio.CancelScope) -> None:
+                    with scope:
+                        await client.call_tool("server_shutdown", {"timeout_seconds": 0.5})
+
+                tg.start_soon(hang)
+                await until(lambda: sessions.manager.metrics().active_sessions == 1)
+                scope = anyio.CancelScope()
+                tg.start_soon(impatient_shutdown, scope)
+                await sessions.manager.wait_shutting_down()
+                scope.cancel()  # the client gives up on its call while the drain runs
+                await until(lambda: bool(exits))
+            again = await sessions.shutdown(0)
+        m = await metrics(client)
+    assert code_of(hanging[0]) == "shutting_down"
+    assert len(exits) == 1 and again is exits[0]
+    assert exits[0].sessions_cancelled_at_deadline == 1 and exits[0].final_active_sessions == 0
+    assert m["active_sessions"] == 0 and m["total_sessions_cancelled"] == 1
+
+
 async def test_server_shutdown_with_nothing_running_returns_at_once() -> None:
     app, _ = build()
     async with Client(app) as client:
