@@ -516,9 +516,16 @@ class RedisStore:
             pass
 
 
+#: What `check_reachable` runs: a write under the prefix, from a Lua script, undone at once.
+_PROBE = "redis.call('SET', KEYS[1], '1', 'PX', 1000) return redis.call('DEL', KEYS[1])"
+
+
 def check_reachable(settings: StoreSettings) -> str | None:
-    """None if Redis at `settings.url` answers PING within the store's timeout; else why not
-    (a sentence naming the URL, password hidden). For startup, before anything is served."""
+    """None if Redis at `settings.url` answers within the store's timeout and lets this server
+    do what it needs (run Lua scripts that write under `[store] key_prefix`); else why not (a
+    sentence naming the URL, password hidden). For startup, before anything is served: a Redis
+    that answers PING but refuses those (a read-only replica, an ACL user without scripting or
+    writes) would otherwise fail the first session store call, after the server had started."""
     import redis
     import redis.retry
 
@@ -530,10 +537,20 @@ def check_reachable(settings: StoreSettings) -> str | None:
         retry=redis.retry.Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
+    where = f"the session store at {safe_url(settings.url)} ([store] url)"
     try:
-        client.ping()
-    except (RedisError, OSError) as exc:
-        return f"cannot reach the session store at {safe_url(settings.url)} ([store] url): {_describe(exc)}"
+        try:
+            client.ping()
+        except (RedisError, OSError) as exc:
+            return f"cannot reach {where}: {_describe(exc)}"
+        try:
+            client.eval(_PROBE, 1, f"{settings.key_prefix}probe:{secrets.token_hex(4)}")
+        except (RedisError, OSError) as exc:
+            return (
+                f"cannot use {where}: {_describe(exc)}; this server runs Lua scripts (EVAL, EVALSHA) that "
+                f"write keys under [store] key_prefix {settings.key_prefix!r}, so it needs a primary (not a "
+                "read-only replica) and, with ACLs, a user allowed scripting and writes on those keys"
+            )
     finally:
         client.close()
     return None

@@ -470,6 +470,37 @@ def nothing_listening() -> Iterator[int]:
     yield free_port()
 
 
+@pytest.mark.parametrize(
+    ("transport", "rules", "refusal"),
+    [
+        ("streamable-http", "-@scripting", "NoPermissionError"),  # no EVAL, EVALSHA
+        ("stdio", "-@write", "can't run this command"),  # scripts, but no writes
+    ],
+)
+async def test_startup_with_a_redis_that_answers_but_refuses_scripts_or_writes_exits_2_saying_why(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str, transport: str, rules: str, refusal: str
+) -> None:
+    # A Redis that answers PING but refuses what the store does (an ACL user without scripting or
+    # writes; a read-only replica likewise) is a config problem at start, as an unreachable one is:
+    # exit 2 with one line, not a traceback from the first store call once the server had started.
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        admin.acl_setuser("limited", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", rules])
+    finally:
+        admin.close()
+    url = f"redis://limited:secret@127.0.0.1:{own_redis.port}/0"
+    config = cluster_config(store_section(url, key_prefix))
+    async with start_server(tmp_path, config, transport=transport, wait_ready=False) as server:
+        status = await server.wait_exit(within=STARTUP_EXIT_SECONDS)
+
+    assert status == 2, server.stderr
+    [line] = [line for line in server.stderr_lines if "session store" in line]
+    assert line.startswith("mcp-session-manager: cannot use the session store at redis://limited:***@"), line
+    assert "([store] url)" in line and refusal in line and repr(key_prefix) in line, line
+    assert "secret" not in server.stderr and "Traceback" not in server.stderr, server.stderr
+    assert "Serving" not in server.stderr, "nothing may be served"
+
+
 @pytest.mark.parametrize("redis_side", [nothing_listening, silent_listener], ids=["refused", "silent"])
 async def test_startup_with_redis_unreachable_exits_2_naming_the_store_url(
     tmp_path: Path, key_prefix: str, redis_side: Any
