@@ -169,7 +169,7 @@ class ClusterSessionManager(SessionManager):
                 await self.store.leave()
             except StoreUnavailable as exc:
                 reason = str(exc)
-        unwritten = self.store.pending_ends
+        unwritten = self.store.unwritten_ends
         if unwritten:
             logger.warning(
                 "Stopping: %s session end(s) could not be written to the session store (%s); in the cluster "

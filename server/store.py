@@ -337,6 +337,8 @@ class RedisStore:
         self._admissions: list[tuple[tuple[Any, ...], asyncio.Future[str]]] = []
         self._admitting: asyncio.Task[None] | None = None
         self._ended: list[tuple[str, str]] = []
+        #: Ends sent in a round trip that has not come back yet (see `unwritten_ends`).
+        self._ends_in_flight = 0
         #: Set while session ends wait to be written.
         self.ended_ready = anyio.Event()
 
@@ -423,7 +425,14 @@ class RedisStore:
 
     @property
     def pending_ends(self) -> int:
+        """Session ends waiting to be written."""
         return len(self._ended)
+
+    @property
+    def unwritten_ends(self) -> int:
+        """Session ends Redis has not taken yet: waiting, or on their way in a round trip that has
+        not come back (with a hung Redis it may never)."""
+        return len(self._ended) + self._ends_in_flight
 
     async def flush_ended(self) -> None:
         """Write the session ends waiting to be written (raises `StoreUnavailable`; they stay)."""
@@ -468,6 +477,7 @@ class RedisStore:
             args += pair
         for request in admissions:
             args += request
+        self._ends_in_flight += len(ended)
         try:
             released, admitted = await self._call(what, self._sync(args=args))
         except BaseException:
@@ -475,6 +485,8 @@ class RedisStore:
                 self._ended[:0] = ended
                 self.ended_ready.set()
             raise
+        finally:
+            self._ends_in_flight -= len(ended)
         return released, admitted
 
     async def housekeeping(self) -> tuple[float | None, str]:

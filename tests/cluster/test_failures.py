@@ -278,20 +278,29 @@ async def test_concurrent_calls_while_redis_hangs_are_each_refused_within_one_st
     assert slowest <= STORE_TIMEOUT_SECONDS * 1.5, f"a refusal took {slowest:.2f}s"
 
 
+@pytest.mark.parametrize("away", ["stopped", "hung"])
 async def test_a_sigterm_while_redis_is_down_exits_0_with_one_warning_for_the_unwritten_session_ends(
-    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str, away: str
 ) -> None:
-    # A session is held when Redis goes away; SIGTERM's drain cancels it at its short deadline,
-    # and its end cannot be written. The README's promise: a clean stop logs no error.
+    # A session is held when Redis goes away (stopped, or hung: SIGSTOP, where the end's round
+    # trip never comes back); SIGTERM's drain cancels it at its short deadline, and its end cannot
+    # be written. The README's promise: a clean stop logs no error, and one warning says so.
     config = cluster_config(store_section(own_redis.url, key_prefix))
     config["shutdown"] = {"timeout_seconds": 0.2}
     async with start_replicas(tmp_path, config, 1) as (replica,):
         async with replica.client() as client:
             held = await client.call_tool("session_create", {"timeout_seconds": 60})
             assert not held.is_error, held
-        await anyio.to_thread.run_sync(own_redis.stop)
-        replica.send_signal(signal.SIGTERM)
-        status = await replica.wait_exit(within=STOP_EXIT_SECONDS)
+        if away == "stopped":
+            await anyio.to_thread.run_sync(own_redis.stop)
+        else:
+            own_redis.pause()
+        try:
+            replica.send_signal(signal.SIGTERM)
+            status = await replica.wait_exit(within=STOP_EXIT_SECONDS)
+        finally:
+            if away == "hung":
+                own_redis.resume()
 
     assert status == 0, replica.stderr
     assert "Traceback" not in replica.stderr and " ERROR " not in replica.stderr, replica.stderr
