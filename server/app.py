@@ -287,8 +287,8 @@ async def _serve_stdio(
                 elif isinstance(message, JSONRPCNotification) and message.method == "notifications/cancelled":
                     # A cancelled request gets no response: stop waiting for one.
                     cancelled = (message.params or {}).get("requestId")
-                    outstanding.discard(cancelled)
-                    unadmitted.discard(cancelled)
+                    outstanding.discard_cancelled(cancelled)
+                    unadmitted.discard_cancelled(cancelled)
                 await in_send.send(item)
             if lines.eof:
                 # The client is done. Calls it sent before closing stdin are still served: let them

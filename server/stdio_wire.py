@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+from mcp.shared.dispatcher import coerce_request_id
 
 
 class Outstanding:
@@ -40,6 +41,14 @@ class Outstanding:
         self.requests.pop(request_id, None)
         if not self.requests:
             self.empty.set()
+
+    def discard_cancelled(self, request_id: Any) -> None:
+        """Stop waiting for the request a `notifications/cancelled` names. Like the SDK, which
+        cancels the request, take `"7"` and `7` for one id (`coerce_request_id`)."""
+        if request_id not in self.requests and isinstance(request_id, str | int) and not isinstance(request_id, bool):
+            wanted = coerce_request_id(request_id)
+            request_id = next((key for key in self.requests if coerce_request_id(key) == wanted), request_id)
+        self.discard(request_id)
 
 
 class StdinLines:

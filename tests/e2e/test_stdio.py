@@ -400,12 +400,18 @@ async def test_sigterm_ends_an_open_listen_stream_with_its_result_and_exits_at_o
     assert server.stray_stdout == []
 
 
-async def test_a_call_the_client_cancels_ends_as_cancelled_and_does_not_hold_up_the_exit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spelling", [int, str], ids=["as-sent", "as-a-string"])
+async def test_a_call_the_client_cancels_ends_as_cancelled_and_does_not_hold_up_the_exit(
+    tmp_path: Path, spelling: Callable[[int], int | str]
+) -> None:
+    # The SDK takes a cancellation naming request 7 as "7" for request 7 (as the TypeScript SDK
+    # does): the call is cancelled, so it must not be waited for, or answered, at the exit either.
     async with start_server(tmp_path, server_config()) as server:
         await server.initialize()
         request_id = await server.start_call("sleep_async", {"seconds": 3600})
         await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
-        await server.notify("notifications/cancelled", {"requestId": request_id, "reason": "the user gave up"})
+        cancel = {"requestId": spelling(request_id), "reason": "the user gave up"}
+        await server.notify("notifications/cancelled", cancel)
         m = await raw_metrics_until(server, lambda m: m["active_sessions"] == 0)
         await server.close_stdin()
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
