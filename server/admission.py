@@ -181,12 +181,18 @@ def refuse_queue_timeout(
     )
 
 
-def refuse_store(tool: str | None, reason: str) -> SessionError:
-    return SessionError(
-        ErrorCode.STORE_UNAVAILABLE,
-        f"{reason}; the call was not run. The server reconnects by itself: retry in a moment",
-        tool=tool,
-    )
+#: What a caller is told when Redis answered with an error (`StoreUnavailable.refused`).
+STORE_REFUSED_ADVICE = (
+    "Redis answered with an error that retrying will not cure until the operator puts the session store "
+    "right (see the server's log)"
+)
+
+
+def refuse_store(tool: str | None, reason: str, *, refused: bool = False) -> SessionError:
+    """The refusal of a call the session store could not admit: `refused` when Redis answered
+    with an error, which a retry does not cure until the operator puts the store right."""
+    advice = STORE_REFUSED_ADVICE if refused else "The server reconnects by itself: retry in a moment"
+    return SessionError(ErrorCode.STORE_UNAVAILABLE, f"{reason}; the call was not run. {advice}", tool=tool)
 
 
 def refuse_shutdown(tool: str | None) -> SessionError:

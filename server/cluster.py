@@ -241,7 +241,7 @@ class ClusterSessionManager(SessionManager):
         except StoreUnavailable as exc:
             self._store_failed(exc)
             self._count(Refusal.STORE)
-            raise admission.refuse_store(tool, str(exc)) from None
+            raise admission.refuse_store(tool, str(exc), refused=exc.refused) from None
         return verdict
 
     def _open_admitted(self, session: Session) -> Session:
@@ -341,9 +341,10 @@ class ClusterSessionManager(SessionManager):
         except StoreUnavailable as exc:
             self._store_failed(exc)
             self._count(Refusal.STORE)
+            advice = admission.STORE_REFUSED_ADVICE if exc.refused else "Retry in a moment"
             raise SessionError(
                 ErrorCode.STORE_UNAVAILABLE,
-                f"{exc}; session {shorten(session_id)} was not released. Retry in a moment",
+                f"{exc}; session {shorten(session_id)} was not released. {advice}",
                 session_id=shorten(session_id),
             ) from None
         if known.before.startswith("call "):  # another replica's tool call (see `tool_calls`)

@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from server.config import StoreSettings
 from server.store_url import safe_url
@@ -277,7 +277,13 @@ return {
 
 
 class StoreUnavailable(Exception):
-    """Redis could not be reached or did not answer in time; the message says where and why."""
+    """Redis could not be reached, did not answer in time, or answered with an error (`refused`:
+    a read-only replica, missing ACL rights, out of memory, a key of another type under the
+    prefix, which retrying does not cure until the store is put right); the message says where and why."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +354,8 @@ class RedisStore:
             # The client bounds connect and each read; this bounds the whole operation too.
             with anyio.fail_after(self.settings.timeout_seconds * 2):
                 return await operation
+        except ResponseError as exc:
+            raise StoreUnavailable(f"{self.where} refused to {what}: {_describe(exc)}", refused=True) from None
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"{self.where} failed to {what}: {_describe(exc)}") from None
 
@@ -401,7 +409,7 @@ class RedisStore:
                     waited, self._admissions = self._admissions, []
                     for _, verdict in batch + waited:
                         if not verdict.done():
-                            verdict.set_exception(StoreUnavailable(str(exc)))
+                            verdict.set_exception(StoreUnavailable(str(exc), refused=exc.refused))
                     for request, _ in batch:
                         # Refused here, but Redis may still run the admission (a time-out, not a
                         # refusal): end it there, or mark it so that it is never admitted. (The

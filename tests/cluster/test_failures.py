@@ -465,6 +465,30 @@ async def test_a_store_reply_session_metrics_cannot_read_is_an_internal_error_no
     assert "(invalid_argument)" not in replica.stderr, replica.stderr
 
 
+async def test_a_store_error_redis_answers_is_store_unavailable_without_the_promise_that_a_retry_cures_it(
+    tmp_path: Path, shared_redis_url: str, shared_store: dict[str, TomlValue], key_prefix: str
+) -> None:
+    # Redis answers with an error (here WRONGTYPE: another program keeps a string where the
+    # service keeps its counters; likewise out of memory, a read-only replica after a failover,
+    # missing ACL rights). The call is refused `store_unavailable`, as the contract says, but the
+    # caller is not told that the server reconnects and a retry in a moment will do.
+    async with start_replicas(tmp_path, cluster_config(shared_store), 1) as (replica,), replica.client() as client:
+        store = redis.Redis.from_url(shared_redis_url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            store.delete(f"{key_prefix}counts")
+            store.set(f"{key_prefix}counts", "not a hash")
+        finally:
+            store.close()
+        with anyio.fail_after(10):
+            refused = await client.call_tool("echo", {"text": "x"})
+            created = await client.call_tool("session_create", {})
+    for result in (refused, created):
+        error = error_of(result)
+        assert error["code"] == "store_unavailable", error
+        assert "refused to admit a session" in error["message"] and "WRONGTYPE" in error["message"], error
+        assert "retrying will not cure" in error["message"] and "reconnects" not in error["message"], error
+
+
 @contextmanager
 def silent_listener() -> Iterator[int]:
     """A loopback port that accepts connections (the kernel completes them) and never answers."""
