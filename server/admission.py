@@ -131,9 +131,9 @@ def refuse_client_limit(tool: str | None, cap: int) -> SessionError:
 
 def refuse_threads(tool: str | None, stuck: int, cap: int) -> SessionError:
     if stuck == 1:
-        stuck_text = "1 thread is stuck in a sync tool call past its deadline"
+        stuck_text = "1 thread is stuck in a sync tool call that has ended (past its deadline, or cancelled)"
     else:
-        stuck_text = f"{stuck} threads are stuck in sync tool calls past their deadline"
+        stuck_text = f"{stuck} threads are stuck in sync tool calls that have ended (past their deadline, or cancelled)"
     return SessionError(
         ErrorCode.CAPACITY_EXCEEDED,
         f"{stuck_text} (the limit, limits.max_abandoned_threads, is {cap}); sync tools are refused until they end: "

@@ -241,7 +241,7 @@ class LimitsSettings(_Section):
         default=32,
         ge=0,
         le=10_000,
-        description="Sync calls stuck in threads past their deadline before sync tools are refused.",
+        description="Sync calls whose thread outlives the call (deadline, cancellation) before sync tools are refused.",
     )
 
     @model_validator(mode="after")

@@ -233,7 +233,10 @@ class SessionsExtension(DecoupledCalls, Extension):
         await self._stop_works()
         stuck = self.manager.metrics().abandoned_threads
         if stuck:
-            logger.warning("Leaving %s stuck thread(s) behind: sync tools still running past their deadline", stuck)
+            logger.warning(
+                "Leaving %s stuck thread(s) behind: sync tools still running after their calls ended",
+                stuck,
+            )
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
             task, stop = runtime

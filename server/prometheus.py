@@ -97,7 +97,11 @@ GAUGES: tuple[tuple[str, str, str], ...] = (
     ("active_sessions", "active", "Sessions active now."),
     ("peak_concurrent_sessions", "peak_concurrent", "The most sessions active at once."),
     ("queued_sessions", "queued", "Calls waiting for admission."),
-    ("abandoned_threads", "abandoned_threads", "Sync tool calls past their deadline whose thread still runs."),
+    (
+        "abandoned_threads",
+        "abandoned_threads",
+        "Sync tool calls ended (deadline or cancellation) whose thread still runs.",
+    ),
     ("max_abandoned_threads", "max_abandoned_threads", "limits.max_abandoned_threads in force."),
     ("current_metadata_bytes", "metadata_bytes", "Metadata bytes held by active sessions."),
     ("shutdown_requested", "shutting_down", "1 while a graceful shutdown runs."),
