@@ -229,6 +229,12 @@ local freed = purge(grace, ttl, PURGE_BATCH)
 local replicas = P .. 'replicas'
 redis.call('ZADD', replicas, now, replica)
 redis.call('ZREMRANGEBYSCORE', replicas, '-inf', now - 10 * live)
+-- A replica that died with calls queued would be told of every freed slot forever: forget its
+-- count once it is silent (a live one sets its count again with its next round trip).
+for _, other in ipairs(redis.call('HKEYS', P .. 'waiting')) do
+  local seen = tonumber(redis.call('ZSCORE', replicas, other))
+  if seen == nil or seen < now - live then redis.call('HDEL', P .. 'waiting', other) end
+end
 local first = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
 local wait = -1
 if first[2] then wait = math.max(0, tonumber(first[2]) + grace - now) end
@@ -526,8 +532,16 @@ class RedisStore:
 
     async def leave(self) -> None:
         """Stop counting this replica as live (a clean stop): a session it could not end is then
-        expired at its deadline (+ the grace), without waiting for it to fall silent."""
-        await self._call("leave the cluster", self.redis.zrem(self.prefix + "replicas", self.replica))
+        expired at its deadline (+ the grace), without waiting for it to fall silent. Its count of
+        queued calls goes too."""
+
+        async def leave() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.prefix + "replicas", self.replica)
+                pipe.hdel(self.prefix + "waiting", self.replica)
+                await pipe.execute()
+
+        await self._call("leave the cluster", leave())
 
     async def close(self) -> None:
         try:

@@ -30,11 +30,12 @@ import anyio.to_thread
 import httpx2
 import pytest
 import redis
+import redis.asyncio as aioredis
 from mcp import Client
 from mcp_types import CallToolResult
 
 from server.config import StoreSettings
-from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, RedisStore
+from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, REPLICA_LIVE_SECONDS, RedisStore
 from tests.cluster.conftest import (
     STORE_TIMEOUT_SECONDS,
     RedisServer,
@@ -53,6 +54,7 @@ from tests.e2e.conftest import (
     HELD_SECONDS,
     HOST,
     START_SECONDS,
+    ServerProcess,
     TomlValue,
     free_port,
     metrics,
@@ -501,6 +503,53 @@ def silent_listener() -> Iterator[int]:
 @contextmanager
 def nothing_listening() -> Iterator[int]:
     yield free_port()
+
+
+async def test_a_killed_replica_with_queued_calls_is_no_longer_told_of_freed_slots(
+    tmp_path: Path, shared_redis_url: str, shared_store: dict[str, TomlValue], key_prefix: str
+) -> None:
+    # A replica that dies with calls queued leaves its count of them in Redis; while that count is
+    # there, every freed slot anywhere is published to every replica. The live ones forget it once
+    # the dead one has been silent for 5 s (and not before).
+    config = cluster_config(shared_store, limits={"max_concurrent_sessions": 1, "max_queued": 5})
+    config["limits"] = {**config["limits"], "queue_timeout_seconds": 60}
+    store = aioredis.Redis.from_url(shared_redis_url, socket_connect_timeout=5, socket_timeout=5)
+    waiting = f"{key_prefix}waiting"
+    outcome: list[str] = []
+
+    async def queued_until_its_replica_dies(a: ServerProcess) -> None:
+        try:
+            async with a.client() as on_a:
+                outcome.append(f"answered: {await on_a.call_tool('echo', {'text': 'queued'})}")
+        except* httpx2.TransportError:
+            outcome.append("disconnected")
+
+    try:
+        async with start_replicas(tmp_path, config, 2) as (a, b), b.client() as on_b:
+            async with a.client() as on_a:
+                held = await on_a.call_tool("session_create", {"timeout_seconds": 60})
+                assert not held.is_error, held
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(queued_until_its_replica_dies, a)
+                    with anyio.fail_after(5):  # each turn a round trip to Redis
+                        while not await store.hlen(waiting):
+                            pass
+                    a.process.kill()
+                    await a.process.wait()
+                    killed = time.monotonic()
+                    with anyio.fail_after(REPLICA_LIVE_SECONDS + SLACK_SECONDS):
+                        while await store.hlen(waiting):
+                            pass
+                    forgotten_after = time.monotonic() - killed
+            session_id = (held.structured_content or {})["session_id"]
+            released = await on_b.call_tool("session_release", {"session_id": session_id})
+    finally:
+        await store.aclose()
+    assert outcome == ["disconnected"], outcome
+    # A reported at most a second before it was killed; B forgets it 5 s after that report.
+    assert forgotten_after >= REPLICA_LIVE_SECONDS - 1.5, forgotten_after
+    assert not released.is_error, released
 
 
 @pytest.mark.parametrize(
