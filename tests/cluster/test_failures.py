@@ -511,8 +511,8 @@ async def test_a_killed_replica_with_queued_calls_is_no_longer_told_of_freed_slo
     # A replica that dies with calls queued leaves its count of them in Redis; while that count is
     # there, every freed slot anywhere is published to every replica. The live ones forget it once
     # the dead one has been silent for 5 s (and not before).
-    config = cluster_config(shared_store, limits={"max_concurrent_sessions": 1, "max_queued": 5})
-    config["limits"] = {**config["limits"], "queue_timeout_seconds": 60}
+    limits: dict[str, TomlValue] = {"max_concurrent_sessions": 1, "max_queued": 5, "queue_timeout_seconds": 60}
+    config = cluster_config(shared_store, limits=limits)
     store = aioredis.Redis.from_url(shared_redis_url, socket_connect_timeout=5, socket_timeout=5)
     waiting = f"{key_prefix}waiting"
     outcome: list[str] = []
