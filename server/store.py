@@ -30,6 +30,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import redis.asyncio as aioredis
@@ -576,6 +577,8 @@ def check_reachable(settings: StoreSettings) -> str | None:
         try:
             client.ping()
         except (RedisError, OSError) as exc:
+            if isinstance(exc, redis.AuthenticationError):
+                return f"cannot log in to {where}: {_describe(exc)}; {_login_advice(settings.url)}"
             return f"cannot reach {where}: {_describe(exc)}"
         try:
             client.eval(_PROBE, 1, f"{settings.key_prefix}probe:{secrets.token_hex(4)}")
@@ -588,6 +591,19 @@ def check_reachable(settings: StoreSettings) -> str | None:
     finally:
         client.close()
     return None
+
+
+def _login_advice(url: str) -> str:
+    """What to do when Redis refuses this server's login (the URL's user name and password)."""
+    parts = urlsplit(url)
+    if not parts.password and "password" not in parse_qs(parts.query):
+        return (
+            "Redis asks for a password and [store] url gives none: write it into the URL, "
+            "redis://:PASSWORD@HOST:PORT/DB (redis://USER:PASSWORD@... for an ACL user; "
+            "unix:///PATH?password=PASSWORD for a socket; `/ ? # @` in it percent-encoded), or give the "
+            "whole URL in the environment variable MCP_SESSIONS_STORE__URL to keep the password out of the file"
+        )
+    return "check the user name and password in [store] url (`/ ? # @` in the password percent-encoded)"
 
 
 def _describe(exc: BaseException) -> str:

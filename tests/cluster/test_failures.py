@@ -583,6 +583,36 @@ async def test_startup_with_a_redis_that_answers_but_refuses_scripts_or_writes_e
     assert "Serving" not in server.stderr, "nothing may be served"
 
 
+@pytest.mark.parametrize(
+    ("transport", "login", "advice"),
+    [
+        ("stdio", "", "Redis asks for a password and [store] url gives none: write it into the URL"),
+        ("streamable-http", ":wrong@", "check the user name and password in [store] url"),
+    ],
+    ids=["no-password", "wrong-password"],
+)
+async def test_startup_with_a_redis_that_refuses_the_login_exits_2_saying_where_the_password_goes(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str, transport: str, login: str, advice: str
+) -> None:
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        admin.config_set("requirepass", "s3cret")  # the default user now needs it
+    finally:
+        admin.close()
+    url = f"redis://{login}127.0.0.1:{own_redis.port}/0"
+    config = cluster_config(store_section(url, key_prefix))
+    async with start_server(tmp_path, config, transport=transport, wait_ready=False) as server:
+        status = await server.wait_exit(within=STARTUP_EXIT_SECONDS)
+
+    assert status == 2, server.stderr
+    [line] = [line for line in server.stderr_lines if "session store" in line]
+    shown = url.replace(":wrong@", ":***@")
+    assert line.startswith(f"mcp-session-manager: cannot log in to the session store at {shown} ([store] url): "), line
+    assert "AuthenticationError" in line and advice in line, line
+    assert "wrong" not in server.stderr and "Traceback" not in server.stderr, server.stderr
+    assert "Serving" not in server.stderr, "nothing may be served"
+
+
 @pytest.mark.parametrize("redis_side", [nothing_listening, silent_listener], ids=["refused", "silent"])
 async def test_startup_with_redis_unreachable_exits_2_naming_the_store_url(
     tmp_path: Path, key_prefix: str, redis_side: Any
