@@ -76,6 +76,8 @@ class Waiter:
     event: anyio.Event
     admitted: bool = False
     refusal: SessionError | None = None
+    #: Cluster mode: what the store last said kept it out ("capacity", "tool_limit"); "" if never asked.
+    held_by: str = ""
 
 
 def refuse_label(field: str, value: str, tool: str | None) -> SessionError:

@@ -197,8 +197,9 @@ class ClusterSessionManager(SessionManager):
             may_queue = queue and len(self._queue) < limits.max_queued
             behind = may_queue and bool(self._queue)  # FIFO: a newcomer queues behind the waiters here
             session.id = self._new_id_locked() if session.tool is not None else self._signed_id_locked()
+        held_by = ""
         if not behind:
-            verdict = await self._acquire(session, final=not may_queue)
+            verdict = held_by = await self._acquire(session, final=not may_queue)
             if verdict == "ok":
                 return self._open_admitted(session)
             if verdict == "client_limit":
@@ -209,6 +210,7 @@ class ClusterSessionManager(SessionManager):
                     raise self._full_locked(session, tool_full=verdict == "tool_limit", may_queue=queue)
         with self._lock:
             waiter = self._enqueue_locked(session)
+            waiter.held_by = held_by
         self._freed.set()
         return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
 
@@ -279,8 +281,13 @@ class ClusterSessionManager(SessionManager):
                     break
                 if verdict == "ok":
                     self._hand_to(waiter)
-                elif verdict == "capacity":
-                    break  # the cluster is full: wait for the next freed slot
+                    continue
+                waiter.held_by = verdict
+                if verdict == "capacity":  # the cluster is full (for the calls behind it too)
+                    with self._lock:
+                        for behind in self._queue:
+                            behind.held_by = verdict
+                    break  # wait for the next freed slot
                 elif verdict == "client_limit":
                     with self._lock:
                         if waiter in self._queue:
@@ -291,6 +298,10 @@ class ClusterSessionManager(SessionManager):
                             )
                     waiter.event.set()
                 # "tool_limit": its tool is full; the calls behind it may fit
+
+    def _full_for_locked(self, waiter: Waiter) -> tuple[bool, bool]:
+        """What kept `waiter` out, as the store last said: this replica sees only its own calls."""
+        return waiter.held_by == "capacity", waiter.held_by == "tool_limit"
 
     def _hand_to(self, waiter: Waiter) -> None:
         with self._lock:

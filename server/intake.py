@@ -233,18 +233,24 @@ class Intake(ManagerState):
         naming what it waited for: the server's slots, its tool's cap, or both."""
         waited = self._leave_queue_locked(waiter)
         self._rejected[Refusal.QUEUE_TIMEOUT] += 1
-        cap = self.limits.max_concurrent_sessions
         tool = waiter.session.tool
-        tool_cap = self.tool_caps.get(tool) if tool is not None else None
+        server_full, tool_full = self._full_for_locked(waiter)
         return admission.refuse_queue_timeout(
             tool,
             waited,
             self.CAPACITY_SCOPE,
-            cap,
-            server_full=len(self._active) >= cap,
-            tool_cap=tool_cap,
-            tool_full=tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap,
+            self.limits.max_concurrent_sessions,
+            server_full=server_full,
+            tool_cap=self.tool_caps.get(tool) if tool is not None else None,
+            tool_full=tool_full,
         )
+
+    def _full_for_locked(self, waiter: Waiter) -> tuple[bool, bool]:
+        """Whether the server's slots, and whether the waiter's tool's cap, are full now."""
+        tool = waiter.session.tool
+        tool_cap = self.tool_caps.get(tool) if tool is not None else None
+        tool_full = tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap
+        return len(self._active) >= self.limits.max_concurrent_sessions, tool_full
 
     def _leave_queue_locked(self, waiter: Waiter) -> float:
         """Take a waiter out of the queue unadmitted; return how long it waited."""

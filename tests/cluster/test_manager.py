@@ -140,6 +140,29 @@ async def test_a_queued_call_times_out_when_no_replica_frees_a_slot(shared_store
         assert (await _totals(a)).total_sessions_created == 1
 
 
+@pytest.mark.parametrize("held_by", ["tool", "cluster"])
+async def test_a_queued_call_that_times_out_is_told_which_cap_of_the_cluster_kept_it_waiting(
+    shared_store: dict[str, TomlValue], held_by: str
+) -> None:
+    # B sees none of A's calls locally: what kept its call waiting is what the store last said.
+    server_cap = 10 if held_by == "tool" else 1
+    a = _replica(shared_store, {"slow": 1}, max_concurrent_sessions=server_cap)
+    b = _replica(shared_store, {"slow": 1}, max_concurrent_sessions=server_cap, max_queued=1, queue_timeout_seconds=0.3)
+    async with _running(a, b):
+        await a.create(tool="slow")
+        with pytest.raises(SessionError) as refused:
+            await b.create(tool="slow")
+
+    message = refused.value.message
+    assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED and "(limits.queue_timeout_seconds)" in message
+    tool_limit = "tool 'slow' is at its limit of 1 concurrent call (tools.slow.max_concurrent)"
+    cluster_limit = "the cluster of replicas sharing the session store is at its limit of 1 concurrent session"
+    if held_by == "tool":
+        assert tool_limit in message and "limits.max_concurrent_sessions" not in message, message
+    else:
+        assert cluster_limit in message and "tools.slow.max_concurrent" not in message, message
+
+
 async def test_a_tool_cap_holds_across_managers(shared_store: dict[str, TomlValue]) -> None:
     a = _replica(shared_store, {"slow": 1}, max_concurrent_sessions=10)
     b = _replica(shared_store, {"slow": 1}, max_concurrent_sessions=10)
