@@ -298,12 +298,21 @@ async def _serve_stdio(
                     await unadmitted.empty.wait()
                 await exit_.begin("stdin closed")
 
+        async def deliver(item: SessionMessage) -> None:
+            try:
+                await stdout.send(item)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                # The SDK's writer has ended: the client closed its end of the pipe. The writer's own
+                # BrokenPipeError stops the transport and is reported once (`serve_stdio`); answers
+                # still coming have nowhere to go and are dropped, so that no handler waits to send one.
+                pass
+
         async def relay_out() -> None:
             async with out_recv:
                 async for item in out_recv:
                     if isinstance(item.message, JSONRPCResponse | JSONRPCError) and item.message.id in answered:
                         continue  # answered at the exit already (see below)
-                    await stdout.send(item)
+                    await deliver(item)
                     if isinstance(item.message, JSONRPCResponse | JSONRPCError):
                         outstanding.discard(item.message.id)
                         unadmitted.discard(item.message.id)  # answered without reaching the session layer
@@ -328,7 +337,7 @@ async def _serve_stdio(
                     # off and their handlers write nothing: answer them, rather than leave silence.
                     for request_id, (method, params) in held.items():
                         answered.add(request_id)
-                        await stdout.send(SessionMessage(abandoned_answer(request_id, method, params)))
+                        await deliver(SessionMessage(abandoned_answer(request_id, method, params)))
                         outstanding.discard(request_id)
                         unadmitted.discard(request_id)
                     logger.warning(

@@ -2,7 +2,8 @@
 
 Run as `python -m tests.load.stdio_client CONFIG`: it launches the server (`python -m server
 --config CONFIG`; the server's stderr is this process's stderr), starts a `tools/call` of
-`sleep_async` for an hour, asks `session_metrics` until that call is an active session, writes
+`sleep_async` for an hour (CALLS of them, one if not given: `python -m tests.load.stdio_client
+CONFIG CALLS`), asks `session_metrics` until those calls are active sessions, writes
 `ready` on stdout, and then waits for stdin to close. The test kills it with SIGKILL there, so
 the server loses its client with the call still running, as when an assistant crashes.
 """
@@ -33,7 +34,7 @@ def response(pipe: IO[bytes], request_id: int) -> dict[str, Any]:
     raise SystemExit(f"the server closed stdout before answering request {request_id}")
 
 
-def main(config: str) -> None:
+def main(config: str, calls: int) -> None:
     deadline = time.monotonic() + SETUP_SECONDS
     server = subprocess.Popen(
         [sys.executable, "-m", "server", "--config", config], stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -44,20 +45,21 @@ def main(config: str) -> None:
     response(server.stdout, 1)
     send(server.stdin, {"jsonrpc": "2.0", "method": "notifications/initialized"})
     call = {"name": "sleep_async", "arguments": {"seconds": 3600}}
-    send(server.stdin, {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call})
-    request_id = 3
+    for call_id in range(2, 2 + calls):
+        send(server.stdin, {"jsonrpc": "2.0", "id": call_id, "method": "tools/call", "params": call})
+    request_id = 2 + calls
     while time.monotonic() < deadline:  # each round trip is one request; no sleeping
         params = {"name": "session_metrics", "arguments": {}}
         send(server.stdin, {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params})
         metrics = response(server.stdout, request_id)["result"]["structuredContent"]
-        if metrics["active_sessions"] == 1:
+        if metrics["active_sessions"] == calls:
             sys.stdout.write(f"ready {server.pid}\n")
             sys.stdout.flush()
             sys.stdin.read()  # until killed
             return
         request_id += 1
-    raise SystemExit("the call never became an active session")
+    raise SystemExit("the calls never all became active sessions")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
