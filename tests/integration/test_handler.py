@@ -125,6 +125,34 @@ async def test_a_subclass_overriding_the_sdk_hook_keeps_the_chain_with_every_gua
     assert (snapshot.total_sessions_completed, snapshot.total_sessions_timeout) == (1, 1)
 
 
+class AuditedSessions(SessionsExtension):
+    """The README's subclass that observes calls through `handle_tool_call`, as written there."""
+
+    audited: list[str]
+
+    async def handle_tool_call(self, ctx, params, handler=None):  # type: ignore[no-untyped-def]
+        self.audited.append(params.name)
+        return await super().handle_tool_call(ctx, params, handler)
+
+
+async def test_the_readme_s_handle_tool_call_override_sees_every_call_with_every_guarantee() -> None:
+    # The take-over serves calls with the override, with (ctx, params) only: an override without
+    # the `handler=None` default would fail every call with a TypeError.
+    sessions = AuditedSessions(settings(tool_timeouts={"hang_async": 0.2}))
+    sessions.audited = []
+    app: MCPServer[Any] = MCPServer("audited", extensions=[sessions], lifespan=sessions.lifespan)
+    for fn in (echo, hang_async):
+        app.add_tool(fn)
+    async with Client(app) as client:
+        assert tools_call_handler(app) == sessions.handle_tool_call  # taken over, override and all
+        assert text_of(await client.call_tool("echo", {"text": "audited"})) == "audited"
+        assert code_of(await client.call_tool("hang_async", {})) == "timeout"
+        assert (await client.call_tool("session_metrics", {})).structured_content is not None
+    assert sessions.audited == ["echo", "hang_async", "session_metrics"]
+    snapshot = sessions.manager.metrics()
+    assert (snapshot.total_sessions_completed, snapshot.total_sessions_timeout) == (1, 1)
+
+
 async def test_the_standalone_server_hears_of_each_call_reaching_the_session_layer() -> None:
     # Its stdio loop waits on this at stdin EOF; the take-over must not skip it.
     built = build_app(load_settings(DEMO_CONFIG))
