@@ -130,6 +130,13 @@ OPEN_HOST_REASON = (
     '["mcp.example.com:*", "10.0.0.5:8765"], so that requests for any other host (DNS rebinding) are refused'
 )
 
+#: The error type of the check that the exporter's port is not the HTTP transport's own.
+PORT_CLASH = "exporter_port_is_server_port"
+PORT_CLASH_REASON = (
+    "on streamable-http, /metrics is served on server.port already; "
+    "set metrics.prometheus_port = 0, or another port for a second, loopback-only exporter"
+)
+
 
 #: Where the standalone server finds tool modules, as said in the hints of module name problems.
 MODULE_ROOTS = "modules are found from the working directory and PYTHONPATH"
@@ -397,6 +404,15 @@ class Settings(BaseSettings):
                         "tools.{name}.{key} ({value}) must not exceed limits.max_timeout_seconds ({cap})",
                         {"name": name, "key": key, "value": value, "cap": cap},
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _exporter_port_not_server_port(self) -> Settings:
+        port = self.metrics.prometheus_port
+        if self.server.transport == "streamable-http" and port == self.server.port:
+            raise PydanticCustomError(
+                PORT_CLASH, "metrics.prometheus_port ({port}) is server.port too: " + PORT_CLASH_REASON, {"port": port}
+            )
         return self
 
     @classmethod

@@ -53,6 +53,8 @@ from server.config import (
     HOST_EXAMPLE,
     OPEN_HOST,
     OPEN_HOST_REASON,
+    PORT_CLASH,
+    PORT_CLASH_REASON,
     TOOL_TIMEOUT_KEYS,
     ConfigError,
     LimitsSettings,
@@ -549,12 +551,46 @@ def _host_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) 
     return [(host_loc, sources.problem(host_loc, reason, host, show=True))]
 
 
+def _port_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) -> list[tuple[Loc, str]]:
+    """The exporter's port must not be the HTTP transport's own (it would fail to start, and the
+    transport then with it, blamed on server.port): checked on the merged values."""
+    server, metrics = merged.get("server", {}), merged.get("metrics", {})
+    locs: set[Loc] = {("server", "transport"), ("server", "port"), ("metrics", "prometheus_port")}
+    if not isinstance(server, Mapping) or not isinstance(metrics, Mapping) or any(loc in locs for loc in bad):
+        return []
+    if any(loc in bad for loc in {("server",), ("metrics",)}):
+        return []
+    defaults = ServerSettings.model_fields
+    transport = server.get("transport", defaults["transport"].default)
+    port = server.get("port", defaults["port"].default)
+    exporter = metrics.get("prometheus_port", 0)
+    try:
+        if transport != "streamable-http" or not exporter or int(exporter) != int(port):
+            return []
+    except (TypeError, ValueError):
+        return []  # reported as the field's own problem
+    loc: Loc = ("metrics", "prometheus_port")
+    port_loc: Loc = ("server", "port")
+    if sources.origin(port_loc, exact=True) is None:
+        same = "(built-in default)"
+    elif sources.origin(port_loc, exact=True) == sources.origin(loc, exact=True) == "file":
+        same = "in this file"
+    else:
+        same = f"({sources.describe(port_loc, exact=True)})"
+    reason = f"is server.port too, {_show(port)} {same}: {PORT_CLASH_REASON}"
+    return [(loc, sources.problem(loc, reason, exporter, show=True))]
+
+
 def _section_order(loc: Loc) -> int:
     fields = list(Settings.model_fields)
     return fields.index(str(loc[0])) if loc and loc[0] in fields else len(fields)
 
 
 # -- loading -----------------------------------------------------------------------------
+
+
+#: Error types of the checks across keys, which `load_settings` words itself from the merged values.
+CROSS_KEY = (ABOVE_CAP, OPEN_HOST, PORT_CLASH)
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -581,7 +617,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
         for error in exc.errors():
             loc: Loc = tuple(error["loc"])
             # The cross-key checks are worded below, from the merged values and each one's source.
-            if error["type"] not in (ABOVE_CAP, OPEN_HOST) and sources.origin(loc) in keep:
+            if error["type"] not in CROSS_KEY and sources.origin(loc) in keep:
                 found.setdefault(loc, sources.error(error))
 
     # The file alone, strictly: TOML has types, so `port = "80"` or `true` for a number is a mistake.
@@ -596,7 +632,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
         checked = _Layout.model_validate(merged)
     except ValidationError as exc:
         record(exc, {"flags", "env", "file", None})
-        cross_key = [sources.error(error) for error in exc.errors() if error["type"] in (ABOVE_CAP, OPEN_HOST)]
+        cross_key = [sources.error(error) for error in exc.errors() if error["type"] in CROSS_KEY]
     if checked is not None and not found and not env_problems:
         try:
             return Settings(**{name: getattr(checked, name) for name in Settings.model_fields})
@@ -604,7 +640,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
             cross_key = [sources.error(error) for error in exc.errors()]
     # Pydantic skips the cross-key checks once a field fails; run them on whatever is valid.
     bad = set(found)
-    for loc, problem in _cap_problems(merged, bad, sources) + _host_problems(merged, bad, sources):
+    cross = _cap_problems(merged, bad, sources) + _host_problems(merged, bad, sources)
+    for loc, problem in cross + _port_problems(merged, bad, sources):
         found.setdefault(loc, problem)
     ordered = sorted(found.items(), key=lambda item: _section_order(item[0]))
     raise ConfigError(env_problems + [problem for _, problem in ordered] or cross_key, sourced=True)

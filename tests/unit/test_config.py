@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from server import ConfigError, SessionsExtension, Settings, load_settings
 from server.app import build_app, check_tool_overrides
-from server.config import LimitsSettings, StoreSettings, ToolSettings
+from server.config import LimitsSettings, MetricsSettings, ServerSettings, StoreSettings, ToolSettings
 from server.config_loader import config_problems
 from server.store_url import safe_url
 from server.tool_modules import load_tool_modules
@@ -905,6 +905,36 @@ def test_an_off_loopback_host_with_the_transport_from_the_command_line_names_bot
         ' will use, e.g. ["mcp.example.com:*", "10.0.0.5:8765"], so that requests for any other host'
         ' (DNS rebinding) are refused (got "0.0.0.0")'
     ]
+
+
+EXPORTER_ON_SERVER_PORT = (
+    "on streamable-http, /metrics is served on server.port already; set metrics.prometheus_port = 0,"
+    " or another port for a second, loopback-only exporter"
+)
+
+
+def test_an_exporter_on_the_http_port_itself_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    # It would pass, then fail to bind at start with the blame on server.port.
+    path = write(tmp_path, '[server]\ntransport = "streamable-http"\nport = 9100\n[metrics]\nprometheus_port = 9100\n')
+
+    assert problems_of(path) == [
+        f"{path}: metrics.prometheus_port: is server.port too, 9100 in this file: {EXPORTER_ON_SERVER_PORT} (got 9100)"
+    ]
+    assert load_settings(path, {"server": {"port": 9101}}).metrics.prometheus_port == 9100  # fine once they differ
+    with pytest.raises(ValidationError, match="metrics.prometheus_port"):  # built directly too (plugin mode)
+        Settings(
+            server=ServerSettings(transport="streamable-http", port=9100), metrics=MetricsSettings(prometheus_port=9100)
+        )
+
+
+def test_an_exporter_port_that_is_the_default_http_port_names_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_SESSIONS_METRICS__PROMETHEUS_PORT", "8765")
+
+    assert problems_of(None, {"server": {"transport": "streamable-http"}}) == [
+        "environment variable MCP_SESSIONS_METRICS__PROMETHEUS_PORT: metrics.prometheus_port: is server.port too,"
+        f' 8765 (built-in default): {EXPORTER_ON_SERVER_PORT} (got "8765")'
+    ]
+    assert load_settings(None).metrics.prometheus_port == 8765  # over stdio there is no HTTP port to clash with
 
 
 def test_allowed_hosts_in_every_documented_form_are_accepted(tmp_path: Path) -> None:
