@@ -22,7 +22,7 @@ from server import admission
 from server.admission import Refusal, SessionRequest, Waiter
 from server.config import LimitsSettings
 from server.errors import ErrorCode, SessionError, shorten
-from server.manager_state import ManagerState
+from server.manager_state import ManagerState, checked_tool_caps
 from server.session import Session, SessionState, metadata_size
 
 
@@ -301,10 +301,11 @@ class Intake(ManagerState):
 
     def set_limits(self, limits: LimitsSettings, tool_caps: Mapping[str, int] | None = None) -> None:
         """Apply new limits to new sessions (running ones keep theirs); admit waiters that now fit."""
+        caps = checked_tool_caps(tool_caps) if tool_caps is not None else None
         with self._lock:
             self.limits = limits
-            if tool_caps is not None:
-                self.tool_caps = dict(tool_caps)
+            if caps is not None:
+                self.tool_caps = caps
             woken = self._hand_over_locked()
         for waiter in woken:
             waiter.event.set()

@@ -50,6 +50,32 @@ class _ToolStats:
     durations: DurationStats = field(default_factory=DurationStats)
 
 
+#: The bounds of a per-tool cap, as `[tools.NAME].max_concurrent` has them.
+TOOL_CAP_BOUNDS = (1, 1_000_000)
+
+
+def checked_tool_caps(tool_caps: Mapping[str, int] | None) -> dict[str, int]:
+    """`tool_caps` as a dict, or the reason it is not a cap per tool name (raised, naming the entry)."""
+    if tool_caps is None:
+        return {}
+    if not isinstance(tool_caps, Mapping):
+        raise TypeError(
+            f"tool_caps must map tool names to caps, e.g. {{'search': 2}}, got {type(tool_caps).__name__}: "
+            f"{tool_caps!r:.80}"
+        )
+    low, high = TOOL_CAP_BOUNDS
+    for name, cap in tool_caps.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tool_caps: tool names are text, got {type(name).__name__}: {name!r:.80}")
+        if not isinstance(cap, int) or isinstance(cap, bool):
+            raise TypeError(
+                f"tool_caps[{name!r}] must be a whole number of calls, got {type(cap).__name__}: {cap!r:.80}"
+            )
+        if not low <= cap <= high:
+            raise ValueError(f"tool_caps[{name!r}] must be between {low} and {high:,} calls at once, got {cap}")
+    return dict(tool_caps)
+
+
 class ManagerState:
     """The state of a `SessionManager`, made by its constructor (this class's), and the readings of
     it. Not used alone: `server.intake.Intake`, then `SessionManager`, build on it."""
@@ -62,7 +88,9 @@ class ManagerState:
         None for the defaults. `tool_caps`: per-tool concurrency caps by tool name.
 
         Raises:
-            TypeError: `limits` is none of these (a dict, a path, ...).
+            TypeError: `limits` is none of these (a dict, a path, ...), or `tool_caps` is not a
+                mapping of tool names to whole numbers.
+            ValueError: a cap in `tool_caps` is below 1 or above 1,000,000 (as in the config file).
         """
         if isinstance(limits, Settings):
             if tool_caps is None:
@@ -78,7 +106,7 @@ class ManagerState:
             )
         self.limits = limits  # see the property
         #: Per-tool concurrency caps (`[tools.NAME].max_concurrent`), by tool name.
-        self.tool_caps: dict[str, int] = dict(tool_caps or {})
+        self.tool_caps: dict[str, int] = checked_tool_caps(tool_caps)
         self._lock = threading.Lock()
         # Ids are "s<random>-<seq>": unguessable across servers and restarts, and recognisable
         # as ours after they end without remembering every one of them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from datetime import UTC
 from pathlib import Path
@@ -66,6 +67,30 @@ def test_a_manager_built_from_anything_else_says_what_it_takes(wrong: object) ->
         SessionManager(wrong)  # type: ignore[arg-type]
     message = str(refused.value)
     assert "Settings" in message and "LimitsSettings" in message and type(wrong).__name__ in message
+
+
+@pytest.mark.parametrize(
+    ("caps", "error", "says"),
+    [
+        ("search", TypeError, "tool_caps must map tool names to caps"),
+        ({"search": "2"}, TypeError, "tool_caps['search'] must be a whole number of calls, got str"),
+        ({"search": 2.5}, TypeError, "tool_caps['search'] must be a whole number of calls, got float"),
+        ({"search": True}, TypeError, "tool_caps['search'] must be a whole number of calls, got bool"),
+        ({3: 2}, TypeError, "tool_caps: tool names are text, got int"),
+        ({"search": 0}, ValueError, "tool_caps['search'] must be between 1 and 1,000,000 calls at once, got 0"),
+        ({"search": -1}, ValueError, "must be between 1 and 1,000,000 calls at once, got -1"),
+    ],
+)
+def test_tool_caps_that_are_no_caps_are_refused_at_construction_and_in_set_limits(
+    caps: object, error: type[Exception], says: str
+) -> None:
+    # Before, they were kept and failed later, on the first call of the tool (or never, for 0).
+    with pytest.raises(error, match=re.escape(says)):
+        SessionManager(LimitsSettings(), tool_caps=caps)  # type: ignore[arg-type]
+    sessions = SessionManager(LimitsSettings(), tool_caps={"search": 2})
+    with pytest.raises(error, match=re.escape(says)):
+        sessions.set_limits(LimitsSettings(), caps)  # type: ignore[arg-type]
+    assert sessions.tool_caps == {"search": 2}  # a refused change changes nothing
 
 
 async def test_create_then_release_counts_one_completed_session() -> None:
