@@ -344,7 +344,7 @@ class ClusterSessionManager(SessionManager):
         state = ended_state(outcome, session_id)
         local = self._active.get(session_id)
         if local is not None and local.tool is not None and not tool_calls:
-            raise runs_a_call(session_id, local.tool)
+            raise runs_a_call(session_id)
         if local is None and self._issued_by_us(session_id):
             raise self._not_active(session_id)  # it ended here (its end may still be on its way)
         try:
@@ -359,7 +359,7 @@ class ClusterSessionManager(SessionManager):
                 session_id=shorten(session_id),
             ) from None
         if known.before.startswith("call "):  # another replica's tool call (see `tool_calls`)
-            raise runs_a_call(session_id, known.before.removeprefix("call "))
+            raise runs_a_call(session_id)
         local = self._active.get(session_id)
         if known.before in ("active", "unknown") and local is not None:
             # Ours, and now ended in Redis (or Redis no longer knew it): end our copy.

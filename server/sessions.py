@@ -65,12 +65,13 @@ _monotonic = time.monotonic
 _INFO = logging.INFO
 
 
-def runs_a_call(session_id: str, tool: str) -> SessionError:
-    """The refusal of a client's release of a tool call's session (see `SessionManager.release`)."""
+def runs_a_call(session_id: str) -> SessionError:
+    """The refusal of a client's release of a tool call's session (see `SessionManager.release`).
+    It names no tool: the call may be another client's."""
     return SessionError(
         ErrorCode.INVALID_ARGUMENT,
-        f"session {session_id} is the session of a running call of tool {shorten(tool)!r}, and it ends "
-        "when that call does; session_release ends only sessions made by session_create",
+        f"session {session_id} is the session of a running tool call, and it ends when that call does; "
+        "session_release ends only sessions made by session_create",
         session_id=session_id,
     )
 
@@ -258,6 +259,15 @@ class SessionManager(Intake):
             return False
         return int(digits, 16) <= self._seq - len(self._spare_ids)
 
+    def _unsigned_form_of_ours(self, session_id: str) -> bool:
+        """Whether `session_id` is a signed id of a session that is active or recently ended here,
+        with its signature cut off (copied short, say): that id was never issued, so it is
+        unknown, not a session that has already ended."""
+        if "." in session_id or not session_id.startswith(self._id_prefix):
+            return False
+        signed = f"{session_id}.{self._signature(session_id)}"
+        return signed in self._active or signed in self._recent
+
     # -- release ---------------------------------------------------------------------------
 
     def get(self, session_id: str) -> Session | None:
@@ -297,7 +307,7 @@ class SessionManager(Intake):
         state = ended_state(outcome, session_id)
         session = self._active.get(session_id)
         if session is not None and session.tool is not None and not tool_calls:
-            raise runs_a_call(session_id, session.tool)
+            raise runs_a_call(session_id)
         if session is None or not self.end(session, state, error):
             raise self._not_active(session_id)
         return session
@@ -308,6 +318,13 @@ class SessionManager(Intake):
             return SessionError(
                 ErrorCode.ALREADY_RELEASED,
                 f"session {session_id} has already ended ({ended.value}); it cannot be released again",
+                session_id=session_id,
+            )
+        if self._unsigned_form_of_ours(session_id):
+            return SessionError(
+                ErrorCode.UNKNOWN_SESSION,
+                f"no session with id {session_id!r}: the ids session_create returns end in '.' and a signature "
+                "of 16 hex digits; pass the whole session_id",
                 session_id=session_id,
             )
         if self._issued_by_us(session_id):

@@ -462,11 +462,31 @@ async def test_session_release_refuses_a_running_tool_call_s_session_which_keeps
                 gate.open()
         after = await metrics(client)
     assert refused["code"] == "invalid_argument" and refused["session_id"] == guess
-    assert "block_async" in refused["message"] and "session_create" in refused["message"]
+    # The call may be another client's: the refusal says what the id is, not which tool runs.
+    assert "running tool call" in refused["message"] and "session_create" in refused["message"]
+    assert "block_async" not in refused["message"]
     assert code_of(still_full) == "capacity_exceeded"
     assert m["active_sessions"] == 1
     assert text_of(results["call"]) == "opened"
     assert after["tools"]["block_async"]["completed"] == 1 and after["active_sessions"] == 0
+
+
+async def test_a_live_session_id_without_its_signature_is_unknown_not_already_released() -> None:
+    # The id cut short at its '.' (copied short, say) was never issued: the session it names
+    # part of is still active, so "already ended" would be false.
+    app, _ = build()
+    async with Client(app) as client:
+        made = (await client.call_tool("session_create", {})).structured_content["session_id"]
+        base = made.partition(".")[0]
+        short = error_of(await client.call_tool("session_release", {"session_id": base}))
+        m = await metrics(client)
+        released = await client.call_tool("session_release", {"session_id": made})
+        short_after = error_of(await client.call_tool("session_release", {"session_id": base}))
+    assert (short["code"], short["session_id"]) == ("unknown_session", base)
+    assert "signature" in short["message"] and "pass the whole session_id" in short["message"]
+    assert m["active_sessions"] == 1, "the session the short id names part of is untouched"
+    assert not released.is_error, released
+    assert short_after["code"] == "unknown_session"
 
 
 async def test_metadata_with_an_integer_too_large_to_store_is_refused_in_words_for_the_client() -> None:
