@@ -80,10 +80,31 @@ def _search_roots() -> str:
     return ", ".join(roots[:-1]) + " and " + roots[-1]
 
 
+#: This product's own top-level packages, imported before any tool module: a project package of
+#: the same name (a `tools/` folder in the working directory, say) cannot be imported beside them.
+OWN_PACKAGES = ("server", "tools")
+
+
+def _shadowed(module_name: str) -> str | None:
+    """Why `module_name` may not be found: its package has the name of one of this product's own."""
+    top = module_name.partition(".")[0]
+    package = sys.modules.get(top) if top in OWN_PACKAGES else None
+    if package is None:
+        return None
+    where = os.path.dirname(getattr(package, "__file__", None) or "") or "installed"
+    return (
+        f"{top!r} is mcp-session-manager's own package ({where}), imported before any tool module, so a "
+        f"package of yours named {top!r} is never looked at: rename yours (e.g. my_{top}) and list that name"
+    )
+
+
 def _import_problem(module_name: str, exc: Exception) -> str:
     """Why importing `module_name` failed, naming where it was looked for if it was not found."""
     missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
     if missing is not None and (module_name == missing or module_name.startswith(missing + ".")):
+        shadowed = _shadowed(module_name)
+        if shadowed is not None:
+            return f"cannot import it: {_one_line(exc)}; {shadowed}"
         return f"cannot import it: {_one_line(exc)}; looked for in {_search_roots()}"
     return f"cannot import it: {_one_line(exc)}"
 

@@ -555,6 +555,31 @@ def test_the_console_script_imports_tool_modules_from_the_working_directory(tmp_
     assert done.returncode == 0, done.stderr
 
 
+def test_a_project_package_named_like_the_product_s_own_is_refused_saying_to_rename_it(tmp_path: Path) -> None:
+    # The product's `tools` package is imported before any tool module: a `tools/` folder in the
+    # working directory is never looked at, and "No module named 'tools.mine'" alone misleads.
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "__init__.py").write_text("")
+    (tmp_path / "tools" / "mine.py").write_text("def lookup(key: str) -> str:\n    return key\n\nTOOLS = [lookup]\n")
+    config = tmp_path / "local.toml"
+    config.write_text('[server]\ntool_modules = ["tools.mine"]\n')
+    script = Path(sys.executable).with_name("mcp-session-manager")
+    done = subprocess.run(
+        [str(script), "--config", str(config), "--check-config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    [problem] = problems(done)
+    assert problem.startswith(
+        f"{config}: server.tool_modules: 'tools.mine': cannot import it: ModuleNotFoundError: No module named"
+        " 'tools.mine'; 'tools' is mcp-session-manager's own package ("
+    ), problem
+    assert problem.endswith("rename yours (e.g. my_tools) and list that name"), problem
+
+
 def test_check_config_prints_the_store_url_without_its_password() -> None:
     url = "redis://:hunter2@cache.internal:6379/0"
     result = run("--check-config", env={"MCP_SESSIONS_STORE__BACKEND": "redis", "MCP_SESSIONS_STORE__URL": url})
