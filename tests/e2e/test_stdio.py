@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -419,6 +420,41 @@ async def test_a_call_the_client_cancels_ends_as_cancelled_and_does_not_hold_up_
     assert not any(json.loads(line).get("id") == request_id for line in server.stdout_lines)
     # A cancelled request gets no response; the server must not wait for one before exiting.
     assert "unanswered" not in server.stderr
+
+
+def test_a_client_that_closes_only_stdout_stops_the_server_at_its_next_answer_with_one_warning(
+    tmp_path: Path,
+) -> None:
+    # The client keeps stdin open but reads no more: the server finds out when it next writes,
+    # here the timeout of the call in flight at its 0.5 s deadline, and stops, exit status 0.
+    # (subprocess, not anyio: closing anyio's stream of a child's stdout leaves the pipe open.)
+    config_path = tmp_path / "server.toml"
+    config_path.write_text(render_toml(server_config()), encoding="utf-8")
+    command = [sys.executable, "-m", "server", "--config", str(config_path)]
+    with subprocess.Popen(
+        command, cwd=ROOT, env=server_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}
+            for message in (
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init},
+                {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "hang_async", "arguments": {}}},
+            ):
+                process.stdin.write((json.dumps(message) + "\n").encode())
+            process.stdin.flush()
+            assert json.loads(process.stdout.readline())["id"] == 1  # the server is up and serving
+            process.stdout.close()
+            status = process.wait(timeout=EXIT_MARGIN)
+            _, stderr_bytes = process.communicate(timeout=EXIT_MARGIN)
+        finally:
+            process.kill()
+    stderr = stderr_bytes.decode()
+    assert status == 0, stderr
+    assert "Session " in stderr and "ended timeout" in stderr, stderr
+    assert stderr.count("The client closed its end of the pipe") == 1, stderr
+    assert "Traceback" not in stderr, stderr
 
 
 async def test_stdout_carries_only_json_rpc_messages_even_when_a_tool_prints(tmp_path: Path) -> None:
