@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -153,6 +154,34 @@ class SessionsExtension(DecoupledCalls, Extension):
         self.config = settings
         self.manager.set_limits(settings.limits, settings.tool_caps())
         self._advertise()
+        if self._running:
+            self._warn_unmatched_tool_tables()
+
+    def _warn_unmatched_tool_tables(self) -> None:
+        """Warn of each `[tools.NAME]` table that names no tool of the server (a typo, most
+        likely) or a management tool: nothing applies it. Only warned, not refused: a host may
+        add the tool later. (The standalone server refuses them, knowing all its tools.)"""
+        get_tool = self._get_tool
+        if get_tool is None:
+            return
+        tool_manager = getattr(self._app, "_tool_manager", None)
+        listing = getattr(tool_manager, "list_tools", None)
+        names = sorted(getattr(tool, "name", "") for tool in listing()) if callable(listing) else []
+        for name in self.config.tools:
+            if name in MANAGEMENT_TOOLS:
+                logger.warning(
+                    "[tools.%s] is ignored: per-tool settings do not apply to the session tools; remove it", name
+                )
+            elif get_tool(name) is None:
+                near = difflib.get_close_matches(name, [n for n in names if n not in MANAGEMENT_TOOLS], n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                logger.warning(
+                    "[tools.%s] names no tool of this server (its tools: %s): its settings apply only to a tool "
+                    "of that name added later%s",
+                    name,
+                    ", ".join(names) or "none",
+                    hint,
+                )
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
@@ -202,6 +231,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         self._runtime = (runtime, stop)
         self._running = True
         self._give_back = self.take_over_tool_calls(app)
+        self._warn_unmatched_tool_tables()
 
     async def _run_manager(self, started: asyncio.Future[None], stop: anyio.Event) -> None:
         try:

@@ -907,3 +907,30 @@ async def test_without_the_lifespan_session_create_is_refused_but_metrics_answer
     async with Client(app) as client:
         assert code_of(await client.call_tool("session_create", {})) == "not_running"
         assert not (await client.call_tool("session_metrics", {})).is_error
+
+
+async def test_a_tool_table_naming_no_tool_of_the_host_is_warned_about_at_start_and_on_apply_settings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The standalone server refuses such a table; a host may add tools later, so here it is a
+    # warning, naming the tools there are and the likely one meant.
+    caplog.set_level(logging.WARNING, logger="server.extension")
+    config = settings(tool_timeouts={"ecko": 1.0, "echo": 2.0, "session_metrics": 1.0})
+    app, sessions = build(config)
+    async with Client(app) as client:
+        warnings = [r.getMessage() for r in caplog.records if r.name == "server.extension"]
+        caplog.clear()
+        sessions.apply_settings(settings(tool_timeouts={"hang_asnyc": 1.0}))
+        reloaded = [r.getMessage() for r in caplog.records if r.name == "server.extension"]
+        assert text_of(await client.call_tool("echo", {"text": "still served"})) == "still served"
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("[tools.ecko] names no tool of this server (its tools: boom, echo, hang_async,")
+    assert warnings[0].endswith("its settings apply only to a tool of that name added later; did you mean 'echo'?")
+    assert warnings[1] == (
+        "[tools.session_metrics] is ignored: per-tool settings do not apply to the session tools; remove it"
+    )
+    assert reloaded == [
+        "[tools.hang_asnyc] names no tool of this server (its tools: boom, echo, hang_async, server_shutdown,"
+        " session_create, session_metrics, session_release): its settings apply only to a tool of that name"
+        " added later; did you mean 'hang_async'?"
+    ]
