@@ -350,6 +350,35 @@ async def test_a_sync_tool_stuck_in_its_thread_times_out_and_is_counted_until_it
     assert m["abandoned_threads"] == 0 and m["total_sessions_timeout"] == 1 and m["total_sessions_completed"] == 0
 
 
+async def test_a_sync_tool_stuck_in_its_thread_at_the_shutdown_deadline_is_told_its_thread_runs_on() -> None:
+    # As at its own deadline: the call is answered, but its work was not cancelled (a thread
+    # cannot be), so the answer must not say "cancelled".
+    gate = Gate()
+    app, sessions = build(settings(), tools=gate.tools())
+    async with Client(app) as client:
+        results: list[CallToolResult] = []
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    results.append(await client.call_tool("block_sync", {}))
+
+                tg.start_soon(call)
+                await until(lambda: gate.threads_running == 1)
+                await client.call_tool("server_shutdown", {"timeout_seconds": 0.2})
+        error = error_of(results[0])
+        still_running = gate.threads_running
+        gate.open()
+        with anyio.fail_after(5):
+            await sessions.manager.wait_no_abandoned_threads()
+    assert error["code"] == "shutting_down", error
+    assert error["message"] == (
+        "the server shut down before tool 'block_sync' finished; the call was abandoned: its thread runs on"
+        " until the tool returns (a thread cannot be stopped)"
+    )
+    assert still_running == 1
+
+
 async def test_per_tool_timeout_overrides_the_default() -> None:
     gate = Gate()
     app, _ = build(settings(default_timeout_seconds=30, tool_timeouts={"block_async": 0.2}), tools=gate.tools())
