@@ -16,14 +16,17 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from server.app import build_app, serve
+from server.app import App, build_app, serve
 from server.config import ConfigError
 from server.config_loader import config_problems, load_settings
 from server.logs import configure_logging
+from server.reload import ConfigReloader
 from server.stdio_wire import claim_stdin, divert_stdout
 from server.store_url import safe_url
 
@@ -50,7 +53,49 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StopWhileStarting(BaseException):
+    """SIGINT or SIGTERM came before the server served (a tool module importing, say)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _stoppable_start() -> Iterator[None]:
+    """Until the server serves, SIGINT and SIGTERM end the start: no graceful shutdown is
+    possible yet (nothing runs), but the process says so in one line instead of a traceback
+    (SIGINT) or a silent death (SIGTERM). Python's own handlers are back on exit; once
+    serving, the server's replace them."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _StopWhileStarting(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        with _stoppable_start():
+            started = _start(argv)
+    except _StopWhileStarting as exc:
+        name = signal.Signals(exc.signum).name
+        sys.stderr.write(f"mcp-session-manager: {name} while starting; stopped before serving anything\n")
+        return 128 + exc.signum  # as a shell reports a process a signal ended
+    if isinstance(started, int):
+        return started
+    serve(*started)
+    return 0
+
+
+def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, BinaryIO | None, BinaryIO | None]:
+    """Everything before serving: read the config, import the tool modules, build the server.
+    An exit status if there is nothing to serve (a check, or a problem); else what `serve` takes."""
     args = _parser().parse_args(argv)
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # tool modules in the working directory, as `python -m` finds them
@@ -96,8 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.logging)
     for note in settings.ineffective():
         logger.warning("Config: %s", note)
-    serve(app, app.reloader(args.config, overrides), wire, stdin)
-    return 0
+    return app, app.reloader(args.config, overrides), wire, stdin
 
 
 def run() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -578,6 +579,38 @@ def test_a_project_package_named_like_the_product_s_own_is_refused_saying_to_ren
         " 'tools.mine'; 'tools' is mcp-session-manager's own package ("
     ), problem
     assert problem.endswith("rename yours (e.g. my_tools) and list that name"), problem
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_a_tool_module_imports_stops_the_start_in_one_line(tmp_path: Path, signum: int) -> None:
+    # Nothing serves yet, so nothing drains: the process says why it stops, with no traceback
+    # (SIGINT) and not silently (SIGTERM), and its status is the shell's for that signal.
+    config = tmp_path / "slow.toml"
+    config.write_text(f'[server]\ntool_modules = ["{FIXTURES}.slow_at_import"]\n')
+    with subprocess.Popen(
+        [sys.executable, "-m", "server", "--config", str(config)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stderr is not None
+        try:
+            seen = []
+            for line in process.stderr:  # bounded: the module writes this before its 30 s wait
+                seen.append(line)
+                if line.strip() == "slow_at_import: importing":
+                    break
+            process.send_signal(signum)
+            _, rest = process.communicate(timeout=20)
+        finally:
+            process.kill()
+    stderr = "".join(seen) + rest
+    assert process.returncode == 128 + signum, stderr
+    name = signal.Signals(signum).name
+    assert f"mcp-session-manager: {name} while starting; stopped before serving anything" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
 
 
 def test_check_config_prints_the_store_url_without_its_password() -> None:
