@@ -188,5 +188,12 @@ def divert_stdout() -> BinaryIO:
         os.dup2(2, 1)
     except OSError:
         pass  # fd 1 still carries the wire; stray output may reach it, as without the diversion
+    else:
+        # `print` now writes to stderr, where logs go: a line there at each newline, in order with
+        # the log records, not a block held until something flushes (stdout on a pipe is buffered).
+        reconfigure = getattr(sys.stdout, "reconfigure", None)
+        if callable(reconfigure):
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(line_buffering=True)
     # closefd=False: the descriptor stays open (and the client's stdout with it) until the process exits.
     return os.fdopen(private, "wb", closefd=False)

@@ -463,6 +463,8 @@ async def test_stdout_carries_only_json_rpc_messages_even_when_a_tool_prints(tmp
         for text in ("one", "two"):
             assert text_of(await server.call("noisy", {"text": text})) == text
         await raw_metrics(server)
+        # A print reaches stderr at its newline, while serving, not when the exit flushes it.
+        await server.wait_stderr(NOISE_FROM_PRINT, within=3.0)
         await server.close_stdin()
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
     # Every line the process ever wrote to stdout, up to EOF, is a JSON-RPC message...
@@ -470,8 +472,8 @@ async def test_stdout_carries_only_json_rpc_messages_even_when_a_tool_prints(tmp
     assert len(server.stdout_lines) == 4  # initialize, noisy, noisy, session_metrics
     assert all(json.loads(line)["jsonrpc"] == "2.0" for line in server.stdout_lines)
     assert not any(NOISE_FROM_PRINT in line or NOISE_FROM_FD in line for line in server.stdout_lines)
-    # ...and the tool's output went to stderr: fd 1 pointed there while serving, and the text
-    # `print` buffered was flushed there before the server gave fd 1 back.
+    # ...and the tool's output went to stderr: fd 1 pointed there while serving, and `print`
+    # wrote there line by line.
     assert server.stderr.count(NOISE_FROM_FD) == 2
     assert server.stderr.count(NOISE_FROM_PRINT) == 2
 
