@@ -55,7 +55,14 @@ from server.errors import EXTENSION_ID, ErrorCode, SessionError, error_result
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.outcomes import LATE, THREAD_LEFT_RUNNING, completed, failed, not_running, stopped
-from server.sdk_seams import ToolCallHandler, progress_session, registry_lookup, request_client, serve_tool_calls
+from server.sdk_seams import (
+    ToolCallHandler,
+    progress_session,
+    registry_lookup,
+    request_client,
+    serve_tool_calls,
+    tool_names,
+)
 from server.session import SessionState
 from server.sessions import SessionManager
 from server.threads import make_cancellable, runs_in_thread
@@ -164,9 +171,8 @@ class SessionsExtension(DecoupledCalls, Extension):
         get_tool = self._get_tool
         if get_tool is None:
             return
-        tool_manager = getattr(self._app, "_tool_manager", None)
-        listing = getattr(tool_manager, "list_tools", None)
-        names = sorted(getattr(tool, "name", "") for tool in listing()) if callable(listing) else []
+        names = tool_names(self._app)
+        listed = f" (its tools: {', '.join(names)})" if names else ""
         for name in self.config.tools:
             if name in MANAGEMENT_TOOLS:
                 logger.warning(
@@ -176,10 +182,10 @@ class SessionsExtension(DecoupledCalls, Extension):
                 near = difflib.get_close_matches(name, [n for n in names if n not in MANAGEMENT_TOOLS], n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 logger.warning(
-                    "[tools.%s] names no tool of this server (its tools: %s): its settings apply only to a tool "
-                    "of that name added later%s",
+                    "[tools.%s] names no tool of this server%s: its settings apply only to a tool of that name "
+                    "added later%s",
                     name,
-                    ", ".join(names) or "none",
+                    listed,
                     hint,
                 )
 

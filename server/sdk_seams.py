@@ -59,6 +59,15 @@ def registry_lookup(app: Any) -> Callable[[str], Any] | None:
     return get_tool
 
 
+def tool_names(app: Any) -> list[str]:
+    """The names of the tools registered on `app` (an `MCPServer`), sorted; empty where its tool
+    manager is not the SDK's own (a custom one may list them otherwise, or not at all)."""
+    tool_manager = getattr(app, "_tool_manager", None)
+    if not isinstance(tool_manager, ToolManager):
+        return []
+    return sorted(tool.name for tool in tool_manager.list_tools())
+
+
 def intercepts(extension: Extension) -> bool:
     """Whether `extension` overrides `intercept_tool_call` (as the SDK decides it)."""
     return type(extension).intercept_tool_call is not Extension.intercept_tool_call
