@@ -59,7 +59,7 @@ def stopped(manager: SessionManager, session: Session, name: str, fate: str | No
         return error_result(
             SessionError(
                 ErrorCode.SHUTTING_DOWN,
-                f"the server shut down before tool {name!r} finished; the call {fate}",
+                f"the server shut down before tool {name!r} finished; {fate if fate is LATE else 'the call ' + fate}",
                 session_id=session.id,
                 tool=name,
             )

@@ -350,6 +350,31 @@ async def test_a_sync_tool_stuck_in_its_thread_times_out_and_is_counted_until_it
     assert m["abandoned_threads"] == 0 and m["total_sessions_timeout"] == 1 and m["total_sessions_completed"] == 0
 
 
+async def test_a_tool_that_swallows_the_shutdown_s_cancellation_and_returns_is_told_its_result_was_discarded() -> None:
+    async def swallows() -> str:
+        try:
+            await anyio.sleep(3600)
+        except anyio.get_cancelled_exc_class():
+            return "returned anyway"  # a tool should not do this; its result comes too late
+        return "slept"
+
+    app, sessions = build(settings(), tools=[swallows])
+    async with Client(app) as client:
+        results: list[CallToolResult] = []
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    results.append(await client.call_tool("swallows", {}))
+
+                tg.start_soon(call)
+                await until(lambda: sessions.manager.metrics().active_sessions == 1)
+                await client.call_tool("server_shutdown", {"timeout_seconds": 0.1})
+    error = error_of(results[0])
+    assert error["code"] == "shutting_down", error
+    assert error["message"] == "the server shut down before tool 'swallows' finished; its late result was discarded"
+
+
 async def test_a_sync_tool_stuck_in_its_thread_at_the_shutdown_deadline_is_told_its_thread_runs_on() -> None:
     # As at its own deadline: the call is answered, but its work was not cancelled (a thread
     # cannot be), so the answer must not say "cancelled".
