@@ -15,8 +15,10 @@ Each problem reads `server.tool_modules: 'MODULE': reason`, for example:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
+import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,16 +88,25 @@ OWN_PACKAGES = ("server", "tools")
 
 
 def _shadowed(module_name: str) -> str | None:
-    """Why `module_name` may not be found: its package has the name of one of this product's own."""
+    """Why `module_name`, in a package named like one of this product's own, was not found: a
+    package of the user's by that name is shadowed, or (none on the path) which of the product's
+    modules is close to the name."""
     top = module_name.partition(".")[0]
     package = sys.modules.get(top) if top in OWN_PACKAGES else None
     if package is None:
         return None
-    where = os.path.dirname(getattr(package, "__file__", None) or "") or "installed"
-    return (
-        f"{top!r} is mcp-session-manager's own package ({where}), imported before any tool module, so a "
-        f"package of yours named {top!r} is never looked at: rename yours (e.g. my_{top}) and list that name"
-    )
+    own = [os.path.realpath(entry) for entry in getattr(package, "__path__", [])]
+    for entry in sys.path:
+        folder = os.path.join(entry or os.getcwd(), top)
+        if os.path.isdir(folder) and os.path.realpath(folder) not in own:
+            return (
+                f"{top!r} is mcp-session-manager's own package ({', '.join(own)}), imported before any tool "
+                f"module, so your package {folder} is never looked at: rename yours (e.g. my_{top}) and list "
+                "that name"
+            )
+    modules = [f"{top}.{info.name}" for info in pkgutil.iter_modules(getattr(package, "__path__", []))]
+    near = difflib.get_close_matches(module_name, modules, n=1)
+    return f"did you mean {near[0]!r}?" if near else None
 
 
 def _import_problem(module_name: str, exc: Exception) -> str:

@@ -578,6 +578,7 @@ def test_a_project_package_named_like_the_product_s_own_is_refused_saying_to_ren
         f"{config}: server.tool_modules: 'tools.mine': cannot import it: ModuleNotFoundError: No module named"
         " 'tools.mine'; 'tools' is mcp-session-manager's own package ("
     ), problem
+    assert f"so your package {tmp_path / 'tools'} is never looked at" in problem, problem
     assert problem.endswith("rename yours (e.g. my_tools) and list that name"), problem
 
 

@@ -71,6 +71,20 @@ def test_a_module_that_is_not_found_names_where_it_was_looked_for(monkeypatch: p
     ]
 
 
+def test_a_misspelt_module_of_the_product_s_own_package_is_told_the_close_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No package of the user's is named `tools` here: the name is a typo of the demo module,
+    # not a clash to rename away.
+    monkeypatch.chdir(Path(__file__).parent)
+
+    with pytest.raises(ConfigError) as caught:
+        import_tool_modules(["tools.dmeo"])
+
+    assert caught.value.problems == [
+        "server.tool_modules: 'tools.dmeo': cannot import it: ModuleNotFoundError: No module named 'tools.dmeo';"
+        " did you mean 'tools.demo'?"
+    ]
+
+
 def test_a_module_whose_own_import_is_missing_says_only_that(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "needs_a_package.py").write_text("import no_such_dependency\nTOOLS = []\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
