@@ -382,8 +382,8 @@ class ClusterSessionManager(SessionManager):
         """As `SessionManager._not_active`, but an unknown id is unknown to the whole cluster: no
         replica sharing the store issued it in the last hour (ended sessions are kept that long)."""
         error = super()._not_active(session_id)
-        if error.code is not ErrorCode.UNKNOWN_SESSION:
-            return error
+        if error.code is not ErrorCode.UNKNOWN_SESSION or self._unsigned_form_of_ours(session_id):
+            return error  # ended, or one of ours cut short (its hint says to pass the whole id)
         shown = error.session_id or session_id  # the id as the base class quotes it
         return SessionError(
             ErrorCode.UNKNOWN_SESSION,

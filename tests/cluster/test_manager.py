@@ -224,10 +224,14 @@ async def test_a_tool_call_s_session_is_not_released_by_a_client_through_any_man
 
         await a.release(call.id)  # the Python API still ends a tool's session by default
         made = await a.create()  # session_create's kind: released through either, as before
+        said = []
         for manager in (a, b):  # its id without the signature was never issued: unknown to all
             with pytest.raises(SessionError) as short:
                 await manager.release(made.id.partition(".")[0], tool_calls=False)
             assert short.value.code is ErrorCode.UNKNOWN_SESSION, manager
+            said.append(short.value.message)
+        # The replica that made it knows what the short id is, and says to pass the whole one.
+        assert "pass the whole session_id" in said[0], said
         released = await b.release(made.id, tool_calls=False)
         assert released.state is SessionState.COMPLETED
         totals = await _until_cluster(b, "active_sessions", 0)
