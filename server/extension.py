@@ -106,6 +106,8 @@ class SessionsExtension(DecoupledCalls, Extension):
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
         #: The report of the shutdown whose summary was logged and listeners notified.
         self._announced: ShutdownReport | None = None
+        #: The settings whose unmatched `[tools.NAME]` tables were warned about (once each).
+        self._warned_tables: Settings | None = None
         self._works = {}  # decoupled work still running (see `DecoupledCalls`)
         #: The server's tool registry lookup (set by the lifespan; None: no registry to ask).
         self._get_tool: Callable[[str], Any] | None = None
@@ -169,8 +171,9 @@ class SessionsExtension(DecoupledCalls, Extension):
         likely) or a management tool: nothing applies it. Only warned, not refused: a host may
         add the tool later. (The standalone server refuses them, knowing all its tools.)"""
         get_tool = self._get_tool
-        if get_tool is None:
-            return
+        if get_tool is None or self._warned_tables is self.config:
+            return  # each lifespan start would repeat it (one per in-process client, say)
+        self._warned_tables = self.config
         names = tool_names(self._app)
         listed = f" (its tools: {', '.join(names)})" if names else ""
         for name in self.config.tools:
