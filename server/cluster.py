@@ -378,18 +378,12 @@ class ClusterSessionManager(SessionManager):
             session_id=shorten(session_id),
         )
 
-    def _not_active(self, session_id: str) -> SessionError:
-        """As `SessionManager._not_active`, but an unknown id is unknown to the whole cluster: no
+    def _never_issued(self, shown: str) -> str:
+        """As `SessionManager._never_issued`, but an unknown id is unknown to the whole cluster: no
         replica sharing the store issued it in the last hour (ended sessions are kept that long)."""
-        error = super()._not_active(session_id)
-        if error.code is not ErrorCode.UNKNOWN_SESSION or self._unsigned_form_of_ours(session_id):
-            return error  # ended, or one of ours cut short (its hint says to pass the whole id)
-        shown = error.session_id or session_id  # the id as the base class quotes it
-        return SessionError(
-            ErrorCode.UNKNOWN_SESSION,
+        return (
             f"no replica sharing the session store issued a session with id {shown!r} in the last hour; "
-            "use the session_id that session_create returned",
-            session_id=shown,
+            "use the session_id that session_create returned"
         )
 
     def end(self, session: Session, state: SessionState, error: str | None = None) -> bool:

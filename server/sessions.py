@@ -336,10 +336,12 @@ class SessionManager(Intake):
         # Any string may come here: quote a bounded part of it (the sentence is logged too). An id
         # longer than the quote is none this server could have issued.
         shown = shorten(session_id)
-        return SessionError(
-            ErrorCode.UNKNOWN_SESSION,
-            f"no session with id {shown!r} was issued by this server; use the session_id that session_create returned",
-            session_id=shown,
+        return SessionError(ErrorCode.UNKNOWN_SESSION, self._never_issued(shown), session_id=shown)
+
+    def _never_issued(self, shown: str) -> str:
+        """The sentence for an id nobody issued (`shown`: the id as quoted)."""
+        return (
+            f"no session with id {shown!r} was issued by this server; use the session_id that session_create returned"
         )
 
     def end(self, session: Session, state: SessionState, error: str | None = None) -> bool:
