@@ -138,6 +138,10 @@ PORT_CLASH_REASON = (
 )
 
 
+#: The bounds of a per-tool cap (`[tools.NAME].max_concurrent`, `SessionManager(tool_caps=...)`).
+TOOL_CAP_BOUNDS = (1, 1_000_000)
+
+
 #: Where the standalone server finds tool modules, as said in the hints of module name problems.
 MODULE_ROOTS = "modules are found from the working directory and PYTHONPATH"
 
@@ -361,7 +365,10 @@ class ToolSettings(_Section):
         default=None, gt=0, allow_inf_nan=False, description="Deadline of this tool's calls."
     )
     max_concurrent: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="Calls of this tool active at once (within the global cap)."
+        default=None,
+        ge=TOOL_CAP_BOUNDS[0],
+        le=TOOL_CAP_BOUNDS[1],
+        description="Calls of this tool active at once (within the global cap).",
     )
     idle_timeout_seconds: float | None = Field(
         default=None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from server.admission import Refusal, Waiter
-from server.config import LimitsSettings, Settings
+from server.config import TOOL_CAP_BOUNDS, LimitsSettings, Settings
 from server.metrics import (
     ClusterMetrics,
     DurationStats,
@@ -48,10 +48,6 @@ class _ToolStats:
     cancelled: int = 0
     rejected_tool_limit: int = 0
     durations: DurationStats = field(default_factory=DurationStats)
-
-
-#: The bounds of a per-tool cap, as `[tools.NAME].max_concurrent` has them.
-TOOL_CAP_BOUNDS = (1, 1_000_000)
 
 
 def checked_tool_caps(tool_caps: Mapping[str, int] | None) -> dict[str, int]:
