@@ -551,15 +551,16 @@ def _host_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) 
     return [(host_loc, sources.problem(host_loc, reason, host, show=True))]
 
 
+_EXPORTER_PORT: Loc = ("metrics", "prometheus_port")
+
+
 def _port_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) -> list[tuple[Loc, str]]:
     """The exporter's port must not be the HTTP transport's own (it would fail to start, and the
     transport then with it, blamed on server.port): checked on the merged values."""
     server, metrics = merged.get("server", {}), merged.get("metrics", {})
-    locs: set[Loc] = {("server", "transport"), ("server", "port"), ("metrics", "prometheus_port")}
-    if not isinstance(server, Mapping) or not isinstance(metrics, Mapping) or any(loc in locs for loc in bad):
-        return []
-    if any(loc in bad for loc in {("server",), ("metrics",)}):
-        return []
+    watched: set[Loc] = {("server",), ("metrics",), ("server", "transport"), ("server", "port")}
+    if not isinstance(server, Mapping) or not isinstance(metrics, Mapping) or bad & (watched | {_EXPORTER_PORT}):
+        return []  # each already reported as a problem of its own
     defaults = ServerSettings.model_fields
     transport = server.get("transport", defaults["transport"].default)
     port = server.get("port", defaults["port"].default)
@@ -569,7 +570,7 @@ def _port_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) 
             return []
     except (TypeError, ValueError):
         return []  # reported as the field's own problem
-    loc: Loc = ("metrics", "prometheus_port")
+    loc = _EXPORTER_PORT
     port_loc: Loc = ("server", "port")
     if sources.origin(port_loc, exact=True) is None:
         same = "(built-in default)"
@@ -640,8 +641,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
             cross_key = [sources.error(error) for error in exc.errors()]
     # Pydantic skips the cross-key checks once a field fails; run them on whatever is valid.
     bad = set(found)
-    cross = _cap_problems(merged, bad, sources) + _host_problems(merged, bad, sources)
-    for loc, problem in cross + _port_problems(merged, bad, sources):
-        found.setdefault(loc, problem)
+    for check in (_cap_problems, _host_problems, _port_problems):
+        for loc, problem in check(merged, bad, sources):
+            found.setdefault(loc, problem)
     ordered = sorted(found.items(), key=lambda item: _section_order(item[0]))
     raise ConfigError(env_problems + [problem for _, problem in ordered] or cross_key, sourced=True)
