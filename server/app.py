@@ -45,7 +45,7 @@ from server.sdk_seams import ToolCallHandler, end_listen_streams
 from server.stdio_wire import Outstanding, StdinLines
 from server.tool_modules import import_tool_modules, install_tool_modules
 from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, abandoned_answer
-from tools.sessions import MANAGEMENT_TOOLS
+from tools.sessions import MANAGEMENT_TOOLS, SESSION_TOOL_TABLE
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +123,6 @@ def tool_override_problems(settings: Settings, tools: list[Callable[..., Any]]) 
     return problems
 
 
-#: Why a `[tools.NAME]` table for a session tool is refused.
-SESSION_TOOL_TABLE = (
-    "per-tool settings do not apply to the session tools: no per-tool deadline, cap or idle timeout"
-    " holds them (they answer even when the server is full)"
-)
 #: Where the deadline a user may have meant to set is set instead.
 _SESSION_TOOL_DEADLINES = {
     "session_create": (

@@ -66,7 +66,13 @@ from server.sdk_seams import (
 from server.session import SessionState
 from server.sessions import SessionManager
 from server.threads import make_cancellable, runs_in_thread
-from tools.sessions import MANAGEMENT_TOOLS, session_tool_bindings, unknown_arguments, with_error_code
+from tools.sessions import (
+    MANAGEMENT_TOOLS,
+    SESSION_TOOL_TABLE,
+    session_tool_bindings,
+    unknown_arguments,
+    with_error_code,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,9 +184,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         listed = f" (its tools: {', '.join(names)})" if names else ""
         for name in self.config.tools:
             if name in MANAGEMENT_TOOLS:
-                logger.warning(
-                    "[tools.%s] is ignored: per-tool settings do not apply to the session tools; remove it", name
-                )
+                logger.warning("[tools.%s] is ignored: %s; remove it", name, SESSION_TOOL_TABLE)
             elif get_tool(name) is None:
                 near = difflib.get_close_matches(name, [n for n in names if n not in MANAGEMENT_TOOLS], n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""

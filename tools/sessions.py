@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MANAGEMENT_TOOLS = frozenset({"session_create", "session_release", "session_metrics", "server_shutdown"})
+#: Why a `[tools.NAME]` table for a session tool does nothing (refused by the standalone server,
+#: warned about by a host's extension).
+SESSION_TOOL_TABLE = (
+    "per-tool settings do not apply to the session tools: no per-tool deadline, cap or idle timeout"
+    " holds them (they answer even when the server is full)"
+)
 
 
 class SessionCreateResult(BaseModel):

@@ -983,7 +983,8 @@ async def test_a_tool_table_naming_no_tool_of_the_host_is_warned_about_at_start_
     assert warnings[0].startswith("[tools.ecko] names no tool of this server (its tools: boom, echo, hang_async,")
     assert warnings[0].endswith("its settings apply only to a tool of that name added later; did you mean 'echo'?")
     assert warnings[1] == (
-        "[tools.session_metrics] is ignored: per-tool settings do not apply to the session tools; remove it"
+        "[tools.session_metrics] is ignored: per-tool settings do not apply to the session tools: no per-tool"
+        " deadline, cap or idle timeout holds them (they answer even when the server is full); remove it"
     )
     assert reloaded == [
         "[tools.hang_asnyc] names no tool of this server (its tools: boom, echo, hang_async, server_shutdown,"
