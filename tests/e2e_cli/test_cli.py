@@ -541,18 +541,21 @@ def test_a_tools_table_for_a_session_tool_is_refused(tmp_path: Path, tool: str, 
     assert problem.endswith("; remove it"), problem
 
 
+#: A tool module's source, for tests that write one into a working directory.
+LOOKUP_MODULE = "def lookup(key: str) -> str:\n    return key\n\nTOOLS = [lookup]\n"
+
+
+def check_in(directory: Path, module: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """Run the console script's `--check-config` in `directory` on a config hosting `module`."""
+    config = directory / "local.toml"
+    config.write_text(f'[server]\ntool_modules = ["{module}"]\n')
+    command = [str(SCRIPT), "--config", str(config), "--check-config"]
+    return config, subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=30)
+
+
 def test_the_console_script_imports_tool_modules_from_the_working_directory(tmp_path: Path) -> None:
-    (tmp_path / "my_local_tools.py").write_text("def lookup(key: str) -> str:\n    return key\n\nTOOLS = [lookup]\n")
-    config = tmp_path / "local.toml"
-    config.write_text('[server]\ntool_modules = ["my_local_tools"]\n')
-    script = Path(sys.executable).with_name("mcp-session-manager")
-    done = subprocess.run(
-        [str(script), "--config", str(config), "--check-config"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    (tmp_path / "my_local_tools.py").write_text(LOOKUP_MODULE)
+    _, done = check_in(tmp_path, "my_local_tools")
     assert done.returncode == 0, done.stderr
 
 
@@ -561,17 +564,8 @@ def test_a_project_package_named_like_the_product_s_own_is_refused_saying_to_ren
     # working directory is never looked at, and "No module named 'tools.mine'" alone misleads.
     (tmp_path / "tools").mkdir()
     (tmp_path / "tools" / "__init__.py").write_text("")
-    (tmp_path / "tools" / "mine.py").write_text("def lookup(key: str) -> str:\n    return key\n\nTOOLS = [lookup]\n")
-    config = tmp_path / "local.toml"
-    config.write_text('[server]\ntool_modules = ["tools.mine"]\n')
-    script = Path(sys.executable).with_name("mcp-session-manager")
-    done = subprocess.run(
-        [str(script), "--config", str(config), "--check-config"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    (tmp_path / "tools" / "mine.py").write_text(LOOKUP_MODULE)
+    config, done = check_in(tmp_path, "tools.mine")
     assert done.returncode == 2, done.stderr
     [problem] = problems(done)
     assert problem.startswith(

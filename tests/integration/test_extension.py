@@ -350,6 +350,24 @@ async def test_a_sync_tool_stuck_in_its_thread_times_out_and_is_counted_until_it
     assert m["abandoned_threads"] == 0 and m["total_sessions_timeout"] == 1 and m["total_sessions_completed"] == 0
 
 
+async def answer_after_shutdown(
+    client: Client, tool: str, running: Callable[[], bool], timeout_seconds: float
+) -> CallToolResult:
+    """Call `tool`; once `running()` holds, shut the server down with `timeout_seconds`; the
+    call's answer (all within 10 s)."""
+    results: list[CallToolResult] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                results.append(await client.call_tool(tool, {}))
+
+            tg.start_soon(call)
+            await until(running)
+            await client.call_tool("server_shutdown", {"timeout_seconds": timeout_seconds})
+    return results[0]
+
+
 async def test_a_tool_that_swallows_the_shutdown_s_cancellation_and_returns_is_told_its_result_was_discarded() -> None:
     async def swallows() -> str:
         try:
@@ -360,17 +378,8 @@ async def test_a_tool_that_swallows_the_shutdown_s_cancellation_and_returns_is_t
 
     app, sessions = build(settings(), tools=[swallows])
     async with Client(app) as client:
-        results: list[CallToolResult] = []
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-
-                async def call() -> None:
-                    results.append(await client.call_tool("swallows", {}))
-
-                tg.start_soon(call)
-                await until(lambda: sessions.manager.metrics().active_sessions == 1)
-                await client.call_tool("server_shutdown", {"timeout_seconds": 0.1})
-    error = error_of(results[0])
+        result = await answer_after_shutdown(client, "swallows", lambda: sessions.manager.active_count == 1, 0.1)
+    error = error_of(result)
     assert error["code"] == "shutting_down", error
     assert error["message"] == "the server shut down before tool 'swallows' finished; its late result was discarded"
 
@@ -381,17 +390,7 @@ async def test_a_sync_tool_stuck_in_its_thread_at_the_shutdown_deadline_is_told_
     gate = Gate()
     app, sessions = build(settings(), tools=gate.tools())
     async with Client(app) as client:
-        results: list[CallToolResult] = []
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-
-                async def call() -> None:
-                    results.append(await client.call_tool("block_sync", {}))
-
-                tg.start_soon(call)
-                await until(lambda: gate.threads_running == 1)
-                await client.call_tool("server_shutdown", {"timeout_seconds": 0.2})
-        error = error_of(results[0])
+        error = error_of(await answer_after_shutdown(client, "block_sync", lambda: gate.threads_running == 1, 0.2))
         still_running = gate.threads_running
         gate.open()
         with anyio.fail_after(5):
