@@ -169,6 +169,11 @@ async def test_readyz_turns_503_when_a_shutdown_begins_while_a_call_still_finish
             results: dict[str, CallToolResult] = {}
             seen: list[int] = []
             async with server.client() as client:
+                # The SDK's client lists the tools after the first answer of a tool it has not
+                # seen listed (to check the result against its output schema). Here that answer
+                # is the server's last before it exits: list them now, or that follow-up request
+                # races the exit (and fails to connect when it loses).
+                await client.list_tools()
 
                 async def slow_call() -> None:
                     results["slow"] = await client.call_tool("sleep_async", {"seconds": 2})
