@@ -88,8 +88,10 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
             Field(description="Seconds until the session times out by itself; default is the server's.", strict=True),
         ] = None,
         metadata: Annotated[
-            dict[str, Any] | None, Field(description="Any JSON object to keep with the session (size-limited).")
-        ] = None,
+            dict[str, Any] | None,
+            # The advertised default is DESIGN's `{}`; null is accepted too, and means the same.
+            Field(description="Any JSON object to keep with the session (size-limited)."),
+        ] = {},  # noqa: B006 - never mutated; pydantic gives each call its own copy
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, SessionCreateResult]:
         """Open a session that holds one concurrency slot until session_release or its timeout.
@@ -105,7 +107,7 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
                 provider=provider,
                 model=model,
                 timeout_seconds=timeout_seconds,
-                metadata=metadata,
+                metadata=metadata or None,  # none kept for an empty one
                 request_id=request_id,
                 client=ext.client_of(ctx.request_context) if ctx is not None and limited else None,
             )

@@ -571,6 +571,20 @@ async def test_session_metadata_at_the_limit_is_accepted_and_one_byte_over_refus
     assert m["current_metadata_bytes"] == 0 and m["sessions_rejected_metadata_size"] == 1
 
 
+async def test_session_create_advertises_empty_metadata_by_default_and_takes_null_as_empty() -> None:
+    app, _ = build(settings(max_metadata_bytes=0))  # only empty metadata fits
+    async with Client(app) as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        assert tools["session_create"].input_schema["properties"]["metadata"]["default"] == {}  # as in DESIGN
+        forms: list[dict[str, Any]] = [{}, {"metadata": {}}, {"metadata": None}]  # omitted, empty, null
+        made = [await client.call_tool("session_create", arguments) for arguments in forms]
+        assert [result.is_error for result in made] == [False, False, False], made
+        m = await metrics(client)
+        for result in made:
+            await client.call_tool("session_release", {"session_id": result.structured_content["session_id"]})
+    assert (m["active_sessions"], m["current_metadata_bytes"]) == (3, 0)
+
+
 async def test_provider_and_model_are_bounded_even_where_metadata_is_refused() -> None:
     # max_metadata_bytes = 0 refuses metadata; provider and model are not metadata, but they are
     # kept with the session all the same, so they have a bound of their own (256 characters).
