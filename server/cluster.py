@@ -358,7 +358,7 @@ class ClusterSessionManager(SessionManager):
                 f"{exc}; session {shorten(session_id)} was not released. {advice}",
                 session_id=shorten(session_id),
             ) from None
-        if known.before.startswith("call "):  # another replica's tool call (see `tool_calls`)
+        if known.before == "call":  # another replica's tool call (see `tool_calls`)
             raise runs_a_call(session_id)
         local = self._active.get(session_id)
         if known.before in ("active", "unknown") and local is not None:

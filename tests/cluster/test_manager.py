@@ -216,6 +216,8 @@ async def test_a_tool_call_s_session_is_not_released_by_a_client_through_any_man
             message = refused.value.message
             assert "running tool call" in message and "session_create" in message
             assert "search" not in message, "the call may be another client's: its tool is not named"
+        (seen,) = await b.store.release([(call.id, "completed")], tool_calls=False)
+        assert seen.before == "call", "the store's reply does not name the tool either"
         assert call.state is SessionState.ACTIVE
         with pytest.raises(SessionError) as full:
             await b.create(tool="other", queue=False)
