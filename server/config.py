@@ -35,6 +35,9 @@ ENV_NESTED_DELIMITER = "__"
 
 #: The error type of the cross-key timeout checks; `load_settings` words these itself.
 ABOVE_CAP = "timeout_above_cap"
+#: The largest `limits.max_timeout_seconds` (so the largest deadline of any session): 1e9 s,
+#: about 31 years.
+MAX_TIMEOUT_SECONDS = 1e9
 #: The per-tool keys that are timeouts, and so capped by limits.max_timeout_seconds.
 TOOL_TIMEOUT_KEYS = ("timeout_seconds", "idle_timeout_seconds")
 
@@ -227,7 +230,13 @@ class LimitsSettings(_Section):
         default=30.0, gt=0, allow_inf_nan=False, description="Deadline of a call with no override."
     )
     max_timeout_seconds: float = Field(
-        default=300.0, gt=0, allow_inf_nan=False, description="Cap for any per-tool or per-session timeout."
+        default=300.0,
+        gt=0,
+        # Past about 31 years a deadline no longer fits in a date (`expires_at`), nor in Redis's
+        # expiry times: as a cap it already means "none".
+        le=MAX_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        description="Cap for any per-tool or per-session timeout.",
     )
     max_concurrent_sessions: int = Field(default=100, ge=1, le=1_000_000, description="Sessions active at once.")
     max_metadata_bytes: int = Field(

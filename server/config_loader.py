@@ -383,6 +383,13 @@ def _bounds(loc: Loc) -> tuple[Any, Any]:
 _TABLE_TYPES = ("model_type", "model_attributes_type", "dict_type")
 
 
+def _bound(value: float) -> str:
+    """A bound as it would be written: a large float as 1e9, not 1000000000.0."""
+    if isinstance(value, float) and abs(value) >= 1e6:
+        return f"{value:g}".replace("e+0", "e").replace("e+", "e")
+    return str(value)
+
+
 def _reason(error: ErrorDetails) -> str:
     kind = error["type"]
     loc: Loc = tuple(error["loc"])
@@ -393,7 +400,9 @@ def _reason(error: ErrorDetails) -> str:
         low, high = _bounds(loc)
         if low is not None and high is not None:
             return f"must be between {low} and {high}"
-        return f"must be at least {ctx['ge']}" if kind == "greater_than_equal" else f"must be at most {ctx['le']}"
+        if kind == "greater_than_equal":
+            return f"must be at least {_bound(ctx['ge'])}"
+        return f"must be at most {_bound(ctx['le'])}"
     if kind == "greater_than":
         return f"must be greater than {_show(ctx['gt'])}"
     simple = {

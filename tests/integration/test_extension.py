@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -20,6 +21,7 @@ from mcp_types import CallToolResult
 
 from server import ERROR_META_KEY, SessionsExtension, outcomes
 from server import extension as extension_module
+from server.config import MAX_TIMEOUT_SECONDS, Settings
 from server.deadline import Deadline, LateScope
 from server.sdk_seams import registry_lookup
 from tests.helpers import Gate, boom, build, code_of, echo, error_of, hang_async, settings, text_of, until
@@ -569,6 +571,18 @@ async def test_session_metadata_at_the_limit_is_accepted_and_one_byte_over_refus
         await client.call_tool("session_release", {"session_id": ok.structured_content["session_id"]})
         m = await metrics(client)
     assert m["current_metadata_bytes"] == 0 and m["sessions_rejected_metadata_size"] == 1
+
+
+async def test_session_create_at_the_largest_timeout_cap_answers_its_expiry_date() -> None:
+    app, _ = build(Settings.model_validate({"limits": {"max_timeout_seconds": MAX_TIMEOUT_SECONDS}}))
+    async with Client(app) as client:
+        made = await client.call_tool("session_create", {"timeout_seconds": 1e300})  # capped to 1e9 s
+        assert not made.is_error, made
+        data = made.structured_content or {}
+        assert data["timeout_seconds"] == MAX_TIMEOUT_SECONDS
+        assert datetime.fromisoformat(data["expires_at"]).year >= datetime.now(UTC).year + 31
+        await client.call_tool("session_release", {"session_id": data["session_id"]})
+        assert (await metrics(client))["active_sessions"] == 0
 
 
 async def test_session_create_advertises_empty_metadata_by_default_and_takes_null_as_empty() -> None:

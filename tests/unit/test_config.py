@@ -603,6 +603,12 @@ BAD_FILES = [
         id="key-prefix-with-space",
     ),
     pytest.param(
+        # Past it a session's expires_at is no date (session_create failed after admitting it).
+        "[limits]\nmax_timeout_seconds = 1e12\n",
+        "limits.max_timeout_seconds: must be at most 1e9 (got 1000000000000.0)",
+        id="timeout-cap-past-any-date",
+    ),
+    pytest.param(
         "[store]\ntimeout_seconds = 0\n",
         "store.timeout_seconds: must be greater than 0.0 (got 0)",
         id="store-timeout-zero",
