@@ -26,7 +26,7 @@ from server.app import App, build_app, serve
 from server.config import ConfigError
 from server.config_loader import config_problems, load_settings
 from server.logs import configure_logging
-from server.reload import ConfigReloader
+from server.reload import ConfigReloader, hold_early_hangups
 from server.stdio_wire import claim_stdin, divert_stdout
 from server.store_url import safe_url
 
@@ -80,6 +80,7 @@ def _stoppable_start() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    hold_early_hangups()  # a SIGHUP before the server serves is a reload once it does, not a silent death
     try:
         with _stoppable_start():
             started = _start(argv)

@@ -68,6 +68,32 @@ def changes(old: Settings, new: Settings) -> dict[str, tuple[Any, Any]]:
     return {key: (before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)}
 
 
+class _EarlyHangup:
+    """A SIGHUP that came before `watch_sighup` took the signal over: remembered, not fatal."""
+
+    seen = False
+
+    @classmethod
+    def remember(cls, _signum: int, _frame: object) -> None:
+        cls.seen = True
+
+    @classmethod
+    def take(cls) -> bool:
+        seen, cls.seen = cls.seen, False
+        return seen
+
+
+def hold_early_hangups() -> None:
+    """From now until `watch_sighup` runs, a SIGHUP (a reload asked for while the server starts:
+    while a tool module imports, say) is remembered, and `watch_sighup` then reloads once, so the
+    file read is no older than the request. Without this, SIGHUP's default action ends the process
+    silently (status 129). Call it on the main thread, before the start's slow parts."""
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None:
+        _EarlyHangup.seen = False
+        signal.signal(hangup, _EarlyHangup.remember)
+
+
 class ConfigReloader:
     """Re-reads `path` on request and applies it to `sessions` if valid.
 
@@ -167,10 +193,16 @@ class ConfigReloader:
         reading = anyio.CapacityLimiter(1)
         with anyio.open_signal_receiver(hangup) as signals:
             task_status.started()
+            if _EarlyHangup.take():  # see `hold_early_hangups`
+                logger.info("Received SIGHUP while starting: reloading the config now that the server runs")
+                await self._reload_in_thread(reading)
             async for _ in signals:
                 logger.info("Received SIGHUP: reloading the config")
-                loaded = await anyio.to_thread.run_sync(self._load, abandon_on_cancel=True, limiter=reading)
-                self._apply(loaded)
+                await self._reload_in_thread(reading)
+
+    async def _reload_in_thread(self, reading: anyio.CapacityLimiter) -> None:
+        loaded = await anyio.to_thread.run_sync(self._load, abandon_on_cancel=True, limiter=reading)
+        self._apply(loaded)
 
 
 def _environment_note() -> str:

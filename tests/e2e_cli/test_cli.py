@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -606,6 +607,45 @@ def test_a_signal_while_a_tool_module_imports_stops_the_start_in_one_line(tmp_pa
     name = signal.Signals(signum).name
     assert f"mcp-session-manager: {name} while starting; stopped before serving anything" in stderr, stderr
     assert "Traceback" not in stderr, stderr
+
+
+def test_a_sighup_while_a_tool_module_imports_is_a_reload_once_the_server_runs(tmp_path: Path) -> None:
+    # SIGHUP's default action would end the process silently (status 129) before the server's
+    # handler is in place; instead the request is remembered and the file is read again once the
+    # server runs, so the edit made while it started takes effect.
+    config = tmp_path / "slow.toml"
+    module = f'[server]\ntool_modules = ["{FIXTURES}.slow_at_import"]\n'
+    config.write_text(module + "[limits]\nmax_concurrent_sessions = 5\n")
+    with subprocess.Popen(
+        [sys.executable, "-m", "server", "--config", str(config)],
+        cwd=ROOT,
+        env={**os.environ, "SLOW_AT_IMPORT_SECONDS": "1"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stderr is not None
+        watchdog = threading.Timer(20, process.kill)  # bounds the reads below if the reload never comes
+        watchdog.start()
+        try:
+            seen = []
+            for line in process.stderr:
+                seen.append(line)
+                if line.strip() == "slow_at_import: importing":
+                    config.write_text(module + "[limits]\nmax_concurrent_sessions = 7\n")
+                    process.send_signal(signal.SIGHUP)
+                if "Config reload" in line:
+                    break
+            process.send_signal(signal.SIGTERM)
+            _, rest = process.communicate(timeout=20)
+        finally:
+            watchdog.cancel()
+            process.kill()
+    stderr = "".join(seen) + rest
+    assert process.returncode == 0, stderr
+    assert "Received SIGHUP while starting: reloading the config now that the server runs" in stderr, stderr
+    assert f"Config reloaded from {config}: limits.max_concurrent_sessions 5 -> 7" in stderr, stderr
 
 
 def test_check_config_prints_the_store_url_without_its_password() -> None:

@@ -1,6 +1,8 @@
 """A tool module that takes its time to import (a model loaded at import, say): it writes
-`IMPORTING` to stderr, then waits up to 30 s, so that a test can signal the server mid-start."""
+`IMPORTING` to stderr, then waits up to 30 s (or `SLOW_AT_IMPORT_SECONDS`), so that a test can
+signal the server mid-start."""
 
+import os
 import sys
 import time
 
@@ -9,7 +11,7 @@ IMPORTING = "slow_at_import: importing"
 
 sys.stderr.write(IMPORTING + "\n")
 sys.stderr.flush()
-time.sleep(30)  # bounded: the test signals the process long before this ends
+time.sleep(float(os.environ.get("SLOW_AT_IMPORT_SECONDS", "30")))  # bounded: tests signal long before 30 s
 
 
 def slow() -> str:
