@@ -183,6 +183,9 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
         if refusal is not None:
             manager.shutdown_refused()
             return _refused(SessionError(ErrorCode.UNAUTHORIZED, refusal), "server_shutdown")
+        if not manager.shutting_down:  # a call that joins a shutdown under way started nothing
+            # As a signal's "Graceful shutdown: received SIGTERM": the log says who stopped the server.
+            logger.info("Graceful shutdown: requested by a server_shutdown call%s", " over HTTP" if over_http else "")
         report = await ext.shutdown(timeout_seconds)
         return _ok(report)
 

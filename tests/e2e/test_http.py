@@ -157,6 +157,7 @@ async def test_server_shutdown_with_the_admin_token_reports_and_the_process_exit
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
 
     assert refusals["shutdown_rejected_unauthorized"] == 2 and refusals["shutdown_requested"] is False
+    assert server.stderr.count("Graceful shutdown: requested by a server_shutdown call over HTTP") == 1, server.stderr
     report = results["shutdown"]
     assert not report.is_error, report
     numbers = report.structured_content or {}

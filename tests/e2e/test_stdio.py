@@ -311,6 +311,7 @@ async def test_server_shutdown_drains_cancels_the_rest_refuses_new_work_and_exit
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
 
     assert code_of(late_call) == "shutting_down" and code_of(late_session) == "shutting_down"
+    assert "Graceful shutdown: requested by a server_shutdown call\n" in server.stderr, server.stderr
     assert rejected["sessions_rejected_shutdown"] == 2
     report = results["shutdown"]
     assert not report.is_error, report
