@@ -95,18 +95,32 @@ def _shadowed(module_name: str) -> str | None:
     package = sys.modules.get(top) if top in OWN_PACKAGES else None
     if package is None:
         return None
-    own = [os.path.realpath(entry) for entry in getattr(package, "__path__", [])]
-    for entry in sys.path:
-        folder = os.path.join(entry or os.getcwd(), top)
-        if os.path.isdir(folder) and os.path.realpath(folder) not in own:
-            return (
-                f"{top!r} is mcp-session-manager's own package ({', '.join(own)}), imported before any tool "
-                f"module, so your package {folder} is never looked at: rename yours (e.g. my_{top}) and list "
-                "that name"
-            )
+    hidden = _hidden_by_ours(top)
+    if hidden is not None:
+        return hidden
     modules = [f"{top}.{info.name}" for info in pkgutil.iter_modules(getattr(package, "__path__", []))]
     near = difflib.get_close_matches(module_name, modules, n=1)
     return f"did you mean {near[0]!r}?" if near else None
+
+
+def _hidden_by_ours(top: str) -> str | None:
+    """If the user has a package or module named `top` (one of this product's own packages) on
+    the path, the sentence saying it is never imported and to rename it; else None."""
+    package = sys.modules.get(top) if top in OWN_PACKAGES else None
+    if package is None:
+        return None
+    own = [os.path.realpath(entry) for entry in getattr(package, "__path__", [])]
+    for entry in sys.path:
+        folder = os.path.join(entry or os.getcwd(), top)
+        for theirs in (folder, folder + ".py"):
+            if os.path.exists(theirs) and os.path.realpath(theirs) not in own:
+                kind = "package" if theirs == folder else "module"
+                return (
+                    f"{top!r} is mcp-session-manager's own package ({', '.join(own)}), imported before any tool "
+                    f"module, so your {kind} {theirs} is never looked at: rename yours (e.g. my_{top}) and list "
+                    "that name"
+                )
+    return None
 
 
 def _import_problem(module_name: str, exc: Exception) -> str:
@@ -153,7 +167,8 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
             continue
         exported = getattr(module, "TOOLS", None)
         if exported is None:
-            problems.append(f"{key}: the module has no TOOLS list (TOOLS = [my_tool, ...])")
+            hidden = _hidden_by_ours(module_name) if module_name in OWN_PACKAGES else None
+            problems.append(f"{key}: {hidden or 'the module has no TOOLS list (TOOLS = [my_tool, ...])'}")
             continue
         if not isinstance(exported, list | tuple) or not all(callable(fn) for fn in exported):
             problems.append(f"{key}: TOOLS must be a list of functions, got {exported!r:.200}")

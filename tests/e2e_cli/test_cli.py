@@ -577,6 +577,23 @@ def test_a_project_package_named_like_the_product_s_own_is_refused_saying_to_ren
     assert problem.endswith("rename yours (e.g. my_tools) and list that name"), problem
 
 
+@pytest.mark.parametrize("name", ["server", "tools"])
+def test_a_project_module_named_like_the_product_s_own_package_is_refused_saying_to_rename_it(
+    tmp_path: Path, name: str
+) -> None:
+    # `server.py` is a common name for an MCP server's file: listed as "server", the product's own
+    # package is what imports, and "the module has no TOOLS list" alone would mislead.
+    (tmp_path / f"{name}.py").write_text(LOOKUP_MODULE)
+    config, done = check_in(tmp_path, name)
+    assert done.returncode == 2, done.stderr
+    [problem] = problems(done)
+    assert problem.startswith(
+        f"{config}: server.tool_modules: {name!r}: {name!r} is mcp-session-manager's own package ("
+    ), problem
+    assert f"so your module {tmp_path / (name + '.py')} is never looked at" in problem, problem
+    assert problem.endswith(f"rename yours (e.g. my_{name}) and list that name"), problem
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_a_tool_module_imports_stops_the_start_in_one_line(tmp_path: Path, signum: int) -> None:
     # Nothing serves yet, so nothing drains: the process says why it stops, with no traceback
