@@ -449,7 +449,8 @@ def transport_security(settings: ServerSettings) -> TransportSecuritySettings | 
     """DNS-rebinding protection: the SDK's loopback defaults, plus `server.allowed_hosts`.
 
     On loopback with no list, as the SDK's own defaults, Host must be 127.0.0.1, localhost or
-    [::1]; off loopback the config requires a list, and only those hosts (and loopback) pass.
+    [::1]; off loopback the config requires a list, and only those hosts (and loopback) pass,
+    and the address bound (`server.host:server.port`, the URL the server logs) unless a wildcard.
     A `name:*` pattern also admits the bare `name`: behind a proxy on port 80 or 443 clients send
     no port, and the SDK matches `name:*` only against `name:PORT`. The settings are spelled out
     even where the SDK has the same defaults, because the operational endpoints (outside the
@@ -460,8 +461,20 @@ def transport_security(settings: ServerSettings) -> TransportSecuritySettings | 
         return None
     loopback = [f"{name}:*" for name in LOOPBACK_HOST_NAMES]
     hosts = _with_bare_names([*loopback, *settings.allowed_hosts])
+    bound = _bound_host(settings)
+    if bound is not None and bound not in hosts:
+        hosts.append(bound)
     origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def _bound_host(settings: ServerSettings) -> str | None:
+    """The Host header of the URL the server logs (`server.host:server.port`), which it therefore
+    accepts too; None for a wildcard address (0.0.0.0, ::), which no client sends."""
+    host = settings.host.lower()
+    if host in ("", "0.0.0.0", "::"):
+        return None
+    return f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
 
 
 def _with_bare_names(patterns: list[str]) -> list[str]:

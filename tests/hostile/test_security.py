@@ -12,6 +12,8 @@ import anyio
 import httpx2
 import pytest
 
+from server.app import transport_security
+from server.config import ServerSettings
 from server.endpoints import is_ip_address
 from tests.e2e.conftest import PROTOCOL_VERSION, ServerProcess, free_port, metrics, server_config, start_server
 from tests.e2e_cli.test_cli import assert_refused, problems, run, write
@@ -230,6 +232,23 @@ async def test_the_operational_endpoints_admit_the_allowed_hosts(tmp_path: Path)
 )
 def test_what_counts_as_a_host_given_as_an_ip_address(host: str, expected: bool) -> None:
     assert is_ip_address(host) is expected
+
+
+@pytest.mark.parametrize(
+    ("host", "bound"),
+    [("10.0.0.5", "10.0.0.5:9000"), ("fd00::5", "[fd00::5]:9000"), ("MCP.Internal", "mcp.internal:9000")],
+)
+def test_the_address_the_server_binds_and_logs_is_an_accepted_host(host: str, bound: str) -> None:
+    # The log says "Serving MCP over streamable HTTP at http://10.0.0.5:9000/mcp": that URL must
+    # not get 421 because allowed_hosts lists only the names behind a proxy.
+    settings = ServerSettings(transport="streamable-http", host=host, port=9000, allowed_hosts=("mcp.example.com:*",))
+    security = transport_security(settings)
+    assert security is not None
+    assert bound in security.allowed_hosts and f"http://{bound}" in security.allowed_origins
+    assert "mcp.example.com:*" in security.allowed_hosts
+    # Bound to every interface, no one address is the server's: only the list (and loopback) pass.
+    anywhere = transport_security(settings.model_copy(update={"host": "0.0.0.0"}))
+    assert anywhere is not None and not [h for h in anywhere.allowed_hosts if h.startswith("0.0.0.0")]
 
 
 async def test_the_stdio_servers_prometheus_exporter_refuses_a_foreign_host_or_origin(tmp_path: Path) -> None:
