@@ -132,6 +132,13 @@ def refuse_client_limit(tool: str | None, cap: int) -> SessionError:
 
 
 def refuse_threads(tool: str | None, stuck: int, cap: int) -> SessionError:
+    if cap == 0:  # no stuck thread ever gets it below the limit: waiting cannot help
+        return SessionError(
+            ErrorCode.CAPACITY_EXCEEDED,
+            "sync tools are turned off on this server (limits.max_abandoned_threads is 0): retrying will not "
+            "help (async tools are still served); ask the operator to set limits.max_abandoned_threads to 1 or more",
+            tool=tool,
+        )
     if stuck == 1:
         stuck_text = "1 thread is stuck in a sync tool call that has ended (past its deadline, or cancelled)"
     else:

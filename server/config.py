@@ -456,6 +456,11 @@ class Settings(BaseSettings):
                 f"limits.max_sessions_per_client ({limits.max_sessions_per_client}) is above "
                 f"limits.max_concurrent_sessions ({cap}): the server-wide cap is reached first"
             )
+        if limits.max_abandoned_threads == 0:
+            notes.append(
+                "limits.max_abandoned_threads is 0: every call of a sync tool is refused (capacity_exceeded), "
+                "even with no thread stuck; set it to 1 or more to serve sync tools"
+            )
         for name, tool in sorted(self.tools.items()):
             if tool.max_concurrent is not None and tool.max_concurrent > cap:
                 notes.append(

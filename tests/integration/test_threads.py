@@ -177,6 +177,23 @@ async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_la
         release.set()
 
 
+async def test_with_no_stuck_thread_allowed_sync_tools_are_refused_saying_retrying_will_not_help() -> None:
+    release = threading.Event()
+    release.set()
+    app, _ = build(settings(max_abandoned_threads=0), tools=stuck_tools(release))
+    async with Client(app) as client:
+        refused = await client.call_tool("quick_sync", {})
+        served = await client.call_tool("echo_async", {"text": "async"})
+        m = await metrics(client)
+    assert code_of(refused) == "capacity_exceeded", refused
+    assert text_of(refused) == (
+        "sync tools are turned off on this server (limits.max_abandoned_threads is 0): retrying will not help "
+        "(async tools are still served); ask the operator to set limits.max_abandoned_threads to 1 or more"
+    )
+    assert text_of(served) == "async"
+    assert (m["sessions_rejected_threads"], m["abandoned_threads"]) == (1, 0)
+
+
 async def test_the_bound_gates_admission_only_so_sync_calls_already_running_can_all_be_left_stuck() -> None:
     # What the README states: limits.max_abandoned_threads refuses new sync calls; the calls
     # admitted while fewer threads were stuck each leave their thread at their deadline.

@@ -1315,12 +1315,16 @@ def test_settings_that_cannot_take_effect_are_named_and_a_sound_config_has_none(
     )
     assert sound.ineffective() == []
     odd = Settings(
-        limits=LimitsSettings(max_concurrent_sessions=4, max_sessions_per_client=8, default_timeout_seconds=30),
+        limits=LimitsSettings(
+            max_concurrent_sessions=4, max_sessions_per_client=8, default_timeout_seconds=30, max_abandoned_threads=0
+        ),
         tools={"b": ToolSettings(idle_timeout_seconds=30), "a": ToolSettings(max_concurrent=5)},
     )
     assert odd.ineffective() == [
         "limits.max_sessions_per_client (8) is above limits.max_concurrent_sessions (4): "
         "the server-wide cap is reached first",
+        "limits.max_abandoned_threads is 0: every call of a sync tool is refused (capacity_exceeded), "
+        "even with no thread stuck; set it to 1 or more to serve sync tools",
         "tools.a.max_concurrent (5) is above limits.max_concurrent_sessions (4): the server-wide cap is reached first",
         "tools.b.idle_timeout_seconds (30) is not below the call's deadline (30, limits.default_timeout_seconds): "
         "a call reaches its deadline first, so the idle timeout never fires",
