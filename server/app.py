@@ -69,9 +69,21 @@ class App:
     def reloader(self, path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ConfigReloader:
         """A `ConfigReloader` for this app: `path` and `overrides` as given at startup; a reloaded
         file's `[tools.NAME]` tables are checked against the hosted tools as at startup."""
-        return ConfigReloader(
-            self.sessions, path, overrides, check=lambda settings: check_tool_overrides(settings, self.tools)
-        )
+        return ConfigReloader(self.sessions, path, overrides, check=self._check_reloaded)
+
+    def _check_reloaded(self, settings: Settings) -> None:
+        """`check_tool_overrides`, saying why a table for a newly listed module's tool is unknown."""
+        problems = tool_override_problems(settings, self.tools)
+        if problems and settings.server.tool_modules != self.settings.server.tool_modules:
+            problems = [
+                f"{problem}; server.tool_modules changed in the file, which takes a restart: the tools of its "
+                "new modules are not hosted until then"
+                if "no hosted tool has this name" in problem
+                else problem
+                for problem in problems
+            ]
+        if problems:
+            raise ConfigError(problems)
 
 
 class _StandaloneSessions(SessionsExtension):

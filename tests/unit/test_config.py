@@ -6,6 +6,7 @@ expected lines, so a change of wording is a deliberate change of these tests.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tomllib
@@ -1239,6 +1240,26 @@ def test_a_reload_adding_a_table_for_a_session_tool_is_rejected(tmp_path: Path) 
     write(tmp_path, '[server]\ntool_modules = ["tools.demo"]\n[tools.session_release]\nmax_concurrent = 1\n')
 
     assert app.reloader(path).reload() is False
+    assert app.sessions.config.tools == {}
+
+
+def test_a_reload_adding_a_tool_module_with_a_table_for_its_tool_says_the_module_takes_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, '[server]\ntool_modules = ["tools.demo"]\n')
+    app = build_app(load_settings(path))
+    module = "tests.fixtures_config.good_tools"  # not imported by a reload: it takes a restart
+    write(tmp_path, f'[server]\ntool_modules = ["tools.demo", "{module}"]\n[tools.held]\nmax_concurrent = 1\n')
+
+    with caplog.at_level(logging.ERROR, logger="server.reload"):
+        assert app.reloader(path).reload() is False
+    [record] = caplog.records
+    assert (
+        f"{path}: tools.held: no hosted tool has this name (hosted: count_slowly, echo, fail, server_shutdown, "
+        "session_create, session_metrics, session_release, sleep_async, sleep_blocking); server.tool_modules changed "
+        "in the file, "
+        "which takes a restart: the tools of its new modules are not hosted until then"
+    ) in record.getMessage(), record.getMessage()
     assert app.sessions.config.tools == {}
 
 
