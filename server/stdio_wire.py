@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-from mcp.shared.dispatcher import coerce_request_id
+from mcp.shared.dispatcher import as_request_id, coerce_request_id
 
 
 class Outstanding:
@@ -44,8 +44,13 @@ class Outstanding:
 
     def discard_cancelled(self, request_id: Any) -> None:
         """Stop waiting for the request a `notifications/cancelled` names. Like the SDK, which
-        cancels the request, take `"7"` and `7` for one id (`coerce_request_id`)."""
-        if request_id not in self.requests and isinstance(request_id, str | int) and not isinstance(request_id, bool):
+        cancels the request, take `"7"` and `7` for one id (`coerce_request_id`). Any other
+        `requestId` (an object, a list, a bool, a fraction, null) names no request: the SDK drops
+        such a notification as malformed, and so is it ignored here."""
+        request_id = as_request_id(request_id)  # the SDK's own rule for what may name a request
+        if request_id is None:
+            return
+        if request_id not in self.requests:
             wanted = coerce_request_id(request_id)
             request_id = next((key for key in self.requests if coerce_request_id(key) == wanted), request_id)
         self.discard(request_id)

@@ -81,6 +81,23 @@ def test_an_unknown_tool_over_stdio_is_refused_without_a_session(raw: Raw) -> No
     assert raw.metrics()["total_sessions_created"] == before["total_sessions_created"]
 
 
+@pytest.mark.parametrize("request_id", [{"x": 1}, [1], True, 1.5, None], ids=repr)
+def test_a_cancellation_naming_an_id_no_request_can_have_is_ignored_and_the_call_still_answers(
+    raw: Raw, request_id: Any
+) -> None:
+    # The server's stdin relay looked the id up before the SDK checked it: an object or an array
+    # (unhashable) ended the server with a traceback, and the call in flight went unanswered.
+    async def call_through_the_cancellation() -> Any:
+        call = await raw.server.start_call("sleep_async", {"seconds": 0.2})
+        await raw.server.notify("notifications/cancelled", {"requestId": request_id})
+        return await raw.server.call_result(call)
+
+    result = raw.portal.call(call_through_the_cancellation)
+
+    assert text_of(result) == "slept 0.2s"
+    assert raw.server.returncode is None, raw.server.stderr
+
+
 # -- streamable HTTP -----------------------------------------------------------------------
 
 HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
