@@ -303,6 +303,13 @@ async def _serve_stdio(
                 # when everything stops, so running calls can still finish and answer.
                 with anyio.move_on_after(FLUSH_SECONDS):
                     await unadmitted.empty.wait()
+                # Its `session_create` sessions only it could release: the drain would wait for them
+                # in vain (and a client that kills a server slow to exit would cut the shutdown short).
+                ended = app.sessions.manager.end_reservations("the client closed stdin: no one is left to release it")
+                if ended:
+                    logger.info(
+                        "stdin closed: ended %s session(s) made by session_create, which no one can release", ended
+                    )
                 await exit_.begin("stdin closed")
 
         async def deliver(item: SessionMessage) -> None:

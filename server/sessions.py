@@ -425,6 +425,13 @@ class SessionManager(Intake):
             await event.wait()
         return session.state
 
+    def end_reservations(self, reason: str) -> int:
+        """End every active session made by `session_create` (no tool call's) as `cancelled`,
+        with `reason`; return how many. For when no client is left to release them (a stdio
+        client that closed stdin): a shutdown would otherwise wait its whole drain for them."""
+        reservations = [session for session in self._active.values() if session.tool is None]
+        return sum(self.end(session, SessionState.CANCELLED, reason) for session in reservations)
+
     # -- shutdown --------------------------------------------------------------------------
 
     async def wait_shutting_down(self) -> None:

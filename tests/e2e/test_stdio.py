@@ -378,6 +378,32 @@ async def test_stdin_eof_lets_running_calls_answer_then_exits_0(tmp_path: Path) 
     assert "stdin closed" in server.stderr
 
 
+async def test_stdin_eof_ends_the_client_s_session_create_sessions_at_once_and_drains_only_its_calls(
+    tmp_path: Path,
+) -> None:
+    # Only the client that closed stdin could release its reservations: the drain must not wait its
+    # whole 20 s for them (the SDK's client kills a server still running 4 s after closing stdin).
+    config = server_config(shutdown={"timeout_seconds": 20})
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        reservation = (await server.call("session_create", {"timeout_seconds": 60})).structured_content or {}
+        quick = await server.start_call("finish_in_shutdown")
+        await raw_metrics_until(server, lambda m: m["active_sessions"] == 2)
+        closed = time.monotonic()
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+        exit_seconds = time.monotonic() - closed
+        finished = await server.call_result(quick)
+    assert text_of(finished) == IN_SHUTDOWN  # the running call still finished and answered
+    assert exit_seconds < 10, exit_seconds
+    assert "stdin closed: ended 1 session(s) made by session_create, which no one can release" in server.stderr
+    assert (
+        f"Session {reservation['session_id']} ended cancelled" in server.stderr
+        and "the client closed stdin: no one is left to release it" in server.stderr
+    ), server.stderr
+    assert "1 of 1 session(s) finished, 0 cancelled" in server.stderr, server.stderr
+
+
 async def test_a_setting_that_cannot_take_effect_is_warned_about_at_start(tmp_path: Path) -> None:
     config = server_config(limits={"max_concurrent_sessions": 5}, tools={"echo": {"max_concurrent": 50}})
     async with start_server(tmp_path, config) as server:
