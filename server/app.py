@@ -29,10 +29,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.message import SessionMessage
-from mcp_types import INVALID_REQUEST, PARSE_ERROR, CallToolRequestParams, ErrorData
+from mcp_types import CallToolRequestParams
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
 from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
 
 from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
@@ -42,7 +41,7 @@ from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams
-from server.stdio_wire import Outstanding, StdinLines
+from server.stdio_wire import Outstanding, StdinLines, unreadable_line_error
 from server.tool_modules import import_tool_modules, install_tool_modules
 from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, abandoned_answer
 from tools.sessions import MANAGEMENT_TOOLS, SESSION_TOOL_TABLE
@@ -284,7 +283,7 @@ async def _serve_stdio(
                 if isinstance(item, Exception):
                     # The SDK drops a line it cannot read with a debug log, and a client would wait for
                     # an answer forever: JSON-RPC answers it with a protocol error (its id is unknown).
-                    await out_send.send(SessionMessage(_unreadable(item)))
+                    await out_send.send(SessionMessage(unreadable_line_error(item)))
                     continue
                 message = item.message if isinstance(item, SessionMessage) else None
                 if isinstance(message, JSONRPCRequest):
@@ -378,17 +377,6 @@ async def _serve_stdio(
             lines.close()
             with anyio.CancelScope(shield=True):
                 await stdout.aclose()
-
-
-def _unreadable(exc: Exception) -> JSONRPCError:
-    """The protocol error for a line from the client that is not a JSON-RPC message."""
-    not_json = isinstance(exc, ValidationError) and any(e["type"] == "json_invalid" for e in exc.errors())
-    if not_json or not isinstance(exc, ValidationError):
-        code, message = PARSE_ERROR, "Parse error: the line is not JSON (or nests too deeply to be read)"
-    else:
-        code, message = INVALID_REQUEST, "Invalid Request: the line is JSON but not a JSON-RPC 2.0 message"
-    logger.warning("Unreadable message from the client: %s", message)
-    return JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=code, message=message))
 
 
 class _UvicornServer(uvicorn.Server):

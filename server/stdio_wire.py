@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
 import os
 import sys
 import threading
@@ -21,6 +23,50 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 from mcp.shared.dispatcher import as_request_id, coerce_request_id
+from mcp_types import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, ErrorData
+from mcp_types.jsonrpc import JSONRPCError
+from pydantic import ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+def unreadable_line_error(exc: Exception) -> JSONRPCError:
+    """The protocol error for a line from the client that the SDK could not read as a JSON-RPC
+    message (`exc`, what its reader raised). The SDK drops such a line with a debug log, and its
+    client would wait for an answer forever: JSON-RPC answers it with a protocol error.
+
+    Its id is unknown (null), except for JSON that is only too big to read: an integer of more
+    digits than Python turns into a number (`sys.get_int_max_str_digits()`, 4300 by default), in
+    metadata say. Such a line is read again, that number left out, for the id to answer, so that
+    the client hears at once which request it was and what to do."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else []
+    invalid = next((error for error in errors if error["type"] == "json_invalid"), None)
+    request_id = None
+    if invalid is None and errors:
+        code, message = INVALID_REQUEST, "Invalid Request: the line is JSON but not a JSON-RPC 2.0 message"
+    elif invalid is not None and "number out of range" in invalid["msg"]:
+        request_id = _id_despite_a_huge_number(invalid.get("input"))
+        code = INVALID_PARAMS
+        message = (
+            f"Invalid params: a number in the message has more than {sys.get_int_max_str_digits()} digits, more "
+            "than this server reads; send such a number as a string"
+        )
+    else:
+        code, message = PARSE_ERROR, "Parse error: the line is not JSON (or nests too deeply to be read)"
+    logger.warning("Unreadable message from the client: %s", message)
+    return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message))
+
+
+def _id_despite_a_huge_number(line: object) -> str | int | None:
+    """The `id` of a JSON-RPC message whose only fault is an integer too long to convert."""
+    if not isinstance(line, str | bytes):
+        return None
+    limit = sys.get_int_max_str_digits()
+    try:
+        message = json.loads(line, parse_int=lambda digits: int(digits) if len(digits) <= limit else None)
+    except (ValueError, RecursionError):
+        return None
+    return as_request_id(message.get("id")) if isinstance(message, dict) else None
 
 
 class Outstanding:

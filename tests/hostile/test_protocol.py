@@ -98,6 +98,28 @@ def test_a_cancellation_naming_an_id_no_request_can_have_is_ignored_and_the_call
     assert raw.server.returncode is None, raw.server.stderr
 
 
+def test_an_integer_too_long_to_read_is_answered_at_once_with_its_request_s_id(raw: Raw) -> None:
+    # JSON with a 5000-digit integer (in metadata, say) is refused by the reader before any tool
+    # sees it: the answer names the request (an error with id null left the client waiting out its
+    # timeout) and says what to do.
+    before = raw.metrics()
+    metadata = '{"n": ' + "9" * 5000 + "}"
+
+    def build(request_id: int) -> str:
+        params = '{"name": "session_create", "arguments": {"metadata": ' + metadata + "}}"
+        return f'{{"jsonrpc": "2.0", "id": {request_id}, "method": "tools/call", "params": {params}}}'
+
+    response = raw.portal.call(raw.server.request_text, build)
+
+    assert response["error"] == {
+        "code": INVALID_PARAMS,
+        "message": "Invalid params: a number in the message has more than 4300 digits, more than this server "
+        "reads; send such a number as a string",
+    }, response
+    after = raw.metrics()
+    assert [after[k] for k in SESSION_COUNTERS] == [before[k] for k in SESSION_COUNTERS]
+
+
 # -- streamable HTTP -----------------------------------------------------------------------
 
 HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
