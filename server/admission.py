@@ -99,9 +99,9 @@ def refuse_capacity(tool: str | None, cap: int, queued: int, max_queued: int, wh
     """`where` (the server, the cluster) is full. `max_queued` is 0 when the call could not have
     waited (there is no queue, or the call may not queue, as `session_create`): then the
     sentence does not mention a queue the caller has no use for."""
-    limit = f"{where} is at its limit of {_count(cap, 'concurrent session')}"
+    limit = f"{where} is at its limit of {_count(cap, 'concurrent session')} (limits.max_concurrent_sessions)"
     if max_queued:
-        limit += f" and its queue holds {queued} of {_count(max_queued, 'waiting call')}"
+        limit += f" and its queue holds {queued} of {_count(max_queued, 'waiting call')} (limits.max_queued)"
     return SessionError(ErrorCode.CAPACITY_EXCEEDED, f"{limit}; retry after a session ends", tool=tool)
 
 

@@ -151,9 +151,10 @@ async def test_session_create_on_a_full_server_is_refused_without_talk_of_the_qu
         m = await metrics(client)
     error = error_of(refused)
     assert error["code"] == "capacity_exceeded" and error["tool"] == "session_create"
-    assert error["message"] == ("the server is at its limit of 2 concurrent sessions; retry after a session ends"), (
-        "session_create never queues: its refusal must not mention the queue"
-    )
+    assert error["message"] == (
+        "the server is at its limit of 2 concurrent sessions (limits.max_concurrent_sessions); "
+        "retry after a session ends"
+    ), "session_create never queues: its refusal must not mention the queue"
     assert (m["sessions_rejected_capacity"], m["queued_sessions"]) == (1, 0)
 
 
@@ -278,7 +279,10 @@ async def test_a_server_with_one_slot_says_one_concurrent_session() -> None:
     async with Client(app) as client:
         assert not (await client.call_tool("session_create", {})).is_error
         error = error_of(await client.call_tool("session_create", {}))
-    assert error["message"] == "the server is at its limit of 1 concurrent session; retry after a session ends"
+    assert error["message"] == (
+        "the server is at its limit of 1 concurrent session (limits.max_concurrent_sessions); "
+        "retry after a session ends"
+    )
 
 
 async def test_a_call_queued_for_its_tool_does_not_block_calls_of_other_tools_behind_it() -> None:
