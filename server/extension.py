@@ -404,7 +404,7 @@ class SessionsExtension(DecoupledCalls, Extension):
                 error = SessionError(ErrorCode.INVALID_ARGUMENT, unknown, tool=name)
                 log_refusal(error)
                 return error_result(error)
-            return with_error_code(await handler(ctx, params), name)
+            return with_error_code(await handler(ctx, params), name, entry, params.arguments)
         tool = get_tool(name) if get_tool is not None else _NO_REGISTRY
         if tool is None:
             return await handler(ctx, params)  # the SDK answers "unknown tool"; no session for it

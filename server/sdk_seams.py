@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from types import CodeType
 from typing import Any
 
@@ -40,6 +40,8 @@ from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import ListenHandler
 from mcp_types import CallToolRequestParams
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 #: A `tools/call` request handler, as the lowlevel server calls it: `handler(ctx, params)`.
 ToolCallHandler = Callable[[ServerRequestContext[Any, Any], CallToolRequestParams], Awaitable[HandlerResult]]
@@ -157,6 +159,20 @@ def argument_validation_failure(text: str, tool: str) -> bool:
     name = re.escape(tool)
     pattern = rf"Error executing tool {name}: [1-9][0-9]* validation errors? for {name}Arguments\n"
     return re.match(pattern, text) is not None
+
+
+def argument_errors(entry: Any, arguments: Mapping[str, Any] | None) -> list[ErrorDetails]:
+    """What is wrong with `arguments` for the tool registry entry `entry`, as the SDK's own check
+    of them finds (`FuncMetadata.validate_arguments`, which `Tool.run` calls): pydantic's error
+    details, or [] if they pass (or the entry has no such check)."""
+    validate = getattr(getattr(entry, "fn_metadata", None), "validate_arguments", None)
+    if validate is None:
+        return []
+    try:
+        validate(dict(arguments or {}))
+    except ValidationError as exc:
+        return exc.errors(include_url=False)
+    return []
 
 
 def progress_session(session: ServerSession, on_progress: Callable[[], None]) -> ServerSession:

@@ -11,6 +11,7 @@ input schema first (`unknown_arguments`), and gives the SDK's own codeless error
 
 import hmac
 import inspect
+import json
 import logging
 import math
 import os
@@ -22,12 +23,13 @@ from mcp.server.extension import ToolBinding
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
+from pydantic_core import ErrorDetails
 
 from server.admission import MAX_LABEL_CHARS
 from server.errors import ERROR_META_KEY, ErrorCode, SessionError, error_result, result_text, shorten
 from server.logs import log_refusal
 from server.metrics import MetricsSnapshot, ShutdownReport
-from server.sdk_seams import argument_validation_failure
+from server.sdk_seams import argument_errors, argument_validation_failure
 
 if TYPE_CHECKING:
     from server.extension import SessionsExtension
@@ -225,12 +227,28 @@ def _authorize(env_name: str, token: str | None) -> str | None:
     return None
 
 
-def with_error_code(result: HandlerResult, tool: str) -> HandlerResult:
+def argument_problems(errors: list[ErrorDetails]) -> str:
+    """pydantic's error details for a session tool's arguments, in one sentence: each argument
+    with what is wrong and the value it got (`provider: input should be a valid string (got 5)`)."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error["loc"]) or "arguments"
+        what = error["msg"][:1].lower() + error["msg"][1:]
+        got = "" if error["type"] == "missing" else f" (got {shorten(json.dumps(error.get('input'), default=repr))})"
+        parts.append(f"{where}: {what}{got}")
+    return "; ".join(parts)
+
+
+def with_error_code(
+    result: HandlerResult, tool: str, entry: Any = None, arguments: Mapping[str, Any] | None = None
+) -> HandlerResult:
     """Give an error result of session tool `tool` that carries no code (the tools' own refusals
     carry theirs, and are logged already) the code that says what happened, and log it once:
 
     - `invalid_argument` for the SDK's own argument-validation failure (`server.sdk_seams.
-      argument_validation_failure`), logged as the refusal it is;
+      argument_validation_failure`), logged as the refusal it is; with the tool's registry
+      `entry` and the call's `arguments`, pydantic's multi-line report is put in one sentence
+      (`argument_problems`), as the tools' own refusals read;
     - `internal_error` for anything else (an unexpected exception inside the tool, say a reply
       from the session store it could not read): the caller's arguments were not the problem, and
       the sentence says so. Logged at ERROR (the SDK logs the exception's traceback itself).
@@ -243,6 +261,10 @@ def with_error_code(result: HandlerResult, tool: str) -> HandlerResult:
     text = result_text(result)
     update: dict[str, Any] = {}
     if argument_validation_failure(text, tool):
+        errors = argument_errors(entry, arguments) if entry is not None else []
+        if errors:
+            text = f"invalid arguments for {tool}: {argument_problems(errors)}"
+            update["content"] = [TextContent(type="text", text=text)]
         error = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool)
         log_refusal(error)
     else:

@@ -573,6 +573,37 @@ async def test_session_metadata_at_the_limit_is_accepted_and_one_byte_over_refus
     assert m["current_metadata_bytes"] == 0 and m["sessions_rejected_metadata_size"] == 1
 
 
+@pytest.mark.parametrize(
+    ("tool", "arguments", "sentence"),
+    [
+        ("session_create", {"provider": 5}, "provider: input should be a valid string (got 5)"),
+        ("session_create", {"metadata": [1, 2]}, "metadata: input should be a valid dictionary (got [1, 2])"),
+        ("session_release", {}, "session_id: field required"),
+        (
+            "session_release",
+            {"session_id": "s-1", "outcome": "done"},
+            "outcome: input should be 'completed' or 'error' (got \"done\")",
+        ),
+        (
+            "server_shutdown",
+            {"timeout_seconds": "30", "token": 7},
+            'timeout_seconds: input should be a valid number (got "30"); token: input should be a valid string (got 7)',
+        ),
+    ],
+)
+async def test_session_tool_arguments_the_sdk_refuses_are_one_sentence_naming_each_argument(
+    tool: str, arguments: dict[str, Any], sentence: str
+) -> None:
+    # pydantic's report is several lines with a URL ("1 validation error for session_createArguments
+    # ..."): a client (a model) gets one sentence per problem instead, as for the tools' own refusals.
+    app, _ = build()
+    async with Client(app) as client:
+        refused = await client.call_tool(tool, arguments)
+    error = error_of(refused)
+    assert (error["code"], error["tool"]) == ("invalid_argument", tool)
+    assert text_of(refused) == error["message"] == f"invalid arguments for {tool}: {sentence}"
+
+
 async def test_session_create_at_the_largest_timeout_cap_answers_its_expiry_date() -> None:
     app, _ = build(Settings.model_validate({"limits": {"max_timeout_seconds": MAX_TIMEOUT_SECONDS}}))
     async with Client(app) as client:
