@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -206,8 +207,16 @@ class SessionsExtension(DecoupledCalls, Extension):
         others join it, and the last one out stops it, whatever order they leave in.
 
         Raises:
-            RuntimeError: the runtime already runs for another server (one extension serves one).
+            RuntimeError: the runtime already runs for another server (one extension serves one),
+                or the event loop is not asyncio's (anyio's trio backend, say).
         """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "SessionsExtension needs anyio's asyncio backend (its deadlines and decoupled work use asyncio "
+                "tasks), and this server runs on another one: run it with anyio.run(..., backend='asyncio')"
+            ) from None
         with anyio.CancelScope(shield=True):  # a cancelled enter must not leave the count wrong
             async with self._lifecycle:
                 if self._lifespans and app is not self._app:
@@ -315,7 +324,19 @@ class SessionsExtension(DecoupledCalls, Extension):
     # -- shutdown --------------------------------------------------------------------------
 
     def add_exit_listener(self, listener: Callable[[ShutdownReport], None]) -> None:
-        """Call `listener(report)` when a graceful shutdown has finished (the host then exits)."""
+        """Call `listener(report)` when a graceful shutdown has finished (the host then exits).
+
+        Listeners are called in the order added, synchronously, on the event loop: one that has
+        async work to do starts a task for it.
+
+        Raises:
+            TypeError: `listener` is a coroutine function (it would be called, never awaited).
+        """
+        if inspect.iscoroutinefunction(listener):
+            raise TypeError(
+                f"exit listeners are called synchronously, so {listener!r} (async) would never run: "
+                "pass a plain function, which may start a task for the async work"
+            )
         self._exit_listeners.append(listener)
 
     async def shutdown(self, timeout_seconds: float | None = None) -> ShutdownReport:
@@ -338,8 +359,17 @@ class SessionsExtension(DecoupledCalls, Extension):
             report.initial_active_sessions,
             report.sessions_cancelled_at_deadline,
         )
+        # Every listener is called, even after one raised (the last one may be what stops the
+        # process); the first failure is then raised, so the caller hears that one failed.
+        failed: BaseException | None = None
         for listener in self._exit_listeners:
-            listener(report)
+            try:
+                listener(report)
+            except Exception as exc:  # noqa: BLE001 - reported below, after the other listeners ran
+                logger.exception("Exit listener %r failed", listener)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         return report
 
     # -- the interceptor -------------------------------------------------------------------

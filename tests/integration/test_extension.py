@@ -688,6 +688,50 @@ async def test_bad_arguments_to_session_tools_are_invalid_argument(tool: str, ar
     assert m["total_sessions_created"] == 0 and not m["shutdown_requested"]
 
 
+def test_the_lifespan_outside_an_asyncio_loop_says_it_needs_the_asyncio_backend() -> None:
+    # On trio (or any loop that is not asyncio's) the lifespan would fail deep inside with "no
+    # running event loop". Its first step, driven here by hand with no loop at all, says why.
+    app, sessions = build()
+    enter = sessions.lifespan(app).__aenter__()
+    with pytest.raises(RuntimeError, match=r"needs anyio's asyncio backend .* backend='asyncio'"):
+        enter.send(None)
+    enter.close()
+
+
+async def test_an_exit_listener_that_raises_does_not_keep_the_next_ones_from_being_called(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The last listener is often the one that stops the process: a failing metrics flush before it
+    # must not leave the server draining and refusing everything, with later calls told "done".
+    app, sessions = build()
+    called: list[str] = []
+
+    def flush(report: object) -> None:
+        called.append("flush")
+        raise OSError("metrics sink down")
+
+    sessions.add_exit_listener(flush)
+    sessions.add_exit_listener(lambda report: called.append("stop"))
+    async with Client(app) as client:
+        first = await client.call_tool("server_shutdown", {"timeout_seconds": 0})
+        second = await client.call_tool("server_shutdown", {"timeout_seconds": 0})
+    assert called == ["flush", "stop"]  # each once, in order
+    assert code_of(first) == "internal_error"  # the caller hears that a listener failed
+    assert not second.is_error  # a later call joins the shutdown that ran: its report
+    [failure] = [r for r in caplog.records if r.getMessage().startswith("Exit listener")]
+    assert failure.levelno == logging.ERROR and failure.exc_info is not None
+
+
+def test_an_async_exit_listener_is_refused_when_added_since_it_would_never_run() -> None:
+    _, sessions = build()
+
+    async def on_exit(report: object) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="exit listeners are called synchronously"):
+        sessions.add_exit_listener(on_exit)  # type: ignore[arg-type]  # what the check is for
+
+
 async def test_a_session_tool_failing_inside_is_an_internal_error_not_invalid_argument(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
