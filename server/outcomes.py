@@ -15,6 +15,7 @@ globals.
 from __future__ import annotations
 
 import logging
+import time
 from contextvars import ContextVar
 
 from mcp.server.context import HandlerResult
@@ -30,6 +31,7 @@ from server.sessions import SessionManager
 logger = logging.getLogger("server.extension")
 
 _COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
+_monotonic = time.monotonic  # the clock of every session time (see `Session.started`)
 #: Set by a sync tool's stand-in (`server.threads`) running in place when its wait was cancelled
 #: while its thread ran on; set in the call's own context (the stand-in runs in the caller's task),
 #: read and cleared by `stopped`, so the timeout's message says what happened. Touched only on
@@ -110,7 +112,11 @@ def not_running(name: str) -> CallToolResult:
 
 
 def completed(manager: SessionManager, session: Session, name: str, result: HandlerResult) -> HandlerResult:
-    """The tool returned: its result, unless its deadline or shutdown ended the session first."""
+    """The tool returned: its result, unless its deadline or shutdown ended the session first, or
+    its deadline passed with nobody to stop it (the event loop was held: see `_held_the_loop`)."""
+    late = _monotonic() - session.deadline
+    if late > 0.0:
+        return _held_the_loop(manager, session, name, late)
     is_error = bool(getattr(result, "is_error", False))
     if is_error:
         ended = manager.end(session, SessionState.ERROR, _error_text(result))
@@ -119,6 +125,20 @@ def completed(manager: SessionManager, session: Session, name: str, result: Hand
     if ended:
         return result
     return stopped(manager, session, name, LATE)  # too late: answer as the session was accounted
+
+
+def _held_the_loop(manager: SessionManager, session: Session, name: str, late: float) -> CallToolResult:
+    """The call returned after its deadline and nothing had stopped it: the reaper never ran in
+    time, because the event loop itself was held (blocking code in an async tool: `time.sleep`,
+    a sync HTTP client), which no cancellation can interrupt. Its result is as late as a shielded
+    tool's, and is answered and counted the same way: a timeout, saying why."""
+    fate = LATE
+    if late >= HELD_OFF_SECONDS:
+        fate += (
+            f" {late:.1f}s after the deadline: the call held the event loop until then (blocking code in an async "
+            "tool, which nothing can interrupt; run it with anyio.to_thread.run_sync or make it a sync tool)"
+        )
+    return stopped(manager, session, name, fate)
 
 
 def _error_text(result: HandlerResult) -> str:

@@ -318,6 +318,27 @@ async def test_a_call_holding_its_deadline_off_keeps_its_slot_until_its_work_sto
     assert (after["active_sessions"], after["total_sessions_timeout"]) == (0, 1)
 
 
+async def test_an_async_tool_that_blocks_the_event_loop_past_its_deadline_is_a_timeout_not_a_success() -> None:
+    # Blocking code in an async tool (time.sleep, a sync HTTP client) holds the whole loop: the
+    # reaper cannot run at the deadline and no cancellation reaches the tool. Its result comes
+    # late, as a shielded tool's does, and is answered and counted the same way, saying why.
+    async def blocks_the_loop() -> str:
+        time.sleep(0.6)  # noqa: ASYNC251 - the behaviour under test: the loop is held
+        return "late"
+
+    app, _ = build(settings(tool_timeouts={"blocks_the_loop": 0.2}), tools=[blocks_the_loop, echo])
+    async with Client(app) as client:
+        result = await client.call_tool("blocks_the_loop", {})
+        m = await metrics(client)
+    error = error_of(result)
+    assert error["code"] == "timeout", result
+    assert error["message"].startswith(
+        "tool 'blocks_the_loop' did not finish within its deadline of 0.2s and its late result was discarded "
+    )
+    assert "the call held the event loop until then (blocking code in an async tool" in error["message"]
+    assert (m["total_sessions_completed"], m["total_sessions_timeout"], m["active_sessions"]) == (0, 1, 0)
+
+
 async def test_shutdown_counts_and_waits_for_a_call_holding_its_deadline_off() -> None:
     tool = HeldOff()
     config = settings(tool_timeouts={"held_off": 0.2})
