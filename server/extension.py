@@ -113,8 +113,8 @@ class SessionsExtension(DecoupledCalls, Extension):
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
         #: The report of the shutdown whose summary was logged and listeners notified.
         self._announced: ShutdownReport | None = None
-        #: The settings whose unmatched `[tools.NAME]` tables were warned about (once each).
-        self._warned_tables: Settings | None = None
+        #: The `[tools.NAME]` names warned about as matching no tool (each once).
+        self._warned_tables: set[str] = set()
         self._works = {}  # decoupled work still running (see `DecoupledCalls`)
         #: The server's tool registry lookup (set by the lifespan; None: no registry to ask).
         self._get_tool: Callable[[str], Any] | None = None
@@ -176,26 +176,35 @@ class SessionsExtension(DecoupledCalls, Extension):
     def _warn_unmatched_tool_tables(self) -> None:
         """Warn of each `[tools.NAME]` table that names no tool of the server (a typo, most
         likely) or a management tool: nothing applies it. Only warned, not refused: a host may
-        add the tool later. (The standalone server refuses them, knowing all its tools.)"""
+        add the tool later. (The standalone server refuses them, knowing all its tools.) Each
+        name is warned about once: lifespan starts (one per in-process client, say) and reloads
+        that keep the table do not repeat it."""
         get_tool = self._get_tool
-        if get_tool is None or self._warned_tables is self.config:
-            return  # each lifespan start would repeat it (one per in-process client, say)
-        self._warned_tables = self.config
-        names = tool_names(self._app)
+        if get_tool is None:
+            return
+        unmatched = [
+            name
+            for name in self.config.tools
+            if name not in self._warned_tables and (name in MANAGEMENT_TOOLS or get_tool(name) is None)
+        ]
+        if not unmatched:
+            return
+        self._warned_tables.update(unmatched)
+        names = [name for name in tool_names(self._app) if name not in MANAGEMENT_TOOLS]  # the configurable ones
         listed = f" (its tools: {', '.join(names)})" if names else ""
-        for name in self.config.tools:
+        for name in unmatched:
             if name in MANAGEMENT_TOOLS:
                 logger.warning("[tools.%s] is ignored: %s; remove it", name, SESSION_TOOL_TABLE)
-            elif get_tool(name) is None:
-                near = difflib.get_close_matches(name, [n for n in names if n not in MANAGEMENT_TOOLS], n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                logger.warning(
-                    "[tools.%s] names no tool of this server%s: its settings apply only to a tool of that name "
-                    "added later%s",
-                    name,
-                    listed,
-                    hint,
-                )
+                continue
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            logger.warning(
+                "[tools.%s] names no tool of this server%s: its settings apply only to a tool of that name "
+                "added later%s",
+                name,
+                listed,
+                hint,
+            )
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
