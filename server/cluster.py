@@ -118,6 +118,8 @@ class ClusterSessionManager(SessionManager):
         self._epoch: str | None = None
         #: Set once this replica has written its last session ends and left the cluster (made when it begins).
         self._left: anyio.Event | None = None
+        #: Places in the queue promised to calls still asking Redis for a slot (see `create`).
+        self._queue_claims = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -194,25 +196,42 @@ class ClusterSessionManager(SessionManager):
         limits = self.limits
         with self._lock:
             self._check_refusals_locked(session)  # metadata size, this replica's stuck threads
-            may_queue = queue and len(self._queue) < limits.max_queued
+            # A call that may queue holds its place in the queue while it asks Redis (a round trip
+            # other calls arrive during): without the claim, a burst would all pass this check and
+            # then all queue, past limits.max_queued.
+            may_queue = queue and len(self._queue) + self._queue_claims < limits.max_queued
             behind = may_queue and bool(self._queue)  # FIFO: a newcomer queues behind the waiters here
             session.id = self._new_id_locked() if session.tool is not None else self._signed_id_locked()
-        held_by = ""
-        if not behind:
-            verdict = held_by = await self._acquire(session, final=not may_queue)
-            if verdict == "ok":
-                return self._open_admitted(session)
-            if verdict == "client_limit":
-                self._count(Refusal.CLIENT_LIMIT)
-                raise admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
-            if not may_queue:
+            if may_queue:
+                self._queue_claims += 1
+        claimed = may_queue
+        try:
+            held_by = ""
+            if not behind:
+                verdict = held_by = await self._acquire(session, final=not may_queue)
+                if verdict == "ok":
+                    return self._open_admitted(session)
+                if verdict == "client_limit":
+                    self._count(Refusal.CLIENT_LIMIT)
+                    raise admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
+                if not may_queue:
+                    with self._lock:
+                        raise self._full_locked(session, tool_full=verdict == "tool_limit", may_queue=queue)
+            with self._lock:
+                waiter = self._enqueue_locked(session)
+                waiter.held_by = held_by
+                self._queue_claims -= 1  # its place is its own now
+                claimed = False
+        finally:
+            if claimed:
                 with self._lock:
-                    raise self._full_locked(session, tool_full=verdict == "tool_limit", may_queue=queue)
-        with self._lock:
-            waiter = self._enqueue_locked(session)
-            waiter.held_by = held_by
+                    self._queue_claims -= 1
         self._freed.set()
         return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
+
+    def _queue_taken_locked(self) -> int:
+        """The calls queued here, and those promised a place while Redis decides (see `create`)."""
+        return len(self._queue) + self._queue_claims
 
     def create_nowait(self, **request: Unpack[SessionRequest]) -> Session:
         """Not available in cluster mode: admission asks Redis. Use `await create(queue=False, ...)`."""

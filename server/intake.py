@@ -186,10 +186,14 @@ class Intake(ManagerState):
         if tool_full and tool is not None:
             self._rejected[Refusal.TOOL_LIMIT] += 1
             self._tool_stats(tool).rejected_tool_limit += 1
-            return admission.refuse_tool_limit(tool, self.tool_caps[tool], len(self._queue), max_queued)
+            return admission.refuse_tool_limit(tool, self.tool_caps[tool], self._queue_taken_locked(), max_queued)
         self._rejected[Refusal.CAPACITY] += 1
         cap = limits.max_concurrent_sessions
-        return admission.refuse_capacity(tool, cap, len(self._queue), max_queued, self.CAPACITY_SCOPE)
+        return admission.refuse_capacity(tool, cap, self._queue_taken_locked(), max_queued, self.CAPACITY_SCOPE)
+
+    def _queue_taken_locked(self) -> int:
+        """Places taken in the queue, as a refusal for a full queue words them."""
+        return len(self._queue)
 
     # -- the queue -------------------------------------------------------------------------
 

@@ -127,6 +127,40 @@ async def test_a_call_queued_on_one_manager_gets_the_slot_another_frees(shared_s
         assert totals.total_sessions_created == 2 and totals.total_sessions_completed == 2
 
 
+async def test_a_burst_of_calls_on_a_full_cluster_queues_no_more_than_max_queued(
+    shared_store: dict[str, TomlValue],
+) -> None:
+    # Each call asks Redis before it queues: calls arriving together must not all pass the queue's
+    # bound during that round trip. The rest are refused at once, and counted in the cluster too.
+    a = _replica(shared_store, max_concurrent_sessions=1)
+    b = _replica(shared_store, max_concurrent_sessions=1, max_queued=2, queue_timeout_seconds=WAIT_SECONDS)
+    async with _running(a, b):
+        held = await a.create(tool="t")
+        refusals: list[SessionError] = []
+
+        async def call() -> None:
+            try:
+                await b.release((await b.create(tool="t")).id)
+            except SessionError as exc:
+                refusals.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(12):
+                tg.start_soon(call)
+            with anyio.fail_after(WAIT_SECONDS):
+                while len(refusals) < 10:  # noqa: ASYNC110 - other tasks' state, bounded
+                    await anyio.sleep(0.01)
+            queued = b.metrics().queued_sessions
+            await a.release(held.id)  # the two queued calls then run, one after the other
+
+        assert queued == 2
+        assert len(refusals) == 10 and all(r.code is ErrorCode.CAPACITY_EXCEEDED for r in refusals)
+        assert all("its queue holds 2 of 2 waiting calls (limits.max_queued)" in r.message for r in refusals)
+        totals = await _until_cluster(a, "active_sessions", 0)
+        assert (totals.total_sessions_created, totals.sessions_rejected_capacity) == (3, 10)
+        assert b.metrics().sessions_rejected_capacity == 10
+
+
 async def test_a_queued_call_times_out_when_no_replica_frees_a_slot(shared_store: dict[str, TomlValue]) -> None:
     a = _replica(shared_store, max_concurrent_sessions=1)
     b = _replica(shared_store, max_concurrent_sessions=1, max_queued=1, queue_timeout_seconds=0.3)
