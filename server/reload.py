@@ -207,7 +207,8 @@ class ConfigReloader:
 
 def _environment_note() -> str:
     """Which environment variables override the file (an edit to what they set changes nothing)."""
-    names = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX))
+    # Only names that set a key (SECTION__KEY): others, such as a token variable, override nothing.
+    names = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX) and "__" in name)
     if not names:
         return ""
     return f" (the environment overrides the file: {', '.join(names)})"

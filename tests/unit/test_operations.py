@@ -258,6 +258,7 @@ def test_a_reload_that_changes_nothing_names_the_environment_variables_that_over
     # The operator edits the file, but a variable set at startup overrides that key: the reload
     # changes nothing, and the log line must say where to look rather than only "nothing changed".
     monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS", "7")
+    monkeypatch.setenv("MCP_SESSIONS_ADMIN_TOKEN", "secret")  # sets no key: not named as an override
     path = write(tmp_path / "c.toml", "[limits]\nmax_concurrent_sessions = 4\n")
     sessions = SessionsExtension(load_settings(path))
     write(path, "[limits]\nmax_concurrent_sessions = 9\n")
@@ -267,7 +268,7 @@ def test_a_reload_that_changes_nothing_names_the_environment_variables_that_over
 
     assert sessions.config.limits.max_concurrent_sessions == 7
     assert (
-        "nothing changed (the environment overrides the file: MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS)"
+        "nothing changed (the environment overrides the file: MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS)\n"
         in caplog.text
     )
 
