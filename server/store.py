@@ -579,6 +579,14 @@ def check_reachable(settings: StoreSettings) -> str | None:
         except (RedisError, OSError) as exc:
             if isinstance(exc, redis.AuthenticationError):
                 return f"cannot log in to {where}: {_describe(exc)}; {_login_advice(settings.url)}"
+            if isinstance(exc, redis.ResponseError):  # it answered, with a refusal
+                hint = ""
+                if "DB index" in str(exc):
+                    hint = (
+                        "; the database number at the end of [store] url (redis://HOST:PORT/DB) must be one this "
+                        "Redis has: 0 up to its `databases` setting (16 by default) minus 1"
+                    )
+                return f"cannot use {where}: {_describe(exc)}{hint}"
             return f"cannot reach {where}: {_describe(exc)}"
         try:
             client.eval(_PROBE, 1, f"{settings.key_prefix}probe:{secrets.token_hex(4)}")

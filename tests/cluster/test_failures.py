@@ -612,6 +612,23 @@ async def test_startup_with_a_redis_that_answers_but_refuses_scripts_or_writes_e
     assert "Serving" not in server.stderr, "nothing may be served"
 
 
+async def test_startup_with_a_database_number_redis_lacks_exits_2_saying_the_number_is_wrong(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # Redis answers (it is reachable) and refuses the database: "cannot reach" would send the
+    # operator after the network; the sentence names the part of the URL to fix.
+    url = f"redis://127.0.0.1:{own_redis.port}/99"
+    config = cluster_config(store_section(url, key_prefix))
+    async with start_server(tmp_path, config, transport="streamable-http", wait_ready=False) as server:
+        status = await server.wait_exit(within=STARTUP_EXIT_SECONDS)
+
+    assert status == 2, server.stderr
+    [line] = [line for line in server.stderr_lines if "session store" in line]
+    assert line.startswith(f"mcp-session-manager: cannot use the session store at {url} ([store] url): "), line
+    assert "DB index is out of range" in line, line
+    assert line.rstrip().endswith("0 up to its `databases` setting (16 by default) minus 1"), line
+
+
 @pytest.mark.parametrize(
     ("transport", "login", "advice"),
     [
