@@ -50,6 +50,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams
 
 from server.config import ConfigError, Settings
+from server.config_loader import load_settings
 from server.deadline import LateScope, deadline_scope
 from server.decoupled import DecoupledCalls
 from server.errors import EXTENSION_ID, ErrorCode, SessionError, error_result
@@ -106,7 +107,13 @@ class SessionsExtension(DecoupledCalls, Extension):
     identifier = EXTENSION_ID
 
     def __init__(self, settings: Settings | None = None, *, manager: SessionManager | None = None) -> None:
-        self.config = settings if settings is not None else Settings()
+        """`settings`: by default `load_settings()`, the built-in defaults and the `MCP_SESSIONS_*`
+        environment variables.
+
+        Raises:
+            ConfigError: with no `settings`, an environment variable is wrong (each problem named).
+        """
+        self.config = settings if settings is not None else load_settings()
         self.manager = manager if manager is not None else make_manager(self.config)
         self._running = False
         self._app: Any = None

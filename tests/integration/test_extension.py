@@ -21,7 +21,7 @@ from mcp_types import CallToolResult
 
 from server import ERROR_META_KEY, SessionsExtension, outcomes
 from server import extension as extension_module
-from server.config import MAX_TIMEOUT_SECONDS, Settings
+from server.config import MAX_TIMEOUT_SECONDS, ConfigError, Settings
 from server.deadline import Deadline, LateScope
 from server.sdk_seams import registry_lookup
 from tests.helpers import Gate, boom, build, code_of, echo, error_of, hang_async, settings, text_of, until
@@ -707,6 +707,23 @@ async def test_bad_arguments_to_session_tools_are_invalid_argument(tool: str, ar
         m = await metrics(client)
     assert error["code"] == "invalid_argument" and error["message"]
     assert m["total_sessions_created"] == 0 and not m["shutdown_requested"]
+
+
+def test_an_extension_built_with_no_settings_words_a_mistyped_environment_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With no settings it reads the environment as load_settings does: a typo is a ConfigError
+    # naming the variable and the likely key, not pydantic's multi-line ValidationError.
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_CONCURENT_SESSIONS", "5")
+    with pytest.raises(ConfigError) as refused:
+        SessionsExtension()
+    assert refused.value.problems == [
+        "environment variable MCP_SESSIONS_LIMITS__MAX_CONCURENT_SESSIONS: limits.max_concurent_sessions: "
+        "unknown key; did you mean 'max_concurrent_sessions'?"
+    ]
+    monkeypatch.delenv("MCP_SESSIONS_LIMITS__MAX_CONCURENT_SESSIONS")
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS", "5")
+    assert SessionsExtension().manager.limits.max_concurrent_sessions == 5
 
 
 def test_the_lifespan_outside_an_asyncio_loop_says_it_needs_the_asyncio_backend() -> None:
