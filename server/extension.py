@@ -505,8 +505,11 @@ class SessionsExtension(DecoupledCalls, Extension):
         except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
             return failed(manager, session, name, exc)
         if deadline.cancel_called:  # the reaper (at the deadline) or shutdown cancelled the scope
-            # A result despite the cancellation: the tool held it off (a shield) and finished late.
-            return stopped(manager, session, name, None if result is None else LATE)
+            # A result despite the cancellation: the tool held it off (a shield) and finished late;
+            # unless it is an error result, the cancellation turned into an error (a tool raising
+            # ToolError on it, say): then the call was cancelled, no result discarded.
+            late = result is not None and not getattr(result, "is_error", False)
+            return stopped(manager, session, name, LATE if late else None)
         return completed(manager, session, name, result)
 
     #: Who is calling, for `limits.max_sessions_per_client` (see `server.sdk_seams.request_client`).

@@ -318,6 +318,25 @@ async def test_a_call_holding_its_deadline_off_keeps_its_slot_until_its_work_sto
     assert (after["active_sessions"], after["total_sessions_timeout"]) == (0, 1)
 
 
+async def test_a_tool_that_turns_its_deadline_s_cancellation_into_an_error_was_cancelled_not_late() -> None:
+    async def converts_the_cancellation() -> str:
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            raise ToolError("stopped while fetching") from None
+        return "never"
+
+    app, _ = build(settings(tool_timeouts={"converts_the_cancellation": 0.2}), tools=[converts_the_cancellation])
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            result = await client.call_tool("converts_the_cancellation", {})
+    error = error_of(result)
+    assert error["code"] == "timeout", result
+    assert error["message"].startswith(
+        "tool 'converts_the_cancellation' did not finish within its deadline of 0.2s and was cancelled;"
+    ), error["message"]
+
+
 async def test_an_async_tool_that_blocks_the_event_loop_past_its_deadline_is_a_timeout_not_a_success() -> None:
     # Blocking code in an async tool (time.sleep, a sync HTTP client) holds the whole loop: the
     # reaper cannot run at the deadline and no cancellation reaches the tool. Its result comes
