@@ -295,6 +295,15 @@ async def _serve_stdio(
                     cancelled = (message.params or {}).get("requestId")
                     outstanding.discard_cancelled(cancelled)
                     unadmitted.discard_cancelled(cancelled)
+                elif isinstance(message, JSONRPCNotification) and not message.method.startswith("notifications/"):
+                    # A request's method with no usable id (none, null, an object, a bool, a
+                    # fraction): JSON-RPC reads it as a notification, which gets no answer, so a
+                    # client with a bug in its ids would wait in silence. The log says why.
+                    logger.warning(
+                        "No answer to %r: it came with no id, or an id that is not a string or an integer, so it is "
+                        "a notification (a request needs such an id)",
+                        message.method[:100],
+                    )
                 await in_send.send(item)
             if lines.eof:
                 # The client is done. Calls it sent before closing stdin are still served: let them

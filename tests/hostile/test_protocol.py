@@ -98,6 +98,19 @@ def test_a_cancellation_naming_an_id_no_request_can_have_is_ignored_and_the_call
     assert raw.server.returncode is None, raw.server.stderr
 
 
+@pytest.mark.parametrize("request_id", ["null", '{"o": 1}', "[1]", "true", "1.5"])
+def test_a_request_with_an_id_json_rpc_cannot_use_gets_no_answer_but_a_warning_saying_why(
+    raw: Raw, request_id: str
+) -> None:
+    # JSON-RPC reads it as a notification (no answer may be sent): the log must say why the
+    # client hears nothing, and the server serves on.
+    method = f"ping/{len(raw.server.stderr)}"  # a name of its own, to find this line in the log
+    raw.portal.call(raw.server.send_line, f'{{"jsonrpc": "2.0", "id": {request_id}, "method": "{method}"}}')
+
+    raw.portal.call(raw.server.wait_stderr, f"No answer to {method!r}: it came with no id, or an id that is not")
+    assert raw.metrics()["active_sessions"] == 0  # still serving
+
+
 def test_an_integer_too_long_to_read_is_answered_at_once_with_its_request_s_id(raw: Raw) -> None:
     # JSON with a 5000-digit integer (in metadata, say) is refused by the reader before any tool
     # sees it: the answer names the request (an error with id null left the client waiting out its
