@@ -358,8 +358,7 @@ class ClusterSessionManager(SessionManager):
 
         Raises:
             SessionError: as `SessionManager.release`, and `store_unavailable` while Redis
-                cannot be reached (for a session of another replica: this replica's own end here,
-                and Redis hears of it when it is back).
+                cannot be reached.
         """
         state = ended_state(outcome, session_id)
         local = self._active.get(session_id)
@@ -371,11 +370,6 @@ class ClusterSessionManager(SessionManager):
             (known,) = await self.store.release([(session_id, state.value)], tool_calls)
         except StoreUnavailable as exc:
             self._store_failed(exc)
-            local = self._active.get(session_id)
-            if local is not None and self.end(local, state, error):
-                # Ours: no other replica can release it while Redis is away, so it ends here, and
-                # its end waits in the outbox (in order) like a tool call's, written when Redis is back.
-                return local
             self._count(Refusal.STORE)
             advice = admission.STORE_REFUSED_ADVICE if exc.refused else "Retry in a moment"
             raise SessionError(
