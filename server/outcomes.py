@@ -112,11 +112,12 @@ def not_running(name: str) -> CallToolResult:
 
 
 def completed(manager: SessionManager, session: Session, name: str, result: HandlerResult) -> HandlerResult:
-    """The tool returned: its result, unless its deadline or shutdown ended the session first, or
-    its deadline passed with nobody to stop it (the event loop was held: see `_held_the_loop`)."""
+    """The tool returned: its result, unless its deadline or shutdown ended the session first.
+    A result that comes well past the deadline with nothing having stopped the call is still
+    the call's result, and is warned about (see `_past_its_deadline`)."""
     late = _monotonic() - session.deadline
-    if late > 0.0:
-        return _held_the_loop(manager, session, name, late)
+    if late >= HELD_OFF_SECONDS:
+        _past_its_deadline(session, name, late)
     is_error = bool(getattr(result, "is_error", False))
     if is_error:
         ended = manager.end(session, SessionState.ERROR, _error_text(result))
@@ -127,18 +128,20 @@ def completed(manager: SessionManager, session: Session, name: str, result: Hand
     return stopped(manager, session, name, LATE)  # too late: answer as the session was accounted
 
 
-def _held_the_loop(manager: SessionManager, session: Session, name: str, late: float) -> CallToolResult:
-    """The call returned after its deadline and nothing had stopped it: the reaper never ran in
-    time, because the event loop itself was held (blocking code in an async tool: `time.sleep`,
-    a sync HTTP client), which no cancellation can interrupt. Its result is as late as a shielded
-    tool's, and is answered and counted the same way: a timeout, saying why."""
-    fate = LATE
-    if late >= HELD_OFF_SECONDS:
-        fate += (
-            f" {late:.1f}s after the deadline: the call held the event loop until then (blocking code in an async "
-            "tool, which nothing can interrupt; run it with anyio.to_thread.run_sync or make it a sync tool)"
-        )
-    return stopped(manager, session, name, fate)
+def _past_its_deadline(session: Session, name: str, late: float) -> None:
+    """The call returned `late` seconds after its deadline, and nothing stopped it: the reaper
+    did not run in time, so the event loop was held (blocking code in an async tool, this one or
+    another running then, which no cancellation interrupts). Its result is still its own, so it
+    is answered and counted as it is; the operator is told, without blaming a tool."""
+    what = "idle timeout" if session.deadline < session.hard_deadline else "deadline"
+    logger.warning(
+        "Tool %r returned %.1fs after its %s, which nothing could enforce: the event loop was held meanwhile "
+        "(blocking code in an async tool, this one or another running at the time; give such code to "
+        "anyio.to_thread.run_sync or make the tool a sync one)",
+        name,
+        late,
+        what,
+    )
 
 
 def _error_text(result: HandlerResult) -> str:
