@@ -37,8 +37,8 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
 
     Its id is unknown (null), except for JSON that is only too big to read: an integer of more
     digits than Python turns into a number (`sys.get_int_max_str_digits()`, 4300 by default), in
-    metadata say. Such a line is read again, that number left out, for the id to answer, so that
-    the client hears at once which request it was and what to do."""
+    metadata say. Such a line (up to `MAX_REREAD_BYTES`) is read again, that number left out, for
+    the id of the request to answer, so that the client hears at once which it was and what to do."""
     errors = exc.errors() if isinstance(exc, ValidationError) else []
     invalid = next((error for error in errors if error["type"] == "json_invalid"), None)
     request_id = None
@@ -57,16 +57,23 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
     return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message))
 
 
+#: Lines longer than this are not read again for their id (the re-read runs on the event loop).
+MAX_REREAD_BYTES = 1024 * 1024
+
+
 def _id_despite_a_huge_number(line: object) -> str | int | None:
-    """The `id` of a JSON-RPC message whose only fault is an integer too long to convert."""
-    if not isinstance(line, str | bytes):
+    """The `id` of a JSON-RPC request whose only fault is an integer too long to convert; None for
+    anything else (a response or a notification is not answered), or a line too long to re-read."""
+    if not isinstance(line, str | bytes) or len(line) > MAX_REREAD_BYTES:
         return None
     limit = sys.get_int_max_str_digits()
     try:
         message = json.loads(line, parse_int=lambda digits: int(digits) if len(digits) <= limit else None)
     except (ValueError, RecursionError):
         return None
-    return as_request_id(message.get("id")) if isinstance(message, dict) else None
+    if not isinstance(message, dict) or not isinstance(message.get("method"), str):
+        return None  # a response to the server's own request, say: its id is not ours to answer
+    return as_request_id(message.get("id"))
 
 
 class Outstanding:

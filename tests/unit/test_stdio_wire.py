@@ -1,0 +1,48 @@
+"""The answer to a line from a stdio client that the SDK cannot read (`server.stdio_wire`)."""
+
+from __future__ import annotations
+
+import mcp_types as types
+import pytest
+from pydantic import ValidationError
+
+from server.stdio_wire import MAX_REREAD_BYTES, unreadable_line_error
+
+HUGE = "9" * 5000  # more digits than Python turns into an int
+
+
+def sdk_error(line: str) -> Exception:
+    """What the SDK's stdio reader raises for `line` (the exception the server answers)."""
+    try:
+        types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+    except ValidationError as exc:
+        return exc
+    raise AssertionError(f"the SDK read {line[:80]!r}")
+
+
+@pytest.mark.parametrize(
+    ("line", "answered_id"),
+    [
+        pytest.param(
+            f'{{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {{"n": {HUGE}}}}}', 3, id="request"
+        ),
+        pytest.param(f'{{"jsonrpc": "2.0", "id": "r", "method": "ping", "params": {{"n": {HUGE}}}}}', "r", id="str-id"),
+        # A response to the server's own request 3: answering it with id 3 would read, to the
+        # client, as the answer to its own request 3.
+        pytest.param(f'{{"jsonrpc": "2.0", "id": 3, "result": {{"n": {HUGE}}}}}', None, id="response"),
+        pytest.param(f'{{"jsonrpc": "2.0", "method": "notifications/x", "params": {{"n": {HUGE}}}}}', None, id="note"),
+        pytest.param(f'{{"jsonrpc": "2.0", "id": {HUGE}, "method": "ping"}}', None, id="the-id-itself"),
+    ],
+)
+def test_a_number_too_long_to_read_is_answered_with_the_id_of_its_request_only(line: str, answered_id: object) -> None:
+    error = unreadable_line_error(sdk_error(line))
+    assert error.id == answered_id
+    assert error.error.code == types.INVALID_PARAMS
+    assert "send such a number as a string" in error.error.message
+
+
+def test_a_line_too_long_to_read_again_is_answered_without_an_id() -> None:
+    padding = "x" * MAX_REREAD_BYTES
+    line = f'{{"jsonrpc": "2.0", "id": 3, "method": "ping", "params": {{"n": {HUGE}, "pad": "{padding}"}}}}'
+    error = unreadable_line_error(sdk_error(line))
+    assert (error.id, error.error.code) == (None, types.INVALID_PARAMS)
