@@ -80,18 +80,21 @@ def _stoppable_start() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    hold_early_hangups()  # a SIGHUP before the server serves is a reload once it does, not a silent death
+    give_back = hold_early_hangups()  # a SIGHUP before the server serves is a reload once it does, not a silent death
     try:
-        with _stoppable_start():
-            started = _start(argv)
-    except _StopWhileStarting as exc:
-        name = signal.Signals(exc.signum).name
-        sys.stderr.write(f"mcp-session-manager: {name} while starting; stopped before serving anything\n")
-        return 128 + exc.signum  # as a shell reports a process a signal ended
-    if isinstance(started, int):
-        return started
-    serve(*started)
-    return 0
+        try:
+            with _stoppable_start():
+                started = _start(argv)
+        except _StopWhileStarting as exc:
+            name = signal.Signals(exc.signum).name
+            sys.stderr.write(f"mcp-session-manager: {name} while starting; stopped before serving anything\n")
+            return 128 + exc.signum  # as a shell reports a process a signal ended
+        if isinstance(started, int):
+            return started
+        serve(*started)
+        return 0
+    finally:
+        give_back()
 
 
 def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, BinaryIO | None, BinaryIO | None]:

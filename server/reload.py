@@ -83,15 +83,23 @@ class _EarlyHangup:
         return seen
 
 
-def hold_early_hangups() -> None:
+def hold_early_hangups() -> Callable[[], None]:
     """From now until `watch_sighup` runs, a SIGHUP (a reload asked for while the server starts:
     while a tool module imports, say) is remembered, and `watch_sighup` then reloads once, so the
     file read is no older than the request. Without this, SIGHUP's default action ends the process
-    silently (status 129). Call it on the main thread, before the start's slow parts."""
+    silently (status 129). Call it on the main thread, before the start's slow parts; call what it
+    returns when done (serving or not), to put back the handler there was and forget the request."""
     hangup = getattr(signal, "SIGHUP", None)
-    if hangup is not None:
+    if hangup is None:  # pragma: no cover - Windows has no SIGHUP
+        return lambda: None
+    _EarlyHangup.seen = False
+    previous = signal.signal(hangup, _EarlyHangup.remember)
+
+    def give_back() -> None:
+        signal.signal(hangup, previous)
         _EarlyHangup.seen = False
-        signal.signal(hangup, _EarlyHangup.remember)
+
+    return give_back
 
 
 class ConfigReloader:

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from server import SessionsExtension, SessionState
+from server.cli import main
 from server.config import ConfigError, LimitsSettings
 from server.config_loader import load_settings
 from server.errors import ErrorCode, SessionError
@@ -391,3 +393,20 @@ def test_json_log_records_carry_the_structured_fields_on_one_line() -> None:
         0.5,
     )
     assert "reason" not in data  # unset fields are left out
+
+
+def test_the_command_line_gives_sighup_back_when_it_returns_without_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # While starting, the CLI holds SIGHUP (a reload asked for then is remembered). A start that
+    # ends there (a bad config) must leave the process's SIGHUP as it found it: not swallowed.
+    def before(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGHUP, before)
+    try:
+        assert main(["--config", str(tmp_path / "missing.toml")]) == 2
+        assert signal.getsignal(signal.SIGHUP) is before
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert "config file not found" in capsys.readouterr().err
