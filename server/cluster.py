@@ -229,6 +229,11 @@ class ClusterSessionManager(SessionManager):
         self._freed.set()
         return await self._wait_in_queue(waiter, limits.queue_timeout_seconds)
 
+    def end_reservations(self, reason: str) -> int:
+        """Nothing here: in cluster mode another replica can still release this replica's
+        `session_create` sessions, so a stdio client going away does not end them."""
+        return 0
+
     def _queue_taken_locked(self) -> int:
         """The calls queued here, and those promised a place while Redis decides (see `create`)."""
         return len(self._queue) + self._queue_claims

@@ -112,9 +112,9 @@ def _hidden_by_ours(top: str) -> str | None:
     own = [os.path.realpath(entry) for entry in getattr(package, "__path__", [])]
     for entry in sys.path:
         folder = os.path.join(entry or os.getcwd(), top)
-        for theirs in (folder, folder + ".py"):
-            if os.path.exists(theirs) and os.path.realpath(theirs) not in own:
-                kind = "package" if theirs == folder else "module"
+        for theirs, kind in ((folder, "package"), (folder + ".py", "module")):
+            found = os.path.isdir(theirs) if kind == "package" else os.path.isfile(theirs)
+            if found and os.path.realpath(theirs) not in own:
                 return (
                     f"{top!r} is mcp-session-manager's own package ({', '.join(own)}), imported before any tool "
                     f"module, so your {kind} {theirs} is never looked at: rename yours (e.g. my_{top}) and list "

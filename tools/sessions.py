@@ -234,9 +234,17 @@ def argument_problems(errors: list[ErrorDetails]) -> str:
     for error in errors:
         where = ".".join(str(part) for part in error["loc"]) or "arguments"
         what = error["msg"][:1].lower() + error["msg"][1:]
-        got = "" if error["type"] == "missing" else f" (got {shorten(json.dumps(error.get('input'), default=repr))})"
+        got = "" if error["type"] == "missing" else f" (got {shorten(_as_json(error.get('input')))})"
         parts.append(f"{where}: {what}{got}")
     return "; ".join(parts)
+
+
+def _as_json(value: Any) -> str:
+    """`value` as the client sent it (JSON), or its repr where it is no JSON (from a host's own call)."""
+    try:
+        return json.dumps(value, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
 
 
 def with_error_code(

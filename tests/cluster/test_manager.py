@@ -161,6 +161,20 @@ async def test_a_burst_of_calls_on_a_full_cluster_queues_no_more_than_max_queued
         assert b.metrics().sessions_rejected_capacity == 10
 
 
+async def test_a_stdio_client_going_away_does_not_end_sessions_another_replica_may_release(
+    shared_store: dict[str, TomlValue],
+) -> None:
+    # With one process, stdin EOF ends the client's session_create sessions (no one else could
+    # release them); in cluster mode another replica still can, so they stay.
+    a, b = _replica(shared_store, max_concurrent_sessions=2), _replica(shared_store, max_concurrent_sessions=2)
+    async with _running(a, b):
+        reserved = await a.create()
+        assert a.end_reservations("the client closed stdin") == 0
+        assert reserved.state is SessionState.ACTIVE
+        released = await b.release(reserved.id)
+        assert released.state is SessionState.COMPLETED
+
+
 async def test_a_queued_call_times_out_when_no_replica_frees_a_slot(shared_store: dict[str, TomlValue]) -> None:
     a = _replica(shared_store, max_concurrent_sessions=1)
     b = _replica(shared_store, max_concurrent_sessions=1, max_queued=1, queue_timeout_seconds=0.3)

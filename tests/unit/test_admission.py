@@ -11,6 +11,7 @@ import sys
 import anyio
 import anyio.lowlevel
 import pytest
+from pydantic_core import ErrorDetails
 
 from server import ErrorCode, SessionError, SessionManager, SessionState, admission
 from server.cluster import ClusterSessionManager
@@ -18,6 +19,7 @@ from server.config import LimitsSettings
 from server.session import Session
 from tests.helpers import until
 from tests.unit.test_sessions import assert_invariant
+from tools.sessions import argument_problems
 
 
 def manager(tool_caps: dict[str, int] | None = None, **limits: float) -> SessionManager:
@@ -279,3 +281,23 @@ def test_a_cluster_queue_timeout_reads_as_one_sentence() -> None:
         "(limits.max_concurrent_sessions, 100) nor tool 'slow' (tools.slow.max_concurrent, 1) had room for it"
     ) in refusal.message, refusal.message
     assert ") (" not in refusal.message
+
+
+def test_argument_problems_words_values_that_are_no_json_without_raising() -> None:
+    # Through a transport the arguments are JSON; a host calling handle_tool_call itself can pass
+    # anything, and the sentence must still come out (not a TypeError from json.dumps).
+    looped: dict[str, object] = {}
+    looped["self"] = looped
+    errors: list[ErrorDetails] = [
+        {
+            "type": "dict_type",
+            "loc": ("metadata",),
+            "msg": "Input should be a valid dictionary",
+            "input": {(1, 2): "x"},
+        },
+        {"type": "string_type", "loc": ("provider",), "msg": "Input should be a valid string", "input": looped},
+    ]
+    assert argument_problems(errors) == (
+        "metadata: input should be a valid dictionary (got {(1, 2): 'x'}); "
+        "provider: input should be a valid string (got {'self': {...}})"
+    )

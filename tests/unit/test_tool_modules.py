@@ -85,6 +85,23 @@ def test_a_misspelt_module_of_the_product_s_own_package_is_told_the_close_one(mo
     ]
 
 
+@pytest.mark.parametrize("name", ["server", "tools"])
+def test_a_plain_file_named_like_the_product_s_package_is_not_called_a_package_of_the_user_s(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A launcher script called `server` (no .py) is no module: Python never imports it, so the
+    # sentence about a package of the user's being hidden would send them after the wrong thing.
+    (tmp_path / name).write_text("#!/bin/sh\nexec mcp-session-manager\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    with pytest.raises(ConfigError) as caught:
+        import_tool_modules([name])
+
+    assert caught.value.problems == [
+        f"server.tool_modules: {name!r}: the module has no TOOLS list (TOOLS = [my_tool, ...])"
+    ]
+
+
 def test_a_module_whose_own_import_is_missing_says_only_that(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "needs_a_package.py").write_text("import no_such_dependency\nTOOLS = []\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
