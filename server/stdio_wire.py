@@ -35,7 +35,8 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
     message (`exc`, what its reader raised). The SDK drops such a line with a debug log, and its
     client would wait for an answer forever: JSON-RPC answers it with a protocol error.
 
-    Its id is unknown (null), except for JSON that is only too big to read: an integer of more
+    Its id is unknown (null) unless it could be read: from a request that is JSON but not
+    JSON-RPC (its method not a string, say), and from JSON that is only too big to read: an integer of more
     digits than Python turns into a number (`sys.get_int_max_str_digits()`, 4300 by default), in
     metadata say. Such a line (up to `MAX_REREAD_BYTES`) is read again, that number left out, for
     the id of the request to answer, so that the client hears at once which it was and what to do."""
@@ -44,6 +45,15 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
     request_id = None
     if invalid is None and errors:
         code, message = INVALID_REQUEST, "Invalid Request: the line is JSON but not a JSON-RPC 2.0 message"
+        # A request whose id could be read (its method is what is wrong, say) is answered with it.
+        request_id = next(
+            (
+                as_request_id(error["input"].get("id"))
+                for error in errors
+                if isinstance(error.get("input"), dict) and "method" in error["input"]
+            ),
+            None,
+        )
     elif invalid is not None and "number out of range" in invalid["msg"]:
         request_id = _id_despite_a_huge_number(invalid.get("input"))
         code = INVALID_PARAMS
