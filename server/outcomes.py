@@ -15,7 +15,6 @@ globals.
 from __future__ import annotations
 
 import logging
-import time
 from contextvars import ContextVar
 
 from mcp.server.context import HandlerResult
@@ -31,7 +30,6 @@ from server.sessions import SessionManager
 logger = logging.getLogger("server.extension")
 
 _COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
-_monotonic = time.monotonic  # the clock of every session time (see `Session.started`)
 #: Set by a sync tool's stand-in (`server.threads`) running in place when its wait was cancelled
 #: while its thread ran on; set in the call's own context (the stand-in runs in the caller's task),
 #: read and cleared by `stopped`, so the timeout's message says what happened. Touched only on
@@ -115,15 +113,15 @@ def completed(manager: SessionManager, session: Session, name: str, result: Hand
     """The tool returned: its result, unless its deadline or shutdown ended the session first.
     A result that comes well past the deadline with nothing having stopped the call is still
     the call's result, and is warned about (see `_past_its_deadline`)."""
-    late = _monotonic() - session.deadline
-    if late >= HELD_OFF_SECONDS:
-        _past_its_deadline(session, name, late)
     is_error = bool(getattr(result, "is_error", False))
     if is_error:
         ended = manager.end(session, SessionState.ERROR, _error_text(result))
     else:
         ended = manager.end(session, _COMPLETED)
     if ended:
+        at = session.ended  # the time `end` read: no clock read of its own on every call
+        if at is not None and at - session.deadline >= HELD_OFF_SECONDS:
+            _past_its_deadline(session, name, at - session.deadline)
         return result
     return stopped(manager, session, name, LATE)  # too late: answer as the session was accounted
 
