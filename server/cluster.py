@@ -204,7 +204,6 @@ class ClusterSessionManager(SessionManager):
             session.id = self._new_id_locked() if session.tool is not None else self._signed_id_locked()
             if may_queue:
                 self._queue_claims += 1
-        claimed = may_queue
         try:
             held_by = ""
             if not behind:
@@ -220,10 +219,8 @@ class ClusterSessionManager(SessionManager):
             with self._lock:
                 waiter = self._enqueue_locked(session)
                 waiter.held_by = held_by
-                self._queue_claims -= 1  # its place is its own now
-                claimed = False
         finally:
-            if claimed:
+            if may_queue:  # admitted, refused, or its place in the queue is its own now
                 with self._lock:
                     self._queue_claims -= 1
         self._freed.set()
