@@ -72,17 +72,15 @@ class App:
 
     def _check_reloaded(self, settings: Settings) -> None:
         """`check_tool_overrides`, saying why a table for a newly listed module's tool is unknown."""
-        problems = tool_override_problems(settings, self.tools)
-        if problems and settings.server.tool_modules != self.settings.server.tool_modules:
-            problems = [
-                f"{problem}; server.tool_modules changed in the file, which takes a restart: the tools of its "
-                "new modules are not hosted until then"
-                if "no hosted tool has this name" in problem
-                else problem
-                for problem in problems
-            ]
-        if problems:
-            raise ConfigError(problems)
+        moved = settings.server.tool_modules != self.settings.server.tool_modules
+        check_tool_overrides(settings, self.tools, _MODULES_TAKE_A_RESTART if moved else "")
+
+
+#: Why a reloaded `[tools.NAME]` names no hosted tool when the file lists other tool modules.
+_MODULES_TAKE_A_RESTART = (
+    "; server.tool_modules changed in the file, which takes a restart: the tools of its new modules are not "
+    "hosted until then"
+)
 
 
 class _StandaloneSessions(SessionsExtension):
@@ -107,21 +105,22 @@ class _StandaloneSessions(SessionsExtension):
         return await super().handle_tool_call(ctx, params, handler)
 
 
-def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]]) -> None:
+def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]], unknown_hint: str = "") -> None:
     """Refuse `[tools.NAME]` tables that name no hosted tool (a typo must not be ignored), and
     tables for the session tools, whose per-tool settings would silently do nothing.
+    `unknown_hint` ends the sentence of each unknown name.
 
     Raises:
         ConfigError: one problem per such table (an unknown name lists the hosted tools).
     """
-    problems = tool_override_problems(settings, tools)
+    problems = tool_override_problems(settings, tools, unknown_hint)
     if problems:
         raise ConfigError(problems)
 
 
-def tool_override_problems(settings: Settings, tools: list[Callable[..., Any]]) -> list[str]:
+def tool_override_problems(settings: Settings, tools: list[Callable[..., Any]], unknown_hint: str = "") -> list[str]:
     """The problems `check_tool_overrides` raises, one per `[tools.NAME]` that names no hosted
-    tool or names a session tool."""
+    tool (ending with `unknown_hint`) or names a session tool."""
     hosted = sorted({*MANAGEMENT_TOOLS, *(getattr(fn, "__name__", "") for fn in tools)})
     own = [tool for tool in hosted if tool not in MANAGEMENT_TOOLS]
     problems = []
@@ -130,7 +129,9 @@ def tool_override_problems(settings: Settings, tools: list[Callable[..., Any]]) 
             problems.append(f"tools.{name}: {SESSION_TOOL_TABLE}{_SESSION_TOOL_DEADLINES.get(name, '')}; remove it")
         elif name not in hosted:
             hint = _case_hint(name, own)
-            problems.append(f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)}){hint}")
+            problems.append(
+                f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)}){hint}{unknown_hint}"
+            )
     return problems
 
 
