@@ -35,11 +35,11 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
     message (`exc`, what its reader raised). The SDK drops such a line with a debug log, and its
     client would wait for an answer forever: JSON-RPC answers it with a protocol error.
 
-    Its id is unknown (null) unless it could be read: from a request that is JSON but not
-    JSON-RPC (its method not a string, say), and from JSON that is only too big to read: an integer of more
-    digits than Python turns into a number (`sys.get_int_max_str_digits()`, 4300 by default), in
-    metadata say. Such a line (up to `MAX_REREAD_BYTES`) is read again, that number left out, for
-    the id of the request to answer, so that the client hears at once which it was and what to do."""
+    The answer carries the request's id where it can be read, else null: so the client hears at
+    once which request was wrong. It can be read from a request that is JSON but not JSON-RPC (its
+    method not a string, say), and from one whose only fault is an integer of more digits than
+    Python turns into a number (`sys.get_int_max_str_digits()`, 4300 by default; in metadata, say):
+    such a line, up to `MAX_REREAD_BYTES`, is read again with that number left out."""
     errors = exc.errors() if isinstance(exc, ValidationError) else []
     invalid = next((error for error in errors if error["type"] == "json_invalid"), None)
     request_id = None

@@ -269,7 +269,7 @@ def with_error_code(
     text = result_text(result)
     update: dict[str, Any] = {}
     if argument_validation_failure(text, tool):
-        errors = argument_errors(entry, arguments) if entry is not None else []
+        errors = argument_errors(entry, arguments)  # [] without an entry
         if errors:
             text = f"invalid arguments for {tool}: {argument_problems(errors)}"
             update["content"] = [TextContent(type="text", text=text)]
