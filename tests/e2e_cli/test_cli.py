@@ -594,20 +594,27 @@ def test_a_project_module_named_like_the_product_s_own_package_is_refused_saying
     assert problem.endswith(f"rename yours (e.g. my_{name}) and list that name"), problem
 
 
+def start_on(config: Path, **env: str) -> subprocess.Popen[str]:
+    """The server started as `python -m server --config CONFIG` (stdio, its pipes the test's), with
+    `env` added to the environment: for tests that signal it while it starts."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", "--config", str(config)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_a_tool_module_imports_stops_the_start_in_one_line(tmp_path: Path, signum: int) -> None:
     # Nothing serves yet, so nothing drains: the process says why it stops, with no traceback
     # (SIGINT) and not silently (SIGTERM), and its status is the shell's for that signal.
     config = tmp_path / "slow.toml"
     config.write_text(f'[server]\ntool_modules = ["{FIXTURES}.slow_at_import"]\n')
-    with subprocess.Popen(
-        [sys.executable, "-m", "server", "--config", str(config)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
+    with start_on(config) as process:
         assert process.stderr is not None
         try:
             seen = []
@@ -633,15 +640,7 @@ def test_a_sighup_while_a_tool_module_imports_is_a_reload_once_the_server_runs(t
     config = tmp_path / "slow.toml"
     module = f'[server]\ntool_modules = ["{FIXTURES}.slow_at_import"]\n'
     config.write_text(module + "[limits]\nmax_concurrent_sessions = 5\n")
-    with subprocess.Popen(
-        [sys.executable, "-m", "server", "--config", str(config)],
-        cwd=ROOT,
-        env={**os.environ, "SLOW_AT_IMPORT_SECONDS": "3"},  # the signal comes well within it
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
+    with start_on(config, SLOW_AT_IMPORT_SECONDS="3") as process:  # the signal comes well within it
         assert process.stderr is not None
         watchdog = threading.Timer(20, process.kill)  # bounds the reads below if the reload never comes
         watchdog.start()
