@@ -26,7 +26,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams
 
 from server.deadline import Deadline, deadline_scope
-from server.outcomes import CANCELLED, MAYBE_ABANDONED, completed, failed, stopped
+from server.outcomes import CANCELLED, MAYBE_ABANDONED, completed, failed, idle_advice, stopped
 from server.sdk_seams import ToolCallHandler
 from server.session import Session, SessionState
 from server.sessions import SessionManager
@@ -87,10 +87,11 @@ class DecoupledCalls:
         ctx: ServerRequestContext[Any, Any],
         params: CallToolRequestParams,
         handler: ToolCallHandler,
+        sync: bool | None,
     ) -> HandlerResult:
         """A call that may be stuck in a thread no cancellation reaches (see
         `SessionsExtension._plan_for`): the caller's wait ends at the deadline even if the work
-        does not."""
+        does not. `sync`: whether the tool is a sync one (None: unknown)."""
         loop = asyncio.get_running_loop()
         work = _Work(session, loop.create_future())
         session.on_cancel = work.cancel  # the manager's reaper calls it at the deadline
@@ -115,7 +116,8 @@ class DecoupledCalls:
         if ran_to_end:
             return self._finish(work, name)
         self._give_up(work)
-        return stopped(self.manager, session, name, MAYBE_ABANDONED if work.abandoned else CANCELLED)
+        fate = MAYBE_ABANDONED if work.abandoned else CANCELLED
+        return stopped(self.manager, session, name, fate, idle_advice(sync))
 
     async def _run(
         self, work: _Work, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, handler: ToolCallHandler

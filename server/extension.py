@@ -82,8 +82,9 @@ logger = logging.getLogger(__name__)
 #: The tool a call names when the server has no registry to ask (then its kind is unknown).
 _NO_REGISTRY = object()
 #: A tool's call plan: (its registry entry, the settings, whether it may need a thread, whether
-#: it runs in place (else decoupled), its deadline in seconds, its idle timeout or None).
-_Plan = tuple[object, Settings, bool, bool, float, float | None]
+#: it runs in place (else decoupled), its deadline in seconds, its idle timeout or None, whether
+#: it is a sync tool (None: unknown)).
+_Plan = tuple[object, Settings, bool, bool, float, float | None, bool | None]
 #: Plans remembered at most (one per tool name called); past it they are worked out afresh.
 MAX_PLANS = 4096
 
@@ -393,16 +394,18 @@ class SessionsExtension(DecoupledCalls, Extension):
     def _plan_for(self, name: str, tool: object, config: Settings) -> _Plan:
         """Work out (and remember) how calls of `name` run: in a thread or not, and its
         deadlines. Remembered per tool name, for this registry entry and these settings."""
-        if tool is _NO_REGISTRY or getattr(tool, "resolved_params", None):
+        sync = None if tool is _NO_REGISTRY else runs_in_thread(tool)
+        if sync is None or getattr(tool, "resolved_params", None):
             # Its kind is unknown, or resolvers fill some parameters (the SDK runs sync ones in
             # shielded thread waits of its own, async tool or not): it may be stuck in a thread
             # no cancellation reaches, so it runs decoupled.
             needs_thread, in_place = True, False
         else:
-            needs_thread = runs_in_thread(tool)
+            needs_thread = sync
             manager = self.manager
             in_place = not needs_thread or make_cancellable(tool, self._thread_left_running, manager.thread_ended)
-        plan = (tool, config, needs_thread, in_place, config.timeout_for(name), config.idle_timeout_for(name))
+        timeout, idle_timeout = config.timeout_for(name), config.idle_timeout_for(name)
+        plan = (tool, config, needs_thread, in_place, timeout, idle_timeout, sync)
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         self._plans[name] = plan
@@ -460,7 +463,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         plan = self._plans.get(name)
         if plan is None or plan[0] is not tool or plan[1] is not config:
             plan = self._plan_for(name, tool, config)
-        _, _, needs_thread, in_place, timeout, idle_timeout = plan
+        _, _, needs_thread, in_place, timeout, idle_timeout, sync = plan
         manager = self.manager
         request_id = None if ctx.request_id is None else str(ctx.request_id)
         try:
@@ -480,7 +483,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         if idle_timeout is not None:
             ctx = replace(ctx, session=progress_session(ctx.session, lambda: manager.progress(session)))
         if not in_place:
-            return await self._call_decoupled(session, name, ctx, params, handler)
+            return await self._call_decoupled(session, name, ctx, params, handler, sync)
 
         # The call runs in place (inline here: a coroutine less on every call): an async tool,
         # or a sync one whose thread wait a cancellation ends (`server.threads`). Its deadline

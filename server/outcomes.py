@@ -43,13 +43,20 @@ MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a 
 #: A call that stops this long (or longer) after the reaper stopped it at its deadline says so
 #: in its timeout message.
 HELD_OFF_SECONDS = 0.1
+#: What an idle timeout's message advises (see `idle_advice`).
+_IDLE_ADVICE_SYNC = "ask the operator to raise or remove its idle timeout"
+_IDLE_ADVICE_ASYNC = "a long-running tool must report progress to stay alive"
 
 
-def stopped(manager: SessionManager, session: Session, name: str, fate: str | None = None) -> CallToolResult:
+def stopped(
+    manager: SessionManager, session: Session, name: str, fate: str | None = None, advice: str | None = None
+) -> CallToolResult:
     """The call's deadline passed, or shutdown cancelled it: the matching error result.
 
     `fate` says what became of the work (a `CANCELLED`-like sentence part); by default,
-    for a call run in place, whether its thread was left running (`THREAD_LEFT_RUNNING`)."""
+    for a call run in place, whether its thread was left running (`THREAD_LEFT_RUNNING`).
+    `advice` is what an idle timeout's message advises (see `idle_advice`); by default, for a
+    call run in place, the session's kind says (`needs_thread`: a sync tool)."""
     if fate is None:
         fate = CANCELLED
         if THREAD_LEFT_RUNNING.get():
@@ -73,11 +80,8 @@ def stopped(manager: SessionManager, session: Session, name: str, fate: str | No
     if held_off >= HELD_OFF_SECONDS:
         fate += f" {held_off:.1f}s after the deadline, as the tool held the cancellation off until then"
     if session.idle_expired:
-        advice = (
-            "a sync tool cannot report progress, so ask the operator to raise or remove its idle timeout"
-            if session.needs_thread
-            else "a long-running tool must report progress to stay alive"
-        )
+        if advice is None:
+            advice = idle_advice(session.needs_thread)
         message = (
             f"tool {name!r} reported no progress for {session.idle_timeout:g}s (its idle timeout) and {fate}; {advice}"
         )
@@ -87,6 +91,13 @@ def stopped(manager: SessionManager, session: Session, name: str, fate: str | No
             "retry with a smaller request, or ask the operator to raise its timeout"
         )
     return error_result(SessionError(ErrorCode.TIMEOUT, message, session_id=session.id, tool=name))
+
+
+def idle_advice(sync: bool | None) -> str:
+    """What to do about an idle timeout, for a sync tool, an async one, or one of unknown kind (None)."""
+    if sync is None:
+        return f"a sync tool cannot report progress ({_IDLE_ADVICE_SYNC}); an async one must report progress"
+    return f"a sync tool cannot report progress, so {_IDLE_ADVICE_SYNC}" if sync else _IDLE_ADVICE_ASYNC
 
 
 def failed(manager: SessionManager, session: Session, name: str, raised: BaseException) -> CallToolResult:

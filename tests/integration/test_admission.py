@@ -5,15 +5,20 @@ deadlines that understand progress."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from mcp import Client
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.resolve import Resolve
 from mcp_types import CallToolResult
 
 from tests.helpers import Gate, build, code_of, error_of, settings, text_of, until
 from tests.integration.test_extension import metrics
+
+
+def _one() -> int:
+    return 1
 
 
 class Recorder:
@@ -408,3 +413,29 @@ async def test_a_tool_that_stops_reporting_progress_times_out_at_its_idle_timeou
     assert "a sync tool cannot report progress" in text_of(in_thread)
     assert "must report progress" not in text_of(in_thread)
     assert m["total_sessions_timeout"] == 2
+
+
+async def test_the_idle_timeout_advice_follows_the_tools_kind_when_its_call_runs_decoupled() -> None:
+    # A resolver fills a parameter: the call runs decoupled, as one that may be stuck in a thread,
+    # but the tool is async and can report progress, so that is the advice.
+    async def stalls_resolved(ctx: Context, n: Annotated[int, Resolve(_one)]) -> str:
+        await ctx.report_progress(n)
+        await anyio.sleep(3600)
+        return "never"
+
+    def stalls_resolved_in_a_thread(n: Annotated[int, Resolve(_one)]) -> str:
+        time.sleep(1.5)
+        return "never"
+
+    idle = {"timeout_seconds": 30.0, "idle_timeout_seconds": 0.3}
+    config = settings(tools={"stalls_resolved": idle, "stalls_resolved_in_a_thread": idle})
+    app, _ = build(config, tools=[stalls_resolved, stalls_resolved_in_a_thread])
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async_result = await client.call_tool("stalls_resolved", {})
+            sync_result = await client.call_tool("stalls_resolved_in_a_thread", {})
+    assert code_of(async_result) == "timeout" and "no progress" in text_of(async_result)
+    assert "must report progress to stay alive" in text_of(async_result)
+    assert "sync tool" not in text_of(async_result)
+    assert code_of(sync_result) == "timeout"
+    assert "a sync tool cannot report progress" in text_of(sync_result)
