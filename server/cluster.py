@@ -367,7 +367,7 @@ class ClusterSessionManager(SessionManager):
         if local is not None and local.tool is not None and not tool_calls:
             raise runs_a_call(session_id)
         if local is None and self._issued_by_us(session_id):
-            raise self._not_active(session_id)  # it ended here (its end may still be on its way)
+            raise self._not_active(session_id, tool_calls)  # it ended here (its end may still be on its way)
         try:
             (known,) = await self.store.release([(session_id, state.value)], tool_calls)
         except StoreUnavailable as exc:

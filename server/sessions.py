@@ -66,11 +66,11 @@ _INFO = logging.INFO
 
 
 def runs_a_call(session_id: str) -> SessionError:
-    """The refusal of a client's release of a tool call's session (see `SessionManager.release`).
-    It names no tool: the call may be another client's."""
+    """The refusal of a client's release of a tool call's session, running or ended (see
+    `SessionManager.release`). It names no tool: the call may be another client's."""
     return SessionError(
         ErrorCode.INVALID_ARGUMENT,
-        f"session {session_id} is the session of a running tool call, and it ends when that call does; "
+        f"session {session_id} is the session of a tool call, and it ends when that call does; "
         "session_release ends only sessions made by session_create",
         session_id=session_id,
     )
@@ -309,10 +309,13 @@ class SessionManager(Intake):
         if session is not None and session.tool is not None and not tool_calls:
             raise runs_a_call(session_id)
         if session is None or not self.end(session, state, error):
-            raise self._not_active(session_id)
+            raise self._not_active(session_id, tool_calls)
         return session
 
-    def _not_active(self, session_id: str) -> SessionError:
+    def _not_active(self, session_id: str, tool_calls: bool = True) -> SessionError:
+        """Why `session_id` names no active session. With `tool_calls=False` (a client's
+        release), an ended tool call's session is refused as a running one is: it was never
+        the client's to release, so "already ended" would mislead."""
         ended = self._recent.get(session_id)
         if ended is not None:
             return SessionError(
@@ -328,6 +331,8 @@ class SessionManager(Intake):
                 session_id=session_id,
             )
         if self._issued_by_us(session_id):
+            if not tool_calls and "." not in session_id:  # unsigned: a tool call's (see `_signed_id_locked`)
+                return runs_a_call(session_id)
             return SessionError(
                 ErrorCode.ALREADY_RELEASED,
                 f"session {session_id} has already ended; it cannot be released again",

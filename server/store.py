@@ -166,8 +166,8 @@ for i = 8, 7 + 2 * ends, 2 do
   local key = P .. 's:' .. id
   local f = redis.call('HMGET', key, 'state', 'created', 'replica', 'purged', 'tool')
   local before = f[1] or 'unknown'
-  if before == 'active' and not calls_too and f[5] and f[5] ~= '' then
-    before = 'call'  -- a tool call's session: it ends with its call, not by a release (which tool is not said)
+  if not calls_too and f[5] and f[5] ~= '' then
+    before = 'call'  -- a tool call's session, running or ended: it ends with its call, never by a release
   elseif before == 'active' then
     finish(id, state, ttl)
     freed = true
@@ -461,8 +461,8 @@ class RedisStore:
 
     async def release(self, ended: Sequence[tuple[str, str]], tool_calls: bool = True) -> list[Released]:
         """End each (session id, state) now if it is still active; say what each was before.
-        With `tool_calls=False` a tool call's session is left active, and is said to be "call"
-        (its tool is not named: the call may be another client's)."""
+        With `tool_calls=False` a tool call's session, running or ended, is left as it is and
+        is said to be "call" (its tool is not named: the call may be another client's)."""
         rows, _ = await self._run_sync("release a session", list(ended), [], False, tool_calls)
         return [
             Released(_text(before), max(0, int(now) - int(created)) / 1000 if created else 0.0)

@@ -262,7 +262,7 @@ async def test_a_tool_call_s_session_is_not_released_by_a_client_through_any_man
                 await manager.release(call.id, tool_calls=False)
             assert refused.value.code is ErrorCode.INVALID_ARGUMENT, manager
             message = refused.value.message
-            assert "running tool call" in message and "session_create" in message
+            assert "session of a tool call" in message and "session_create" in message
             assert "search" not in message, "the call may be another client's: its tool is not named"
         (seen,) = await b.store.release([(call.id, "completed")], tool_calls=False)
         assert seen.before == "call", "the store's reply does not name the tool either"
@@ -273,6 +273,11 @@ async def test_a_tool_call_s_session_is_not_released_by_a_client_through_any_man
         assert (await _totals(b)).active_sessions == 1
 
         await a.release(call.id)  # the Python API still ends a tool's session by default
+        for manager in (a, b):  # ended, it is still a tool call's session: never a client's to release
+            with pytest.raises(SessionError) as ended:
+                await manager.release(call.id, tool_calls=False)
+            assert ended.value.code is ErrorCode.INVALID_ARGUMENT, manager
+            assert "tool call" in ended.value.message and "session_create" in ended.value.message
         made = await a.create()  # session_create's kind: released through either, as before
         said = []
         for manager in (a, b):  # its id without the signature was never issued: unknown to all

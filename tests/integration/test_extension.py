@@ -560,10 +560,13 @@ async def test_session_release_refuses_a_running_tool_call_s_session_which_keeps
                 m = await metrics(client)
                 gate.open()
         after = await metrics(client)
+        # Ended, it was still never a client's to release: the same refusal, not "already ended".
+        ended = error_of(await client.call_tool("session_release", {"session_id": guess}))
     assert refused["code"] == "invalid_argument" and refused["session_id"] == guess
     # The call may be another client's: the refusal says what the id is, not which tool runs.
-    assert "running tool call" in refused["message"] and "session_create" in refused["message"]
+    assert "session of a tool call" in refused["message"] and "session_create" in refused["message"]
     assert "block_async" not in refused["message"]
+    assert ended == refused
     assert code_of(still_full) == "capacity_exceeded"
     assert m["active_sessions"] == 1
     assert text_of(results["call"]) == "opened"
