@@ -26,6 +26,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams
 
 from server.deadline import Deadline, deadline_scope
+from server.errors import describe
 from server.outcomes import CANCELLED, MAYBE_ABANDONED, completed, failed, idle_advice, stopped
 from server.sdk_seams import ToolCallHandler
 from server.session import Session, SessionState
@@ -169,7 +170,7 @@ class DecoupledCalls:
             return completed(self.manager, session, name, work.result)
         if isinstance(raised, MCPError):
             # A protocol error the tool chose to raise stays a protocol error.
-            self.manager.end(session, SessionState.ERROR, f"{type(raised).__name__}: {raised}")
+            self.manager.end(session, SessionState.ERROR, describe(raised))
             raise raised
         return failed(self.manager, session, name, raised)
 

@@ -24,6 +24,16 @@ def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def describe(exc: BaseException) -> str:
+    """`Type: text` of what a tool raised, for a session's error reason and the log. Never
+    raises: a session must end even when the exception's own `__str__` fails."""
+    try:
+        text = str(exc)
+    except Exception as broken:  # noqa: BLE001 - the tool's exception, not ours, is the story
+        text = f"(its text could not be read: {type(broken).__name__})"
+    return f"{type(exc).__name__}: {text}"
+
+
 class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     CAPACITY_EXCEEDED = "capacity_exceeded"

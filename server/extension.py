@@ -53,7 +53,7 @@ from server.config import ConfigError, Settings
 from server.config_loader import load_settings
 from server.deadline import LateScope, deadline_scope
 from server.decoupled import DecoupledCalls
-from server.errors import EXTENSION_ID, ErrorCode, SessionError, error_result
+from server.errors import EXTENSION_ID, ErrorCode, SessionError, describe, error_result
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.outcomes import LATE, THREAD_LEFT_RUNNING, completed, failed, not_running, stopped
@@ -503,7 +503,7 @@ class SessionsExtension(DecoupledCalls, Extension):
             THREAD_LEFT_RUNNING.set(False)  # nobody reads it for this call
             raise
         except MCPError as exc:
-            manager.end(session, SessionState.ERROR, f"{type(exc).__name__}: {exc}")
+            manager.end(session, SessionState.ERROR, describe(exc))
             raise
         except BaseException as exc:  # noqa: BLE001 - whatever the tool raised ends its session as error
             return failed(manager, session, name, exc)

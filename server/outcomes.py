@@ -20,7 +20,7 @@ from contextvars import ContextVar
 from mcp.server.context import HandlerResult
 from mcp_types import CallToolResult, TextContent
 
-from server.errors import ErrorCode, SessionError, error_result, result_text
+from server.errors import ErrorCode, SessionError, describe, error_result, result_text
 from server.logs import log_refusal
 from server.session import Session, SessionState, timeout_reason
 from server.sessions import SessionManager
@@ -102,7 +102,7 @@ def idle_advice(sync: bool | None) -> str:
 
 def failed(manager: SessionManager, session: Session, name: str, raised: BaseException) -> CallToolResult:
     """The tool raised something the SDK did not turn into a result (a BaseException)."""
-    detail = f"{type(raised).__name__}: {raised}"
+    detail = describe(raised)
     manager.end(session, SessionState.ERROR, detail)
     logger.error("Tool %r raised %s", name, detail)
     return CallToolResult(content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True)

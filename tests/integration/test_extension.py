@@ -9,13 +9,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import pytest
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.resolve import Resolve
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp_types import CallToolResult
 
@@ -145,6 +146,40 @@ async def test_a_base_exception_from_a_tool_is_accounted_and_the_server_keeps_se
         assert text_of(await client.call_tool("echo", {"text": "still here"})) == "still here"
         m = await metrics(client)
     assert (m["total_sessions_error"], m["total_sessions_completed"]) == (2, 1)
+
+
+class Unprintable(BaseException):
+    """A BaseException whose text cannot be had: describing it must not fail the call's ending."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str broke")
+
+
+def _one() -> int:
+    return 1
+
+
+async def test_a_base_exception_that_cannot_be_described_still_ends_its_session_and_frees_its_slot() -> None:
+    async def unprintable() -> str:
+        raise Unprintable()
+
+    def unprintable_in_thread() -> str:
+        raise Unprintable()
+
+    def unprintable_decoupled(n: Annotated[int, Resolve(_one)]) -> str:  # a resolver: run decoupled
+        raise Unprintable()
+
+    tools: list[Callable[..., Any]] = [unprintable, unprintable_in_thread, unprintable_decoupled, echo]
+    app, _ = build(settings(max_concurrent_sessions=1), tools=tools)
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            for name in ("unprintable", "unprintable_in_thread", "unprintable_decoupled"):
+                result = await client.call_tool(name, {})
+                assert result.is_error and text_of(result) == f"Error executing tool {name}", name
+            # The only slot is free again: each failed call's session ended.
+            assert text_of(await client.call_tool("echo", {"text": "still here"})) == "still here"
+        m = await metrics(client)
+    assert (m["total_sessions_error"], m["total_sessions_completed"], m["active_sessions"]) == (3, 1, 0)
 
 
 async def test_an_async_tool_hanging_gets_a_timeout_result_on_time() -> None:
