@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MANAGEMENT_TOOLS = frozenset({"session_create", "session_release", "session_metrics", "server_shutdown"})
+#: Arguments whose values no refusal quotes (refusals are logged): `server_shutdown`'s admin token.
+SECRET_ARGUMENTS = frozenset({"token"})
 #: Why a `[tools.NAME]` table for a session tool does nothing (refused by the standalone server,
 #: warned about by a host's extension).
 SESSION_TOOL_TABLE = (
@@ -229,12 +231,20 @@ def _authorize(env_name: str, token: str | None) -> str | None:
 
 def argument_problems(errors: list[ErrorDetails]) -> str:
     """pydantic's error details for a session tool's arguments, in one sentence: each argument
-    with what is wrong and the value it got (`provider: input should be a valid string (got 5)`)."""
+    with what is wrong and the value it got (`provider: input should be a valid string (got 5)`),
+    except a secret's (`SECRET_ARGUMENTS`): the refusal is logged, and the right admin token in
+    the wrong type (a number) must not end up in the log."""
     parts = []
     for error in errors:
-        where = ".".join(str(part) for part in error["loc"]) or "arguments"
+        loc = error["loc"]
+        where = ".".join(str(part) for part in loc) or "arguments"
         what = error["msg"][:1].lower() + error["msg"][1:]
-        got = "" if error["type"] == "missing" else f" (got {shorten(_as_json(error.get('input')))})"
+        if error["type"] == "missing":
+            got = ""
+        elif loc and loc[0] in SECRET_ARGUMENTS:
+            got = " (its value is not shown)"
+        else:
+            got = f" (got {shorten(_as_json(error.get('input')))})"
         parts.append(f"{where}: {what}{got}")
     return "; ".join(parts)
 
@@ -272,6 +282,10 @@ def with_error_code(
         errors = argument_errors(entry, arguments)  # [] without an entry
         if errors:
             text = f"invalid arguments for {tool}: {argument_problems(errors)}"
+            update["content"] = [TextContent(type="text", text=text)]
+        elif arguments and SECRET_ARGUMENTS.intersection(arguments):
+            # pydantic's own report quotes every value it refused: a secret's too.
+            text = f"invalid arguments for {tool}: a value has the wrong type (not shown: it may be a secret)"
             update["content"] = [TextContent(type="text", text=text)]
         error = SessionError(ErrorCode.INVALID_ARGUMENT, text, tool=tool)
         log_refusal(error)

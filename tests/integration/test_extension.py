@@ -26,6 +26,7 @@ from server.config import MAX_TIMEOUT_SECONDS, ConfigError, Settings
 from server.deadline import Deadline, LateScope
 from server.sdk_seams import registry_lookup
 from tests.helpers import Gate, boom, build, code_of, echo, error_of, hang_async, settings, text_of, until
+from tools.sessions import with_error_code
 
 
 async def metrics(client: Client) -> dict[str, Any]:
@@ -669,7 +670,8 @@ async def test_session_metadata_at_the_limit_is_accepted_and_one_byte_over_refus
         (
             "server_shutdown",
             {"timeout_seconds": "30", "token": 7},
-            'timeout_seconds: input should be a valid number (got "30"); token: input should be a valid string (got 7)',
+            'timeout_seconds: input should be a valid number (got "30"); '
+            "token: input should be a valid string (its value is not shown)",
         ),
     ],
 )
@@ -684,6 +686,41 @@ async def test_session_tool_arguments_the_sdk_refuses_are_one_sentence_naming_ea
     error = error_of(refused)
     assert (error["code"], error["tool"]) == ("invalid_argument", tool)
     assert text_of(refused) == error["message"] == f"invalid arguments for {tool}: {sentence}"
+
+
+@pytest.mark.parametrize("token", [987654321, 987654321.0, ["987654321"], {"token": "987654321"}])
+async def test_an_admin_token_of_the_wrong_type_is_never_quoted_in_the_refusal_or_the_log(
+    token: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The right token in the wrong type (a CLI that turns digits into a number, say) is refused;
+    # the refusal is logged, and the log must not hand the token to whoever reads it.
+    app, _ = build()
+    with caplog.at_level(logging.DEBUG):
+        async with Client(app) as client:
+            refused = await client.call_tool("server_shutdown", {"token": token})
+    error = error_of(refused)
+    assert error["code"] == "invalid_argument" and "token: input should be a valid string" in error["message"]
+    assert "987654321" not in text_of(refused)
+    assert caplog.records, "the refusal is logged"
+    assert all("987654321" not in record.getMessage() for record in caplog.records)
+
+
+async def test_without_a_registry_entry_a_refused_token_is_not_quoted_from_pydantics_report() -> None:
+    # Where no registry entry can be asked (a host's own tool manager), the SDK's report is all
+    # there is, and pydantic quotes each refused value in it (`input_value=...`).
+    def server_shutdown(token: str | None = None) -> str:
+        return "unreachable"
+
+    bare = MCPServer("bare")
+    bare.add_tool(server_shutdown)
+    async with Client(bare) as client:
+        sdk_report = await client.call_tool("server_shutdown", {"token": 987654321})
+    assert "987654321" in text_of(sdk_report), "the SDK's own report quotes the value"
+    result = with_error_code(sdk_report, "server_shutdown", None, {"token": 987654321})
+    assert isinstance(result, CallToolResult)
+    error = error_of(result)
+    assert error["code"] == "invalid_argument" and "987654321" not in text_of(result)
+    assert "invalid arguments for server_shutdown" in error["message"]
 
 
 async def test_session_create_at_the_largest_timeout_cap_answers_its_expiry_date() -> None:
