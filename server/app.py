@@ -30,7 +30,7 @@ from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.message import SessionMessage
 from mcp_types import CallToolRequestParams
-from mcp_types.jsonrpc import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
+from mcp_types.jsonrpc import JSONRPCError, JSONRPCMessage, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
 from prometheus_client import CollectorRegistry
 
 from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
@@ -41,7 +41,7 @@ from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams
-from server.stdio_wire import Outstanding, StdinLines, unreadable_line_error
+from server.stdio_wire import Outstanding, StdinLines, WireSafe, unreadable_line_error
 from server.tool_modules import import_tool_modules, install_tool_modules
 from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, abandoned_answer
 from tools.sessions import MANAGEMENT_TOOLS, SESSION_TOOL_TABLE
@@ -322,8 +322,10 @@ async def _serve_stdio(
                 await exit_.begin("stdin closed")
 
         async def deliver(item: SessionMessage) -> None:
+            # Through `WireSafe`: text that is not valid Unicode in one answer must not end the server.
+            safe = SessionMessage(cast("JSONRPCMessage", WireSafe(item.message)), item.metadata)
             try:
-                await stdout.send(item)
+                await stdout.send(safe)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 # The SDK's writer has ended: the client closed its end of the pipe. The writer's own
                 # BrokenPipeError stops the transport and is reported once (`serve_stdio`); answers

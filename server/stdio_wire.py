@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -24,8 +25,9 @@ import anyio.from_thread
 import anyio.lowlevel
 from mcp.shared.dispatcher import as_request_id, coerce_request_id
 from mcp_types import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, ErrorData
-from mcp_types.jsonrpc import JSONRPCError
+from mcp_types.jsonrpc import JSONRPCError, JSONRPCResponse
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,65 @@ def _id_despite_a_huge_number(line: object) -> str | int | None:
     if not isinstance(message, dict) or not isinstance(message.get("method"), str):
         return None  # a response to the server's own request, say: its id is not ours to answer
     return as_request_id(message.get("id"))
+
+
+class WireSafe:
+    """A message for the SDK's stdio writer (which calls `model_dump_json` on it) that can be
+    written even when it holds text that is not valid Unicode: a lone surrogate, which a tool
+    gets from `os.fsdecode` or `os.listdir` for a file name that is not UTF-8. pydantic refuses
+    to encode one, and the writer's error would end the transport, and with it the server and
+    every call still running. Such text is sent with U+FFFD in each surrogate's place, once
+    logged as a warning; every other message is dumped as the SDK dumps it."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+
+    def model_dump_json(self, **options: Any) -> str:
+        try:
+            dumped: str = self.message.model_dump_json(**options)
+        except PydanticSerializationError:
+            data = self.message.model_dump(mode="json", **options)  # text stays text: no encoding yet
+            cleaned, replaced = _without_surrogates(data)
+            if not replaced:
+                raise
+            logger.warning(
+                "%s held text that is not valid Unicode (%s lone surrogate(s), as os.fsdecode makes of a file name "
+                "that is not UTF-8): sent with U+FFFD in their place",
+                _what(self.message),
+                replaced,
+            )
+            return json.dumps(cleaned, ensure_ascii=False, separators=(",", ":"))
+        return dumped
+
+
+def _without_surrogates(value: Any) -> tuple[Any, int]:
+    """`value` (JSON data) with each surrogate code point in its text replaced by U+FFFD, and how many."""
+    if isinstance(value, str):
+        return _SURROGATE.subn("\ufffd", value)
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        total = 0
+        for key, item in value.items():
+            key, n = _without_surrogates(key)
+            out[key], m = _without_surrogates(item)
+            total += n + m
+        return out, total
+    if isinstance(value, list):
+        items = [_without_surrogates(item) for item in value]
+        return [item for item, _ in items], sum(n for _, n in items)
+    return value, 0
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _what(message: Any) -> str:
+    """The message, as a log line names it: the answer to its request, or its method."""
+    if isinstance(message, JSONRPCResponse | JSONRPCError):
+        return f"The answer to request {message.id!r}"
+    return f"A {getattr(message, 'method', 'message')!r} message"
 
 
 class Outstanding:

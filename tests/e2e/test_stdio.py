@@ -505,6 +505,23 @@ async def test_stdout_carries_only_json_rpc_messages_even_when_a_tool_prints(tmp
     assert server.stderr.count(NOISE_FROM_PRINT) == 2
 
 
+async def test_a_result_holding_text_that_is_not_unicode_is_sent_with_replacement_characters(tmp_path: Path) -> None:
+    # A lone surrogate (a non-UTF-8 file name through os.fsdecode) cannot be written as UTF-8:
+    # the SDK's writer raised on it, which ended the server with the other calls unanswered.
+    async with start_server(tmp_path, server_config()) as server:
+        await server.initialize()
+        sleeping = await server.start_call("sleep_async", {"seconds": 0.5})
+        names = await server.call("undecodable_names")
+        assert text_of(await server.call_result(sleeping)) == "slept 0.5s"
+        assert text_of(await server.call("echo", {"text": "still serving"})) == "still serving"
+        await server.wait_stderr("not valid Unicode", within=3.0)
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert not names.is_error and "report-\ufffd.txt" in text_of(names)
+    assert (names.structured_content or {}).get("result") == ["report-\ufffd.txt"]
+    assert server.stray_stdout == []
+
+
 async def test_stdout_carries_only_json_rpc_messages_when_a_tool_module_prints_at_import_and_setup(
     tmp_path: Path,
 ) -> None:
