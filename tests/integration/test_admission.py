@@ -379,6 +379,29 @@ async def test_a_tool_that_keeps_reporting_progress_outlives_its_idle_timeout() 
     assert m["total_sessions_completed"] == 1 and m["total_sessions_timeout"] == 0
 
 
+async def test_progress_never_carries_a_call_past_its_hard_deadline() -> None:
+    # Progress every 0.1 s keeps moving the 0.3 s idle deadline on; the 0.8 s deadline stays put.
+    async def keeps_reporting(ctx: Context) -> str:
+        for step in range(100):  # 10 s of progress: far past the deadline
+            await anyio.sleep(0.1)
+            await ctx.report_progress(step + 1)
+        return "finished"
+
+    config = settings(tools={"keeps_reporting": {"timeout_seconds": 0.8, "idle_timeout_seconds": 0.3}})
+    app, _ = build(config, tools=[keeps_reporting])
+    async with Client(app) as client:
+        started = time.monotonic()
+        with anyio.fail_after(30):
+            result = await client.call_tool("keeps_reporting", {})
+        elapsed = time.monotonic() - started
+        m = await metrics(client)
+    error = error_of(result)
+    assert error["code"] == "timeout", f"the call ran on past its deadline: {result}"
+    assert "within its deadline of 0.8s" in error["message"] and "no progress" not in error["message"]
+    assert 0.8 <= elapsed < 0.8 + 4.0, "timed out at its hard deadline, however much progress it reported"
+    assert m["total_sessions_timeout"] == 1 and m["total_sessions_completed"] == 0
+
+
 async def test_a_tool_that_stops_reporting_progress_times_out_at_its_idle_timeout() -> None:
     async def stalls(ctx: Context) -> str:
         for step in range(3):
