@@ -34,6 +34,7 @@ import anyio
 import httpx2
 import pytest
 import redis
+import redis.asyncio as aioredis
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -345,3 +346,35 @@ async def local_until(
                     return last
     except TimeoutError:
         raise AssertionError(f"{what} did not reach the expected state within {within}s: {last}") from None
+
+
+async def stored_text(url: str, namespace: str) -> list[str]:
+    """Everything the Redis at `url` holds under `namespace`, as text: each key's name, and its
+    value, hash fields and values, set, sorted-set or list members, or stream entries."""
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    items: list[Any] = []
+    try:
+        async for key in client.scan_iter(match=f"{namespace}*", count=1000):
+            items.append(key)
+            kind = await client.type(key)
+            if kind == b"string":
+                items.append(await client.get(key))
+            elif kind == b"hash":
+                for field, value in (await client.hgetall(key)).items():
+                    items += [field, value]
+            elif kind == b"set":
+                items += await client.smembers(key)
+            elif kind == b"zset":
+                items += await client.zrange(key, 0, -1)
+            elif kind == b"list":
+                items += await client.lrange(key, 0, -1)
+            elif kind == b"stream":
+                for entry_id, fields in await client.xrange(key) or []:
+                    items.append(entry_id)
+                    for field, value in (fields or {}).items():
+                        items += [field, value]
+            else:
+                raise AssertionError(f"a key of a type the scan cannot read: {key!r} ({kind!r})")
+    finally:
+        await client.aclose()
+    return [item.decode(errors="replace") if isinstance(item, bytes) else str(item) for item in items]

@@ -9,6 +9,7 @@ reads `cluster.active_sessions` through `session_metrics` on every replica durin
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.cluster.conftest import (
     local_until,
     quiescent_cluster,
     start_replicas,
+    stored_text,
     tool_active,
 )
 from tests.e2e.conftest import TomlValue, metrics
@@ -191,19 +193,30 @@ async def test_a_tool_cap_holds_across_replicas_while_other_tools_are_served(
     assert_cluster_accounts(cluster)
 
 
-async def test_a_client_share_holds_across_replicas(tmp_path: Path, shared_store: dict[str, TomlValue]) -> None:
+async def test_a_client_share_holds_across_replicas(
+    tmp_path: Path, shared_store: dict[str, TomlValue], shared_redis_url: str, namespace: str
+) -> None:
     config = cluster_config(shared_store, limits={"max_concurrent_sessions": CAP, "max_sessions_per_client": 2})
+    # Tokens no digest, id or counter could contain by chance.
+    alice, bob = f"alice-secret-{uuid.uuid4().hex}", f"bob-secret-{uuid.uuid4().hex}"
     async with (
         start_replicas(tmp_path, config, 2) as (a, b),
-        client_with_credential(a, "alice") as alice_a,
-        client_with_credential(b, "alice") as alice_b,
-        client_with_credential(a, "bob") as bob_a,
+        client_with_credential(a, alice) as alice_a,
+        client_with_credential(b, alice) as alice_b,
+        client_with_credential(a, bob) as bob_a,
     ):
         opened = [await alice_a.call_tool("session_create", {}), await alice_b.call_tool("session_create", {})]
         refused = [await alice_a.call_tool("session_create", {}), await alice_b.call_tool("echo", {"text": "more"})]
         served = await bob_a.call_tool("session_create", {})
         _, cluster = await cluster_metrics(bob_a)
+        # Read while the three sessions are open, so their clients are in the store.
+        stored = await stored_text(shared_redis_url, namespace)
 
+    # A client's bearer credential is kept in Redis only as a digest, never as it came.
+    client_keys = {text for text in stored if text.startswith("credential:")}
+    assert len(client_keys) == 2, f"expected alice's and bob's client keys in the store: {client_keys}"
+    leaked = [text for text in stored if alice in text or bob in text]
+    assert not leaked, f"a raw bearer token is stored in Redis: {leaked}"
     assert all(not result.is_error for result in opened), opened
     for result in refused:
         error = error_of(result)
