@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -65,24 +66,29 @@ async def test_killing_a_stdio_client_mid_call_cancels_its_session_and_the_serve
     command = [sys.executable, "-m", "tests.load.stdio_client", str(config_path), str(calls)]
     stderr: list[str] = []
     stderr_closed = anyio.Event()
+    # The client runs in a process group of its own (its id is the client's pid), and the server
+    # it launches joins it: killing the group on the way out stops both, whatever failed.
     async with await anyio.open_process(command, cwd=ROOT, env=server_env(), start_new_session=True) as client:
-        assert client.stdout is not None
+        try:
+            assert client.stdout is not None
 
-        async def read_stderr() -> None:  # the client's, and after its death the orphaned server's
-            assert client.stderr is not None
-            async for chunk in TextReceiveStream(client.stderr, errors="replace"):
-                stderr.append(chunk)
-            stderr_closed.set()
+            async def read_stderr() -> None:  # the client's, and after its death the orphaned server's
+                assert client.stderr is not None
+                async for chunk in TextReceiveStream(client.stderr, errors="replace"):
+                    stderr.append(chunk)
+                stderr_closed.set()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read_stderr)
-            with anyio.fail_after(40):
-                ready = await client.stdout.receive()
-            assert ready.startswith(b"ready "), (ready, "".join(stderr))
-            client.kill()
-            # The server notices its client is gone, shuts down and exits: its stderr closes.
-            with anyio.fail_after(EXIT_MARGIN):
-                await stderr_closed.wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_stderr)
+                with anyio.fail_after(40):
+                    ready = await client.stdout.receive()
+                assert ready.startswith(b"ready "), (ready, "".join(stderr))
+                client.kill()
+                # The server notices its client is gone, shuts down and exits: its stderr closes.
+                with anyio.fail_after(EXIT_MARGIN):
+                    await stderr_closed.wait()
+        finally:
+            kill_group(client.pid)
     log = "".join(stderr)
     assert "Graceful shutdown: stdin closed" in log, log
     assert f"0 of {calls} session(s) finished, {calls} cancelled at the deadline" in log, log
@@ -186,6 +192,14 @@ async def test_sigterm_with_100_calls_in_flight_drains_reports_and_exits_0_in_ti
     report = f"{quick} of {quick + stuck} session(s) finished, {stuck} cancelled at the deadline"
     assert report in server.stderr, server.stderr
     assert server.stray_stdout == []
+
+
+def kill_group(group: int) -> None:
+    """SIGKILL every process left in process group `group` (none left is fine)."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def raw(result: Any) -> dict[str, Any]:
