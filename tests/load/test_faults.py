@@ -186,7 +186,10 @@ async def test_sigterm_with_100_calls_in_flight_drains_reports_and_exits_0_in_ti
         finished = [await server.call_result(request_id, within=1) for request_id in quick_ids]
         cancelled = [await server.call_result(request_id, within=1) for request_id in stuck_ids]
     assert code == 0, server.stderr
-    assert exit_seconds <= shutdown_seconds + 1.0, exit_seconds
+    # The drain waits out its deadline for the stuck calls, then the process exits: 1.75 s of
+    # slack for a loaded machine (about 0.3 s is usual), short of the 2 s a response left
+    # waiting to be flushed would add (`server.app.FLUSH_SECONDS`), let alone stuck calls' 60 s.
+    assert shutdown_seconds <= exit_seconds <= shutdown_seconds + 1.75, exit_seconds
     assert all(text_of(result) == "finished 0.5s into the shutdown" for result in finished)
     assert all(code_of(result) == "shutting_down" for result in cancelled)
     report = f"{quick} of {quick + stuck} session(s) finished, {stuck} cancelled at the deadline"
