@@ -280,7 +280,9 @@ async def test_progress_over_stdio_keeps_a_call_alive_and_silence_times_it_out(t
     assert seen == [float(n) for n in range(1, 9)]
     error = error_of(stalled)
     assert error["code"] == "timeout" and "no progress" in error["message"]
-    assert 0.2 + 0.6 <= stalled_after < 0.2 + 0.6 + 1.0
+    # At the idle timeout after the last progress: seconds of slack for a loaded machine, far
+    # short of the 20 s deadline a call whose silence went unnoticed would run to.
+    assert 0.2 + 0.6 <= stalled_after < 0.2 + 0.6 + 4.0, stalled_after
     assert (m["total_sessions_completed"], m["total_sessions_timeout"]) == (1, 1)
 
 
