@@ -22,6 +22,7 @@ from server.session import SessionState
 from server.store import EXPIRY_GRACE_SECONDS, StoreUnavailable
 from tests.cluster.conftest import RedisServer
 from tests.e2e.conftest import TomlValue
+from tests.helpers import until
 
 #: Bound on every wait for something another "replica" or Redis does.
 WAIT_SECONDS = 5.0
@@ -115,9 +116,7 @@ async def test_a_call_queued_on_one_manager_gets_the_slot_another_frees(shared_s
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(queued)
-            with anyio.fail_after(WAIT_SECONDS):
-                while b.metrics().queued_sessions != 1:  # noqa: ASYNC110 - another task's state, bounded
-                    await anyio.sleep(0.01)
+            await until(lambda: b.metrics().queued_sessions == 1, within=WAIT_SECONDS)
             released_at = time.monotonic()
             await a.release(held.id)
 
@@ -147,9 +146,7 @@ async def test_a_burst_of_calls_on_a_full_cluster_queues_no_more_than_max_queued
         async with anyio.create_task_group() as tg:
             for _ in range(12):
                 tg.start_soon(call)
-            with anyio.fail_after(WAIT_SECONDS):
-                while len(refusals) < 10:  # noqa: ASYNC110 - other tasks' state, bounded
-                    await anyio.sleep(0.01)
+            await until(lambda: len(refusals) >= 10, within=WAIT_SECONDS)
             queued = b.metrics().queued_sessions
             await a.release(held.id)  # the two queued calls then run, one after the other
 
