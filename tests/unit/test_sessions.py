@@ -365,9 +365,10 @@ async def test_shutdown_drains_finishing_sessions_and_cancels_the_rest_at_the_de
     for s in stuck:
         s.on_cancel = lambda s=s: cancelled_callbacks.append(s.id)
 
-    async def finish_soon() -> None:
+    async def finish_soon() -> None:  # during the drain, one after another
+        await sessions.wait_shutting_down()
         for s in finishing:
-            await anyio.sleep(0.01)
+            await anyio.lowlevel.checkpoint()
             await sessions.release(s.id)
 
     async with anyio.create_task_group() as tg:
@@ -391,8 +392,9 @@ async def test_shutdown_returns_as_soon_as_the_last_session_ends() -> None:
     sessions = manager()
     session = await sessions.create()
 
-    async def release_later() -> None:
-        await anyio.sleep(0.05)
+    async def release_later() -> None:  # during the drain
+        await sessions.wait_shutting_down()
+        await anyio.lowlevel.checkpoint()
         await sessions.release(session.id)
 
     async with anyio.create_task_group() as tg:
