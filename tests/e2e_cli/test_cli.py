@@ -38,11 +38,16 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI from the project root with a clean MCP_SESSIONS_* environment plus `env`."""
     command = [str(SCRIPT)] if script else [sys.executable, "-m", "server"]
+    return subprocess.run(
+        [*command, *args], cwd=ROOT, env=clean_env(env), input=stdin, capture_output=True, text=True, timeout=30
+    )
+
+
+def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The test's environment without MCP_SESSIONS_* overrides (they would change the config), plus `env`."""
     environ = {name: value for name, value in os.environ.items() if not name.upper().startswith("MCP_SESSIONS_")}
     environ.update(env or {})
-    return subprocess.run(
-        [*command, *args], cwd=ROOT, env=environ, input=stdin, capture_output=True, text=True, timeout=30
-    )
+    return environ
 
 
 def problems(result: subprocess.CompletedProcess[str]) -> list[str]:
@@ -596,11 +601,11 @@ def test_a_project_module_named_like_the_product_s_own_package_is_refused_saying
 
 def start_on(config: Path, **env: str) -> subprocess.Popen[str]:
     """The server started as `python -m server --config CONFIG` (stdio, its pipes the test's), with
-    `env` added to the environment: for tests that signal it while it starts."""
+    `env` added to a clean MCP_SESSIONS_* environment (as `run`'s): for tests that signal it while it starts."""
     return subprocess.Popen(
         [sys.executable, "-m", "server", "--config", str(config)],
         cwd=ROOT,
-        env={**os.environ, **env},
+        env=clean_env(env),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -616,15 +621,18 @@ def test_a_signal_while_a_tool_module_imports_stops_the_start_in_one_line(tmp_pa
     config.write_text(f'[server]\ntool_modules = ["{FIXTURES}.slow_at_import"]\n')
     with start_on(config) as process:
         assert process.stderr is not None
+        watchdog = threading.Timer(20, process.kill)  # bounds the reads below if the line never comes
+        watchdog.start()
         try:
             seen = []
-            for line in process.stderr:  # bounded: the module writes this before its 30 s wait
+            for line in process.stderr:  # the module writes this before its 30 s wait
                 seen.append(line)
                 if line.strip() == "slow_at_import: importing":
                     break
             process.send_signal(signum)
             _, rest = process.communicate(timeout=20)
         finally:
+            watchdog.cancel()
             process.kill()
     stderr = "".join(seen) + rest
     assert process.returncode == 128 + signum, stderr
