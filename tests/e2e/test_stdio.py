@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -28,6 +29,7 @@ from tests.e2e.conftest import (
     HELD_EXIT_MARGIN,
     HELD_SECONDS,
     ROOT,
+    START_SECONDS,
     ServerProcess,
     assert_held_call_answered,
     listen_through_sigterm,
@@ -473,7 +475,14 @@ def test_a_client_that_closes_only_stdout_stops_the_server_at_its_next_answer_wi
             ):
                 process.stdin.write((json.dumps(message) + "\n").encode())
             process.stdin.flush()
-            assert json.loads(process.stdout.readline())["id"] == 1  # the server is up and serving
+            watchdog = threading.Timer(START_SECONDS, process.kill)  # bounds the read: a kill ends it at EOF
+            watchdog.start()
+            try:
+                line = process.stdout.readline()
+            finally:
+                watchdog.cancel()
+            assert line, f"no answer to initialize within {START_SECONDS}s"
+            assert json.loads(line)["id"] == 1  # the server is up and serving
             process.stdout.close()
             status = process.wait(timeout=EXIT_MARGIN)
             _, stderr_bytes = process.communicate(timeout=EXIT_MARGIN)

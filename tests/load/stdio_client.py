@@ -4,7 +4,8 @@ Run as `python -m tests.load.stdio_client CONFIG`: it launches the server (`pyth
 --config CONFIG`; the server's stderr is this process's stderr), starts a `tools/call` of
 `sleep_async` for an hour (CALLS of them, one if not given: `python -m tests.load.stdio_client
 CONFIG CALLS`), asks `session_metrics` until those calls are active sessions, writes
-`ready` on stdout, and then waits for stdin to close. The test kills it with SIGKILL there, so
+`ready PID` (the server's) on stdout, and then waits for stdin to close. The set-up is bounded:
+past SETUP_SECONDS the server is killed and the client exits with an error. The test kills it with SIGKILL there, so
 the server loses its client with the call still running, as when an assistant crashes.
 """
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
+import threading
 from typing import IO, Any
 
-#: Bound on the whole setup (start the server, get the call admitted).
+#: Bound on the whole set-up (start the server, get the calls admitted).
 SETUP_SECONDS = 30.0
 
 
@@ -26,19 +27,18 @@ def send(pipe: IO[bytes], message: dict[str, Any]) -> None:
 
 
 def response(pipe: IO[bytes], request_id: int) -> dict[str, Any]:
-    """Read lines until the response to `request_id` (the server answers within the setup bound)."""
+    """Read lines until the response to `request_id` (bounded by the watchdog in `main`)."""
     for line in pipe:
         message: dict[str, Any] = json.loads(line)
         if message.get("id") == request_id:
             return message
-    raise SystemExit(f"the server closed stdout before answering request {request_id}")
-
-
-def main(config: str, calls: int) -> None:
-    deadline = time.monotonic() + SETUP_SECONDS
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "--config", config], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    raise SystemExit(
+        f"the server closed stdout before answering request {request_id} (or was killed after {SETUP_SECONDS}s)"
     )
+
+
+def set_up(server: subprocess.Popen[bytes], calls: int) -> None:
+    """Initialize, start the calls, and return once they are all active sessions."""
     assert server.stdin is not None and server.stdout is not None
     init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "doomed", "version": "0"}}
     send(server.stdin, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init})
@@ -48,17 +48,32 @@ def main(config: str, calls: int) -> None:
     for call_id in range(2, 2 + calls):
         send(server.stdin, {"jsonrpc": "2.0", "id": call_id, "method": "tools/call", "params": call})
     request_id = 2 + calls
-    while time.monotonic() < deadline:  # each round trip is one request; no sleeping
+    while True:  # each round trip is one request; no sleeping
         params = {"name": "session_metrics", "arguments": {}}
         send(server.stdin, {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params})
         metrics = response(server.stdout, request_id)["result"]["structuredContent"]
         if metrics["active_sessions"] == calls:
-            sys.stdout.write(f"ready {server.pid}\n")
-            sys.stdout.flush()
-            sys.stdin.read()  # until killed
             return
         request_id += 1
-    raise SystemExit("the calls never all became active sessions")
+
+
+def main(config: str, calls: int) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server", "--config", config], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    # Every read of the set-up waits for the server: killing it at the bound ends the read at EOF.
+    watchdog = threading.Timer(SETUP_SECONDS, server.kill)
+    watchdog.start()
+    try:
+        set_up(server, calls)
+    except BaseException:
+        server.kill()
+        raise
+    finally:
+        watchdog.cancel()
+    sys.stdout.write(f"ready {server.pid}\n")
+    sys.stdout.flush()
+    sys.stdin.read()  # until killed
 
 
 if __name__ == "__main__":
