@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -133,16 +132,6 @@ def code_of(result: CallToolResult) -> str:
 
 def text_of(result: CallToolResult) -> str:
     return " ".join(block.text for block in result.content if isinstance(block, TextContent))
-
-
-def wait_until_sync(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Block (in a worker thread context) until predicate holds; bounded. Only for thread checks."""
-    deadline = time.monotonic() + timeout
-    event = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        event.wait(0.01)
 
 
 async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
