@@ -144,13 +144,24 @@ def _past_its_deadline(session: Session, name: str, late: float) -> None:
     is answered and counted as it is; the operator is told, without blaming a tool."""
     what = "idle timeout" if session.deadline < session.hard_deadline else "deadline"
     logger.warning(
-        "Tool %r returned %.1fs after its %s, which nothing could enforce: the event loop was held meanwhile "
-        "(blocking code in an async tool, this one or another running at the time; give such code to "
-        "anyio.to_thread.run_sync or make the tool a sync one)",
+        "Tool %r returned %.1fs after its %s, which nothing could enforce: the event loop was held meanwhile (%s)",
         name,
         late,
         what,
+        _LOOP_HELD_BY_SYNC if session.needs_thread else _LOOP_HELD_BY_ASYNC,
     )
+
+
+#: What may have held the event loop, told to the operator (see `_past_its_deadline`). A sync
+#: tool's own code runs in a thread, but a generator it returns is iterated on the loop.
+_LOOP_HELD_BY_ASYNC = (
+    "blocking code in an async tool, this one or another running at the time; give such code to "
+    "anyio.to_thread.run_sync or make the tool a sync one"
+)
+_LOOP_HELD_BY_SYNC = (
+    "this sync tool's result, if it is a generator, which the SDK iterates on the event loop (return a list "
+    "instead), or blocking code in an async tool running at the time (give such code to anyio.to_thread.run_sync)"
+)
 
 
 def _error_text(result: HandlerResult) -> str:

@@ -398,6 +398,28 @@ async def test_an_async_tool_that_blocks_the_event_loop_past_its_deadline_is_ans
     ), warning
 
 
+async def test_a_sync_generator_tool_iterated_on_the_event_loop_past_its_deadline_is_warned_about_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A sync tool that yields returns its generator from the thread at once; the SDK then iterates
+    # it on the event loop, where no deadline reaches it. The warning must not send the operator
+    # looking for an async tool.
+    def yields_slowly() -> Any:  # a generator (an Iterator annotation gives the SDK no output schema)
+        for step in range(2):
+            time.sleep(0.3)
+            yield step
+
+    app, _ = build(settings(tool_timeouts={"yields_slowly": 0.2}), tools=[yields_slowly])
+    with caplog.at_level(logging.WARNING, logger="server.extension"):
+        async with Client(app) as client:
+            with anyio.fail_after(10):
+                result = await client.call_tool("yields_slowly", {})
+    assert not result.is_error, result
+    [warning] = [r.getMessage() for r in caplog.records if "after its deadline" in r.getMessage()]
+    assert warning.startswith("Tool 'yields_slowly' returned 0.") and "generator" in warning, warning
+    assert "the SDK iterates" in warning and "return a list" in warning, warning
+
+
 async def test_shutdown_counts_and_waits_for_a_call_holding_its_deadline_off() -> None:
     tool = HeldOff()
     config = settings(tool_timeouts={"held_off": 0.2})
