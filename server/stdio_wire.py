@@ -119,6 +119,10 @@ class WireSafe:
         return dumped
 
 
+#: A surrogate code point: never valid alone in text to be encoded as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _without_surrogates(value: Any) -> tuple[Any, int]:
     """`value` (JSON data) with each surrogate code point in its text replaced by U+FFFD, and how many."""
     if isinstance(value, str):
@@ -135,9 +139,6 @@ def _without_surrogates(value: Any) -> tuple[Any, int]:
         items = [_without_surrogates(item) for item in value]
         return [item for item, _ in items], sum(n for _, n in items)
     return value, 0
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _what(message: Any) -> str:
