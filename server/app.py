@@ -37,6 +37,7 @@ from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSe
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
 from server.http_shutdown import HttpShutdown
+from server.logs import serving_logger
 from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
@@ -414,7 +415,7 @@ class _UvicornServer(uvicorn.Server):
                     host, port = sock.getsockname()[:2]
             if ":" in host:
                 host = f"[{host}]"  # an IPv6 literal in a URL
-            logger.info("Serving MCP over streamable HTTP at http://%s:%s/mcp", host, port)
+            serving_logger.info("Serving MCP over streamable HTTP at http://%s:%s/mcp", host, port)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self._on_signal(sig)

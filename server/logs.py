@@ -30,6 +30,10 @@ from server.config import LoggingSettings
 from server.errors import SessionError
 
 logger = logging.getLogger("server.refusals")
+#: The line that says where the streamable HTTP server serves (its URL). The standalone server
+#: prints it at every `logging.level`: a deployment tuned to "warning" must still be told where
+#: to connect (see `configure_logging`).
+serving_logger = logging.getLogger("server.serving")
 
 #: Structured fields copied from a record's `extra` into the JSON object.
 FIELDS = ("session_id", "tool", "state", "duration_seconds", "reason", "code")
@@ -119,6 +123,9 @@ def configure_logging(settings: LoggingSettings) -> None:
     # Session-end lines have their own logger, off by default for embedding hosts (see
     # `server.session.end_logger`); the standalone server follows its configured level.
     logging.getLogger("server.sessions.ends").setLevel(settings.level.upper())
+    # The URL line is shown at every level: the records of a logger with a level of its own reach
+    # the root's handler whatever the root's level (only the handler's level, unset, would stop them).
+    serving_logger.setLevel(logging.INFO)
 
 
 def log_refusal(error: SessionError, tool: str | None = None) -> None:

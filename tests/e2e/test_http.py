@@ -9,6 +9,7 @@ its own MCP session, asserting on metric deltas); the ones that stop it start th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -80,6 +81,23 @@ async def test_the_server_prints_its_url_on_stderr_and_serves_tools(shared_http_
     assert after["total_sessions_completed"] - before["total_sessions_completed"] == 2
     assert after["tools"]["echo"]["completed"] >= 1
     assert after["limits"]["max_concurrent_sessions"] == 3
+
+
+@pytest.mark.parametrize(("level", "fmt"), [("warning", "text"), ("error", "json")])
+async def test_the_url_is_printed_at_every_logging_level(tmp_path: Path, level: str, fmt: str) -> None:
+    # DESIGN: on streamable HTTP the server prints the URL it serves on stderr. A deployment
+    # that logs only warnings must still be told where to connect; nothing else below its
+    # level is shown. `start_server` waits (bounded) for the URL on stderr before the body runs.
+    config = {**server_config(), "logging": {"level": level, "format": fmt}}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        async with server.client() as client:
+            assert text_of(await client.call_tool("echo", {"text": "here"})) == "here"
+    url_lines = [line for line in server.stderr_lines if url_of(server) in line]
+    assert len(url_lines) == 1, server.stderr
+    if fmt == "json":
+        assert json.loads(url_lines[0])["message"].endswith(url_of(server))
+    # The records below the level stay hidden: the session end of the echo call is INFO.
+    assert not any("echo" in line for line in server.stderr_lines), server.stderr
 
 
 async def test_hanging_tools_time_out_on_time_over_http(shared_http_server: ServerProcess) -> None:
