@@ -295,6 +295,8 @@ class ClusterSessionManager(SessionManager):
                 if waiter not in self._queue:
                     continue  # timed out, cancelled or refused meanwhile
                 session = waiter.session
+                if self._refuse_if_stuck(waiter):
+                    continue
                 try:
                     verdict = await self._acquire(session, final=False)
                 except SessionError as refusal:
@@ -320,19 +322,40 @@ class ClusterSessionManager(SessionManager):
                     waiter.event.set()
                 # "tool_limit": its tool is full; the calls behind it may fit
 
+    def _refuse_if_stuck(self, waiter: Waiter) -> bool:
+        """Refuse `waiter` now if it needs a thread while too many are stuck, as a new call is
+        refused (True); its turn has come, and the slot goes on to the calls behind it."""
+        with self._lock:
+            refused = waiter in self._queue and self._refuse_stuck_locked(waiter)
+        if refused:
+            waiter.event.set()
+        return refused
+
+    def _refuse_stuck_locked(self, waiter: Waiter) -> bool:
+        limits = self.limits
+        if not waiter.session.needs_thread or self._abandoned < limits.max_abandoned_threads:
+            return False
+        self._leave_queue_locked(waiter)
+        self._rejected[Refusal.THREADS] += 1
+        waiter.refusal = admission.refuse_threads(waiter.session.tool, self._abandoned, limits.max_abandoned_threads)
+        return True
+
     def _full_for_locked(self, waiter: Waiter) -> tuple[bool, bool]:
         """What kept `waiter` out, as the store last said: this replica sees only its own calls."""
         return waiter.held_by == "capacity", waiter.held_by == "tool_limit"
 
     def _hand_to(self, waiter: Waiter) -> None:
+        """Open the session Redis admitted for `waiter`; give the slot back if the waiter left
+        meanwhile, or if threads got stuck while Redis decided and it needs one."""
         with self._lock:
             still_waiting = waiter in self._queue and not self._shutting_down
-            if still_waiting:
+            refused = still_waiting and self._refuse_stuck_locked(waiter)
+            if still_waiting and not refused:
                 self._admit_waiter_locked(waiter)
         if still_waiting:
             waiter.event.set()
-        else:
-            self._send_end(waiter.session.id, SessionState.CANCELLED)  # it left while Redis admitted it
+        if refused or not still_waiting:
+            self._send_end(waiter.session.id, SessionState.CANCELLED)  # Redis admitted it: give the slot back
 
     def _refuse_waiters(self, refusal: SessionError) -> None:
         """Redis is away: queued calls are refused now rather than left to wait it out."""

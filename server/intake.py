@@ -265,15 +265,25 @@ class Intake(ManagerState):
         return waited
 
     def _hand_over_locked(self) -> list[Waiter]:
-        """Give free slots to the oldest waiters that fit; the caller wakes them after the lock."""
+        """Give free slots to the oldest waiters that fit; the caller wakes them after the lock.
+
+        A waiter that needs a thread while too many are stuck is refused on its turn, and the
+        slot it would have had goes on to the next waiter that fits."""
         free = self.limits.max_concurrent_sessions - len(self._active)
         if free <= 0 or not self._queue:
             return []
+        limits = self.limits
         caps = self.tool_caps
+        stuck = self._abandoned >= limits.max_abandoned_threads
         taken: dict[str, int] = {}
         chosen: list[Waiter] = []
+        refused: list[Waiter] = []
         for waiter in self._queue:
-            tool = waiter.session.tool
+            session = waiter.session
+            if stuck and session.needs_thread:
+                refused.append(waiter)
+                continue
+            tool = session.tool
             if tool is not None and tool in caps:
                 used = self._tool_active.get(tool, 0) + taken.get(tool, 0)
                 if used >= caps[tool]:
@@ -282,16 +292,14 @@ class Intake(ManagerState):
             chosen.append(waiter)
             if len(chosen) >= free:
                 break
-        limits = self.limits
+        for waiter in refused:
+            self._leave_queue_locked(waiter)
+            self._rejected[Refusal.THREADS] += 1
+            stuck_now, cap = self._abandoned, limits.max_abandoned_threads
+            waiter.refusal = admission.refuse_threads(waiter.session.tool, stuck_now, cap)
         for waiter in chosen:
-            session = waiter.session
-            if session.needs_thread and self._abandoned >= limits.max_abandoned_threads:
-                self._leave_queue_locked(waiter)
-                self._rejected[Refusal.THREADS] += 1
-                waiter.refusal = admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
-                continue
             self._admit_waiter_locked(waiter)
-        return chosen
+        return refused + chosen
 
     def _admit_waiter_locked(self, waiter: Waiter) -> None:
         """Take a waiter out of the queue and open its session; the caller wakes it after the lock."""

@@ -478,3 +478,38 @@ def test_settings_without_the_redis_backend_are_refused_with_the_fix() -> None:
     # Given a store explicitly, the settings' [store] is not consulted.
     manager = ClusterSessionManager(config, store=StoreSettings(backend="redis"))
     assert manager.limits.max_concurrent_sessions == 3
+
+
+async def test_a_queued_call_that_needs_a_thread_is_refused_at_its_turn_while_threads_are_stuck(
+    shared_store: dict[str, TomlValue],
+) -> None:
+    # As on one server: a call that needs a thread is not admitted while too many are stuck,
+    # queued or not. The slot the release frees goes to the async call queued behind it.
+    a = _replica(
+        shared_store, max_concurrent_sessions=1, max_queued=2, queue_timeout_seconds=30.0, max_abandoned_threads=1
+    )
+    async with _running(a):
+        held = await a.create(tool="t")
+        outcomes: dict[str, Any] = {}
+
+        async def queued(key: str, needs_thread: bool) -> None:
+            try:
+                outcomes[key] = await a.create(tool=key, needs_thread=needs_thread)
+            except SessionError as exc:
+                outcomes[key] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(queued, "sync", True)
+            await until(lambda: a.metrics().queued_sessions == 1, within=WAIT_SECONDS)
+            tg.start_soon(queued, "async", False)
+            await until(lambda: a.metrics().queued_sessions == 2, within=WAIT_SECONDS)
+            a.thread_abandoned()  # a sync call's thread runs on past its end
+            await a.release(held.id)
+            await until(lambda: len(outcomes) == 2, within=WAIT_SECONDS)
+        refused, admitted = outcomes["sync"], outcomes["async"]
+        assert isinstance(refused, SessionError) and refused.code is ErrorCode.CAPACITY_EXCEEDED
+        assert "stuck" in refused.message
+        assert not isinstance(admitted, SessionError) and admitted.state is SessionState.ACTIVE
+        assert a.metrics().sessions_rejected_threads == 1
+        await a.release(admitted.id)
+        a.thread_ended()

@@ -4,6 +4,7 @@ deadlines that understand progress."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Annotated, Any
 
@@ -191,6 +192,56 @@ async def test_a_call_cancelled_while_queued_leaves_the_queue_at_once() -> None:
         m = await metrics(client)
     assert recorder.started == ["stays"], "only the call still queued ran"
     assert (m["total_sessions_created"], m["total_sessions_cancelled"], m["queued_sessions"]) == (2, 0, 0)
+
+
+async def test_a_freed_slot_refused_to_a_queued_sync_call_for_stuck_threads_goes_to_the_next_waiter() -> None:
+    # One slot frees as a sync call times out and leaves its thread stuck. The oldest waiter is
+    # a sync call, now refused for the stuck thread; the slot goes to the async call behind it
+    # at once, not after the other slot frees or the async call's queue timeout.
+    recorder = Recorder()
+    stuck_open = threading.Event()
+
+    def stuck() -> str:
+        stuck_open.wait(timeout=60)  # bounded: a failing test leaves no thread for good
+        return "late"
+
+    def quick_sync() -> str:
+        return "never"
+
+    config = settings(
+        max_concurrent_sessions=2,
+        max_queued=4,
+        queue_timeout_seconds=30.0,
+        max_abandoned_threads=1,
+        tool_timeouts={"stuck": 0.3},
+    )
+    app, sessions = build(config, tools=[*recorder.tools(), stuck, quick_sync])
+    manager = sessions.manager
+    results: dict[str, CallToolResult] = {}
+    try:
+        async with Client(app) as client:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client.call_tool, "hold", {})
+                    await recorder.gate.entered_event.wait()
+                    tg.start_soon(_call, client, results, "stuck", "stuck", {})
+                    await until(lambda: manager.active_count == 2)
+                    tg.start_soon(_call, client, results, "sync", "quick_sync", {})
+                    await until(lambda: manager.metrics().queued_sessions == 1)
+                    tg.start_soon(_call, client, results, "async", "record", {"label": "behind"})
+                    await until(lambda: manager.metrics().queued_sessions == 2)
+                    # `hold` keeps its slot throughout: only the stuck call's slot is free.
+                    await until(lambda: "async" in results, within=5.0)
+                    m = await metrics(client)
+                    recorder.gate.open()
+    finally:
+        stuck_open.set()
+    assert code_of(results["stuck"]) == "timeout"
+    refused = error_of(results["sync"])
+    assert refused["code"] == "capacity_exceeded" and "stuck" in refused["message"]
+    assert text_of(results["async"]) == "behind" and recorder.started == ["behind"]
+    assert (m["active_sessions"], m["queued_sessions"], m["abandoned_threads"]) == (1, 0, 1)
+    assert (m["sessions_rejected_threads"], m["sessions_rejected_queue_timeout"]) == (1, 0)
 
 
 async def test_time_spent_queued_does_not_count_against_the_tools_deadline() -> None:
