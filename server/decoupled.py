@@ -158,10 +158,18 @@ class DecoupledCalls:
         bounds how many there can be (the manager refuses sync tools past it).
         """
         work.stop()
-        if not work.done and not work.abandoned:
-            work.abandoned = True
-            _thread_limiter().total_tokens += 1
-            self.manager.thread_abandoned()
+        if work.done or work.abandoned:
+            return
+        limiter = _thread_limiter()
+        # Stuck in a thread: its task holds a token of the limiter (the SDK runs sync tools and
+        # sync resolvers with `anyio.to_thread.run_sync` in the work's own task). Async work
+        # whose cancellation takes longer (a shielded clean-up) holds none: it winds down on
+        # the event loop, and is neither counted nor lent a token.
+        if work.task not in limiter.statistics().borrowers:
+            return
+        work.abandoned = True
+        limiter.total_tokens += 1
+        self.manager.thread_abandoned()
 
     def _finish(self, work: _Work, name: str) -> HandlerResult:
         session = work.session
