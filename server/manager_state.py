@@ -227,77 +227,95 @@ class ManagerState:
     def metrics(self) -> MetricsSnapshot:
         """A consistent snapshot of every counter."""
         with self._lock:
-            ended = self._ended
-            rejected = self._rejected
-            finished = sum(ended.values())
-            durations = DurationStats.merged([self._untooled_durations, *(t.durations for t in self._tools.values())])
+            return self._metrics_locked()
 
-            def rate(state: SessionState) -> float:
-                return ended[state] / finished if finished else 0.0
+    def metrics_with_histograms(self, bounds: Sequence[float]) -> tuple[MetricsSnapshot, dict[str, HistogramReading]]:
+        """`metrics()` and `duration_histograms(bounds)` read at one moment: a scrape from
+        another thread (the exporter's) shows counters and histogram counts that agree."""
+        with self._lock:
+            return self._metrics_locked(), self._histograms_locked(bounds)
 
-            return MetricsSnapshot(
-                active_sessions=len(self._active),
-                peak_concurrent_sessions=self._peak,
-                total_sessions_created=self._created,
-                total_sessions_completed=ended[SessionState.COMPLETED],
-                total_sessions_timeout=ended[SessionState.TIMEOUT],
-                total_sessions_error=ended[SessionState.ERROR],
-                total_sessions_cancelled=ended[SessionState.CANCELLED],
-                sessions_rejected_capacity=rejected[Refusal.CAPACITY],
-                sessions_rejected_metadata_size=rejected[Refusal.METADATA],
-                sessions_rejected_shutdown=rejected[Refusal.SHUTDOWN],
-                sessions_rejected_queue_timeout=rejected[Refusal.QUEUE_TIMEOUT],
-                sessions_rejected_tool_limit=rejected[Refusal.TOOL_LIMIT],
-                sessions_rejected_client_limit=rejected[Refusal.CLIENT_LIMIT],
-                sessions_rejected_threads=rejected[Refusal.THREADS],
-                sessions_rejected_store_unavailable=rejected[Refusal.STORE],
-                queued_sessions=len(self._queue),
-                queued_calls_cancelled=self._queue_cancelled,
-                queue_wait_p95=self._queue_waits.quantile(0.95),
-                max_abandoned_threads=self.limits.max_abandoned_threads,
-                shutdown_rejected_unauthorized=self._rejected_unauthorized,
-                current_metadata_bytes=self._metadata_bytes,
-                abandoned_threads=self._abandoned,
-                success_rate=rate(SessionState.COMPLETED),
-                error_rate=rate(SessionState.ERROR),
-                timeout_rate=rate(SessionState.TIMEOUT),
-                average_session_duration=durations.mean,
-                duration_p50=durations.quantile(0.50),
-                duration_p95=durations.quantile(0.95),
-                duration_p99=durations.quantile(0.99),
-                uptime_seconds=time.monotonic() - self._started_at,
-                shutdown_requested=self._shutting_down,
-                config_reloads=self._config_reloads,
-                config_reload_failures=self._config_reload_failures,
-                limits=self.limits.model_dump(),
-                tools={
-                    name: ToolMetrics(
-                        calls=s.calls,
-                        completed=s.completed,
-                        errors=s.errors,
-                        timeouts=s.timeouts,
-                        cancelled=s.cancelled,
-                        p95=s.durations.quantile(0.95),
-                        active=self._tool_active.get(name, 0),
-                        max_concurrent=self.tool_caps.get(name),
-                        rejected_tool_limit=s.rejected_tool_limit,
-                    )
-                    for name, s in self._tools.items()
-                },
-            )
+    def _metrics_locked(self) -> MetricsSnapshot:
+        ended = self._ended
+        rejected = self._rejected
+        finished = sum(ended.values())
+        durations = DurationStats.merged([self._untooled_durations, *(t.durations for t in self._tools.values())])
+
+        def rate(state: SessionState) -> float:
+            return ended[state] / finished if finished else 0.0
+
+        return MetricsSnapshot(
+            active_sessions=len(self._active),
+            peak_concurrent_sessions=self._peak,
+            total_sessions_created=self._created,
+            total_sessions_completed=ended[SessionState.COMPLETED],
+            total_sessions_timeout=ended[SessionState.TIMEOUT],
+            total_sessions_error=ended[SessionState.ERROR],
+            total_sessions_cancelled=ended[SessionState.CANCELLED],
+            sessions_rejected_capacity=rejected[Refusal.CAPACITY],
+            sessions_rejected_metadata_size=rejected[Refusal.METADATA],
+            sessions_rejected_shutdown=rejected[Refusal.SHUTDOWN],
+            sessions_rejected_queue_timeout=rejected[Refusal.QUEUE_TIMEOUT],
+            sessions_rejected_tool_limit=rejected[Refusal.TOOL_LIMIT],
+            sessions_rejected_client_limit=rejected[Refusal.CLIENT_LIMIT],
+            sessions_rejected_threads=rejected[Refusal.THREADS],
+            sessions_rejected_store_unavailable=rejected[Refusal.STORE],
+            queued_sessions=len(self._queue),
+            queued_calls_cancelled=self._queue_cancelled,
+            queue_wait_p95=self._queue_waits.quantile(0.95),
+            max_abandoned_threads=self.limits.max_abandoned_threads,
+            shutdown_rejected_unauthorized=self._rejected_unauthorized,
+            current_metadata_bytes=self._metadata_bytes,
+            abandoned_threads=self._abandoned,
+            success_rate=rate(SessionState.COMPLETED),
+            error_rate=rate(SessionState.ERROR),
+            timeout_rate=rate(SessionState.TIMEOUT),
+            average_session_duration=durations.mean,
+            duration_p50=durations.quantile(0.50),
+            duration_p95=durations.quantile(0.95),
+            duration_p99=durations.quantile(0.99),
+            uptime_seconds=time.monotonic() - self._started_at,
+            shutdown_requested=self._shutting_down,
+            config_reloads=self._config_reloads,
+            config_reload_failures=self._config_reload_failures,
+            limits=self.limits.model_dump(),
+            tools={
+                name: ToolMetrics(
+                    calls=s.calls,
+                    completed=s.completed,
+                    errors=s.errors,
+                    timeouts=s.timeouts,
+                    cancelled=s.cancelled,
+                    p95=s.durations.quantile(0.95),
+                    active=self._tool_active.get(name, 0) if name != OTHER_TOOLS else self._other_active_locked(),
+                    max_concurrent=self.tool_caps.get(name),
+                    rejected_tool_limit=s.rejected_tool_limit,
+                )
+                for name, s in self._tools.items()
+            },
+        )
 
     async def cluster_metrics(self) -> ClusterMetrics | None:
         """The cluster's totals (cluster mode, see `server.cluster`); None for a lone manager."""
         return None
 
+    def _other_active_locked(self) -> int:
+        """The running calls of the tools counted together as `OTHER_TOOLS` (those past
+        `MAX_TRACKED_TOOLS` names, which have no entry of their own)."""
+        tools = self._tools
+        return sum(active for name, active in self._tool_active.items() if name not in tools)
+
     def duration_histograms(self, bounds: Sequence[float]) -> dict[str, HistogramReading]:
         """Durations of finished sessions per tool at `bounds` (ascending seconds); sessions made
         by `session_create` under `NO_TOOL`. Tools with no finished session are left out."""
         with self._lock:
-            readings = {name: s.durations.reading(bounds) for name, s in self._tools.items() if s.durations.count}
-            if self._untooled_durations.count:
-                readings[NO_TOOL] = self._untooled_durations.reading(bounds)
-            return readings
+            return self._histograms_locked(bounds)
+
+    def _histograms_locked(self, bounds: Sequence[float]) -> dict[str, HistogramReading]:
+        readings = {name: s.durations.reading(bounds) for name, s in self._tools.items() if s.durations.count}
+        if self._untooled_durations.count:
+            readings[NO_TOOL] = self._untooled_durations.reading(bounds)
+        return readings
 
     def reset_metrics(self) -> None:
         """Start counting afresh; active sessions stay and are counted as created."""

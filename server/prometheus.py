@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from server.config import LOOPBACK_HOST_NAMES
-from server.metrics import MetricsSnapshot
+from server.metrics import HistogramReading, MetricsSnapshot
 from server.sessions import SessionManager
 
 if TYPE_CHECKING:
@@ -151,11 +151,13 @@ class SessionsCollector(Collector):
         return []  # collected only at scrape time; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        snapshot = self.manager.metrics()
+        # One reading of the counters and the histograms: a scrape from the exporter's thread
+        # runs beside the calls, and its finished counts must agree with the histogram's count.
+        snapshot, histograms = self.manager.metrics_with_histograms(self.buckets)
         yield from self._counters(snapshot)
         yield from self._gauges(snapshot)
         yield from self._per_tool(snapshot)
-        yield self._durations()
+        yield self._durations(histograms)
 
     def _counters(self, snapshot: MetricsSnapshot) -> Iterator[Metric]:
         for field, name, help_text in COUNTERS:
@@ -187,13 +189,13 @@ class SessionsCollector(Collector):
         yield calls
         yield ended
 
-    def _durations(self) -> Metric:
+    def _durations(self, histograms: dict[str, HistogramReading]) -> Metric:
         family = HistogramMetricFamily(
             PREFIX + "duration_seconds",
             "Duration of finished sessions, per tool ('(none)': sessions opened by session_create).",
             labels=["tool"],
         )
-        for tool, reading in self.manager.duration_histograms(self.buckets).items():
+        for tool, reading in histograms.items():
             counts = [*reading.buckets, reading.count]
             family.add_metric([tool], list(zip(self._bounds, counts, strict=True)), sum_value=reading.total)
         return family

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -410,3 +411,36 @@ def test_the_command_line_gives_sighup_back_when_it_returns_without_serving(
     finally:
         signal.signal(signal.SIGHUP, previous)
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_a_scrape_from_another_thread_reads_counters_and_histograms_at_one_moment() -> None:
+    # The stdio exporter scrapes from its own thread while calls end on the event loop: each
+    # scrape's finished counts must equal its histogram's count (both read under one lock).
+    manager = SessionManager(LimitsSettings(max_concurrent_sessions=10))
+    manager.end(manager.create_nowait(tool="echo"), SessionState.COMPLETED)  # the histogram has its label
+    stop = threading.Event()
+    ended = 0
+
+    def churn() -> None:
+        nonlocal ended
+        while not stop.is_set() and ended < 2_000_000:  # bounded in count as well as by `stop`
+            session = manager.create_nowait(tool="echo")
+            manager.end(session, SessionState.COMPLETED)
+            ended += 1
+
+    worker = threading.Thread(target=churn, daemon=True)
+    worker.start()
+    skewed: list[tuple[float, float]] = []
+    try:
+        for _ in range(300):
+            samples = scrape(manager)
+            finished = value(samples, "mcp_sessions_completed", "mcp_sessions_completed_total")
+            histogram = "mcp_sessions_duration_seconds"
+            counted = value(samples, histogram, histogram + "_count", tool="echo")
+            if finished != counted:
+                skewed.append((finished, counted))
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert ended > 0 and skewed == []

@@ -15,6 +15,7 @@ import pytest
 
 from server import ErrorCode, LimitsSettings, SessionError, SessionManager, SessionState, load_settings
 from server.admission import MAX_LABEL_CHARS
+from server.manager_state import MAX_TRACKED_TOOLS, OTHER_TOOLS
 from server.metrics import DurationStats, MetricsSnapshot
 from server.session import metadata_size
 from server.sessions import ID_BATCH, RECENTLY_ENDED, SIGNATURE_CHARS
@@ -569,3 +570,18 @@ async def test_the_manager_refuses_a_provider_or_model_longer_than_the_label_bou
         session = await manager.create(provider="p" * MAX_LABEL_CHARS, model="m" * MAX_LABEL_CHARS)
         assert manager.metrics().total_sessions_created == 1
         await manager.release(session.id)
+
+
+def test_the_tools_past_the_tracked_names_show_their_running_calls_under_other() -> None:
+    manager = SessionManager(LimitsSettings(max_concurrent_sessions=MAX_TRACKED_TOOLS + 100))
+    extra = 6
+    running = [manager.create_nowait(tool=f"tool{n}") for n in range(MAX_TRACKED_TOOLS + extra)]
+    tools = manager.metrics().tools
+    assert len(tools) == MAX_TRACKED_TOOLS + 1
+    assert (tools[OTHER_TOOLS].calls, tools[OTHER_TOOLS].active) == (extra, extra)
+    assert sum(t.active for t in tools.values()) == manager.metrics().active_sessions
+    for session in running:
+        manager.end(session, SessionState.COMPLETED)
+    tools = manager.metrics().tools
+    assert (tools[OTHER_TOOLS].completed, tools[OTHER_TOOLS].active) == (extra, 0)
+    assert sum(t.active for t in tools.values()) == 0
