@@ -83,15 +83,11 @@ async def test_the_cap_holds_across_two_managers_and_a_freed_slot_is_anyones(
         assert refused.value.code is ErrorCode.CAPACITY_EXCEEDED
         assert "the cluster" in refused.value.message
 
+        # A release is decided in Redis (which replica released first) before it returns, not
+        # written later through a's outbox: the slot is free for b at once.
         await a.release(first.id)
-        with anyio.fail_after(WAIT_SECONDS):
-            while True:  # the release reaches Redis through a's outbox, a moment later
-                try:
-                    third = await b.create(tool="t", queue=False)
-                    break
-                except SessionError as exc:
-                    assert exc.code is ErrorCode.CAPACITY_EXCEEDED
-                    await anyio.sleep(0.01)
+        assert a.store.unwritten_ends == 0
+        third = await b.create(tool="t", queue=False)
 
         assert third.state is SessionState.ACTIVE
         totals = await _totals(a)
