@@ -49,6 +49,21 @@ async def _totals(manager: ClusterSessionManager) -> ClusterMetrics:
     return totals
 
 
+async def _ends_written(*managers: ClusterSessionManager) -> None:
+    """Wait (bounded, in this process) until each manager's outbox has nothing left for Redis.
+
+    A session that ends here (a tool call's end, `end`, a cancelled admission) reaches Redis
+    through its manager's outbox, a round trip later; a release is decided in Redis before
+    `release` returns. `unwritten_ends` counts the ends waiting and those in a round trip that
+    has not come back (taken from the outbox and counted in flight with no yield between), so
+    at 0 Redis has run every end: the cluster totals can then be read once, and exactly."""
+    try:
+        await until(lambda: all(manager.store.unwritten_ends == 0 for manager in managers), within=WAIT_SECONDS)
+    except TimeoutError:
+        left = [manager.store.unwritten_ends for manager in managers]
+        raise AssertionError(f"session ends still unwritten after {WAIT_SECONDS}s: {left}") from None
+
+
 async def _until_cluster(manager: ClusterSessionManager, field: str, expected: int) -> ClusterMetrics:
     """Poll the cluster totals (bounded) until `field` reads `expected` (Redis may be coming back)."""
     with anyio.fail_after(WAIT_SECONDS):
@@ -118,8 +133,9 @@ async def test_a_call_queued_on_one_manager_gets_the_slot_another_frees(shared_s
 
         assert len(admitted) == 1 and admitted[0] >= released_at
         assert b.metrics().queued_sessions == 0
-        totals = await _until_cluster(a, "active_sessions", 0)
-        assert totals.total_sessions_created == 2 and totals.total_sessions_completed == 2
+        await _ends_written(a, b)
+        totals = await _totals(a)
+        assert (totals.active_sessions, totals.total_sessions_created, totals.total_sessions_completed) == (0, 2, 2)
 
 
 async def test_a_burst_of_calls_on_a_full_cluster_queues_no_more_than_max_queued(
@@ -149,8 +165,9 @@ async def test_a_burst_of_calls_on_a_full_cluster_queues_no_more_than_max_queued
         assert queued == 2
         assert len(refusals) == 10 and all(r.code is ErrorCode.CAPACITY_EXCEEDED for r in refusals)
         assert all("its queue holds 2 of 2 waiting calls (limits.max_queued)" in r.message for r in refusals)
-        totals = await _until_cluster(a, "active_sessions", 0)
-        assert (totals.total_sessions_created, totals.sessions_rejected_capacity) == (3, 10)
+        await _ends_written(a, b)
+        totals = await _totals(a)
+        assert (totals.active_sessions, totals.total_sessions_created, totals.sessions_rejected_capacity) == (0, 3, 10)
         assert b.metrics().sessions_rejected_capacity == 10
 
 
@@ -282,8 +299,9 @@ async def test_a_tool_call_s_session_is_not_released_by_a_client_through_any_man
         assert "pass the whole session_id" in said[0], said
         released = await b.release(made.id, tool_calls=False)
         assert released.state is SessionState.COMPLETED
-        totals = await _until_cluster(b, "active_sessions", 0)
-        assert totals.total_sessions_completed == 2
+        await _ends_written(a, b)
+        totals = await _totals(b)
+        assert (totals.active_sessions, totals.total_sessions_completed) == (0, 2)
         _accounts(totals)
 
 
@@ -402,8 +420,9 @@ async def test_session_ends_made_while_redis_hangs_are_written_when_it_answers(o
             assert refused.value.code is ErrorCode.STORE_UNAVAILABLE
         finally:
             own_redis.resume()
-        totals = await _until_cluster(a, "active_sessions", 0)
-        assert (totals.total_sessions_completed, totals.total_sessions_error) == (1, 1)
+        await _ends_written(a)  # the outbox retries, with a back-off, until Redis takes them
+        totals = await _totals(a)
+        assert (totals.active_sessions, totals.total_sessions_completed, totals.total_sessions_error) == (0, 1, 1)
         # The refused admission timed out on its way but ran once Redis woke up: it was admitted
         # there and at once ended as cancelled, or found the mark its end left and was not.
         assert (totals.total_sessions_created, totals.total_sessions_cancelled) in ((3, 1), (4, 2))
