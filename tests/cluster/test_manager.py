@@ -5,9 +5,10 @@ the same through real servers)."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -62,6 +63,42 @@ async def _ends_written(*managers: ClusterSessionManager) -> None:
     except TimeoutError:
         left = [manager.store.unwritten_ends for manager in managers]
         raise AssertionError(f"session ends still unwritten after {WAIT_SECONDS}s: {left}") from None
+
+
+#: What a manager logs once Redis, back empty, has registered its sessions again (`_reconcile`).
+REGISTERED_AGAIN = "registered them again"
+
+
+@contextmanager
+def _registered_again() -> Iterator[anyio.Event]:
+    """An event set when a manager logs that Redis, back empty, has its sessions again: the
+    manager notices the new epoch (housekeeping) or its reconnected pub/sub listener catches up,
+    registers them in one script, and logs once Redis has answered."""
+    registered = anyio.Event()
+
+    class Registered(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if REGISTERED_AGAIN in record.getMessage():
+                registered.set()
+
+    handler = Registered(logging.WARNING)
+    cluster_logger = logging.getLogger("server.cluster")
+    level = cluster_logger.level
+    cluster_logger.setLevel(logging.WARNING)  # whatever another test left the root logger at
+    cluster_logger.addHandler(handler)
+    try:
+        yield registered
+    finally:
+        cluster_logger.removeHandler(handler)
+        cluster_logger.setLevel(level)
+
+
+async def _wait_registered_again(registered: anyio.Event) -> None:
+    try:
+        with anyio.fail_after(WAIT_SECONDS):
+            await registered.wait()
+    except TimeoutError:
+        raise AssertionError(f"no manager registered its sessions again within {WAIT_SECONDS}s") from None
 
 
 async def _until_cluster(manager: ClusterSessionManager, field: str, expected: int) -> ClusterMetrics:
@@ -342,20 +379,18 @@ async def test_redis_away_refuses_fast_and_everything_resumes(own_redis: RedisSe
         down = await a.cluster_metrics()
         assert not down.available and down.error and own_redis.url in down.error
 
-        own_redis.start()  # the same port, empty
-        with anyio.fail_after(WAIT_SECONDS):
-            while True:
-                try:
-                    after = await a.create(tool="t")
-                    break
-                except SessionError as exc:
-                    assert exc.code is ErrorCode.STORE_UNAVAILABLE
-                    await anyio.sleep(0.05)
-        await _until_cluster(a, "active_sessions", 2)  # `held` is registered again in the empty Redis
+        with _registered_again() as registered:
+            own_redis.start()  # the same port, empty; it answers PING when this returns
+            after = await a.create(tool="t")  # admitted at once: nothing waits for a back-off
+            await _wait_registered_again(registered)  # `held`, in the empty Redis
+        totals = await _totals(a)
+        assert (totals.active_sessions, totals.total_sessions_created) == (2, 2)
         await a.release(after.id)
         await a.release(held.id)
-        totals = await _until_cluster(a, "total_sessions_completed", 2)
-        assert totals.active_sessions == 0
+        await _ends_written(a)
+        totals = await _totals(a)
+        assert (totals.total_sessions_completed, totals.active_sessions) == (2, 0)
+        _accounts(totals)
 
 
 async def test_a_session_held_past_its_deadline_is_registered_again_when_redis_comes_back_empty(
@@ -373,17 +408,20 @@ async def test_a_session_held_past_its_deadline_is_registered_again_when_redis_c
             await asked_to_stop.wait()
         assert a.get(held.id) is held and held.state is SessionState.ACTIVE
 
-        own_redis.stop()
-        own_redis.start()  # the same port, empty
-        registered = await _until_cluster(b, "active_sessions", 1)
+        with _registered_again() as registered:
+            own_redis.stop()
+            own_redis.start()  # the same port, empty
+            await _wait_registered_again(registered)
+        assert (await _totals(b)).active_sessions == 1
         with pytest.raises(SessionError) as full:
             await b.create(queue=False)
         assert full.value.code is ErrorCode.CAPACITY_EXCEEDED, full.value
 
-        assert a.end(held, SessionState.TIMEOUT, "stopped late")
-        await _until_cluster(b, "active_sessions", 0)
+        assert a.end(held, SessionState.TIMEOUT, "stopped late")  # written through a's outbox
+        await _ends_written(a)
+        totals = await _totals(b)
+        assert (totals.active_sessions, totals.total_sessions_timeout) == (0, 1)
         await b.create(queue=False)
-    assert registered.active_sessions == 1
 
 
 async def test_an_overdue_session_its_live_replica_no_longer_runs_is_ended_in_the_store(
@@ -434,12 +472,15 @@ async def test_sessions_redis_lost_are_registered_again(own_redis: RedisServer) 
     a = _replica(store, max_concurrent_sessions=5)
     async with _running(a):
         kept = await a.create(tool="t", timeout_seconds=30)
-        own_redis.restart()  # back empty: the cluster no longer counts `kept`
-        totals = await _until_cluster(a, "active_sessions", 1)
-        assert totals.tools["t"].active == 1
+        with _registered_again() as registered:
+            own_redis.restart()  # back empty: the cluster no longer counts `kept`
+            await _wait_registered_again(registered)
+        totals = await _totals(a)
+        assert (totals.active_sessions, totals.tools["t"].active) == (1, 1)
         await a.release(kept.id)
-        totals = await _until_cluster(a, "active_sessions", 0)
-        assert totals.total_sessions_completed == 1
+        await _ends_written(a)
+        totals = await _totals(a)
+        assert (totals.active_sessions, totals.total_sessions_completed) == (0, 1)
         _accounts(totals)
 
 
