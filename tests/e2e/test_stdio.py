@@ -242,13 +242,20 @@ async def test_hanging_async_and_sync_tools_get_a_timeout_on_time_and_the_server
 
 
 async def test_past_max_abandoned_threads_sync_tools_are_refused_at_once_async_ones_served(tmp_path: Path) -> None:
-    config = server_config(limits={"max_abandoned_threads": 1})
+    # echo's own deadline, so that "at once" is told from "after its timeout" with seconds to
+    # spare either way: a refusal at once is one stdio round trip (milliseconds, well under a
+    # second on a loaded machine), one that came at echo's deadline takes all of it.
+    echo_timeout = 6.0
+    config = server_config(limits={"max_abandoned_threads": 1}, tools={"echo": {"timeout_seconds": echo_timeout}})
     async with start_server(tmp_path, config) as server:
         async with server.client() as client:
             assert code_of(await client.call_tool("hang_sync", {})) == "timeout"
             started = time.monotonic()
             refused = await client.call_tool("echo", {"text": "needs a thread"})  # echo is sync
-            assert time.monotonic() - started < 0.5, "refused at once, not after a timeout"
+            elapsed = time.monotonic() - started
+            assert elapsed < echo_timeout / 2, (
+                f"refused at once, not after echo's {echo_timeout}s timeout: {elapsed:.2f}s"
+            )
             assert code_of(await client.call_tool("hang_async", {})) == "timeout"  # async: still admitted
             m = await metrics(client)
         await server.close_stdin()
