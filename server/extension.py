@@ -66,7 +66,7 @@ from server.sdk_seams import (
     tool_names,
 )
 from server.session import SessionState
-from server.sessions import SessionManager
+from server.sessions import SessionManager, checked_drain_timeout
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import (
     MANAGEMENT_TOOLS,
@@ -361,8 +361,15 @@ class SessionsExtension(DecoupledCalls, Extension):
 
         A call made while a shutdown runs, or after it, joins it and returns its report; only
         the call that ran it logs the summary and notifies the listeners (once per shutdown).
+
+        Raises:
+            TypeError, ValueError: `timeout_seconds` is neither None (`shutdown.timeout_seconds`)
+                nor a finite number of seconds >= 0; nothing has changed (calls are still admitted).
         """
-        timeout = self.config.shutdown.timeout_seconds if timeout_seconds is None else timeout_seconds
+        if timeout_seconds is None:
+            timeout = self.config.shutdown.timeout_seconds
+        else:
+            timeout = checked_drain_timeout(timeout_seconds, "timeout_seconds")
         report = await self.manager.shutdown(timeout)
         # The manager hands every joining call the same report object: the first call back
         # with it (the one that ran the shutdown, which resumes first) announces it.

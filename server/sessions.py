@@ -31,6 +31,7 @@ from __future__ import annotations
 import heapq
 import hmac
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
@@ -63,6 +64,23 @@ _ERROR = SessionState.ERROR
 _TIMEOUT = SessionState.TIMEOUT
 _monotonic = time.monotonic
 _INFO = logging.INFO
+
+
+def checked_drain_timeout(value: object, name: str) -> float:
+    """`value` as a drain deadline in seconds: a finite int or float >= 0 (not a bool).
+
+    Raises:
+        TypeError: `value` is not a number (a string, a bool, None, ...).
+        ValueError: `value` is NaN, infinite or negative.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name} must be a number of seconds (an int or a float, finite and >= 0), "
+            f"got {type(value).__name__}: {value!r:.80}"
+        )
+    if not 0 <= value < math.inf:  # NaN fails both comparisons
+        raise ValueError(f"{name} must be a finite number of seconds >= 0 (0: cancel at once), got {value!r}")
+    return float(value)
 
 
 def runs_a_call(session_id: str) -> SessionError:
@@ -454,12 +472,28 @@ class SessionManager(Intake):
         `server_shutdown`): the caller's cancellation takes effect when the drain is over, at
         most `timeout` seconds on, since a shutdown left half-way would admit nothing, cancel
         nothing and leave every later call waiting for its report.
+
+        Raises:
+            TypeError, ValueError: `timeout` is not a finite number of seconds >= 0 (checked
+                before anything changes: the manager still admits).
         """
-        if self._shutdown_done is not None:
+        timeout = checked_drain_timeout(timeout, "timeout")
+        while self._shutdown_done is not None:  # one runs, or ran: join it
             await self._shutdown_done.wait()
             if self._report is not None:
                 return self._report
-        self._shutdown_done = anyio.Event()
+            # It failed before its report (it raised to its caller): run it again, as the first.
+        self._shutdown_done = done = anyio.Event()
+        try:
+            return await self._run_shutdown(timeout)
+        finally:
+            if self._report is None:
+                # It raised: let the next call run it again rather than wait for a report that
+                # never comes. Those waiting now wake, and the first of them does.
+                self._shutdown_done = None
+            done.set()
+
+    async def _run_shutdown(self, timeout: float) -> ShutdownReport:  # noqa: ASYNC109 - a drain deadline
         started = time.monotonic()
         if self._shutdown_begun is not None:
             self._shutdown_begun.set()
@@ -495,5 +529,4 @@ class SessionManager(Intake):
             timeout_reached=bool(left),
             total_sessions_at_shutdown=total,
         )
-        self._shutdown_done.set()
         return self._report
