@@ -54,6 +54,7 @@ from server.config_loader import load_settings
 from server.deadline import LateScope, deadline_scope
 from server.decoupled import DecoupledCalls
 from server.errors import EXTENSION_ID, ErrorCode, SessionError, describe, error_result
+from server.host_checks import require_settings
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.outcomes import LATE, THREAD_LEFT_RUNNING, completed, failed, not_running, stopped
@@ -113,8 +114,10 @@ class SessionsExtension(DecoupledCalls, Extension):
 
         Raises:
             ConfigError: with no `settings`, an environment variable is wrong (each problem named).
+            TypeError: `settings` is not a `Settings` (a path, a dict, a `LimitsSettings`): the
+                message says how to make one (`load_settings(path)`, `Settings(limits=...)`).
         """
-        self.config = settings if settings is not None else load_settings()
+        self.config = require_settings(settings, "SessionsExtension()") if settings is not None else load_settings()
         self.manager = manager if manager is not None else make_manager(self.config)
         self._running = False
         self._app: Any = None
@@ -174,9 +177,15 @@ class SessionsExtension(DecoupledCalls, Extension):
         """Use `settings` from now on (a config reload): new calls get its limits and per-tool
         deadlines, caps and idle timeouts; running sessions keep theirs. Raising a cap admits
         queued calls that now fit; lowering one ends nothing (admission waits below it). Clients that
-        connect from now on see the new limits in the extension's advertised `settings`."""
-        self.config = settings
+        connect from now on see the new limits in the extension's advertised `settings`.
+
+        Raises:
+            TypeError: `settings` is not a `Settings` (a `LimitsSettings`, a dict, None): the
+                settings in force stay as they were.
+        """
+        settings = require_settings(settings, "apply_settings()")
         self.manager.set_limits(settings.limits, settings.tool_caps())
+        self.config = settings  # only now: a call never sees settings the manager refused
         self._advertise()
         if self._running:
             self._warn_unmatched_tool_tables()
