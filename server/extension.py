@@ -54,7 +54,7 @@ from server.config_loader import load_settings
 from server.deadline import LateScope, deadline_scope
 from server.decoupled import DecoupledCalls
 from server.errors import EXTENSION_ID, ErrorCode, SessionError, describe, error_result
-from server.host_checks import require_settings
+from server.host_checks import describe_server, require_server, require_settings, warn_if_not_listed
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.outcomes import LATE, THREAD_LEFT_RUNNING, completed, failed, not_running, stopped
@@ -232,9 +232,15 @@ class SessionsExtension(DecoupledCalls, Extension):
         in-process `Client`), so lifespans may overlap: the first one in starts the runtime, the
         others join it, and the last one out stops it, whatever order they leave in.
 
+        `app` None (`sessions.lifespan()`) runs it without a server: every call is then handled
+        as a sync tool's. An `MCPServer` that does not list this extension in its
+        `extensions=[...]` is warned about (its calls would get no session).
+
         Raises:
             RuntimeError: the runtime already runs for another server (one extension serves one),
                 or the event loop is not asyncio's (anyio's trio backend, say).
+            TypeError: `app` is neither None nor an `MCPServer` (a Starlette app, the lowlevel
+                server): nothing is started.
         """
         try:
             asyncio.get_running_loop()
@@ -243,11 +249,15 @@ class SessionsExtension(DecoupledCalls, Extension):
                 "SessionsExtension needs anyio's asyncio backend (its deadlines and decoupled work use asyncio "
                 "tasks), and this server runs on another one: run it with anyio.run(..., backend='asyncio')"
             ) from None
+        require_server(app)
         with anyio.CancelScope(shield=True):  # a cancelled enter must not leave the count wrong
             async with self._lifecycle:
                 if self._lifespans and app is not self._app:
                     raise RuntimeError(
-                        "this SessionsExtension already runs for another server: give each server its own"
+                        f"this SessionsExtension already runs for {describe_server(self._app)}, and its lifespan "
+                        f"was entered for {describe_server(app)}: one extension serves one server; give each "
+                        "server its own, and enter its lifespan with that server (what "
+                        "MCPServer(..., lifespan=sessions.lifespan) passes)"
                     )
                 if not self._lifespans:
                     await self._start(app)
@@ -266,6 +276,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         """Run the manager (`SessionManager.running`) in a task of the extension's own, so that it
         outlives the lifespan that started it; take `tools/call` over. Raises what starting the
         manager raised (e.g. the store is unreachable), with nothing started."""
+        warn_if_not_listed(self, app, logger)
         self._app = app
         self._get_tool = registry_lookup(app)
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -13,12 +13,16 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 
+from mcp.server.extension import Extension
+from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel
 
 from server.config import Settings, ToolSettings
+from server.sdk_seams import listed_extensions
 
 #: How to build a `Settings` (what the TypeErrors below suggest).
 _HOW = "load_settings(path) for a TOML file, load_settings() for the defaults and MCP_SESSIONS_* variables"
@@ -56,3 +60,57 @@ def _settings_field(section: BaseModel) -> str | None:
     if isinstance(section, ToolSettings):
         return "tools"
     return None
+
+
+def require_server(app: object) -> None:
+    """Refuse, for `SessionsExtension.lifespan(app)`, an `app` that is neither None nor an
+    `MCPServer`: a Starlette app, the lowlevel server, a string. The extension reads the
+    server's tool registry and serves its `tools/call`; with anything else it could do neither."""
+    if app is None or isinstance(app, MCPServer):
+        return
+    raise TypeError(
+        f"sessions.lifespan(app) takes the MCPServer the extension is installed in, got {kind(app)}: {app!r:.80}. "
+        "Pass that MCPServer: MCPServer(..., lifespan=sessions.lifespan) does, and from your own lifespan "
+        "(a Starlette app's included) enter sessions.lifespan(mcp_server), where mcp_server is the MCPServer "
+        "whose app you mount; or enter sessions.lifespan() with no app, to run without the server's registry"
+    )
+
+
+def describe_server(app: object) -> str:
+    """`app` for a message: "the MCPServer 'my-tools'", "a starlette.applications.Starlette", "no app"."""
+    if app is None:
+        return "no app (sessions.lifespan())"
+    if isinstance(app, MCPServer):
+        return f"the {type(app).__name__} {app.name!r}"
+    return f"a {kind(app)}"
+
+
+def warn_if_not_listed(extension: Extension, app: object, logger: logging.Logger) -> None:
+    """Warn when `app`, an `MCPServer` whose lifespan runs `extension`'s, does not list
+    `extension` in its `extensions=[...]`: it then contributes no tools and sees no call, so no
+    call gets a session or a deadline. Only warned, not refused: a host may serve `tools/call`
+    with the extension's `handle_tool_call` by its own means."""
+    if not isinstance(app, MCPServer):
+        return
+    listed = listed_extensions(app)
+    if listed is None or any(other is extension for other in listed):
+        return  # an SDK that keeps them elsewhere: nothing to tell
+    name = type(extension).__name__
+    twin = next((other for other in listed if other.identifier == extension.identifier), None)
+    if twin is not None:
+        logger.warning(
+            "The lifespan of %s runs a %s the server does not list: it lists another one (%r), so this "
+            "one sees no call and its limits apply to nothing. Pass the same object to both: "
+            "MCPServer(..., extensions=[sessions], lifespan=sessions.lifespan)",
+            describe_server(app),
+            name,
+            twin,
+        )
+        return
+    logger.warning(
+        "The lifespan of %s runs a %s that is not in the server's extensions: its tool calls get no "
+        "session and no deadline, and the session tools are missing. Add it: "
+        "MCPServer(..., extensions=[sessions], lifespan=sessions.lifespan)",
+        describe_server(app),
+        name,
+    )

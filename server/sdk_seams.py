@@ -8,6 +8,8 @@ API, kept here so that an SDK upgrade has one place to check:
 - `sdk_interceptor_chain` and `intercepts`: recognising the `tools/call` handler that the SDK's
   `compose_tool_call_handler` built; `serve_tool_calls`: taking this extension's link out of it,
   and serving `tools/call` in its place (`SessionsExtension.take_over_tool_calls`);
+- `listed_extensions`: the extensions a server was built with (to tell a host that wired the
+  lifespan but left the extension out of `extensions=[...]`);
 - `request_client`: who is calling (`SessionsExtension.client_of`), from the HTTP request's
   headers or the stream a connection talks over;
 - `progress_session`: a copy of the request's `ServerSession` that sees the tool's progress;
@@ -68,6 +70,15 @@ def tool_names(app: Any) -> list[str]:
     if not isinstance(tool_manager, ToolManager):
         return []
     return sorted(tool.name for tool in tool_manager.list_tools())
+
+
+def listed_extensions(app: Any) -> list[Extension] | None:
+    """The extensions `app` (an `MCPServer`) was built with (its `extensions=[...]`); None where
+    it keeps them otherwise. `MCPServer` fixes them at construction, in `_extensions`."""
+    listed = getattr(app, "_extensions", None)
+    if not isinstance(listed, list):
+        return None
+    return listed
 
 
 def intercepts(extension: Extension) -> bool:

@@ -4,19 +4,25 @@ wrong kind are refused where they are passed (the constructor, `apply_settings`,
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from mcp import Client
+from mcp.server.mcpserver import MCPServer
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from server import SessionManager, SessionsExtension
 from server.config import LimitsSettings, ToolSettings
 from server.session import Session
-from tests.helpers import build, code_of, settings, text_of
+from tests.helpers import build, code_of, echo, hang_async, settings, text_of
 
 BAD_TIMEOUTS: list[tuple[Any, type[Exception], str]] = [
     (math.nan, ValueError, "finite number of seconds >= 0"),
@@ -119,3 +125,107 @@ async def test_apply_settings_refuses_what_is_not_a_settings_and_keeps_the_setti
         sessions.apply_settings(settings(max_concurrent_sessions=9))
         limits = (await client.call_tool("session_metrics", {})).structured_content["limits"]
     assert limits["max_concurrent_sessions"] == 9
+
+
+def not_a_server(kind: str, app: MCPServer[Any]) -> object:
+    if kind == "starlette":
+        return Starlette(routes=[Mount("/", app=app.streamable_http_app())])
+    if kind == "lowlevel":
+        return app._lowlevel_server
+    return "app"
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [
+        ("starlette", "starlette.applications.Starlette"),
+        ("lowlevel", "mcp.server.lowlevel.server.Server"),
+        ("text", "str: 'app'"),
+    ],
+)
+async def test_the_lifespan_refuses_an_app_that_is_not_the_mcp_server(kind: str, named: str) -> None:
+    app, sessions = build()
+    wrong = not_a_server(kind, app)
+    with pytest.raises(TypeError, match=re.escape(f"takes the MCPServer the extension is installed in, got {named}")):
+        async with sessions.lifespan(wrong):
+            pass  # pragma: no cover - never entered
+    assert not sessions.ready
+    async with Client(app) as client:  # nothing was left started: the right app starts it
+        assert text_of(await client.call_tool("echo", {"text": "served"})) == "served"
+
+
+async def test_a_starlette_lifespan_that_passes_its_own_app_is_told_to_pass_the_mcp_server() -> None:
+    app, sessions = build()
+
+    @asynccontextmanager
+    async def host_lifespan(star: Starlette) -> AsyncIterator[None]:
+        async with sessions.lifespan(star), app.session_manager.run():
+            yield  # pragma: no cover - never entered
+
+    star = Starlette(routes=[Mount("/", app=app.streamable_http_app())], lifespan=host_lifespan)
+    with pytest.raises(TypeError, match=r"got starlette\.applications\.Starlette.*sessions\.lifespan\(mcp_server\)"):
+        async with star.router.lifespan_context(star):
+            pass  # pragma: no cover - never entered
+
+
+async def test_the_lifespan_with_no_app_still_runs_the_sessions() -> None:
+    sessions = SessionsExtension(settings(tool_timeouts={"hang_async": 0.2}))
+
+    @asynccontextmanager
+    async def host_lifespan(app: MCPServer[Any]) -> AsyncIterator[dict[str, Any]]:
+        async with sessions.lifespan() as state:
+            yield state
+
+    app: MCPServer[Any] = MCPServer("no-app", extensions=[sessions], lifespan=host_lifespan)
+    app.add_tool(echo)
+    app.add_tool(hang_async)
+    async with Client(app) as client:
+        assert text_of(await client.call_tool("echo", {"text": "ok"})) == "ok"
+        assert code_of(await client.call_tool("hang_async", {})) == "timeout"
+
+
+async def test_one_extension_entered_for_two_servers_names_both_in_its_refusal() -> None:
+    app, sessions = build()
+    other: MCPServer[Any] = MCPServer("other")
+    async with Client(app):
+        with pytest.raises(RuntimeError) as raised:
+            async with sessions.lifespan(other):
+                pass  # pragma: no cover - never entered
+    message = str(raised.value)
+    assert "already runs for the MCPServer 'test-server'" in message, message
+    assert "entered for the MCPServer 'other'" in message and "give each server its own" in message
+
+
+async def test_a_server_that_runs_the_lifespan_but_lists_no_extension_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sessions = SessionsExtension(settings())
+    app: MCPServer[Any] = MCPServer("forgot", lifespan=sessions.lifespan)
+    app.add_tool(echo)
+    with caplog.at_level(logging.WARNING, logger="server.extension"):
+        async with Client(app) as client:
+            assert text_of(await client.call_tool("echo", {"text": "ok"})) == "ok"
+    [warning] = [r.getMessage() for r in caplog.records if "not in the server's extensions" in r.getMessage()]
+    assert "the MCPServer 'forgot'" in warning and "MCPServer(..., extensions=[sessions]" in warning
+    assert sessions.manager.metrics().total_sessions_created == 0  # what the warning is about
+
+
+async def test_a_server_that_lists_another_sessions_extension_than_its_lifespan_runs_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    listed = SessionsExtension(settings())
+    running = SessionsExtension(settings())
+    app: MCPServer[Any] = MCPServer("mixed", extensions=[listed], lifespan=running.lifespan)
+    with caplog.at_level(logging.WARNING, logger="server.extension"):
+        async with Client(app):
+            pass
+    [warning] = [r.getMessage() for r in caplog.records if "it lists another one" in r.getMessage()]
+    assert "Pass the same object to both" in warning
+
+
+async def test_a_server_wired_the_readme_way_is_not_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    app, _ = build()
+    with caplog.at_level(logging.WARNING, logger="server.extension"):
+        async with Client(app) as client:
+            assert text_of(await client.call_tool("echo", {"text": "ok"})) == "ok"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
