@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -54,7 +53,14 @@ from server.config_loader import load_settings
 from server.deadline import LateScope, deadline_scope
 from server.decoupled import DecoupledCalls
 from server.errors import EXTENSION_ID, ErrorCode, SessionError, describe, error_result
-from server.host_checks import describe_server, require_server, require_settings, warn_if_not_listed
+from server.host_checks import (
+    describe_server,
+    is_async_callable,
+    kind,
+    require_server,
+    require_settings,
+    warn_if_not_listed,
+)
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
 from server.outcomes import LATE, THREAD_LEFT_RUNNING, completed, failed, not_running, stopped
@@ -367,11 +373,18 @@ class SessionsExtension(DecoupledCalls, Extension):
         async work to do starts a task for it.
 
         Raises:
-            TypeError: `listener` is a coroutine function (it would be called, never awaited).
+            TypeError: `listener` is not callable, or calling it makes a coroutine (an `async def`
+                function, a partial of one, an object whose `__call__` is one): it would be
+                called, never awaited.
         """
-        if inspect.iscoroutinefunction(listener):
+        if not callable(listener):
             raise TypeError(
-                f"exit listeners are called synchronously, so {listener!r} (async) would never run: "
+                f"add_exit_listener takes a function to call with the ShutdownReport, got {kind(listener)}: "
+                f"{listener!r:.80}"
+            )
+        if is_async_callable(listener):
+            raise TypeError(
+                f"exit listeners are called synchronously, so {listener!r:.80} (async) would never run: "
                 "pass a plain function, which may start a task for the async work"
             )
         self._exit_listeners.append(listener)

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -60,6 +62,18 @@ def _settings_field(section: BaseModel) -> str | None:
     if isinstance(section, ToolSettings):
         return "tools"
     return None
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether calling `fn` makes a coroutine: an `async def` function or method, a partial of
+    one, or an object whose `__call__` is one."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if inspect.isroutine(fn) or isinstance(fn, type):
+        return False  # a plain function or method, or a class (calling it builds an instance)
+    return inspect.iscoroutinefunction(inspect.getattr_static(type(fn), "__call__", None))
 
 
 def require_server(app: object) -> None:

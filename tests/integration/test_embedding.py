@@ -4,10 +4,11 @@ wrong kind are refused where they are passed (the constructor, `apply_settings`,
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from mcp.server.mcpserver import MCPServer
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from server import SessionManager, SessionsExtension
+from server import SessionManager, SessionsExtension, ShutdownReport
 from server.config import LimitsSettings, ToolSettings
 from server.session import Session
 from tests.helpers import build, code_of, echo, hang_async, settings, text_of
@@ -229,3 +230,58 @@ async def test_a_server_wired_the_readme_way_is_not_warned_about(caplog: pytest.
         async with Client(app) as client:
             assert text_of(await client.call_tool("echo", {"text": "ok"})) == "ok"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def notify_async(report: ShutdownReport, who: str) -> None:
+    raise AssertionError("never called")  # pragma: no cover
+
+
+class AsyncNotifier:
+    async def __call__(self, report: ShutdownReport) -> None:
+        raise AssertionError("never called")  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    ("listener", "says"),
+    [
+        (None, "takes a function to call with the ShutdownReport, got NoneType"),
+        ("print", "takes a function to call with the ShutdownReport, got str"),
+        (notify_async, r"\(async\) would never run"),
+        (functools.partial(notify_async, who="ops"), r"\(async\) would never run"),
+        (AsyncNotifier(), r"\(async\) would never run"),
+        (functools.partial(AsyncNotifier()), r"\(async\) would never run"),
+    ],
+)
+async def test_add_exit_listener_refuses_what_it_could_not_call_and_the_shutdown_still_runs(
+    listener: Any, says: str
+) -> None:
+    app, sessions = build()
+    called: list[ShutdownReport] = []
+    with pytest.raises(TypeError, match=says):
+        sessions.add_exit_listener(listener)
+    sessions.add_exit_listener(called.append)  # a plain callable is still taken
+    async with Client(app) as client:
+        with anyio.fail_after(5):
+            result = await client.call_tool("server_shutdown", {"timeout_seconds": 0})
+    assert not result.is_error, text_of(result)  # the refused listener was never added
+    assert len(called) == 1
+
+
+def test_add_exit_listener_takes_plain_callables() -> None:
+    class Notifier:
+        def __call__(self, report: ShutdownReport) -> None:
+            pass  # pragma: no cover
+
+    def notify(report: ShutdownReport, who: str) -> None:
+        pass  # pragma: no cover
+
+    sessions = SessionsExtension(settings())
+    listeners: list[Callable[[ShutdownReport], None]] = [
+        Notifier(),
+        functools.partial(notify, who="ops"),
+        lambda report: None,
+        Notifier().__call__,
+    ]
+    for listener in listeners:
+        sessions.add_exit_listener(listener)
+    assert sessions._exit_listeners == listeners
