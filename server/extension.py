@@ -78,6 +78,7 @@ from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import (
     MANAGEMENT_TOOLS,
     SESSION_TOOL_TABLE,
+    is_session_tool,
     session_tool_bindings,
     unknown_arguments,
     with_error_code,
@@ -483,17 +484,18 @@ class SessionsExtension(DecoupledCalls, Extension):
         name = params.name
         get_tool = self._get_tool
         if name in MANAGEMENT_TOOLS:
-            if name == "session_create" and not self._running:
-                return not_running(name)  # nothing would expire the session
             entry = get_tool(name) if get_tool is not None else None
-            if get_tool is not None and entry is None:
-                return await handler(ctx, params)  # the host removed it: the SDK answers "unknown tool"
-            unknown = unknown_arguments(entry, params.arguments)
-            if unknown:  # the SDK would drop them: a misspelt `timeout_seconds` must not become the default
-                error = SessionError(ErrorCode.INVALID_ARGUMENT, unknown, tool=name)
-                log_refusal(error)
-                return error_result(error)
-            return with_error_code(await handler(ctx, params), name, entry, params.arguments)
+            # Unless the host removed it (None: the SDK answers "unknown tool") or registered a
+            # tool of its own under its name (a hosted call, below).
+            if get_tool is None or is_session_tool(entry):
+                if name == "session_create" and not self._running:
+                    return not_running(name)  # nothing would expire the session
+                unknown = unknown_arguments(entry, params.arguments)
+                if unknown:  # the SDK would drop them: a misspelt `timeout_seconds` must not become the default
+                    error = SessionError(ErrorCode.INVALID_ARGUMENT, unknown, tool=name)
+                    log_refusal(error)
+                    return error_result(error)
+                return with_error_code(await handler(ctx, params), name, entry, params.arguments)
         tool = get_tool(name) if get_tool is not None else _NO_REGISTRY
         if tool is None:
             return await handler(ctx, params)  # the SDK answers "unknown tool"; no session for it

@@ -201,9 +201,20 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
     ]
 
 
+#: Marks the functions of the session tools (see `is_session_tool`).
+_SESSION_TOOL = "__mcp_sessions_tool__"
+
+
 def _binding(fn: Callable[..., Any], annotations: ToolAnnotations) -> ToolBinding:
     description = inspect.cleandoc(fn.__doc__ or "")
+    setattr(fn, _SESSION_TOOL, True)
     return ToolBinding(fn, kwargs={"description": description, "annotations": annotations})
+
+
+def is_session_tool(entry: Any) -> bool:
+    """Whether `entry` (a registry entry named like a session tool) is one of the four, not a
+    host's own tool registered under a session tool's name after removing it."""
+    return getattr(getattr(entry, "fn", None), _SESSION_TOOL, False) is True
 
 
 def _authorize(env_name: str, token: str | None) -> str | None:
