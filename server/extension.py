@@ -186,11 +186,22 @@ class SessionsExtension(DecoupledCalls, Extension):
         queued calls that now fit; lowering one ends nothing (admission waits below it). Clients that
         connect from now on see the new limits in the extension's advertised `settings`.
 
+        `[store]` is not applied (warned about): the session store is chosen when the extension
+        is built.
+
         Raises:
             TypeError: `settings` is not a `Settings` (a `LimitsSettings`, a dict, None): the
                 settings in force stay as they were.
         """
         settings = require_settings(settings, "apply_settings()")
+        if settings.store != self.config.store:
+            # The session store was opened with the manager, when the extension was built.
+            logger.warning(
+                "apply_settings: [store] is ignored (the session store is chosen once, when the extension is "
+                "built: it stays %s); to use another store, build a new SessionsExtension with these settings",
+                f"the {self.config.store.backend} store",
+            )
+            settings = settings.model_copy(update={"store": self.config.store})
         self.manager.set_limits(settings.limits, settings.tool_caps())
         self.config = settings  # only now: a call never sees settings the manager refused
         self._advertise()

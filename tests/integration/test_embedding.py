@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from server import SessionManager, SessionsExtension, ShutdownReport
-from server.config import LimitsSettings, ToolSettings
+from server.config import LimitsSettings, StoreSettings, ToolSettings
 from server.session import Session
 from tests.helpers import build, code_of, echo, hang_async, settings, text_of
 
@@ -126,6 +126,22 @@ async def test_apply_settings_refuses_what_is_not_a_settings_and_keeps_the_setti
         sessions.apply_settings(settings(max_concurrent_sessions=9))
         limits = (await client.call_tool("session_metrics", {})).structured_content["limits"]
     assert limits["max_concurrent_sessions"] == 9
+
+
+async def test_apply_settings_keeps_the_session_store_it_was_built_with_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, sessions = build(settings(max_concurrent_sessions=7))
+    redis_store = StoreSettings(backend="redis", url="redis://127.0.0.1:1/0")
+    new = settings(max_concurrent_sessions=9).model_copy(update={"store": redis_store})
+    async with Client(app) as client:
+        with caplog.at_level(logging.WARNING, logger="server.extension"):
+            sessions.apply_settings(new)
+        metrics = (await client.call_tool("session_metrics", {})).structured_content
+    warned = [r.getMessage() for r in caplog.records if r.name == "server.extension"]
+    assert any("[store] is ignored" in m and "memory store" in m for m in warned), warned
+    assert sessions.config.store.backend == "memory", "the settings in force describe the store in use"
+    assert metrics["limits"]["max_concurrent_sessions"] == 9 and metrics["cluster"] is None
 
 
 def not_a_server(kind: str, app: MCPServer[Any]) -> object:
