@@ -477,7 +477,13 @@ class SessionsExtension(DecoupledCalls, Extension):
     ) -> HandlerResult:
         """The SDK's interceptor hook: runs the call as `handle_tool_call` does. Used until the
         lifespan takes the `tools/call` handler over (see `take_over_tool_calls`), and where it
-        cannot."""
+        cannot.
+
+        Once it has taken over its server's handler, a call that still comes through here is
+        another server's, one that lists this extension too and never ran its lifespan: refused
+        (`not_running`), as it would run on the first server's registry and deadlines."""
+        if self._give_back is not None:
+            return not_running(params.name, serving=describe_server(self._app))
         return await self.handle_tool_call(ctx, params, lambda inner_ctx, _params: call_next(inner_ctx))
 
     async def handle_tool_call(

@@ -108,14 +108,22 @@ def failed(manager: SessionManager, session: Session, name: str, raised: BaseExc
     return CallToolResult(content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True)
 
 
-def not_running(name: str) -> CallToolResult:
-    """The refusal of a call that came while the session runtime (the lifespan) is not running."""
-    error = SessionError(
-        ErrorCode.NOT_RUNNING,
-        "the session runtime is not running: construct the server with "
-        "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours",
-        tool=name,
-    )
+def not_running(name: str, serving: str | None = None) -> CallToolResult:
+    """The refusal of a call that came while the session runtime (the lifespan) is not running;
+    or, with `serving` (the server it runs for, described), one that came through another server
+    that lists the same extension."""
+    if serving is None:
+        message = (
+            "the session runtime is not running: construct the server with "
+            "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours"
+        )
+    else:
+        message = (
+            f"this server's session runtime is not running: its SessionsExtension runs for {serving}, and this "
+            "server lists the same one; give each server its own SessionsExtension, with "
+            "MCPServer(..., extensions=[sessions], lifespan=sessions.lifespan)"
+        )
+    error = SessionError(ErrorCode.NOT_RUNNING, message, tool=name)
     log_refusal(error)
     return error_result(error)
 

@@ -213,6 +213,26 @@ async def test_one_extension_entered_for_two_servers_names_both_in_its_refusal()
     assert "entered for the MCPServer 'other'" in message and "give each server its own" in message
 
 
+async def test_a_second_server_listing_a_running_extension_without_its_lifespan_is_refused_its_calls() -> None:
+    # The extension runs for `app`; `second` lists it too but never enters its lifespan. Its
+    # calls must not run unbounded on `app`'s registry and deadlines: each is refused, saying why.
+    app, sessions = build(settings(default_timeout_seconds=0.2))
+    second: MCPServer[Any] = MCPServer("second", extensions=[sessions])
+    second.add_tool(echo)
+    second.add_tool(hang_async)
+    async with Client(app) as first_client, Client(second) as second_client:
+        with anyio.fail_after(5):
+            refused = [await second_client.call_tool(name, {}) for name in ("hang_async", "session_create")]
+        served = await first_client.call_tool("echo", {"text": "still served"})
+        metrics = (await first_client.call_tool("session_metrics", {})).structured_content
+    for result in refused:
+        assert code_of(result) == "not_running", text_of(result)
+        assert "runs for the MCPServer 'test-server'" in text_of(result)
+        assert "give each server its own SessionsExtension" in text_of(result)
+    assert text_of(served) == "still served"
+    assert metrics["total_sessions_created"] == 1, "only the first server's call ran as a session"
+
+
 async def test_a_server_that_runs_the_lifespan_but_lists_no_extension_is_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
