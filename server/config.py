@@ -12,6 +12,7 @@ not connect with is refused here, not at startup (`server.store_url`).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -177,10 +178,103 @@ def _module_name(name: str) -> str:
     return name
 
 
+#: A label of a host name: letters, digits, - and _ (as Docker and /etc/hosts names may hold),
+#: 1 to 63 of them, not starting or ending with -.
+_NAME_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+#: How server.host is written, as said in its problems.
+_BIND_HOST_FORMS = 'an IPv4 address ("0.0.0.0"), an IPv6 address without brackets ("::1") or a host name ("localhost")'
+
+
+def bind_host_problem(value: str) -> str | None:
+    """Why `value` cannot be `server.host` (the interface streamable HTTP binds), or None.
+
+    Only the spelling is checked: an IP address, or a name of valid labels. A name is not looked
+    up (no DNS at check time); one that does not resolve fails at start, naming the address.
+    """
+    if not value:
+        return None  # refused as empty by the field's own bound
+    if any(c.isspace() for c in value):
+        stripped = value.strip()
+        if stripped and not any(c.isspace() for c in stripped) and bind_host_problem(stripped) is None:
+            return f'must not contain spaces; write "{stripped}"'
+        return f"must not contain spaces; write {_BIND_HOST_FORMS}"
+    if "://" in value:
+        bare = value.partition("://")[2].partition("/")[0]
+        bare = _without_port(bare) or bare
+        example = f'"{bare}"' if bind_host_problem(bare) is None else _BIND_HOST_FORMS
+        return (
+            f"must be an address or a host name, not a URL: write {example} (no scheme, no path); "
+            "a port goes in server.port"
+        )
+    if "/" in value:
+        bare = value.partition("/")[0]
+        example = f'"{bare}"' if bare and bind_host_problem(bare) is None else _BIND_HOST_FORMS
+        return f"must be an address or a host name with no path: write {example}"
+    if value.startswith("["):
+        inner, bracket, rest = value[1:].partition("]")
+        if bracket and _is_ip(inner, 6):
+            if rest.startswith(":") and rest[1:].isdigit():
+                return (
+                    f'must not hold a port: write "{inner}" (without brackets) and the port {rest[1:]} in server.port'
+                )
+            if not rest:
+                return (
+                    f'is an IPv6 address in brackets: write it without them, "{inner}" '
+                    "(brackets are for URLs and Host headers)"
+                )
+        return f"must be {_BIND_HOST_FORMS}"
+    if ":" in value:
+        if _is_ip(value, 6):
+            return None
+        host, _, port = value.rpartition(":")
+        if port.isdigit() and host and ":" not in host and bind_host_problem(host) is None:
+            return f'must not hold a port: write "{host}" and the port {port} in server.port'
+        return f"must be {_BIND_HOST_FORMS}; a port goes in server.port"
+    labels = value.removesuffix(".").split(".")
+    if all(label.isdigit() for label in labels):
+        if _is_ip(value, 4):
+            return None
+        return 'is not a valid IPv4 address: write four numbers from 0 to 255 separated by dots, e.g. "127.0.0.1"'
+    if len(value) > 253 or not all(_NAME_LABEL.fullmatch(label) for label in labels):
+        return (
+            f"must be {_BIND_HOST_FORMS}; a name is labels of letters, digits, - and _ (up to 63 each, not "
+            "starting or ending with -) separated by dots"
+        )
+    return None
+
+
+def _without_port(value: str) -> str | None:
+    """`value` without a `:port` suffix (and an IPv6 address without its brackets), or None if it has none."""
+    if value.startswith("["):
+        inner, bracket, _ = value[1:].partition("]")
+        return inner if bracket else None
+    host, colon, port = value.rpartition(":")
+    return host if colon and port.isdigit() and ":" not in host else None
+
+
+def _is_ip(value: str, version: int) -> bool:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return address.version == version
+
+
+def _bind_host(value: str) -> str:
+    problem = bind_host_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 class ServerSettings(_Section):
     name: str = Field(default="mcp-session-manager", min_length=1, description="Server name shown to clients.")
     transport: Literal["stdio", "streamable-http"] = Field(default="stdio", description="How clients connect.")
-    host: str = Field(default="127.0.0.1", min_length=1, description="Interface for streamable HTTP.")
+    host: Annotated[str, AfterValidator(_bind_host)] = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Interface for streamable HTTP: an IP address (IPv6 without brackets) or a host name.",
+    )
     port: int = Field(default=8765, ge=1, le=65535, description="TCP port for streamable HTTP.")
     tool_modules: Annotated[
         tuple[Annotated[str, AfterValidator(_module_name)], ...], BeforeValidator(_list_to_tuple)

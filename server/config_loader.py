@@ -477,6 +477,8 @@ class _Sources:
         secret = loc == ("shutdown", "admin_token_env")  # might be the token itself: never echo it
         show = error["type"] != "extra_forbidden" and not isinstance(value, Mapping) and not secret
         reason = _reason(error)
+        if loc == ("server", "host") and self.origin(loc, exact=True) == "flags":
+            reason = reason.replace("in server.port", "with --port")  # the fix on the same command line
         if error["type"] in _TABLE_TYPES and isinstance(value, str) and self.origin(loc, exact=True) == "env":
             name = self.describe(loc).removeprefix("environment variable ")
             reason = f"must be JSON for a table, e.g. {name}='{_json_example([str(part) for part in loc])}'"

@@ -727,6 +727,30 @@ def test_a_tools_table_from_the_environment_naming_no_hosted_tool_names_the_vari
     ), problem
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_host_with_a_port_exits_2_naming_the_key_before_anything_binds(tmp_path: Path, check: bool) -> None:
+    # It used to pass the check, then the start died with uvicorn's error naming no key (exit 1).
+    path = write(tmp_path, '[server]\ntransport = "streamable-http"\nhost = "127.0.0.1:8080"\n')
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    assert problems(result) == [
+        f'{path}: server.host: must not hold a port: write "127.0.0.1" and the port 8080 in server.port'
+        ' (got "127.0.0.1:8080")'
+    ]
+
+
+def test_an_ipv6_host_in_brackets_from_the_command_line_exits_2_naming_the_option() -> None:
+    result = run("--transport", "streamable-http", "--host", "[::1]")
+
+    assert_refused(result)
+    assert problems(result) == [
+        'command line option --host: server.host: is an IPv6 address in brackets: write it without them, "::1"'
+        ' (brackets are for URLs and Host headers) (got "[::1]")'
+    ]
+
+
 def test_an_off_loopback_host_with_the_transport_from_the_command_line_names_the_file_once(tmp_path: Path) -> None:
     path = write(tmp_path, '[server]\nhost = "0.0.0.0"\n')
 

@@ -416,6 +416,58 @@ BAD_FILES = [
         id="empty-host",
     ),
     pytest.param(
+        '[server]\nhost = "127.0.0.1:8080"\n',
+        'server.host: must not hold a port: write "127.0.0.1" and the port 8080 in server.port (got "127.0.0.1:8080")',
+        id="host-with-port",
+    ),
+    pytest.param(
+        '[server]\nhost = "[::1]:8080"\n',
+        'server.host: must not hold a port: write "::1" (without brackets) and the port 8080 in server.port'
+        ' (got "[::1]:8080")',
+        id="bracketed-host-with-port",
+    ),
+    pytest.param(
+        '[server]\nhost = "http://localhost"\n',
+        'server.host: must be an address or a host name, not a URL: write "localhost" (no scheme, no path);'
+        ' a port goes in server.port (got "http://localhost")',
+        id="host-a-url",
+    ),
+    pytest.param(
+        '[server]\nhost = "localhost/mcp"\n',
+        'server.host: must be an address or a host name with no path: write "localhost" (got "localhost/mcp")',
+        id="host-with-path",
+    ),
+    pytest.param(
+        '[server]\nhost = "[::1]"\n',
+        'server.host: is an IPv6 address in brackets: write it without them, "::1" (brackets are for URLs and'
+        ' Host headers) (got "[::1]")',
+        id="host-ipv6-in-brackets",
+    ),
+    pytest.param(
+        '[server]\nhost = "localhost "\n',
+        'server.host: must not contain spaces; write "localhost" (got "localhost ")',
+        id="host-with-trailing-space",
+    ),
+    pytest.param(
+        '[server]\nhost = "not a host!"\n',
+        'server.host: must not contain spaces; write an IPv4 address ("0.0.0.0"), an IPv6 address without brackets'
+        ' ("::1") or a host name ("localhost") (got "not a host!")',
+        id="host-not-a-host",
+    ),
+    pytest.param(
+        '[server]\nhost = "my-host!"\n',
+        'server.host: must be an IPv4 address ("0.0.0.0"), an IPv6 address without brackets ("::1") or a host name'
+        ' ("localhost"); a name is labels of letters, digits, - and _ (up to 63 each, not starting or ending'
+        ' with -) separated by dots (got "my-host!")',
+        id="host-bad-character",
+    ),
+    pytest.param(
+        '[server]\nhost = "256.0.0.1"\n',
+        "server.host: is not a valid IPv4 address: write four numbers from 0 to 255 separated by dots,"
+        ' e.g. "127.0.0.1" (got "256.0.0.1")',
+        id="host-bad-ipv4",
+    ),
+    pytest.param(
         '[server]\ntool_modules = ["tools.demo", "tools.demo"]\n',
         "server.tool_modules: lists 'tools.demo' more than once; list each module once"
         ' (got ["tools.demo", "tools.demo"])',
@@ -942,6 +994,43 @@ def test_an_exporter_port_that_is_the_default_http_port_names_the_default(monkey
         f' 8765 (built-in default): {EXPORTER_ON_SERVER_PORT} (got "8765")'
     ]
     assert load_settings(None).metrics.prometheus_port == 8765  # over stdio there is no HTTP port to clash with
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost", "0.0.0.0", "::", "::1", "127.0.0.1", "10.0.0.5", "my-host.internal", "my_service", "fe80::1%eth0"],
+)
+def test_every_form_of_server_host_is_accepted_without_looking_the_name_up(tmp_path: Path, host: str) -> None:
+    # my-host.internal resolves nowhere: the check is of the spelling, the start finds out the rest.
+    path = write(tmp_path, f'[server]\nhost = "{host}"\n')
+
+    assert load_settings(path).server.host == host
+    assert Settings(server=ServerSettings(host=host)).server.host == host  # built directly too (plugin mode)
+
+
+def test_a_host_with_a_port_from_the_command_line_says_to_use_the_port_option() -> None:
+    assert problems_of(None, {"server": {"host": "127.0.0.1:8080"}}) == [
+        'command line option --host: server.host: must not hold a port: write "127.0.0.1" and the port 8080'
+        ' with --port (got "127.0.0.1:8080")'
+    ]
+
+
+def test_a_bad_host_from_the_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__HOST", "[::1]")
+
+    assert problems_of(None, {"server": {"transport": "streamable-http"}}) == [
+        "environment variable MCP_SESSIONS_SERVER__HOST: server.host: is an IPv6 address in brackets: write it"
+        ' without them, "::1" (brackets are for URLs and Host headers) (got "[::1]")'
+    ]
+
+
+def test_a_bad_host_is_reported_alone_not_also_as_an_off_loopback_host(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\ntransport = "streamable-http"\nhost = "http://0.0.0.0"\n')
+
+    [problem] = problems_of(path)
+
+    assert problem.startswith(f"{path}: server.host: must be an address or a host name, not a URL:"), problem
+    assert "allowed_hosts" not in problem
 
 
 def test_allowed_hosts_in_every_documented_form_are_accepted(tmp_path: Path) -> None:
