@@ -13,6 +13,7 @@ not connect with is refused here, not at startup (`server.store_url`).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Annotated, Any, Literal
 
@@ -554,6 +555,15 @@ class Settings(BaseSettings):
             notes.append(
                 "limits.max_abandoned_threads is 0: every call of a sync tool is refused (capacity_exceeded), "
                 "even with no thread stuck; set it to 1 or more to serve sync tools"
+            )
+        token_env = self.shutdown.admin_token_env
+        if self.server.transport == "streamable-http" and token_env and not os.environ.get(token_env):
+            # Never the value: the variable is unset or empty here, but say nothing of it either way.
+            state = "is not set" if token_env not in os.environ else "is empty"
+            notes.append(
+                f"shutdown.admin_token_env names the environment variable {token_env}, which {state} in the "
+                f"server's environment: server_shutdown over streamable HTTP is refused (unauthorized) until the "
+                f"server is restarted with {token_env} set to a non-empty token (SIGINT or SIGTERM still stop it)"
             )
         for name, tool in sorted(self.tools.items()):
             if tool.max_concurrent is not None and tool.max_concurrent > cap:

@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -160,6 +161,37 @@ def test_check_config_notes_settings_that_cannot_take_effect_and_still_passes(tm
         "mcp-session-manager: note: tools.echo.idle_timeout_seconds (100) is not below the call's deadline "
         "(2, tools.echo.timeout_seconds): a call reaches its deadline first, so the idle timeout never fires",
     ], result.stderr
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_an_unset_admin_token_variable_over_http_is_noted_without_its_value(tmp_path: Path, check: bool) -> None:
+    # The first sign used to be a refused server_shutdown. The token variable is empty here; the
+    # check names it on stderr, the start warns of it, and both go on.
+    with socket.socket() as taken:  # the start warns, then cannot listen on this port: it exits 1, bounded
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write(
+            tmp_path,
+            f'[server]\ntransport = "streamable-http"\nport = {port}\n[shutdown]\nadmin_token_env = "MY_ADMIN_TOKEN"\n',
+        )
+        env = {"MY_ADMIN_TOKEN": ""}
+        result = run("--config", str(path), *(["--check-config"] if check else []), env=env)
+    sentence = (
+        "shutdown.admin_token_env names the environment variable MY_ADMIN_TOKEN, which is empty in the server's"
+        " environment: server_shutdown over streamable HTTP is refused (unauthorized) until the server is restarted"
+        " with MY_ADMIN_TOKEN set to a non-empty token (SIGINT or SIGTERM still stop it)"
+    )
+
+    if check:
+        assert result.returncode == 0, result.stderr
+        assert f"mcp-session-manager: note: {sentence}" in result.stderr.splitlines(), result.stderr
+        with_token = run("--config", str(path), "--check-config", env={"MY_ADMIN_TOKEN": "s3cret"})
+        assert "note:" not in with_token.stderr and "s3cret" not in with_token.stderr, with_token.stderr
+    else:
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.splitlines()
+        assert any(line.endswith(f"WARNING server.cli: Config: {sentence}") for line in lines), result.stderr
 
 
 def test_check_config_imports_a_good_tool_module() -> None:

@@ -19,7 +19,14 @@ from pydantic import ValidationError
 
 from server import ConfigError, SessionsExtension, Settings, load_settings
 from server.app import build_app, check_tool_overrides
-from server.config import LimitsSettings, MetricsSettings, ServerSettings, StoreSettings, ToolSettings
+from server.config import (
+    LimitsSettings,
+    MetricsSettings,
+    ServerSettings,
+    ShutdownSettings,
+    StoreSettings,
+    ToolSettings,
+)
 from server.config_loader import config_problems
 from server.store_url import safe_url
 from server.tool_modules import load_tool_modules
@@ -1439,3 +1446,28 @@ def test_settings_that_cannot_take_effect_are_named_and_a_sound_config_has_none(
         "tools.b.idle_timeout_seconds (30) is not below the call's deadline (30, limits.default_timeout_seconds): "
         "a call reaches its deadline first, so the idle timeout never fires",
     ]
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_an_admin_token_variable_that_is_unset_or_empty_over_http_is_named_as_a_note(
+    monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    # server_shutdown over HTTP would be refused at its first call: the note says so at the check.
+    if value is None:
+        monkeypatch.delenv("MY_ADMIN_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("MY_ADMIN_TOKEN", value)
+    http = Settings(
+        server=ServerSettings(transport="streamable-http"), shutdown=ShutdownSettings(admin_token_env="MY_ADMIN_TOKEN")
+    )
+
+    state = "is not set" if value is None else "is empty"
+    assert http.ineffective() == [
+        f"shutdown.admin_token_env names the environment variable MY_ADMIN_TOKEN, which {state} in the server's"
+        " environment: server_shutdown over streamable HTTP is refused (unauthorized) until the server is restarted"
+        " with MY_ADMIN_TOKEN set to a non-empty token (SIGINT or SIGTERM still stop it)"
+    ]
+    # Over stdio no token is needed; a set variable is what the key asks for; its value is never named.
+    assert http.model_copy(update={"server": ServerSettings(transport="stdio")}).ineffective() == []
+    monkeypatch.setenv("MY_ADMIN_TOKEN", "hunter2")
+    assert http.ineffective() == []
