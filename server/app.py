@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
@@ -41,7 +41,7 @@ from server.logs import serving_logger
 from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
-from server.sdk_seams import ToolCallHandler, end_listen_streams
+from server.sdk_seams import ToolCallHandler, end_listen_streams, tool_names
 from server.stdio_wire import Outstanding, StdinLines, WireSafe, unreadable_line_error
 from server.tool_modules import import_tool_modules, install_tool_modules
 from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, abandoned_answer
@@ -63,8 +63,10 @@ class App:
     settings: Settings
     server: MCPServer[Any]
     sessions: SessionsExtension
-    #: The hosted tool functions (from `server.tool_modules`).
+    #: The hosted tool functions (the `TOOLS` of `server.tool_modules`).
     tools: list[Callable[..., Any]] = field(default_factory=list)
+    #: The tools the modules' `setup(server)` hooks registered: name -> the module whose hook did.
+    setup_tools: dict[str, str] = field(default_factory=dict)
 
     def reloader(self, path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ConfigReloader:
         """A `ConfigReloader` for this app: `path` and `overrides` as given at startup; a reloaded
@@ -74,7 +76,7 @@ class App:
     def _check_reloaded(self, settings: Settings) -> None:
         """`check_tool_overrides`, saying why a table for a newly listed module's tool is unknown."""
         moved = settings.server.tool_modules != self.settings.server.tool_modules
-        check_tool_overrides(settings, self.tools, _MODULES_TAKE_A_RESTART if moved else "")
+        check_tool_overrides(settings, [*self.tools, *self.setup_tools], _MODULES_TAKE_A_RESTART if moved else "")
 
 
 #: Why a reloaded `[tools.NAME]` names no hosted tool when the file lists other tool modules.
@@ -106,10 +108,11 @@ class _StandaloneSessions(SessionsExtension):
         return await super().handle_tool_call(ctx, params, handler)
 
 
-def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]], unknown_hint: str = "") -> None:
+def check_tool_overrides(settings: Settings, tools: Sequence[Callable[..., Any] | str], unknown_hint: str = "") -> None:
     """Refuse `[tools.NAME]` tables that name no hosted tool (a typo must not be ignored), and
-    tables for the session tools, whose per-tool settings would silently do nothing.
-    `unknown_hint` ends the sentence of each unknown name.
+    tables for the session tools, whose per-tool settings would silently do nothing. `tools` are
+    the hosted tools, as functions (named by their `__name__`) or as names (a tool a `setup(server)`
+    hook registered, say). `unknown_hint` ends the sentence of each unknown name.
 
     Raises:
         ConfigError: one problem per such table (an unknown name lists the hosted tools).
@@ -119,10 +122,13 @@ def check_tool_overrides(settings: Settings, tools: list[Callable[..., Any]], un
         raise ConfigError(problems)
 
 
-def tool_override_problems(settings: Settings, tools: list[Callable[..., Any]], unknown_hint: str = "") -> list[str]:
+def tool_override_problems(
+    settings: Settings, tools: Sequence[Callable[..., Any] | str], unknown_hint: str = ""
+) -> list[str]:
     """The problems `check_tool_overrides` raises, one per `[tools.NAME]` that names no hosted
     tool (ending with `unknown_hint`) or names a session tool."""
-    hosted = sorted({*MANAGEMENT_TOOLS, *(getattr(fn, "__name__", "") for fn in tools)})
+    names = (tool if isinstance(tool, str) else getattr(tool, "__name__", "") for tool in tools)
+    hosted = sorted({*MANAGEMENT_TOOLS, *names})
     own = [tool for tool in hosted if tool not in MANAGEMENT_TOOLS]
     problems = []
     for name in settings.tools:
@@ -165,20 +171,22 @@ def build_app(settings: Settings) -> App:
 
     Raises:
         ConfigError: a tool module's problems (see `server.tool_modules`) and `[tools.NAME]`
-            tables naming no hosted tool, together.
+            tables naming no hosted tool (of `TOOLS` or registered by a hook), together.
     """
     modules = import_tool_modules(settings.server.tool_modules)
     tools = [fn for module in modules for fn in module.tools]
     sessions = _StandaloneSessions(settings)
     server: MCPServer[Any] = MCPServer(settings.server.name, extensions=[sessions], lifespan=sessions.lifespan)
-    problems = tool_override_problems(settings, tools)
+    problems: list[str] = []
     try:
-        install_tool_modules(server, modules)
+        setup_tools = install_tool_modules(server, modules)
     except ConfigError as exc:
-        problems = exc.problems + problems
+        problems, setup_tools = exc.problems, {}
+    # Every tool registered, the setup hooks' too: per-tool settings apply to them by name, as to TOOLS.
+    problems += tool_override_problems(settings, [*tools, *tool_names(server)])
     if problems:
         raise ConfigError(problems)
-    return App(settings=settings, server=server, sessions=sessions, tools=tools)
+    return App(settings=settings, server=server, sessions=sessions, tools=tools, setup_tools=setup_tools)
 
 
 def build_server(settings: Settings) -> MCPServer[Any]:

@@ -15,6 +15,9 @@ API, kept here so that an SDK upgrade has one place to check:
 - `progress_session`: a copy of the request's `ServerSession` that sees the tool's progress;
 - `argument_validation_failure`: recognising the SDK's answer to arguments that fail a tool's
   input schema (the SDK marks it only in its wording);
+- `screened_tool_registrations`: seeing each tool a tool module's `setup(server)` registers
+  before the SDK does (`@server.tool()` goes through `MCPServer.add_tool`, and the SDK keeps the
+  first tool of a name, only logging "Tool already exists" for the next);
 - `end_listen_streams`: the graceful close of the `subscriptions/listen` streams, which the SDK
   itself never calls;
 - (no code here) the advertised settings: `MCPServer` asks `Extension.settings()` once, at
@@ -32,7 +35,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from types import CodeType
 from typing import Any
 
@@ -79,6 +83,26 @@ def listed_extensions(app: Any) -> list[Extension] | None:
     if not isinstance(listed, list):
         return None
     return listed
+
+
+@contextmanager
+def screened_tool_registrations(app: Any, admit: Callable[[Callable[..., Any], str | None], bool]) -> Iterator[None]:
+    """While open, each tool registered on `app` (an `MCPServer`) through `add_tool`, and so
+    through the `@app.tool()` decorator, which calls it, is first shown to `admit(fn, name)`
+    (`name` as given, None for the function's own): registered if it returns True, dropped if
+    not. A tool added to the tool manager directly is not seen (`tool_names` before and after
+    finds it)."""
+    register = app.add_tool
+
+    def add_tool(fn: Callable[..., Any], name: str | None = None, *args: Any, **kwargs: Any) -> None:
+        if admit(fn, name):
+            register(fn, name, *args, **kwargs)
+
+    app.add_tool = add_tool  # on the instance: the class's method is untouched
+    try:
+        yield
+    finally:
+        del app.add_tool
 
 
 def intercepts(extension: Extension) -> bool:

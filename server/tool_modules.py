@@ -27,6 +27,7 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 
 from server.config import ConfigError, module_name_problem
+from server.sdk_seams import screened_tool_registrations, tool_names
 from tools.sessions import MANAGEMENT_TOOLS
 
 #: The longest error text quoted in a problem (a module's own message can be anything).
@@ -198,13 +199,20 @@ def _tool_name(fn: Callable[..., Any]) -> str | None:
     return name if isinstance(name, str) and name != "<lambda>" else None
 
 
-def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) -> None:
+def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) -> dict[str, str]:
     """Register every module's tools on `server` with `add_tool`, then run the `setup(server)` hooks.
 
-    The hooks run only once every tool is registered (a hook may rely on them).
+    The hooks run only once every tool is registered (a hook may rely on them). A tool a hook
+    registers is hosted like those of `TOOLS` (a session per call, its `[tools.NAME]` settings),
+    and its name must be free as theirs must: a name already taken (by a session tool, a module's
+    `TOOLS` or another hook) is a problem, where the SDK would keep the first tool and only log.
+
+    Returns:
+        The tools the hooks registered: name -> the module whose hook did.
 
     Raises:
-        ConfigError: a tool the SDK refuses, or a hook that raises or exits; every problem at once.
+        ConfigError: a tool the SDK refuses, a hook that raises or exits, or a hook registering a
+            tool under a name already taken; every problem at once.
     """
     problems: list[str] = []
     for module in modules:
@@ -218,14 +226,43 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
                 problems.append(f"{_key(module.name)}: tool {label} cannot be registered: {_one_line(exc)}{hint}")
     if problems:
         raise ConfigError(problems)
+    owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
+    for module in modules:
+        for fn in module.tools:
+            name = _tool_name(fn)
+            if name is not None:
+                owners.setdefault(name, f"module {module.name!r} (in its TOOLS)")
+    by_setup: dict[str, str] = {}
     for module in modules:
         if module.setup is None:
             continue
+        key = _key(module.name)
+
+        def admit(fn: Callable[..., Any], name: str | None, key: str = key, module: ToolModule = module) -> bool:
+            tool_name = name if name is not None else _tool_name(fn)
+            if tool_name is None:
+                return True  # nameless: the SDK refuses it, and the hook fails with its reason
+            if tool_name in owners:
+                problems.append(
+                    f"{key}: setup(server) registers tool {tool_name!r}, a name already taken by {owners[tool_name]}; "
+                    "give one of them another name"
+                )
+                return False
+            owners[tool_name] = f"the setup(server) of module {module.name!r}"
+            by_setup[tool_name] = module.name
+            return True
+
+        before = set(tool_names(server))
         try:
-            module.setup(server)  # resources, prompts, other handlers; tools/call still goes through the sessions
+            with screened_tool_registrations(server, admit):
+                module.setup(server)  # tools, resources, prompts, other handlers; tools/call goes through the sessions
         except SystemExit as exc:
-            problems.append(f"{_key(module.name)}: setup(server) called {_exit_call(exc)}; {_EXIT_HINT}")
+            problems.append(f"{key}: setup(server) called {_exit_call(exc)}; {_EXIT_HINT}")
         except Exception as exc:  # noqa: BLE001 - any failure of a hook is a config error to report
-            problems.append(f"{_key(module.name)}: setup(server) failed: {_one_line(exc)}")
+            problems.append(f"{key}: setup(server) failed: {_one_line(exc)}")
+        for name in set(tool_names(server)) - before - by_setup.keys():  # added past add_tool
+            owners[name] = f"the setup(server) of module {module.name!r}"
+            by_setup[name] = module.name
     if problems:
         raise ConfigError(problems)
+    return by_setup

@@ -579,6 +579,38 @@ def test_a_tools_table_for_a_session_tool_is_refused(tmp_path: Path, tool: str, 
     assert problem.endswith("; remove it"), problem
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_setup_hook_registering_a_taken_tool_name_exits_2_naming_the_module_and_the_clash(
+    tmp_path: Path, check: bool
+) -> None:
+    path = modules_config(tmp_path, f"{FIXTURES}.good_tools", f"{FIXTURES}.setup_clashes")
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    key = f"{path}: server.tool_modules: '{FIXTURES}.setup_clashes': setup(server) registers tool"
+    assert problems(result) == [
+        f"{key} 'session_metrics', a name already taken by the session extension; give one of them another name",
+        f"{key} 'shout', a name already taken by module '{FIXTURES}.good_tools' (in its TOOLS); give one of them"
+        " another name",
+    ]
+    assert "Tool already exists" not in result.stderr
+
+
+def test_a_tools_table_for_a_tool_a_setup_hook_registers_is_accepted(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f'[server]\ntool_modules = ["{FIXTURES}.setup_registers_tool"]\n[tools.lookup_later]\ntimeout_seconds = 7.0\n',
+    )
+
+    result = run("--config", str(path), "--check-config")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tools"] == {
+        "lookup_later": {"timeout_seconds": 7.0, "max_concurrent": None, "idle_timeout_seconds": None}
+    }
+
+
 #: A tool module's source, for tests that write one into a working directory.
 LOOKUP_MODULE = "def lookup(key: str) -> str:\n    return key\n\nTOOLS = [lookup]\n"
 

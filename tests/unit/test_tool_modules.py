@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
+from mcp import Client
 from mcp.server.mcpserver import MCPServer
 
 from server import ConfigError, load_settings
 from server.app import build_app
+from server.sdk_seams import tool_names
 from server.tool_modules import ToolModule, import_tool_modules, install_tool_modules
 
 FIXTURES = "tests.fixtures_config"
@@ -173,3 +177,69 @@ def test_a_setup_hook_calling_sys_exit_is_a_problem_naming_the_module() -> None:
     assert problem.startswith(
         f"server.tool_modules: '{FIXTURES}.exits_in_setup': setup(server) called sys.exit('no database');"
     ), problem
+
+
+def test_a_tool_a_setup_hook_registers_under_a_taken_name_is_a_problem_naming_what_it_clashes_with() -> None:
+    # The SDK keeps the first tool of a name and only logs "Tool already exists": the hook's tool
+    # would silently not be hosted (and a session tool's name not be the session tool's).
+    problems = problems_building(f"{FIXTURES}.good_tools", f"{FIXTURES}.setup_clashes")
+
+    key = f"server.tool_modules: '{FIXTURES}.setup_clashes'"
+    assert problems == [
+        f"{key}: setup(server) registers tool 'session_metrics', a name already taken by the session extension;"
+        " give one of them another name",
+        f"{key}: setup(server) registers tool 'shout', a name already taken by module '{FIXTURES}.good_tools'"
+        " (in its TOOLS); give one of them another name",
+    ]
+
+
+def test_a_tool_two_setup_hooks_register_is_a_problem_naming_the_first_hook() -> None:
+    with pytest.raises(ConfigError) as caught:
+        install_tool_modules(
+            MCPServer("t"),
+            [ToolModule("first", (), _registers_lookup), ToolModule("second", (), _registers_lookup)],
+        )
+
+    assert caught.value.problems == [
+        "server.tool_modules: 'second': setup(server) registers tool 'lookup', a name already taken by the"
+        " setup(server) of module 'first'; give one of them another name"
+    ]
+
+
+def _registers_lookup(server: MCPServer[Any]) -> None:
+    def lookup(key: str) -> str:
+        return key
+
+    server.add_tool(lookup)
+
+
+async def test_a_tool_a_setup_hook_registers_is_hosted_and_takes_its_per_tool_settings() -> None:
+    module = f"{FIXTURES}.setup_registers_tool"
+    settings = load_settings(
+        None, {"server": {"tool_modules": [module]}, "tools": {"lookup_later": {"timeout_seconds": 7.0}}}
+    )
+
+    app = build_app(settings)
+
+    assert app.setup_tools == {"lookup_later": module}
+    assert {"lookup_now", "lookup_later"} <= set(tool_names(app.server))
+    assert app.sessions.config.timeout_for("lookup_later") == 7.0
+    with anyio.fail_after(10):
+        async with Client(app.server) as client:
+            result = await client.call_tool("lookup_later", {"key": "abc"})
+            metrics = (await client.call_tool("session_metrics", {})).structured_content
+    assert not result.is_error and result.structured_content == {"result": "ABC"}
+    assert metrics is not None and metrics["tools"]["lookup_later"]["calls"] == 1  # through a session
+
+
+def test_a_reload_bringing_a_table_for_a_tool_a_setup_hook_registers_applies_it(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\ntool_modules = ["{FIXTURES}.setup_registers_tool"]\n', encoding="utf-8")
+    app = build_app(load_settings(path))
+    path.write_text(
+        f'[server]\ntool_modules = ["{FIXTURES}.setup_registers_tool"]\n[tools.lookup_later]\nmax_concurrent = 2\n',
+        encoding="utf-8",
+    )
+
+    assert app.reloader(path).reload() is True
+    assert app.sessions.config.tool_caps() == {"lookup_later": 2}
