@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import difflib
 import io
 import logging
 import os
@@ -128,18 +129,23 @@ def tool_override_problems(
     """The problems `check_tool_overrides` raises, one per `[tools.NAME]` that names no hosted
     tool (ending with `unknown_hint`) or names a session tool."""
     names = (tool if isinstance(tool, str) else getattr(tool, "__name__", "") for tool in tools)
-    hosted = sorted({*MANAGEMENT_TOOLS, *names})
-    own = [tool for tool in hosted if tool not in MANAGEMENT_TOOLS]
+    # The tools a table can configure: a table for a session tool is refused below, so they are not offered.
+    own = sorted({name for name in names if name} - set(MANAGEMENT_TOOLS))
+    listed = f"hosted: {', '.join(own)}" if own else "no tool is hosted besides the session tools"
     problems = []
     for name in settings.tools:
         if name in MANAGEMENT_TOOLS:
             problems.append(f"tools.{name}: {SESSION_TOOL_TABLE}{_SESSION_TOOL_DEADLINES.get(name, '')}; remove it")
-        elif name not in hosted:
-            hint = _case_hint(name, own)
-            problems.append(
-                f"tools.{name}: no hosted tool has this name (hosted: {', '.join(hosted)}){hint}{unknown_hint}"
-            )
+        elif name not in own:
+            hint = _case_hint(name, own) or _near_hint(name, own)
+            problems.append(f"tools.{name}: no hosted tool has this name ({listed}){hint}{unknown_hint}")
     return problems
+
+
+def _near_hint(name: str, hosted: list[str]) -> str:
+    """For a name close to one hosted tool's (a typo, most likely): which one."""
+    near = difflib.get_close_matches(name, hosted, n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
 
 
 #: Where the deadline a user may have meant to set is set instead.

@@ -560,8 +560,10 @@ def test_a_tools_table_naming_no_hosted_tool_is_refused(tmp_path: Path) -> None:
         timeout=30,
     )
     assert done.returncode == 2
-    assert f"{config}: tools.sleep_asycn: no hosted tool has this name" in done.stderr
-    assert "sleep_async" in done.stderr
+    assert problems(done) == [
+        f"{config}: tools.sleep_asycn: no hosted tool has this name (hosted: count_slowly, echo, fail, sleep_async,"
+        " sleep_blocking); did you mean 'sleep_async'?"
+    ]
     assert done.stdout == ""
 
 

@@ -1298,7 +1298,9 @@ def test_a_later_check_names_the_source_of_each_tool_table(tmp_path: Path, monke
         check_tool_overrides(settings, [])
     first, second = sorted(config_problems(caught.value, path), key=lambda problem: "tools.nosuchtool" not in problem)
 
-    assert first.startswith(f"{path}: tools.nosuchtool: no hosted tool has this name (hosted: ")
+    assert first == (
+        f"{path}: tools.nosuchtool: no hosted tool has this name (no tool is hosted besides the session tools)"
+    )
     assert second.startswith(
         "environment variable MCP_SESSIONS_TOOLS__OTHERTOOL__TIMEOUT_SECONDS: tools.othertool: no hosted tool"
     )
@@ -1351,9 +1353,8 @@ def test_a_reload_adding_a_tool_module_with_a_table_for_its_tool_says_the_module
         assert app.reloader(path).reload() is False
     [record] = caplog.records
     assert (
-        f"{path}: tools.held: no hosted tool has this name (hosted: count_slowly, echo, fail, server_shutdown, "
-        "session_create, session_metrics, session_release, sleep_async, sleep_blocking); server.tool_modules changed "
-        "in the file, "
+        f"{path}: tools.held: no hosted tool has this name (hosted: count_slowly, echo, fail, sleep_async, "
+        "sleep_blocking); server.tool_modules changed in the file, "
         "which takes a restart: the tools of its new modules are not hosted until then"
     ) in record.getMessage(), record.getMessage()
     assert app.sessions.config.tools == {}
@@ -1378,11 +1379,11 @@ def test_a_tool_name_that_differs_only_in_case_says_why_and_what_to_do(
 
     hint = "tool names are case-sensitive (names in environment variables arrive in lower case): write"
     assert problems == [
-        f"{path}: tools.SLEEP_ASYNC: no hosted tool has this name (hosted: Search, server_shutdown, session_create,"
-        f" session_metrics, session_release, sleep_async); {hint} [tools.sleep_async] in the config file,"
+        f"{path}: tools.SLEEP_ASYNC: no hosted tool has this name (hosted: Search, sleep_async);"
+        f" {hint} [tools.sleep_async] in the config file,"
         ' or {"sleep_async": ...} in MCP_SESSIONS_TOOLS (JSON)',
         "environment variable MCP_SESSIONS_TOOLS__Search__TIMEOUT_SECONDS: tools.search: no hosted tool has this"
-        f" name (hosted: Search, server_shutdown, session_create, session_metrics, session_release, sleep_async);"
+        " name (hosted: Search, sleep_async);"
         f' {hint} [tools.Search] in the config file, or {{"Search": ...}} in MCP_SESSIONS_TOOLS (JSON)',
     ], problems
 
@@ -1471,3 +1472,22 @@ def test_an_admin_token_variable_that_is_unset_or_empty_over_http_is_named_as_a_
     assert http.model_copy(update={"server": ServerSettings(transport="stdio")}).ineffective() == []
     monkeypatch.setenv("MY_ADMIN_TOKEN", "hunter2")
     assert http.ineffective() == []
+
+
+def test_a_misspelt_tool_table_is_told_the_close_name_and_the_hosted_list_leaves_out_the_session_tools(
+    tmp_path: Path,
+) -> None:
+    # The session tools are not offered: a table for one is refused by the same check.
+    path = write(
+        tmp_path, '[server]\ntool_modules = ["tools.demo"]\n[tools.ecko]\ntimeout_seconds = 1.0\n[tools.zzz]\n'
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        build_app(load_settings(path))
+
+    assert config_problems(caught.value, path) == [
+        f"{path}: tools.ecko: no hosted tool has this name (hosted: count_slowly, echo, fail, sleep_async,"
+        " sleep_blocking); did you mean 'echo'?",
+        f"{path}: tools.zzz: no hosted tool has this name (hosted: count_slowly, echo, fail, sleep_async,"
+        " sleep_blocking)",
+    ]
