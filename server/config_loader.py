@@ -360,11 +360,33 @@ def _known_keys(parent: Loc) -> list[str]:
     return []
 
 
-def _unknown_key(key: str | int, parent: Loc) -> str:
+def _homes(key: str, parent: Loc) -> list[str]:
+    """The other tables where `key` is a known key, as dotted paths (`limits.max_concurrent_sessions`)."""
+    homes = [
+        f"{section}.{key}" for section, model in _SECTIONS.items() if (section,) != parent and key in model.model_fields
+    ]
+    if key in ToolSettings.model_fields and not (len(parent) == 2 and parent[0] == "tools"):
+        homes.append(f"tools.<name>.{key}")
+    return homes
+
+
+def _belongs(homes: list[str]) -> str:
+    """Where a key in the wrong table belongs: `it belongs in [limits] (limits.max_concurrent_sessions)`."""
+    tables = [f"[{home.rpartition('.')[0]}]" for home in homes]
+    where = tables[0] if len(tables) == 1 else f"{', '.join(tables[:-1])} or {tables[-1]}"
+    return f"it belongs in {where} ({', '.join(homes)})"
+
+
+def _unknown_key(key: str | int, parent: Loc, value: Any = None) -> str:
     known = _known_keys(parent)
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
     if close:
         return f"unknown key; did you mean {close[0]!r}?"
+    homes = _homes(str(key), parent)
+    if homes:  # a key of another table, written in this one
+        return f"unknown key here; {_belongs(homes)}"
+    if parent == () and isinstance(value, Mapping) and value and set(value) <= set(ToolSettings.model_fields):
+        return f"unknown key; per-tool settings belong in [tools.{key}]"
     if known:
         return f"unknown key; the keys here are {', '.join(known)}"
     return "unknown key"
@@ -395,7 +417,7 @@ def _reason(error: ErrorDetails) -> str:
     loc: Loc = tuple(error["loc"])
     ctx = error.get("ctx") or {}
     if kind == "extra_forbidden":
-        return _unknown_key(loc[-1], loc[:-1])
+        return _unknown_key(loc[-1], loc[:-1], error.get("input"))
     if kind in ("greater_than_equal", "less_than_equal"):
         low, high = _bounds(loc)
         if low is not None and high is not None:
@@ -423,6 +445,9 @@ def _reason(error: ErrorDetails) -> str:
         return f"must be {ctx['expected']}"
     if kind in _TABLE_TYPES:
         key = ".".join(map(str, loc))
+        homes = _homes(str(loc[-1]), ("tools",)) if len(loc) == 2 and loc[0] == "tools" else []
+        if homes:  # `[tools] tool_modules = [...]`: a key of another table, not a tool
+            return f"is not a tool's table but a key of another table: {_belongs(homes)}"
         return f"must be a table ([{key}] with its own keys), not a single value"
     if kind == "value_error":
         return str(error["msg"]).removeprefix("Value error, ")

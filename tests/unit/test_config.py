@@ -403,6 +403,38 @@ BAD_FILES = [
         id="settings-init-option-is-not-a-key",
     ),
     pytest.param(
+        'tool_modules = ["tools.demo"]\n',
+        "tool_modules: unknown key here; it belongs in [server] (server.tool_modules)",
+        id="server-key-at-top-level",
+    ),
+    pytest.param(
+        "[server]\nmax_concurrent_sessions = 5\n",
+        "server.max_concurrent_sessions: unknown key here; it belongs in [limits] (limits.max_concurrent_sessions)",
+        id="limits-key-in-server",
+    ),
+    pytest.param(
+        "[server]\nprometheus_port = 9100\n",
+        "server.prometheus_port: unknown key here; it belongs in [metrics] (metrics.prometheus_port)",
+        id="metrics-key-in-server",
+    ),
+    pytest.param(
+        "[server]\ntimeout_seconds = 5.0\n",
+        "server.timeout_seconds: unknown key here; it belongs in [shutdown], [store] or [tools.<name>]"
+        " (shutdown.timeout_seconds, store.timeout_seconds, tools.<name>.timeout_seconds)",
+        id="key-of-several-tables",
+    ),
+    pytest.param(
+        "[echo]\ntimeout_seconds = 5.0\n",
+        "echo: unknown key; per-tool settings belong in [tools.echo]",
+        id="tool-table-at-top-level",
+    ),
+    pytest.param(
+        '[tools]\ntool_modules = ["tools.demo"]\n',
+        "tools.tool_modules: is not a tool's table but a key of another table: it belongs in [server]"
+        ' (server.tool_modules) (got ["tools.demo"])',
+        id="server-key-in-tools",
+    ),
+    pytest.param(
         '[server]\ntransport = "http"\n',
         "server.transport: must be 'stdio' or 'streamable-http' (got \"http\")",
         id="unknown-transport",
