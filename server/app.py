@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
+from server.host_checks import require_settings
 from server.http_shutdown import HttpShutdown
 from server.logs import serving_logger
 from server.metrics import ShutdownReport
@@ -196,8 +197,14 @@ def build_app(settings: Settings) -> App:
 
 
 def build_server(settings: Settings) -> MCPServer[Any]:
-    """The standalone server: `SessionsExtension` installed, tool modules from config loaded."""
-    return build_app(settings).server
+    """The standalone server: `SessionsExtension` installed, tool modules from config loaded.
+
+    Raises:
+        TypeError: `settings` is not a `Settings` (a path, a dict, None): the message says how
+            to make one (`load_settings(path)`).
+        ConfigError: as `build_app`.
+    """
+    return build_app(require_settings(settings, "build_server()")).server
 
 
 # -- serving -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from mcp.server.mcpserver import MCPServer
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from server import SessionManager, SessionsExtension, ShutdownReport
+from server import SessionManager, SessionsExtension, ShutdownReport, build_server
 from server.config import LimitsSettings, StoreSettings, ToolSettings
 from server.session import Session
 from tests.helpers import build, code_of, echo, hang_async, settings, text_of
@@ -105,6 +105,13 @@ NOT_SETTINGS: list[tuple[Any, str]] = [
 def test_the_extension_refuses_what_is_not_a_settings_and_says_how_to_make_one(wrong: Any, fix: str) -> None:
     with pytest.raises(TypeError, match=r"SessionsExtension\(\) takes a Settings, got ") as raised:
         SessionsExtension(wrong)
+    assert re.search(fix, str(raised.value)), str(raised.value)
+
+
+@pytest.mark.parametrize(("wrong", "fix"), [*NOT_SETTINGS, (None, r"load_settings\(path\)")])
+def test_build_server_refuses_what_is_not_a_settings_and_says_how_to_make_one(wrong: Any, fix: str) -> None:
+    with pytest.raises(TypeError, match=r"build_server\(\) takes a Settings, got ") as raised:
+        build_server(wrong)
     assert re.search(fix, str(raised.value)), str(raised.value)
 
 
