@@ -139,7 +139,21 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: invalid TOML: {exc}"], sourced=True) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{file}: invalid TOML: the file is not UTF-8 ({exc.reason})"], sourced=True) from None
+        raise ConfigError([f"{file}: invalid TOML: {_not_utf8(data, exc)}"], sourced=True) from None
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    """Where the file stops being UTF-8, and how to fix it (a UTF-16 file, as Windows' "Unicode"
+    saves, says so)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "the file is UTF-16 (a byte-order mark says so), not UTF-8: save it as UTF-8"
+    start = exc.start + (len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0)
+    line = data.count(b"\n", 0, start) + 1
+    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+    return (
+        f"the file is not UTF-8 ({exc.reason}: byte 0x{data[start]:02x} at line {line}, column {column}); "
+        "save it as UTF-8"
+    )
 
 
 #: The UTF-8 encoding of U+FEFF, which some editors write at the start of a text file.

@@ -752,6 +752,18 @@ def _not_utf8(tmp_path: Path) -> Path:
     return path
 
 
+def _not_utf8_after_a_bom(tmp_path: Path) -> Path:
+    path = tmp_path / "bom-latin1.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + '[server]\nname = "caf\xe9"\n'.encode("latin-1"))
+    return path
+
+
+def _utf16(tmp_path: Path) -> Path:
+    path = tmp_path / "utf16.toml"  # what Windows Notepad saves as "Unicode"
+    path.write_bytes('[server]\nname = "x"\n'.encode("utf-16"))
+    return path
+
+
 def _under_a_file(tmp_path: Path) -> Path:
     return write(tmp_path, "", name="plain") / "config.toml"
 
@@ -821,7 +833,23 @@ NOT_REGULAR = (
             id="bad-toml-syntax",
         ),
         pytest.param(_duplicate_key, "invalid TOML: Cannot overwrite a value (at line 3, column 9)", id="duplicate"),
-        pytest.param(_not_utf8, "invalid TOML: the file is not UTF-8 (invalid continuation byte)", id="not-utf8"),
+        pytest.param(
+            _not_utf8,
+            "invalid TOML: the file is not UTF-8 (invalid continuation byte: byte 0xe9 at line 2, column 12);"
+            " save it as UTF-8",
+            id="not-utf8",
+        ),
+        pytest.param(
+            _not_utf8_after_a_bom,
+            "invalid TOML: the file is not UTF-8 (invalid continuation byte: byte 0xe9 at line 2, column 12);"
+            " save it as UTF-8",
+            id="not-utf8-after-a-utf8-bom",
+        ),
+        pytest.param(
+            _utf16,
+            "invalid TOML: the file is UTF-16 (a byte-order mark says so), not UTF-8: save it as UTF-8",
+            id="utf16",
+        ),
     ],
 )
 def test_an_unreadable_file_is_refused_naming_the_file(
