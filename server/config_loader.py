@@ -123,6 +123,11 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     being opened for reading, which could wait forever. A UTF-8 byte-order mark at the start (as
     some Windows editors write) is skipped.
     """
+    if not os.fspath(path):  # Path("") would read as ".", the working directory
+        raise ConfigError(
+            ["the config path is empty: give the path of a .toml file (or no --config, for the built-in defaults)"],
+            sourced=True,
+        )
     file = Path(path)
     try:
         data = _read_regular_file(file)
@@ -655,8 +660,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
             type or is out of bounds. Every problem of the file, the environment and `overrides`
             is reported, one per line (an unreadable file alone, since nothing else can be checked).
     """
+    file_data = read_toml(path) if path is not None else {}  # (an empty path is refused, not read as ".")
     file = Path(path) if path is not None else None
-    file_data = read_toml(file) if file is not None else {}
     env, env_problems = _read_env()
     flags = dict(overrides or {})
     sources = _Sources(file, file_data, env, flags)

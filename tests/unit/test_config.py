@@ -48,7 +48,7 @@ def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
     return path
 
 
-def problems_of(path: Path | None, overrides: dict[str, Any] | None = None) -> list[str]:
+def problems_of(path: str | Path | None, overrides: dict[str, Any] | None = None) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         load_settings(path, overrides)
     assert str(caught.value) == "\n".join(caught.value.problems)
@@ -858,6 +858,12 @@ def test_an_unreadable_file_is_refused_naming_the_file(
     path = make(tmp_path)
 
     assert problems_of(path) == [f"{path}: {expected}"]
+
+
+def test_an_empty_config_path_is_refused_as_empty_not_read_as_the_working_directory() -> None:
+    assert problems_of("") == [
+        "the config path is empty: give the path of a .toml file (or no --config, for the built-in defaults)"
+    ]
 
 
 def test_a_file_starting_with_a_utf8_byte_order_mark_is_read(tmp_path: Path) -> None:
