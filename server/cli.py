@@ -129,8 +129,12 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
         effective = settings.model_dump(mode="json")
         effective["store"]["url"] = safe_url(settings.store.url)  # never print a password
         assert wire is not None
-        wire.write((json.dumps(effective, indent=2) + "\n").encode())
-        wire.flush()
+        try:
+            wire.write((json.dumps(effective, indent=2) + "\n").encode())
+            wire.flush()
+        except OSError as exc:  # stdout closed, or a full disk (`> /dev/full`)
+            sys.stderr.write(f"mcp-session-manager: cannot write the settings to stdout: {exc.strerror or exc}\n")
+            return 1
         for note in settings.ineffective():
             sys.stderr.write(f"mcp-session-manager: note: {note}\n")
         sys.stderr.write("mcp-session-manager: configuration is valid\n")

@@ -103,6 +103,24 @@ def test_check_config_without_a_file_prints_the_builtin_defaults() -> None:
     assert json.loads(result.stdout) == load_settings(ROOT / "config" / "default.toml").model_dump(mode="json")
 
 
+def test_check_config_that_cannot_write_its_output_says_so_in_one_line_and_exits_1() -> None:
+    with open("/dev/full", "w") as full:  # (Linux) every write fails: no space left on device
+        result = subprocess.run(
+            [sys.executable, "-m", "server", "--check-config"],
+            cwd=ROOT,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+
+    assert result.returncode == 1
+    assert "cannot write the settings to stdout: No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("script", [False, True], ids=["python-m-server", "console-script"])
 def test_flags_are_reflected_in_the_output_and_beat_the_environment(script: bool) -> None:
     env = {
