@@ -523,6 +523,12 @@ class _Sources:
         reason = _reason(error)
         if loc == ("server", "host") and self.origin(loc, exact=True) == "flags":
             reason = reason.replace("in server.port", "with --port")  # the fix on the same command line
+        if isinstance(value, Mapping) and error["type"] not in _TABLE_TYPES and error["type"] != "extra_forbidden":
+            # A table where a value belongs: a key one level too deep, say ([limits.max_queued]
+            # with keys of its own, or MCP_SESSIONS_LIMITS__MAX_QUEUED__X). Its keys are named,
+            # never its values (they might be secrets).
+            names = ", ".join(_show(str(name)) for name in list(value)[:5]) + (", ..." if len(value) > 5 else "")
+            reason = f"{reason}, not a table (got a table with the key{'s' if len(value) > 1 else ''} {names})"
         if error["type"] in _TABLE_TYPES and isinstance(value, str) and self.origin(loc, exact=True) == "env":
             name = self.describe(loc).removeprefix("environment variable ")
             reason = f"must be JSON for a table, e.g. {name}='{_json_example([str(part) for part in loc])}'"

@@ -274,6 +274,16 @@ def test_building_settings_directly_still_checks_the_timeout_cap() -> None:
 
 BAD_FILES = [
     pytest.param(
+        "[limits.max_queued]\nx = 1\n",
+        'limits.max_queued: must be a whole number, not a table (got a table with the key "x")',
+        id="a-table-one-level-too-deep",
+    ),
+    pytest.param(
+        "[limits]\nmax_concurrent_sessions = {a = 1, b = 2}\n",
+        'limits.max_concurrent_sessions: must be a whole number, not a table (got a table with the keys "a", "b")',
+        id="an-inline-table-for-int",
+    ),
+    pytest.param(
         '[limits]\nmax_concurrent_sessions = "ten"\n',
         'limits.max_concurrent_sessions: must be a whole number (got "ten")',
         id="wrong-type-string-for-int",
