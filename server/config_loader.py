@@ -442,6 +442,8 @@ def _reason(error: ErrorDetails) -> str:
         if low is not None and high is not None:
             return f"must be between {low} and {high}"
         if kind == "greater_than_equal":
+            if loc[:1] == ("tools",) and loc[-1] == "max_concurrent":
+                return f"must be at least {_bound(ctx['ge'])}; for no cap on the tool, leave max_concurrent out"
             return f"must be at least {_bound(ctx['ge'])}"
         return f"must be at most {_bound(ctx['le'])}"
     if kind == "greater_than":

@@ -574,7 +574,7 @@ BAD_FILES = [
     ),
     pytest.param(
         "[tools.slow]\nmax_concurrent = 0\n",
-        "tools.slow.max_concurrent: must be at least 1 (got 0)",
+        "tools.slow.max_concurrent: must be at least 1; for no cap on the tool, leave max_concurrent out (got 0)",
         id="tool-cap-zero",
     ),
     pytest.param(
