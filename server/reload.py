@@ -170,7 +170,13 @@ class ConfigReloader:
         for note in effective.ineffective():
             logger.warning("Config reload: %s", note)
         if restart_only:
-            logger.warning("Config reload: ignored until restart: %s", _describe(restart_only))
+            # New tool modules are imported only by the restart: a module that cannot be imported
+            # would then stop the server from starting. Say how to find out first.
+            check = ""
+            if "server.tool_modules" in restart_only and self.path is not None:
+                check = f"; before restarting, check the new config with: mcp-session-manager --config {self.path}"
+                check += " --check-config"
+            logger.warning("Config reload: ignored until restart: %s%s", _describe(restart_only), check)
         if host_owned:
             logger.info(
                 "Config reload: [logging] left to the host, which configures this process's logging (not applied: %s)",

@@ -255,6 +255,24 @@ def test_a_reload_keeps_the_keys_bound_at_startup_and_reports_them(
     assert "shutdown.timeout_seconds 30.0 -> 3.0" in text
 
 
+def test_a_reload_that_adds_tool_modules_says_to_check_the_config_before_the_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The new module is imported only by the restart, where one that cannot be imported stops
+    # the server from starting: the reload says how to find out first.
+    path = write(tmp_path / "c.toml", "[limits]\nmax_queued = 1\n")
+    sessions = SessionsExtension(load_settings(path))
+    write(path, '[server]\ntool_modules = ["no_such_module_here"]\n')
+
+    with caplog.at_level(logging.INFO, logger="server.reload"):
+        assert ConfigReloader(sessions, path).reload() is True
+
+    assert sessions.config.server.tool_modules == ()
+    assert f"before restarting, check the new config with: mcp-session-manager --config {path} --check-config" in (
+        caplog.text
+    )
+
+
 def test_a_reload_that_changes_nothing_names_the_environment_variables_that_override_the_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -292,6 +310,7 @@ def test_a_reload_does_not_blame_the_environment_when_it_cannot_be_the_reason(
         assert ConfigReloader(without_file, None).reload() is True
 
     assert "ignored until restart: server.name" in caplog.text
+    assert "--check-config" not in caplog.text, "only new tool modules need checking before the restart"
     assert caplog.text.count("nothing changed") == 2
     assert "environment overrides" not in caplog.text
 
