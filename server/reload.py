@@ -36,7 +36,7 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from server.config import ENV_PREFIX, ConfigError, Settings, mask_secrets
-from server.config_loader import config_problems, load_settings
+from server.config_loader import config_problems, load_settings, read_toml
 from server.extension import SessionsExtension
 from server.logs import configure_logging, configured_here
 
@@ -191,7 +191,7 @@ class ConfigReloader:
         else:
             # The environment as the reason only where it may be one: a file was read, and no edit
             # was reported above as ignored (the environment cannot change under a running process).
-            note = _environment_note() if self.path is not None and not ignored else ""
+            note = self._overridden_note(effective) if self.path is not None and not ignored else ""
             logger.info("Config reloaded from %s: nothing changed%s", where, note)
         return True
 
@@ -218,14 +218,37 @@ class ConfigReloader:
         loaded = await anyio.to_thread.run_sync(self._load, abandon_on_cancel=True, limiter=reading)
         self._apply(loaded)
 
+    def _overridden_note(self, in_force: Settings) -> str:
+        """The file's keys that the environment or the command line override, each with what
+        overrides it (an edit to one of them changes nothing); "" if none does. Key names only:
+        a value might be a secret."""
+        try:
+            written = _flatten(read_toml(self.path)) if self.path is not None else {}
+        except ConfigError:
+            return ""
+        effective = _flatten(in_force.model_dump(mode="json"))
+        flags = _flatten(self.overrides)
+        overridden = [
+            f"{key} by {_overrider(key, flags)}"
+            for key, value in written.items()
+            if key in effective and effective[key] != value
+        ]
+        if not overridden:
+            return ""
+        return f" (overridden, so the file's value is not in force: {', '.join(overridden)})"
 
-def _environment_note() -> str:
-    """Which environment variables override the file (an edit to what they set changes nothing)."""
-    # Only names that set a key (SECTION__KEY): others, such as a token variable, override nothing.
-    names = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX) and "__" in name)
-    if not names:
-        return ""
-    return f" (the environment overrides the file: {', '.join(names)})"
+
+def _overrider(key: str, flags: Mapping[str, Any]) -> str:
+    """What sets the dotted `key` over the file: a command line option, or an environment variable."""
+    if key in flags:
+        return f"the command line option --{key.split('.')[-1]}" if key.startswith("server.") else "the command line"
+    parts = key.split(".")
+    for depth in range(len(parts), 0, -1):  # MCP_SESSIONS_LIMITS__MAX_QUEUED, or a JSON MCP_SESSIONS_LIMITS
+        wanted = ENV_PREFIX + "__".join(parts[:depth]).upper()
+        for name in sorted(os.environ):
+            if name.upper() == wanted:
+                return name
+    return "the environment"
 
 
 def _describe(ignored: Mapping[str, tuple[Any, Any]]) -> str:

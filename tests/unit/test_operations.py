@@ -289,9 +289,28 @@ def test_a_reload_that_changes_nothing_names_the_environment_variables_that_over
 
     assert sessions.config.limits.max_concurrent_sessions == 7
     assert (
-        "nothing changed (the environment overrides the file: MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS)\n"
-        in caplog.text
+        "nothing changed (overridden, so the file's value is not in force: "
+        "limits.max_concurrent_sessions by MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS)\n" in caplog.text
     )
+
+
+def test_a_reload_that_changes_nothing_names_the_command_line_option_that_overrides_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The edit is to server.host, which --host overrides; an unrelated variable is not blamed.
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_QUEUED", "3")
+    flags = {"server": {"host": "127.0.0.1"}}
+    path = write(tmp_path / "c.toml", '[server]\nhost = "127.0.0.1"\n')
+    sessions = SessionsExtension(load_settings(path, flags))
+    write(path, '[server]\nhost = "localhost"\n')
+
+    with caplog.at_level(logging.INFO, logger="server.reload"):
+        assert ConfigReloader(sessions, path, flags).reload() is True
+
+    assert sessions.config.server.host == "127.0.0.1"
+    line = next(r.getMessage() for r in caplog.records if "nothing changed" in r.getMessage())
+    expected = "overridden, so the file's value is not in force: server.host by the command line option --host"
+    assert line.endswith(f"nothing changed ({expected})"), line
 
 
 def test_a_reload_does_not_blame_the_environment_when_it_cannot_be_the_reason(
