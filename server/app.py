@@ -451,7 +451,16 @@ async def serve_http(
     security = transport_security(settings)  # one check for /mcp and the operational endpoints
     add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager), security)
     # Ends open GET event streams and waits for responses in flight before uvicorn stops (see its module).
-    http = HttpShutdown(app.server.streamable_http_app(host=settings.host, transport_security=security))
+    http = HttpShutdown(
+        app.server.streamable_http_app(
+            host=settings.host,
+            transport_security=security,
+            # A client that goes away without ending its session (no DELETE: a crash, a lost
+            # network) holds its SDK session (about 46 KB and two tasks here) until this.
+            session_idle_timeout=settings.http_session_idle_timeout_seconds,
+            max_sessions=settings.http_max_sessions,
+        )
+    )
     config = uvicorn.Config(
         http,
         host=settings.host,

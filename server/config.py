@@ -287,6 +287,20 @@ class ServerSettings(_Section):
         description="Host header values streamable HTTP accepts besides loopback (DNS-rebinding protection), "
         'e.g. ["mcp.example.com:*"]; required when host is not a loopback address.',
     )
+    http_session_idle_timeout_seconds: float = Field(
+        default=1800.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        allow_inf_nan=False,
+        description="Streamable HTTP: a client session with no request in flight (and no open event stream) "
+        "for this long is closed, its memory freed; the client then initializes a new one.",
+    )
+    http_max_sessions: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Streamable HTTP: client sessions open at once; past it a new client is refused (503).",
+    )
 
     @model_validator(mode="after")
     def _hosts_named_off_loopback(self) -> ServerSettings:

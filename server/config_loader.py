@@ -399,11 +399,13 @@ def _belongs(homes: list[str]) -> str:
 def _unknown_key(key: str | int, parent: Loc, value: Any = None) -> str:
     known = _known_keys(parent)
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    homes = _homes(str(key), parent)
+    # A key of another table, written in this one, unless this table has a near-twin of it (a
+    # typo here is likelier than a misplaced key that happens to look like one of its keys).
+    if homes and not (close and difflib.SequenceMatcher(None, str(key), close[0]).ratio() >= 0.85):
+        return f"unknown key here; {_belongs(homes)}"
     if close:
         return f"unknown key; did you mean {close[0]!r}?"
-    homes = _homes(str(key), parent)
-    if homes:  # a key of another table, written in this one
-        return f"unknown key here; {_belongs(homes)}"
     if parent == () and isinstance(value, Mapping) and value and set(value) <= set(ToolSettings.model_fields):
         return f"unknown key; per-tool settings belong in [tools.{key}]"
     if known:

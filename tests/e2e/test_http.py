@@ -247,6 +247,33 @@ async def test_sigterm_ends_an_open_get_event_stream_cleanly_and_logs_no_error(t
     assert all(chunk.startswith(b":") for chunk in received), received  # pings at most, no message
 
 
+async def test_a_client_session_left_idle_is_closed_and_its_room_given_to_a_new_client(tmp_path: Path) -> None:
+    # A handshake-era client that goes away without DELETE (a crash, a lost network) leaves its
+    # session open: `server.http_session_idle_timeout_seconds` closes it, and
+    # `server.http_max_sessions` bounds how many are open meanwhile (503 past it).
+    config = server_config()
+    config["server"] = {**config["server"], "http_session_idle_timeout_seconds": 1.0, "http_max_sessions": 1}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    init = {"protocolVersion": PROTOCOL_VERSION, "capabilities": {}, "clientInfo": {"name": "e2e", "version": "0"}}
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        url = url_of(server)
+        with anyio.fail_after(START_SECONDS):
+            async with httpx2.AsyncClient(timeout=CALL_SECONDS) as http:
+                first = await http.post(url, headers=headers, json=initialize)
+                assert first.status_code == 200, first.text
+                gone = first.headers["mcp-session-id"]  # this client never comes back, nor sends DELETE
+                refused = await http.post(url, headers=headers, json=initialize)
+                assert refused.status_code == 503, refused.text  # the one session allowed is taken
+                await server.wait_stderr(f"Session {gone} idle timeout", within=START_SECONDS)
+                session = {**headers, "mcp-session-id": gone, "mcp-protocol-version": PROTOCOL_VERSION}
+                ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+                assert (await http.post(url, headers=session, json=ping)).status_code == 404
+                again = await http.post(url, headers=headers, json=initialize)
+                assert again.status_code == 200, again.text
+    assert error_lines(server) == [], server.stderr
+
+
 async def test_server_shutdown_from_a_handshake_era_client_is_answered_with_its_event_stream_open(
     tmp_path: Path,
 ) -> None:
