@@ -448,9 +448,9 @@ class ClusterSessionManager(SessionManager):
             await self.store.ended_ready.wait()
             await anyio.sleep(COALESCE_SECONDS)
             try:
-                await self.store.flush_ended()
-                delay = RETRY_MIN_SECONDS
-                self._store_answered()
+                if await self.store.flush_ended():  # (nothing to write: Redis was not asked)
+                    delay = RETRY_MIN_SECONDS
+                    self._store_answered()
             except StoreUnavailable as exc:
                 self._store_failed(exc)
                 await anyio.sleep(delay)  # back off while Redis is away
@@ -547,7 +547,9 @@ class ClusterSessionManager(SessionManager):
         self._store_error = str(exc)
 
     def _store_answered(self) -> None:
-        if self._store_error is not None and not self.store.pending_ends:
+        """Redis answered a round trip: say it is back, unless ends are still on their way (an
+        admission's round trip that may yet fail) or waiting."""
+        if self._store_error is not None and not self.store.unwritten_ends:
             logger.warning("The session store answers again")
             self._store_error = None
 

@@ -449,11 +449,16 @@ class RedisStore:
         not come back (with a hung Redis it may never)."""
         return len(self._ended) + self._ends_in_flight
 
-    async def flush_ended(self) -> None:
-        """Write the session ends waiting to be written (raises `StoreUnavailable`; they stay)."""
+    async def flush_ended(self) -> bool:
+        """Write the session ends waiting to be written (raises `StoreUnavailable`; they stay).
+        Whether Redis was asked at all: False when another round trip (an admission's) had
+        taken them already."""
+        wrote = False
         while self._ended:
             await self._run_sync("release a session", self._take_ended(), [], True)
+            wrote = True
         self.ended_ready = anyio.Event()
+        return wrote
 
     def _take_ended(self) -> list[tuple[str, str]]:
         ended, self._ended = self._ended[:1000], self._ended[1000:]

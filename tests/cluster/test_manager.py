@@ -572,3 +572,28 @@ async def test_a_queued_call_that_needs_a_thread_is_refused_at_its_turn_while_th
         assert a.metrics().sessions_rejected_threads == 1
         await a.release(admitted.id)
         a.thread_ended()
+
+
+async def test_an_outbox_wake_with_nothing_to_write_does_not_say_redis_answers_again(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An admission's round trip takes the waiting ends with it, so the outbox may wake to find
+    # nothing to write. Redis was not asked then: that is no sign it is back.
+    store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
+    a = _replica(store, max_concurrent_sessions=5)
+    async with _running(a):
+        own_redis.stop()
+        with caplog.at_level(logging.WARNING, logger="server.cluster"), pytest.raises(SessionError) as refused:
+            await a.create(tool="t")
+        assert refused.value.code is ErrorCode.STORE_UNAVAILABLE
+        # The race, set up by hand: an admission's round trip takes the waiting ends (here, the
+        # refused call's own), and the outbox, woken for them, finds nothing left to write.
+        taken = a.store._take_ended()
+        assert taken and not a.store.pending_ends
+        woken = a.store.ended_ready
+        woken.set()
+        await until(lambda: a.store.ended_ready is not woken, within=WAIT_SECONDS)  # the outbox ran
+        a.store._ended[:0] = taken  # the round trip failed: its ends are back, first in line
+        assert "answers again" not in caplog.text, caplog.text
+        down = await a.cluster_metrics()
+        assert not down.available
