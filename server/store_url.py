@@ -106,6 +106,20 @@ def _redis_py_problem(url: str, scheme: str) -> str | None:
             f"query argument {', '.join(map(repr, unknown))} is not a connection option redis-py takes "
             f"for {scheme}:// (known: {', '.join(sorted(accepted))})"
         )
+    return _value_problem(url)
+
+
+def _value_problem(url: str) -> str | None:
+    """Why redis-py refuses a query argument's value (`max_connections=-1`, `protocol=9`,
+    `ssl_cert_reqs=bogus`) when it builds the pool and a connection, which opens no socket: it
+    would otherwise fail at startup, as if the store could not be reached."""
+    from redis.asyncio import ConnectionPool
+    from redis.exceptions import RedisError
+
+    try:
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError, RedisError) as exc:
+        return f"has a query argument redis-py refuses: {safe_url(str(exc))}"
     return None
 
 

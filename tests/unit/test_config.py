@@ -1293,6 +1293,24 @@ def test_a_query_argument_redis_py_would_crash_on_is_refused_with_the_known_ones
     assert tls.url.endswith("client_name=tools")
 
 
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("max_connections=-1", '"max_connections" must be a positive integer'),
+        ("protocol=9", "protocol must be either 2 or 3"),
+    ],
+)
+def test_a_query_argument_value_redis_py_refuses_is_refused_at_validation_without_the_password(
+    tmp_path: Path, query: str, reason: str
+) -> None:
+    # redis-py refuses these values only when it builds the pool or a connection (no socket is
+    # opened for either): at startup they were a traceback (exit 1) or "cannot reach the store".
+    path = write(tmp_path, f'[store]\nbackend = "redis"\nurl = "redis://:s3cret@h:6379/0?{query}"\n')
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}: store.url: has a query argument redis-py refuses: {reason}"), problem
+    assert "s3cret" not in problem
+
+
 @pytest.mark.parametrize("argument", ["socket_timeout", "socket_connect_timeout"])
 def test_a_query_argument_that_would_override_store_timeout_seconds_is_refused(argument: str) -> None:
     # redis-py lets a URL's own timeout win over the one the store passes, silently unbounding
