@@ -46,7 +46,7 @@ from server.errors import ErrorCode, SessionError, shorten
 from server.metrics import ClusterMetrics, ClusterToolMetrics
 from server.session import Session, SessionState, ended_state
 from server.sessions import SessionManager, runs_a_call
-from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, RedisStore, StoreUnavailable
+from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, RECOVERY_SECONDS, RedisStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ class ClusterSessionManager(SessionManager):
         self._store_error: str | None = None
         #: The store's epoch when last seen; a new one means Redis lost its data.
         self._epoch: str | None = None
+        #: Set to run the housekeeping at once (an admission found Redis empty).
+        self._look_at_store = anyio.Event()
         #: Set once this replica has written its last session ends and left the cluster (made when it begins).
         self._left: anyio.Event | None = None
         #: Places in the queue promised to calls still asking Redis for a slot (see `create`).
@@ -210,6 +212,9 @@ class ClusterSessionManager(SessionManager):
                 verdict = held_by = await self._acquire(session, final=not may_queue)
                 if verdict == "ok":
                     return self._open_admitted(session)
+                if verdict == "recovering" and not may_queue:
+                    self._count(Refusal.STORE)
+                    raise admission.refuse_store(session.tool, self._recovering())
                 if verdict == "client_limit":
                     self._count(Refusal.CLIENT_LIMIT)
                     raise admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
@@ -265,7 +270,15 @@ class ClusterSessionManager(SessionManager):
             self._store_failed(exc)
             self._count(Refusal.STORE)
             raise admission.refuse_store(tool, str(exc), refused=exc.refused) from None
+        if verdict == "recovering":
+            self._look_at_store.set()  # Redis lost its data: register this replica's sessions now
         return verdict
+
+    def _recovering(self) -> str:
+        return (
+            f"{self.store.where} restarted empty: the replicas are registering their running sessions "
+            f"again (for about {RECOVERY_SECONDS:g}s), so that the caps count them"
+        )
 
     def _open_admitted(self, session: Session) -> Session:
         """Open locally a session the store has admitted (and give it back if shutdown began)."""
@@ -306,7 +319,7 @@ class ClusterSessionManager(SessionManager):
                     self._hand_to(waiter)
                     continue
                 waiter.held_by = verdict
-                if verdict == "capacity":  # the cluster is full (for the calls behind it too)
+                if verdict in ("capacity", "recovering"):  # full, or not admitting (for the calls behind it too)
                     with self._lock:
                         for behind in self._queue:
                             behind.held_by = verdict
@@ -342,7 +355,7 @@ class ClusterSessionManager(SessionManager):
 
     def _full_for_locked(self, waiter: Waiter) -> tuple[bool, bool]:
         """What kept `waiter` out, as the store last said: this replica sees only its own calls."""
-        return waiter.held_by == "capacity", waiter.held_by == "tool_limit"
+        return waiter.held_by in ("capacity", "recovering"), waiter.held_by == "tool_limit"
 
     def _hand_to(self, waiter: Waiter) -> None:
         """Open the session Redis admitted for `waiter`; give the slot back if the waiter left
@@ -463,8 +476,9 @@ class ClusterSessionManager(SessionManager):
         `HOUSEKEEPING_SECONDS`; put this replica's sessions back if Redis lost them (a new epoch)."""
         while True:
             wait = HOUSEKEEPING_SECONDS
+            self._look_at_store = anyio.Event()
             try:
-                due, epoch = await self.store.housekeeping()
+                due, epoch = await self.store.housekeeping(self._epoch)
                 if epoch != self._epoch:
                     if self._epoch is not None:  # Redis came back empty: it lost our sessions
                         await self._reconcile()
@@ -477,7 +491,8 @@ class ClusterSessionManager(SessionManager):
                 wait = RETRY_MAX_SECONDS
             if self._queue:
                 self._freed.set()  # a freed slot's message may have been lost: try again now
-            await anyio.sleep(wait)
+            with anyio.move_on_after(wait):
+                await self._look_at_store.wait()  # or sooner, when an admission found Redis empty
 
     async def _reconcile(self) -> None:
         """Bring this replica's sessions in line with Redis after a time out of touch: end those

@@ -14,6 +14,7 @@ Keys, all under `[store] key_prefix` (P):
     P clients   hash: active sessions per client
     P replicas  sorted set: replica id scored by when it last reported (ms)
     P epoch     a token set once: a Redis that restarted empty has a new one
+    P recovering  set for RECOVERY_SECONDS once a replica finds Redis empty: no admission then
     P waiting   hash: calls queued per replica (only replicas with queued calls are told of freed slots)
     P events    pub/sub channel: "freed" (a slot may be free), "ended <id> <state>" (released
                 through a replica other than its own)
@@ -57,12 +58,17 @@ ENDED_TTL_SECONDS = 3600
 REPLICA_LIVE_SECONDS = 5.0
 #: At most this many overdue sessions are expired per script run (the rest on the next one).
 PURGE_BATCH = 200
+#: After Redis came back empty, admissions wait this long (refused "recovering") while the
+#: replicas register their running sessions again: each notices within a second (its
+#: housekeeping runs at least that often, see `server.cluster`), and the caps must count them.
+RECOVERY_SECONDS = 2.0
 #: How long the end of a session Redis never saw is remembered: long enough for an admission
 #: that timed out on its way (and so was answered `store_unavailable`) to arrive and be refused.
 TOMBSTONE_TTL_SECONDS = 120
 
 _COMMON = (
     f"local PURGE_BATCH, TOMBSTONE_TTL = {PURGE_BATCH}, {TOMBSTONE_TTL_SECONDS}\n"
+    f"local RECOVERY_MS = {int(RECOVERY_SECONDS * 1000)}\n"
     f"local OWNER_LIVE_MS = {int(OWNER_LIVE_SECONDS * 1000)}\n"
     + """
 local P = ARGV[1]
@@ -161,6 +167,9 @@ set_waiting(replica, tonumber(ARGV[5]))
 local ends, own, calls_too = tonumber(ARGV[6]), ARGV[7] == '1', ARGV[7] ~= '2'
 local released, admitted = {}, {}
 local freed = false
+-- No epoch: Redis restarted empty and no replica has noticed yet. Or one has, and the replicas
+-- are registering their running sessions again: admitting now would not count them.
+local recovering = redis.call('EXISTS', P .. 'epoch') == 0 or redis.call('EXISTS', P .. 'recovering') == 1
 for i = 8, 7 + 2 * ends, 2 do
   local id, state = ARGV[i], ARGV[i + 1]
   local key = P .. 's:' .. id
@@ -196,6 +205,8 @@ for i = 8 + 2 * ends, #ARGV, 9 do
   local verdict = 'ok'
   if redis.call('EXISTS', P .. 's:' .. id) == 1 then
     verdict = 'again'  -- run twice (a retry after a lost reply): admitted once
+  elseif recovering then
+    verdict = 'recovering'
   elseif client ~= '' and client_cap > 0 and tonumber(redis.call('HGET', clients, client) or '0') >= client_cap then
     verdict = 'client_limit'
   elseif redis.call('ZCARD', active) >= max_total then
@@ -207,7 +218,7 @@ for i = 8 + 2 * ends, #ARGV, 9 do
     verdict = 'ok'
   elseif verdict == 'ok' then
     register(id, timeout_ms, tool, client, bytes, replica, ttl)
-  elseif final or verdict == 'client_limit' then
+  elseif verdict ~= 'recovering' and (final or verdict == 'client_limit') then
     redis.call('HINCRBY', counts, 'rejected_' .. verdict, 1)
   end
   admitted[#admitted + 1] = verdict
@@ -216,7 +227,8 @@ return {released, admitted}
 """
 )
 
-# ARGV: prefix, grace_ms, ttl_s, replica, live_ms, epoch, calls queued at the replica. Expires
+# ARGV: prefix, grace_ms, ttl_s, replica, live_ms, epoch, calls queued at the replica, the
+# epoch the replica knew ('' if none). Expires
 # overdue sessions, records the replica as live; returns {sessions expired, ms until the
 # earliest deadline + grace (-1: none), the store's epoch}. The epoch is a token set once per
 # store: a Redis that restarted empty has a new one, which tells each replica to register its
@@ -239,7 +251,11 @@ end
 local first = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
 local wait = -1
 if first[2] then wait = math.max(0, tonumber(first[2]) + grace - now) end
-redis.call('SET', P .. 'epoch', ARGV[6], 'NX')
+-- ARGV[8]: the epoch this replica knew ('' at its start). Finding none, it knows Redis lost its
+-- data: admissions wait while the replicas register their sessions again.
+if redis.call('SET', P .. 'epoch', ARGV[6], 'NX') and ARGV[8] ~= '' then
+  redis.call('SET', P .. 'recovering', 1, 'PX', RECOVERY_MS)
+end
 return {freed, wait, redis.call('GET', P .. 'epoch')}
 """
 )
@@ -379,7 +395,8 @@ class RedisStore:
         final: bool,
     ) -> str:
         """Admit and register a session for `seconds` if the cluster has room: "ok", else why
-        not ("capacity" | "tool_limit" | "client_limit").
+        not ("capacity" | "tool_limit" | "client_limit" | "recovering": Redis came back empty
+        and the replicas are registering their sessions again).
 
         One round trip carries every admission asked for while the previous one was on its
         way, and the session ends waiting to be written (`end_later`), written first. A caller
@@ -509,13 +526,23 @@ class RedisStore:
             self._ends_in_flight -= len(ended)
         return released, admitted
 
-    async def housekeeping(self) -> tuple[float | None, str]:
+    async def housekeeping(self, known_epoch: str | None = None) -> tuple[float | None, str]:
         """Expire sessions whose replica died; mark this replica live. Returns the seconds until
         the next session could need expiring (None: no active session) and the store's epoch
-        (it changes when Redis lost its data)."""
+        (it changes when Redis lost its data). With the `known_epoch` the replica saw before,
+        finding Redis empty holds admissions for `RECOVERY_SECONDS` (see `_SYNC`)."""
         live_ms = int(REPLICA_LIVE_SECONDS * 1000)
         epoch = secrets.token_hex(8)
-        args = (self.prefix, self._grace_ms, ENDED_TTL_SECONDS, self.replica, live_ms, epoch, self.waiting())
+        args = (
+            self.prefix,
+            self._grace_ms,
+            ENDED_TTL_SECONDS,
+            self.replica,
+            live_ms,
+            epoch,
+            self.waiting(),
+            known_epoch or "",
+        )
         _, wait_ms, epoch = await self._call("expire overdue sessions", self._housekeeping(args=args))
         return (None if int(wait_ms) < 0 else int(wait_ms) / 1000), _text(epoch)
 

@@ -356,7 +356,7 @@ async def test_sessions_left_by_a_dead_manager_expire_after_their_deadline(share
 
 async def test_redis_away_refuses_fast_and_everything_resumes(own_redis: RedisServer) -> None:
     store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
-    a = _replica(store, max_concurrent_sessions=5)
+    a = _replica(store, max_concurrent_sessions=5, max_queued=1, queue_timeout_seconds=WAIT_SECONDS)
     async with _running(a):
         held = await a.create()
         own_redis.stop()
@@ -378,10 +378,13 @@ async def test_redis_away_refuses_fast_and_everything_resumes(own_redis: RedisSe
 
         with _registered_again() as registered:
             own_redis.start()  # the same port, empty; it answers PING when this returns
-            after = await a.create(tool="t")  # admitted at once: nothing waits for a back-off
+            # Redis restarted empty: the call waits (queued) while the replicas register their
+            # sessions again (`held` here), then is admitted, with no back-off of its own.
+            after = await a.create(tool="t")
             await _wait_registered_again(registered)  # `held`, in the empty Redis
         totals = await _totals(a)
         assert (totals.active_sessions, totals.total_sessions_created) == (2, 2)
+        assert a.metrics().sessions_rejected_store_unavailable == 2, "the wait was no refusal"
         await a.release(after.id)
         await a.release(held.id)
         await _ends_written(a)
@@ -396,7 +399,8 @@ async def test_a_session_held_past_its_deadline_is_registered_again_when_redis_c
     # A call that holds its cancellation off still runs past its deadline: when Redis restarts
     # empty, its replica registers it again with the others, so the cap keeps counting it.
     store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
-    a, b = _replica(store, max_concurrent_sessions=1), _replica(store, max_concurrent_sessions=1)
+    a = _replica(store, max_concurrent_sessions=1)
+    b = _replica(store, max_concurrent_sessions=1, max_queued=1, queue_timeout_seconds=WAIT_SECONDS)
     async with _running(a, b):
         held = await a.create(tool="t", timeout_seconds=0.2)
         asked_to_stop = anyio.Event()
@@ -412,13 +416,15 @@ async def test_a_session_held_past_its_deadline_is_registered_again_when_redis_c
         assert (await _totals(b)).active_sessions == 1
         with pytest.raises(SessionError) as full:
             await b.create(queue=False)
-        assert full.value.code is ErrorCode.CAPACITY_EXCEEDED, full.value
+        # The cap of 1 counts it (or admissions still wait for the replicas to register again).
+        assert full.value.code in (ErrorCode.CAPACITY_EXCEEDED, ErrorCode.STORE_UNAVAILABLE), full.value
+        assert (await _totals(b)).peak_concurrent_sessions == 1, "nothing was admitted beside it"
 
         assert a.end(held, SessionState.TIMEOUT, "stopped late")  # written through a's outbox
         await _ends_written(a)
         totals = await _totals(b)
         assert (totals.active_sessions, totals.total_sessions_timeout) == (0, 1)
-        await b.create(queue=False)
+        await b.create()  # the slot is free (once admissions no longer wait for the replicas)
 
 
 async def test_an_overdue_session_its_live_replica_no_longer_runs_is_ended_in_the_store(
@@ -597,3 +603,44 @@ async def test_an_outbox_wake_with_nothing_to_write_does_not_say_redis_answers_a
         assert "answers again" not in caplog.text, caplog.text
         down = await a.cluster_metrics()
         assert not down.available
+
+
+async def test_after_redis_comes_back_empty_nothing_is_admitted_until_the_replicas_registered_again(
+    own_redis: RedisServer,
+) -> None:
+    # Each replica runs a session Redis then forgets. An admission that reaches the empty Redis
+    # before they are registered again would be counted against none of them: past the cap.
+    store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
+    a, b = _replica(store, max_concurrent_sessions=2), _replica(store, max_concurrent_sessions=2)
+    registered: list[str] = []
+
+    class Registered(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if REGISTERED_AGAIN in record.getMessage():
+                registered.append(record.getMessage())
+
+    handler = Registered(logging.WARNING)
+    cluster_logger = logging.getLogger("server.cluster")
+    level = cluster_logger.level
+    cluster_logger.setLevel(logging.WARNING)
+    cluster_logger.addHandler(handler)
+    try:
+        async with _running(a, b):
+            held = [await a.create(tool="t"), await b.create(tool="t")]  # the cap of 2 is reached
+            own_redis.stop()
+            own_redis.start()  # the same port, empty
+            with pytest.raises(SessionError) as early:
+                await b.create(tool="t", queue=False)  # before the replicas are registered again
+            assert early.value.code is ErrorCode.STORE_UNAVAILABLE, early.value.message
+            assert "restarted empty" in early.value.message and "retry in a moment" in early.value.message
+            await until(lambda: len(registered) == 2, within=WAIT_SECONDS)  # each replica's own session
+            with pytest.raises(SessionError) as later:
+                await a.create(tool="t", queue=False)  # still waiting, or the cap of 2: never admitted
+            assert later.value.code in (ErrorCode.STORE_UNAVAILABLE, ErrorCode.CAPACITY_EXCEEDED)
+            totals = await _totals(a)
+            assert (totals.active_sessions, totals.peak_concurrent_sessions) == (2, 2)
+            for session, manager in zip(held, (a, b), strict=True):
+                await manager.release(session.id)
+    finally:
+        cluster_logger.removeHandler(handler)
+        cluster_logger.setLevel(level)
