@@ -109,14 +109,14 @@ class DecoupledCalls:
         except anyio.get_cancelled_exc_class():
             # The client cancelled the request or went away, or the server is stopping.
             self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
-            self._give_up(work)
+            self._give_up(work, sync)
             raise
         finally:
             session.on_cancel = None  # nobody waits any more; and no cycle session -> work -> session
 
         if ran_to_end:
             return self._finish(work, name)
-        self._give_up(work)
+        self._give_up(work, sync)
         fate = MAYBE_ABANDONED if work.abandoned else CANCELLED
         return stopped(self.manager, session, name, fate, idle_advice(sync))
 
@@ -148,7 +148,7 @@ class DecoupledCalls:
                 _thread_limiter().total_tokens -= 1  # its token is back: take the loan back
                 self.manager.thread_ended()
 
-    def _give_up(self, work: _Work) -> None:
+    def _give_up(self, work: _Work, sync: bool | None) -> None:
         """The caller stops waiting: cancel the work; count it if it stays stuck in a thread.
 
         A thread cannot be cancelled, so the work keeps its token of anyio's default thread
@@ -161,11 +161,12 @@ class DecoupledCalls:
         if work.done or work.abandoned:
             return
         limiter = _thread_limiter()
-        # Stuck in a thread: its task holds a token of the limiter (the SDK runs sync tools and
-        # sync resolvers with `anyio.to_thread.run_sync` in the work's own task). Async work
-        # whose cancellation takes longer (a shielded clean-up) holds none: it winds down on
-        # the event loop, and is neither counted nor lent a token.
-        if work.task not in limiter.statistics().borrowers:
+        # A sync tool's work (or one of unknown kind) still running is stuck in a thread, which
+        # may be held by a task the work started (an inner interceptor's task group). An async
+        # tool's work is stuck in one only while its own task holds a token (the SDK runs sync
+        # resolvers with `anyio.to_thread.run_sync` in it); otherwise its cancellation merely
+        # takes longer (a shielded clean-up) on the event loop: neither counted nor lent a token.
+        if sync is False and work.task not in limiter.statistics().borrowers:
             return
         work.abandoned = True
         limiter.total_tokens += 1

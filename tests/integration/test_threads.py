@@ -15,7 +15,11 @@ import anyio
 import anyio.to_thread
 import pytest
 from mcp import Client
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.extension import Extension
+from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.resolve import Resolve
+from mcp_types import CallToolRequestParams
 
 from server import SessionsExtension, Settings
 from server.decoupled import _Work
@@ -189,6 +193,53 @@ async def test_a_decoupled_async_tool_whose_clean_up_outlasts_its_cancellation_l
     assert "was cancelled" in text_of(timed_out) and "abandoned" not in text_of(timed_out)
     assert (after_cancel["abandoned_threads"], after_cancel["sessions_rejected_threads"]) == (0, 0)
     assert after_cancel["total_sessions_cancelled"] == 1
+
+
+class _InTaskGroup(Extension):
+    """An inner interceptor that runs the rest of the call in a task of its own."""
+
+    identifier = "io.github.mcp-session-manager/test-in-task-group"
+
+    async def intercept_tool_call(
+        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        out: dict[str, HandlerResult] = {}
+
+        async def run() -> None:
+            out["result"] = await call_next(ctx)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+        return out["result"]
+
+
+async def test_a_decoupled_sync_tool_stuck_in_a_thread_a_child_task_holds_is_counted_and_lent_a_token() -> None:
+    # The thread's limiter token is held by a task the call's work started (an inner
+    # interceptor's), not by the work's own task: the call is still stuck in a thread.
+    release = threading.Event()
+
+    def stuck_resolved(n: Annotated[int, Resolve(_one)]) -> str:
+        release.wait(timeout=60)  # bounded: a failing test cannot leave it behind for good
+        return f"unstuck {n}"
+
+    sessions = SessionsExtension(settings(tool_timeouts={"stuck_resolved": 0.3}))
+    app: MCPServer[Any] = MCPServer("t", extensions=[sessions, _InTaskGroup()], lifespan=sessions.lifespan)
+    app.add_tool(stuck_resolved)
+    try:
+        with thread_limiter(TOKENS) as limiter:
+            async with Client(app) as client:
+                with anyio.fail_after(5):
+                    result = await client.call_tool("stuck_resolved", {})
+                stuck_then = sessions.manager.metrics().abandoned_threads
+                lent = limiter.total_tokens
+                release.set()
+                with anyio.fail_after(5):
+                    await sessions.manager.wait_no_abandoned_threads()
+                returned = limiter.total_tokens
+    finally:
+        release.set()
+    assert code_of(result) == "timeout" and "abandoned" in text_of(result), text_of(result)
+    assert (stuck_then, lent, returned) == (1, TOKENS + 1, TOKENS)
 
 
 async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_later() -> None:
