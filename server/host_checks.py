@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from server.config import Settings, ToolSettings
 from server.sdk_seams import listed_extensions
+from server.store_url import safe_url
 
 #: How to build a `Settings` (what the TypeErrors below suggest).
 _HOW = "load_settings(path) for a TOML file, load_settings() for the defaults and MCP_SESSIONS_* variables"
@@ -43,7 +44,8 @@ def require_settings(value: object, where: str) -> Settings:
     if isinstance(value, Settings):
         return value
     if isinstance(value, str | os.PathLike):
-        fix = f"load the file first: load_settings({os.fspath(value)!r}) (from server import load_settings)"
+        path = safe_url(repr(os.fspath(value)))
+        fix = f"load the file first: load_settings({path}) (from server import load_settings)"
     elif isinstance(value, Mapping):
         fix = "build one from the mapping: Settings(**mapping), e.g. Settings(limits={'max_concurrent_sessions': 5})"
     elif isinstance(value, BaseModel) and (field := _settings_field(value)) is not None:
@@ -51,7 +53,20 @@ def require_settings(value: object, where: str) -> Settings:
         fix = f"wrap it: Settings({field}={shown})"
     else:
         fix = f"make one with {_HOW}, or Settings(...)"
-    raise TypeError(f"{where} takes a Settings, got {kind(value)}: {value!r:.80}; {fix}")
+    raise TypeError(f"{where} takes a Settings, got {kind(value)}{_shown(value)}; {fix}")
+
+
+def _shown(value: object) -> str:
+    """What of a wrongly passed `value` a message may show: a path, a mapping's keys, a plain
+    value; never a settings model's or a mapping's values, nor a URL's password (the store URL
+    may hold one)."""
+    if isinstance(value, BaseModel):
+        return ""  # its fields may hold the store URL
+    if isinstance(value, Mapping):
+        keys = ", ".join(repr(str(key))[:40] for key in list(value)[:8]) + (", ..." if len(value) > 8 else "")
+        return f" with the keys {keys}" if value else " (empty)"
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    return f": {safe_url(repr(text))[:80]}"
 
 
 def _settings_field(section: BaseModel) -> str | None:

@@ -97,8 +97,7 @@ class ManagerState:
         elif not isinstance(limits, LimitsSettings):
             raise TypeError(
                 "SessionManager takes a Settings (from load_settings(path)), a LimitsSettings "
-                f"(e.g. LimitsSettings(max_concurrent_sessions=10)) or None, got {type(limits).__name__}: "
-                f"{limits!r:.80}"
+                f"(e.g. LimitsSettings(max_concurrent_sessions=10)) or None, got {type(limits).__name__}"
             )
         self.limits = limits  # see the property
         #: Per-tool concurrency caps (`[tools.NAME].max_concurrent`), by tool name.

@@ -101,6 +101,24 @@ NOT_SETTINGS: list[tuple[Any, str]] = [
 ]
 
 
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        {"store": {"backend": "redis", "url": "redis://:hunter2@redis.internal:6379/0"}},
+        StoreSettings(backend="redis", url="redis://:hunter2@redis.internal:6379/0"),
+        "redis://:hunter2@redis.internal:6379/0",
+    ],
+    ids=["mapping", "store-section", "url-string"],
+)
+def test_a_refused_settings_argument_never_shows_a_store_password(wrong: Any) -> None:
+    with pytest.raises(TypeError) as raised:
+        SessionsExtension(wrong)
+    assert "hunter2" not in str(raised.value), str(raised.value)
+    with pytest.raises(TypeError) as raised:
+        SessionManager(wrong)
+    assert "hunter2" not in str(raised.value), str(raised.value)
+
+
 @pytest.mark.parametrize(("wrong", "fix"), NOT_SETTINGS)
 def test_the_extension_refuses_what_is_not_a_settings_and_says_how_to_make_one(wrong: Any, fix: str) -> None:
     with pytest.raises(TypeError, match=r"SessionsExtension\(\) takes a Settings, got ") as raised:
