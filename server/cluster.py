@@ -270,8 +270,9 @@ class ClusterSessionManager(SessionManager):
             self._store_failed(exc)
             self._count(Refusal.STORE)
             raise admission.refuse_store(tool, str(exc), refused=exc.refused) from None
-        if verdict == "recovering":
-            self._look_at_store.set()  # Redis lost its data: register this replica's sessions now
+        if verdict == "lost":  # Redis lost its data, and no replica has noticed yet
+            self._look_at_store.set()  # register this replica's sessions now (this once)
+            return "recovering"
         return verdict
 
     def _recovering(self) -> str:
@@ -353,9 +354,18 @@ class ClusterSessionManager(SessionManager):
         waiter.refusal = admission.refuse_threads(waiter.session.tool, self._abandoned, limits.max_abandoned_threads)
         return True
 
+    def _waited_out_locked(self, waiter: Waiter) -> SessionError:
+        """A queued call whose wait ended while admissions wait for the replicas to register
+        their sessions again (Redis restarted empty) is told so, not that the cluster is full."""
+        if waiter.held_by != "recovering":
+            return super()._waited_out_locked(waiter)
+        waited = self._leave_queue_locked(waiter)
+        self._rejected[Refusal.STORE] += 1
+        return admission.refuse_store(waiter.session.tool, f"{self._recovering()} (waited {waited:.3g}s in the queue)")
+
     def _full_for_locked(self, waiter: Waiter) -> tuple[bool, bool]:
         """What kept `waiter` out, as the store last said: this replica sees only its own calls."""
-        return waiter.held_by in ("capacity", "recovering"), waiter.held_by == "tool_limit"
+        return waiter.held_by == "capacity", waiter.held_by == "tool_limit"
 
     def _hand_to(self, waiter: Waiter) -> None:
         """Open the session Redis admitted for `waiter`; give the slot back if the waiter left

@@ -167,9 +167,15 @@ set_waiting(replica, tonumber(ARGV[5]))
 local ends, own, calls_too = tonumber(ARGV[6]), ARGV[7] == '1', ARGV[7] ~= '2'
 local released, admitted = {}, {}
 local freed = false
--- No epoch: Redis restarted empty and no replica has noticed yet. Or one has, and the replicas
--- are registering their running sessions again: admitting now would not count them.
-local recovering = redis.call('EXISTS', P .. 'epoch') == 0 or redis.call('EXISTS', P .. 'recovering') == 1
+-- 'lost': no epoch, Redis restarted empty and no replica has noticed yet. 'recovering': one
+-- has, and the replicas are registering their running sessions again. Admitting now would not
+-- count them.
+local recovering = false
+if redis.call('EXISTS', P .. 'epoch') == 0 then
+  recovering = 'lost'
+elseif redis.call('EXISTS', P .. 'recovering') == 1 then
+  recovering = 'recovering'
+end
 for i = 8, 7 + 2 * ends, 2 do
   local id, state = ARGV[i], ARGV[i + 1]
   local key = P .. 's:' .. id
@@ -206,7 +212,7 @@ for i = 8 + 2 * ends, #ARGV, 9 do
   if redis.call('EXISTS', P .. 's:' .. id) == 1 then
     verdict = 'again'  -- run twice (a retry after a lost reply): admitted once
   elseif recovering then
-    verdict = 'recovering'
+    verdict = recovering
   elseif client ~= '' and client_cap > 0 and tonumber(redis.call('HGET', clients, client) or '0') >= client_cap then
     verdict = 'client_limit'
   elseif redis.call('ZCARD', active) >= max_total then
@@ -218,7 +224,7 @@ for i = 8 + 2 * ends, #ARGV, 9 do
     verdict = 'ok'
   elseif verdict == 'ok' then
     register(id, timeout_ms, tool, client, bytes, replica, ttl)
-  elseif verdict ~= 'recovering' and (final or verdict == 'client_limit') then
+  elseif not recovering and (final or verdict == 'client_limit') then
     redis.call('HINCRBY', counts, 'rejected_' .. verdict, 1)
   end
   admitted[#admitted + 1] = verdict

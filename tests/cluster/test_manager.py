@@ -19,8 +19,8 @@ from server.cluster import ClusterSessionManager
 from server.config import LimitsSettings, Settings, StoreSettings, ToolSettings
 from server.errors import ErrorCode, SessionError
 from server.metrics import ClusterMetrics
-from server.session import SessionState
-from server.store import EXPIRY_GRACE_SECONDS, StoreUnavailable
+from server.session import Session, SessionState
+from server.store import EXPIRY_GRACE_SECONDS, RECOVERY_SECONDS, StoreUnavailable
 from tests.cluster.conftest import RedisServer
 from tests.e2e.conftest import TomlValue
 from tests.helpers import until
@@ -644,3 +644,44 @@ async def test_after_redis_comes_back_empty_nothing_is_admitted_until_the_replic
     finally:
         cluster_logger.removeHandler(handler)
         cluster_logger.setLevel(level)
+
+
+async def test_while_the_replicas_register_again_a_queued_call_waits_without_spinning_and_is_told_why(
+    own_redis: RedisServer,
+) -> None:
+    # After Redis restarts empty, admissions wait about RECOVERY_SECONDS. A queued call waits
+    # that out at the housekeeping's pace (about once a second), not in a loop of round trips;
+    # one whose queue timeout comes first is told why (not that the cluster is full).
+    store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
+    patient = _replica(store, max_concurrent_sessions=5, max_queued=2, queue_timeout_seconds=WAIT_SECONDS)
+    hasty = _replica(store, max_concurrent_sessions=5, max_queued=2, queue_timeout_seconds=0.3)
+    rounds = 0
+    housekeeping = patient.store.housekeeping
+
+    async def counted(known_epoch: str | None = None) -> tuple[float | None, str]:
+        nonlocal rounds
+        rounds += 1
+        return await housekeeping(known_epoch)
+
+    patient.store.housekeeping = counted  # type: ignore[method-assign]
+    async with _running(patient, hasty):
+        await patient.create(tool="t")  # a session to register again
+        own_redis.stop()
+        own_redis.start()  # the same port, empty
+        before = rounds
+        started = time.monotonic()
+        admitted: list[Session] = []
+
+        async def wait_it_out() -> None:
+            admitted.append(await patient.create(tool="t"))  # queued until the replicas registered again
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_it_out)
+            with pytest.raises(SessionError) as told:
+                await hasty.create(tool="t")  # its 0.3 s queue timeout comes within the window
+        waited = time.monotonic() - started
+    assert admitted[0].state is SessionState.ACTIVE
+    assert waited < RECOVERY_SECONDS + 2 * 1.0 + 1.0, waited  # the window, then the next housekeeping
+    assert rounds - before <= 10, f"{rounds - before} housekeeping round trips in {waited:.2f}s"
+    assert told.value.code is ErrorCode.STORE_UNAVAILABLE, told.value.message
+    assert "restarted empty" in told.value.message and "waited" in told.value.message
