@@ -572,9 +572,10 @@ class ClusterSessionManager(SessionManager):
         self._store_error = str(exc)
 
     def _store_answered(self) -> None:
-        """Redis answered a round trip: say it is back, unless ends are still on their way (an
-        admission's round trip that may yet fail) or waiting."""
-        if self._store_error is not None and not self.store.unwritten_ends:
+        """Redis answered a round trip: say it is back, unless session ends still wait to be
+        written (those on their way in an admission's round trip do not hold the news back:
+        under steady load there always are some, and the next outage would go unlogged)."""
+        if self._store_error is not None and not self.store.pending_ends:
             logger.warning("The session store answers again")
             self._store_error = None
 
