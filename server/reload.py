@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -126,6 +127,8 @@ class ConfigReloader:
         #: Further validation startup ran (the standalone server checks `[tools.NAME]` names).
         self.check = check
         self.manage_logging = manage_logging
+        #: The file's own keys and values, as the last `_load` read them.
+        self._written: dict[str, Any] = {}
 
     def reload(self) -> bool:
         """Load and apply the file; False (logged, counted) if it is invalid and nothing changed."""
@@ -141,6 +144,12 @@ class ConfigReloader:
                 self.check(new)
         except ConfigError as exc:
             return config_problems(exc, self.path)
+        # What the file itself says, for the note on what overrides it (`_overridden_note`):
+        # read here, off the event loop, as the settings were.
+        try:
+            self._written = _flatten(read_toml(self.path)) if self.path is not None else {}
+        except ConfigError:
+            self._written = {}
         return new
 
     def _apply(self, new: Settings | list[str]) -> bool:
@@ -174,7 +183,8 @@ class ConfigReloader:
             # would then stop the server from starting. Say how to find out first.
             check = ""
             if "server.tool_modules" in restart_only and self.path is not None:
-                check = f"; before restarting, check the new config with: mcp-session-manager --config {self.path}"
+                check = "; before restarting, check the new config with: mcp-session-manager --config "
+                check += shlex.quote(str(self.path))
                 check += " --check-config"
             logger.warning("Config reload: ignored until restart: %s%s", _describe(restart_only), check)
         if host_owned:
@@ -222,24 +232,22 @@ class ConfigReloader:
         """The file's keys that the environment or the command line override, each with what
         overrides it (an edit to one of them changes nothing); "" if none does. Key names only:
         a value might be a secret."""
-        try:
-            written = _flatten(read_toml(self.path)) if self.path is not None else {}
-        except ConfigError:
-            return ""
         effective = _flatten(in_force.model_dump(mode="json"))
         flags = _flatten(self.overrides)
-        overridden = [
-            f"{key} by {_overrider(key, flags)}"
-            for key, value in written.items()
-            if key in effective and effective[key] != value
-        ]
+        overridden = []
+        for key, value in self._written.items():
+            if key in effective and effective[key] != value:
+                by = _overrider(key, flags)
+                if by is not None:  # else the value as validated (a level lower-cased, say)
+                    overridden.append(f"{key} by {by}")
         if not overridden:
             return ""
         return f" (overridden, so the file's value is not in force: {', '.join(overridden)})"
 
 
-def _overrider(key: str, flags: Mapping[str, Any]) -> str:
-    """What sets the dotted `key` over the file: a command line option, or an environment variable."""
+def _overrider(key: str, flags: Mapping[str, Any]) -> str | None:
+    """What sets the dotted `key` over the file: a command line option, or an environment
+    variable; None if nothing does."""
     if key in flags:
         return f"the command line option --{key.split('.')[-1]}" if key.startswith("server.") else "the command line"
     parts = key.split(".")
@@ -248,7 +256,7 @@ def _overrider(key: str, flags: Mapping[str, Any]) -> str:
         for name in sorted(os.environ):
             if name.upper() == wanted:
                 return name
-    return "the environment"
+    return None
 
 
 def _describe(ignored: Mapping[str, tuple[Any, Any]]) -> str:

@@ -294,6 +294,20 @@ def test_a_reload_that_changes_nothing_names_the_environment_variables_that_over
     )
 
 
+def test_a_reload_that_changes_nothing_does_not_blame_an_override_for_a_value_validation_rewrote(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The file says "INFO" and the settings in force hold "info": nothing overrides it.
+    path = write(tmp_path / "c.toml", '[logging]\nlevel = "INFO"\n')
+    sessions = SessionsExtension(load_settings(path))
+
+    with caplog.at_level(logging.INFO, logger="server.reload"):
+        assert ConfigReloader(sessions, path).reload() is True
+
+    line = next(r.getMessage() for r in caplog.records if "nothing changed" in r.getMessage())
+    assert line.endswith("nothing changed"), line
+
+
 def test_a_reload_that_changes_nothing_names_the_command_line_option_that_overrides_the_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
