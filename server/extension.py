@@ -210,7 +210,8 @@ class SessionsExtension(DecoupledCalls, Extension):
 
     def _warn_unmatched_tool_tables(self) -> None:
         """Warn of each `[tools.NAME]` table that names no tool of the server (a typo, most
-        likely) or a management tool: nothing applies it. Only warned, not refused: a host may
+        likely) or a session tool: nothing applies it (a host's own tool registered under a
+        removed session tool's name is a hosted tool, and its table applies). Only warned, not refused: a host may
         add the tool later. (The standalone server refuses them, knowing all its tools.) Each
         name is warned about once: lifespan starts (one per in-process client, say) and reloads
         that keep the table do not repeat it."""
@@ -220,7 +221,8 @@ class SessionsExtension(DecoupledCalls, Extension):
         unmatched = [
             name
             for name in self.config.tools
-            if name not in self._warned_tables and (name in MANAGEMENT_TOOLS or get_tool(name) is None)
+            if name not in self._warned_tables
+            and ((entry := get_tool(name)) is None or (name in MANAGEMENT_TOOLS and is_session_tool(entry)))
         ]
         if not unmatched:
             return

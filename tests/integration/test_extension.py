@@ -926,11 +926,13 @@ async def test_a_session_tool_the_host_removed_is_answered_as_an_unknown_tool_wi
     assert ERROR_META_KEY not in (result.meta or {})  # as for any name the server does not have
 
 
-async def test_a_host_tool_registered_under_a_removed_session_tools_name_is_a_hosted_call() -> None:
+async def test_a_host_tool_registered_under_a_removed_session_tools_name_is_a_hosted_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # The README's advice: remove `server_shutdown` to keep it from clients. A tool of the
     # host's own under that name is then the host's: it runs as a session with its deadline,
     # and its arguments are its own (not policed as the session tool's).
-    app, sessions = build(settings(default_timeout_seconds=0.3))
+    app, sessions = build(settings(tools={"server_shutdown": {"timeout_seconds": 0.3}}))
     app.remove_tool("server_shutdown")
 
     async def server_shutdown(reason: str, extra: str = "") -> str:
@@ -938,11 +940,13 @@ async def test_a_host_tool_registered_under_a_removed_session_tools_name_is_a_ho
         return f"shut down: {reason}"
 
     app.add_tool(server_shutdown)
-    async with Client(app) as client:
-        with anyio.fail_after(5):
-            result = await client.call_tool("server_shutdown", {"reason": "maintenance", "extra": "x"})
-        m = await metrics(client)
-    assert code_of(result) == "timeout", text_of(result)
+    with caplog.at_level(logging.WARNING, logger="server.extension"):
+        async with Client(app) as client:
+            with anyio.fail_after(5):
+                result = await client.call_tool("server_shutdown", {"reason": "maintenance", "extra": "x"})
+            m = await metrics(client)
+    assert "[tools.server_shutdown]" not in caplog.text, "its table applies to the host's tool: no warning"
+    assert code_of(result) == "timeout" and "0.3s" in text_of(result), text_of(result)
     assert not sessions.manager.shutting_down
     assert (m["total_sessions_created"], m["total_sessions_timeout"]) == (1, 1)
     assert m["tools"]["server_shutdown"]["timeouts"] == 1
