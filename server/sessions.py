@@ -32,6 +32,7 @@ import heapq
 import hmac
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
@@ -78,9 +79,13 @@ def checked_drain_timeout(value: object, name: str) -> float:
             f"{name} must be a number of seconds (an int or a float, finite and >= 0), "
             f"got {type(value).__name__}: {value!r:.80}"
         )
-    if not 0 <= value < math.inf:  # NaN fails both comparisons
-        raise ValueError(f"{name} must be a finite number of seconds >= 0 (0: cancel at once), got {value!r}")
+    if not 0 <= value < math.inf or value > _LONGEST_DRAIN:  # NaN fails both comparisons
+        raise ValueError(f"{name} must be a finite number of seconds >= 0 (0: cancel at once), got {value!r:.80}")
     return float(value)
+
+
+#: Past it a drain deadline is no number of seconds a float holds (an int of 400 digits, say).
+_LONGEST_DRAIN = sys.float_info.max
 
 
 def runs_a_call(session_id: str) -> SessionError:

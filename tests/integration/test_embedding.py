@@ -29,6 +29,7 @@ BAD_TIMEOUTS: list[tuple[Any, type[Exception], str]] = [
     (math.nan, ValueError, "finite number of seconds >= 0"),
     (math.inf, ValueError, "finite number of seconds >= 0"),
     (-1, ValueError, "finite number of seconds >= 0"),
+    (10**400, ValueError, "finite number of seconds >= 0"),
     ("5", TypeError, "got str"),
     (True, TypeError, "got bool"),
 ]
