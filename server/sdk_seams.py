@@ -46,6 +46,7 @@ from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import ListenHandler
 from mcp_types import CallToolRequestParams
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
@@ -244,8 +245,9 @@ class _ProgressSession(ServerSession):
 def request_client(ctx: ServerRequestContext[Any, Any]) -> Hashable:
     """Who is calling, for `limits.max_sessions_per_client`.
 
-    On streamable HTTP: the MCP session (`Mcp-Session-Id`); the stateless 2026-07-28 era
-    has none, so there it is the credential (`Authorization`, kept only as a digest), else
+    On streamable HTTP: the MCP session (`Mcp-Session-Id`, in the handshake era, where the SDK
+    checks it); the stateless 2026-07-28 era has none (a header sent there is ignored), so there
+    it is the credential (`Authorization`, kept only as a digest), else
     the peer's IP address (the port left out: one client's requests come from many ports; so
     every client behind one proxy or NAT is one client). Otherwise the stream the connection talks over: stdio is one
     client in either protocol era, and so is each in-process handshake-era client.
@@ -260,7 +262,11 @@ def request_client(ctx: ServerRequestContext[Any, Any]) -> Hashable:
     headers = getattr(request, "headers", None)
     if headers is not None:
         mcp_session = headers.get("mcp-session-id")
-        if mcp_session:
+        # Only where the SDK checked it: it routes a request whose MCP-Protocol-Version names no
+        # handshake-era version to the stateless 2026-07-28 path, which ignores the header (so
+        # a made-up one per request would be a new client each time).
+        version = headers.get("mcp-protocol-version")
+        if mcp_session and (version is None or version in HANDSHAKE_PROTOCOL_VERSIONS):
             return ("mcp-session", mcp_session)
         credential = headers.get("authorization")
         if credential:

@@ -374,11 +374,20 @@ async def test_stateless_era_clients_without_credentials_share_the_quota_of_thei
         ):
             held = [await first.call_tool("session_create", {}) for _ in range(2)]
             refused = await second.call_tool("session_create", {})
+            # An Mcp-Session-Id header means nothing in this era (the SDK checks none): a made-up
+            # one is no new client.
+            made_up_headers = {"Mcp-Session-Id": "made-up-1"}
+            async with (
+                httpx2.AsyncClient(headers=made_up_headers, timeout=timeout) as made_up_http,
+                Client(streamable_http_client(url, http_client=made_up_http), read_timeout_seconds=60) as made_up,
+            ):
+                not_a_new_client = await made_up.call_tool("session_create", {})
             served = await credentialed.call_tool("session_create", {})
             forwarded = await proxied.call_tool("session_create", {})
     assert not any(result.is_error for result in held)
     error = error_of(refused)
     assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"]
+    assert code_of(not_a_new_client) == "capacity_exceeded", "a made-up Mcp-Session-Id is the same peer"
     assert not served.is_error, "a credential is a client of its own"
     assert not forwarded.is_error, "a forwarded address from a trusted peer is a client of its own"
 
