@@ -40,8 +40,13 @@ FIELDS = ("session_id", "tool", "state", "duration_seconds", "reason", "code")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 #: What could end or rewrite a line of text: the C0 and C1 control characters (newline, carriage
-#: return, escape, ...) and Unicode's line and paragraph separators.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: return, escape, ...), Unicode's line and paragraph separators, and the bidirectional
+#: formatting characters (a right-to-left override shows the rest of a line reordered).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: What `json.dumps(ensure_ascii=False)` leaves raw that a reader splitting lines by Unicode's
+#: rules (Python's `str.splitlines`, many log viewers) or a terminal acts on: the same, less
+#: the C0 controls JSON always escapes. Only ever inside a JSON string, so `\uXXXX` is safe.
+_JSON_RAW_CONTROL = re.compile("[\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -54,6 +59,10 @@ def one_line(text: str) -> str:
     """`text` with its control characters escaped as Python writes them (a newline as `\\n`,
     escape as `\\x1b`), so that it cannot end its line or start a forged one."""
     return _CONTROL.sub(_escape, text)
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 class TextFormatter(logging.Formatter):
@@ -87,7 +96,7 @@ class JsonFormatter(logging.Formatter):
             data["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             data["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(data, ensure_ascii=False, default=str)
+        return _JSON_RAW_CONTROL.sub(_json_escape, json.dumps(data, ensure_ascii=False, default=str))
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]

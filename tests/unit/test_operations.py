@@ -24,7 +24,7 @@ from server.cli import main
 from server.config import ConfigError, LimitsSettings
 from server.config_loader import load_settings
 from server.errors import ErrorCode, SessionError
-from server.logs import JsonFormatter
+from server.logs import JsonFormatter, TextFormatter
 from server.manager_state import NO_TOOL
 from server.metrics import DurationStats, MetricsSnapshot, edge_index
 from server.prometheus import COUNTERS, DERIVED, GAUGES, REJECTED, Exporter, build_registry, render
@@ -446,6 +446,30 @@ def test_json_log_records_carry_the_structured_fields_on_one_line() -> None:
         0.5,
     )
     assert "reason" not in data  # unset fields are left out
+
+
+#: A client's text with what Unicode-aware readers take for line breaks (U+2028, NEL) or what a
+#: terminal or viewer acts on (CSI, a right-to-left override, ESC).
+UNICODE_FORGERY = "x\u2028FORGED-LS\x85FORGED-NEL\x9b31mCSI\u202eRLO\x1b[31mESC\nFORGED-NL"
+
+
+def test_a_json_log_record_stays_one_line_for_unicode_aware_readers_and_keeps_the_text() -> None:
+    record = logging.LogRecord("server.refusals", logging.WARNING, __file__, 1, "Refused %s", (UNICODE_FORGERY,), None)
+    record.__dict__["session_id"] = UNICODE_FORGERY
+    line = JsonFormatter().format(record)
+
+    assert line.splitlines() == [line], "str.splitlines sees one line"
+    assert not any(ch in line for ch in "\u2028\x85\x9b\u202e\x1b\n")
+    data = json.loads(line)
+    assert data["message"] == f"Refused {UNICODE_FORGERY}" and data["session_id"] == UNICODE_FORGERY
+
+
+def test_a_text_log_line_escapes_bidirectional_overrides_too() -> None:
+    record = logging.LogRecord("server.refusals", logging.WARNING, __file__, 1, "Refused %s", (UNICODE_FORGERY,), None)
+    line = TextFormatter().format(record)
+
+    assert line.splitlines() == [line]
+    assert line.endswith("Refused x\\u2028FORGED-LS\\x85FORGED-NEL\\x9b31mCSI\\u202eRLO\\x1b[31mESC\\nFORGED-NL")
 
 
 def test_the_command_line_gives_sighup_back_when_it_returns_without_serving(
