@@ -116,6 +116,10 @@ _FLOAT = TypeAdapter(float)
 # -- reading the sources -----------------------------------------------------------------
 
 
+#: The hint of a config path that cannot be read: the CLI's --config, or a host's load_settings(path).
+_CHECK_PATH = "(check the path given with --config, or to load_settings)"
+
+
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse one TOML file, turning every failure into a ConfigError that names the file.
 
@@ -132,7 +136,7 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = _read_regular_file(file)
     except FileNotFoundError:
-        raise ConfigError([f"{file}: config file not found (check the --config path)"], sourced=True) from None
+        raise ConfigError([f"{file}: config file not found {_CHECK_PATH}"], sourced=True) from None
     except PermissionError:
         raise ConfigError([f"{file}: cannot read the config file: permission denied"], sourced=True) from None
     except _NotRegular as exc:
@@ -213,9 +217,9 @@ def _os_error(exc: OSError) -> str:
     """An OS error reading the config file, as a reason: the system's wording, and a hint where one helps."""
     text = exc.strerror or str(exc)
     hints = {
-        errno.ENOTDIR: "part of the path is a file, not a directory (check the --config path)",
-        errno.ELOOP: "the path is a symlink loop (check the --config path)",
-        errno.ENAMETOOLONG: "the path or one of its names is too long (check the --config path)",
+        errno.ENOTDIR: f"part of the path is a file, not a directory {_CHECK_PATH}",
+        errno.ELOOP: f"the path is a symlink loop {_CHECK_PATH}",
+        errno.ENAMETOOLONG: f"the path or one of its names is too long {_CHECK_PATH}",
     }
     hint = hints.get(exc.errno) if exc.errno is not None else None
     return f"{text}; {hint}" if hint else text
@@ -497,7 +501,8 @@ class _Sources:
     def describe(self, loc: Loc, exact: bool = False) -> str:
         layer = self.origin(loc, exact)
         if layer == "flags":
-            return f"command line option --{loc[1]}" if loc[:2] in _FLAGS else "command line"
+            # The CLI passes only its flags; any other key comes from a host's `overrides`.
+            return f"command line option --{loc[1]}" if loc[:2] in _FLAGS else "overrides passed to load_settings"
         if layer == "env":
             for depth in range(len(loc), 0, -1):
                 wanted = ENV_PREFIX + ENV_NESTED_DELIMITER.join(map(str, loc[:depth])).upper()

@@ -351,7 +351,9 @@ def test_a_missing_config_file_exits_2(tmp_path: Path, script: bool) -> None:
     result = run("--config", str(missing), script=script)
 
     assert_refused(result)
-    assert problems(result) == [f"{missing}: config file not found (check the --config path)"]
+    assert problems(result) == [
+        f"{missing}: config file not found (check the path given with --config, or to load_settings)"
+    ]
 
 
 def test_a_directory_given_as_config_exits_2(tmp_path: Path) -> None:

@@ -814,23 +814,27 @@ NOT_REGULAR = (
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
-        pytest.param(_missing, "config file not found (check the --config path)", id="missing-file"),
+        pytest.param(
+            _missing,
+            "config file not found (check the path given with --config, or to load_settings)",
+            id="missing-file",
+        ),
         pytest.param(
             _under_a_file,
             "cannot read the config file: Not a directory; part of the path is a file, not a directory"
-            " (check the --config path)",
+            " (check the path given with --config, or to load_settings)",
             id="not-a-directory",
         ),
         pytest.param(
             _symlink_loop,
             "cannot read the config file: Too many levels of symbolic links; the path is a symlink loop"
-            " (check the --config path)",
+            " (check the path given with --config, or to load_settings)",
             id="symlink-loop",
         ),
         pytest.param(
             _name_too_long,
             "cannot read the config file: File name too long; the path or one of its names is too long"
-            " (check the --config path)",
+            " (check the path given with --config, or to load_settings)",
             id="name-too-long",
         ),
         pytest.param(_fifo, f"is a named pipe (FIFO), {NOT_REGULAR}", id="fifo"),
@@ -868,6 +872,14 @@ def test_an_unreadable_file_is_refused_naming_the_file(
     path = make(tmp_path)
 
     assert problems_of(path) == [f"{path}: {expected}"]
+
+
+def test_a_hosts_overrides_are_named_as_such_not_as_the_command_line() -> None:
+    # The CLI passes only --transport, --host and --port; any other key is a host's own.
+    assert problems_of(None, {"limits": {"max_concurent_sessions": 3}}) == [
+        "overrides passed to load_settings: limits.max_concurent_sessions: unknown key; "
+        "did you mean 'max_concurrent_sessions'?"
+    ]
 
 
 def test_an_empty_config_path_is_refused_as_empty_not_read_as_the_working_directory() -> None:
