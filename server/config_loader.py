@@ -664,6 +664,33 @@ def _section_order(loc: Loc) -> int:
 CROSS_KEY = (ABOVE_CAP, OPEN_HOST, PORT_CLASH)
 
 
+def overridden_in_file(
+    path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None
+) -> dict[str, tuple[Any, str]]:
+    """The keys the file at `path` sets that the environment or `overrides` set too, so that
+    the file's value is not the one `load_settings(path, overrides)` gives: dotted key -> (the
+    file's value, what sets it, as problems name sources: "environment variable MCP_SESSIONS_...",
+    "command line option --host").
+
+    Raises:
+        ConfigError: the file cannot be read (see `read_toml`).
+    """
+    file_data = read_toml(path)
+    env, _ = _read_env()
+    sources = _Sources(Path(path), file_data, env, dict(overrides or {}))
+    found: dict[str, tuple[Any, str]] = {}
+
+    def visit(data: Mapping[str, Any], loc: Loc) -> None:
+        for key, value in data.items():
+            if isinstance(value, Mapping):
+                visit(value, (*loc, key))
+            elif sources.origin((*loc, key)) != "file":
+                found[".".join(map(str, (*loc, key)))] = (value, sources.describe((*loc, key)))
+
+    visit(file_data, ())
+    return found
+
+
 def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Load settings from `path` (TOML), the environment and `overrides`, in rising priority.
 

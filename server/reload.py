@@ -36,8 +36,8 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
-from server.config import ENV_PREFIX, ConfigError, Settings, mask_secrets
-from server.config_loader import config_problems, load_settings, read_toml
+from server.config import ConfigError, Settings, mask_secrets
+from server.config_loader import config_problems, load_settings, overridden_in_file
 from server.extension import SessionsExtension
 from server.logs import configure_logging, configured_here
 
@@ -127,8 +127,8 @@ class ConfigReloader:
         #: Further validation startup ran (the standalone server checks `[tools.NAME]` names).
         self.check = check
         self.manage_logging = manage_logging
-        #: The file's own keys and values, as the last `_load` read them.
-        self._written: dict[str, Any] = {}
+        #: The file's keys something overrides, as the last `_load` found them (see `overridden_in_file`).
+        self._overridden: dict[str, tuple[Any, str]] = {}
 
     def reload(self) -> bool:
         """Load and apply the file; False (logged, counted) if it is invalid and nothing changed."""
@@ -144,12 +144,12 @@ class ConfigReloader:
                 self.check(new)
         except ConfigError as exc:
             return config_problems(exc, self.path)
-        # What the file itself says, for the note on what overrides it (`_overridden_note`):
-        # read here, off the event loop, as the settings were.
+        # What overrides the file, for the note when nothing changed (`_overridden_note`): read
+        # here, off the event loop, as the settings were.
         try:
-            self._written = _flatten(read_toml(self.path)) if self.path is not None else {}
+            self._overridden = overridden_in_file(self.path, self.overrides) if self.path is not None else {}
         except ConfigError:
-            self._written = {}
+            self._overridden = {}
         return new
 
     def _apply(self, new: Settings | list[str]) -> bool:
@@ -229,34 +229,16 @@ class ConfigReloader:
         self._apply(loaded)
 
     def _overridden_note(self, in_force: Settings) -> str:
-        """The file's keys that the environment or the command line override, each with what
-        overrides it (an edit to one of them changes nothing); "" if none does. Key names only:
-        a value might be a secret."""
+        """The file's keys whose value is not in force because the environment or the command
+        line override them, each with what does (an edit to one changes nothing); "" if none.
+        Key names only: a value might be a secret."""
         effective = _flatten(in_force.model_dump(mode="json"))
-        flags = _flatten(self.overrides)
-        overridden = []
-        for key, value in self._written.items():
-            if key in effective and effective[key] != value:
-                by = _overrider(key, flags)
-                if by is not None:  # else the value as validated (a level lower-cased, say)
-                    overridden.append(f"{key} by {by}")
+        overridden = [
+            f"{key} by {by}" for key, (value, by) in self._overridden.items() if effective.get(key, value) != value
+        ]
         if not overridden:
             return ""
         return f" (overridden, so the file's value is not in force: {', '.join(overridden)})"
-
-
-def _overrider(key: str, flags: Mapping[str, Any]) -> str | None:
-    """What sets the dotted `key` over the file: a command line option, or an environment
-    variable; None if nothing does."""
-    if key in flags:
-        return f"the command line option --{key.split('.')[-1]}" if key.startswith("server.") else "the command line"
-    parts = key.split(".")
-    for depth in range(len(parts), 0, -1):  # MCP_SESSIONS_LIMITS__MAX_QUEUED, or a JSON MCP_SESSIONS_LIMITS
-        wanted = ENV_PREFIX + "__".join(parts[:depth]).upper()
-        for name in sorted(os.environ):
-            if name.upper() == wanted:
-                return name
-    return None
 
 
 def _describe(ignored: Mapping[str, tuple[Any, Any]]) -> str:

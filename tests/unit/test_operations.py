@@ -290,7 +290,8 @@ def test_a_reload_that_changes_nothing_names_the_environment_variables_that_over
     assert sessions.config.limits.max_concurrent_sessions == 7
     assert (
         "nothing changed (overridden, so the file's value is not in force: "
-        "limits.max_concurrent_sessions by MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS)\n" in caplog.text
+        "limits.max_concurrent_sessions by environment variable MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS)\n"
+        in caplog.text
     )
 
 
@@ -323,7 +324,7 @@ def test_a_reload_that_changes_nothing_names_the_command_line_option_that_overri
 
     assert sessions.config.server.host == "127.0.0.1"
     line = next(r.getMessage() for r in caplog.records if "nothing changed" in r.getMessage())
-    expected = "overridden, so the file's value is not in force: server.host by the command line option --host"
+    expected = "overridden, so the file's value is not in force: server.host by command line option --host"
     assert line.endswith(f"nothing changed ({expected})"), line
 
 
