@@ -346,12 +346,9 @@ class ClusterSessionManager(SessionManager):
         return refused
 
     def _refuse_stuck_locked(self, waiter: Waiter) -> bool:
-        limits = self.limits
-        if not waiter.session.needs_thread or self._abandoned < limits.max_abandoned_threads:
+        if not waiter.session.needs_thread or self._abandoned < self.limits.max_abandoned_threads:
             return False
-        self._leave_queue_locked(waiter)
-        self._rejected[Refusal.THREADS] += 1
-        waiter.refusal = admission.refuse_threads(waiter.session.tool, self._abandoned, limits.max_abandoned_threads)
+        self._refuse_threads_locked(waiter)
         return True
 
     def _waited_out_locked(self, waiter: Waiter) -> SessionError:

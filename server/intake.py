@@ -293,13 +293,18 @@ class Intake(ManagerState):
             if len(chosen) >= free:
                 break
         for waiter in refused:
-            self._leave_queue_locked(waiter)
-            self._rejected[Refusal.THREADS] += 1
-            stuck_now, cap = self._abandoned, limits.max_abandoned_threads
-            waiter.refusal = admission.refuse_threads(waiter.session.tool, stuck_now, cap)
+            self._refuse_threads_locked(waiter)
         for waiter in chosen:
             self._admit_waiter_locked(waiter)
         return refused + chosen
+
+    def _refuse_threads_locked(self, waiter: Waiter) -> None:
+        """Take a waiter that needs a thread out of the queue, refused as a new call is while too
+        many threads are stuck; the caller wakes it after the lock."""
+        self._leave_queue_locked(waiter)
+        self._rejected[Refusal.THREADS] += 1
+        limits = self.limits
+        waiter.refusal = admission.refuse_threads(waiter.session.tool, self._abandoned, limits.max_abandoned_threads)
 
     def _admit_waiter_locked(self, waiter: Waiter) -> None:
         """Take a waiter out of the queue and open its session; the caller wakes it after the lock."""
