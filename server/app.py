@@ -67,8 +67,6 @@ class App:
     sessions: SessionsExtension
     #: The hosted tool functions (the `TOOLS` of `server.tool_modules`).
     tools: list[Callable[..., Any]] = field(default_factory=list)
-    #: The tools the modules' `setup(server)` hooks registered: name -> the module whose hook did.
-    setup_tools: dict[str, str] = field(default_factory=dict)
 
     def reloader(self, path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ConfigReloader:
         """A `ConfigReloader` for this app: `path` and `overrides` as given at startup; a reloaded
@@ -78,7 +76,8 @@ class App:
     def _check_reloaded(self, settings: Settings) -> None:
         """`check_tool_overrides`, saying why a table for a newly listed module's tool is unknown."""
         moved = settings.server.tool_modules != self.settings.server.tool_modules
-        check_tool_overrides(settings, [*self.tools, *self.setup_tools], _MODULES_TAKE_A_RESTART if moved else "")
+        # The tools registered now: those of TOOLS and those the setup(server) hooks added.
+        check_tool_overrides(settings, tool_names(self.server), _MODULES_TAKE_A_RESTART if moved else "")
 
 
 #: Why a reloaded `[tools.NAME]` names no hosted tool when the file lists other tool modules.
@@ -186,14 +185,14 @@ def build_app(settings: Settings) -> App:
     server: MCPServer[Any] = MCPServer(settings.server.name, extensions=[sessions], lifespan=sessions.lifespan)
     problems: list[str] = []
     try:
-        setup_tools = install_tool_modules(server, modules)
+        install_tool_modules(server, modules)
     except ConfigError as exc:
-        problems, setup_tools = exc.problems, {}
-    # Every tool registered, the setup hooks' too: per-tool settings apply to them by name, as to TOOLS.
+        problems = exc.problems
+    # Every tool of TOOLS, and every one a setup hook registered: per-tool settings apply by name.
     problems += tool_override_problems(settings, [*tools, *tool_names(server)])
     if problems:
         raise ConfigError(problems)
-    return App(settings=settings, server=server, sessions=sessions, tools=tools, setup_tools=setup_tools)
+    return App(settings=settings, server=server, sessions=sessions, tools=tools)
 
 
 def build_server(settings: Settings) -> MCPServer[Any]:

@@ -199,16 +199,13 @@ def _tool_name(fn: Callable[..., Any]) -> str | None:
     return name if isinstance(name, str) and name != "<lambda>" else None
 
 
-def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) -> dict[str, str]:
+def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) -> None:
     """Register every module's tools on `server` with `add_tool`, then run the `setup(server)` hooks.
 
     The hooks run only once every tool is registered (a hook may rely on them). A tool a hook
     registers is hosted like those of `TOOLS` (a session per call, its `[tools.NAME]` settings),
     and its name must be free as theirs must: a name already taken (by a session tool, a module's
     `TOOLS` or another hook) is a problem, where the SDK would keep the first tool and only log.
-
-    Returns:
-        The tools the hooks registered: name -> the module whose hook did.
 
     Raises:
         ConfigError: a tool the SDK refuses, a hook that raises or exits, or a hook registering a
@@ -232,7 +229,6 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
             name = _tool_name(fn)
             if name is not None:
                 owners.setdefault(name, f"module {module.name!r} (in its TOOLS)")
-    by_setup: dict[str, str] = {}
     for module in modules:
         if module.setup is None:
             continue
@@ -249,7 +245,6 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
                 )
                 return False
             owners[tool_name] = f"the setup(server) of module {module.name!r}"
-            by_setup[tool_name] = module.name
             return True
 
         before = set(tool_names(server))
@@ -260,9 +255,7 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
             problems.append(f"{key}: setup(server) called {_exit_call(exc)}; {_EXIT_HINT}")
         except Exception as exc:  # noqa: BLE001 - any failure of a hook is a config error to report
             problems.append(f"{key}: setup(server) failed: {_one_line(exc)}")
-        for name in set(tool_names(server)) - before - by_setup.keys():  # added past add_tool
-            owners[name] = f"the setup(server) of module {module.name!r}"
-            by_setup[name] = module.name
+        for name in set(tool_names(server)) - before:  # those added past add_tool too
+            owners.setdefault(name, f"the setup(server) of module {module.name!r}")
     if problems:
         raise ConfigError(problems)
-    return by_setup
