@@ -33,11 +33,21 @@ from mcp.shared.message import SessionMessage
 from mcp_types import CallToolRequestParams
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCMessage, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
 from prometheus_client import CollectorRegistry
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
 from server.host_checks import require_settings
+from server.http_connections import (
+    ConnectionGuard,
+    ConnectionsCollector,
+    accept_burst,
+    default_max_connections,
+    lengthen_listen_queue,
+    over_files_limit,
+    raise_open_files_limit,
+)
 from server.http_shutdown import HttpShutdown
 from server.logs import serving_logger
 from server.metrics import ShutdownReport
@@ -429,6 +439,7 @@ class _UvicornServer(uvicorn.Server):
             self.should_exit = True
             return
         if self.started:
+            lengthen_listen_queue(sock for server in self.servers for sock in server.sockets)
             host, port = self.config.host, self.config.port
             for server in self.servers:
                 for sock in server.sockets:
@@ -448,7 +459,8 @@ async def serve_http(
     settings = app.settings.server
     exit_ = _Exit(app)
     security = transport_security(settings)  # one check for /mcp and the operational endpoints
-    add_operational_routes(app.server, app.sessions, registry or build_registry(app.sessions.manager), security)
+    metrics_registry = registry or build_registry(app.sessions.manager)
+    add_operational_routes(app.server, app.sessions, metrics_registry, security)
     # Ends open GET event streams and waits for responses in flight before uvicorn stops (see its module).
     http = HttpShutdown(
         app.server.streamable_http_app(
@@ -460,10 +472,18 @@ async def serve_http(
             max_sessions=settings.http_max_sessions,
         )
     )
+    files_limit = raise_open_files_limit()
+    guard = connection_guard(settings, files_limit)
+    metrics_registry.register(ConnectionsCollector(guard))
     config = uvicorn.Config(
         http,
         host=settings.host,
         port=settings.port,
+        # Counted and timed connections (see server.http_connections); no WebSocket upgrade, so
+        # that each connection stays with its protocol (an upgrade would swap it for another).
+        http=guard.protocol_class(AutoHTTPProtocol),
+        ws="none",
+        backlog=accept_burst(files_limit),
         log_level="warning",
         log_config=None,  # uvicorn's records go through our handler, in our format
         timeout_graceful_shutdown=1,
@@ -486,12 +506,25 @@ async def serve_http(
         tg.start_soon(stop_when_done)
         if reloader is not None:
             await tg.start(reloader.watch_sighup)
-        await server.serve()
+        try:
+            await server.serve()
+        finally:
+            guard.close()
         tg.cancel_scope.cancel()
     if not server.started:
         logger.error("Could not serve MCP over streamable HTTP on %s port %s", settings.host, settings.port)
         raise SystemExit(1)
     await _report_exit(app, exit_, http.left_behind())
+
+
+def connection_guard(settings: ServerSettings, files_limit: int) -> ConnectionGuard:
+    """The bounds on HTTP connections `settings` ask for, under an open-files limit of
+    `files_limit`; a warning if `server.http_max_connections` leaves too little room under it."""
+    max_connections = settings.http_max_connections or default_max_connections(files_limit)
+    problem = over_files_limit(max_connections, files_limit)
+    if problem is not None:
+        logger.warning("%s", problem)
+    return ConnectionGuard(max_connections, settings.http_header_timeout_seconds)
 
 
 def transport_security(settings: ServerSettings) -> TransportSecuritySettings | None:

@@ -301,6 +301,21 @@ class ServerSettings(_Section):
         le=1_000_000,
         description="Streamable HTTP: client sessions open at once; past it a new client is refused (503).",
     )
+    http_max_connections: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Streamable HTTP: connections open at once; past it a new connection is answered 503 and "
+        "closed. 0: what the open-files limit leaves room for, at most 10000.",
+    )
+    http_header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Streamable HTTP: a new connection that has not sent its first request's headers within "
+        "this long is closed (408).",
+    )
 
     @model_validator(mode="after")
     def _hosts_named_off_loopback(self) -> ServerSettings:

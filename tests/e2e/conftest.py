@@ -353,6 +353,15 @@ class ServerProcess:
         return code
 
 
+#: `python -c` this SOFT HARD COMMAND...: run COMMAND (the same process, so the same pid) with
+#: those limits on open file descriptors.
+_WITH_FILES_LIMIT = (
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+    "os.execv(sys.argv[3], sys.argv[3:])"
+)
+
+
 @asynccontextmanager
 async def start_server(
     directory: Path,
@@ -362,11 +371,13 @@ async def start_server(
     env: Mapping[str, str] | None = None,
     port: int | None = None,
     wait_ready: bool = True,
+    files_limit: tuple[int, int] | None = None,
 ) -> AsyncIterator[ServerProcess]:
     """Run the server as a process for the `async with` body; kill it if it is still running after.
 
     Over streamable HTTP it listens on `port` (default: a free one) and, with `wait_ready`,
-    the body starts once the server has printed its URL.
+    the body starts once the server has printed its URL. `files_limit` is the process's
+    (soft, hard) limit on open file descriptors (`RLIMIT_NOFILE`), set before it starts.
     """
     config_path = directory / "server.toml"
     config_path.write_text(render_toml(config), encoding="utf-8")
@@ -374,6 +385,8 @@ async def start_server(
     if transport != "stdio":
         port = port if port is not None else free_port()
         command += ["--transport", transport, "--host", HOST, "--port", str(port)]
+    if files_limit is not None:
+        command = [sys.executable, "-c", _WITH_FILES_LIMIT, *map(str, files_limit), *command]
     process = await anyio.open_process(command, cwd=ROOT, env=server_env(env), start_new_session=True)
     server = ServerProcess(process, config_path)
     try:

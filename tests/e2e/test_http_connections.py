@@ -1,0 +1,139 @@
+"""The standalone server's bounds on HTTP connections, as a real process on loopback: a connection
+past `server.http_max_connections` is answered 503 and closed, one that sends no request headers
+within `server.http_header_timeout_seconds` is answered 408 and closed, and connections held past
+the process's open-files limit are refused without the accept loop failing (EMFILE) or flooding
+the log.
+
+The connections are raw sockets (`anyio.connect_tcp`): a client that opens a connection and sends
+nothing is what the bounds are for, and no HTTP client does that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+from anyio.abc import SocketStream
+
+from tests.e2e.conftest import START_SECONDS, ServerProcess, server_config, start_server
+from tests.e2e.test_http import error_lines, url_of
+
+#: Bound on reading one connection to its end.
+READ_SECONDS = 10.0
+
+
+def http_config(**server: Any) -> dict[str, Any]:
+    config = server_config()
+    config["server"] = {**config["server"], **server}
+    return config
+
+
+def base_of(server: ServerProcess) -> str:
+    return url_of(server).removesuffix("/mcp")
+
+
+async def connect(server: ServerProcess) -> SocketStream:
+    host, _, port = base_of(server).removeprefix("http://").rpartition(":")
+    return await anyio.connect_tcp(host, int(port))
+
+
+async def read_to_end(stream: SocketStream) -> bytes:
+    """What the server sends on `stream` until it closes the connection."""
+    data = b""
+    with anyio.fail_after(READ_SECONDS):
+        try:
+            while True:
+                data += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+    await stream.aclose()
+    return data
+
+
+async def scrape(server: ServerProcess) -> dict[str, float]:
+    """`/metrics` as {sample name: value}, and `/healthz` must answer 200 (a new connection)."""
+    async with httpx2.AsyncClient(timeout=READ_SECONDS) as http:
+        assert (await http.get(f"{base_of(server)}/healthz")).status_code == 200
+        text = (await http.get(f"{base_of(server)}/metrics")).text
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
+async def test_past_the_connection_cap_a_new_connection_gets_503_and_a_silent_one_408(tmp_path: Path) -> None:
+    config = http_config(http_max_connections=2, http_header_timeout_seconds=1.0)
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        with anyio.fail_after(START_SECONDS):
+            silent = [await connect(server) for _ in range(2)]  # open, and never send a byte
+            refused = await read_to_end(await connect(server))
+            timed_out = [await read_to_end(stream) for stream in silent]
+            samples = await scrape(server)  # there is room again
+    assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), refused
+    assert refused.endswith(b"\r\n\r\nThe server has too many connections open; retry later.\n"), refused
+    assert all(data.startswith(b"HTTP/1.1 408 Request Timeout\r\n") for data in timed_out), timed_out
+    assert samples["mcp_sessions_http_max_connections"] == 2
+    assert samples["mcp_sessions_http_connections_refused_total"] == 1
+    assert samples["mcp_sessions_http_header_timeouts_total"] == 2
+    assert "Refusing new HTTP connections (503): 2 are open" in server.stderr
+    assert "sent no request headers within server.http_header_timeout_seconds = 1" in server.stderr
+    assert error_lines(server) == [], server.stderr
+
+
+async def test_a_request_whose_headers_arrive_in_time_is_served_and_not_timed_out(tmp_path: Path) -> None:
+    # The headers come in pieces, the last one after most of the timeout: the clock stops at the
+    # blank line that ends them, and the request is answered.
+    config = http_config(http_header_timeout_seconds=1.0)
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        with anyio.fail_after(START_SECONDS):
+            stream = await connect(server)
+            host = base_of(server).removeprefix("http://").encode()
+            await stream.send(b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\n")
+            await stream.send(b"Connection: close\r\n")
+            await stream.send(b"\r\n")
+            answer = await read_to_end(stream)
+            samples = await scrape(server)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+    assert samples["mcp_sessions_http_header_timeouts_total"] == 0
+    assert error_lines(server) == [], server.stderr
+
+
+async def test_connections_held_past_the_open_files_limit_are_refused_without_accept_errors(tmp_path: Path) -> None:
+    # Under an open-files limit of 256, the cap is what the limit leaves room for (192). Holding
+    # 600 connections used to use up the descriptors: every accept failed with EMFILE (nobody
+    # served, /healthz included) and asyncio logged an error for each, megabytes a second.
+    held = 600
+    config = http_config(http_header_timeout_seconds=3.0)
+    async with start_server(tmp_path, config, transport="streamable-http", files_limit=(256, 256)) as server:
+        with anyio.fail_after(START_SECONDS):
+            streams = [await connect(server) for _ in range(held)]
+            answers = [await read_to_end(stream) for stream in streams]
+            samples = await scrape(server)
+    refused = sum(answer.startswith(b"HTTP/1.1 503 ") for answer in answers)
+    timed_out = sum(answer.startswith(b"HTTP/1.1 408 ") for answer in answers)
+    assert samples["mcp_sessions_http_max_connections"] == 192
+    assert (refused, timed_out) == (held - 192, 192)
+    assert samples["mcp_sessions_http_connections_refused_total"] == held - 192
+    assert "Too many open files" not in server.stderr
+    assert error_lines(server) == [], server.stderr[:2000]
+    # The refusals are reported once, then as a count: not a line per connection.
+    assert len(server.stderr_lines) < 20, server.stderr[:2000]
+
+
+async def test_the_open_files_limit_is_raised_to_the_hard_limit_and_a_cap_past_it_is_warned_about(
+    tmp_path: Path,
+) -> None:
+    async with start_server(tmp_path, http_config(), transport="streamable-http", files_limit=(200, 400)) as server:
+        samples = await scrape(server)
+    assert samples["mcp_sessions_http_max_connections"] == 400 - 64  # the reserve: 64 at least
+    assert "leaves too little room" not in server.stderr
+
+    config = http_config(http_max_connections=1000)
+    async with start_server(tmp_path, config, transport="streamable-http", files_limit=(400, 400)) as server:
+        samples = await scrape(server)
+    assert samples["mcp_sessions_http_max_connections"] == 1000  # as asked, but warned about
+    assert (
+        "server.http_max_connections = 1000 leaves too little room under this process's open-files "
+        "limit (400)" in server.stderr
+    )
+    assert "lower the key to at most 336" in server.stderr
