@@ -10,6 +10,7 @@ nothing is what the bounds are for, and no HTTP client does that.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,8 @@ async def test_past_the_connection_cap_a_new_connection_gets_503_and_a_silent_on
             refused = await read_to_end(await connect(server))
             timed_out = [await read_to_end(stream) for stream in silent]
             samples = await scrape(server)  # there is room again
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.wait_exit(within=START_SECONDS) == 0
     assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), refused
     assert refused.endswith(b"\r\n\r\nThe server has too many connections open; retry later.\n"), refused
     assert all(data.startswith(b"HTTP/1.1 408 Request Timeout\r\n") for data in timed_out), timed_out
@@ -77,6 +80,10 @@ async def test_past_the_connection_cap_a_new_connection_gets_503_and_a_silent_on
     assert samples["mcp_sessions_http_header_timeouts_total"] == 2
     assert "Refusing new HTTP connections (503): 2 are open" in server.stderr
     assert "sent no request headers within server.http_header_timeout_seconds = 1" in server.stderr
+    # The second timeout came within the report period: counted in the line written at the exit.
+    assert "Closed 1 more HTTP connection(s) that sent no request headers in time since the last report" in (
+        server.stderr
+    )
     assert error_lines(server) == [], server.stderr
 
 
