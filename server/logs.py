@@ -5,11 +5,12 @@ handler on the root logger, so the SDK's and uvicorn's records come out in the s
 ours. It is for the standalone server, which owns its process's logging; an embedding host
 keeps its own (`configured_here` tells the two apart, so a reload leaves a host's alone). In
 text mode every record is one line (`TextFormatter` escapes control characters, which a
-client's or a tool's text in a message may hold); only a traceback follows on lines of its own. In
-JSON mode every record is one object per line with `ts`, `level`, `logger`, `message` and the
-structured fields a record carries (a session end has `session_id`, `tool`, `state`,
-`duration_seconds`, `reason`; a refusal has `code`, `tool`, `session_id`). Never logged: the
-admin token and the contents of session metadata.
+client's or a tool's text in a message may hold); only a traceback follows on lines of its own.
+In JSON mode every record is one object per line with `ts`, `level`, `logger`, `message` and
+the structured fields a record carries (a session end has `session_id`, `tool`, `state`,
+`duration_seconds`, `reason`; a refusal has `code`, `tool`, `session_id`). In either format a
+message longer than `MAX_MESSAGE_CHARS` is cut. Never logged: the admin token and the contents
+of session metadata.
 
 Example:
     ```python
@@ -48,6 +49,11 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\
 #: the C0 controls JSON always escapes. Only ever inside a JSON string, so `\uXXXX` is safe.
 _JSON_RAW_CONTROL = re.compile("[\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: A record's message (and a JSON record's `reason`) longer than this is cut, saying by how much.
+#: A message can carry a client's text: a Host header the SDK refuses (60 KB of it fits one
+#: request), the error a client releases a session with, a tool's exception. Whole, each request
+#: could add that much to the log, and a client fill the disk at the rate it can send.
+MAX_MESSAGE_CHARS = 8192
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -59,6 +65,14 @@ def one_line(text: str) -> str:
     """`text` with its control characters escaped as Python writes them (a newline as `\\n`,
     escape as `\\x1b`), so that it cannot end its line or start a forged one."""
     return _CONTROL.sub(_escape, text)
+
+
+def clipped(text: str) -> str:
+    """`text`, cut to `MAX_MESSAGE_CHARS` characters with a note of how many more there were."""
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    more = len(text) - MAX_MESSAGE_CHARS
+    return f"{text[:MAX_MESSAGE_CHARS]}... [{more} more character{'' if more == 1 else 's'}]"
 
 
 def _json_escape(match: re.Match[str]) -> str:
@@ -75,6 +89,7 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = clipped(record.message)
         return one_line(super().formatMessage(record))
 
 
@@ -86,12 +101,12 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": clipped(record.getMessage()),
         }
         for key in FIELDS:
             value = record.__dict__.get(key)
             if value is not None:
-                data[key] = value
+                data[key] = clipped(value) if isinstance(value, str) else value
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         if record.stack_info:

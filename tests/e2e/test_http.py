@@ -100,6 +100,20 @@ async def test_the_url_is_printed_at_every_logging_level(tmp_path: Path, level: 
     assert not any("echo" in line for line in server.stderr_lines), server.stderr
 
 
+async def test_a_refused_host_header_is_logged_cut_not_whole(shared_http_server: ServerProcess) -> None:
+    # The SDK logs the Host header it refuses, whole: 60 KB of it fits one request, which would
+    # then add 60 KB to the log each time.
+    host = "h" * 60_000
+    body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    headers = {"Host": host, "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    with anyio.fail_after(CALL_SECONDS):
+        async with httpx2.AsyncClient(timeout=CALL_SECONDS) as http:
+            answer = await http.post(url_of(shared_http_server), headers=headers, json=body)
+        line = await shared_http_server.wait_stderr("Invalid Host header")
+    assert answer.status_code == 421
+    assert len(line) < 8_500 and line.rstrip().endswith(" more characters]"), line[-200:]
+
+
 async def test_hanging_tools_time_out_on_time_over_http(shared_http_server: ServerProcess) -> None:
     async with shared_http_server.client() as client:
         before = await metrics(client)

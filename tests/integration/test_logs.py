@@ -20,7 +20,7 @@ from mcp.server.mcpserver import MCPServer
 
 from server import SessionsExtension, load_settings
 from server.config import LoggingSettings
-from server.logs import JsonFormatter, configure_logging
+from server.logs import MAX_MESSAGE_CHARS, JsonFormatter, configure_logging
 from server.reload import ConfigReloader
 from tests.helpers import build, code_of, echo, error_of, settings, text_of
 
@@ -292,6 +292,23 @@ async def test_an_error_a_client_releases_with_cannot_forge_lines_in_the_text_lo
     [record] = session_ends(caplog)
     data = json.loads(JsonFormatter().format(record))
     assert data["reason"] == FORGED and data["message"].endswith(f"(no tool): {FORGED}")
+
+
+def test_a_long_message_is_cut_in_the_text_and_the_json_log(text_log: io.StringIO) -> None:
+    # As the SDK logs a Host header it refuses: the client's whole header, 60 KB in one request
+    # (the standalone server's test of it is in tests/e2e/test_http.py).
+    header = "h" * 60_000
+    logging.getLogger("tests.logs").warning("Invalid Host header: %s", header)
+    [line] = assert_one_line_per_record(text_log.getvalue())
+    message = f"Invalid Host header: {header}"
+    more = len(message) - MAX_MESSAGE_CHARS
+    assert line.endswith(f"tests.logs: {message[:MAX_MESSAGE_CHARS]}... [{more} more characters]"), line[-100:]
+
+    record = logging.LogRecord("tests.logs", logging.WARNING, __file__, 1, "Invalid Host header: %s", (header,), None)
+    record.reason = "r" * (MAX_MESSAGE_CHARS + 1)
+    data = json.loads(JsonFormatter().format(record))
+    assert data["message"] == f"{message[:MAX_MESSAGE_CHARS]}... [{more} more characters]"
+    assert data["reason"] == "r" * MAX_MESSAGE_CHARS + "... [1 more character]"
 
 
 async def test_the_sdks_multi_line_validation_errors_are_one_line_each_in_the_text_log(
