@@ -119,12 +119,22 @@ class SessionsExtension(DecoupledCalls, Extension):
         """`settings`: by default `load_settings()`, the built-in defaults and the `MCP_SESSIONS_*`
         environment variables.
 
+        `manager`: a `SessionManager` built elsewhere (a subclass, say), instead of the one
+        `settings` would make. Its limits are the ones enforced and advertised; `apply_settings`
+        sets `settings.limits` on it.
+
         Raises:
             ConfigError: with no `settings`, an environment variable is wrong (each problem named).
             TypeError: `settings` is not a `Settings` (a path, a dict, a `LimitsSettings`): the
-                message says how to make one (`load_settings(path)`, `Settings(limits=...)`).
+                message says how to make one (`load_settings(path)`, `Settings(limits=...)`);
+                `manager` is not a `SessionManager`.
         """
         self.config = require_settings(settings, "SessionsExtension()") if settings is not None else load_settings()
+        if manager is not None and not isinstance(manager, SessionManager):
+            raise TypeError(
+                f"SessionsExtension(manager=...) takes a SessionManager, got {type(manager).__name__}; "
+                "leave it out to have one made from the settings"
+            )
         self.manager = manager if manager is not None else make_manager(self.config)
         self._running = False
         self._app: Any = None
@@ -164,7 +174,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         return self._advertised
 
     def _advertise(self) -> None:
-        limits = self.config.limits
+        limits = self.manager.limits  # the limits enforced (a manager given to __init__ has its own)
         self._advertised.update(
             maxConcurrentSessions=limits.max_concurrent_sessions,
             defaultTimeoutSeconds=limits.default_timeout_seconds,
@@ -218,19 +228,25 @@ class SessionsExtension(DecoupledCalls, Extension):
         get_tool = self._get_tool
         if get_tool is None:
             return
-        unmatched = [
-            name
-            for name in self.config.tools
-            if name not in self._warned_tables
-            and ((entry := get_tool(name)) is None or (name in MANAGEMENT_TOOLS and is_session_tool(entry)))
-        ]
+        # A session tool's name: its table is ignored while the session tool has the name;
+        # once the host removed it, the name is free for a tool of the host's (then it applies).
+        session_tools: set[str] = set()
+        unmatched: list[str] = []
+        for name in self.config.tools:
+            if name in self._warned_tables:
+                continue
+            entry = get_tool(name)
+            if entry is not None and name in MANAGEMENT_TOOLS and is_session_tool(entry):
+                session_tools.add(name)
+            if entry is None or name in session_tools:
+                unmatched.append(name)
         if not unmatched:
             return
         self._warned_tables.update(unmatched)
         names = [name for name in tool_names(self._app) if name not in MANAGEMENT_TOOLS]  # the configurable ones
         listed = f" (its tools: {', '.join(names)})" if names else ""
         for name in unmatched:
-            if name in MANAGEMENT_TOOLS:
+            if name in session_tools:
                 logger.warning("[tools.%s] is ignored: %s; remove it", name, SESSION_TOOL_TABLE)
                 continue
             near = difflib.get_close_matches(name, names, n=1)

@@ -952,6 +952,31 @@ async def test_a_host_tool_registered_under_a_removed_session_tools_name_is_a_ho
     assert m["tools"]["server_shutdown"]["timeouts"] == 1
 
 
+async def test_a_removed_session_tools_table_is_kept_for_a_host_tool_added_later_and_not_called_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Removed before the lifespan starts and added while it runs: the table is not "ignored" (as
+    # a session tool's is), it waits for the host's tool of that name, and then applies to it.
+    app, _ = build(settings(tools={"server_shutdown": {"timeout_seconds": 0.3}}))
+    app.remove_tool("server_shutdown")
+
+    async def server_shutdown(reason: str) -> str:
+        await anyio.sleep(3600)
+        return f"shut down: {reason}"
+
+    with caplog.at_level(logging.WARNING, logger="server.extension"):
+        async with Client(app) as client:
+            app.add_tool(server_shutdown)
+            with anyio.fail_after(5):
+                result = await client.call_tool("server_shutdown", {"reason": "maintenance"})
+    warned = [r.getMessage() for r in caplog.records if r.name == "server.extension"]
+    assert warned == [
+        "[tools.server_shutdown] names no tool of this server (its tools: boom, echo, hang_async): its settings"
+        " apply only to a tool of that name added later"
+    ]
+    assert code_of(result) == "timeout" and "0.3s" in text_of(result), text_of(result)
+
+
 async def test_a_session_create_session_expires_by_itself_and_frees_its_slot() -> None:
     app, sessions = build(settings(max_concurrent_sessions=1))
     async with Client(app) as client:
