@@ -127,6 +127,27 @@ def test_the_extension_refuses_what_is_not_a_settings_and_says_how_to_make_one(w
     assert re.search(fix, str(raised.value)), str(raised.value)
 
 
+def test_the_extension_refuses_a_manager_that_is_not_a_session_manager() -> None:
+    with pytest.raises(TypeError, match=r"manager=\.\.\.\) takes a SessionManager, got str"):
+        SessionsExtension(settings(), manager="x")  # type: ignore[arg-type]
+
+
+async def test_a_manager_given_to_the_extension_advertises_the_limits_it_enforces() -> None:
+    # Its own limits (50), not those of the settings beside it (5), are the ones calls meet.
+    sessions = SessionsExtension(
+        settings(max_concurrent_sessions=5), manager=SessionManager(LimitsSettings(max_concurrent_sessions=50))
+    )
+    app = MCPServer("own-manager", extensions=[sessions], lifespan=sessions.lifespan)
+    app.add_tool(echo)
+    async with Client(app) as client:
+        assert text_of(await client.call_tool("echo", {"text": "served"})) == "served"
+        m = (await client.call_tool("session_metrics", {})).structured_content or {}
+    assert m["limits"]["max_concurrent_sessions"] == 50
+    assert sessions.settings()["maxConcurrentSessions"] == 50
+    sessions.apply_settings(settings(max_concurrent_sessions=7))
+    assert sessions.settings()["maxConcurrentSessions"] == sessions.manager.limits.max_concurrent_sessions == 7
+
+
 @pytest.mark.parametrize(("wrong", "fix"), [*NOT_SETTINGS, (None, r"load_settings\(path\)")])
 def test_build_server_refuses_what_is_not_a_settings_and_says_how_to_make_one(wrong: Any, fix: str) -> None:
     with pytest.raises(TypeError, match=r"build_server\(\) takes a Settings, got ") as raised:
