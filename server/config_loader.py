@@ -354,6 +354,14 @@ def _has_path(data: Any, path: Loc) -> bool:
     return True
 
 
+def _at(data: Any, path: Loc) -> Any:
+    """The value at `path` in `data` (see `_has_path`)."""
+    node = data
+    for part in path:
+        node = node[part]
+    return node
+
+
 def _show(value: Any) -> str:
     """A value as the user wrote it (TOML spelling), shortened."""
     if isinstance(value, bool):
@@ -524,9 +532,21 @@ class _Sources:
         got = f" (got {_show(value)})" if show else ""
         return f"{self.describe(loc)}: {key}: {reason}{got}"
 
+    def as_written(self, loc: Loc, value: Any) -> Any:
+        """The value at `loc` as its source holds it, for `value` as pydantic reports it. Pydantic
+        reports a value after the field's before-validators (`logging.level = "WARN"` as "warn"),
+        and a problem quotes what the user wrote. A table is left as reported: it may be merged
+        from several sources."""
+        if isinstance(value, Mapping):
+            return value
+        for _, data in self.layers:
+            if loc and _has_path(data, loc):
+                return _at(data, loc)
+        return value
+
     def error(self, error: ErrorDetails) -> str:
         loc: Loc = tuple(error["loc"])
-        value = error.get("input")
+        value = self.as_written(loc, error.get("input"))
         secret = loc == ("shutdown", "admin_token_env")  # might be the token itself: never echo it
         show = error["type"] != "extra_forbidden" and not isinstance(value, Mapping) and not secret
         reason = _reason(error)
@@ -549,9 +569,7 @@ def _effective_float(merged: Mapping[str, Any], loc: Loc, bad: set[Loc]) -> floa
     if any(loc[:depth] in bad for depth in range(1, len(loc) + 1)):
         return None
     if _has_path(merged, loc):
-        raw: Any = merged
-        for part in loc:
-            raw = raw[part]
+        raw = _at(merged, loc)
     elif loc[0] == "limits":
         raw = LimitsSettings.model_fields[str(loc[1])].default
     else:

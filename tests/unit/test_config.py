@@ -604,6 +604,16 @@ BAD_FILES = [
         id="unknown-log-level",
     ),
     pytest.param(
+        '[logging]\nlevel = "WARN"\n',
+        "logging.level: must be 'debug', 'info', 'warning' or 'error' (got \"WARN\")",
+        id="unknown-log-level-quoted-as-written-not-lowered",
+    ),
+    pytest.param(
+        '[logging]\nformat = "LogFmt"\n',
+        "logging.format: must be 'text' or 'json' (got \"LogFmt\")",
+        id="unknown-log-format-quoted-as-written-not-lowered",
+    ),
+    pytest.param(
         '[logging]\nformat = "logfmt"\n',
         "logging.format: must be 'text' or 'json' (got \"logfmt\")",
         id="unknown-log-format",
@@ -956,6 +966,12 @@ def test_a_file_with_several_problems_reports_all_of_them_one_per_line(tmp_path:
             "nan",
             'limits.default_timeout_seconds: must be a finite number (nan and inf are not allowed) (got "nan")',
             id="nan",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_LOGGING__LEVEL",
+            "WARN",
+            "logging.level: must be 'debug', 'info', 'warning' or 'error' (got \"WARN\")",
+            id="log-level-quoted-as-written-not-lowered",
         ),
         pytest.param(
             "MCP_SESSIONS_LIMITS__MAX_CONCURENT_SESSIONS",
