@@ -1,7 +1,8 @@
 """Command line: `mcp-session-manager [--config PATH] [--transport T] [--host H] [--port P] [--check-config]`.
 
 Tier: application entry. Exit status 0 after a clean (graceful) stop, 2 for a bad
-configuration (nothing is started). Logs go to stderr; on stdio, stdout carries only protocol
+configuration (nothing is started), 1 for a valid `--check-config` whose settings cannot reach
+stdout (closed, or a full disk). Logs go to stderr; on stdio, stdout carries only protocol
 messages, and with `--check-config` only the settings JSON: fd 1 is diverted to stderr before
 the tool modules are imported. stdin is claimed before then too (on stdio for the protocol, and
 for `--check-config`): a module that reads it finds it at end of file, so the client's messages
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from server.app import App, build_app, serve
-from server.config import ConfigError
+from server.config import ConfigError, Settings
 from server.config_loader import config_problems, load_settings
 from server.logs import configure_logging
 from server.reload import ConfigReloader, hold_early_hangups
@@ -101,6 +102,9 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
     """Everything before serving: read the config, import the tool modules, build the server.
     An exit status if there is nothing to serve (a check, or a problem); else what `serve` takes."""
     args = _parser().parse_args(argv)
+    # Python's mark of a process started with fd 1 closed (`>&-`), read before any tool module
+    # could replace sys.stdout: the wire is then the null device, and a check's settings would be lost.
+    stdout_closed = sys.stdout is None
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # tool modules in the working directory, as `python -m` finds them
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -126,14 +130,10 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
         sys.stderr.write(f"mcp-session-manager: invalid configuration:\n  {problems}\n")
         return EXIT_CONFIG
     if args.check_config:
-        effective = settings.model_dump(mode="json")
-        effective["store"]["url"] = safe_url(settings.store.url)  # never print a password
         assert wire is not None
-        try:
-            wire.write((json.dumps(effective, indent=2) + "\n").encode())
-            wire.flush()
-        except OSError as exc:  # stdout closed, or a full disk (`> /dev/full`)
-            sys.stderr.write(f"mcp-session-manager: cannot write the settings to stdout: {exc.strerror or exc}\n")
+        failure = "stdout is closed" if stdout_closed else _write_settings(wire, settings)
+        if failure is not None:
+            sys.stderr.write(f"mcp-session-manager: cannot write the settings to stdout: {failure}\n")
             return 1
         for note in settings.ineffective():
             sys.stderr.write(f"mcp-session-manager: note: {note}\n")
@@ -150,6 +150,19 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
     for note in settings.ineffective():
         logger.warning("Config: %s", note)
     return app, app.reloader(args.config, overrides), wire, stdin
+
+
+def _write_settings(wire: BinaryIO, settings: Settings) -> str | None:
+    """Write the effective settings to `wire` as JSON; None, or why they could not be written
+    (a closed pipe, a full disk as `> /dev/full` is): a check that prints nothing has not passed."""
+    effective = settings.model_dump(mode="json")
+    effective["store"]["url"] = safe_url(settings.store.url)  # never print a password
+    try:
+        wire.write((json.dumps(effective, indent=2) + "\n").encode())
+        wire.flush()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def run() -> None:

@@ -241,11 +241,20 @@ def test_check_config_and_stdio_started_with_stdin_closed_see_end_of_file() -> N
     assert "Graceful shutdown: stdin closed" in served.stderr and "Traceback" not in served.stderr
 
 
-def test_check_config_started_with_stdout_closed_still_checks() -> None:
+def test_check_config_started_with_stdout_closed_says_so_and_exits_1(tmp_path: Path) -> None:
+    # Python starts with sys.stdout None when fd 1 is closed; the settings would go nowhere.
     result = run_with_closed(1, "--check-config")
+    bad = run_with_closed(
+        1, "--config", str(write(tmp_path, "[limits]\nmax_concurrent_sessions = 0\n")), "--check-config"
+    )
 
-    assert result.returncode == 0, result.stderr
-    assert "configuration is valid" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        "mcp-session-manager: cannot write the settings to stdout: stdout is closed"
+    ], result.stderr
+    # The configuration is still checked first: its problems are the answer, as with stdout open.
+    assert bad.returncode == 2, bad.stderr
+    assert "limits.max_concurrent_sessions: must be between 1 and" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_check_config_with_a_tool_module_that_reads_stdin_does_not_wait_for_stdin() -> None:
