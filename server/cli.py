@@ -54,8 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StopWhileStarting(BaseException):
-    """SIGINT or SIGTERM came before the server served (a tool module importing, say)."""
+class _StopWhileStarting(KeyboardInterrupt):
+    """SIGINT or SIGTERM came before the server served (a tool module importing, say).
+
+    A KeyboardInterrupt, so that what lets Ctrl-C through lets it through too: the tool modules'
+    import, which reports any other exception a module raises (`BaseException`s too) as a config
+    problem."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)

@@ -5,7 +5,9 @@ Tier: application wiring (beside `server.app`, which builds the standalone serve
 The standalone server and `--check-config` both go through `import_tool_modules` and then
 `install_tool_modules`, so that a check finds what would make the start fail: a tool the SDK
 cannot register (a lambda, a `functools.partial`, a parameter type it has no schema for), a
-`setup` that raises, a module that calls `sys.exit` while imported or set up.
+`setup` that raises, a module that calls `sys.exit` while imported or set up. What a module raises
+need not be an `Exception`: a class of its own derived from `BaseException` is reported the same
+way. Only `KeyboardInterrupt` goes through, since it means the user is stopping the process.
 
 Each problem reads `server.tool_modules: 'MODULE': reason`, for example:
 
@@ -124,7 +126,7 @@ def _hidden_by_ours(top: str) -> str | None:
     return None
 
 
-def _import_problem(module_name: str, exc: Exception) -> str:
+def _import_problem(module_name: str, exc: BaseException) -> str:
     """Why importing `module_name` failed, naming where it was looked for if it was not found."""
     missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
     if missing is not None and (module_name == missing or module_name.startswith(missing + ".")):
@@ -159,7 +161,9 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
         except SystemExit as exc:
             problems.append(f"{key}: called {_exit_call(exc)} while being imported; {_EXIT_HINT}")
             continue
-        except Exception as exc:  # noqa: BLE001 - any import failure is a config error to report
+        except KeyboardInterrupt:
+            raise  # Ctrl-C, or a signal ending the start (see `server.cli`): the process is being stopped
+        except BaseException as exc:  # noqa: BLE001 - any import failure is a config error to report
             problems.append(f"{key}: {_import_problem(module_name, exc)}")
             continue
         setup = getattr(module, "setup", None)
@@ -253,7 +257,9 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
                 module.setup(server)  # tools, resources, prompts, other handlers; tools/call goes through the sessions
         except SystemExit as exc:
             problems.append(f"{key}: setup(server) called {_exit_call(exc)}; {_EXIT_HINT}")
-        except Exception as exc:  # noqa: BLE001 - any failure of a hook is a config error to report
+        except KeyboardInterrupt:
+            raise  # as for an import: the process is being stopped
+        except BaseException as exc:  # noqa: BLE001 - any failure of a hook is a config error to report
             problems.append(f"{key}: setup(server) failed: {_one_line(exc)}")
         for name in set(tool_names(server)) - before:  # those added past add_tool too
             owners.setdefault(name, f"the setup(server) of module {module.name!r}")

@@ -465,6 +465,12 @@ BAD_MODULES = [
         id="raises-at-import",
     ),
     pytest.param(
+        [f"{FIXTURES}.raises_base_exception_at_import"],
+        f"'{FIXTURES}.raises_base_exception_at_import': cannot import it:"
+        " FixtureAbort: fixture module aborting its import on purpose",
+        id="base-exception-at-import",
+    ),
+    pytest.param(
         [f"{FIXTURES}.not_there"],
         f"'{FIXTURES}.not_there': cannot import it: ModuleNotFoundError: No module named '{FIXTURES}.not_there';"
         f" looked for in the working directory ({ROOT}), PYTHONPATH",
@@ -499,6 +505,11 @@ BAD_MODULES = [
         [f"{FIXTURES}.setup_raises"],
         f"'{FIXTURES}.setup_raises': setup(server) failed: KeyError: 'API_KEY'",
         id="setup-raises",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.setup_raises_base_exception"],
+        f"'{FIXTURES}.setup_raises_base_exception': setup(server) failed: FixtureAbort: no licence server",
+        id="base-exception-in-setup",
     ),
     pytest.param(
         [f"{FIXTURES}.exits_at_import"],

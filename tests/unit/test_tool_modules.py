@@ -130,6 +130,29 @@ def test_a_module_calling_sys_exit_while_imported_is_a_problem_naming_it() -> No
     ), problem
 
 
+def test_a_module_raising_a_base_exception_of_its_own_while_imported_is_a_problem_naming_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        import_tool_modules([f"{FIXTURES}.raises_base_exception_at_import"])
+
+    assert caught.value.problems == [
+        f"server.tool_modules: '{FIXTURES}.raises_base_exception_at_import': cannot import it:"
+        " FixtureAbort: fixture module aborting its import on purpose"
+    ]
+
+
+def test_a_setup_hook_raising_a_base_exception_of_its_own_is_a_problem_naming_the_module() -> None:
+    assert problems_building(f"{FIXTURES}.setup_raises_base_exception") == [
+        f"server.tool_modules: '{FIXTURES}.setup_raises_base_exception': setup(server) failed:"
+        " FixtureAbort: no licence server"
+    ]
+
+
+def test_a_keyboard_interrupt_while_a_module_imports_still_stops_the_start() -> None:
+    # Ctrl-C (under Python's own handler) is the user stopping the process, not a module's fault.
+    with pytest.raises(KeyboardInterrupt):
+        import_tool_modules([f"{FIXTURES}.interrupted_at_import"])
+
+
 def test_tools_without_a_name_of_their_own_are_problems_naming_each() -> None:
     problems = problems_building(f"{FIXTURES}.nameless_tools")
 
