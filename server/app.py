@@ -55,7 +55,7 @@ from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams, tool_names
 from server.stdio_wire import Outstanding, StdinLines, WireSafe, unreadable_line_error
-from server.tool_modules import import_tool_modules, install_tool_modules
+from server.tool_modules import hosting_nothing, import_tool_modules, install_tool_modules
 from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, abandoned_answer
 from tools.sessions import MANAGEMENT_TOOLS, SESSION_TOOL_TABLE
 
@@ -77,6 +77,14 @@ class App:
     sessions: SessionsExtension
     #: The hosted tool functions (the `TOOLS` of `server.tool_modules`).
     tools: list[Callable[..., Any]] = field(default_factory=list)
+    #: What the tool modules give to note (a module hosting nothing, see `hosting_nothing`).
+    module_notes: list[str] = field(default_factory=list)
+
+    def ineffective(self) -> list[str]:
+        """What is valid but cannot work as written, one sentence each: the settings' own
+        (`Settings.ineffective`), then the tool modules'. `--check-config` notes them, a start
+        warns of them; a reload, which imports no module, warns of the settings' alone."""
+        return [*self.settings.ineffective(), *self.module_notes]
 
     def reloader(self, path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ConfigReloader:
         """A `ConfigReloader` for this app: `path` and `overrides` as given at startup; a reloaded
@@ -202,7 +210,7 @@ def build_app(settings: Settings) -> App:
     problems += tool_override_problems(settings, [*tools, *tool_names(server)])
     if problems:
         raise ConfigError(problems)
-    return App(settings=settings, server=server, sessions=sessions, tools=tools)
+    return App(settings=settings, server=server, sessions=sessions, tools=tools, module_notes=hosting_nothing(modules))
 
 
 def build_server(settings: Settings) -> MCPServer[Any]:

@@ -139,7 +139,7 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
         if failure is not None:
             sys.stderr.write(f"mcp-session-manager: cannot write the settings to stdout: {failure}\n")
             return 1
-        for note in settings.ineffective():
+        for note in app.ineffective():
             sys.stderr.write(f"mcp-session-manager: note: {note}\n")
         sys.stderr.write("mcp-session-manager: configuration is valid\n")
         return 0
@@ -151,7 +151,7 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
             sys.stderr.write(f"mcp-session-manager: {unreachable}\n")
             return EXIT_CONFIG
     configure_logging(settings.logging)
-    for note in settings.ineffective():
+    for note in app.ineffective():
         logger.warning("Config: %s", note)
     return app, app.reloader(args.config, overrides), wire, stdin
 

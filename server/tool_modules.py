@@ -192,6 +192,19 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
     return modules
 
 
+def hosting_nothing(modules: Sequence[ToolModule]) -> list[str]:
+    """A note for each module with an empty `TOOLS` and no `setup(server)`: it hosts nothing, most
+    likely by mistake (a list left empty). Not a problem, since such a module is harmless and may be
+    a placeholder: noted by `--check-config` and warned about at start, as settings that cannot take
+    effect are. A module with a `setup` is not noted: its hook may register tools, or other handlers."""
+    return [
+        f"{_key(module.name)}: its TOOLS is empty and it has no setup(server), so it hosts nothing; "
+        "list its tools in TOOLS (TOOLS = [my_tool, ...]), or remove it from server.tool_modules"
+        for module in modules
+        if not module.tools and module.setup is None
+    ]
+
+
 def load_tool_modules(names: Sequence[str]) -> list[Callable[..., Any]]:
     """Import each module and collect its `TOOLS` (a list of functions); see `import_tool_modules`."""
     return [fn for module in import_tool_modules(names) for fn in module.tools]

@@ -212,6 +212,31 @@ def test_an_unset_admin_token_variable_over_http_is_noted_without_its_value(tmp_
         assert any(line.endswith(f"WARNING server.cli: Config: {sentence}") for line in lines), result.stderr
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_tool_module_with_empty_tools_and_no_setup_is_noted_not_refused(tmp_path: Path, check: bool) -> None:
+    # It hosts nothing: almost certainly a list left empty by mistake. A module whose setup(server)
+    # may register tools is not noted. The start (stdio, stdin at once at end) warns, then stops.
+    path = modules_config(tmp_path, f"{FIXTURES}.empty_tools", f"{FIXTURES}.setup_only")
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    sentence = (
+        f"server.tool_modules: '{FIXTURES}.empty_tools': its TOOLS is empty and it has no setup(server), so it"
+        " hosts nothing; list its tools in TOOLS (TOOLS = [my_tool, ...]), or remove it from server.tool_modules"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    if check:
+        assert json.loads(result.stdout)["server"]["tool_modules"] == [
+            f"{FIXTURES}.empty_tools",
+            f"{FIXTURES}.setup_only",
+        ]
+        assert [line for line in lines if "note:" in line] == [f"mcp-session-manager: note: {sentence}"], result.stderr
+    else:
+        warnings = [line for line in lines if "WARNING server.cli: Config:" in line]
+        assert len(warnings) == 1 and warnings[0].endswith(f"WARNING server.cli: Config: {sentence}"), result.stderr
+
+
 def test_check_config_imports_a_good_tool_module() -> None:
     result = run("--check-config", env={"MCP_SESSIONS_SERVER__TOOL_MODULES": f'["{FIXTURES}.good_tools"]'})
 

@@ -147,6 +147,18 @@ def test_a_setup_hook_raising_a_base_exception_of_its_own_is_a_problem_naming_th
     ]
 
 
+def test_a_module_hosting_nothing_is_noted_and_one_whose_setup_registers_tools_is_not() -> None:
+    settings = load_settings(None, {"server": {"tool_modules": [f"{FIXTURES}.empty_tools", f"{FIXTURES}.setup_only"]}})
+
+    app = build_app(settings)
+
+    assert app.ineffective() == [
+        f"server.tool_modules: '{FIXTURES}.empty_tools': its TOOLS is empty and it has no setup(server), so it"
+        " hosts nothing; list its tools in TOOLS (TOOLS = [my_tool, ...]), or remove it from server.tool_modules"
+    ]
+    assert "registered_by_setup" in tool_names(app.server)
+
+
 def test_a_keyboard_interrupt_while_a_module_imports_still_stops_the_start() -> None:
     # Ctrl-C (under Python's own handler) is the user stopping the process, not a module's fault.
     with pytest.raises(KeyboardInterrupt):
