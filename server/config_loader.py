@@ -69,6 +69,7 @@ from server.config import (
     is_loopback,
     mask_secrets,
 )
+from server.toml_keys import key_set_twice
 
 
 def config_problems(error: ConfigError, path: str | os.PathLike[str] | None) -> list[str]:
@@ -144,11 +145,13 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read the config file: {_os_error(exc)}"], sourced=True) from None
     try:
-        return tomllib.loads(data.removeprefix(UTF8_BOM).decode("utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{file}: invalid TOML: {exc}"], sourced=True) from None
+        text = data.removeprefix(UTF8_BOM).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{file}: invalid TOML: {_not_utf8(data, exc)}"], sourced=True) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: invalid TOML: {exc}{key_set_twice(text, str(exc))}"], sourced=True) from None
 
 
 def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:

@@ -353,6 +353,11 @@ BAD_FILES = [
         id="bad-toml",
     ),
     pytest.param(
+        '[store]\nurl = "redis://tools:hunter2@127.0.0.1:6379/0"\nurl = "redis://tools:hunter3@127.0.0.1:6379/0"\n',
+        "invalid TOML: Cannot overwrite a value (at line 3, column 47): store.url is set twice; keep one",
+        id="key-set-twice",
+    ),
+    pytest.param(
         '[store]\nbackend = "redis"\nurl = "redis://tools:hunter2@127.0.0.1:99999/0"\n',
         "store.url: the port must be a number from 1 to 65535 (a password holding / ? # or @ must be"
         ' percent-encoded, e.g. / as %2F), e.g. redis://127.0.0.1:6379/0 (got "redis://tools:***@127.0.0.1:99999/0")',

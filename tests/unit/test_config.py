@@ -856,7 +856,11 @@ NOT_REGULAR = (
             "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)",
             id="bad-toml-syntax",
         ),
-        pytest.param(_duplicate_key, "invalid TOML: Cannot overwrite a value (at line 3, column 9)", id="duplicate"),
+        pytest.param(
+            _duplicate_key,
+            "invalid TOML: Cannot overwrite a value (at line 3, column 9): server.port is set twice; keep one",
+            id="duplicate",
+        ),
         pytest.param(
             _not_utf8,
             "invalid TOML: the file is not UTF-8 (invalid continuation byte: byte 0xe9 at line 2, column 12);"
@@ -882,6 +886,56 @@ def test_an_unreadable_file_is_refused_naming_the_file(
     path = make(tmp_path)
 
     assert problems_of(path) == [f"{path}: {expected}"]
+
+
+DUPLICATE = "invalid TOML: Cannot overwrite a value"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            'a = 1\n[store]\nurl = "redis://:hunter2@db:6379"\nurl = "redis://:hunter3@db:6379"\n',
+            f"{DUPLICATE} (at line 4, column 33): store.url is set twice; keep one",
+            id="a-secret-value",
+        ),
+        pytest.param(
+            '[server]\ntool_modules = ["a"]\ntool_modules = [\n  "b",\n  "hunter2",\n]\n',
+            f"{DUPLICATE} (at line 6, column 2): server.tool_modules is set twice (the second time on line 3);"
+            " keep one",
+            id="a-value-over-several-lines",
+        ),
+        pytest.param(
+            "[shutdown]\ntimeout_seconds = 1\ntimeout_seconds = 2",
+            f"{DUPLICATE} (at end of document): shutdown.timeout_seconds is set twice (the second time on line 3);"
+            " keep one",
+            id="at-the-end-without-a-newline",
+        ),
+        pytest.param(
+            "[limits]\nmax_queued = 1\nmax_queued.depth = 2\n",
+            f"{DUPLICATE} (at line 3, column 21): limits.max_queued.depth cannot be set: limits.max_queued is"
+            " already a value, not a table",
+            id="a-key-under-a-value",
+        ),
+        pytest.param(
+            '[tools."my tool"]\ntimeout_seconds = 1\n"timeout_seconds" = 2 # = "hunter2"\n',
+            f'{DUPLICATE} (at line 3, column 22): tools."my tool".timeout_seconds is set twice; keep one',
+            id="quoted-keys-and-a-comment",
+        ),
+        pytest.param(
+            'x = """\nport = 1\n"""\n[[store]]\nurl = "hunter2"\nurl = "hunter3"\n',
+            f"{DUPLICATE} (at line 6, column 16): store.url is set twice; keep one",
+            id="in-an-array-of-tables-after-a-string-that-looks-like-keys",
+        ),
+    ],
+)
+def test_a_key_set_twice_is_named_with_its_table_and_no_value(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+
+    [problem] = problems_of(path)
+
+    assert problem == f"{path}: {expected}"
+    assert "hunter" not in problem
 
 
 def test_a_hosts_overrides_are_named_as_such_not_as_the_command_line() -> None:
