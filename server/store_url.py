@@ -67,7 +67,8 @@ def store_url_problem(url: str, *, backend: str = "redis") -> str | None:
             return f"the port must be a number from 1 to 65535, e.g. {STORE_URL_EXAMPLE}"
         database = unquote(parts.path).strip("/")
         if database and not database.isdecimal():
-            return f"the path must be the database index, a whole number, e.g. {STORE_URL_EXAMPLE}"
+            hint = _encode_hint(url) if _password_split(url) else ""
+            return f"the path must be the database index, a whole number{hint}, e.g. {STORE_URL_EXAMPLE}"
     if backend != "redis":
         return None
     return _redis_py_problem(url, parts.scheme)
@@ -77,6 +78,14 @@ def _encode_hint(url: str) -> str:
     # A password with an unescaped / ? or # ends the host part early: the parser then reads a
     # piece of the password as the port, or finds no host.
     return " (a password holding / ? # or @ must be percent-encoded, e.g. / as %2F)" if "@" in url else ""
+
+
+def _password_split(url: str) -> bool:
+    """Whether an unescaped `/` or `@` in a password has cut the URL early: more than one `@`
+    after the scheme, or a `/` before the last one. The parser then reads the rest of the
+    password as the path, while the masked URL shown (cut at the last `@`) looks valid."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    return "@" in userinfo or "/" in userinfo
 
 
 #: Connection options the store sets from `store.timeout_seconds` (a URL's own would win).
@@ -101,10 +110,10 @@ def _redis_py_problem(url: str, scheme: str) -> str | None:
         )
     accepted = _query_arguments(scheme)
     unknown = sorted(given - accepted) if accepted else []
-    if unknown:
+    if unknown:  # the known ones listed leave out those refused above
         return (
             f"query argument {', '.join(map(repr, unknown))} is not a connection option redis-py takes "
-            f"for {scheme}:// (known: {', '.join(sorted(accepted))})"
+            f"for {scheme}:// (known: {', '.join(sorted(accepted - _SET_BY_STORE_TIMEOUT))})"
         )
     return _value_problem(url)
 

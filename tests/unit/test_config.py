@@ -1353,13 +1353,38 @@ def test_a_store_url_redis_py_could_not_connect_with_is_a_config_error_naming_th
             f"names no host {ENCODE}, e.g. redis://127.0.0.1:6379/0",
             id="no-host",
         ),
+        pytest.param(
+            # The parser takes "ss" for the host and "/word@host:6379/0" for the path, while the
+            # masked URL shown has a valid path: only the hint says what is wrong.
+            "redis://:p@ss/word@host:6379/0",
+            "redis://:***@host:6379/0",
+            f"the path must be the database index, a whole number {ENCODE}, e.g. redis://127.0.0.1:6379/0",
+            id="unescaped-at-and-slash-in-password",
+        ),
+        pytest.param(
+            # "app:123" parses as host and port, "/x@h:6379/0" as the path.
+            "redis://app:123/x@h:6379/0",
+            "redis://app:***@h:6379/0",
+            f"the path must be the database index, a whole number {ENCODE}, e.g. redis://127.0.0.1:6379/0",
+            id="unescaped-slash-in-numeric-password",
+        ),
+        pytest.param(
+            # One '@' and no '/' before it: the password is read whole; the path itself is wrong.
+            "redis://app:hunter2@h:6379/abc",
+            "redis://app:***@h:6379/abc",
+            "the path must be the database index, a whole number, e.g. redis://127.0.0.1:6379/0",
+            id="database-not-a-number",
+        ),
     ],
 )
 def test_a_misshapen_store_url_with_a_password_is_refused_without_echoing_it(
     tmp_path: Path, url: str, shown: str, reason: str
 ) -> None:
     path = write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{url}"\n')
-    assert problems_of(path) == [f'{path}: store.url: {reason} (got "{shown}")']
+    [problem] = problems_of(path)
+    assert problem == f'{path}: store.url: {reason} (got "{shown}")'
+    password = url.split("://", 1)[1].rpartition("@")[0].partition(":")[2]
+    assert password not in problem
 
 
 def test_a_query_argument_redis_py_would_crash_on_is_refused_with_the_known_ones() -> None:
@@ -1368,6 +1393,10 @@ def test_a_query_argument_redis_py_would_crash_on_is_refused_with_the_known_ones
     message = str(caught.value)
     assert "store.url" in message and "query argument 'sockettimeout' is not a connection option" in message
     assert "client_name" in message  # the known ones are listed
+    # ...but not those refused because they would override store.timeout_seconds.
+    known = message.split("(known: ", 1)[1].split(")", 1)[0].split(", ")
+    assert "socket_keepalive" in known
+    assert "socket_timeout" not in known and "socket_connect_timeout" not in known
     # TLS options only where the connection is TLS.
     with pytest.raises(ValidationError, match="'ssl_certfile' is not a connection option"):
         StoreSettings(backend="redis", url="redis://h:6379/0?ssl_certfile=/c.pem")
