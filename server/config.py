@@ -269,6 +269,9 @@ def _bind_host(value: str) -> str:
 
 
 class ServerSettings(_Section):
+    """`[server]`: the server's name, how clients connect (stdio or streamable HTTP) and, for
+    the standalone server, the tool modules it hosts and its HTTP bounds."""
+
     name: str = Field(default="mcp-session-manager", min_length=1, description="Server name shown to clients.")
     transport: Literal["stdio", "streamable-http"] = Field(default="stdio", description="How clients connect.")
     host: Annotated[str, AfterValidator(_bind_host)] = Field(
@@ -350,6 +353,10 @@ def is_loopback(host: str) -> bool:
 
 
 class LimitsSettings(_Section):
+    """`[limits]`: the limits in force: call deadlines and their cap, concurrent sessions, metadata
+    size, the admission queue, per-client sessions and stuck threads. `session_metrics` reports
+    them under `limits`."""
+
     default_timeout_seconds: float = Field(
         default=30.0, gt=0, allow_inf_nan=False, description="Deadline of a call with no override."
     )
@@ -400,6 +407,9 @@ class LimitsSettings(_Section):
 
 
 class ShutdownSettings(_Section):
+    """`[shutdown]`: how long a graceful shutdown lets active sessions drain, and the environment
+    variable holding the token `server_shutdown` needs over HTTP."""
+
     timeout_seconds: float = Field(
         default=30.0, ge=0, allow_inf_nan=False, description="How long a graceful shutdown drains sessions."
     )
@@ -424,6 +434,8 @@ def _lower(value: Any) -> Any:
 
 
 class LoggingSettings(_Section):
+    """`[logging]`: the standalone server's log lines on stderr, their least severe level and format."""
+
     level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = Field(
         default="info", description="Least severe level written to stderr (session ends are info, refusals warning)."
     )
@@ -433,6 +445,8 @@ class LoggingSettings(_Section):
 
 
 class MetricsSettings(_Section):
+    """`[metrics]`: an optional loopback-only Prometheus exporter (meant for stdio)."""
+
     prometheus_port: int = Field(
         default=0,
         ge=0,
@@ -453,6 +467,9 @@ def mask_secrets(loc: Loc, value: Any) -> Any:
 
 
 class StoreSettings(_Section):
+    """`[store]`: where the session space lives, this process (`memory`) or a Redis shared by
+    replicas (`redis`, cluster mode), and how to reach that Redis."""
+
     backend: Literal["memory", "redis"] = Field(
         default="memory",
         description='Where the session space lives: "memory" (this process) or "redis" (shared by replicas).',
@@ -494,6 +511,8 @@ class StoreSettings(_Section):
 
 
 class ToolSettings(_Section):
+    """`[tools.<name>]`: one hosted tool's deadline, concurrency cap and idle timeout."""
+
     timeout_seconds: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Deadline of this tool's calls."
     )

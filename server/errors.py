@@ -35,6 +35,9 @@ def describe(exc: BaseException) -> str:
 
 
 class ErrorCode(StrEnum):
+    """The machine-readable reason of a refusal or failure: `code` in a tool error result's `_meta`
+    under `io.github.mcp-session-manager/error` (see `ERROR_META_KEY`)."""
+
     TIMEOUT = "timeout"
     CAPACITY_EXCEEDED = "capacity_exceeded"
     METADATA_TOO_LARGE = "metadata_too_large"

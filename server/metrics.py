@@ -154,6 +154,8 @@ class _Model(BaseModel):
 
 
 class ToolMetrics(_Model):
+    """One tool's counters in the metrics snapshot (`tools`), since the start."""
+
     calls: int
     completed: int
     errors: int
@@ -168,6 +170,8 @@ class ToolMetrics(_Model):
 
 
 class ClusterToolMetrics(_Model):
+    """One tool's counters across the cluster (cluster mode's `cluster.tools`)."""
+
     #: Calls of this tool active now across the cluster.
     active: int
 
@@ -243,6 +247,9 @@ class MetricsSnapshot(_Model):
 
 
 class ShutdownReport(_Model):
+    """What a graceful shutdown did: how long it took, how many sessions were active, finished
+    during the drain or were cancelled at its deadline. Returned by `server_shutdown`."""
+
     shutdown_duration: float
     initial_active_sessions: int
     final_active_sessions: int

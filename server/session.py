@@ -33,6 +33,10 @@ end_logger.setLevel(logging.WARNING)
 
 
 class SessionState(StrEnum):
+    """The state of a session: `active` until it ends, then `completed`, `error`, `timeout` (its
+    deadline passed) or `cancelled` (the client cancelled or disconnected, or a shutdown's drain
+    deadline passed)."""
+
     ACTIVE = "active"
     COMPLETED = "completed"
     ERROR = "error"
