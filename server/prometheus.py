@@ -163,7 +163,10 @@ class SessionsCollector(Collector):
         for field, name, help_text in COUNTERS:
             yield CounterMetricFamily(PREFIX + name, help_text, value=getattr(snapshot, field))
         rejected = CounterMetricFamily(
-            PREFIX + "rejected", "Calls refused at admission, by reason (the error code).", labels=["reason"]
+            PREFIX + "rejected",
+            "Calls refused, by reason: the error code (capacity_exceeded: the server was full), or a kind of"
+            " capacity_exceeded counted on its own: queue_timeout, tool_limit, client_limit, threads.",
+            labels=["reason"],
         )
         for field, reason in REJECTED:
             rejected.add_metric([reason], getattr(snapshot, field))

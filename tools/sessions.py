@@ -135,8 +135,9 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
         """Release a session made by session_create, freeing its slot.
 
         Refused with unknown_session for an id this server never issued, already_released
-        for a session that already ended (released before, or timed out), and invalid_argument
-        for the session of a running tool call (it ends with its call).
+        for a session that already ended (released before, timed out, or cancelled, as at a
+        shutdown's deadline), and invalid_argument for the session of a running tool call (it
+        ends with its call).
         """
         try:
             session = await manager.release(session_id, outcome, error, tool_calls=False)

@@ -284,6 +284,7 @@ async def test_a_session_tool_given_an_argument_it_does_not_take_is_refused_nami
         "unknown argument 'timeout' for session_create: its arguments are provider, model, timeout_seconds, metadata"
     )
     assert error_of(extra)["message"] == "unknown arguments 'verbose', 'all' for session_metrics: it takes no arguments"
+    assert error_of(extra)["tool"] == "session_metrics"  # as the README says of every session tool
     assert not fine.is_error and (fine.structured_content or {})["timeout_seconds"] == 5.0
     assert m["total_sessions_created"] == 1  # the refused call made no session
 
@@ -992,6 +993,20 @@ async def test_a_session_create_session_expires_by_itself_and_frees_its_slot() -
             await client.call_tool("session_release", {"session_id": created.structured_content["session_id"]})
         )
     assert late["code"] == "already_released" and "timeout" in late["message"]
+
+
+async def test_a_session_cancelled_at_a_shutdown_deadline_is_already_released_as_its_tool_description_says() -> None:
+    app, _ = build()
+    async with Client(app) as client:
+        created = await client.call_tool("session_create", {})
+        report = await client.call_tool("server_shutdown", {"timeout_seconds": 0})
+        late = error_of(
+            await client.call_tool("session_release", {"session_id": created.structured_content["session_id"]})
+        )
+        [release] = [tool for tool in (await client.list_tools()).tools if tool.name == "session_release"]
+    assert (report.structured_content or {})["sessions_cancelled_at_deadline"] == 1
+    assert late["code"] == "already_released" and "has already ended (cancelled)" in late["message"]
+    assert "cancelled" in (release.description or "")
 
 
 async def test_a_call_the_client_cancels_ends_as_cancelled() -> None:

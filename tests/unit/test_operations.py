@@ -147,6 +147,20 @@ def test_the_readme_names_every_reason_label_of_the_rejected_counter() -> None:
     assert not missing, f"the README's Prometheus table lacks the reason labels {missing}"
 
 
+def test_the_rejected_counter_help_does_not_call_every_reason_an_error_code() -> None:
+    # Some reasons are error codes, the rest kinds of capacity_exceeded with their own counter:
+    # the help text a scrape shows must name those, not call them all "the error code".
+    codes = {code.value for code in ErrorCode}
+    kinds = [reason for _, reason in REJECTED if reason not in codes]
+    assert kinds == ["queue_timeout", "client_limit", "tool_limit", "threads"]
+    body, _ = render(build_registry(SessionManager(LimitsSettings()), process=False), None)
+    [help_text] = [
+        f.documentation for f in text_string_to_metric_families(body.decode()) if f.name == "mcp_sessions_rejected"
+    ]
+    assert "(the error code)" not in help_text, help_text
+    assert all(kind in help_text for kind in kinds), help_text
+
+
 def test_the_exporter_serves_metrics_on_loopback_until_stopped() -> None:
     manager = SessionManager()
     manager.config_reloaded(ok=True)
