@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from server.app import App, build_app, serve
 from server.config import ConfigError, Settings
-from server.config_loader import config_problems, load_settings
+from server.config_loader import config_problems, hidden_file_problems, load_settings
 from server.logs import configure_logging
 from server.reload import ConfigReloader, hold_early_hangups
 from server.stdio_wire import claim_stdin, divert_stdout
@@ -129,17 +129,20 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
             stdin = claim_stdin()
         # A check builds the server as a start does (tools registered, setup hooks run), short of serving.
         app = build_app(settings)
+        # Valid as overridden, but not the file alone: what it would fail of once the override is gone.
+        hidden = hidden_file_problems(args.config, overrides) if args.config is not None else []
     except ConfigError as exc:
         problems = "\n  ".join(config_problems(exc, args.config))
         sys.stderr.write(f"mcp-session-manager: invalid configuration:\n  {problems}\n")
         return EXIT_CONFIG
+    notes = [*app.ineffective(), *hidden]
     if args.check_config:
         assert wire is not None
         failure = "stdout is closed" if stdout_closed else _write_settings(wire, settings)
         if failure is not None:
             sys.stderr.write(f"mcp-session-manager: cannot write the settings to stdout: {failure}\n")
             return 1
-        for note in app.ineffective():
+        for note in notes:
             sys.stderr.write(f"mcp-session-manager: note: {note}\n")
         sys.stderr.write("mcp-session-manager: configuration is valid\n")
         return 0
@@ -151,7 +154,7 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
             sys.stderr.write(f"mcp-session-manager: {unreachable}\n")
             return EXIT_CONFIG
     configure_logging(settings.logging)
-    for note in app.ineffective():
+    for note in notes:
         logger.warning("Config: %s", note)
     return app, app.reloader(args.config, overrides), wire, stdin
 

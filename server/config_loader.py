@@ -712,6 +712,33 @@ def overridden_in_file(
     return found
 
 
+def hidden_file_problems(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> list[str]:
+    """Problems of values in the file at `path` that the environment or `overrides` replace, so
+    that `load_settings(path, overrides)` passes without them: each worded as a problem of the
+    file, then what replaces the value ("...; not in effect while environment variable
+    MCP_SESSIONS_... sets it"). The file would fail once the override is gone: `--check-config`
+    notes them and a start warns of them.
+
+    Raises:
+        ConfigError: the file cannot be read (see `read_toml`).
+    """
+    file_data = read_toml(path)
+    env, _ = _read_env()
+    sources = _Sources(Path(path), file_data, env, dict(overrides or {}))
+    as_file = _Sources(Path(path), file_data, {}, {})  # words a problem as the file's own
+    try:
+        _Layout.model_validate(file_data, strict=True)
+    except ValidationError as exc:
+        return [
+            f"{as_file.error(error)}; not in effect while {sources.describe(loc)} sets it"
+            for error in exc.errors()
+            if error["type"] not in CROSS_KEY
+            and (loc := tuple(error["loc"]))
+            and sources.origin(loc) not in ("file", None)
+        ]
+    return []
+
+
 def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Load settings from `path` (TOML), the environment and `overrides`, in rising priority.
 

@@ -37,7 +37,7 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from server.config import ConfigError, Settings, mask_secrets
-from server.config_loader import config_problems, load_settings, overridden_in_file
+from server.config_loader import config_problems, hidden_file_problems, load_settings, overridden_in_file
 from server.extension import SessionsExtension
 from server.logs import configure_logging, configured_here
 
@@ -129,6 +129,8 @@ class ConfigReloader:
         self.manage_logging = manage_logging
         #: The file's keys something overrides, as the last `_load` found them (see `overridden_in_file`).
         self._overridden: dict[str, tuple[Any, str]] = {}
+        #: Problems of the file's values that something overrides (see `hidden_file_problems`).
+        self._hidden: list[str] = []
 
     def reload(self) -> bool:
         """Load and apply the file; False (logged, counted) if it is invalid and nothing changed."""
@@ -148,8 +150,9 @@ class ConfigReloader:
         # here, off the event loop, as the settings were.
         try:
             self._overridden = overridden_in_file(self.path, self.overrides) if self.path is not None else {}
+            self._hidden = hidden_file_problems(self.path, self.overrides) if self.path is not None else []
         except ConfigError:
-            self._overridden = {}
+            self._overridden, self._hidden = {}, []
         return new
 
     def _apply(self, new: Settings | list[str]) -> bool:
@@ -176,7 +179,7 @@ class ConfigReloader:
         if old.logging != effective.logging:
             configure_logging(effective.logging)
         self.sessions.manager.config_reloaded(ok=True)
-        for note in effective.ineffective():
+        for note in [*effective.ineffective(), *self._hidden]:
             logger.warning("Config reload: %s", note)
         if restart_only:
             # New tool modules are imported only by the restart: a module that cannot be imported

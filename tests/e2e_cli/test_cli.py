@@ -237,6 +237,34 @@ def test_a_tool_module_with_empty_tools_and_no_setup_is_noted_not_refused(tmp_pa
         assert len(warnings) == 1 and warnings[0].endswith(f"WARNING server.cli: Config: {sentence}"), result.stderr
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_bad_file_values_a_flag_or_a_variable_overrides_are_noted_not_passed_over(tmp_path: Path, check: bool) -> None:
+    # Valid as overridden, so the start goes on; but the file alone would fail once the override
+    # is gone (a check in CI run with the deployment's variables set would pass it). The start
+    # (stdio, stdin at once at end) warns, then stops.
+    path = write(tmp_path, '[server]\nport = 0\n[limits]\nmax_queued = -5\nmax_concurrent_sessions = "7"\n')
+    env = {"MCP_SESSIONS_LIMITS__MAX_QUEUED": "1", "MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS": "3"}
+
+    result = run("--config", str(path), "--port", "9002", *(["--check-config"] if check else []), env=env)
+
+    assert result.returncode == 0, result.stderr
+    expected = [
+        f"{path}: server.port: must be between 1 and 65535 (got 0); not in effect while command line option --port"
+        " sets it",
+        f'{path}: limits.max_concurrent_sessions: must be a whole number (got "7"); not in effect while environment'
+        " variable MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS sets it",
+        f"{path}: limits.max_queued: must be between 0 and 1000000 (got -5); not in effect while environment"
+        " variable MCP_SESSIONS_LIMITS__MAX_QUEUED sets it",
+    ]
+    prefix = "mcp-session-manager: note: " if check else "WARNING server.cli: Config: "
+    noted = [line.split(prefix, 1)[1] for line in result.stderr.splitlines() if prefix in line]
+    assert noted == expected, result.stderr
+    if check:
+        assert json.loads(result.stdout)["limits"]["max_queued"] == 1
+        alone = run("--config", str(path), "--check-config")  # the override gone: the file fails
+        assert alone.returncode == 2 and len(problems(alone)) == 3, alone.stderr
+
+
 def test_check_config_imports_a_good_tool_module() -> None:
     result = run("--check-config", env={"MCP_SESSIONS_SERVER__TOOL_MODULES": f'["{FIXTURES}.good_tools"]'})
 

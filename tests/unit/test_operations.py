@@ -342,6 +342,26 @@ def test_a_reload_that_changes_nothing_names_the_command_line_option_that_overri
     assert line.endswith(f"nothing changed ({expected})"), line
 
 
+def test_a_reload_warns_of_a_bad_file_value_an_override_hides(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Valid as overridden, so it applies; the file would fail once the variable is gone.
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_QUEUED", "3")
+    path = write(tmp_path / "c.toml", "[limits]\nmax_concurrent_sessions = 4\n")
+    sessions = SessionsExtension(load_settings(path))
+    write(path, "[limits]\nmax_concurrent_sessions = 5\nmax_queued = -1\n")
+
+    with caplog.at_level(logging.INFO, logger="server.reload"):
+        assert ConfigReloader(sessions, path).reload() is True
+
+    assert (sessions.config.limits.max_concurrent_sessions, sessions.config.limits.max_queued) == (5, 3)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        f"Config reload: {path}: limits.max_queued: must be between 0 and 1000000 (got -1); not in effect while"
+        " environment variable MCP_SESSIONS_LIMITS__MAX_QUEUED sets it"
+    ]
+
+
 def test_a_reload_does_not_blame_the_environment_when_it_cannot_be_the_reason(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
