@@ -470,6 +470,11 @@ class StoreSettings(_Section):
     """`[store]`: where the session space lives, this process (`memory`) or a Redis shared by
     replicas (`redis`, cluster mode), and how to reach that Redis."""
 
+    # A refused value is not echoed in the error's text: the URL may hold a password. (The
+    # config loader words its own problems, masking it; this is for `StoreSettings(...)` and
+    # `Settings(store=...)` built directly, whose errors a host may log as they are.)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     backend: Literal["memory", "redis"] = Field(
         default="memory",
         description='Where the session space lives: "memory" (this process) or "redis" (shared by replicas).',
@@ -541,6 +546,10 @@ class Settings(BaseSettings):
         env_nested_delimiter=ENV_NESTED_DELIMITER,
         extra="forbid",
         frozen=True,
+        # As for `StoreSettings`: a refused `store.url` (or an admin token written where the
+        # name of its variable belongs) is not echoed in the error's text. Each problem still
+        # names its key; `load_settings` words its own problems, values shown but secrets masked.
+        hide_input_in_errors=True,
     )
 
     server: ServerSettings = ServerSettings()

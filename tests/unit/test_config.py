@@ -1696,3 +1696,21 @@ def test_a_misspelt_tool_table_is_told_the_close_name_and_the_hosted_list_leaves
         f"{path}: tools.zzz: no hosted tool has this name (hosted: count_slowly, echo, fail, sleep_async,"
         " sleep_blocking)",
     ]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: StoreSettings(backend="redis", url="redis://:p@ss/hunter2@host:6379/0"),
+        lambda: Settings(store={"backend": "redis", "url": "redis://:p@ss/hunter2@host:6379/0"}),  # type: ignore[arg-type]
+        lambda: Settings(store={"backend": "redis", "url": "redis://:hunter2@host:6379/0", "timeout_seconds": "x"}),  # type: ignore[arg-type]
+        lambda: Settings(shutdown={"admin_token_env": "hunter2 token"}),  # type: ignore[arg-type]
+    ],
+    ids=["StoreSettings", "Settings-url", "Settings-other-key", "admin-token"],
+)
+def test_settings_built_directly_never_echo_a_refused_value_that_may_be_a_secret(build: Callable[[], Any]) -> None:
+    # A host may log the ValidationError as it is; pydantic's text would hold the whole input.
+    with pytest.raises(ValidationError) as raised:
+        build()
+    assert "hunter2" not in str(raised.value), str(raised.value)
+    assert raised.value.errors()[0]["loc"][-1] in {"url", "timeout_seconds", "admin_token_env"}
