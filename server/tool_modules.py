@@ -126,6 +126,19 @@ def _hidden_by_ours(top: str) -> str | None:
     return None
 
 
+def _no_tools(module_name: str) -> str:
+    """Why a module without `TOOLS` is refused: most often, a module of the user's own that lacks
+    the list; for one of this product's own modules (`server`, `tools.sessions`), that it is ours."""
+    top = module_name.partition(".")[0]
+    if top not in OWN_PACKAGES:
+        return "the module has no TOOLS list (TOOLS = [my_tool, ...])"
+    hidden = _hidden_by_ours(top) if module_name == top else None
+    return hidden or (
+        "a module of mcp-session-manager itself, which hosts no tools: list your own tool modules (the demo "
+        'tools are "tools.demo")'
+    )
+
+
 def _import_problem(module_name: str, exc: BaseException) -> str:
     """Why importing `module_name` failed, naming where it was looked for if it was not found."""
     missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
@@ -172,8 +185,7 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
             continue
         exported = getattr(module, "TOOLS", None)
         if exported is None:
-            hidden = _hidden_by_ours(module_name) if module_name in OWN_PACKAGES else None
-            problems.append(f"{key}: {hidden or 'the module has no TOOLS list (TOOLS = [my_tool, ...])'}")
+            problems.append(f"{key}: {_no_tools(module_name)}")
             continue
         if not isinstance(exported, list | tuple) or not all(callable(fn) for fn in exported):
             problems.append(f"{key}: TOOLS must be a list of functions, got {exported!r:.200}")

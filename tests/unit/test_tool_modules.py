@@ -101,9 +101,22 @@ def test_a_plain_file_named_like_the_product_s_package_is_not_called_a_package_o
     with pytest.raises(ConfigError) as caught:
         import_tool_modules([name])
 
-    assert caught.value.problems == [
-        f"server.tool_modules: {name!r}: the module has no TOOLS list (TOOLS = [my_tool, ...])"
-    ]
+    assert caught.value.problems == [f"server.tool_modules: {name!r}: {OURS_HOST_NO_TOOLS}"]
+
+
+OURS_HOST_NO_TOOLS = (
+    "a module of mcp-session-manager itself, which hosts no tools: list your own tool modules"
+    ' (the demo tools are "tools.demo")'
+)
+
+
+@pytest.mark.parametrize("name", ["server", "tools", "server.config", "tools.sessions"])
+def test_a_module_of_the_product_itself_is_refused_as_ours_not_as_one_lacking_tools(name: str) -> None:
+    # "the module has no TOOLS list" would send the user to add one to our package.
+    with pytest.raises(ConfigError) as caught:
+        import_tool_modules([name])
+
+    assert caught.value.problems == [f"server.tool_modules: {name!r}: {OURS_HOST_NO_TOOLS}"]
 
 
 def test_a_module_whose_own_import_is_missing_says_only_that(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
