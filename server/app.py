@@ -44,8 +44,10 @@ from server.http_connections import (
     ConnectionsCollector,
     accept_burst,
     default_max_connections,
+    files_limit_too_low,
     lengthen_listen_queue,
     over_files_limit,
+    quiet_client_disconnects,
     raise_open_files_limit,
 )
 from server.http_shutdown import HttpShutdown
@@ -514,10 +516,12 @@ async def serve_http(
         tg.start_soon(stop_when_done)
         if reloader is not None:
             await tg.start(reloader.watch_sighup)
+        loud_again = quiet_client_disconnects()
         try:
             await server.serve()
         finally:
             guard.close()
+            loud_again()
         tg.cancel_scope.cancel()
     if not server.started:
         logger.error("Could not serve MCP over streamable HTTP on %s port %s", settings.host, settings.port)
@@ -527,12 +531,15 @@ async def serve_http(
 
 def connection_guard(settings: ServerSettings, files_limit: int) -> ConnectionGuard:
     """The bounds on HTTP connections `settings` ask for, under an open-files limit of
-    `files_limit`; a warning if `server.http_max_connections` leaves too little room under it."""
+    `files_limit`; a warning if that limit, or `server.http_max_connections`, leaves too little
+    room to serve them."""
     max_connections = settings.http_max_connections or default_max_connections(files_limit)
-    problem = over_files_limit(max_connections, files_limit)
+    problem = files_limit_too_low(files_limit)
+    if settings.http_max_connections:
+        problem = over_files_limit(max_connections, files_limit) or problem
     if problem is not None:
         logger.warning("%s", problem)
-    return ConnectionGuard(max_connections, settings.http_header_timeout_seconds)
+    return ConnectionGuard(max_connections, settings.http_request_timeout_seconds)
 
 
 def transport_security(settings: ServerSettings) -> TransportSecuritySettings | None:

@@ -311,13 +311,13 @@ class ServerSettings(_Section):
         description="Streamable HTTP: connections open at once; past it a new connection is answered 503 and "
         "closed. 0: what the open-files limit leaves room for, at most 10000.",
     )
-    http_header_timeout_seconds: float = Field(
+    http_request_timeout_seconds: float = Field(
         default=10.0,
         gt=0,
         le=3600,
         allow_inf_nan=False,
-        description="Streamable HTTP: a new connection that has not sent its first request's headers within "
-        "this long is closed (408).",
+        description="Streamable HTTP: a connection whose client has owed a request (its headers and body) this "
+        "long, from the connection's start or the request's first byte, is closed (408).",
     )
 
     @model_validator(mode="after")

@@ -1,35 +1,44 @@
 """Bounds on the standalone HTTP server's connections: how many are open at once, and how long a
-new one may take to send its first request's headers.
+client may take to send a request.
 
 Tier: application wiring. `server.app.serve_http` gives uvicorn `guard.protocol_class(...)` as its
 HTTP protocol, registers `ConnectionsCollector(guard)` with the `/metrics` registry, and calls
 `raise_open_files_limit()` before it starts.
 
 The session limits bound calls; nothing in uvicorn (0.54) bounds connections. It caps neither how
-many are open nor how long a client may take to send a request's headers (`limit_concurrency`
-answers 503 only once a request has arrived, and counts the idle connection meanwhile). A client
-that opened connections and sent nothing held one file descriptor each, for ever. Once the
-process's open-files limit was reached, every accept failed: nobody was served, `/healthz`
-included, and Python 3.11's accept loop logged megabytes a second (on EMFILE it logs, and schedules
-one more retry for each failed accept of its backlog).
+many are open nor how long a client may take to send a request (`limit_concurrency` answers 503
+only once a request has arrived, and counts the idle connection meanwhile). A client that opened
+connections and sent nothing, or sent a request's headers and never its body, held one file
+descriptor each, for ever. Once the process's open-files limit was reached, every accept failed:
+nobody was served, `/healthz` included, and Python 3.11's accept loop logged megabytes a second (on
+EMFILE it logs, and schedules one more retry for each failed accept of its backlog).
 
 `ConnectionGuard` wraps uvicorn's protocol (composition: every `asyncio.Protocol` callback is
 forwarded) and
 
-- counts the connections open. One accepted past `max_connections` is answered
-  `503 Service Unavailable` with `Connection: close` and closed at once, so its descriptor is back
-  before the next accept: the accept loop never meets EMFILE as long as `max_connections` leaves
-  room under the open-files limit (`default_max_connections` does);
-- closes (`408 Request Timeout`) a connection that has not sent its first request's headers (up
-  to the blank line that ends them) within `header_timeout` seconds. Later requests on a
-  keep-alive connection are uvicorn's: it closes a connection idle for 5 s after a response.
+- counts the connections open. Past `max_connections`, up to `PROBE_LANE` more are read as far as
+  their request's headers: a `GET` (or `HEAD`) of `/healthz`, `/readyz` or `/metrics` is served (so
+  that a liveness probe does not restart a server whose connections a client holds), anything
+  else is answered `503 Service Unavailable` with `Connection: close`. Past those, a connection is
+  answered 503 and closed at once, so its descriptor is back before the next accept: the accept
+  loop does not meet EMFILE as long as `max_connections` leaves the reserve free
+  (`default_max_connections` does);
+- closes (`408 Request Timeout`, or without a word once a response has started) a connection
+  whose client has owed a request for `request_timeout` seconds: from the connection's start, or
+  from the first byte of a later request, until uvicorn has the whole request, its body included.
+  Time the server spends answering does not count, nor time its reading is paused (a pipelined
+  request waits for the answer before it; a body the application has not read yet). Idle between
+  requests on a kept-alive connection is uvicorn's: it closes one idle for 5 s after a response.
+  "The whole request" is read from uvicorn's protocol (`cycle.more_body`, in both its h11 and its
+  httptools protocols); a connection without that attribute is refused at once, loudly, rather
+  than timed by a guess.
 
-Both are logged at most once per `REPORT_SECONDS` (with how many since the last line), never per
-connection: the condition they report is a flood.
+Refusals and timeouts are logged at most once per `REPORT_SECONDS` (with how many since the last
+line), never per connection: the condition they report is a flood.
 
 Example:
     ```python
-    guard = ConnectionGuard(max_connections=1000, header_timeout=10.0)
+    guard = ConnectionGuard(max_connections=1000, request_timeout=10.0)
     config = uvicorn.Config(app, http=guard.protocol_class(AutoHTTPProtocol), ws="none")
     ```
 """
@@ -47,6 +56,7 @@ from typing import Any, ClassVar
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.requests import ClientDisconnect
 
 logger = logging.getLogger(__name__)
 
@@ -55,21 +65,28 @@ REPORT_SECONDS = 10.0
 #: `default_max_connections`: at most this many, the SDK's default cap on client sessions.
 DEFAULT_MAX_CONNECTIONS = 10_000
 #: Descriptors kept out of the connections' share of the open-files limit: this share of it, at
-#: least `MIN_RESERVE`. A quarter of them is the accept burst (`accept_burst`, at most
+#: least `MIN_RESERVE`. A fifth of them is the accept burst (`accept_burst`, at most
 #: `MAX_ACCEPT_BURST`); up to three bursts are in flight at once (accepted, not yet counted or
-#: closed); the rest is for everything else: the listening socket, the event loop, the store's
-#: connections, log files, the tool modules' own files.
+#: closed), and `PROBE_LANE` connections past the cap; the rest is for everything else: the
+#: listening socket, the event loop, the store's connections, log files, the tool modules' files.
 RESERVE_SHARE = 0.1
 MIN_RESERVE = 64
 #: uvicorn's default listen backlog, which asyncio also takes as the accept burst.
 MAX_ACCEPT_BURST = 2048
+#: Below this open-files limit the server warns at start: there is no room to serve HTTP safely.
+MIN_FILES_LIMIT = 256
 #: The soft limit `raise_open_files_limit` sets where the hard one is unlimited (Linux's default
 #: `fs.nr_open`, the most a process may have).
 INFINITE_FILES_LIMIT = 1 << 20
+#: Connections past `max_connections` read as far as their request's headers, to serve the probes.
+PROBE_LANE = 8
+#: What those may ask for (a `GET` or `HEAD`, any query): the operational endpoints.
+PROBE_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+#: How long one of those may take to send its headers (at most `request_timeout`), and how much.
+PROBE_SECONDS = 2.0
+MAX_PROBE_HEAD = 8192
 #: The end of a request's headers: an empty line (h11 also accepts bare LF line ends).
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-#: Bytes of a chunk kept to find a head end split across two reads.
-_TAIL = 3
 
 _REFUSED_BODY = b"The server has too many connections open; retry later.\n"
 _REFUSED = (
@@ -111,10 +128,10 @@ def accept_burst(files_limit: int) -> int:
     asyncio (3.11, 3.12) accepts up to `backlog` connections each time the listening socket is
     ready, before any of them reaches its protocol (and so the guard): each burst holds that many
     descriptors the count does not see yet, and up to three bursts are in flight before the first
-    one's refused connections are closed. So the burst is a quarter of the reserve, which keeps
-    the accept loop off EMFILE while the guard refuses past `max_connections`.
+    one's refused connections are closed. So the burst is a fifth of the reserve (and of what a
+    very low limit leaves), which keeps the accept loop off EMFILE while the guard refuses.
     """
-    return max(1, min(MAX_ACCEPT_BURST, reserve(files_limit) // 4))
+    return max(1, min(MAX_ACCEPT_BURST, reserve(files_limit) // 5, (files_limit - 32) // 5))
 
 
 def lengthen_listen_queue(sockets: Iterable[Any], backlog: int = MAX_ACCEPT_BURST) -> None:
@@ -137,7 +154,8 @@ def default_max_connections(files_limit: int) -> int:
 
 
 def over_files_limit(max_connections: int, files_limit: int) -> str | None:
-    """A warning if `max_connections` leaves too little room under the open-files limit, else None."""
+    """A warning if `max_connections` (set in the config) leaves too little room under the
+    open-files limit, else None."""
     if max_connections <= files_limit - reserve(files_limit):
         return None
     return (
@@ -146,6 +164,44 @@ def over_files_limit(max_connections: int, files_limit: int) -> str | None:
         f"connection fails, /healthz included. Raise the limit (ulimit -n, LimitNOFILE=) or lower "
         f"the key to at most {default_max_connections(files_limit)}"
     )
+
+
+def files_limit_too_low(files_limit: int) -> str | None:
+    """A warning if the open-files limit leaves no room to serve HTTP connections, else None."""
+    if files_limit >= MIN_FILES_LIMIT:
+        return None
+    return (
+        f"this process's open-files limit ({files_limit}, the hard limit too) leaves room for "
+        f"{default_max_connections(files_limit)} HTTP connection(s) at once: raise it to at least "
+        f"{MIN_FILES_LIMIT} (ulimit -n, LimitNOFILE=)"
+    )
+
+
+#: The SDK's logger of its streamable HTTP transport (`quiet_client_disconnects`).
+SDK_HTTP_LOGGER = "mcp.server.streamable_http"
+
+
+class _ClientDisconnects(logging.Filter):
+    """Turns the SDK's ERROR and traceback for a POST whose client went away before its body had
+    arrived into a DEBUG line: the client's doing, not the server's, and as often the guard's (a
+    request not sent in time is cut off, and logged once per `REPORT_SECONDS` here)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ClientDisconnect):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg, record.args = "A client went away before sending its whole request (%s)", (record.getMessage(),)
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_client_disconnects() -> Callable[[], None]:
+    """Install `_ClientDisconnects` on the SDK's transport logger; the function that removes it."""
+    sdk = logging.getLogger(SDK_HTTP_LOGGER)
+    quiet = _ClientDisconnects()
+    sdk.addFilter(quiet)
+    return lambda: sdk.removeFilter(quiet)
 
 
 class _Reporter:
@@ -185,27 +241,30 @@ class _Reporter:
 
 
 class ConnectionGuard:
-    """The HTTP connections open, within `max_connections`, each given `header_timeout` seconds to
-    send its first request's headers. One per server; used on the event loop's thread only."""
+    """The HTTP connections open, within `max_connections` (and `PROBE_LANE` more for the probes),
+    each given `request_timeout` seconds to send each request. One per server; used on the event
+    loop's thread only."""
 
-    def __init__(self, max_connections: int, header_timeout: float) -> None:
+    def __init__(self, max_connections: int, request_timeout: float) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
-        if not header_timeout > 0:
-            raise ValueError(f"header_timeout must be more than 0, got {header_timeout}")
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout must be more than 0, got {request_timeout}")
         self.max_connections = max_connections
-        self.header_timeout = header_timeout
-        #: Connections open now (accepted and not refused).
+        self.request_timeout = request_timeout
+        #: Connections open now: served ones (a probe past the cap among them), and those past
+        #: the cap whose headers are being read.
         self.open = 0
-        #: Connections refused because `max_connections` were open, and closed for sending no
-        #: request headers in time, since the start.
+        self.probing = 0
+        #: Connections answered 503 because `max_connections` were open, and closed for not
+        #: sending a request in time, since the start.
         self.refused = 0
         self.timed_out = 0
         self._refusals = _Reporter(
             logging.WARNING,
             lambda: (
                 f"Refusing new HTTP connections (503): {self.open} are open, the most "
-                f"server.http_max_connections allows"
+                f"server.http_max_connections allows (/healthz, /readyz and /metrics are still served)"
             ),
             lambda count: (
                 f"Refused {count} more HTTP connection(s) since the last report "
@@ -215,11 +274,11 @@ class ConnectionGuard:
         self._timeouts = _Reporter(
             logging.INFO,
             lambda: (
-                f"Closed an HTTP connection that sent no request headers within "
-                f"server.http_header_timeout_seconds = {self.header_timeout:g}"
+                f"Closed an HTTP connection whose client did not send its request within "
+                f"server.http_request_timeout_seconds = {self.request_timeout:g}"
             ),
             lambda count: (
-                f"Closed {count} more HTTP connection(s) that sent no request headers in time since the last report"
+                f"Closed {count} more HTTP connection(s) whose request did not come in time since the last report"
             ),
         )
 
@@ -240,82 +299,184 @@ class ConnectionGuard:
         self._refusals.close()
         self._timeouts.close()
 
-    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+    def _admit(self) -> str | None:
+        """`_OPEN` (served), `_PROBE` (past the cap: its headers are read first) or None (refused)."""
         if self.open < self.max_connections:
             self.open += 1
-            return True
-        self.refused += 1
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(_REFUSED)
-        transport.close()  # after the 503 is written: it fits the socket's buffer
-        self._refusals.note(asyncio.get_running_loop())
-        return False
+            return _OPEN
+        if self.probing < PROBE_LANE:
+            self.probing += 1
+            return _PROBE
+        return None
 
-    def _time_out(self, transport: asyncio.BaseTransport) -> None:
-        if transport.is_closing():
-            return
+    def _refuse(self, transport: asyncio.BaseTransport) -> None:
+        self.refused += 1
+        _answer(transport, _REFUSED)  # the 503 fits the socket's buffer: closed once written
+        self._refusals.note(asyncio.get_running_loop())
+
+    def _time_out(self, transport: asyncio.BaseTransport, answer: bool) -> None:
         self.timed_out += 1
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(_TIMED_OUT)
-        transport.close()
+        _answer(transport, _TIMED_OUT if answer else b"")
         self._timeouts.note(asyncio.get_running_loop())
 
 
+def _answer(transport: asyncio.BaseTransport, response: bytes) -> None:
+    if response and isinstance(transport, asyncio.WriteTransport):
+        transport.write(response)
+    transport.close()
+
+
+_OPEN = "open"
+_PROBE = "probe"
+_CLOSED = "closed"
+
+
 class _GuardedProtocol(asyncio.Protocol):
-    """uvicorn's protocol for one connection, counted by a `ConnectionGuard` and timed until its
-    first request's headers have arrived."""
+    """uvicorn's protocol for one connection, counted by a `ConnectionGuard` and timed while its
+    client owes a request."""
 
     _guard: ClassVar[ConnectionGuard]
     _inner_class: ClassVar[Callable[..., asyncio.Protocol]]
 
     def __init__(self, **kwargs: Any) -> None:
         self._inner = self._inner_class(**kwargs)
-        self._admitted = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._tail = b""
+        if not hasattr(self._inner, "cycle"):
+            # uvicorn's protocols keep their request in `cycle`; without it no request could be
+            # seen whole, and every connection would time out. Refused loudly instead.
+            raise RuntimeError(f"{type(self._inner).__name__} has no `cycle`: the HTTP connection guard cannot time it")
+        self._state: str | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self._loop = asyncio.get_running_loop()
+        #: Loop time since which the client has owed a request (None: it owes none now).
+        self._owed_since: float | None = None
+        #: The inner protocol's request last seen whole (`cycle.more_body` False).
+        self._whole: object = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._head = bytearray()  # past the cap: the bytes so far, until the headers' end
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        guard = self._guard
-        if not guard._admit(transport):
-            return  # closed; uvicorn's protocol never sees it
-        self._admitted = True
-        loop = asyncio.get_running_loop()
-        self._head_timer = loop.call_later(guard.header_timeout, guard._time_out, transport)
-        self._inner.connection_made(transport)
+        self._transport = transport
+        self._state = self._guard._admit()
+        if self._state is None:
+            self._guard._refuse(transport)
+            self._state = _CLOSED
+            return  # uvicorn's protocol never sees it
+        self._owed_since = self._loop.time()  # the first request, from now
+        self._arm(self._owed_since + self._limit())
+        if self._state == _OPEN:
+            self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if not self._admitted:
+        if self._state == _PROBE:
+            self._read_probe(data)
             return
-        if self._head_timer is not None:
-            seen = self._tail + data
-            if _HEAD_END.search(seen):
-                self._head_timer.cancel()
-                self._head_timer = None
-                self._tail = b""
-            else:
-                self._tail = seen[-_TAIL:]
+        if self._state != _OPEN:
+            return
+        if self._owed_since is None:
+            self._owed_since = self._loop.time()  # the first byte of a request
         self._inner.data_received(data)
+        self._note_whole()
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._admitted else None
+        return self._inner.eof_received() if self._state == _OPEN else None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._admitted:
-            return
-        self._admitted = False
-        self._guard.open -= 1
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._inner.connection_lost(exc)
+        state, self._state = self._state, _CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if state == _PROBE:
+            self._guard.probing -= 1
+        elif state == _OPEN:
+            self._guard.open -= 1
+            self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        if self._admitted:
+        if self._state == _OPEN:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._admitted:
+        if self._state == _OPEN:
             self._inner.resume_writing()
+
+    # -- the request clock -----------------------------------------------------------------
+
+    def _limit(self) -> float:
+        timeout = self._guard.request_timeout
+        return min(timeout, PROBE_SECONDS) if self._state == _PROBE else timeout
+
+    def _arm(self, when: float) -> None:
+        self._timer = self._loop.call_at(when, self._tick)
+
+    def _note_whole(self) -> None:
+        """Stop the clock if uvicorn's protocol has a new request whole; start it for a new one
+        that is not (one it took from bytes it held, after the answer before it)."""
+        cycle = getattr(self._inner, "cycle", None)
+        if cycle is None or cycle is self._whole:
+            return
+        if getattr(cycle, "more_body", False):
+            if self._owed_since is None:
+                self._owed_since = self._loop.time()
+            return
+        self._whole = cycle
+        self._owed_since = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if self._state not in (_OPEN, _PROBE) or transport is None or transport.is_closing():
+            return
+        now = self._loop.time()
+        if self._state == _OPEN:
+            self._note_whole()
+            reading = getattr(transport, "is_reading", None)
+            if self._owed_since is not None and reading is not None and not reading():
+                self._owed_since = now  # the server holds the reading off: its time, not the client's
+        if self._owed_since is None:
+            self._arm(now + self._limit())  # watching for a request taken from held bytes
+            return
+        due = self._owed_since + self._limit()
+        if now < due:
+            self._arm(due)
+            return
+        cycle = getattr(self._inner, "cycle", None)
+        answering = cycle is not None and getattr(cycle, "response_started", False)
+        self._guard._time_out(transport, answer=not answering)
+
+    # -- past the cap: serve the probes ----------------------------------------------------
+
+    def _read_probe(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._head += data
+        end = _HEAD_END.search(self._head)
+        if end is None:
+            if len(self._head) > MAX_PROBE_HEAD:
+                self._refuse_probe()
+            return
+        request_line = bytes(self._head[: self._head.find(b"\n")]).strip()
+        method, _, rest = request_line.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        if method not in (b"GET", b"HEAD") or path not in PROBE_PATHS:
+            self._refuse_probe()
+            return
+        # A probe: served as any connection (beyond the cap, by at most PROBE_LANE).
+        guard = self._guard
+        guard.probing -= 1
+        guard.open += 1
+        self._state = _OPEN
+        head, self._head = bytes(self._head), bytearray()
+        self._inner.connection_made(self._transport)
+        self._inner.data_received(head)
+        self._note_whole()
+
+    def _refuse_probe(self) -> None:
+        assert self._transport is not None
+        self._guard.probing -= 1
+        self._state = _CLOSED
+        self._head = bytearray()
+        self._guard._refuse(self._transport)
 
 
 class ConnectionsCollector(Collector):
@@ -336,7 +497,7 @@ class ConnectionsCollector(Collector):
             value=guard.refused,
         )
         yield CounterMetricFamily(
-            "mcp_sessions_http_header_timeouts",
-            "HTTP connections closed (408) for sending no request headers within server.http_header_timeout_seconds.",
+            "mcp_sessions_http_request_timeouts",
+            "HTTP connections closed (408) for not sending a request within server.http_request_timeout_seconds.",
             value=guard.timed_out,
         )
