@@ -274,8 +274,9 @@ class ConnectionGuard:
         self._timeouts = _Reporter(
             logging.INFO,
             lambda: (
-                f"Closed an HTTP connection whose client did not send its request within "
-                f"server.http_request_timeout_seconds = {self.request_timeout:g}"
+                f"Closed an HTTP connection whose client did not send its request in time "
+                f"(server.http_request_timeout_seconds = {self.request_timeout:g}; at most {PROBE_SECONDS:g} s "
+                "for one past the connection cap)"
             ),
             lambda count: (
                 f"Closed {count} more HTTP connection(s) whose request did not come in time since the last report"

@@ -102,7 +102,7 @@ async def test_past_the_connection_cap_a_request_gets_503_a_probe_200_and_a_sile
     assert samples["mcp_sessions_http_connections_refused_total"] == 1
     assert samples["mcp_sessions_http_request_timeouts_total"] == 2
     assert "Refusing new HTTP connections (503): 2 are open" in server.stderr
-    assert "did not send its request within server.http_request_timeout_seconds = 1" in server.stderr
+    assert "did not send its request in time (server.http_request_timeout_seconds = 1;" in server.stderr
     # The second timeout came within the report period: counted in the line written at the exit.
     assert "Closed 1 more HTTP connection(s) whose request did not come in time since the last report" in (
         server.stderr
