@@ -435,10 +435,18 @@ async def _serve_stdio(
 class _UvicornServer(uvicorn.Server):
     """uvicorn, with signals turned into our graceful shutdown instead of an immediate stop."""
 
-    def __init__(self, config: uvicorn.Config, app: App, on_signal: Callable[[int], None]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, app: App, on_signal: Callable[[int], None], guard: ConnectionGuard
+    ) -> None:
         super().__init__(config)
         self._app = app
         self._on_signal = on_signal
+        self._guard = guard
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        # uvicorn closes the connections it knows; those past the cap still being read are the guard's.
+        self._guard.close_lane()
+        await super().shutdown(sockets)
 
     async def startup(self, sockets: list[Any] | None = None) -> None:
         try:
@@ -506,7 +514,7 @@ async def serve_http(
         def on_signal(signum: int) -> None:  # runs in the signal handler, on the loop's thread
             loop.call_soon_threadsafe(exit_.on_signal, signum, tg)
 
-        server = _UvicornServer(config, app, on_signal)
+        server = _UvicornServer(config, app, on_signal, guard)
 
         async def stop_when_done() -> None:
             await exit_.done.wait()

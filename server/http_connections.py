@@ -214,13 +214,15 @@ class _Reporter:
         self._more = more
         self._unreported = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def note(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._timer is not None:
             self._unreported += 1
             return
         logger.log(self._level, "%s", self._first())
-        self._timer = loop.call_later(REPORT_SECONDS, self._report, loop)
+        if not self._closed:  # after the stop, each is logged as it comes (there are few)
+            self._timer = loop.call_later(REPORT_SECONDS, self._report, loop)
 
     def _report(self, loop: asyncio.AbstractEventLoop) -> None:
         count, self._unreported = self._unreported, 0
@@ -232,6 +234,7 @@ class _Reporter:
 
     def close(self) -> None:
         """Report what is left unreported, and stop."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -256,6 +259,9 @@ class ConnectionGuard:
         #: the cap whose headers are being read.
         self.open = 0
         self.probing = 0
+        #: The connections past the cap still being read (uvicorn knows nothing of them).
+        self._lane: set[_GuardedProtocol] = set()
+        self._lane_closed = False
         #: Connections answered 503 because `max_connections` were open, and closed for not
         #: sending a request in time, since the start.
         self.refused = 0
@@ -294,18 +300,28 @@ class ConnectionGuard:
 
         return Guarded
 
+    def close_lane(self) -> None:
+        """Close the connections past the cap whose headers are still being read: uvicorn's
+        shutdown, which closes its own connections, does not know them (and from Python 3.12 the
+        server's close waits for every connection it accepted)."""
+        self._lane_closed = True  # and none joins it from now on: past the cap, refused at once
+        for connection in list(self._lane):
+            connection.close()
+
     def close(self) -> None:
         """Report the refusals and timeouts not yet reported, and stop the report timers (the
         server has stopped)."""
+        self.close_lane()
         self._refusals.close()
         self._timeouts.close()
 
     def _admit(self) -> str | None:
-        """`_OPEN` (served), `_PROBE` (past the cap: its headers are read first) or None (refused)."""
+        """`_OPEN` (served), `_PROBE` (past the cap: its headers are read first, and it stays in
+        the lane, counted in `probing`, until it closes) or None (refused)."""
         if self.open < self.max_connections:
             self.open += 1
             return _OPEN
-        if self.probing < PROBE_LANE:
+        if self.probing < PROBE_LANE and not self._lane_closed:
             self.probing += 1
             return _PROBE
         return None
@@ -327,9 +343,11 @@ def _answer(transport: asyncio.BaseTransport, response: bytes) -> None:
     transport.close()
 
 
-_OPEN = "open"
-_PROBE = "probe"
+_OPEN = "open"  # counted in `open`; uvicorn's protocol has it
+_PROBE = "probe"  # past the cap, in the lane: its headers are being read
+_SERVED = "served"  # past the cap, in the lane: a probe, which uvicorn's protocol answers, once
 _CLOSED = "closed"
+_SERVING = (_OPEN, _SERVED)
 
 
 class _GuardedProtocol(asyncio.Protocol):
@@ -359,48 +377,59 @@ class _GuardedProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        self._state = self._guard._admit()
+        guard = self._guard
+        self._state = guard._admit()
         if self._state is None:
-            self._guard._refuse(transport)
+            guard._refuse(transport)
             self._state = _CLOSED
             return  # uvicorn's protocol never sees it
         self._owed_since = self._loop.time()  # the first request, from now
         self._arm(self._owed_since + self._limit())
         if self._state == _OPEN:
             self._inner.connection_made(transport)
+        else:
+            guard._lane.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self._state == _PROBE:
             self._read_probe(data)
             return
         if self._state != _OPEN:
-            return
+            return  # closed, or a probe's: bytes after its headers are not read (it gets one answer)
         if self._owed_since is None:
             self._owed_since = self._loop.time()  # the first byte of a request
         self._inner.data_received(data)
         self._note_whole()
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._state == _OPEN else None
+        return self._inner.eof_received() if self._state in _SERVING else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         state, self._state = self._state, _CLOSED
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if state == _PROBE:
-            self._guard.probing -= 1
+        guard = self._guard
+        if state in (_PROBE, _SERVED):
+            guard.probing -= 1
+            guard._lane.discard(self)
         elif state == _OPEN:
-            self._guard.open -= 1
+            guard.open -= 1
+        if state in _SERVING:
             self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        if self._state == _OPEN:
+        if self._state in _SERVING:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._state == _OPEN:
+        if self._state in _SERVING:
             self._inner.resume_writing()
+
+    def close(self) -> None:
+        """Close a connection past the cap whose headers are still being read (the server stops)."""
+        if self._state == _PROBE and self._transport is not None:
+            self._transport.close()
 
     # -- the request clock -----------------------------------------------------------------
 
@@ -427,10 +456,10 @@ class _GuardedProtocol(asyncio.Protocol):
     def _tick(self) -> None:
         self._timer = None
         transport = self._transport
-        if self._state not in (_OPEN, _PROBE) or transport is None or transport.is_closing():
+        if self._state not in (_OPEN, _PROBE, _SERVED) or transport is None or transport.is_closing():
             return
         now = self._loop.time()
-        if self._state == _OPEN:
+        if self._state in _SERVING:
             self._note_whole()
             reading = getattr(transport, "is_reading", None)
             if self._owed_since is not None and reading is not None and not reading():
@@ -442,8 +471,9 @@ class _GuardedProtocol(asyncio.Protocol):
         if now < due:
             self._arm(due)
             return
+        # No 408 in the middle of an answer (a request's body the application did not wait for).
         cycle = getattr(self._inner, "cycle", None)
-        answering = cycle is not None and getattr(cycle, "response_started", False)
+        answering = getattr(cycle, "response_started", False) and not getattr(cycle, "response_complete", True)
         self._guard._time_out(transport, answer=not answering)
 
     # -- past the cap: serve the probes ----------------------------------------------------
@@ -462,22 +492,20 @@ class _GuardedProtocol(asyncio.Protocol):
         if method not in (b"GET", b"HEAD") or path not in PROBE_PATHS:
             self._refuse_probe()
             return
-        # A probe: served as any connection (beyond the cap, by at most PROBE_LANE).
-        guard = self._guard
-        guard.probing -= 1
-        guard.open += 1
-        self._state = _OPEN
-        head, self._head = bytes(self._head), bytearray()
+        # A probe: one request answered, then the connection closed (it keeps its place in the
+        # lane until then). Bytes after its headers are dropped: no second request rides on it.
+        head = bytes(self._head[: end.start()]) + b"\r\nconnection: close\r\n\r\n"
+        self._head = bytearray()
+        self._state = _SERVED
+        self._guard._lane.discard(self)
         self._inner.connection_made(self._transport)
         self._inner.data_received(head)
         self._note_whole()
 
     def _refuse_probe(self) -> None:
         assert self._transport is not None
-        self._guard.probing -= 1
-        self._state = _CLOSED
         self._head = bytearray()
-        self._guard._refuse(self._transport)
+        self._guard._refuse(self._transport)  # closed: `connection_lost` gives the lane's place back
 
 
 class ConnectionsCollector(Collector):
@@ -488,7 +516,11 @@ class ConnectionsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         guard = self._guard
-        yield GaugeMetricFamily("mcp_sessions_http_connections", "HTTP connections open now.", value=guard.open)
+        yield GaugeMetricFamily(
+            "mcp_sessions_http_connections",
+            "HTTP connections open now (those past the cap read for a probe included).",
+            value=guard.open + guard.probing,
+        )
         yield GaugeMetricFamily(
             "mcp_sessions_http_max_connections", "server.http_max_connections in force.", value=guard.max_connections
         )

@@ -87,16 +87,25 @@ async def test_past_the_connection_cap_a_request_gets_503_a_probe_200_and_a_sile
             refused = await connect(server)  # past the cap: its headers are read, then refused
             await refused.send(post_head(server, 2) + b"{}")
             refused_answer = await read_to_end(refused)
-            probe = await connect(server)  # past the cap too, but a liveness probe: served
-            await probe.send(b"GET /healthz HTTP/1.1\r\nHost: " + host_of(server) + b"\r\nConnection: close\r\n\r\n")
+            probe = await connect(server)  # past the cap too, but a liveness probe: served, once
+            healthz = b"GET /healthz HTTP/1.1\r\nHost: " + host_of(server) + b"\r\n\r\n"
+            await probe.send(healthz + post_head(server, 2) + b"{}")  # a second request rides on it
             probe_answer = await read_to_end(probe)
             timed_out = [await read_to_end(stream) for stream in silent]
             samples = await scrape(server)  # there is room again
+            # At the exit, connections past the cap still being read are closed with the rest.
+            held = [await connect(server) for _ in range(4)]
+            lane = [await connect(server) for _ in range(3)]
+            for stream in lane:
+                await stream.send(b"GET /heal")
             server.process.send_signal(signal.SIGTERM)
             assert await server.wait_exit(within=START_SECONDS) == 0
+            for stream in [*held, *lane]:
+                await stream.aclose()
     assert refused_answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), refused_answer
     assert refused_answer.endswith(b"\r\n\r\nThe server has too many connections open; retry later.\n"), refused_answer
-    assert probe_answer.startswith(b"HTTP/1.1 200 OK\r\n"), probe_answer
+    assert probe_answer.startswith(b"HTTP/1.1 200 OK\r\n") and probe_answer.count(b"HTTP/1.1 ") == 1, probe_answer
+    assert samples["mcp_sessions_http_connections"] == 1  # the scrape's own: no count left behind
     assert all(data.startswith(b"HTTP/1.1 408 Request Timeout\r\n") for data in timed_out), timed_out
     assert samples["mcp_sessions_http_max_connections"] == 2
     assert samples["mcp_sessions_http_connections_refused_total"] == 1
@@ -164,6 +173,7 @@ async def test_connections_held_past_the_open_files_limit_are_refused_without_ac
     refused = sum(answer.startswith(b"HTTP/1.1 503 ") for answer in answers)
     timed_out = sum(answer.startswith(b"HTTP/1.1 408 ") for answer in answers)
     assert samples["mcp_sessions_http_max_connections"] == 192
+    assert samples["mcp_sessions_http_connections"] == 1  # the scrape's own: no count left behind
     assert (refused, timed_out) == (held - 192 - 8, 192 + 8)
     assert samples["mcp_sessions_http_connections_refused_total"] == held - 192 - 8
     assert "Too many open files" not in server.stderr
