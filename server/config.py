@@ -410,6 +410,9 @@ class ShutdownSettings(_Section):
     """`[shutdown]`: how long a graceful shutdown lets active sessions drain, and the environment
     variable holding the token `server_shutdown` needs over HTTP."""
 
+    # A token written where the name of its variable belongs is not echoed in an error's text.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     timeout_seconds: float = Field(
         default=30.0, ge=0, allow_inf_nan=False, description="How long a graceful shutdown drains sessions."
     )

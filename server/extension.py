@@ -135,6 +135,9 @@ class SessionsExtension(DecoupledCalls, Extension):
                 f"SessionsExtension(manager=...) takes a SessionManager, got {type(manager).__name__}; "
                 "leave it out to have one made from the settings"
             )
+        if manager is not None:
+            # Its limits are the ones in force: the deadlines (`timeout_for`) read them too.
+            self.config = self.config.model_copy(update={"limits": manager.limits})
         self.manager = manager if manager is not None else make_manager(self.config)
         self._running = False
         self._app: Any = None

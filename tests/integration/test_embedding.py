@@ -133,17 +133,21 @@ def test_the_extension_refuses_a_manager_that_is_not_a_session_manager() -> None
 
 
 async def test_a_manager_given_to_the_extension_advertises_the_limits_it_enforces() -> None:
-    # Its own limits (50), not those of the settings beside it (5), are the ones calls meet.
-    sessions = SessionsExtension(
-        settings(max_concurrent_sessions=5), manager=SessionManager(LimitsSettings(max_concurrent_sessions=50))
-    )
+    # Its own limits (50 at once, 0.2 s deadlines), not those of the settings beside it (5, 30 s),
+    # are the ones calls meet.
+    manager = SessionManager(LimitsSettings(max_concurrent_sessions=50, default_timeout_seconds=0.2))
+    sessions = SessionsExtension(settings(max_concurrent_sessions=5, default_timeout_seconds=30.0), manager=manager)
     app = MCPServer("own-manager", extensions=[sessions], lifespan=sessions.lifespan)
     app.add_tool(echo)
+    app.add_tool(hang_async)
     async with Client(app) as client:
         assert text_of(await client.call_tool("echo", {"text": "served"})) == "served"
+        with anyio.fail_after(5):
+            hung = await client.call_tool("hang_async", {})
         m = (await client.call_tool("session_metrics", {})).structured_content or {}
+    assert code_of(hung) == "timeout" and "0.2s" in text_of(hung), text_of(hung)
     assert m["limits"]["max_concurrent_sessions"] == 50
-    assert sessions.settings()["maxConcurrentSessions"] == 50
+    assert sessions.settings() == {"maxConcurrentSessions": 50, "defaultTimeoutSeconds": 0.2}
     sessions.apply_settings(settings(max_concurrent_sessions=7))
     assert sessions.settings()["maxConcurrentSessions"] == sessions.manager.limits.max_concurrent_sessions == 7
 

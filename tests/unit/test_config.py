@@ -1705,8 +1705,9 @@ def test_a_misspelt_tool_table_is_told_the_close_name_and_the_hosted_list_leaves
         lambda: Settings(store={"backend": "redis", "url": "redis://:p@ss/hunter2@host:6379/0"}),  # type: ignore[arg-type]
         lambda: Settings(store={"backend": "redis", "url": "redis://:hunter2@host:6379/0", "timeout_seconds": "x"}),  # type: ignore[arg-type]
         lambda: Settings(shutdown={"admin_token_env": "hunter2 token"}),  # type: ignore[arg-type]
+        lambda: ShutdownSettings(admin_token_env="hunter2 token"),
     ],
-    ids=["StoreSettings", "Settings-url", "Settings-other-key", "admin-token"],
+    ids=["StoreSettings", "Settings-url", "Settings-other-key", "admin-token", "ShutdownSettings"],
 )
 def test_settings_built_directly_never_echo_a_refused_value_that_may_be_a_secret(build: Callable[[], Any]) -> None:
     # A host may log the ValidationError as it is; pydantic's text would hold the whole input.
