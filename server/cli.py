@@ -30,6 +30,7 @@ from server.logs import configure_logging
 from server.reload import ConfigReloader, hold_early_hangups
 from server.stdio_wire import claim_stdin, divert_stdout
 from server.store_url import safe_url
+from server.tool_modules import StartInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StopWhileStarting(KeyboardInterrupt):
+class _StopWhileStarting(StartInterrupted):
     """SIGINT or SIGTERM came before the server served (a tool module importing, say).
 
-    A KeyboardInterrupt, so that what lets Ctrl-C through lets it through too: the tool modules'
-    import, which reports any other exception a module raises (`BaseException`s too) as a config
-    problem."""
+    A `StartInterrupted`, not a KeyboardInterrupt: a tool module that catches KeyboardInterrupt
+    while it imports would swallow it, and the stop with it. The tool modules' import, which
+    reports any other exception a module raises as a config problem, lets it through."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)

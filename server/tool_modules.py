@@ -7,7 +7,7 @@ The standalone server and `--check-config` both go through `import_tool_modules`
 cannot register (a lambda, a `functools.partial`, a parameter type it has no schema for), a
 `setup` that raises, a module that calls `sys.exit` while imported or set up. What a module raises
 need not be an `Exception`: a class of its own derived from `BaseException` is reported the same
-way. Only `KeyboardInterrupt` goes through, since it means the user is stopping the process.
+way. Only `KeyboardInterrupt` and `StartInterrupted` go through: the process is being stopped.
 
 Each problem reads `server.tool_modules: 'MODULE': reason`, for example:
 
@@ -106,6 +106,12 @@ def _shadowed(module_name: str) -> str | None:
     return f"did you mean {near[0]!r}?" if near else None
 
 
+class StartInterrupted(BaseException):
+    """The process is being stopped while the tool modules import or set up (the CLI raises a
+    subclass from its SIGINT/SIGTERM handler): let through, never reported as the module's problem.
+    Not a KeyboardInterrupt, which a module may catch (and so swallow the stop) while it imports."""
+
+
 def _hidden_by_ours(top: str) -> str | None:
     """If the user has a package or module named `top` (one of this product's own packages) on
     the path, the sentence saying it is never imported and to rename it; else None."""
@@ -174,7 +180,7 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
         except SystemExit as exc:
             problems.append(f"{key}: called {_exit_call(exc)} while being imported; {_EXIT_HINT}")
             continue
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StartInterrupted):
             raise  # Ctrl-C, or a signal ending the start (see `server.cli`): the process is being stopped
         except BaseException as exc:  # noqa: BLE001 - any import failure is a config error to report
             problems.append(f"{key}: {_import_problem(module_name, exc)}")
@@ -282,7 +288,7 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
                 module.setup(server)  # tools, resources, prompts, other handlers; tools/call goes through the sessions
         except SystemExit as exc:
             problems.append(f"{key}: setup(server) called {_exit_call(exc)}; {_EXIT_HINT}")
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StartInterrupted):
             raise  # as for an import: the process is being stopped
         except BaseException as exc:  # noqa: BLE001 - any failure of a hook is a config error to report
             problems.append(f"{key}: setup(server) failed: {_one_line(exc)}")

@@ -778,11 +778,15 @@ def start_on(config: Path, **env: str) -> subprocess.Popen[str]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_while_a_tool_module_imports_stops_the_start_in_one_line(tmp_path: Path, signum: int) -> None:
+@pytest.mark.parametrize("module", ["slow_at_import", "catches_interrupt_at_import"])
+def test_a_signal_while_a_tool_module_imports_stops_the_start_in_one_line(
+    tmp_path: Path, signum: int, module: str
+) -> None:
     # Nothing serves yet, so nothing drains: the process says why it stops, with no traceback
-    # (SIGINT) and not silently (SIGTERM), and its status is the shell's for that signal.
+    # (SIGINT) and not silently (SIGTERM), and its status is the shell's for that signal. A
+    # module that catches KeyboardInterrupt while it imports does not swallow the stop.
     config = tmp_path / "slow.toml"
-    config.write_text(f'[server]\ntool_modules = ["{FIXTURES}.slow_at_import"]\n')
+    config.write_text(f'[server]\ntool_modules = ["{FIXTURES}.{module}"]\n')
     with start_on(config) as process:
         assert process.stderr is not None
         watchdog = threading.Timer(20, process.kill)  # bounds the reads below if the line never comes
@@ -791,7 +795,7 @@ def test_a_signal_while_a_tool_module_imports_stops_the_start_in_one_line(tmp_pa
             seen = []
             for line in process.stderr:  # the module writes this before its 30 s wait
                 seen.append(line)
-                if line.strip() == "slow_at_import: importing":
+                if line.strip() == f"{module}: importing":
                     break
             process.send_signal(signum)
             _, rest = process.communicate(timeout=20)
@@ -820,7 +824,7 @@ def test_a_sighup_while_a_tool_module_imports_is_a_reload_once_the_server_runs(t
             seen = []
             for line in process.stderr:
                 seen.append(line)
-                if line.strip() == "slow_at_import: importing":
+                if line.strip() == f"{module}: importing":
                     config.write_text(module + "[limits]\nmax_concurrent_sessions = 7\n")
                     process.send_signal(signal.SIGHUP)
                 if "Config reload" in line:
