@@ -824,7 +824,7 @@ def test_a_sighup_while_a_tool_module_imports_is_a_reload_once_the_server_runs(t
             seen = []
             for line in process.stderr:
                 seen.append(line)
-                if line.strip() == f"{module}: importing":
+                if line.strip() == "slow_at_import: importing":
                     config.write_text(module + "[limits]\nmax_concurrent_sessions = 7\n")
                     process.send_signal(signal.SIGHUP)
                 if "Config reload" in line:
