@@ -4,6 +4,7 @@ driven by the SIGTERM tests in `tests/e2e/test_http.py`."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import anyio
@@ -138,3 +139,103 @@ async def test_close_gives_up_on_a_request_that_does_not_end_within_its_bound(
                 await http.close(within=0.1)
             tg.cancel_scope.cancel()
     assert "Stopping with 1 HTTP request(s) still in flight after 0.1s" in caplog.text
+
+
+async def reads_body(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST: read the whole body (as the SDK does before it answers), then answer it."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class PartBody(Exchange):
+    """A POST whose client sends the first part of its body and then nothing more."""
+
+    def __init__(self, http: HttpShutdown) -> None:
+        super().__init__(http, "POST")
+        self.parts = [{"type": "http.request", "body": b'{"jsonrpc"', "more_body": True}]
+        self.reading = anyio.Event()
+
+    async def _receive(self) -> Message:
+        if self.parts:
+            return self.parts.pop()
+        self.reading.set()
+        return await super()._receive()
+
+
+async def test_close_answers_503_to_a_post_whose_body_has_not_arrived_and_cancels_its_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cancelled = anyio.Event()
+
+    async def app_noting_cancel(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await reads_body(scope, receive, send)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    http = HttpShutdown(app_noting_cancel)
+    post = PartBody(http)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post.run)
+            await post.reading.wait()
+            with caplog.at_level(logging.WARNING, logger="server.http_shutdown"):
+                await http.close(within=0.1)
+            await post.ended.wait()
+            await cancelled.wait()
+    body = b"The server is shutting down; the request's body had not arrived.\n"
+    assert post.sent == [
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        },
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
+    assert "answered 1 HTTP request(s) whose body had not arrived 503" in caplog.text
+    assert http.left_behind() == 0  # its app task ended on the cancel
+
+
+async def test_close_answers_a_post_whose_body_arrived_as_before_with_its_json_rpc_answer() -> None:
+    # The whole body is there and its work holds on: the answer is the request's own, not a 503.
+    holding = anyio.Event()
+
+    async def holds_on(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        holding.set()
+        await anyio.sleep_forever()
+
+    http = HttpShutdown(holds_on)
+    post = Exchange(http, "POST")
+    request = b'{"jsonrpc": "2.0", "id": 7, "method": "ping"}'
+    parts = [{"type": "http.request", "body": request[20:], "more_body": False}]
+    parts.append({"type": "http.request", "body": request[:20], "more_body": True})
+
+    async def receive() -> Message:
+        if not parts:
+            await anyio.sleep_forever()
+        return parts.pop()
+
+    post._receive = receive  # type: ignore[method-assign]
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post.run)
+            await holding.wait()
+            await http.close(within=0.1)
+            await post.ended.wait()
+    start, body = post.sent
+    assert start["status"] == 200 and (b"content-type", b"application/json") in start["headers"]
+    answer = json.loads(body["body"])
+    assert answer["id"] == 7 and "held its cancellation off" in answer["error"]["message"], answer
