@@ -12,6 +12,14 @@ the structured fields a record carries (a session end has `session_id`, `tool`, 
 message longer than `MAX_MESSAGE_CHARS` is cut. Never logged: the admin token and the contents
 of session metadata.
 
+The handler also rate-limits other libraries' records (`RepeatLimit`): one client could make
+uvicorn or the SDK write a line or a traceback per request or connection, thousands a second.
+Per logger and message, the first record in `REPEAT_SECONDS` is written and the ones like it are
+counted; the next one written carries the count (`[and 1,234 more like this in the last 12 s]`),
+and counts still pending are written when the handler is closed (`logging.shutdown`, at the exit)
+or replaced (a reload). This package's own loggers (`server.*`, `tools.*`: a session's end, a
+refusal) and asyncio's are never limited.
+
 Example:
     ```python
     configure_logging(LoggingSettings(level="info", format="json"))
@@ -24,6 +32,9 @@ import json
 import logging
 import re
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,7 +100,7 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = clipped(record.message)
+        record.message = clipped(record.message) + repeats_note(record)
         return one_line(super().formatMessage(record))
 
 
@@ -101,8 +112,10 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": clipped(record.getMessage()),
+            "message": clipped(record.getMessage()) + repeats_note(record),
         }
+        if record.__dict__.get("repeats"):
+            data["repeats"] = record.__dict__["repeats"]
         for key in FIELDS:
             value = record.__dict__.get(key)
             if value is not None:
@@ -114,8 +127,191 @@ class JsonFormatter(logging.Formatter):
         return _JSON_RAW_CONTROL.sub(_json_escape, json.dumps(data, ensure_ascii=False, default=str))
 
 
+#: `RepeatLimit`'s period: a (logger, message) of another library writes one record per period.
+REPEAT_SECONDS = 10.0
+#: `RepeatLimit`: how many messages of one logger are told apart at once; past that, the logger's
+#: other messages share one count (a message written with values in it that `template` does not
+#: recognize differs with each value).
+MESSAGES_PER_LOGGER = 20
+#: The loggers `RepeatLimit` leaves alone: this package's own (each of their per-event lines, a
+#: session's end, a refusal, is by design) and asyncio's (filtering its accept-error records made
+#: its accept loop, which logs and retries, spin faster).
+UNLIMITED = ("server", "tools", "asyncio")
+#: A logger's messages past `MESSAGES_PER_LOGGER`, counted as one.
+_OTHER = object()
+
+
+def limited(name: str) -> bool:
+    """Whether records of the logger `name` are rate-limited by `RepeatLimit`."""
+    return not any(name == own or name.startswith(own + ".") for own in UNLIMITED)
+
+
+@dataclass
+class _Repeats:
+    """One (logger, message)'s current period: when it began, and the records dropped since."""
+
+    began: float
+    dropped: int = 0
+    #: The last record dropped (written, with the count of the others, if none follows).
+    last: logging.LogRecord | None = None
+
+
+class RepeatLimit:
+    """Rate limit on the records of other libraries' loggers (see `limited`), per (logger name,
+    message template: `template`): the first record in a period of `period` seconds passes;
+    those like it within the period are counted and dropped; the next one to pass after the period
+    carries the count (`... [and 1,234 more like this in the last 12 s]`), and `pending()` gives
+    the counts not yet written (the last record dropped of each, dated now, carrying the count of
+    the others).
+
+    One client can make uvicorn or the SDK write a line or a traceback per request or connection
+    (`Invalid HTTP request received.` for garbage or a TLS handshake on the HTTP port, two upgrade
+    warnings per request, a traceback per POST whose client went away mid-body, `Invalid Host
+    header` per request): thousands of lines a second, megabytes of log. Not thread-safe: its
+    handler calls it under its lock.
+    """
+
+    def __init__(
+        self,
+        period: float = REPEAT_SECONDS,
+        per_logger: int = MESSAGES_PER_LOGGER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.period = period
+        self.per_logger = per_logger
+        self.clock = clock
+        self._periods: dict[tuple[str, object], _Repeats] = {}
+        #: Messages told apart now, per logger (at most `per_logger`, `_OTHER` aside).
+        self._messages: dict[str, int] = {}
+        self._next_sweep = 0.0
+
+    def admit(self, record: logging.LogRecord) -> logging.LogRecord | None:
+        """The record to write for `record` (itself, or a copy carrying a count), or None to drop it."""
+        if not limited(record.name):
+            return record
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        key = self._key(record)
+        repeats = self._periods.get(key)
+        if repeats is None:
+            self._periods[key] = _Repeats(now)
+            if key[1] is not _OTHER:
+                self._messages[record.name] = self._messages.get(record.name, 0) + 1
+            return record
+        if now - repeats.began < self.period:
+            repeats.dropped += 1
+            repeats.last = record
+            return None
+        dropped, began = repeats.dropped, repeats.began
+        self._periods[key] = _Repeats(now)
+        return _carrying(record, dropped, now - began, key[1] is _OTHER)
+
+    def pending(self) -> list[logging.LogRecord]:
+        """The counts not yet written, each on the last record dropped; forgets them."""
+        now, written = self.clock(), time.time()
+        out = []
+        for key, repeats in self._periods.items():
+            if repeats.last is not None:
+                record = _carrying(repeats.last, repeats.dropped - 1, now - repeats.began, key[1] is _OTHER)
+                out.append(_dated(record, written))
+        self._periods.clear()
+        self._messages.clear()
+        return out
+
+    def _key(self, record: logging.LogRecord) -> tuple[str, object]:
+        key = (record.name, template(record))
+        if key not in self._periods and self._messages.get(record.name, 0) >= self.per_logger:
+            return (record.name, _OTHER)
+        return key
+
+    def _sweep(self, now: float) -> None:
+        """Forget the periods over with nothing dropped (at most once a period): what a logger
+        logged once is not kept for ever."""
+        self._next_sweep = now + self.period
+        for key, repeats in list(self._periods.items()):
+            if repeats.dropped == 0 and now - repeats.began >= self.period:
+                del self._periods[key]
+                if key[1] is not _OTHER:
+                    self._messages[key[0]] -= 1
+
+
+#: A word of a message holding a digit: an id, a number, an address.
+_NUMBERED = re.compile(r"\S*\d\S*")
+
+
+def template(record: logging.LogRecord) -> str:
+    """What `record` says without the values in it: its `msg` when the values are its `args`.
+    A message written whole (an f-string: the SDK logs `f"Invalid Host header: {host}"`, and
+    `f"Session {session_id} idle timeout"`) is cut at its first `": "`, and its words that hold a
+    digit are `#`; any other `msg` (an exception logged as is) is its type's name."""
+    if not isinstance(record.msg, str):
+        return type(record.msg).__qualname__
+    if record.args:
+        return record.msg
+    return _NUMBERED.sub("#", record.msg.split(": ", 1)[0])
+
+
+def _carrying(record: logging.LogRecord, more: int, seconds: float, other: bool) -> logging.LogRecord:
+    """A copy of `record` whose message says `more` records like it (`other`: of its logger) were
+    not written in the last `seconds`."""
+    if more <= 0:
+        return record
+    copy = logging.makeLogRecord(record.__dict__)
+    copy.repeats = more
+    copy.repeats_note = (
+        f" [and {more:,} more {'from this logger' if other else 'like this'} in the last {max(1, round(seconds))} s]"
+    )
+    return copy
+
+
+def _dated(record: logging.LogRecord, created: float) -> logging.LogRecord:
+    """A copy of `record` written at `created` (a wall-clock time), so that lines stay in order."""
+    copy = logging.makeLogRecord(record.__dict__)
+    copy.created = created
+    copy.msecs = int((created - int(created)) * 1000) + 0.0
+    return copy
+
+
+def repeats_note(record: logging.LogRecord) -> str:
+    """What a record carrying a `RepeatLimit` count adds to its message ("" for any other)."""
+    note = record.__dict__.get("repeats_note")
+    return note if isinstance(note, str) else ""
+
+
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Marks the handler this module installed, so a reload replaces it and nothing else."""
+    """Marks the handler this module installed, so a reload replaces it and nothing else; limits
+    other libraries' repeated records (`RepeatLimit`), and writes the counts left when closed
+    (by `logging.shutdown` at the exit) or replaced."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.repeats = RepeatLimit()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if not self.filter(record):
+            return False
+        self.acquire()
+        try:
+            admitted = self.repeats.admit(record)
+            if admitted is not None:
+                self.emit(admitted)
+        finally:
+            self.release()
+        return True
+
+    def write_pending(self) -> None:
+        """Write the counts of records dropped and not yet told."""
+        self.acquire()
+        try:
+            for record in self.repeats.pending():
+                self.emit(record)
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.write_pending()
+        super().close()
 
 
 def configured_here() -> bool:
@@ -140,6 +336,8 @@ def configure_logging(settings: LoggingSettings) -> None:
     for handler in list(root.handlers):
         if isinstance(handler, _Handler) or type(handler) is logging.StreamHandler:
             root.removeHandler(handler)
+            if isinstance(handler, _Handler):
+                handler.write_pending()  # in the old format, before the new one takes over
     handler = _Handler(sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
     root.addHandler(handler)

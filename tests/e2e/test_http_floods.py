@@ -9,6 +9,7 @@ body, garbage, or an upgrade it cannot take.
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from tests.e2e.test_http import error_lines, url_of
 
 #: Bound on reading one connection to its end.
 READ_SECONDS = 10.0
+#: The count a rate-limited line carries of the records like it that were not written.
+MORE = re.compile(r"\[and ([0-9,]+) more (?:like this|from this logger) in the last ")
 MCP_HEADERS = b"Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n"
 
 
@@ -92,3 +95,62 @@ async def test_sigterm_with_post_bodies_held_answers_them_503_and_logs_no_error(
         assert answer.endswith(b"\r\n\r\nThe server is shutting down; the request's body had not arrived.\n"), answer
     assert error_lines(server) == [], server.stderr
     assert f"answered {held + 1} HTTP request(s) whose body had not arrived" in server.stderr, server.stderr
+
+
+#: The start of a TLS ClientHello: what a client that speaks HTTPS to the HTTP port sends first.
+CLIENT_HELLO = bytes.fromhex("16030100c8010000c40303") + bytes(32)
+
+
+def counted(server: ServerProcess, text: str) -> tuple[int, int]:
+    """(how many stderr lines hold `text`, how many records they stand for): each line is one
+    record, plus the `[and N more like this ...]` it carries."""
+    lines = [line for line in server.stderr_lines if text in line]
+    more = sum(int(m.group(1).replace(",", "")) for line in lines if (m := MORE.search(line)))
+    return len(lines), len(lines) + more
+
+
+async def test_floods_of_records_from_uvicorn_and_the_sdk_are_rate_limited_and_counted(tmp_path: Path) -> None:
+    # One client makes uvicorn or the SDK log a line (or a traceback) per request or connection;
+    # at a client's rate that was thousands of lines a second. Each (logger, message) now writes
+    # its first record per 10 s; the rest are counted, and the count written with the next one
+    # after the period, or at the exit. Our own lines are not limited (the shutdown's, below).
+    times = 200
+    async with start_server(tmp_path, server_config(), transport="streamable-http") as server:
+        host, port = address_of(server)
+        with anyio.fail_after(START_SECONDS * 2):
+            for _ in range(times):  # garbage, a new connection each time
+                stream = await connect(server)
+                await stream.send(CLIENT_HELLO)
+                assert (await read_to_end(stream)).startswith(b"HTTP/1.1 400 "), "uvicorn answers it 400"
+            # Upgrade requests uvicorn cannot take, pipelined on one connection.
+            health = b"GET /healthz HTTP/1.1\r\nHost: %s:%d\r\n" % (host.encode(), port)
+            stream = await connect(server)
+            await stream.send((health + b"Connection: Upgrade\r\nUpgrade: h2c\r\n\r\n") * times)
+            await stream.send(health + b"Connection: close\r\n\r\n")
+            assert (await read_to_end(stream)).count(b"HTTP/1.1 200 OK\r\n") == times + 1
+            for index in range(times):  # a Host the server does not serve, a new one each time
+                stream = await connect(server)
+                evil = b"evil%d.example" % index
+                await stream.send(b"GET /healthz HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % evil)
+                assert (await read_to_end(stream)).startswith(b"HTTP/1.1 421 ")
+            for _ in range(times):  # a POST's head, one byte of its body, then gone
+                stream = await connect(server)
+                await stream.send(head(server) + b"{")
+                await stream.aclose()
+            server.send_signal(signal.SIGTERM)
+            assert await server.wait_exit(within=START_SECONDS) == 0
+
+    floods = {
+        "uvicorn.error: Invalid HTTP request received.": times,
+        "uvicorn.error: Unsupported upgrade request.": times,
+        "uvicorn.error: No supported WebSocket library detected.": times,
+        # The SDK writes the Host into its message (an f-string): told apart from the rest anyway.
+        "Invalid Host header: evil": times,
+        "mcp.server.streamable_http: Error handling POST request": times,
+    }
+    for text, records in floods.items():
+        lines, total = counted(server, text)
+        assert lines <= 3 and total == records, (text, lines, total, server.stderr[-3000:])
+    assert server.stderr.count("Traceback") <= 3, server.stderr[-3000:]
+    assert len(server.stderr_lines) < 40, server.stderr[-3000:]
+    assert "Graceful shutdown: received SIGTERM" in server.stderr

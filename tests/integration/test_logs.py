@@ -340,3 +340,47 @@ async def test_a_traceback_in_the_text_log_keeps_its_own_lines(text_log: io.Stri
     assert RECORD_START.match(record) and record.endswith(r"tests.logs: Handling a\nrequest failed")
     assert traceback[0] == "Traceback (most recent call last):"
     assert traceback[-2:] == ["ValueError: first line", "second line"]
+
+
+# -- other libraries' floods ---------------------------------------------------------------
+
+
+def our_handler() -> logging.Handler:
+    [handler] = [h for h in logging.getLogger().handlers if type(h).__module__ == "server.logs"]
+    return handler
+
+
+def test_another_librarys_repeated_record_is_written_once_and_counted_at_the_close(text_log: io.StringIO) -> None:
+    # As uvicorn logs garbage on its port, once per connection; our own lines are all written.
+    for _ in range(500):
+        logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
+        logging.getLogger("server.refusals").warning("Refused %s (%s): full", "echo", "capacity_exceeded")
+    lines = assert_one_line_per_record(text_log.getvalue())
+    assert [logger_of(line) for line in lines].count("server.refusals") == 500
+    [flood] = [line for line in lines if logger_of(line) == "uvicorn.error"]
+    assert flood.endswith("uvicorn.error: Invalid HTTP request received."), flood
+
+    our_handler().close()  # as `logging.shutdown` does at the exit
+    last = text_log.getvalue().splitlines()[-1]
+    assert re.search(
+        r"uvicorn.error: Invalid HTTP request received\. \[and 498 more like this in the last \d+ s\]$", last
+    ), last
+
+
+def test_a_reload_writes_the_counts_in_the_old_format_and_json_carries_the_count_as_a_field(
+    text_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(3):
+        logging.getLogger("uvicorn.error").warning("Unsupported upgrade request.")
+    monkeypatch.setattr(sys, "stderr", text_log)  # where the new handler writes too
+    configure_logging(LoggingSettings(level="info", format="json"))  # as a reload does
+    for _ in range(3):
+        logging.getLogger("uvicorn.error").warning("Unsupported upgrade request.")
+    our_handler().close()
+    first, counted, again, at_close = text_log.getvalue().splitlines()
+    assert first.endswith("uvicorn.error: Unsupported upgrade request.")
+    assert counted.endswith("uvicorn.error: Unsupported upgrade request. [and 1 more like this in the last 1 s]")
+    assert json.loads(again)["message"] == "Unsupported upgrade request."
+    data = json.loads(at_close)
+    assert data["message"] == "Unsupported upgrade request. [and 1 more like this in the last 1 s]"
+    assert data["repeats"] == 1 and data["logger"] == "uvicorn.error"

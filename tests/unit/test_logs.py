@@ -1,0 +1,123 @@
+"""`RepeatLimit` on its own, on a clock the test moves: which records pass, which are counted,
+and where the counts are written. The standalone server's log under real floods is in
+`tests/e2e/test_http_floods.py`; the handler `configure_logging` installs, in
+`tests/integration/test_logs.py`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+from server.logs import MESSAGES_PER_LOGGER, REPEAT_SECONDS, RepeatLimit, repeats_note, template
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record(name: str, msg: str, *args: object, level: int = logging.WARNING) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args or None, None)
+
+
+def written(limit: RepeatLimit, records: list[logging.LogRecord]) -> list[str]:
+    """The messages of what `limit` lets through of `records`, with their notes."""
+    out = (limit.admit(r) for r in records)
+    return [r.getMessage() + repeats_note(r) for r in out if r is not None]
+
+
+def test_repeats_within_the_period_are_counted_and_the_next_one_after_it_carries_the_count() -> None:
+    clock = Clock()
+    limit = RepeatLimit(clock=clock)
+    flood = [record("uvicorn.error", "Invalid HTTP request received.") for _ in range(1235)]
+    assert written(limit, flood) == ["Invalid HTTP request received."]
+    clock.now += REPEAT_SECONDS + 2
+    assert written(limit, flood[:3]) == ["Invalid HTTP request received. [and 1,234 more like this in the last 12 s]"]
+    # A new period began with that one: the two after it are counted again, and wait for the next.
+    assert [r.getMessage() + repeats_note(r) for r in limit.pending()] == [
+        "Invalid HTTP request received. [and 1 more like this in the last 1 s]"
+    ]
+    assert limit.pending() == []
+
+
+def test_each_message_of_each_logger_has_its_own_count_and_values_in_args_do_not_split_it() -> None:
+    limit = RepeatLimit(clock=Clock())
+    records = [
+        record("uvicorn.error", "Unsupported upgrade request."),
+        record("uvicorn.error", "No supported WebSocket library detected."),
+        record("mcp.server.streamable_http", "Unsupported upgrade request."),
+        *(record("h11", "Bad request from %s: %s", f"10.0.0.{i}", i) for i in range(50)),
+    ] * 2
+    assert written(limit, records) == [
+        "Unsupported upgrade request.",
+        "No supported WebSocket library detected.",
+        "Unsupported upgrade request.",
+        "Bad request from 10.0.0.0: 0",
+    ]
+    assert sorted(r.getMessage() + repeats_note(r) for r in limit.pending()) == [
+        "Bad request from 10.0.0.49: 49 [and 98 more like this in the last 1 s]",
+        "No supported WebSocket library detected.",  # one dropped: the line is itself, no note
+        "Unsupported upgrade request.",
+        "Unsupported upgrade request.",
+    ]
+
+
+@pytest.mark.parametrize("name", ["server", "server.sessions.ends", "server.refusals", "tools.sessions", "asyncio"])
+def test_this_packages_own_loggers_and_asyncio_are_never_limited(name: str) -> None:
+    limit = RepeatLimit(clock=Clock())
+    records = [record(name, "Refused echo (%s): full", "capacity_exceeded") for _ in range(100)]
+    assert [limit.admit(r) for r in records] == records
+    assert limit.pending() == []
+    # A logger whose name only begins like ours is another library's.
+    assert written(limit, [record(name.split(".")[0] + "_x", "m") for _ in range(3)]) == ["m"]
+
+
+def test_a_message_written_whole_with_its_values_is_one_template() -> None:
+    # The SDK writes values into the message (f-strings): one template each all the same.
+    hosts = [record("mcp.server.transport_security", f"Invalid Host header: evil{i}.example") for i in range(3)]
+    sessions = [record("mcp.server.streamable_http", f"Session {i:032x}{i} idle timeout") for i in range(3)]
+    assert {template(r) for r in hosts} == {"Invalid Host header"}
+    assert {template(r) for r in sessions} == {"Session # idle timeout"}
+    assert template(record("x", "Took %s s: %d", 1, 2)) == "Took %s s: %d"
+    error = logging.LogRecord("x", logging.ERROR, __file__, 1, ValueError("no"), None, None)
+    assert template(error) == "ValueError"
+
+
+def test_past_its_share_of_messages_a_loggers_other_messages_are_counted_together() -> None:
+    limit = RepeatLimit(clock=Clock())
+    distinct = [record("chatty", f"message {chr(65 + i % 26)}{chr(65 + i // 26)}") for i in range(100)]
+    lines = written(limit, distinct)
+    assert lines == [r.getMessage() for r in distinct[: MESSAGES_PER_LOGGER + 1]]
+    [summary] = [r.getMessage() + repeats_note(r) for r in limit.pending()]
+    more = 100 - MESSAGES_PER_LOGGER - 2
+    assert summary == f"message {distinct[-1].getMessage()[-2:]} [and {more} more from this logger in the last 1 s]"
+
+
+def test_what_is_logged_once_is_forgotten_once_its_period_is_over() -> None:
+    clock = Clock()
+    limit = RepeatLimit(clock=clock)
+    for i in range(MESSAGES_PER_LOGGER):
+        assert limit.admit(record("once", f"m{chr(65 + i)}")) is not None
+    clock.now += REPEAT_SECONDS
+    # Its share is free again: a new message is told apart, not counted with the others.
+    assert written(limit, [record("once", "fresh"), record("once", "fresh")]) == ["fresh"]
+    assert [r.getMessage() for r in limit.pending()] == ["fresh"]
+
+
+def test_a_dropped_record_keeps_its_traceback_for_the_line_written_at_the_end() -> None:
+    limit = RepeatLimit(clock=Clock())
+    for _ in range(3):
+        try:
+            raise ConnectionResetError("gone")
+        except ConnectionResetError:
+            r = record("mcp.server.streamable_http", "Error handling POST request", level=logging.ERROR)
+            r.exc_info = sys.exc_info()
+            limit.admit(r)
+    [last] = limit.pending()
+    assert last.exc_info is not None and last.levelno == logging.ERROR
+    assert repeats_note(last) == " [and 1 more like this in the last 1 s]"
