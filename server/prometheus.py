@@ -18,10 +18,12 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
@@ -43,6 +45,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREFIX = "mcp_sessions_"
+#: The exporter closes a connection that has not sent its request, or read its answer, within this
+#: many seconds (each read and write of the connection is bounded by it).
+EXPORTER_TIMEOUT_SECONDS = 5.0
+#: The connections the exporter handles at once (a thread each); one past it is closed at once.
+EXPORTER_MAX_CONNECTIONS = 8
+#: The exporter's line about connections closed past its cap: at most one per this many seconds.
+REFUSAL_REPORT_SECONDS = 10.0
 #: Upper bounds (seconds) of the duration histogram: from a fast in-process call to the
 #: default `limits.max_timeout_seconds`.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -230,21 +239,37 @@ class Exporter:
     Like `/mcp` on loopback, it answers only requests whose Host (and any Origin) names a loopback
     address (421 / 403 otherwise): a web page that rebinds its own name to 127.0.0.1 must not
     read the metrics through the user's browser.
+
+    It handles at most `max_connections` connections at once, a thread each, and closes one that
+    stays silent (or does not read its answer) for `timeout` seconds; a connection past the cap is
+    closed at once, and logged at most once per `REFUSAL_REPORT_SECONDS`. Unbounded, connections
+    that sent nothing held a thread and a descriptor each for ever: under an open-files limit of
+    256, 248 of them used up the process's descriptors, and then every accept failed (EMFILE),
+    the streamable HTTP port's too. A scraper opens one connection at a time.
     """
 
     HOST = "127.0.0.1"
 
-    def __init__(self, registry: CollectorRegistry, port: int) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        port: int,
+        *,
+        timeout: float = EXPORTER_TIMEOUT_SECONDS,
+        max_connections: int = EXPORTER_MAX_CONNECTIONS,
+    ) -> None:
         self.registry = registry
         self.port = port
-        self._server: WSGIServer | None = None
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> bool:
         """Start serving in a daemon thread; False (logged) if the port cannot be bound."""
         try:
             app = _loopback_only(make_wsgi_app(self.registry))
-            self._server = make_server(self.HOST, self.port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+            server = make_server(self.HOST, self.port, app, _BoundedServer, handler_class=_QuietHandler)
         except OSError as exc:
             logger.error(
                 "Could not serve Prometheus metrics on %s port %s: %s; serving MCP without them",
@@ -253,7 +278,10 @@ class Exporter:
                 exc.strerror or exc,
             )
             return False
-        self._thread = threading.Thread(target=self._server.serve_forever, name="prometheus-exporter", daemon=True)
+        assert isinstance(server, _BoundedServer)
+        server.connection_timeout, server.max_connections = self.timeout, self.max_connections
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="prometheus-exporter", daemon=True)
         self._thread.start()
         logger.info("Serving Prometheus metrics at http://%s:%s/metrics", self.HOST, self.port)
         return True
@@ -262,7 +290,76 @@ class Exporter:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            self._server.report_refusals(final=True)
             self._server = None
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """`prometheus_client`'s threading server, handling at most `max_connections` connections at
+    once (one more is closed as soon as it is accepted), each with a socket timeout of
+    `connection_timeout` seconds; a connection's timeout or reset is not reported."""
+
+    connection_timeout = EXPORTER_TIMEOUT_SECONDS
+    max_connections = EXPORTER_MAX_CONNECTIONS
+    #: The listen queue (socketserver's default is 5): a burst of connections past it waits for the
+    #: client's SYN retry (a second, then three), though each one past the cap is closed at once.
+    request_queue_size = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._open = 0
+        self._refused = 0  # since the last report
+        self._reported_at: float | None = None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """On the accepting thread: a thread for the connection, or its end at once past the cap."""
+        with self._lock:
+            full = self._open >= self.max_connections
+            if not full:
+                self._open += 1
+        if full:
+            self.shutdown_request(request)
+            self._refused += 1
+            self.report_refusals()
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._closed()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed()
+
+    def _closed(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints a traceback to stderr for any exception; a client's timeout or reset is no error."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        logger.error("The Prometheus exporter failed serving a connection", exc_info=True)
+
+    def report_refusals(self, final: bool = False) -> None:
+        """Log the connections closed past the cap, at most once per `REFUSAL_REPORT_SECONDS`
+        (`final`: now, if any are not told yet)."""
+        now = time.monotonic()
+        due = self._reported_at is None or now - self._reported_at >= REFUSAL_REPORT_SECONDS
+        if not self._refused or not (due or final):
+            return
+        since = "" if self._reported_at is None else f" in the last {round(now - self._reported_at)} s"
+        logger.warning(
+            "Prometheus exporter: closed %s new connection(s) at once%s: %s were open, its limit",
+            self._refused,
+            since,
+            self.max_connections,
+        )
+        self._refused, self._reported_at = 0, now
 
 
 def _names_loopback(value: str) -> bool:
@@ -291,7 +388,13 @@ def _loopback_only(app: WSGIApplication) -> WSGIApplication:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """No access log line per scrape (as `prometheus_client`'s own exporter)."""
+    """No access log line per scrape (as `prometheus_client`'s own exporter); its server's
+    `connection_timeout` on every read and write of the connection."""
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.server, _BoundedServer):
+            self.connection.settimeout(self.server.connection_timeout)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -1,7 +1,9 @@
 """What one misbehaving HTTP client can make the standalone server write to its log, as a real
 process on loopback: requests whose body never arrives, held through a SIGTERM, are answered at
 the exit without an ERROR or a traceback; and a flood of requests uvicorn or the SDK log one line
-(or one traceback) each about is rate-limited to a few lines that count the rest.
+(or one traceback) each about is rate-limited to a few lines that count the rest. Also the stdio
+server's Prometheus exporter under connections that send nothing: it holds a few at a time, and
+the process keeps its descriptors.
 
 The connections are raw sockets (`anyio.connect_tcp`): no HTTP client sends a head without its
 body, garbage, or an upgrade it cannot take.
@@ -14,9 +16,11 @@ import signal
 from pathlib import Path
 
 import anyio
+import httpx2
 from anyio.abc import SocketStream
 
-from tests.e2e.conftest import START_SECONDS, ServerProcess, server_config, start_server
+from server.prometheus import EXPORTER_MAX_CONNECTIONS
+from tests.e2e.conftest import START_SECONDS, ServerProcess, free_port, server_config, start_server
 from tests.e2e.test_http import error_lines, url_of
 
 #: Bound on reading one connection to its end.
@@ -154,3 +158,48 @@ async def test_floods_of_records_from_uvicorn_and_the_sdk_are_rate_limited_and_c
     assert server.stderr.count("Traceback") <= 3, server.stderr[-3000:]
     assert len(server.stderr_lines) < 40, server.stderr[-3000:]
     assert "Graceful shutdown: received SIGTERM" in server.stderr
+
+
+async def test_silent_connections_to_the_stdio_servers_exporter_cannot_use_up_its_descriptors(tmp_path: Path) -> None:
+    # Under an open-files limit of 256, 300 connections that send nothing used to hold a thread
+    # and a descriptor each, for ever: the process ran out of descriptors. The exporter now holds
+    # a few at a time (each until its timeout) and closes the rest at once.
+    port, held = free_port(), 300
+    config = {**server_config(), "metrics": {"prometheus_port": port}}
+    async with start_server(tmp_path, config, files_limit=(256, 256)) as server:
+        await server.wait_stderr(f"Serving Prometheus metrics at http://127.0.0.1:{port}/metrics")
+        await server.initialize()  # serving stdio: its threads are running
+        threads_before = threads_of(server)
+        with anyio.fail_after(START_SECONDS):
+            streams = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(held)]
+        closed = 0
+        all_but_the_cap = anyio.Event()
+        threads_held: list[int] = []
+
+        async def until_closed(stream: SocketStream) -> None:
+            nonlocal closed
+            assert await read_to_end(stream) == b""
+            closed += 1
+            if closed == held - EXPORTER_MAX_CONNECTIONS:
+                threads_held.append(threads_of(server))
+                all_but_the_cap.set()
+
+        async with anyio.create_task_group() as tg:
+            for stream in streams:
+                tg.start_soon(until_closed, stream)
+        async with httpx2.AsyncClient(timeout=READ_SECONDS) as http:
+            scraped = await http.get(f"http://127.0.0.1:{port}/metrics")
+        echoed = await server.call("echo", {"text": "still here"})
+
+    assert all_but_the_cap.is_set() and threads_held[0] <= threads_before + EXPORTER_MAX_CONNECTIONS
+    assert scraped.status_code == 200 and "mcp_sessions_created_total" in scraped.text
+    assert not echoed.is_error
+    assert "Too many open files" not in server.stderr and "Traceback" not in server.stderr, server.stderr[-3000:]
+    refusals = [line for line in server.stderr_lines if "Prometheus exporter" in line]
+    assert 1 <= len(refusals) <= 2, server.stderr[-3000:]
+
+
+def threads_of(server: ServerProcess) -> int:
+    """How many threads the server process runs now (Linux)."""
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])

@@ -183,6 +183,42 @@ def test_the_exporter_serves_metrics_on_loopback_until_stopped() -> None:
         httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
 
+def exporter_threads() -> int:
+    """Threads the exporter runs now, one per connection it handles (socketserver names them)."""
+    return sum("process_request_thread" in thread.name for thread in threading.enumerate())
+
+
+def test_the_exporter_handles_a_few_connections_at_once_and_closes_a_silent_one_after_its_timeout() -> None:
+    # Silent connections held a thread and a descriptor each, for ever: with an open-files limit of
+    # 256, 248 of them used up the process's descriptors. Past its cap a new one is closed at once;
+    # one that sends nothing is closed after the timeout; then it serves again.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exporter = Exporter(build_registry(SessionManager(), process=False), port, timeout=3.0, max_connections=2)
+    assert exporter.start() is True
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+    try:
+        # Accepted in order: the first two are held, each later one closed at once (end of file).
+        for past in silent[2:]:
+            assert past.recv(1) == b""
+        assert exporter_threads() == 2
+        for held in silent[:2]:
+            held.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still open: nothing to read, and no end of file
+                held.recv(1)
+            held.setblocking(True)
+            held.settimeout(10)
+        for held in silent[:2]:
+            assert held.recv(1) == b""  # closed by the exporter, its timeout past
+        response = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    finally:
+        for sock in silent:
+            sock.close()
+        exporter.stop()
+    assert response.status_code == 200 and "mcp_sessions_created_total" in response.text
+
+
 def test_an_exporter_port_in_use_is_reported_and_nothing_is_served() -> None:
     registry = build_registry(SessionManager(), process=False)
     with socket.socket() as taken:
