@@ -39,7 +39,8 @@ A POST whose body has not fully arrived by then (its client sent the head and st
 the body until uvicorn cancels it: an ERROR with a traceback for each such request (a client
 holding 10,000 of them made 8.7 MB of log at the exit), and a `500` for its client. So it is
 answered here too, `503` with `Connection: close` and `BODY_MISSING`, and its app task cancelled
-and left as above. Everything else passes through untouched.
+and left as above. So is a POST that comes in after that, while the listener is still open,
+whose body has not arrived within `LATE_BODY_SECONDS`. Everything else passes through untouched.
 
 Example:
     ```python
@@ -70,6 +71,10 @@ _LAST_CHUNK: Message = {"type": "http.response.body", "body": b"", "more_body": 
 ANSWER_SECONDS = 1.0
 #: The text of the `503` that answers, at the exit, a POST whose body has not (fully) arrived.
 BODY_MISSING = "The server is shutting down; the request's body had not arrived.\n"
+#: A POST that comes in once `close` has answered those in flight (the listener is still open for
+#: a moment) is answered `BODY_MISSING` if its body has not arrived within this many seconds: less
+#: than uvicorn's graceful-shutdown timeout (1 s, `server.app.serve_http`), which would cancel it.
+LATE_BODY_SECONDS = 0.5
 
 
 class _Post:
@@ -159,6 +164,9 @@ class HttpShutdown:
         self._in_flight = 0
         self._fewer: anyio.Event | None = None
         self._closing = False
+        #: `close` has answered the POSTs in flight: a POST from now on gets `LATE_BODY_SECONDS`.
+        self._late = False
+        self._refused_late = 0
 
     def left_behind(self) -> int:
         """How many of the app's tasks are still running though their request was answered at the exit."""
@@ -224,6 +232,7 @@ class HttpShutdown:
         task: asyncio.Task[None] = loop.create_task(_run(self.app, scope, capture, watch))
         task.add_done_callback(post.done)
         self._posts.add(post)
+        late = loop.call_later(LATE_BODY_SECONDS, self._refuse_late, post) if self._late else None
         try:
             await post.wake
         except BaseException:
@@ -231,6 +240,8 @@ class HttpShutdown:
             raise
         finally:
             self._posts.discard(post)
+            if late is not None:
+                late.cancel()
         if not post.answered:
             await task  # the app's own ending (done already), its exception included
             return
@@ -257,6 +268,10 @@ class HttpShutdown:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": post.answer, "more_body": False})
 
+    def _refuse_late(self, post: _Post) -> None:
+        if post.refuse_now():
+            self._refused_late += 1
+
     async def _serve_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app's lifespan, whose shutdown is not waited for past `LEFT_BEHIND_GRACE` once
         requests have been left running (in the handshake era it waits for their sessions)."""
@@ -267,6 +282,13 @@ class HttpShutdown:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
                 stopping.set()
+                if self._refused_late:  # uvicorn is done with the connections: all are counted
+                    logger.warning(
+                        "Answered %s HTTP request(s) that came in as the server stopped 503: "
+                        "their body had not arrived within %ss",
+                        self._refused_late,
+                        LATE_BODY_SECONDS,
+                    )
             return message
 
         async def watch_send(message: Message) -> None:
@@ -301,6 +323,7 @@ class HttpShutdown:
         for stream in self._streams:
             stream.cancel()
         await self._wait_in_flight(0, within)
+        self._late = True  # the POSTs in flight now are dealt with below; any later one in its turn
         if not self._in_flight:
             return
         still = self._in_flight

@@ -289,8 +289,11 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         self.repeats = RepeatLimit()
 
     def handle(self, record: logging.LogRecord) -> bool:
-        if not self.filter(record):
+        passed: object = self.filter(record)
+        if not passed:
             return False
+        if isinstance(passed, logging.LogRecord):
+            record = passed  # Python 3.12: a filter may return the record to handle instead
         self.acquire()
         try:
             admitted = self.repeats.admit(record)

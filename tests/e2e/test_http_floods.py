@@ -101,6 +101,35 @@ async def test_sigterm_with_post_bodies_held_answers_them_503_and_logs_no_error(
     assert f"answered {held + 1} HTTP request(s) whose body had not arrived" in server.stderr, server.stderr
 
 
+async def test_post_heads_sent_while_the_server_stops_are_answered_503_and_log_no_error(tmp_path: Path) -> None:
+    # A client keeps sending POST heads without their bodies from SIGTERM on, until the listener
+    # closes: those that came after `HttpShutdown.close` had answered the requests in flight were
+    # left to uvicorn, which cancelled each at its graceful-shutdown timeout with an ERROR.
+    streams: list[SocketStream] = []
+    async with start_server(tmp_path, server_config(), transport="streamable-http") as server:
+        server.send_signal(signal.SIGTERM)
+        with anyio.fail_after(START_SECONDS):
+            try:
+                while True:
+                    stream = await connect(server)
+                    streams.append(stream)
+                    await stream.send(head(server))
+            except OSError:
+                pass  # the listener has closed: connection refused
+            answers = [await read_to_end(stream) for stream in streams]
+        assert await server.wait_exit(within=START_SECONDS) == 0
+
+    served = [answer for answer in answers if answer]  # the rest were never accepted
+    assert served and all(answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") for answer in served), {
+        answer[:40] for answer in served
+    }
+    assert error_lines(server) == [], server.stderr[-3000:]
+    # Each counted in the line for those in flight when the listener's wait ended, or in the one
+    # for those that came after.
+    said = re.finditer(r"nswered (\d+) HTTP request\(s\) (whose body had not|that came in as)", server.stderr)
+    assert sum(int(match[1]) for match in said) == len(served), server.stderr[-3000:]
+
+
 #: The start of a TLS ClientHello: what a client that speaks HTTPS to the HTTP port sends first.
 CLIENT_HELLO = bytes.fromhex("16030100c8010000c40303") + bytes(32)
 

@@ -239,3 +239,12 @@ async def test_close_answers_a_post_whose_body_arrived_as_before_with_its_json_r
     assert start["status"] == 200 and (b"content-type", b"application/json") in start["headers"]
     answer = json.loads(body["body"])
     assert answer["id"] == 7 and "held its cancellation off" in answer["error"]["message"], answer
+
+
+async def test_a_post_that_comes_in_after_close_is_answered_503_if_its_body_does_not_follow() -> None:
+    http = HttpShutdown(reads_body)
+    with anyio.fail_after(5):
+        await http.close(within=0.1)  # nothing in flight: it returns at once, and uvicorn is told to stop
+        late = PartBody(http)
+        await late.run()  # ends: answered without its body, before uvicorn's own cancel would come
+    assert late.sent[0]["status"] == 503 and late.sent[-1]["more_body"] is False
