@@ -133,17 +133,19 @@ REPEAT_SECONDS = 10.0
 #: other messages share one count (a message written with values in it that `template` does not
 #: recognize differs with each value).
 MESSAGES_PER_LOGGER = 20
-#: The loggers `RepeatLimit` leaves alone: this package's own (each of their per-event lines, a
-#: session's end, a refusal, is by design) and asyncio's (filtering its accept-error records made
-#: its accept loop, which logs and retries, spin faster).
-UNLIMITED = ("server", "tools", "asyncio")
+#: The loggers `RepeatLimit` limits: those of the HTTP stack a client's requests reach (uvicorn,
+#: the SDK, Starlette, sse-starlette), and their children. Not this package's own (each of their
+#: per-event lines, a session's end, a refusal, is by design), nor the hosted tool modules' (their
+#: lines are their authors' choice), nor asyncio's (filtering its accept-error records made its
+#: accept loop, which logs and retries, spin faster).
+LIMITED = ("uvicorn", "mcp", "starlette", "sse_starlette")
 #: A logger's messages past `MESSAGES_PER_LOGGER`, counted as one.
 _OTHER = object()
 
 
 def limited(name: str) -> bool:
     """Whether records of the logger `name` are rate-limited by `RepeatLimit`."""
-    return not any(name == own or name.startswith(own + ".") for own in UNLIMITED)
+    return any(name == library or name.startswith(library + ".") for library in LIMITED)
 
 
 @dataclass
