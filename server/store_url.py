@@ -83,8 +83,10 @@ def _encode_hint(url: str) -> str:
 def _password_split(url: str) -> bool:
     """Whether an unescaped `/` or `@` in a password has cut the URL early: more than one `@`
     after the scheme, or a `/` before the last one. The parser then reads the rest of the
-    password as the path, while the masked URL shown (cut at the last `@`) looks valid."""
-    userinfo = url.partition("://")[2].rpartition("@")[0]
+    password as the path, while the masked URL shown (cut at the last `@`) looks valid. The query
+    and fragment are left out: an `@` there (`?client_name=a@b`) is no password's."""
+    before_query = url.partition("://")[2].partition("?")[0].partition("#")[0]
+    userinfo = before_query.rpartition("@")[0]
     return "@" in userinfo or "/" in userinfo
 
 

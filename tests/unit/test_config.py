@@ -1375,6 +1375,14 @@ def test_a_store_url_redis_py_could_not_connect_with_is_a_config_error_naming_th
             "the path must be the database index, a whole number, e.g. redis://127.0.0.1:6379/0",
             id="database-not-a-number",
         ),
+        pytest.param(
+            # An '@' in the query is no password's: no hint. (The mask still runs to the last '@':
+            # it never guesses where a password holding an unescaped '?' would end.)
+            "redis://app:hunter2@h:6379/abc?client_name=a@b",
+            "redis://app:***@b",
+            "the path must be the database index, a whole number, e.g. redis://127.0.0.1:6379/0",
+            id="at-in-the-query",
+        ),
     ],
 )
 def test_a_misshapen_store_url_with_a_password_is_refused_without_echoing_it(
