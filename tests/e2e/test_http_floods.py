@@ -179,11 +179,13 @@ async def test_floods_of_records_from_uvicorn_and_the_sdk_are_rate_limited_and_c
         "uvicorn.error: No supported WebSocket library detected.": times,
         # The SDK writes the Host into its message (an f-string): told apart from the rest anyway.
         "Invalid Host header: evil": times,
-        "mcp.server.streamable_http: Error handling POST request": times,
     }
     for text, records in floods.items():
         lines, total = counted(server, text)
         assert lines <= 3 and total == records, (text, lines, total, server.stderr[-3000:])
+    # The SDK's ERROR and traceback for a POST whose client went away mid-body is a DEBUG line
+    # (`server.http_connections`): the client's doing, not the server's.
+    assert counted(server, "Error handling POST request") == (0, 0), server.stderr[-3000:]
     assert server.stderr.count("Traceback") <= 3, server.stderr[-3000:]
     assert len(server.stderr_lines) < 40, server.stderr[-3000:]
     assert "Graceful shutdown: received SIGTERM" in server.stderr
