@@ -19,8 +19,10 @@ forwarded) and
 - counts the connections open. Past `max_connections`, up to `PROBE_LANE` more are read as far as
   their request's headers: a `GET` (or `HEAD`) of `/healthz`, `/readyz` or `/metrics` is served (so
   that a liveness probe does not restart a server whose connections a client holds), anything
-  else is answered `503 Service Unavailable` with `Connection: close`. Past those, a connection is
-  answered 503 and closed at once, so its descriptor is back before the next accept: the accept
+  else is answered `503 Service Unavailable` with `Connection: close`. With the lane full, a new
+  connection takes the place of the oldest one still sending its headers (answered 503), so that
+  silent connections cannot keep the probes out. A refused connection is closed at once, so its
+  descriptor is back before the next accept: the accept
   loop does not meet EMFILE as long as `max_connections` leaves the reserve free
   (`default_max_connections` does);
 - closes (`408 Request Timeout`, or without a word once a response has started) a connection
@@ -83,7 +85,7 @@ PROBE_LANE = 8
 #: What those may ask for (a `GET` or `HEAD`, any query): the operational endpoints.
 PROBE_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
 #: How long one of those may take to send its headers (at most `request_timeout`), and how much.
-PROBE_SECONDS = 2.0
+PROBE_SECONDS = 1.0
 MAX_PROBE_HEAD = 8192
 #: The end of a request's headers: an empty line (h11 also accepts bare LF line ends).
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -270,11 +272,12 @@ class ConnectionGuard:
             logging.WARNING,
             lambda: (
                 f"Refusing new HTTP connections (503): {self.open} are open, the most "
-                f"server.http_max_connections allows (/healthz, /readyz and /metrics are still served)"
+                f"server.http_max_connections allows (up to {PROBE_LANE} more are read for a probe of /healthz, "
+                "/readyz or /metrics, which is served)"
             ),
             lambda count: (
                 f"Refused {count} more HTTP connection(s) since the last report "
-                f"({self.open} open, server.http_max_connections = {self.max_connections})"
+                f"(server.http_max_connections = {self.max_connections})"
             ),
         )
         self._timeouts = _Reporter(
@@ -321,10 +324,17 @@ class ConnectionGuard:
         if self.open < self.max_connections:
             self.open += 1
             return _OPEN
-        if self.probing < PROBE_LANE and not self._lane_closed:
-            self.probing += 1
-            return _PROBE
-        return None
+        if self._lane_closed:
+            return None
+        if self.probing >= PROBE_LANE:
+            # The lane is full: its oldest connection still sending headers gives its place up.
+            # Silent connections would otherwise keep every place, and the probes out.
+            oldest = min(self._lane, key=_GuardedProtocol.since, default=None)
+            if oldest is None:
+                return None  # every place holds a probe being answered
+            oldest.evict()
+        self.probing += 1
+        return _PROBE
 
     def _refuse(self, transport: asyncio.BaseTransport) -> None:
         self.refused += 1
@@ -431,6 +441,22 @@ class _GuardedProtocol(asyncio.Protocol):
         if self._state == _PROBE and self._transport is not None:
             self._transport.close()
 
+    def since(self) -> float:
+        """When this connection was accepted (its clock's start: a lane connection owes its headers)."""
+        return self._owed_since if self._owed_since is not None else self._loop.time()
+
+    def evict(self) -> None:
+        """Give up this lane place at once to a newer connection (refused: 503 and closed)."""
+        assert self._transport is not None
+        self._guard.probing -= 1
+        self._guard._lane.discard(self)
+        self._state = _CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._head = bytearray()
+        self._guard._refuse(self._transport)
+
     # -- the request clock -----------------------------------------------------------------
 
     def _limit(self) -> float:
@@ -471,8 +497,14 @@ class _GuardedProtocol(asyncio.Protocol):
         if now < due:
             self._arm(due)
             return
-        # No 408 in the middle of an answer (a request's body the application did not wait for).
         cycle = getattr(self._inner, "cycle", None)
+        if getattr(cycle, "more_body", False) and getattr(cycle, "response_complete", False):
+            # Answered before its body was read (a 405 or a 413): the body's end is the client's
+            # to send or not, and uvicorn (0.54) forgets the connection's idle timeout once it
+            # reads on. Closed as an idle connection is, without a 408, not counted as a timeout.
+            transport.close()
+            return
+        # No 408 in the middle of an answer (a request's body the application did not wait for).
         answering = getattr(cycle, "response_started", False) and not getattr(cycle, "response_complete", True)
         self._guard._time_out(transport, answer=not answering)
 

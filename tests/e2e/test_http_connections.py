@@ -143,6 +143,48 @@ async def test_a_request_whose_body_never_comes_is_cut_off_and_one_that_comes_is
     assert error_lines(server) == [], server.stderr
 
 
+async def test_silent_connections_past_the_cap_cannot_keep_a_probe_out(tmp_path: Path) -> None:
+    # The cap held, and the 8 places read past it taken by connections that send nothing: a
+    # probe takes the oldest one's place (answered 503), and is served.
+    config = http_config(http_max_connections=1, http_request_timeout_seconds=30.0)
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        with anyio.fail_after(START_SECONDS):
+            holder = await connect(server)
+            await holder.send(b"GET /heal")  # counted, and owes the rest for 30 s
+            silent = [await connect(server) for _ in range(8)]
+            probe = await connect(server)
+            await probe.send(b"GET /healthz HTTP/1.1\r\nHost: " + host_of(server) + b"\r\n\r\n")
+            probe_answer = await read_to_end(probe)
+            evicted = await read_to_end(silent[0])
+            for stream in [holder, *silent[1:]]:
+                await stream.aclose()
+    assert probe_answer.startswith(b"HTTP/1.1 200 OK\r\n"), probe_answer
+    assert evicted.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), evicted
+    assert error_lines(server) == [], server.stderr
+
+
+async def test_a_request_answered_before_its_body_was_read_is_not_timed_out_later(tmp_path: Path) -> None:
+    # Starlette answers POST /healthz 405 without reading the body; the body comes after the
+    # answer. That is no request owed, but an idle connection (uvicorn forgets its own idle
+    # timeout here): closed at the timeout without a 408, and not counted as a timeout.
+    config = http_config(http_request_timeout_seconds=1.0)
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        with anyio.fail_after(START_SECONDS):
+            stream = await connect(server)
+            head = b"POST /healthz HTTP/1.1\r\nHost: " + host_of(server) + b"\r\nContent-Length: 10\r\n\r\n"
+            await stream.send(head)
+            answered = b""
+            while not answered.endswith(b"Method Not Allowed"):  # the whole answer (it may come in pieces)
+                answered += await stream.receive()
+            await stream.send(b"0123456789")  # the body, after its answer
+            rest = await read_to_end(stream)  # the guard ends it, silently
+            samples = await scrape(server)
+    assert answered.startswith(b"HTTP/1.1 405 "), answered
+    assert rest == b"", rest
+    assert samples["mcp_sessions_http_request_timeouts_total"] == 0
+    assert error_lines(server) == [], server.stderr
+
+
 async def test_a_call_and_an_event_stream_that_outlast_the_request_timeout_are_not_cut(tmp_path: Path) -> None:
     # The clock runs while the client owes a request, not while the server answers one: a tool
     # call longer than the timeout, and a handshake-era client's GET event stream, both stay.
