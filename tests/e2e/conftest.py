@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import pytest
-from anyio.abc import Process
+from anyio.abc import Process, SocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from anyio.streams.text import TextReceiveStream
 from mcp import Client
@@ -351,6 +351,31 @@ class ServerProcess:
             await self.stdout_closed.wait()
             await self.stderr_closed.wait()
         return code
+
+
+#: Bound on reading one raw connection to its end (`read_to_end`).
+READ_SECONDS = 10.0
+
+
+async def connect(server: ServerProcess) -> SocketStream:
+    """A raw TCP connection to an HTTP server's port: for what no HTTP client sends (a head
+    without its body, garbage, nothing at all)."""
+    assert server.url is not None, "not an HTTP server"
+    host, _, port = server.url.removeprefix("http://").removesuffix("/mcp").rpartition(":")
+    return await anyio.connect_tcp(host, int(port))
+
+
+async def read_to_end(stream: SocketStream) -> bytes:
+    """What the server sends on `stream` until it closes the connection (bounded); then closed."""
+    data = b""
+    with anyio.fail_after(READ_SECONDS):
+        try:
+            while True:
+                data += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+    await stream.aclose()
+    return data
 
 
 #: `python -c` this SOFT HARD COMMAND...: run COMMAND (the same process, so the same pid) with

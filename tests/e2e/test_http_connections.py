@@ -17,15 +17,19 @@ from typing import Any
 
 import anyio
 import httpx2
-from anyio.abc import SocketStream
 from mcp import Client
 
-from tests.e2e.conftest import START_SECONDS, ServerProcess, server_config, start_server
+from tests.e2e.conftest import (
+    READ_SECONDS,
+    START_SECONDS,
+    ServerProcess,
+    connect,
+    read_to_end,
+    server_config,
+    start_server,
+)
 from tests.e2e.test_http import error_lines, url_of
 from tests.helpers import text_of
-
-#: Bound on reading one connection to its end.
-READ_SECONDS = 10.0
 
 
 def http_config(**server: Any) -> dict[str, Any]:
@@ -36,24 +40,6 @@ def http_config(**server: Any) -> dict[str, Any]:
 
 def base_of(server: ServerProcess) -> str:
     return url_of(server).removesuffix("/mcp")
-
-
-async def connect(server: ServerProcess) -> SocketStream:
-    host, _, port = base_of(server).removeprefix("http://").rpartition(":")
-    return await anyio.connect_tcp(host, int(port))
-
-
-async def read_to_end(stream: SocketStream) -> bytes:
-    """What the server sends on `stream` until it closes the connection."""
-    data = b""
-    with anyio.fail_after(READ_SECONDS):
-        try:
-            while True:
-                data += await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            pass
-    await stream.aclose()
-    return data
 
 
 async def scrape(server: ServerProcess) -> dict[str, float]:

@@ -20,11 +20,18 @@ import httpx2
 from anyio.abc import SocketStream
 
 from server.prometheus import EXPORTER_MAX_CONNECTIONS
-from tests.e2e.conftest import START_SECONDS, ServerProcess, free_port, server_config, start_server
+from tests.e2e.conftest import (
+    READ_SECONDS,
+    START_SECONDS,
+    ServerProcess,
+    connect,
+    free_port,
+    read_to_end,
+    server_config,
+    start_server,
+)
 from tests.e2e.test_http import error_lines, url_of
 
-#: Bound on reading one connection to its end.
-READ_SECONDS = 10.0
 #: The count a rate-limited line carries of the records like it that were not written.
 MORE = re.compile(r"\[and ([0-9,]+) more (?:like this|from this logger) in the last ")
 MCP_HEADERS = b"Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n"
@@ -47,29 +54,12 @@ def head(server: ServerProcess, extra: bytes = b"", length: int = 100) -> bytes:
     )
 
 
-async def connect(server: ServerProcess) -> SocketStream:
-    return await anyio.connect_tcp(*address_of(server))
-
-
 async def read_until(stream: SocketStream, marker: bytes) -> bytes:
     """What the server sends on `stream` up to and including `marker` (bounded)."""
     data = b""
     with anyio.fail_after(READ_SECONDS):
         while marker not in data:
             data += await stream.receive()
-    return data
-
-
-async def read_to_end(stream: SocketStream) -> bytes:
-    """What the server sends on `stream` until it closes the connection (bounded)."""
-    data = b""
-    with anyio.fail_after(READ_SECONDS):
-        try:
-            while True:
-                data += await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            pass
-    await stream.aclose()
     return data
 
 
