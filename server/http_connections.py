@@ -415,17 +415,7 @@ class _GuardedProtocol(asyncio.Protocol):
         return self._inner.eof_received() if self._state in _SERVING else None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        state, self._state = self._state, _CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        guard = self._guard
-        if state in (_PROBE, _SERVED):
-            guard.probing -= 1
-            guard._lane.discard(self)
-        elif state == _OPEN:
-            guard.open -= 1
-        if state in _SERVING:
+        if self._leave() in _SERVING:
             self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -442,20 +432,28 @@ class _GuardedProtocol(asyncio.Protocol):
             self._transport.close()
 
     def since(self) -> float:
-        """When this connection was accepted (its clock's start: a lane connection owes its headers)."""
-        return self._owed_since if self._owed_since is not None else self._loop.time()
+        """When this lane connection was accepted (since when it has owed its headers)."""
+        assert self._owed_since is not None
+        return self._owed_since
 
     def evict(self) -> None:
         """Give up this lane place at once to a newer connection (refused: 503 and closed)."""
-        assert self._transport is not None
-        self._guard.probing -= 1
-        self._guard._lane.discard(self)
-        self._state = _CLOSED
+        self._leave()
+        self._refuse_probe()
+
+    def _leave(self) -> str | None:
+        """Give this connection's place back to the guard, and stop its clock; the state it had."""
+        state, self._state = self._state, _CLOSED
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._head = bytearray()
-        self._guard._refuse(self._transport)
+        guard = self._guard
+        if state in (_PROBE, _SERVED):
+            guard.probing -= 1
+            guard._lane.discard(self)
+        elif state == _OPEN:
+            guard.open -= 1
+        return state
 
     # -- the request clock -----------------------------------------------------------------
 
@@ -537,7 +535,7 @@ class _GuardedProtocol(asyncio.Protocol):
     def _refuse_probe(self) -> None:
         assert self._transport is not None
         self._head = bytearray()
-        self._guard._refuse(self._transport)  # closed: `connection_lost` gives the lane's place back
+        self._guard._refuse(self._transport)  # closed: `connection_lost` gives the lane's place back (unless evicted)
 
 
 class ConnectionsCollector(Collector):
