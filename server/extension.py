@@ -130,15 +130,17 @@ class SessionsExtension(DecoupledCalls, Extension):
                 `manager` is not a `SessionManager`.
         """
         self.config = require_settings(settings, "SessionsExtension()") if settings is not None else load_settings()
-        if manager is not None and not isinstance(manager, SessionManager):
+        if manager is None:
+            manager = make_manager(self.config)
+        elif not isinstance(manager, SessionManager):
             raise TypeError(
                 f"SessionsExtension(manager=...) takes a SessionManager, got {type(manager).__name__}; "
                 "leave it out to have one made from the settings"
             )
-        if manager is not None:
+        else:
             # Its limits are the ones in force: the deadlines (`timeout_for`) read them too.
             self.config = self.config.model_copy(update={"limits": manager.limits})
-        self.manager = manager if manager is not None else make_manager(self.config)
+        self.manager = manager
         self._running = False
         self._app: Any = None
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
@@ -177,7 +179,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         return self._advertised
 
     def _advertise(self) -> None:
-        limits = self.manager.limits  # the limits enforced (a manager given to __init__ has its own)
+        limits = self.config.limits
         self._advertised.update(
             maxConcurrentSessions=limits.max_concurrent_sessions,
             defaultTimeoutSeconds=limits.default_timeout_seconds,
