@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from server.app import App, build_app, serve
 from server.config import ConfigError, Settings
-from server.config_loader import config_problems, hidden_file_problems, load_settings
+from server.config_loader import config_problems, load_settings_noting
 from server.logs import configure_logging
 from server.reload import ConfigReloader, hold_early_hangups
 from server.stdio_wire import claim_stdin, divert_stdout
@@ -121,7 +121,8 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
     wire: BinaryIO | None = None
     stdin: BinaryIO | None = None
     try:
-        settings = load_settings(args.config, overrides)
+        # `hidden`: valid as overridden, but not the file alone (what it fails of once the override is gone).
+        settings, hidden = load_settings_noting(args.config, overrides)
         if args.check_config or settings.server.transport == "stdio":
             # Before any tool module is imported: what it prints must not reach the protocol
             # stream (stdio) or the settings JSON (--check-config), and what it reads must not be
@@ -130,8 +131,6 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
             stdin = claim_stdin()
         # A check builds the server as a start does (tools registered, setup hooks run), short of serving.
         app = build_app(settings)
-        # Valid as overridden, but not the file alone: what it would fail of once the override is gone.
-        hidden = hidden_file_problems(args.config, overrides) if args.config is not None else []
     except ConfigError as exc:
         problems = "\n  ".join(config_problems(exc, args.config))
         sys.stderr.write(f"mcp-session-manager: invalid configuration:\n  {problems}\n")

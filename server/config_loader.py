@@ -712,33 +712,6 @@ def overridden_in_file(
     return found
 
 
-def hidden_file_problems(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> list[str]:
-    """Problems of values in the file at `path` that the environment or `overrides` replace, so
-    that `load_settings(path, overrides)` passes without them: each worded as a problem of the
-    file, then what replaces the value ("...; not in effect while environment variable
-    MCP_SESSIONS_... sets it"). The file would fail once the override is gone: `--check-config`
-    notes them and a start warns of them.
-
-    Raises:
-        ConfigError: the file cannot be read (see `read_toml`).
-    """
-    file_data = read_toml(path)
-    env, _ = _read_env()
-    sources = _Sources(Path(path), file_data, env, dict(overrides or {}))
-    as_file = _Sources(Path(path), file_data, {}, {})  # words a problem as the file's own
-    try:
-        _Layout.model_validate(file_data, strict=True)
-    except ValidationError as exc:
-        return [
-            f"{as_file.error(error)}; not in effect while {sources.describe(loc)} sets it"
-            for error in exc.errors()
-            if error["type"] not in CROSS_KEY
-            and (loc := tuple(error["loc"]))
-            and sources.origin(loc) not in ("file", None)
-        ]
-    return []
-
-
 def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Load settings from `path` (TOML), the environment and `overrides`, in rising priority.
 
@@ -750,6 +723,21 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
             type or is out of bounds. Every problem of the file, the environment and `overrides`
             is reported, one per line (an unreadable file alone, since nothing else can be checked).
     """
+    return load_settings_noting(path, overrides)[0]
+
+
+def load_settings_noting(
+    path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[Settings, list[str]]:
+    """`load_settings`, and the problems of values in the file that the environment or
+    `overrides` replace, so that the settings pass without them: each worded as a problem of the
+    file, then what replaces the value ("...; not in effect while environment variable
+    MCP_SESSIONS_... sets it"). The file would fail once the override is gone: `--check-config`
+    notes them, a start and a reload warn of them.
+
+    Raises:
+        ConfigError: as `load_settings`.
+    """
     file_data = read_toml(path) if path is not None else {}  # (an empty path is refused, not read as ".")
     file = Path(path) if path is not None else None
     env, env_problems = _read_env()
@@ -758,6 +746,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
     merged = _merge(file_data, env, flags)
 
     found: dict[Loc, str] = {}
+    hidden: list[str] = []  # the file's own problems, which something overrides
 
     def record(exc: ValidationError, keep: set[str | None]) -> None:
         for error in exc.errors():
@@ -771,6 +760,11 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
         _Layout.model_validate(file_data, strict=True)
     except ValidationError as exc:
         record(exc, {"file"})
+        as_file = _Sources(file, file_data, {}, {})  # words a problem as the file's own
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            if error["type"] not in CROSS_KEY and sources.origin(loc) not in ("file", None):
+                hidden.append(f"{as_file.error(error)}; not in effect while {sources.describe(loc)} sets it")
     # Everything merged; values from the environment are text, so this pass parses them.
     checked: BaseModel | None = None
     cross_key: list[str] = []  # pydantic's own wording, should the checks below find nothing
@@ -781,7 +775,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping
         cross_key = [sources.error(error) for error in exc.errors() if error["type"] in CROSS_KEY]
     if checked is not None and not found and not env_problems:
         try:
-            return Settings(**{name: getattr(checked, name) for name in Settings.model_fields})
+            return Settings(**{name: getattr(checked, name) for name in Settings.model_fields}), hidden
         except ValidationError as exc:  # only the cross-key checks are left to fail here
             cross_key = [sources.error(error) for error in exc.errors()]
     # Pydantic skips the cross-key checks once a field fails; run them on whatever is valid.

@@ -37,7 +37,7 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from server.config import ConfigError, Settings, mask_secrets
-from server.config_loader import config_problems, hidden_file_problems, load_settings, overridden_in_file
+from server.config_loader import config_problems, load_settings_noting, overridden_in_file
 from server.extension import SessionsExtension
 from server.logs import configure_logging, configured_here
 
@@ -129,7 +129,7 @@ class ConfigReloader:
         self.manage_logging = manage_logging
         #: The file's keys something overrides, as the last `_load` found them (see `overridden_in_file`).
         self._overridden: dict[str, tuple[Any, str]] = {}
-        #: Problems of the file's values that something overrides (see `hidden_file_problems`).
+        #: Problems of the file's values that something overrides (see `load_settings_noting`).
         self._hidden: list[str] = []
 
     def reload(self) -> bool:
@@ -141,7 +141,7 @@ class ConfigReloader:
 
         Only reads and validates: it may run in a worker thread (see `watch_sighup`)."""
         try:
-            new = load_settings(self.path, self.overrides)
+            new, hidden = load_settings_noting(self.path, self.overrides)
             if self.check is not None:
                 self.check(new)
         except ConfigError as exc:
@@ -150,9 +150,9 @@ class ConfigReloader:
         # here, off the event loop, as the settings were.
         try:
             self._overridden = overridden_in_file(self.path, self.overrides) if self.path is not None else {}
-            self._hidden = hidden_file_problems(self.path, self.overrides) if self.path is not None else []
         except ConfigError:
-            self._overridden, self._hidden = {}, []
+            self._overridden = {}
+        self._hidden = hidden
         return new
 
     def _apply(self, new: Settings | list[str]) -> bool:
