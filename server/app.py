@@ -47,11 +47,10 @@ from server.http_connections import (
     files_limit_too_low,
     lengthen_listen_queue,
     over_files_limit,
-    quiet_client_disconnects,
     raise_open_files_limit,
 )
 from server.http_shutdown import HttpShutdown
-from server.logs import serving_logger
+from server.logs import quiet_client_disconnects, serving_logger
 from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader

@@ -35,8 +35,8 @@ forwarded) and
   httptools protocols); a connection without that attribute is refused at once, loudly, rather
   than timed by a guess.
 
-Refusals and timeouts are logged at most once per `REPORT_SECONDS` (with how many since the last
-line), never per connection: the condition they report is a flood.
+Refusals and timeouts are logged at most once per `logs.REPORT_SECONDS` (with how many since the
+last line), never per connection: the condition they report is a flood (`logs.EventReport`).
 
 Example:
     ```python
@@ -58,12 +58,11 @@ from typing import Any, ClassVar
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.requests import ClientDisconnect
+
+from server.logs import EventReport
 
 logger = logging.getLogger(__name__)
 
-#: Rate of the log lines on refused and timed-out connections: one per this many seconds at most.
-REPORT_SECONDS = 10.0
 #: `default_max_connections`: at most this many, the SDK's default cap on client sessions.
 DEFAULT_MAX_CONNECTIONS = 10_000
 #: Descriptors kept out of the connections' share of the open-files limit: this share of it, at
@@ -179,72 +178,6 @@ def files_limit_too_low(files_limit: int) -> str | None:
     )
 
 
-#: The SDK's logger of its streamable HTTP transport (`quiet_client_disconnects`).
-SDK_HTTP_LOGGER = "mcp.server.streamable_http"
-
-
-class _ClientDisconnects(logging.Filter):
-    """Turns the SDK's ERROR and traceback for a POST whose client went away before its body had
-    arrived into a DEBUG line: the client's doing, not the server's, and as often the guard's (a
-    request not sent in time is cut off, and logged once per `REPORT_SECONDS` here)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ClientDisconnect):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            record.msg, record.args = "A client went away before sending its whole request (%s)", (record.getMessage(),)
-            record.exc_info = record.exc_text = None
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
-
-
-def quiet_client_disconnects() -> Callable[[], None]:
-    """Install `_ClientDisconnects` on the SDK's transport logger; the function that removes it."""
-    sdk = logging.getLogger(SDK_HTTP_LOGGER)
-    quiet = _ClientDisconnects()
-    sdk.addFilter(quiet)
-    return lambda: sdk.removeFilter(quiet)
-
-
-class _Reporter:
-    """One log line per `REPORT_SECONDS` at most about a repeated event: the first at once, then,
-    while it goes on, how many more there were."""
-
-    def __init__(self, level: int, first: Callable[[], str], more: Callable[[int], str]) -> None:
-        self._level = level
-        self._first = first
-        self._more = more
-        self._unreported = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._closed = False
-
-    def note(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._timer is not None:
-            self._unreported += 1
-            return
-        logger.log(self._level, "%s", self._first())
-        if not self._closed:  # after the stop, each is logged as it comes (there are few)
-            self._timer = loop.call_later(REPORT_SECONDS, self._report, loop)
-
-    def _report(self, loop: asyncio.AbstractEventLoop) -> None:
-        count, self._unreported = self._unreported, 0
-        if count == 0:
-            self._timer = None  # quiet for a whole period: the next one is reported at once
-            return
-        logger.log(self._level, "%s", self._more(count))
-        self._timer = loop.call_later(REPORT_SECONDS, self._report, loop)
-
-    def close(self) -> None:
-        """Report what is left unreported, and stop."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        count, self._unreported = self._unreported, 0
-        if count:
-            logger.log(self._level, "%s", self._more(count))
-
-
 class ConnectionGuard:
     """The HTTP connections open, within `max_connections` (and `PROBE_LANE` more for the probes),
     each given `request_timeout` seconds to send each request. One per server; used on the event
@@ -268,7 +201,8 @@ class ConnectionGuard:
         #: sending a request in time, since the start.
         self.refused = 0
         self.timed_out = 0
-        self._refusals = _Reporter(
+        self._refusals = EventReport(
+            logger,
             logging.WARNING,
             lambda: (
                 f"Refusing new HTTP connections (503): {self.open} are open, the most "
@@ -280,7 +214,8 @@ class ConnectionGuard:
                 f"(server.http_max_connections = {self.max_connections})"
             ),
         )
-        self._timeouts = _Reporter(
+        self._timeouts = EventReport(
+            logger,
             logging.INFO,
             lambda: (
                 f"Closed an HTTP connection whose client did not send its request in time "
@@ -312,8 +247,8 @@ class ConnectionGuard:
             connection.close()
 
     def close(self) -> None:
-        """Report the refusals and timeouts not yet reported, and stop the report timers (the
-        server has stopped)."""
+        """Report the refusals and timeouts not yet reported; from now on each is reported as it
+        comes (the server has stopped)."""
         self.close_lane()
         self._refusals.close()
         self._timeouts.close()
@@ -339,12 +274,17 @@ class ConnectionGuard:
     def _refuse(self, transport: asyncio.BaseTransport) -> None:
         self.refused += 1
         _answer(transport, _REFUSED)  # the 503 fits the socket's buffer: closed once written
-        self._refusals.note(asyncio.get_running_loop())
+        self._report(self._refusals)
 
     def _time_out(self, transport: asyncio.BaseTransport, answer: bool) -> None:
         self.timed_out += 1
         _answer(transport, _TIMED_OUT if answer else b"")
-        self._timeouts.note(asyncio.get_running_loop())
+        self._report(self._timeouts)
+
+    def _report(self, report: EventReport) -> None:
+        due = report.note()
+        if due is not None:  # a count begins: told at the period's end (flushing a closed one does nothing)
+            asyncio.get_running_loop().call_later(due, report.flush)
 
 
 def _answer(transport: asyncio.BaseTransport, response: bytes) -> None:

@@ -18,7 +18,10 @@ Per logger and message, the first record in `REPEAT_SECONDS` is written and the 
 counted; the next one written carries the count (`[and 1,234 more like this in the last 12 s]`),
 and counts still pending are written when the handler is closed (`logging.shutdown`, at the exit)
 or replaced (a reload). This package's own loggers (`server.*`, `tools.*`: a session's end, a
-refusal) and asyncio's are never limited.
+refusal) and asyncio's are never limited. `EventReport` does the same for one event of this
+package's (a connection refused or cut off): one line per `REPORT_SECONDS` at most, with a count.
+While the standalone HTTP server serves, the SDK's traceback for a client that went away mid-body
+is a DEBUG line (`quiet_client_disconnects`).
 
 Example:
     ```python
@@ -32,11 +35,14 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from server.config import LoggingSettings
 from server.errors import SessionError
@@ -353,6 +359,99 @@ def configure_logging(settings: LoggingSettings) -> None:
     # The URL line is shown at every level: the records of a logger with a level of its own reach
     # the root's handler whatever the root's level (only the handler's level, unset, would stop them).
     serving_logger.setLevel(logging.INFO)
+
+
+#: `EventReport`'s period: one line per this many seconds at most.
+REPORT_SECONDS = 10.0
+
+
+class EventReport:
+    """At most one log line per `period` about an event that can come thousands of times a
+    second (a connection refused, or cut off): the first at once (`first()`); those within
+    `period` of the last line counted, and told as one line (`more(count)`) by `flush()` or by the
+    first of them past the period. Thread-safe.
+
+    `note()` tells its caller when a count starts, and how long until it is due: a caller with an
+    event loop flushes it then (the count of a flood is told every period, while it lasts); one
+    without leaves it to the next event past the period, or to the `flush()` at its stop.
+    """
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        level: int,
+        first: Callable[[], str],
+        more: Callable[[int], str],
+        period: float = REPORT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = log
+        self._level = level
+        self._first = first
+        self._more = more
+        self.period = period
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._unreported = 0
+        self._last_line: float | None = None
+
+    def note(self) -> float | None:
+        """One more event: written now, or counted. For the first one counted since the last line,
+        the seconds until its count is due (`flush()` it then); else None."""
+        with self._lock:
+            now = self._clock()
+            last = self._last_line
+            if last is not None and now - last < self.period:
+                self._unreported += 1
+                return self.period - (now - last) if self._unreported == 1 else None
+            count, self._unreported, self._last_line = self._unreported, 0, now
+        # A count left over (nobody flushed it) is told with this one, else this one is the first.
+        self._log.log(self._level, "%s", self._more(count + 1) if count else self._first())
+        return None
+
+    def flush(self) -> None:
+        """Write the count not yet told, if any (at the end of a period, or at the stop)."""
+        with self._lock:
+            count, self._unreported = self._unreported, 0
+            if count:
+                self._last_line = self._clock()
+        if count:
+            self._log.log(self._level, "%s", self._more(count))
+
+    def close(self) -> None:
+        """Write the count not yet told; from now on, every event is written as it comes (after a
+        server's stop there are few, and nobody would flush a count)."""
+        self.flush()
+        self.period = 0.0
+
+
+#: The SDK's logger of its streamable HTTP transport (`quiet_client_disconnects`).
+SDK_HTTP_LOGGER = "mcp.server.streamable_http"
+
+
+class _ClientDisconnects(logging.Filter):
+    """Turns the SDK's ERROR and traceback for a POST whose client went away before its body had
+    arrived into a DEBUG line: the client's doing, not the server's, and as often the connection
+    guard's (`server.http_connections`: a request not sent in time is cut off, and that is
+    reported there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ClientDisconnect):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg, record.args = "A client went away before sending its whole request (%s)", (record.getMessage(),)
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_client_disconnects() -> Callable[[], None]:
+    """Install `_ClientDisconnects` on the SDK's transport logger (the standalone HTTP server
+    does, while it serves); the function that removes it."""
+    sdk = logging.getLogger(SDK_HTTP_LOGGER)
+    quiet = _ClientDisconnects()
+    sdk.addFilter(quiet)
+    return lambda: sdk.removeFilter(quiet)
 
 
 def log_refusal(error: SessionError, tool: str | None = None) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -36,6 +35,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from server.config import LOOPBACK_HOST_NAMES
+from server.logs import EventReport
 from server.metrics import HistogramReading, MetricsSnapshot
 from server.sessions import SessionManager
 
@@ -50,8 +50,6 @@ PREFIX = "mcp_sessions_"
 EXPORTER_TIMEOUT_SECONDS = 5.0
 #: The connections the exporter handles at once (a thread each); one past it is closed at once.
 EXPORTER_MAX_CONNECTIONS = 8
-#: The exporter's line about connections closed past its cap: at most one per this many seconds.
-REFUSAL_REPORT_SECONDS = 10.0
 #: Upper bounds (seconds) of the duration histogram: from a fast in-process call to the
 #: default `limits.max_timeout_seconds`.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -242,7 +240,7 @@ class Exporter:
 
     It handles at most `max_connections` connections at once, a thread each, and closes one that
     stays silent (or does not read its answer) for `timeout` seconds; a connection past the cap is
-    closed at once, and logged at most once per `REFUSAL_REPORT_SECONDS`. Unbounded, connections
+    closed at once, and logged at most once per `logs.REPORT_SECONDS`. Unbounded, connections
     that sent nothing held a thread and a descriptor each for ever: under an open-files limit of
     256, 248 of them used up the process's descriptors, and then every accept failed (EMFILE),
     the streamable HTTP port's too. A scraper opens one connection at a time.
@@ -290,7 +288,7 @@ class Exporter:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self._server.report_refusals(final=True)
+            self._server.refusals.close()
             self._server = None
 
 
@@ -309,8 +307,17 @@ class _BoundedServer(ThreadingWSGIServer):
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
         self._open = 0
-        self._refused = 0  # since the last report
-        self._reported_at: float | None = None
+        self.refusals = EventReport(
+            logger,
+            logging.WARNING,
+            lambda: (
+                f"Prometheus exporter: closed a new connection at once: {self.max_connections} were open, its limit"
+            ),
+            lambda count: (
+                f"Prometheus exporter: closed {count} more new connection(s) at once since the last report "
+                f"({self.max_connections} open, its limit)"
+            ),
+        )
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """On the accepting thread: a thread for the connection, or its end at once past the cap."""
@@ -320,8 +327,7 @@ class _BoundedServer(ThreadingWSGIServer):
                 self._open += 1
         if full:
             self.shutdown_request(request)
-            self._refused += 1
-            self.report_refusals()
+            self.refusals.note()  # its count is told by the next one past the period, or at the stop
             return
         try:
             super().process_request(request, client_address)
@@ -344,22 +350,6 @@ class _BoundedServer(ThreadingWSGIServer):
         if isinstance(sys.exc_info()[1], OSError):
             return
         logger.error("The Prometheus exporter failed serving a connection", exc_info=True)
-
-    def report_refusals(self, final: bool = False) -> None:
-        """Log the connections closed past the cap, at most once per `REFUSAL_REPORT_SECONDS`
-        (`final`: now, if any are not told yet)."""
-        now = time.monotonic()
-        due = self._reported_at is None or now - self._reported_at >= REFUSAL_REPORT_SECONDS
-        if not self._refused or not (due or final):
-            return
-        since = "" if self._reported_at is None else f" in the last {round(now - self._reported_at)} s"
-        logger.warning(
-            "Prometheus exporter: closed %s new connection(s) at once%s: %s were open, its limit",
-            self._refused,
-            since,
-            self.max_connections,
-        )
-        self._refused, self._reported_at = 0, now
 
 
 def _names_loopback(value: str) -> bool:

@@ -1,6 +1,7 @@
-"""`RepeatLimit` on its own, on a clock the test moves: which records pass, which are counted,
-and where the counts are written. The standalone server's log under real floods is in
-`tests/e2e/test_http_floods.py`; the handler `configure_logging` installs, in
+"""`RepeatLimit` and `EventReport` on their own, on a clock the test moves: which records or
+events are written, which are counted, and where the counts are written. The standalone
+server's log under real floods is in `tests/e2e/test_http_floods.py` and
+`tests/e2e/test_http_connections.py`; the handler `configure_logging` installs, in
 `tests/integration/test_logs.py`."""
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ import sys
 
 import pytest
 
-from server.logs import MESSAGES_PER_LOGGER, REPEAT_SECONDS, RepeatLimit, repeats_note, template
+from server.logs import (
+    MESSAGES_PER_LOGGER,
+    REPEAT_SECONDS,
+    REPORT_SECONDS,
+    EventReport,
+    RepeatLimit,
+    repeats_note,
+    template,
+)
 
 
 class Clock:
@@ -125,3 +134,62 @@ def test_a_dropped_record_keeps_its_traceback_for_the_line_written_at_the_end() 
     [last] = limit.pending()
     assert last.exc_info is not None and last.levelno == logging.ERROR
     assert repeats_note(last) == " [and 1 more like this in the last 1 s]"
+
+
+def reporting(clock: Clock, caplog: pytest.LogCaptureFixture) -> EventReport:
+    caplog.set_level(logging.INFO, logger="tests.report")
+    return EventReport(
+        logging.getLogger("tests.report"),
+        logging.WARNING,
+        lambda: "refused one",
+        lambda n: f"refused {n} more",
+        clock=clock,
+    )
+
+
+def test_an_event_report_writes_the_first_at_once_and_counts_the_rest_until_it_is_flushed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    report = reporting(clock, caplog)
+    assert report.note() is None  # written
+    clock.now += 4
+    # The first one counted says when its count is due; the others do not (one timer per count).
+    assert report.note() == REPORT_SECONDS - 4
+    assert [report.note() for _ in range(998)] == [None] * 998
+    assert caplog.messages == ["refused one"]
+    clock.now += REPORT_SECONDS - 4
+    report.flush()  # the count's period is over
+    report.flush()  # nothing left to tell
+    assert caplog.messages == ["refused one", "refused 999 more"]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+    # A new period began with that line: the next one is counted, not written.
+    clock.now += 1
+    assert report.note() == REPORT_SECONDS - 1
+    assert caplog.messages == ["refused one", "refused 999 more"]
+
+
+def test_an_event_report_nobody_flushed_tells_its_count_with_the_next_event_past_the_period_and_at_its_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    report = reporting(clock, caplog)
+    for _ in range(3):
+        report.note()
+    clock.now += REPORT_SECONDS
+    report.note()  # past the period: the two counted and this one
+    clock.now += REPORT_SECONDS + 1
+    report.note()  # past the period, nothing counted: a first one again
+    report.note()
+    assert caplog.messages == ["refused one", "refused 3 more", "refused one"]
+    report.close()  # the count left, then each as it comes
+    report.note()
+    report.note()
+    assert caplog.messages == [
+        "refused one",
+        "refused 3 more",
+        "refused one",
+        "refused 1 more",
+        "refused one",
+        "refused one",
+    ]
