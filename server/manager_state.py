@@ -165,6 +165,8 @@ class ManagerState:
         self._queue_cancelled = 0
         self._queue_waits = DurationStats()
         self._tools: dict[str, _ToolStats] = {}
+        for tool, active in self._tool_active.items():  # running calls count as their tools' calls, as in `_created`
+            self._tool_stats(tool).calls += active
         self._untooled_durations = DurationStats()
         self._metadata_bytes = sum(s.metadata_bytes for s in self._active.values())
 

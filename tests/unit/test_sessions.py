@@ -349,13 +349,19 @@ async def test_invariant_holds_at_every_instant_under_many_concurrent_tasks() ->
 async def test_reset_metrics_keeps_active_sessions_counted() -> None:
     sessions = manager()
     keep = await sessions.create(metadata={"a": 1})
+    running = await sessions.create(tool="echo")  # a tool call still running: its tool's figures too
     await sessions.release((await sessions.create()).id)
+    sessions.end(await sessions.create(tool="echo"), SessionState.COMPLETED)
     sessions.reset_metrics()
     m = sessions.metrics()
-    assert (m.total_sessions_created, m.active_sessions, m.total_sessions_completed) == (1, 1, 0)
+    assert (m.total_sessions_created, m.active_sessions, m.total_sessions_completed) == (2, 2, 0)
     assert m.current_metadata_bytes == metadata_size({"a": 1})
+    assert (m.tools["echo"].calls, m.tools["echo"].active, m.tools["echo"].completed) == (1, 1, 0)
     await sessions.release(keep.id)
-    assert_invariant(sessions.metrics())
+    sessions.end(running, SessionState.COMPLETED)
+    m = sessions.metrics()
+    assert_invariant(m)
+    assert (m.tools["echo"].calls, m.tools["echo"].active, m.tools["echo"].completed) == (1, 0, 1)
 
 
 async def test_shutdown_drains_finishing_sessions_and_cancels_the_rest_at_the_deadline() -> None:
