@@ -490,7 +490,9 @@ class SessionsExtension(DecoupledCalls, Extension):
         """A sync tool's thread runs on past its caller's cancelled wait: count it, and mark the
         call (see `server.outcomes.THREAD_LEFT_RUNNING`)."""
         self.manager.thread_abandoned()
-        THREAD_LEFT_RUNNING.set(True)
+        left = THREAD_LEFT_RUNNING.get()
+        if left is not None:
+            left[0] = True
 
     async def intercept_tool_call(
         self,
@@ -570,6 +572,8 @@ class SessionsExtension(DecoupledCalls, Extension):
         # The call runs in place (inline here: a coroutine less on every call): an async tool,
         # or a sync one whose thread wait a cancellation ends (`server.threads`). Its deadline
         # is a cancel scope around it, built only if the deadline comes (`server.deadline`).
+        if needs_thread:  # a sync tool's stand-in marks this cell if it leaves its thread running
+            THREAD_LEFT_RUNNING.set([False])
         deadline = deadline_scope()
         # The manager's reaper calls it at the deadline (a LateScope is its own cancel callback).
         session.on_cancel = deadline if type(deadline) is LateScope else deadline.cancel
@@ -582,7 +586,6 @@ class SessionsExtension(DecoupledCalls, Extension):
                 # The tool raised CancelledError itself; passed on, it would end the server's loop.
                 return failed(manager, session, name, exc)
             manager.end(session, SessionState.CANCELLED, "cancelled by the client")
-            THREAD_LEFT_RUNNING.set(False)  # nobody reads it for this call
             raise
         except MCPError as exc:
             manager.end(session, SessionState.ERROR, describe(exc))

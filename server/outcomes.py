@@ -30,11 +30,12 @@ from server.sessions import SessionManager
 logger = logging.getLogger("server.extension")
 
 _COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
-#: Set by a sync tool's stand-in (`server.threads`) running in place when its wait was cancelled
-#: while its thread ran on; set in the call's own context (the stand-in runs in the caller's task),
-#: read and cleared by `stopped`, so the timeout's message says what happened. Touched only on
-#: the cancelled paths.
-THREAD_LEFT_RUNNING: ContextVar[bool] = ContextVar("mcp_sessions_thread_left_running", default=False)
+#: A sync tool's call run in place: a cell the extension sets before the call, which the tool's
+#: stand-in (`server.threads`) marks when its wait was cancelled while its thread ran on, and
+#: `stopped` reads, so the timeout's message says what happened. A cell, not a flag: the stand-in
+#: may run in a task an inner interceptor started, whose context is a copy of the caller's (a flag
+#: set there would not reach the caller), but the cell it holds is the caller's own.
+THREAD_LEFT_RUNNING: ContextVar[list[bool] | None] = ContextVar("mcp_sessions_thread_left_running", default=None)
 #: What became of a call past its deadline, as its timeout message says it.
 CANCELLED = "was cancelled"
 ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
@@ -59,8 +60,8 @@ def stopped(
     call run in place, the session's kind says (`needs_thread`: a sync tool)."""
     if fate is None:
         fate = CANCELLED
-        if THREAD_LEFT_RUNNING.get():
-            THREAD_LEFT_RUNNING.set(False)
+        left = THREAD_LEFT_RUNNING.get() if session.needs_thread else None  # (another call's, for an async tool)
+        if left is not None and left[0]:
             fate = ABANDONED
     if session.state is SessionState.CANCELLED:
         return error_result(

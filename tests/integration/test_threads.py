@@ -242,6 +242,30 @@ async def test_a_decoupled_sync_tool_stuck_in_a_thread_a_child_task_holds_is_cou
     assert (stuck_then, lent, returned) == (1, TOKENS + 1, TOKENS)
 
 
+async def test_a_sync_tool_left_running_in_a_child_tasks_thread_is_called_abandoned_in_its_timeout() -> None:
+    # The stand-in runs in a task an inner interceptor started: what it notes of its thread must
+    # reach the caller's timeout message, not stay in the child task's copy of the context.
+    release = threading.Event()
+    sessions = SessionsExtension(settings(tool_timeouts={"stuck": 0.2}))
+    app: MCPServer[Any] = MCPServer("t", extensions=[sessions, _InTaskGroup()], lifespan=sessions.lifespan)
+    for tool in stuck_tools(release):
+        app.add_tool(tool)
+    try:
+        async with Client(app) as client:
+            with anyio.fail_after(5):
+                result = await client.call_tool("stuck", {})
+                echoed = await client.call_tool("echo_async", {"text": "after"})
+            stuck_then = sessions.manager.metrics().abandoned_threads
+            release.set()
+            with anyio.fail_after(5):
+                await sessions.manager.wait_no_abandoned_threads()
+    finally:
+        release.set()
+    assert code_of(result) == "timeout" and "was abandoned: its thread runs on" in text_of(result), text_of(result)
+    assert stuck_then == 1
+    assert not echoed.is_error
+
+
 async def test_past_the_bound_sync_tools_are_refused_at_once_and_served_again_later() -> None:
     release = threading.Event()
     config = settings(tool_timeouts={"stuck": 0.2, "quick_sync": 2.0}, max_abandoned_threads=2)
