@@ -444,11 +444,13 @@ class SessionsExtension(DecoupledCalls, Extension):
         if report is self._announced:
             return report
         self._announced = report
+        by_clients = report.sessions_cancelled_during_shutdown
         logger.info(
-            "Shutdown finished in %.3fs: %s of %s session(s) finished, %s cancelled at the deadline",
+            "Shutdown finished in %.3fs: %s of %s session(s) finished, %s%s cancelled at the deadline",
             report.shutdown_duration,
             report.sessions_completed_during_shutdown,
             report.initial_active_sessions,
+            f"{by_clients} cancelled during the drain (by their clients), " if by_clients else "",
             report.sessions_cancelled_at_deadline,
         )
         # Every listener is called, even after one raised (the last one may be what stops the

@@ -247,8 +247,9 @@ class MetricsSnapshot(_Model):
 
 
 class ShutdownReport(_Model):
-    """What a graceful shutdown did: how long it took, how many sessions were active, finished
-    during the drain or were cancelled at its deadline. Returned by `server_shutdown`."""
+    """What a graceful shutdown did: how long it took, how many sessions were active, ended on
+    their own during the drain, were cancelled during it (by their clients), or were cancelled at
+    its deadline. Returned by `server_shutdown`."""
 
     shutdown_duration: float
     initial_active_sessions: int
@@ -257,3 +258,6 @@ class ShutdownReport(_Model):
     sessions_cancelled_at_deadline: int
     timeout_reached: bool
     total_sessions_at_shutdown: int
+    #: Ended as `cancelled` during the drain, before its deadline: a client cancelled its call or
+    #: went away, or (stdio) the client closed stdin with sessions of `session_create` open.
+    sessions_cancelled_during_shutdown: int = 0

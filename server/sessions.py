@@ -506,6 +506,7 @@ class SessionManager(Intake):
             self._shutting_down = True
             initial = len(self._active)
             total = self._created
+            cancelled_before = self._ended[SessionState.CANCELLED]
             queued = list(self._queue)
             for waiter in queued:  # they get no slot now: refuse them as new work
                 self._leave_queue_locked(waiter)
@@ -517,6 +518,9 @@ class SessionManager(Intake):
         with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
             await self.wait_idle()
         left = list(self._active.values())
+        # Of those that ended during the drain, the ones cancelled (by their clients; no new
+        # session is admitted meanwhile). Bounded: `reset_metrics` may have restarted the count.
+        cancelled_early = min(max(0, self._ended[SessionState.CANCELLED] - cancelled_before), initial - len(left))
         if left:
             logger.warning("Cancel %s session(s): shutdown timeout of %.3gs exceeded", len(left), timeout)
         cancelled = 0
@@ -529,9 +533,10 @@ class SessionManager(Intake):
             shutdown_duration=time.monotonic() - started,
             initial_active_sessions=initial,
             final_active_sessions=len(self._active),
-            sessions_completed_during_shutdown=initial - len(left),
+            sessions_completed_during_shutdown=initial - len(left) - cancelled_early,
             sessions_cancelled_at_deadline=cancelled,
             timeout_reached=bool(left),
             total_sessions_at_shutdown=total,
+            sessions_cancelled_during_shutdown=cancelled_early,
         )
         return self._report

@@ -1147,6 +1147,44 @@ async def test_server_shutdown_drains_cancels_and_refuses_new_work() -> None:
     assert (m["total_sessions_completed"], m["total_sessions_cancelled"]) == (2, 2)
 
 
+async def test_a_call_its_client_cancels_during_the_drain_is_reported_cancelled_not_finished(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate = Gate()
+    app, sessions = build(settings(), tools=[*gate.tools(), hang_async])
+    async with Client(app) as client:
+        with anyio.fail_after(10), caplog.at_level(logging.INFO, logger="server.extension"):
+            async with anyio.create_task_group() as tg:
+                finished: list[CallToolResult] = []
+
+                async def finishing() -> None:
+                    finished.append(await client.call_tool("block_async", {}))
+
+                async def given_up(scope: anyio.CancelScope) -> None:
+                    with scope:
+                        await client.call_tool("hang_async", {"seconds": 3600})
+
+                tg.start_soon(finishing)
+                await gate.entered_event.wait()
+                scope = anyio.CancelScope()
+                tg.start_soon(given_up, scope)
+                await until(lambda: sessions.manager.metrics().active_sessions == 2)
+                tg.start_soon(sessions.shutdown, 5.0)
+                await sessions.manager.wait_shutting_down()
+                scope.cancel()  # its client gives up on the call while the drain runs
+                await until(lambda: sessions.manager.metrics().active_sessions == 1)
+                gate.open()
+                report = await sessions.shutdown(5.0)  # joins: the same report
+    assert not finished[0].is_error
+    assert (report.initial_active_sessions, report.sessions_completed_during_shutdown) == (2, 1)
+    assert (report.sessions_cancelled_during_shutdown, report.sessions_cancelled_at_deadline) == (1, 0)
+    assert report.timeout_reached is False and report.final_active_sessions == 0
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Shutdown finished")]
+    assert len(summary) == 1 and summary[0].endswith(
+        ": 1 of 2 session(s) finished, 1 cancelled during the drain (by their clients), 0 cancelled at the deadline"
+    ), summary
+
+
 async def test_a_server_shutdown_call_the_client_cancels_still_drains_cancels_and_notifies_its_listeners() -> None:
     # A client whose timeout is shorter than the drain cancels its own `server_shutdown`. The
     # shutdown, once begun, must still run to its end: the work left at the deadline cancelled,
