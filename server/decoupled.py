@@ -5,12 +5,17 @@ Tier: MCP integration (a base class of `server.extension.SessionsExtension`). Th
 runs a call this way when the call may be stuck in a thread no cancellation reaches (a tool
 whose parameters resolvers fill, async or sync, or one of unknown kind: see
 `SessionsExtension._plan_for`). The work runs in a plain asyncio task, in no task group, and
-only the caller's wait is cancelled at the deadline: the caller gets its `timeout` result on
-time, and work stuck in a thread is counted in `abandoned_threads` until the thread returns.
-Such a thread keeps its token of anyio's default thread limiter, so the limiter is lent one
-more token while it is stuck (`DecoupledCalls._give_up`). On lifespan exit the extension stops
-the work still running and waits for it at most `WORK_EXIT_GRACE_SECONDS`
-(`DecoupledCalls._stop_works`).
+at the deadline only the caller's wait ends (as it does when the client cancels the call, or at
+shutdown's drain deadline). The work is told to stop and gets one turn of the loop to take it;
+then `DecoupledCalls._wait_out` tells three cases apart. Work that ended is done with. Work stuck
+in a thread (its task, or a task it started, holds a token of anyio's default thread limiter:
+`_in_a_thread`) is abandoned: its caller is answered on time, and it is counted in
+`abandoned_threads` until the thread returns; as its thread keeps its token, the limiter is lent
+one more while it is stuck (`DecoupledCalls._give_up`). Work still running on the event loop
+(async work holding its cancellation off with a shield) is waited for, as a call run in place
+is: its session keeps its slot until the work stops (`DecoupledCalls._wait_for_work`). On
+lifespan exit the extension stops the work still running and waits for it at most
+`WORK_EXIT_GRACE_SECONDS` (`DecoupledCalls._stop_works`).
 """
 
 from __future__ import annotations
@@ -27,13 +32,20 @@ from mcp_types import CallToolRequestParams
 
 from server.deadline import Deadline, deadline_scope
 from server.errors import describe
-from server.outcomes import CANCELLED, MAYBE_ABANDONED, completed, failed, idle_advice, stopped
+from server.outcomes import CANCELLED, LATE, MAYBE_ABANDONED, completed, failed, idle_advice, stopped
 from server.sdk_seams import ToolCallHandler
 from server.session import Session, SessionState
 from server.sessions import SessionManager
 
+try:  # anyio's asyncio backend: its task states link a task to the task that started it
+    from anyio._backends import _asyncio as _anyio_asyncio
+except ImportError:  # pragma: no cover - anyio without its asyncio backend
+    _anyio_asyncio = None  # type: ignore[assignment]
+
 #: How long lifespan exit waits for cancelled work to wind down before leaving stuck threads behind.
 WORK_EXIT_GRACE_SECONDS = 2.0
+#: How many task-group levels below the work's task a thread's holder is looked for.
+MAX_TASK_DEPTH = 32
 
 
 @dataclass(slots=True, eq=False)
@@ -41,7 +53,8 @@ class _Work:
     """One tool call's work, running in a task of its own that the extension owns."""
 
     session: Session
-    #: Resolved (with None) when the work ends or the caller must stop waiting, whichever is first.
+    #: Resolved (with None) when the work ends or the caller must stop waiting, whichever is
+    #: first; a new one for each wait of the caller's.
     wake: asyncio.Future[None]
     task: asyncio.Task[None] | None = None
     #: The work's deadline scope, entered by the work's task when it starts; cancelled when the
@@ -54,7 +67,10 @@ class _Work:
     cancelled: bool = False
     result: HandlerResult = None
     raised: BaseException | None = None
+    #: Stuck in a thread when its caller stopped waiting: counted, and lent a thread token.
     abandoned: bool = False
+    #: Left running by lifespan exit (`DecoupledCalls._stop_works`): its caller waits no more.
+    left: bool = False
 
     def wake_caller(self) -> None:
         if not self.wake.done():
@@ -101,24 +117,54 @@ class DecoupledCalls:
         try:
             await work.wake
             ran_to_end = work.done and not work.cancelled  # (a late stop does not undo that)
-            if not work.done:
-                # Woken by `work.cancel`, which stopped the work: one turn of the loop for it to
-                # take its cancellation. Async work ends in it (cancelled, not abandoned); work
-                # stuck in a thread does not.
-                await asyncio.sleep(0)
+            if not ran_to_end:
+                # Woken by `work.cancel` (the deadline, or shutdown's), which stopped the work.
+                await self._wait_out(work, sync)
         except anyio.get_cancelled_exc_class():
-            # The client cancelled the request or went away, or the server is stopping.
+            # The client cancelled the request or went away, or the server is stopping: the work
+            # is judged the same way, and the session ends once the caller stops waiting (in a
+            # shield: as a call run in place, it waits while its work holds the cancellation off).
+            with anyio.CancelScope(shield=True):
+                await self._wait_out(work, sync)
             self.manager.end(session, SessionState.CANCELLED, "cancelled by the client")
-            self._give_up(work, sync)
             raise
         finally:
             session.on_cancel = None  # nobody waits any more; and no cycle session -> work -> session
 
         if ran_to_end:
             return self._finish(work, name)
-        self._give_up(work, sync)
-        fate = MAYBE_ABANDONED if work.abandoned else CANCELLED
-        return stopped(self.manager, session, name, fate, idle_advice(sync))
+        return self._stopped(work, name, sync)
+
+    async def _wait_out(self, work: _Work, sync: bool | None) -> None:
+        """The caller must stop waiting: stop the work, give it one turn of the loop to take its
+        cancellation, then tell apart how it is doing.
+
+        Work that ended is done with. Work stuck in a thread is abandoned (`_give_up`): the
+        caller stops waiting now. Work still running on the event loop (async work holding the
+        cancellation off: a shielded clean-up) is waited for, as the same tool run in place
+        would be: its session keeps its slot until the work stops (`_wait_for_work`)."""
+        work.stop()
+        if not work.done:
+            await asyncio.sleep(0)
+        if not self._give_up(work, sync):
+            await self._wait_for_work(work)
+            # Left running (shutdown ended its session, lifespan exit gave up on it): abandoned
+            # if it is in a thread by now (once: `_give_up` does nothing for abandoned work).
+            self._give_up(work, sync)
+
+    async def _wait_for_work(self, work: _Work) -> None:
+        """Wait for the work to stop while its session still holds its slot: the reaper left its
+        ending to this call. Shutdown ending the session at its drain deadline, or lifespan exit
+        leaving the work behind (`_stop_works`), ends the wait, so neither waits on it for ever.
+
+        A thread the work enters meanwhile (its shielded clean-up's `anyio.to_thread.run_sync`)
+        is waited for too, as in place: such a thread is the tool's own, as an async tool's is."""
+        session = work.session
+        loop = asyncio.get_running_loop()
+        while not work.done and not work.left and session.state is SessionState.ACTIVE:
+            work.wake = wake = loop.create_future()
+            session.on_cancel = work.wake_caller  # shutdown's end of the session calls it
+            await wake
 
     async def _run(
         self, work: _Work, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, handler: ToolCallHandler
@@ -148,29 +194,38 @@ class DecoupledCalls:
                 _thread_limiter().total_tokens -= 1  # its token is back: take the loan back
                 self.manager.thread_ended()
 
-    def _give_up(self, work: _Work, sync: bool | None) -> None:
-        """The caller stops waiting: cancel the work; count it if it stays stuck in a thread.
+    def _give_up(self, work: _Work, sync: bool | None) -> bool:
+        """Stop the work; False if it still runs on the event loop, True if it ended or is
+        stuck in a thread, where it is abandoned: counted, and lent a thread token.
 
         A thread cannot be cancelled, so the work keeps its token of anyio's default thread
-        limiter (which the SDK runs sync tools with) until the thread returns. Unanswered, enough
-        stuck calls would hold every token and starve every later sync call; so each abandoned
-        call lends the limiter one more token while it is stuck. `limits.max_abandoned_threads`
-        bounds how many there can be (the manager refuses sync tools past it).
+        limiter (which the SDK runs sync tools and sync resolvers with) until the thread returns.
+        Unanswered, enough stuck calls would hold every token and starve every later sync call;
+        so each abandoned call lends the limiter one more token while it is stuck.
+        `limits.max_abandoned_threads` bounds how many there can be (the manager refuses sync
+        tools past it).
         """
         work.stop()
         if work.done or work.abandoned:
-            return
-        limiter = _thread_limiter()
-        # A sync tool's work (or one of unknown kind) still running is stuck in a thread, which
-        # may be held by a task the work started (an inner interceptor's task group). An async
-        # tool's work is stuck in one only while its own task holds a token (the SDK runs sync
-        # resolvers with `anyio.to_thread.run_sync` in it); otherwise its cancellation merely
-        # takes longer (a shielded clean-up) on the event loop: neither counted nor lent a token.
-        if sync is False and work.task not in limiter.statistics().borrowers:
-            return
+            return True
+        if not _in_a_thread(work.task, sync):  # type: ignore[arg-type]  # set before the caller waits
+            return False
         work.abandoned = True
-        limiter.total_tokens += 1
+        _thread_limiter().total_tokens += 1
         self.manager.thread_abandoned()
+        return True
+
+    def _stopped(self, work: _Work, name: str, sync: bool | None) -> HandlerResult:
+        """The caller's answer for work that was stopped (it ended, or was left running)."""
+        fate = MAYBE_ABANDONED if work.abandoned else CANCELLED
+        if work.done and not work.cancelled and not work.abandoned:
+            # It ended on its own after the stop, as a call run in place can (a shield in it).
+            if work.raised is not None:
+                return self._finish(work, name)
+            result = work.result
+            if result is not None and not getattr(result, "is_error", False):
+                fate = LATE
+        return stopped(self.manager, work.session, name, fate, idle_advice(sync))
 
     def _finish(self, work: _Work, name: str) -> HandlerResult:
         session = work.session
@@ -192,7 +247,63 @@ class DecoupledCalls:
             work.stop()
         if self._works:
             await asyncio.wait(list(self._works), timeout=WORK_EXIT_GRACE_SECONDS)
+        for work in self._works.values():  # left behind: a caller still waiting for it stops
+            work.left = True
+            work.wake_caller()
 
 
 def _thread_limiter() -> anyio.CapacityLimiter:
     return anyio.to_thread.current_default_thread_limiter()
+
+
+def _task_tree_known() -> bool:
+    """Whether anyio's task states have the shape `_started_by` reads (checked, not assumed):
+    `_task_states.get(task).parent_id`, the id of the task whose task group started it."""
+    states = getattr(_anyio_asyncio, "_task_states", None)
+    state_class = getattr(_anyio_asyncio, "TaskState", None)
+    return callable(getattr(states, "get", None)) and "parent_id" in getattr(state_class, "__slots__", ())
+
+
+#: Whether `_in_a_thread` can see the tasks a work started (else its fallback: see there).
+_TASK_TREE = _task_tree_known()
+
+
+def _in_a_thread(task: asyncio.Task[None], sync: bool | None) -> bool:
+    """Whether a work's `task`, or a task it started, holds a token of anyio's default thread
+    limiter: the work waits for a thread (a sync tool's, a sync resolver's) that no cancellation
+    reaches. Read only when a work outlives its one turn past a stop: never on a call's way."""
+    borrowers = _thread_limiter().statistics().borrowers
+    if task in borrowers:
+        return True
+    if not borrowers:
+        return False  # no thread of the limiter's runs at all
+    if not _TASK_TREE:
+        # Where anyio's task states have another shape, the tasks a work started (an inner
+        # interceptor's task group) cannot be placed: a sync tool (or one of unknown kind) is
+        # taken to be in a thread while any thread runs, as the extension did before it looked;
+        # an async tool only when its own task holds one.
+        return sync is not False
+    return _started_by(task, borrowers)
+
+
+def _started_by(task: asyncio.Task[None], borrowers: tuple[object, ...]) -> bool:
+    """Whether one of `borrowers` is a task started, through anyio task groups, by `task` or by
+    a task it started (at most `MAX_TASK_DEPTH` levels down)."""
+    states = _anyio_asyncio._task_states
+    target = id(task)
+    tasks_by_id: dict[int, asyncio.Task[Any]] | None = None  # built only if a walk goes past a parent
+    for borrower in borrowers:
+        current = borrower
+        for _ in range(MAX_TASK_DEPTH):
+            if not isinstance(current, asyncio.Task):  # a borrower of its own (acquire_on_behalf_of)
+                break
+            state = states.get(current)
+            parent_id = None if state is None else state.parent_id
+            if parent_id is None:
+                break
+            if parent_id == target:  # `task` is alive (it is still running): its id is its own
+                return True
+            if tasks_by_id is None:
+                tasks_by_id = {id(running): running for running in asyncio.all_tasks()}
+            current = tasks_by_id.get(parent_id)  # None: its parent has ended
+    return False
