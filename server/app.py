@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import difflib
-import io
 import logging
+import math
 import os
 import signal
 import sys
@@ -55,7 +55,7 @@ from server.metrics import ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams, tool_names
-from server.stdio_wire import Outstanding, StdinLines, WireSafe, unreadable_line_error
+from server.stdio_wire import Outstanding, StdinLines, StdoutLines, WireSafe, unreadable_line_error
 from server.tool_modules import hosting_nothing, import_tool_modules, install_tool_modules
 from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, abandoned_answer
 from tools.sessions import MANAGEMENT_TOOLS, SESSION_TOOL_TABLE
@@ -64,6 +64,13 @@ logger = logging.getLogger(__name__)
 
 #: After shutdown, how long to wait for responses still on their way out before exiting.
 FLUSH_SECONDS = 2.0
+#: On stdio, how long after the shutdown a client that is not reading its stdout gets to read the
+#: answers (every request's is on its way by then, see FLUSH_SECONDS) before the process exits
+#: without writing the rest.
+WRITE_SECONDS = 5.0
+#: On stdio, how many messages from the server may wait for a client slow to read before the
+#: server waits too (at the exit, every answer is taken at once: see `_serve_stdio`).
+OUT_BACKLOG = 32
 #: After the responses, how long the stdio server loop gets to end (its lifespan's exit waits up to
 #: 2 s for decoupled work) before it is left running and the process exits without it.
 UNWIND_SECONDS = 5.0
@@ -277,10 +284,12 @@ async def serve_stdio(
     """Serve over stdio until shutdown; stdin EOF starts the graceful shutdown.
 
     The SDK's stdio streams are relayed so that EOF is held back until the drain has finished
-    and every response has been written, and so that the process exits only then. stdin is
-    read by `StdinLines` (`server.stdio_wire`), so that a shutdown never waits for the client's next line.
-    Responses go to `wire` if given (from `divert_stdout`); otherwise the SDK diverts fd 1
-    while serving and gives it back after. Requests are read from `stdin` if given (from
+    and every response has been written (to a client that is not reading, for up to
+    WRITE_SECONDS after the shutdown), and so that the process exits only then. stdin is read
+    by `StdinLines` and stdout written by `StdoutLines` (`server.stdio_wire`), so that a shutdown
+    never waits for the client's next line, nor forever for a client that does not read.
+    Responses go to `wire` if given (from `divert_stdout`); otherwise fd 1 is diverted while
+    serving and given back after. Requests are read from `stdin` if given (from
     `claim_stdin`); otherwise fd 0 is claimed while serving and given back after.
     """
     exit_ = _Exit(app)
@@ -296,7 +305,7 @@ async def serve_stdio(
 async def _serve_stdio(
     app: App, exit_: _Exit, reloader: ConfigReloader | None, wire: BinaryIO | None, stdin_wire: BinaryIO | None
 ) -> None:
-    outstanding = Outstanding()  # requests read, not answered yet
+    outstanding = Outstanding()  # requests read that the server has not answered yet
     unadmitted = Outstanding()  # tools/call requests read that have not reached the session layer yet
     if isinstance(app.sessions, _StandaloneSessions):
         app.sessions.on_tool_call = unadmitted.discard
@@ -305,6 +314,16 @@ async def _serve_stdio(
     out_send, out_recv = anyio.create_memory_object_stream[SessionMessage](32)
     lines = StdinLines(stdin_wire)
     lines.start()
+    wire_out = StdoutLines(wire)
+    wire_out.start()
+    # The server's messages on their way to the client, in order: taken from `out_recv` at once (an
+    # answer is then no longer outstanding, however slow the client is to read it), then written
+    # one at a time. While serving, at most OUT_BACKLOG wait (then the server waits to send more);
+    # from the exit on, all do, each with no token of `room` (None).
+    backlog_send, backlog_recv = anyio.create_memory_object_stream[tuple[SessionMessage, object]](math.inf)
+    room = anyio.CapacityLimiter(OUT_BACKLOG)
+    given = 0  # messages put in the backlog: each is written once by `wire_out`, in that order
+    answers_given = collections.deque[int]()  # the numbers (as `given` counts) of answers not known written
     answered: set[Any] = set()  # requests answered here at the exit: their handler's late answer is dropped
     server_scope = anyio.CancelScope()
 
@@ -315,8 +334,8 @@ async def _serve_stdio(
     async def watch_server() -> None:
         await asyncio.shield(server_task)  # re-raises what ended the loop; cancelling this wait leaves it be
 
-    # Without a wire, stdout is the SDK's: while serving, fd 1 points at stderr, so stray prints miss the wire.
-    out = anyio.wrap_file(io.TextIOWrapper(wire, encoding="utf-8")) if wire is not None else None
+    # `StdoutLines` writes what the SDK's writer gives it; fd 1 points at stderr, so stray prints miss the wire.
+    out = cast("anyio.AsyncFile[str]", wire_out)
     async with stdio_server(stdin=cast("anyio.AsyncFile[str]", lines), stdout=out) as (stdin, stdout):
 
         async def relay_in() -> None:
@@ -372,15 +391,33 @@ async def _serve_stdio(
                 # still coming have nowhere to go and are dropped, so that no handler waits to send one.
                 pass
 
+        def count_given(item: SessionMessage) -> None:
+            nonlocal given
+            given += 1
+            if isinstance(item.message, JSONRPCResponse | JSONRPCError):
+                while answers_given and answers_given[0] <= wire_out.written:
+                    answers_given.popleft()
+                answers_given.append(given)
+
         async def relay_out() -> None:
             async with out_recv:
                 async for item in out_recv:
-                    if isinstance(item.message, JSONRPCResponse | JSONRPCError) and item.message.id in answered:
-                        continue  # answered at the exit already (see below)
-                    await deliver(item)
                     if isinstance(item.message, JSONRPCResponse | JSONRPCError):
+                        if item.message.id in answered:
+                            continue  # answered at the exit already (see below)
                         outstanding.discard(item.message.id)
                         unadmitted.discard(item.message.id)  # answered without reaching the session layer
+                    count_given(item)  # now, not after the wait below: the exit waits for what is counted
+                    borrower = object()
+                    await room.acquire_on_behalf_of(borrower)
+                    backlog_send.send_nowait((item, borrower))
+
+        async def write_out() -> None:
+            async with backlog_recv:
+                async for item, borrower in backlog_recv:
+                    await deliver(item)
+                    if borrower is not None:
+                        room.release_on_behalf_of(borrower)
 
         # Not a task of the group below: a handler whose work holds its cancellation off would hold
         # the group's exit, and so the process, until that work ends. It is awaited with a bound instead.
@@ -392,8 +429,11 @@ async def _serve_stdio(
                     await tg.start(reloader.watch_sighup)
                 tg.start_soon(relay_in)
                 tg.start_soon(relay_out)
+                tg.start_soon(write_out)
                 tg.start_soon(watch_server)
                 await exit_.done.wait()
+                written_by = anyio.current_time() + WRITE_SECONDS
+                room.total_tokens = math.inf  # every answer the server gives is taken at once from now on
                 with anyio.move_on_after(FLUSH_SECONDS):
                     await outstanding.empty.wait()
                 held = dict(outstanding.requests)
@@ -402,7 +442,9 @@ async def _serve_stdio(
                     # off and their handlers write nothing: answer them, rather than leave silence.
                     for request_id, (method, params) in held.items():
                         answered.add(request_id)
-                        await deliver(SessionMessage(abandoned_answer(request_id, method, params)))
+                        answer = SessionMessage(abandoned_answer(request_id, method, params))
+                        count_given(answer)
+                        backlog_send.send_nowait((answer, None))
                         outstanding.discard(request_id)
                         unadmitted.discard(request_id)
                     logger.warning(
@@ -411,6 +453,20 @@ async def _serve_stdio(
                         ANSWERED,
                         FLUSH_SECONDS,
                     )
+                # Every request has its answer on the way: written as soon as the client reads, but
+                # one that does not read (a pipe full) cannot hold the exit past WRITE_SECONDS.
+                with anyio.CancelScope(deadline=written_by):
+                    await wire_out.wait_written(given)
+                if wire_out.written < given:
+                    wire_out.abandon()
+                    unwritten = sum(1 for number in answers_given if number > wire_out.written)
+                    if unwritten:
+                        logger.warning(
+                            "%s answer(s) were still being written %ss after the shutdown to a client that is not "
+                            "reading its stdout: the server exits without writing them",
+                            unwritten,
+                            WRITE_SECONDS,
+                        )
                 tg.cancel_scope.cancel()
         finally:
             # The server loop ends too, unless a handler whose work holds its cancellation off holds
@@ -425,10 +481,15 @@ async def _serve_stdio(
             if sys.stdout is not None:
                 sys.stdout.flush()
             # End the SDK's reader (without waiting for the client's next line) and its writer
-            # (after it has written what it holds), or leaving `stdio_server` would wait forever.
+            # (after it has written what it holds, unless the client has stopped reading), or leaving
+            # `stdio_server` would wait forever.
             lines.close()
+            # Everything was written or given up at the exit; after a failure, what the writer holds
+            # must not hold the exit either, if the client does not read.
+            wire_out.abandon()
             with anyio.CancelScope(shield=True):
                 await stdout.aclose()
+            wire_out.close()
 
 
 class _UvicornServer(uvicorn.Server):

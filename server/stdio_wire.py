@@ -3,8 +3,9 @@
 Tier: application wiring (used by `server.cli` and `server.app.serve_stdio`). `divert_stdout`
 and `claim_stdin` take fd 1 and fd 0 for the wire before any tool module is imported, so that
 nothing a tool prints or reads touches the protocol stream; `StdinLines` reads the client's
-lines in a daemon thread that a shutdown never waits for; `Outstanding` tracks the requests
-read and not yet answered.
+lines in a daemon thread that a shutdown never waits for, and `StdoutLines` writes the answers
+in one, which a client that stops reading cannot hold at the exit; `Outstanding` tracks the
+requests read and not yet answered.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import json
 import logging
 import os
+import queue
 import re
 import sys
 import threading
@@ -149,7 +151,7 @@ def _what(message: Any) -> str:
 
 
 class Outstanding:
-    """Request ids read from the client whose response has not been written yet, each with its
+    """Request ids read from the client that the server has not answered yet, each with its
     method and params (to answer it at the exit if its work never does, see `server.unanswered`)."""
 
     def __init__(self) -> None:
@@ -233,6 +235,112 @@ class StdinLines:
             return await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise StopAsyncIteration from None
+
+
+class StdoutLines:
+    """The SDK's stdio writer's output (its `write` and `flush`), written by a daemon thread.
+
+    The SDK writes each message with one `write` in an anyio worker thread, which no cancellation
+    reaches: a client that stops reading its stdout would hold the server's exit forever, blocked
+    on a full pipe. Here each `write` waits for the daemon thread to have written and flushed the
+    message, and fails as the write did (a `BrokenPipeError` when the client closed its end), but
+    `abandon` ends that wait: the exit gives a client that does not read a bound, then leaves the
+    thread blocked in `write()`. `written` counts the messages written (or failed). fd 1 points at
+    stderr while serving (taken from the CLI's `divert_stdout` if given, whose wire is then this
+    one's; else claimed here and given back at `close`), so tools cannot write to the wire.
+    """
+
+    def __init__(self, wire: BinaryIO | None = None) -> None:
+        self._wire = wire
+        self._restore: Callable[[], None] | None = None
+        self._jobs: queue.SimpleQueue[tuple[bytes, anyio.Event, list[BaseException]] | None] = queue.SimpleQueue()
+        self._waiting: set[anyio.Event] = set()
+        self._abandoned = False
+        self._progress = anyio.Event()
+        self.written = 0
+
+    def start(self) -> None:
+        wire = self._wire
+        if wire is None:
+            wire, self._restore = _claim_stdout()
+        token = anyio.lowlevel.current_token()
+        threading.Thread(target=self._pump, args=(wire, token), name="mcp-stdout-writer", daemon=True).start()
+
+    def _pump(self, wire: BinaryIO, token: anyio.lowlevel.EventLoopToken) -> None:
+        while (job := self._jobs.get()) is not None:
+            data, done, failed = job
+            try:
+                wire.write(data)
+                wire.flush()
+            except Exception as exc:  # noqa: BLE001 - raised by the `write` that waits for it
+                failed.append(exc)
+            try:
+                anyio.from_thread.run_sync(self._wrote, done, token=token)
+            except anyio.RunFinishedError:
+                return
+
+    def _wrote(self, done: anyio.Event) -> None:
+        self.written += 1
+        done.set()
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    async def write(self, text: str) -> None:
+        if self._abandoned:
+            await anyio.lowlevel.checkpoint()
+            return
+        done, failed = anyio.Event(), list[BaseException]()
+        self._jobs.put((text.encode("utf-8"), done, failed))
+        self._waiting.add(done)
+        try:
+            await done.wait()
+        finally:
+            self._waiting.discard(done)
+        if failed:
+            raise failed[0]
+
+    async def flush(self) -> None:
+        await anyio.lowlevel.checkpoint()  # each `write` has flushed
+
+    async def wait_written(self, count: int) -> None:
+        """Wait until `count` messages have been written since the start."""
+        while self.written < count:
+            await self._progress.wait()
+
+    def abandon(self) -> None:
+        """Stop waiting for the client to read: the write under way, and every later one, return
+        at once without their message (the thread stays blocked in `write()`, a daemon)."""
+        self._abandoned = True
+        for done in self._waiting:
+            done.set()
+
+    def close(self) -> None:
+        """End the thread once it has written what it holds; give fd 1 back if it was claimed here."""
+        self._jobs.put(None)
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+
+
+def _claim_stdout() -> tuple[BinaryIO, Callable[[], None] | None]:
+    """Serve the wire from a private duplicate of fd 1 and point fd 1 at stderr, as the SDK does
+    while serving; the function returned points fd 1 at the wire again."""
+    private = _private_duplicate(1)
+    if private is None:
+        if sys.stdout is not None:
+            return sys.stdout.buffer, None
+        return open(os.devnull, "wb"), None  # noqa: SIM115 - no fd 1: nobody reads the wire
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        pass  # fd 1 still carries the wire; stray output may reach it, as without the diversion
+
+    def restore() -> None:
+        with contextlib.suppress(OSError):
+            os.dup2(private, 1)
+
+    # closefd=False: the writer thread may still block on it when the server exits.
+    return os.fdopen(private, "wb", closefd=False), restore
 
 
 def _private_duplicate(fd: int) -> int | None:

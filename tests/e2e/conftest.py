@@ -145,6 +145,9 @@ class ServerProcess:
         self._response_arrived: dict[int | str, anyio.Event] = {}
         self._to_client: MemoryObjectSendStream[SessionMessage | Exception] | None = None
         self._next_id = 1000
+        #: Set while the test reads the process's stdout (see `stop_reading`).
+        self._reading = anyio.Event()
+        self._reading.set()
         #: Error responses with `"id": null` (answers to lines the server could not read).
         self.unreadable_errors: list[dict[str, Any]] = []
         self._unreadable_arrived = anyio.Event()
@@ -152,6 +155,26 @@ class ServerProcess:
     @property
     def stderr(self) -> str:
         return "".join(self.stderr_lines)
+
+    def stop_reading(self) -> None:
+        """Read no more of the process's stdout (a busy client): once the pipe's buffer is full,
+        the server's writes block, until `resume_reading`."""
+        self._reading = anyio.Event()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def messages_for(self, request_id: int | str) -> list[dict[str, Any]]:
+        """Every response the process wrote for `request_id`, in order (JSON-RPC allows one)."""
+        found = []
+        for line in self.stdout_lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict) and "method" not in message and message.get("id") == request_id:
+                found.append(message)
+        return found
 
     # -- pipes -----------------------------------------------------------------------------
 
@@ -163,6 +186,7 @@ class ServerProcess:
                 *lines, buffer = (buffer + chunk).split("\n")
                 for line in lines:
                     await self._on_stdout_line(line)
+                await self._reading.wait()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         finally:

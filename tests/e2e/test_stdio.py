@@ -24,6 +24,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
+from server.app import FLUSH_SECONDS, WRITE_SECONDS
 from tests.e2e.conftest import (
     CALL_SECONDS,
     HELD_EXIT_MARGIN,
@@ -39,6 +40,7 @@ from tests.e2e.conftest import (
     server_config,
     server_env,
     start_server,
+    tool_result,
 )
 from tests.e2e_cli.test_cli import (
     FIXTURES,
@@ -649,3 +651,63 @@ async def test_a_call_holding_the_shutdown_off_is_answered_shutting_down_and_the
         answer = await server.call_result(held, within=0)
     assert_held_call_answered(answer, server.stderr, tool, exit_seconds, shutdown_seconds)
     assert server.stray_stdout == []
+
+
+# -- a client slow to read its answers ---------------------------------------------------
+
+#: An answer larger than a pipe holds (64 KiB on Linux): writing it blocks until the client reads.
+LARGE_ANSWER = 200_000
+
+
+async def start_large_calls(server: ServerProcess, count: int) -> list[int]:
+    """Start `count` calls that answer `LARGE_ANSWER` characters 0.1 s into the shutdown."""
+    await server.initialize()
+    calls = [await server.start_call("large_in_shutdown", {"size": LARGE_ANSWER}) for _ in range(count)]
+    await raw_metrics_until(server, lambda m: m["active_sessions"] == count)
+    return calls
+
+
+async def test_a_client_that_stops_reading_during_the_drain_gets_each_answer_once_when_it_reads_again(
+    tmp_path: Path,
+) -> None:
+    # The calls finish early in the drain, but the client reads nothing for longer than the exit
+    # gives answers to come (FLUSH_SECONDS): their answers are written once it reads again, one
+    # per request, and none is taken for work that held the shutdown off.
+    async with start_server(tmp_path, server_config()) as server:
+        calls = await start_large_calls(server, 3)
+        server.stop_reading()
+        server.send_signal(signal.SIGTERM)
+        await server.wait_stderr("Shutdown finished")
+        await anyio.sleep(FLUSH_SECONDS + 1.0)  # the client is busy elsewhere, not a wait for the server
+        assert WRITE_SECONDS > FLUSH_SECONDS + 2.0  # what the pause relies on: it reads in time
+        server.resume_reading()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    for call in calls:
+        answers = server.messages_for(call)
+        assert len(answers) == 1, (
+            f"request {call} got {len(answers)} answers: {[str(a)[:200] for a in answers]}\n{server.stderr}"
+        )
+        assert text_of(tool_result(answers[0])) == "x" * LARGE_ANSWER
+    assert "3 of 3 session(s) finished, 0 cancelled" in server.stderr, server.stderr
+    assert "held the cancellation off" not in server.stderr and "WARNING" not in server.stderr, server.stderr
+    assert server.stray_stdout == []
+
+
+async def test_a_client_that_never_reads_again_does_not_hold_the_exit_past_its_bound(tmp_path: Path) -> None:
+    async with start_server(tmp_path, server_config()) as server:
+        await start_large_calls(server, 2)
+        server.stop_reading()
+        server.send_signal(signal.SIGTERM)
+        await server.wait_stderr("Shutdown finished")
+        drained = time.monotonic()
+        with anyio.fail_after(WRITE_SECONDS + EXIT_MARGIN):
+            assert await server.process.wait() == 0
+        exit_seconds = time.monotonic() - drained
+        server.resume_reading()  # to the end of what the pipe held: a line cut short
+        await server.wait_exit(within=EXIT_MARGIN)
+    assert exit_seconds < WRITE_SECONDS + 2.0, exit_seconds
+    assert (
+        f"2 answer(s) were still being written {WRITE_SECONDS}s after the shutdown to a client that is not reading "
+        "its stdout: the server exits without writing them"
+    ) in server.stderr, server.stderr
+    assert "held the cancellation off" not in server.stderr, server.stderr
