@@ -255,9 +255,13 @@ class _Exit:
         end_listen_streams(self.app.server)
         self.done.set()
 
-    async def begin(self, reason: str) -> None:
-        """Run the graceful shutdown (no-op if one already runs: it joins it)."""
-        logger.info("Graceful shutdown: %s", reason)
+    async def begin(self, reason: str, joining: str = "") -> None:
+        """Run the graceful shutdown, for `reason` (as the log gives it: "stdin closed"); if one
+        already runs, join it, saying so (and what else the trigger does then: `joining`)."""
+        if self.sessions.manager.shutting_down:
+            logger.info("%s during the shutdown: joining it%s", reason, joining)
+        else:
+            logger.info("Graceful shutdown: %s", reason)
         await self.sessions.shutdown()
 
     async def watch_signals(self, task_group: Any) -> None:
@@ -270,7 +274,9 @@ class _Exit:
         if self.signals > 1:
             logger.warning("Second %s: forcing exit", signal.Signals(signum).name)
             _force_exit(1)
-        task_group.start_soon(self.begin, f"received {signal.Signals(signum).name}")
+        # The next signal forces the exit (above), whatever started the shutdown.
+        joining = " (a second SIGINT or SIGTERM forces the exit at once, with status 1)"
+        task_group.start_soon(self.begin, f"received {signal.Signals(signum).name}", joining)
 
 
 def _force_exit(code: int) -> None:

@@ -188,9 +188,13 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
         if refusal is not None:
             manager.shutdown_refused()
             return _refused(SessionError(ErrorCode.UNAUTHORIZED, refusal), "server_shutdown")
-        if not manager.shutting_down:  # a call that joins a shutdown under way started nothing
-            # As a signal's "Graceful shutdown: received SIGTERM": the log says who stopped the server.
-            logger.info("Graceful shutdown: requested by a server_shutdown call%s", " over HTTP" if over_http else "")
+        # As a signal's "Graceful shutdown: received SIGTERM": the log says who stopped the server,
+        # and a call that comes during a shutdown under way says that it started nothing.
+        caller = f"a server_shutdown call{' over HTTP' if over_http else ''}"
+        if manager.shutting_down:
+            logger.info("%s during the shutdown: joining it", caller)
+        else:
+            logger.info("Graceful shutdown: requested by %s", caller)
         report = await ext.shutdown(timeout_seconds)
         return _ok(report)
 

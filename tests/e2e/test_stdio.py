@@ -711,3 +711,34 @@ async def test_a_client_that_never_reads_again_does_not_hold_the_exit_past_its_b
         "its stdout: the server exits without writing them"
     ) in server.stderr, server.stderr
     assert "held the cancellation off" not in server.stderr, server.stderr
+
+
+async def test_a_trigger_that_comes_during_the_shutdown_says_it_joins_it(tmp_path: Path) -> None:
+    config = server_config(shutdown={"timeout_seconds": 60})
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        hanging = await server.start_call("sleep_async", {"seconds": 3600})
+        await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
+        shutdown = await server.start_call("server_shutdown", {"timeout_seconds": 3.0})  # time for both to come
+        await server.wait_stderr("Graceful shutdown: requested by a server_shutdown call")
+        server.send_signal(signal.SIGTERM)
+        await server.wait_stderr("received SIGTERM during the shutdown")
+        again = await server.start_call("server_shutdown", {})
+        await server.wait_stderr("a server_shutdown call during the shutdown: joining it")
+        await server.close_stdin()
+        await server.wait_stderr("stdin closed during the shutdown")
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+        report = await server.call_result(shutdown, within=0)
+        joined = await server.call_result(again, within=0)
+        answer = await server.call_result(hanging, within=0)
+    assert not report.is_error and code_of(answer) == "shutting_down", (report, answer)
+    assert joined.structured_content == report.structured_content  # the same shutdown's report
+    lines = [line for line in server.stderr_lines if "shutdown" in line.lower()]
+    assert [line for line in lines if "Graceful shutdown:" in line] == [
+        next(line for line in lines if "requested by a server_shutdown call" in line)
+    ], server.stderr
+    assert (
+        "received SIGTERM during the shutdown: joining it (a second SIGINT or SIGTERM forces the exit at once, "
+        "with status 1)\n" in server.stderr
+    ), server.stderr
+    assert "stdin closed during the shutdown: joining it\n" in server.stderr, server.stderr
