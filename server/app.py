@@ -584,7 +584,7 @@ async def serve_http(
 
         async def stop_when_done() -> None:
             await exit_.done.wait()
-            await http.close(within=FLUSH_SECONDS)
+            await http.close(within=FLUSH_SECONDS, flush=guard.flush)
             server.should_exit = True
 
         tg.start_soon(stop_when_done)

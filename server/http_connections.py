@@ -38,6 +38,14 @@ forwarded) and
 Refusals and timeouts are logged at most once per `logs.REPORT_SECONDS` (with how many since the
 last line), never per connection: the condition they report is a flood (`logs.EventReport`).
 
+At the exit, `flush` waits for what the connections' transports still hold to be written: an
+answer larger than the sockets' buffers is handed whole to uvicorn, which writes it as its client
+reads, and a process that exits before then drops the rest (what the kernel holds still goes
+out). Each connection is given as long as its client reads; one whose client has read nothing
+for a while, or that is still writing at a deadline, is closed at once (`abort`) and counted.
+Progress is seen without polling: the transport's write-buffer limits are set just below what it
+holds, so that asyncio calls `resume_writing` as soon as its client has read something.
+
 Example:
     ```python
     guard = ConnectionGuard(max_connections=1000, request_timeout=10.0)
@@ -56,6 +64,7 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
+import anyio
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -196,6 +205,8 @@ class ConnectionGuard:
         self.probing = 0
         #: The connections past the cap still being read (uvicorn knows nothing of them).
         self._lane: set[_GuardedProtocol] = set()
+        #: The connections uvicorn's protocol has (`_OPEN`, and `_SERVED` probes).
+        self._served: set[_GuardedProtocol] = set()
         self._lane_closed = False
         #: Connections answered 503 because `max_connections` were open, and closed for not
         #: sending a request in time, since the start.
@@ -245,6 +256,23 @@ class ConnectionGuard:
         self._lane_closed = True  # and none joins it from now on: past the cap, refused at once
         for connection in list(self._lane):
             connection.close()
+
+    async def flush(self, stall: float, deadline: float) -> int:
+        """Wait until every connection has written what its transport holds (answers on their way
+        to clients slow to read them), each as long as its client reads: one whose client has read
+        nothing for `stall` seconds, or that is still writing at loop time `deadline`, is closed at
+        once, what it held dropped. How many were cut."""
+        cut = 0
+
+        async def flush_one(connection: _GuardedProtocol) -> None:
+            nonlocal cut
+            if not await connection.flush(stall, deadline):
+                cut += 1
+
+        async with anyio.create_task_group() as tg:
+            for connection in [connection for connection in self._served if connection.holding()]:
+                tg.start_soon(flush_one, connection)
+        return cut
 
     def close(self) -> None:
         """Report the refusals and timeouts not yet reported; from now on each is reported as it
@@ -322,6 +350,8 @@ class _GuardedProtocol(asyncio.Protocol):
         self._whole: object = None
         self._timer: asyncio.TimerHandle | None = None
         self._head = bytearray()  # past the cap: the bytes so far, until the headers' end
+        #: While `flush` waits: set when the transport has written some of what it held.
+        self._moved: asyncio.Event | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -336,6 +366,7 @@ class _GuardedProtocol(asyncio.Protocol):
         self._owed_since = self._loop.time()  # the first request, from now
         self._arm(self._owed_since + self._limit())
         if self._state == _OPEN:
+            guard._served.add(self)
             self._inner.connection_made(transport)
         else:
             guard._lane.add(self)
@@ -357,6 +388,8 @@ class _GuardedProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._leave() in _SERVING:
             self._inner.connection_lost(exc)
+        if self._moved is not None:
+            self._moved.set()
 
     def pause_writing(self) -> None:
         if self._state in _SERVING:
@@ -365,11 +398,38 @@ class _GuardedProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._state in _SERVING:
             self._inner.resume_writing()
+        if self._moved is not None:
+            self._moved.set()
 
     def close(self) -> None:
         """Close a connection past the cap whose headers are still being read (the server stops)."""
         if self._state == _PROBE and self._transport is not None:
             self._transport.close()
+
+    def holding(self) -> bool:
+        """Whether this connection's transport holds bytes not yet written to its socket."""
+        transport = self._transport
+        return isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size() > 0
+
+    async def flush(self, stall: float, deadline: float) -> bool:
+        """Wait until the transport has written what it holds (False: cut, see `ConnectionGuard.flush`)."""
+        transport = self._transport
+        if not isinstance(transport, asyncio.WriteTransport):
+            return True
+        try:
+            while self._state in _SERVING and (held := transport.get_write_buffer_size()) > 0:
+                self._moved = moved = asyncio.Event()
+                # `resume_writing` (forwarded to uvicorn's protocol, paused meanwhile) once a byte is written.
+                transport.set_write_buffer_limits(high=held - 1, low=held - 1)
+                with anyio.move_on_after(min(stall, deadline - self._loop.time())):
+                    await moved.wait()
+                if not moved.is_set():
+                    transport.abort()
+                    return False
+        finally:
+            self._moved = None
+        transport.set_write_buffer_limits()  # asyncio's defaults again
+        return True
 
     def since(self) -> float:
         """When this lane connection was accepted (since when it has owed its headers)."""
@@ -388,6 +448,7 @@ class _GuardedProtocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         guard = self._guard
+        guard._served.discard(self)
         if state in (_PROBE, _SERVED):
             guard.probing -= 1
             guard._lane.discard(self)
@@ -468,6 +529,7 @@ class _GuardedProtocol(asyncio.Protocol):
         self._head = bytearray()
         self._state = _SERVED
         self._guard._lane.discard(self)
+        self._guard._served.add(self)
         self._inner.connection_made(self._transport)
         self._inner.data_received(head)
         self._note_whole()

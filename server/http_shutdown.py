@@ -22,9 +22,10 @@ goes out on the POST that asked for it. `close` then waits, up to `within` secon
 other requests in flight (responses on their way out, `server_shutdown`'s own report among
 them) so that uvicorn does not cut those either.
 
-A POST still in flight after that wait is a call whose work holds its cancellation off past the
-drain (a shielded wait, `anyio.to_thread.run_sync` without `abandon_on_cancel`): its session
-ended at the deadline, but its handler writes nothing until the work ends. Left to uvicorn, it
+A POST still in flight after that wait, unless it is writing its answer (below), is a call whose
+work holds its cancellation off past the drain (a shielded wait, `anyio.to_thread.run_sync`
+without `abandon_on_cancel`): its session ended at the deadline, but its handler writes nothing
+until the work ends. Left to uvicorn, it
 would be cancelled after its grace second, the client would get a transport error, and the log an
 ERROR with a traceback. So each POST's body is kept as it is received (up to `MAX_BODY_BYTES`),
 and such a request is answered here (`server.unanswered`): a plain JSON response if its response
@@ -42,11 +43,23 @@ answered here too, `503` with `Connection: close` and `BODY_MISSING`, and its ap
 and left as above. So is a POST that comes in after that, while the listener is still open,
 whose body has not arrived within `LATE_BODY_SECONDS`. Everything else passes through untouched.
 
+An answer larger than the sockets' buffers is handed whole to uvicorn, which writes it as its
+client reads. Left to uvicorn, a client slow to read it during the drain would lose what it had
+not read yet, though the call completed: uvicorn gives the connection its graceful-shutdown
+second, logs an ERROR, and the process exits with megabytes unsent (on an event stream, the app is
+still in flight, held in `send` while the write buffer is full: it would be answered a second
+time as above, and cancelled, with tracebacks). So a POST whose app is in `send` with a body, or has
+sent its answer on its event stream (`_ANSWER_EVENT`), is writing its answer: not answered
+again, nor counted as still in flight. Then `close(within, flush)` waits, through `flush`
+(`ConnectionGuard.flush`), until the connections have written what they hold: each as long as
+its client reads, cut once it has read nothing for `STALL_SECONDS`, or at `WRITE_SECONDS` after
+`close` began; the cut ones are told in one line.
+
 Example:
     ```python
     http = HttpShutdown(server.streamable_http_app())
     ...  # serve `http` with uvicorn; once the drain has finished:
-    await http.close(within=2.0)
+    await http.close(within=2.0, flush=guard.flush)  # guard: the ConnectionGuard of its connections
     uvicorn_server.should_exit = True
     ```
 """
@@ -56,7 +69,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Coroutine
+import re
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -75,6 +89,20 @@ BODY_MISSING = "The server is shutting down; the request's body had not arrived.
 #: a moment) is answered `BODY_MISSING` if its body has not arrived within this many seconds: less
 #: than uvicorn's graceful-shutdown timeout (1 s, `server.app.serve_http`), which would cancel it.
 LATE_BODY_SECONDS = 0.5
+#: At the exit, an answer still being written to a client slow to read it is cut once its client
+#: has read nothing for this many seconds, or this many after `close` began (the drain's end).
+STALL_SECONDS = 2.0
+WRITE_SECONDS = 5.0
+#: What waits for the connections to write what they hold (`ConnectionGuard.flush`): given
+#: `STALL_SECONDS` and the loop time to stop at, it returns how many were cut.
+Flush = Callable[[float, float], Awaitable[int]]
+#: The head of an event carrying a JSON-RPC response (the SDK writes `jsonrpc`, `id`, then
+#: `result` or `error`), after an `id:` or `event:` line: on a POST's event stream, its answer.
+_ANSWER_EVENT = re.compile(
+    rb'(?:[a-z]+:[^\n]*\n)*data: \{"jsonrpc":"2\.0","id":(?:-?\d+|"(?:[^"\\]|\\.)*"),"(?:result|error)":'
+)
+#: How far into an event that head is looked for.
+_ANSWER_HEAD = 512
 
 
 class _Post:
@@ -82,7 +110,19 @@ class _Post:
 
     Every POST makes one (plain asyncio primitives and slots: it is made on every request)."""
 
-    __slots__ = ("body", "too_large", "complete", "started", "event_stream", "ended", "answer", "refused", "wake")
+    __slots__ = (
+        "body",
+        "too_large",
+        "complete",
+        "started",
+        "event_stream",
+        "ended",
+        "writing",
+        "gave_answer",
+        "answer",
+        "refused",
+        "wake",
+    )
 
     def __init__(self, wake: asyncio.Future[None]) -> None:
         self.body = bytearray()
@@ -92,6 +132,10 @@ class _Post:
         self.started = False
         self.event_stream = False
         self.ended = False
+        #: The app is in `send` with a body message (held there while its client is slow to read).
+        self.writing = False
+        #: The app has sent its answer on its event stream (the response's last chunk may be to come).
+        self.gave_answer = False
         #: The JSON-RPC message to end the response with, once `close` gives up waiting for the app.
         self.answer: bytes | None = None
         #: Answered `BODY_MISSING` at the exit, its body not having arrived.
@@ -117,12 +161,25 @@ class _Post:
         else:
             self.body += chunk
 
+    def sending(self, message: Message) -> None:
+        if message["type"] != "http.response.body":
+            return
+        self.writing = True
+        if self.event_stream and not self.gave_answer:
+            self.gave_answer = _ANSWER_EVENT.match(message.get("body", b""), 0, _ANSWER_HEAD) is not None
+
     def sent(self, message: Message) -> None:
+        self.writing = False
         if message["type"] == "http.response.start":
             self.started = True
             self.event_stream = _is_event_stream(message)
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.ended = True
+
+    @property
+    def delivering(self) -> bool:
+        """Whether the app's answer is being written (or its client is slow to read what comes first)."""
+        return self.writing or self.gave_answer
 
     @property
     def answered(self) -> bool:
@@ -140,7 +197,7 @@ class _Post:
 
     def answer_now(self) -> bool:
         """Take the answer to give at the exit; False if there is none to give (then uvicorn ends it)."""
-        if self.refused or self.ended or self.too_large or (self.started and not self.event_stream):
+        if self.refused or self.ended or self.too_large or self.delivering or (self.started and not self.event_stream):
             return False
         self.answer = abandoned_answer_to(bytes(self.body))
         if self.answer is None:
@@ -226,6 +283,7 @@ class HttpShutdown:
         async def watch(message: Message) -> None:
             if post.answered:
                 return  # answered at the exit: the app's late messages go nowhere
+            post.sending(message)
             await send(message)
             post.sent(message)
 
@@ -312,11 +370,14 @@ class HttpShutdown:
         self._left.add(task)
         logger.info("Not waiting for the application's shutdown: it waits for work left running")
 
-    async def close(self, within: float) -> None:
+    async def close(self, within: float, flush: Flush | None = None) -> None:
         """End every open GET event stream, then wait up to `within` seconds for the requests
         still in flight; GET event streams that start from now on are ended at once. A POST still
-        in flight then is answered here, if its body is a JSON-RPC request, and left running; one
-        whose body has not arrived is answered `503` (`BODY_MISSING`) and its app task cancelled."""
+        in flight then is answered here, if its body is a JSON-RPC request and its app is not
+        writing its answer, and left running; one whose body has not arrived is answered `503`
+        (`BODY_MISSING`) and its app task cancelled. Then `flush` waits for the answers still
+        being written (see the module)."""
+        began = anyio.current_time()
         self._closing = True
         if self._streams:
             logger.info("Ending %s open event stream(s)", len(self._streams))
@@ -324,10 +385,31 @@ class HttpShutdown:
             stream.cancel()
         await self._wait_in_flight(0, within)
         self._late = True  # the POSTs in flight now are dealt with below; any later one in its turn
-        if not self._in_flight:
+        if self._in_flight:
+            await self._answer_held(within)
+        if flush is None:
             return
-        still = self._in_flight
+        cut = await flush(STALL_SECONDS, began + WRITE_SECONDS)
+        if cut:
+            logger.warning(
+                "%s HTTP response(s) still being written to slow clients were cut after %.1fs: their clients "
+                "had read nothing for %ss, or were still reading %ss after the drain",
+                cut,
+                anyio.current_time() - began,
+                STALL_SECONDS,
+                WRITE_SECONDS,
+            )
+            # The requests that were writing to those connections end now (uvicorn's `send` returns).
+            await self._wait_in_flight(sum(not post.writing for post in self._posts), ANSWER_SECONDS)
+
+    async def _answer_held(self, within: float) -> None:
+        """Answer the POSTs still in flight (`within` seconds after `close` began waiting) that
+        are not writing their answer, and wait for those answers to be handed to uvicorn."""
+        in_flight = self._in_flight
         posts = list(self._posts)
+        still = in_flight - sum(post.delivering for post in posts)  # those writing are `flush`'s
+        if not still:
+            return
         refused = sum(post.refuse_now() for post in posts)
         answered = sum(post.answer_now() for post in posts)
         self._answered += answered
@@ -340,7 +422,7 @@ class HttpShutdown:
             logger.warning(
                 "Stopping with %s HTTP request(s) still in flight after %ss: %s", still, within, "; ".join(what)
             )
-            await self._wait_in_flight(still - answered - refused, ANSWER_SECONDS)
+            await self._wait_in_flight(in_flight - answered - refused, ANSWER_SECONDS)
         else:
             logger.warning("Stopping with %s HTTP request(s) still in flight after %ss", still, within)
 

@@ -662,7 +662,7 @@ LARGE_ANSWER = 200_000
 async def start_large_calls(server: ServerProcess, count: int) -> list[int]:
     """Start `count` calls that answer `LARGE_ANSWER` characters 0.1 s into the shutdown."""
     await server.initialize()
-    calls = [await server.start_call("large_in_shutdown", {"size": LARGE_ANSWER}) for _ in range(count)]
+    calls = [await server.start_call("large_in_shutdown", {"chars": LARGE_ANSWER}) for _ in range(count)]
     await raw_metrics_until(server, lambda m: m["active_sessions"] == count)
     return calls
 

@@ -248,3 +248,72 @@ async def test_a_post_that_comes_in_after_close_is_answered_503_if_its_body_does
         late = PartBody(http)
         await late.run()  # ends: answered without its body, before uvicorn's own cancel would come
     assert late.sent[0]["status"] == 503 and late.sent[-1]["more_body"] is False
+
+
+class Post(Exchange):
+    """A POST whose body is the JSON-RPC request `request`; with `slow`, its client reads nothing,
+    so that the app's `send` of a body never returns (uvicorn holds it while the buffer is full)."""
+
+    def __init__(self, http: HttpShutdown, request: bytes, slow: bool = False) -> None:
+        super().__init__(http, "POST")
+        self.parts = [{"type": "http.request", "body": request, "more_body": False}]
+        self.slow = slow
+
+    async def _receive(self) -> Message:
+        return self.parts.pop() if self.parts else await super()._receive()
+
+    async def _send(self, message: Message) -> None:
+        await super()._send(message)
+        if self.slow and message["type"] == "http.response.body":
+            await anyio.sleep_forever()
+
+
+async def test_close_does_not_answer_again_a_post_writing_its_answer_and_answers_one_whose_work_holds_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # On an event stream, the app writes what it has to say, then the last chunk: a POST whose
+    # answer has gone out (its last chunk to come), or whose app is held in `send` by a client
+    # slow to read, is being answered; only one whose work holds on (after a notification, say)
+    # is answered at the exit.
+    notification = b'event: message\r\ndata: {"jsonrpc":"2.0","method":"notifications/progress","params":{}}\r\n\r\n'
+    answer = b'event: message\r\ndata: {"jsonrpc":"2.0","id":1,"result":{"content":[]}}\r\n\r\n'
+    sent_all = anyio.Event()
+    count = 0
+
+    async def writes_then_holds(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal count
+        while (await receive()).get("more_body", False):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": EVENT_STREAM})
+        await send({"type": "http.response.body", "body": scope["event"], "more_body": True})
+        count += 1
+        if count == 2:
+            sent_all.set()
+        await anyio.sleep_forever()  # the work holds on, or the last chunk is still to come
+
+    http = HttpShutdown(writes_then_holds)
+    answered = Post(http, b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call"}')
+    answered.scope["event"] = answer
+    slow = Post(http, b'{"jsonrpc": "2.0", "id": 2, "method": "tools/call"}', slow=True)
+    slow.scope["event"] = notification
+    holding = Post(http, b'{"jsonrpc": "2.0", "id": 3, "method": "tools/call"}')
+    holding.scope["event"] = notification
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for post in (answered, slow, holding):
+                tg.start_soon(post.run)
+            await sent_all.wait()
+            await slow.started.wait()
+            with caplog.at_level(logging.WARNING, logger="server.http_shutdown"):
+                await http.close(within=0.1)
+            await holding.ended.wait()
+            assert not answered.ended.is_set() and not slow.ended.is_set()
+            tg.cancel_scope.cancel()
+    assert [m["body"] for m in answered.sent[1:]] == [answer]
+    assert [m["body"] for m in slow.sent[1:]] == [notification]
+    *_, last_event, last_chunk = holding.sent
+    assert last_chunk == LAST_CHUNK
+    assert json.loads(last_event["body"].split(b"data: ")[1])["id"] == 3
+    assert "Stopping with 1 HTTP request(s) still in flight after 0.1s: 1 request(s) answered shutting_down" in (
+        caplog.text
+    )
