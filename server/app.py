@@ -57,17 +57,13 @@ from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams, tool_names
 from server.stdio_wire import Outstanding, StdinLines, StdoutLines, WireSafe, unreadable_line_error
 from server.tool_modules import hosting_nothing, import_tool_modules, install_tool_modules
-from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, abandoned_answer
+from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, WRITE_SECONDS, abandoned_answer
 from tools.sessions import MANAGEMENT_TOOLS, SESSION_TOOL_TABLE
 
 logger = logging.getLogger(__name__)
 
 #: After shutdown, how long to wait for responses still on their way out before exiting.
 FLUSH_SECONDS = 2.0
-#: On stdio, how long after the shutdown a client that is not reading its stdout gets to read the
-#: answers (every request's is on its way by then, see FLUSH_SECONDS) before the process exits
-#: without writing the rest.
-WRITE_SECONDS = 5.0
 #: On stdio, how many messages from the server may wait for a client slow to read before the
 #: server waits too (at the exit, every answer is taken at once: see `_serve_stdio`).
 OUT_BACKLOG = 32

@@ -76,7 +76,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, MAX_BODY_BYTES, abandoned_answer_to
+from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, MAX_BODY_BYTES, WRITE_SECONDS, abandoned_answer_to
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ BODY_MISSING = "The server is shutting down; the request's body had not arrived.
 #: than uvicorn's graceful-shutdown timeout (1 s, `server.app.serve_http`), which would cancel it.
 LATE_BODY_SECONDS = 0.5
 #: At the exit, an answer still being written to a client slow to read it is cut once its client
-#: has read nothing for this many seconds, or this many after `close` began (the drain's end).
+#: has read nothing for this many seconds, or `unanswered.WRITE_SECONDS` after `close` began (the
+#: drain's end).
 STALL_SECONDS = 2.0
-WRITE_SECONDS = 5.0
 #: What waits for the connections to write what they hold (`ConnectionGuard.flush`): given
 #: `STALL_SECONDS` and the loop time to stop at, it returns how many were cut.
 Flush = Callable[[float, float], Awaitable[int]]

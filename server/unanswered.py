@@ -24,6 +24,10 @@ MAX_BODY_BYTES = 1 << 20
 #: Once requests have been answered this way, how long what still waits for their work (the stdio
 #: server loop, the HTTP app's lifespan shutdown) may take before the process exits without it.
 LEFT_BEHIND_GRACE = 0.2
+#: At the exit, how long after the drain the answers still being written to clients slow to read
+#: them get, on either transport (`server.app`'s stdio loop, `server.http_shutdown`), before the
+#: process exits without the rest: a client that never reads cannot hold the exit.
+WRITE_SECONDS = 5.0
 #: What the log says of requests answered this way.
 ANSWERED = "answered shutting_down (their work held the cancellation off past the shutdown)"
 

@@ -24,7 +24,8 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from server.app import FLUSH_SECONDS, WRITE_SECONDS
+from server.app import FLUSH_SECONDS
+from server.unanswered import WRITE_SECONDS
 from tests.e2e.conftest import (
     CALL_SECONDS,
     HELD_EXIT_MARGIN,
