@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,8 +27,10 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.to_thread
 import pytest
 from anyio.abc import Process, SocketStream
+from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from anyio.streams.text import TextReceiveStream
 from mcp import Client
@@ -133,6 +136,10 @@ class ServerProcess:
     def __init__(self, process: Process, config_path: Path) -> None:
         self.process = process
         self.config_path = config_path
+        #: The thread whose event loop reads the process's pipes (its events wake that loop only),
+        #: and, for a server run from a blocking portal (`shared_http_server`), that portal.
+        self.loop_thread = threading.get_ident()
+        self.portal: BlockingPortal | None = None
         self.url: str | None = None
         self.stdout_lines: list[str] = []
         #: stdout lines that are not JSON-RPC messages (must stay empty on stdio).
@@ -234,7 +241,13 @@ class ServerProcess:
             self.stderr_closed.set()
 
     async def wait_stderr(self, text: str, within: float = 10.0) -> str:
-        """The first stderr line containing `text`, waiting (at most `within` seconds) until it is written."""
+        """The first stderr line containing `text`, waiting (at most `within` seconds) until it is
+        written. From another thread's event loop (a test using `shared_http_server`), the wait
+        runs on the portal's: there an event the reader sets would not wake the waiter."""
+        if threading.get_ident() != self.loop_thread:
+            portal = self.portal
+            assert portal is not None, "wait on a ServerProcess from the event loop that reads its pipes"
+            return await anyio.to_thread.run_sync(portal.call, self.wait_stderr, text, within)
         with anyio.fail_after(within):
             while True:
                 for line in self.stderr_lines:
@@ -513,4 +526,5 @@ def shared_http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
         anyio.from_thread.start_blocking_portal() as portal,
         portal.wrap_async_context_manager(start_server(directory, config, transport="streamable-http")) as server,
     ):
+        server.portal = portal
         yield server
