@@ -30,22 +30,22 @@ from mcp.server.context import HandlerResult, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams
 
-from server.deadline import Deadline, deadline_scope
+from server.deadline import Deadline, LateScope, deadline_scope
 from server.errors import describe
 from server.outcomes import CANCELLED, LATE, MAYBE_ABANDONED, completed, failed, idle_advice, stopped
 from server.sdk_seams import ToolCallHandler
 from server.session import Session, SessionState
 from server.sessions import SessionManager
 
-try:  # anyio's asyncio backend: its task states link a task to the task that started it
+try:  # anyio's asyncio backend: its cancel scopes know the tasks running in them
     from anyio._backends import _asyncio as _anyio_asyncio
 except ImportError:  # pragma: no cover - anyio without its asyncio backend
     _anyio_asyncio = None  # type: ignore[assignment]
 
 #: How long lifespan exit waits for cancelled work to wind down before leaving stuck threads behind.
 WORK_EXIT_GRACE_SECONDS = 2.0
-#: How many task-group levels below the work's task a thread's holder is looked for.
-MAX_TASK_DEPTH = 32
+#: How many of a work's cancel scopes `_tasks_under` looks into for the tasks it started.
+MAX_SCOPES = 1000
 
 
 @dataclass(slots=True, eq=False)
@@ -208,7 +208,7 @@ class DecoupledCalls:
         work.stop()
         if work.done or work.abandoned:
             return True
-        if not _in_a_thread(work.task, sync):  # type: ignore[arg-type]  # set before the caller waits
+        if not _in_a_thread(work, sync):
             return False
         work.abandoned = True
         _thread_limiter().total_tokens += 1
@@ -256,54 +256,53 @@ def _thread_limiter() -> anyio.CapacityLimiter:
     return anyio.to_thread.current_default_thread_limiter()
 
 
-def _task_tree_known() -> bool:
-    """Whether anyio's task states have the shape `_started_by` reads (checked, not assumed):
-    `_task_states.get(task).parent_id`, the id of the task whose task group started it."""
-    states = getattr(_anyio_asyncio, "_task_states", None)
-    state_class = getattr(_anyio_asyncio, "TaskState", None)
-    return callable(getattr(states, "get", None)) and "parent_id" in getattr(state_class, "__slots__", ())
+def _scope_tree_known() -> bool:
+    """Whether anyio's cancel scopes have the shape `_tasks_under` reads (checked, not assumed):
+    each scope's `_tasks` (the tasks running directly in it) and `_child_scopes` (the scopes
+    entered in it, a task group's among them), the fields `server.deadline` splices into."""
+    scope_class = getattr(_anyio_asyncio, "CancelScope", None)
+    return all(name in getattr(scope_class, "__slots__", ()) for name in ("_tasks", "_child_scopes"))
 
 
 #: Whether `_in_a_thread` can see the tasks a work started (else its fallback: see there).
-_TASK_TREE = _task_tree_known()
+_TASK_TREE = _scope_tree_known()
 
 
-def _in_a_thread(task: asyncio.Task[None], sync: bool | None) -> bool:
-    """Whether a work's `task`, or a task it started, holds a token of anyio's default thread
-    limiter: the work waits for a thread (a sync tool's, a sync resolver's) that no cancellation
-    reaches. Read only when a work outlives its one turn past a stop: never on a call's way."""
+def _in_a_thread(work: _Work, sync: bool | None) -> bool:
+    """Whether a stopped work's task, or a task it started, holds a token of anyio's default
+    thread limiter: the work waits for a thread (a sync tool's, a sync resolver's) that no
+    cancellation reaches. Read only when a work outlives its one turn past a stop: never on a
+    call's way."""
     borrowers = _thread_limiter().statistics().borrowers
-    if task in borrowers:
+    if work.task in borrowers:
         return True
     if not borrowers:
         return False  # no thread of the limiter's runs at all
-    if not _TASK_TREE:
-        # Where anyio's task states have another shape, the tasks a work started (an inner
-        # interceptor's task group) cannot be placed: a sync tool (or one of unknown kind) is
+    scope = work.scope
+    if scope is None:
+        return False  # stopped before its handler began: no thread of its own
+    if isinstance(scope, LateScope):
+        scope = scope.scope  # the scope its stop spliced in, around all the work entered since
+    if scope is None or not _TASK_TREE:
+        # Where anyio's scopes have another shape (or the stop could not splice a scope in: see
+        # `LateScope.cancel`), the tasks a work started (an inner interceptor's task group)
+        # cannot be found: a sync tool (or one of unknown kind) is
         # taken to be in a thread while any thread runs, as the extension did before it looked;
         # an async tool only when its own task holds one.
         return sync is not False
-    return _started_by(task, borrowers)
+    return not _tasks_under(scope).isdisjoint(borrowers)
 
 
-def _started_by(task: asyncio.Task[None], borrowers: tuple[object, ...]) -> bool:
-    """Whether one of `borrowers` is a task started, through anyio task groups, by `task` or by
-    a task it started (at most `MAX_TASK_DEPTH` levels down)."""
-    states = _anyio_asyncio._task_states
-    target = id(task)
-    tasks_by_id: dict[int, asyncio.Task[Any]] | None = None  # built only if a walk goes past a parent
-    for borrower in borrowers:
-        current = borrower
-        for _ in range(MAX_TASK_DEPTH):
-            if not isinstance(current, asyncio.Task):  # a borrower of its own (acquire_on_behalf_of)
-                break
-            state = states.get(current)
-            parent_id = None if state is None else state.parent_id
-            if parent_id is None:
-                break
-            if parent_id == target:  # `task` is alive (it is still running): its id is its own
-                return True
-            if tasks_by_id is None:
-                tasks_by_id = {id(running): running for running in asyncio.all_tasks()}
-            current = tasks_by_id.get(parent_id)  # None: its parent has ended
-    return False
+def _tasks_under(root: Any) -> set[object]:
+    """The tasks running in anyio scope `root` or in a scope entered within it: the work's own
+    task and those its task groups started (each begins in its group's scope). Bounded by
+    `MAX_SCOPES` scopes; the walk costs the work's own scopes, not every task's."""
+    tasks: set[object] = set()
+    stack = [root]
+    for _ in range(MAX_SCOPES):
+        if not stack:
+            break
+        scope = stack.pop()
+        tasks.update(scope._tasks)
+        stack.extend(scope._child_scopes)
+    return tasks

@@ -259,5 +259,6 @@ class ShutdownReport(_Model):
     timeout_reached: bool
     total_sessions_at_shutdown: int
     #: Ended as `cancelled` during the drain, before its deadline: a client cancelled its call or
-    #: went away, or (stdio) the client closed stdin with sessions of `session_create` open.
+    #: went away, or (stdio) the client closed stdin, during a shutdown already under way, with
+    #: sessions of `session_create` open (a close that starts the shutdown ends them before it).
     sessions_cancelled_during_shutdown: int = 0

@@ -268,6 +268,8 @@ class StdoutLines:
 
     def _pump(self, wire: BinaryIO, token: anyio.lowlevel.EventLoopToken) -> None:
         while (job := self._jobs.get()) is not None:
+            if self._abandoned:
+                continue  # given up at the exit: a client that reads again later must not get them
             data, done, failed = job
             try:
                 wire.write(data)
@@ -276,7 +278,7 @@ class StdoutLines:
                 failed.append(exc)
             try:
                 anyio.from_thread.run_sync(self._wrote, done, token=token)
-            except anyio.RunFinishedError:
+            except (anyio.RunFinishedError, RuntimeError):  # the loop has finished, or closed meanwhile
                 return
 
     def _wrote(self, done: anyio.Event) -> None:
@@ -323,24 +325,20 @@ class StdoutLines:
 
 
 def _claim_stdout() -> tuple[BinaryIO, Callable[[], None] | None]:
-    """Serve the wire from a private duplicate of fd 1 and point fd 1 at stderr, as the SDK does
-    while serving; the function returned points fd 1 at the wire again."""
-    private = _private_duplicate(1)
-    if private is None:
-        if sys.stdout is not None:
-            return sys.stdout.buffer, None
-        return open(os.devnull, "wb"), None  # noqa: SIM115 - no fd 1: nobody reads the wire
-    try:
-        os.dup2(2, 1)
-    except OSError:
-        pass  # fd 1 still carries the wire; stray output may reach it, as without the diversion
+    """`divert_stdout` for the time of serving (an embedding host's `serve_stdio` without a
+    wire), as the SDK's own diversion was; the function returned points fd 1 at the wire again
+    (None where nothing was diverted)."""
+    stdout_buffer = getattr(sys.stdout, "buffer", None)
+    wire = divert_stdout()
+    if wire is stdout_buffer or getattr(wire, "name", None) == os.devnull:
+        return wire, None
+    private = wire.fileno()
 
     def restore() -> None:
         with contextlib.suppress(OSError):
             os.dup2(private, 1)
 
-    # closefd=False: the writer thread may still block on it when the server exits.
-    return os.fdopen(private, "wb", closefd=False), restore
+    return wire, restore
 
 
 def _private_duplicate(fd: int) -> int | None:

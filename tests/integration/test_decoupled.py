@@ -86,7 +86,7 @@ def fresh_state() -> None:
 @pytest.fixture(params=[True, False], ids=["task-tree", "no-task-tree"])
 def task_tree(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The case runs with the check for threads held by a task the work started, and with the
-    fallback used where anyio's task states have another shape (`decoupled._TASK_TREE`)."""
+    fallback used where anyio's cancel scopes have another shape (`decoupled._TASK_TREE`)."""
     if not request.param:
         monkeypatch.setattr(decoupled_module, "_TASK_TREE", False)
 
@@ -266,8 +266,8 @@ async def test_an_async_tool_stuck_in_a_resolver_thread_a_child_task_holds_is_co
     assert text_of(served) == "quick", text_of(served)
 
 
-def test_anyio_s_task_states_have_the_shape_the_thread_check_reads() -> None:
+def test_anyio_s_cancel_scopes_have_the_shape_the_thread_check_reads() -> None:
     # Where this fails (a new anyio), a thread held by a task the work started is not told from
     # any other thread (`decoupled._in_a_thread`'s fallback): still bounded, less exact.
-    assert decoupled_module._task_tree_known()
+    assert decoupled_module._scope_tree_known()
     assert decoupled_module._TASK_TREE
