@@ -339,8 +339,28 @@ async def _serve_stdio(
     # `StdoutLines` writes what the SDK's writer gives it; fd 1 points at stderr, so stray prints miss the wire.
     out = cast("anyio.AsyncFile[str]", wire_out)
     async with stdio_server(stdin=cast("anyio.AsyncFile[str]", lines), stdout=out) as (stdin, stdout):
+        # Cancelled once the exit's flush window is over: no request is read after that.
+        reading = anyio.CancelScope()
 
         async def relay_in() -> None:
+            with reading:
+                await _relay_requests()
+            if lines.eof:
+                # The client is done. Calls it sent before closing stdin are still served: let them
+                # reach admission, then drain like a signal would. EOF reaches the SDK's loop only
+                # when everything stops, so running calls can still finish and answer.
+                with anyio.move_on_after(FLUSH_SECONDS):
+                    await unadmitted.empty.wait()
+                # Its `session_create` sessions only it could release: the drain would wait for them
+                # in vain (and a client that kills a server slow to exit would cut the shutdown short).
+                ended = app.sessions.manager.end_reservations("the client closed stdin: no one is left to release it")
+                if ended:
+                    logger.info(
+                        "stdin closed: ended %s session(s) made by session_create, which no one can release", ended
+                    )
+                await exit_.begin("stdin closed")
+
+        async def _relay_requests() -> None:
             async for item in stdin:
                 if isinstance(item, Exception):
                     # The SDK drops a line it cannot read with a debug log, and a client would wait for
@@ -367,20 +387,6 @@ async def _serve_stdio(
                         message.method[:100],
                     )
                 await in_send.send(item)
-            if lines.eof:
-                # The client is done. Calls it sent before closing stdin are still served: let them
-                # reach admission, then drain like a signal would. EOF reaches the SDK's loop only
-                # when everything stops, so running calls can still finish and answer.
-                with anyio.move_on_after(FLUSH_SECONDS):
-                    await unadmitted.empty.wait()
-                # Its `session_create` sessions only it could release: the drain would wait for them
-                # in vain (and a client that kills a server slow to exit would cut the shutdown short).
-                ended = app.sessions.manager.end_reservations("the client closed stdin: no one is left to release it")
-                if ended:
-                    logger.info(
-                        "stdin closed: ended %s session(s) made by session_create, which no one can release", ended
-                    )
-                await exit_.begin("stdin closed")
 
         async def deliver(item: SessionMessage) -> None:
             # Through `WireSafe`: text that is not valid Unicode in one answer must not end the server.
@@ -434,11 +440,15 @@ async def _serve_stdio(
                 tg.start_soon(write_out)
                 tg.start_soon(watch_server)
                 await exit_.done.wait()
+                # The requests read by the end of the drain: one still unanswered after the flush
+                # window is held by its work. (One read after it gets its own answer, a refusal.)
+                at_exit = set(outstanding.requests)
                 written_by = anyio.current_time() + WRITE_SECONDS
                 room.total_tokens = math.inf  # every answer the server gives is taken at once from now on
                 with anyio.move_on_after(FLUSH_SECONDS):
                     await outstanding.empty.wait()
-                held = dict(outstanding.requests)
+                reading.cancel()  # the server is leaving: no more requests are read
+                held = {key: value for key, value in outstanding.requests.items() if key in at_exit}
                 if held:
                     # Their sessions ended at the drain deadline, but their work holds the cancellation
                     # off and their handlers write nothing: answer them, rather than leave silence.
@@ -458,14 +468,16 @@ async def _serve_stdio(
                 # Every request has its answer on the way: written as soon as the client reads, but
                 # one that does not read (a pipe full) cannot hold the exit past WRITE_SECONDS.
                 with anyio.CancelScope(deadline=written_by):
-                    await wire_out.wait_written(given)
+                    while wire_out.written < given:  # (answers to requests read in the flush window come on)
+                        await wire_out.wait_written(given)
                 if wire_out.written < given:
                     wire_out.abandon()
                     unwritten = sum(1 for number in answers_given if number > wire_out.written)
                     if unwritten:
                         logger.warning(
-                            "%s answer(s) were still being written %ss after the shutdown to a client that is not "
-                            "reading its stdout: the server exits without writing them",
+                            "%s answer(s) were still being written %ss after the shutdown to a client that had not "
+                            "read them (it reads its stdout too slowly, or not at all): the server exits without "
+                            "writing them",
                             unwritten,
                             WRITE_SECONDS,
                         )
@@ -486,6 +498,12 @@ async def _serve_stdio(
             # (after it has written what it holds, unless the client has stopped reading), or leaving
             # `stdio_server` would wait forever.
             lines.close()
+            # The SDK's reader may hold a request it read and cannot hand on (nobody reads its
+            # stream since `relay_in` stopped): `stdio_server` would wait for it forever. Take what
+            # it holds (dropped: the server is leaving) until it sees the end of `lines`.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(UNWIND_SECONDS):
+                async for _dropped in stdin:
+                    pass
             # Everything was written or given up at the exit; after a failure, what the writer holds
             # must not hold the exit either, if the client does not read.
             wire_out.abandon()

@@ -708,10 +708,28 @@ async def test_a_client_that_never_reads_again_does_not_hold_the_exit_past_its_b
         await server.wait_exit(within=EXIT_MARGIN)
     assert exit_seconds < WRITE_SECONDS + 2.0, exit_seconds
     assert (
-        f"2 answer(s) were still being written {WRITE_SECONDS}s after the shutdown to a client that is not reading "
-        "its stdout: the server exits without writing them"
+        f"2 answer(s) were still being written {WRITE_SECONDS}s after the shutdown to a client that had not read "
+        "them (it reads its stdout too slowly, or not at all): the server exits without writing them"
     ) in server.stderr, server.stderr
     assert "held the cancellation off" not in server.stderr, server.stderr
+
+
+async def test_requests_sent_as_the_shutdown_runs_do_not_hold_the_exit_nor_get_a_held_answer(tmp_path: Path) -> None:
+    # A client that keeps stdin open and sends requests as SIGTERM comes: the SDK's reader could be
+    # left holding one it read, which nobody took any more, and the process never exited; and a
+    # request read in the last moment was answered "held its cancellation off", as if its work had.
+    ids = range(5000, 5300)
+    async with start_server(tmp_path, server_config()) as server:
+        await server.initialize()
+        server.send_signal(signal.SIGTERM)
+        for request_id in ids:
+            await server.send({"jsonrpc": "2.0", "id": request_id, "method": "ping"})
+        assert await server.wait_exit(within=FLUSH_SECONDS + EXIT_MARGIN) == 0
+    answers = {request_id: server.messages_for(request_id) for request_id in ids}
+    assert all(len(given) <= 1 for given in answers.values()), answers
+    assert all(given[0].get("result") == {} for given in answers.values() if given), answers
+    assert "held the cancellation off" not in server.stderr, server.stderr
+    assert "still being written" not in server.stderr, server.stderr
 
 
 async def test_a_trigger_that_comes_during_the_shutdown_says_it_joins_it(tmp_path: Path) -> None:
