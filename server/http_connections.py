@@ -41,8 +41,8 @@ last line), never per connection: the condition they report is a flood (`logs.Ev
 At the exit, `flush` waits for what the connections' transports still hold to be written: an
 answer larger than the sockets' buffers is handed whole to uvicorn, which writes it as its client
 reads, and a process that exits before then drops the rest (what the kernel holds still goes
-out). Each connection is given as long as its client reads; one whose client has read nothing
-for a while, or that is still writing at a deadline, is closed at once (`abort`) and counted.
+out). A connection still writing at a deadline (or with no progress seen for a given time) is
+closed at once (`abort`) and counted.
 Progress is seen without polling: the transport's write-buffer limits are set just below what it
 holds, so that asyncio calls `resume_writing` as soon as its client has read something.
 

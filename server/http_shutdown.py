@@ -51,9 +51,11 @@ still in flight, held in `send` while the write buffer is full: it would be answ
 time as above, and cancelled, with tracebacks). So a POST whose app is in `send` with a body, or has
 sent its answer on its event stream (`_ANSWER_EVENT`), is writing its answer: not answered
 again, nor counted as still in flight. Then `close(within, flush)` waits, through `flush`
-(`ConnectionGuard.flush`), until the connections have written what they hold: each as long as
-its client reads, cut once it has read nothing for `STALL_SECONDS`, or at `WRITE_SECONDS` after
-`close` began; the cut ones are told in one line.
+(`ConnectionGuard.flush`), until the connections have written what they hold, cutting those
+still writing `WRITE_SECONDS` after `close` began; the cut ones are told in one line. (No shorter
+bound for a client that seems to read nothing: a write is seen only once the kernel's send queue,
+megabytes on loopback, has half emptied, so a client reading steadily at a few hundred KB/s
+looked stalled.)
 
 Example:
     ```python
@@ -89,12 +91,9 @@ BODY_MISSING = "The server is shutting down; the request's body had not arrived.
 #: a moment) is answered `BODY_MISSING` if its body has not arrived within this many seconds: less
 #: than uvicorn's graceful-shutdown timeout (1 s, `server.app.serve_http`), which would cancel it.
 LATE_BODY_SECONDS = 0.5
-#: At the exit, an answer still being written to a client slow to read it is cut once its client
-#: has read nothing for this many seconds, or `unanswered.WRITE_SECONDS` after `close` began (the
-#: drain's end).
-STALL_SECONDS = 2.0
-#: What waits for the connections to write what they hold (`ConnectionGuard.flush`): given
-#: `STALL_SECONDS` and the loop time to stop at, it returns how many were cut.
+#: What waits for the connections to write what they hold (`ConnectionGuard.flush`): given how
+#: long a connection may go without visible progress and the loop time to stop at, it returns how
+#: many were cut.
 Flush = Callable[[float, float], Awaitable[int]]
 #: The head of an event carrying a JSON-RPC response (the SDK writes `jsonrpc`, `id`, then
 #: `result` or `error`), after an `id:` or `event:` line: on a POST's event stream, its answer.
@@ -379,39 +378,43 @@ class HttpShutdown:
         being written (see the module)."""
         began = anyio.current_time()
         self._closing = True
+        # The POSTs in flight at the drain's end: one still in flight `within` seconds later is held
+        # by its work. One that comes in meanwhile is a new request, answered by the app (a call
+        # refused, shutting down) however busy the server is; it is never taken for a held one.
+        drained = set(self._posts)
         if self._streams:
             logger.info("Ending %s open event stream(s)", len(self._streams))
         for stream in self._streams:
             stream.cancel()
-        await self._wait_in_flight(0, within)
+        with anyio.move_on_after(within):
+            await self._wait_gone(drained)
+            await self._wait_in_flight(0, math.inf)
         self._late = True  # the POSTs in flight now are dealt with below; any later one in its turn
-        if self._in_flight:
-            await self._answer_held(within)
+        held = [post for post in self._posts if post in drained]
+        if held:
+            await self._answer_held(within, held)
         if flush is None:
             return
-        cut = await flush(STALL_SECONDS, began + WRITE_SECONDS)
+        cut = await flush(WRITE_SECONDS, began + WRITE_SECONDS)
         if cut:
             logger.warning(
-                "%s HTTP response(s) still being written to slow clients were cut after %.1fs: their clients "
-                "had read nothing for %ss, or were still reading %ss after the drain",
+                "%s HTTP response(s) still being written to slow clients were cut %ss after the drain: their "
+                "clients had not read them by then (too slowly, or not at all)",
                 cut,
-                anyio.current_time() - began,
-                STALL_SECONDS,
                 WRITE_SECONDS,
             )
             # The requests that were writing to those connections end now (uvicorn's `send` returns).
             await self._wait_in_flight(sum(not post.writing for post in self._posts), ANSWER_SECONDS)
 
-    async def _answer_held(self, within: float) -> None:
-        """Answer the POSTs still in flight (`within` seconds after `close` began waiting) that
+    async def _answer_held(self, within: float, posts: list[_Post]) -> None:
+        """Answer `posts`, in flight since the drain's end and still `within` seconds later, that
         are not writing their answer, and wait for those answers to be handed to uvicorn."""
-        in_flight = self._in_flight
-        posts = list(self._posts)
-        still = in_flight - sum(post.delivering for post in posts)  # those writing are `flush`'s
+        still = len(posts) - sum(post.delivering for post in posts)  # those writing are `flush`'s
         if not still:
             return
-        refused = sum(post.refuse_now() for post in posts)
-        answered = sum(post.answer_now() for post in posts)
+        refusing = [post for post in posts if post.refuse_now()]
+        answering = [post for post in posts if post.answer_now()]
+        refused, answered = len(refusing), len(answering)
         self._answered += answered
         what = []
         if answered:
@@ -422,9 +425,16 @@ class HttpShutdown:
             logger.warning(
                 "Stopping with %s HTTP request(s) still in flight after %ss: %s", still, within, "; ".join(what)
             )
-            await self._wait_in_flight(in_flight - answered - refused, ANSWER_SECONDS)
+            with anyio.move_on_after(ANSWER_SECONDS):
+                await self._wait_gone({*refusing, *answering})
         else:
             logger.warning("Stopping with %s HTTP request(s) still in flight after %ss", still, within)
+
+    async def _wait_gone(self, posts: set[_Post]) -> None:
+        """Wait until none of `posts` is in flight any more."""
+        while not posts.isdisjoint(self._posts):
+            self._fewer = anyio.Event()
+            await self._fewer.wait()
 
     async def _wait_in_flight(self, at_most: int, within: float) -> None:
         """Wait (up to `within` seconds) until at most `at_most` requests are in flight."""

@@ -8,6 +8,7 @@ import json
 import logging
 
 import anyio
+import anyio.lowlevel
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
@@ -317,3 +318,55 @@ async def test_close_does_not_answer_again_a_post_writing_its_answer_and_answers
     assert "Stopping with 1 HTTP request(s) still in flight after 0.1s: 1 request(s) answered shutting_down" in (
         caplog.text
     )
+
+
+async def test_close_does_not_take_a_post_that_came_in_after_the_drain_for_a_held_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Under steady load a request is always in flight: one that came in just before `within`
+    # passed was answered "held its cancellation off" as if its work had held the drain.
+    releases = {"/first": anyio.Event(), "/late": anyio.Event()}
+    holding = {"/first": anyio.Event(), "/late": anyio.Event()}
+
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        holding[scope["path"]].set()
+        await releases[scope["path"]].wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"its own answer", "more_body": False})
+
+    http = HttpShutdown(slow)
+    first, late = Exchange(http, "POST", "/first"), Exchange(http, "POST", "/late")
+    for exchange in (first, late):
+        body: list[Message] = [
+            {"type": "http.request", "body": b'{"jsonrpc": "2.0", "id": 3, "method": "ping"}', "more_body": False}
+        ]
+
+        async def receive(body: list[Message] = body) -> Message:
+            if not body:
+                await anyio.sleep_forever()
+            return body.pop()
+
+        exchange._receive = receive  # type: ignore[method-assign]
+    with anyio.fail_after(5), caplog.at_level(logging.WARNING, logger="server.http_shutdown"):
+        async with anyio.create_task_group() as tg:
+            closed = anyio.Event()
+
+            async def close() -> None:
+                await http.close(within=0.2)
+                closed.set()
+
+            tg.start_soon(first.run)
+            await holding["/first"].wait()
+            tg.start_soon(close)  # the drain is over: `first` is in flight
+            await anyio.lowlevel.checkpoint()
+            tg.start_soon(late.run)  # a new request, as the server stops
+            await holding["/late"].wait()
+            releases["/first"].set()  # `first` ends in time; `late` is still in flight at `within`
+            await closed.wait()
+            releases["/late"].set()
+            await late.ended.wait()
+    for exchange in (first, late):
+        assert [m.get("body") for m in exchange.sent if m["type"] == "http.response.body"] == [b"its own answer"]
+    assert "held its cancellation off" not in caplog.text and "Stopping with" not in caplog.text, caplog.text
