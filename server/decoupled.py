@@ -195,7 +195,7 @@ class DecoupledCalls:
                 self.manager.thread_ended()
 
     def _give_up(self, work: _Work, sync: bool | None) -> bool:
-        """Stop the work; False if it still runs on the event loop, True if it ended or is
+        """For a stopped work: False if it still runs on the event loop, True if it ended or is
         stuck in a thread, where it is abandoned: counted, and lent a thread token.
 
         A thread cannot be cancelled, so the work keeps its token of anyio's default thread
@@ -205,7 +205,6 @@ class DecoupledCalls:
         `limits.max_abandoned_threads` bounds how many there can be (the manager refuses sync
         tools past it).
         """
-        work.stop()
         if work.done or work.abandoned:
             return True
         if not _in_a_thread(work, sync):
@@ -286,9 +285,9 @@ def _in_a_thread(work: _Work, sync: bool | None) -> bool:
     if scope is None or not _TASK_TREE:
         # Where anyio's scopes have another shape (or the stop could not splice a scope in: see
         # `LateScope.cancel`), the tasks a work started (an inner interceptor's task group)
-        # cannot be found: a sync tool (or one of unknown kind) is
-        # taken to be in a thread while any thread runs, as the extension did before it looked;
-        # an async tool only when its own task holds one.
+        # cannot be found: a sync tool (or one of unknown kind) is taken to be in a thread while
+        # any thread runs, as the extension did before it looked; an async tool only when its
+        # own task holds one.
         return sync is not False
     return not _tasks_under(scope).isdisjoint(borrowers)
 

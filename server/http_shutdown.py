@@ -387,8 +387,7 @@ class HttpShutdown:
         for stream in self._streams:
             stream.cancel()
         with anyio.move_on_after(within):
-            await self._wait_gone(drained)
-            await self._wait_in_flight(0, math.inf)
+            await self._wait_until(lambda: drained.isdisjoint(self._posts) and not self._in_flight)
         self._late = True  # the POSTs in flight now are dealt with below; any later one in its turn
         held = [post for post in self._posts if post in drained]
         if held:
@@ -404,7 +403,8 @@ class HttpShutdown:
                 WRITE_SECONDS,
             )
             # The requests that were writing to those connections end now (uvicorn's `send` returns).
-            await self._wait_in_flight(sum(not post.writing for post in self._posts), ANSWER_SECONDS)
+            with anyio.move_on_after(ANSWER_SECONDS):
+                await self._wait_until(lambda: not any(post.writing for post in self._posts))
 
     async def _answer_held(self, within: float, posts: list[_Post]) -> None:
         """Answer `posts`, in flight since the drain's end and still `within` seconds later, that
@@ -426,22 +426,15 @@ class HttpShutdown:
                 "Stopping with %s HTTP request(s) still in flight after %ss: %s", still, within, "; ".join(what)
             )
             with anyio.move_on_after(ANSWER_SECONDS):
-                await self._wait_gone({*refusing, *answering})
+                await self._wait_until(lambda: self._posts.isdisjoint(refusing) and self._posts.isdisjoint(answering))
         else:
             logger.warning("Stopping with %s HTTP request(s) still in flight after %ss", still, within)
 
-    async def _wait_gone(self, posts: set[_Post]) -> None:
-        """Wait until none of `posts` is in flight any more."""
-        while not posts.isdisjoint(self._posts):
+    async def _wait_until(self, done: Callable[[], bool]) -> None:
+        """Wait until `done()`, read again each time a request ends."""
+        while not done():
             self._fewer = anyio.Event()
             await self._fewer.wait()
-
-    async def _wait_in_flight(self, at_most: int, within: float) -> None:
-        """Wait (up to `within` seconds) until at most `at_most` requests are in flight."""
-        with anyio.move_on_after(within):
-            while self._in_flight > at_most:
-                self._fewer = anyio.Event()
-                await self._fewer.wait()
 
 
 def _start(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
