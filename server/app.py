@@ -325,6 +325,8 @@ async def _serve_stdio(
     backlog_send, backlog_recv = anyio.create_memory_object_stream[tuple[SessionMessage, object]](math.inf)
     room = anyio.CapacityLimiter(OUT_BACKLOG)
     given = 0  # messages put in the backlog: each is written once by `wire_out`, in that order
+    exiting = False  # from the exit on: everything is taken at once, and notifications may be dropped
+    dropped = 0  # notifications dropped at the exit, as the client had not read what came before
     answers_given = collections.deque[int]()  # the numbers (as `given` counts) of answers not known written
     answered: set[Any] = set()  # requests answered here at the exit: their handler's late answer is dropped
     server_scope = anyio.CancelScope()
@@ -408,6 +410,7 @@ async def _serve_stdio(
                 answers_given.append(given)
 
         async def relay_out() -> None:
+            nonlocal dropped
             async with out_recv:
                 async for item in out_recv:
                     if isinstance(item.message, JSONRPCResponse | JSONRPCError):
@@ -415,6 +418,16 @@ async def _serve_stdio(
                             continue  # answered at the exit already (see below)
                         outstanding.discard(item.message.id)
                         unadmitted.discard(item.message.id)  # answered without reaching the session layer
+                    elif exiting and isinstance(item.message, JSONRPCNotification):
+                        # At the exit nothing waits for the client to read: held work reporting progress
+                        # as fast as it can would bury the answers behind its notifications, without end.
+                        # Those of a request answered here are over for the client; others are dropped
+                        # once OUT_BACKLOG messages wait to be written.
+                        if getattr(item.metadata, "related_request_id", None) in answered:
+                            continue
+                        if backlog_send.statistics().current_buffer_used >= OUT_BACKLOG:
+                            dropped += 1
+                            continue
                     count_given(item)  # now, not after the wait below: the exit waits for what is counted
                     borrower = object()
                     await room.acquire_on_behalf_of(borrower)
@@ -445,6 +458,7 @@ async def _serve_stdio(
                 at_exit = set(outstanding.requests)
                 written_by = anyio.current_time() + WRITE_SECONDS
                 room.total_tokens = math.inf  # every answer the server gives is taken at once from now on
+                exiting = True
                 with anyio.move_on_after(FLUSH_SECONDS):
                     await outstanding.empty.wait()
                 reading.cancel()  # the server is leaving: no more requests are read
@@ -481,6 +495,12 @@ async def _serve_stdio(
                             unwritten,
                             WRITE_SECONDS,
                         )
+                if dropped:
+                    logger.warning(
+                        "%s notification(s) (progress, log messages) were dropped at the exit: the client read its "
+                        "stdout more slowly than the server's tools sent them",
+                        dropped,
+                    )
                 tg.cancel_scope.cancel()
         finally:
             # The server loop ends too, unless a handler whose work holds its cancellation off holds
