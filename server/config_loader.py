@@ -152,6 +152,11 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: invalid TOML: {exc}{key_set_twice(text, str(exc))}"], sourced=True) from None
+    except RecursionError:  # the parser recurses per level of nested arrays or inline tables
+        raise ConfigError(
+            [f"{file}: invalid TOML: arrays or inline tables nest too deeply to be read (a config nests a few levels)"],
+            sourced=True,
+        ) from None
 
 
 def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
@@ -240,7 +245,7 @@ def _read_env() -> tuple[dict[str, Any], list[str]]:
     source = EnvSettingsSource(Settings)
     try:
         return dict(source()), problems
-    except SettingsError as exc:
+    except (SettingsError, RecursionError) as exc:  # (JSON nested too deeply for the reader: RecursionError)
         not_json = _env_json_problems()
         problems += [problem for _, problem in not_json] or [f"environment: {exc}"]
     # Read the other variables without the ones that are not JSON, so that their problems are
@@ -291,6 +296,10 @@ def _env_json_problems() -> list[tuple[str, str]]:
             continue
         try:
             json.loads(value)
+        except RecursionError:
+            problems.append(
+                (name, f"environment variable {name}: {'.'.join(path)}: its JSON nests too deeply to be read")
+            )
         except ValueError:
             example = _json_example(path)
             shape = "a list" if example.startswith("[") else "a table"
@@ -365,8 +374,9 @@ def _at(data: Any, path: Loc) -> Any:
     return node
 
 
-def _show(value: Any) -> str:
-    """A value as the user wrote it (TOML spelling), shortened."""
+def _show(value: Any, depth: int = 0) -> str:
+    """A value as the user wrote it (TOML spelling), shortened (the first items of a long list,
+    the outer levels of nested ones)."""
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
@@ -374,7 +384,13 @@ def _show(value: Any) -> str:
     elif isinstance(value, float) and not math.isfinite(value):
         text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     elif isinstance(value, list | tuple):
-        text = "[" + ", ".join(_show(item) for item in value) + "]"
+        if depth >= _SHOWN_LEVELS:
+            text = "[...]" if value else "[]"
+        else:
+            items = [_show(item, depth + 1) for item in value[:_SHOWN_ITEMS]]
+            if len(value) > _SHOWN_ITEMS:
+                items.append("...")
+            text = "[" + ", ".join(items) + "]"
     elif isinstance(value, Mapping):
         text = "a table"
     elif isinstance(value, datetime | date | time):
@@ -382,6 +398,12 @@ def _show(value: Any) -> str:
     else:
         text = repr(value)
     return text if len(text) <= 100 else text[:97] + "..."
+
+
+#: How much of a list `_show` spells out: its first items, and the outer levels of nested lists
+#: (the text is cut to 100 characters anyway; a file may nest hundreds of levels).
+_SHOWN_ITEMS = 20
+_SHOWN_LEVELS = 5
 
 
 def _known_keys(parent: Loc) -> list[str]:
@@ -439,6 +461,8 @@ def _bounds(loc: Loc) -> tuple[Any, Any]:
 
 
 _TABLE_TYPES = ("model_type", "model_attributes_type", "dict_type")
+#: An example of each list the file holds, for the message of a value that is not a list.
+_LIST_EXAMPLES = {"tool_modules": '["tools.demo"]', "allowed_hosts": '["mcp.example.com:*"]'}
 
 
 def _bound(value: float) -> str:
@@ -474,11 +498,11 @@ def _reason(error: ErrorDetails) -> str:
         "finite_number": "must be a finite number (nan and inf are not allowed)",
         "string_type": "must be a string (in quotes)",
         "string_too_short": "must not be empty",
-        "tuple_type": 'must be a list, e.g. ["tools.demo"]',
-        "list_type": 'must be a list, e.g. ["tools.demo"]',
     }
     if kind in simple:
         return simple[kind]
+    if kind in ("tuple_type", "list_type"):
+        return f"must be a list, e.g. {_LIST_EXAMPLES.get(str(loc[-1]), '[...]')}"
     if kind == "literal_error":
         return f"must be {ctx['expected']}"
     if kind in _TABLE_TYPES:

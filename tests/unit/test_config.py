@@ -314,6 +314,26 @@ BAD_FILES = [
         id="wrong-type-string-for-list",
     ),
     pytest.param(
+        '[server]\nallowed_hosts = "mcp.example.com"\n',
+        'server.allowed_hosts: must be a list, e.g. ["mcp.example.com:*"] (got "mcp.example.com")',
+        id="wrong-type-string-for-host-list",
+    ),
+    pytest.param(
+        "x = " + "{a=" * 1000 + "1" + "}" * 1000 + "\n",
+        "invalid TOML: arrays or inline tables nest too deeply to be read (a config nests a few levels)",
+        id="nesting-beyond-the-toml-reader",
+    ),
+    pytest.param(
+        "[server]\ntool_modules = " + "[" * 450 + "]" * 450 + "\n",
+        "server.tool_modules.0: must be a string (in quotes) (got [[[[[[...]]]]]])",
+        id="nested-lists-shown-shortened",
+    ),
+    pytest.param(
+        "[server]\nname = [" + ", ".join(str(i) for i in range(30)) + "]\n",
+        "server.name: must be a string (in quotes) (got [" + ", ".join(str(i) for i in range(20)) + ", ...])",
+        id="long-list-shown-shortened",
+    ),
+    pytest.param(
         "limits = 5\n",
         "limits: must be a table ([limits] with its own keys), not a single value (got 5)",
         id="wrong-type-value-for-table",
@@ -1234,6 +1254,22 @@ def test_bad_json_in_a_variable_gets_an_example_of_the_shape_its_key_takes(
 
     assert problems_of(None) == [
         f"environment variable {name}: {key}: must be JSON for {shape}, e.g. {name}='{example}' (got \"[oops\")"
+    ]
+
+
+def test_json_in_a_variable_nesting_deeper_than_the_json_reader_is_refused_like_bad_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # json.loads recursed past the interpreter's limit: a traceback and exit 1 at start, where the
+    # problems of the config are listed (exit 2).
+    monkeypatch.setenv("MCP_SESSIONS_SERVER__ALLOWED_HOSTS", "[" * 5000 + "]" * 5000)
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS", "0")
+
+    assert problems_of(None) == [
+        "environment variable MCP_SESSIONS_SERVER__ALLOWED_HOSTS: server.allowed_hosts: its JSON nests too deeply "
+        "to be read",
+        "environment variable MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS: limits.max_concurrent_sessions: "
+        'must be between 1 and 1000000 (got "0")',
     ]
 
 
