@@ -85,7 +85,10 @@ def _stoppable_start() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
+    """The command: an exit status. With `exiting` (the process ends when this returns), a SIGHUP
+    is ignored from then on, instead of regaining its default action (ending the process, status
+    129) for the last moments of an exit that has otherwise run its course."""
     give_back = hold_early_hangups()  # a SIGHUP before the server serves is a reload once it does, not a silent death
     try:
         try:
@@ -100,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(*started)
         return 0
     finally:
-        give_back()
+        give_back(exiting)
 
 
 def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, BinaryIO | None, BinaryIO | None]:
@@ -173,4 +176,4 @@ def _write_settings(wire: BinaryIO, settings: Settings) -> str | None:
 
 
 def run() -> None:
-    sys.exit(main())
+    sys.exit(main(exiting=True))

@@ -11,8 +11,8 @@ is, saying so. An invalid file (and a path that cannot be read as one: missing, 
 file, any OS error) is rejected with the same message as at startup, and the config in force
 stays. Keys bound at startup (the `[server]` table, `metrics.prometheus_port` and the `[store]`
 table: the session store is opened once, at startup) are reported as ignored until a restart,
-never as applied. `watch_sighup` reads and checks the file in a worker thread, so that a slow
-disk or mount stalls no call. Both outcomes are counted by the manager
+never as applied. `watch_sighup` reads and checks the file in a thread of its own, so that a
+slow disk or mount stalls no call. Both outcomes are counted by the manager
 (`config_reloads`, `config_reload_failures`).
 
 Example:
@@ -25,15 +25,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import signal
+import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import anyio
-import anyio.to_thread
+import anyio.from_thread
+import anyio.lowlevel
 from anyio.abc import TaskStatus
 
 from server.config import ConfigError, Settings, mask_secrets
@@ -48,6 +51,8 @@ logger = logging.getLogger(__name__)
 RESTART_ONLY = ("server", "metrics", "store")
 #: The table a reload leaves alone where the host, not this package, configures logging.
 LOGGING = "logging"
+
+T = TypeVar("T")
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -84,23 +89,30 @@ class _EarlyHangup:
         return seen
 
 
-def hold_early_hangups() -> Callable[[], None]:
+def hold_early_hangups() -> Callable[[bool], None]:
     """From now until `watch_sighup` runs, a SIGHUP (a reload asked for while the server starts:
     while a tool module imports, say) is remembered, and `watch_sighup` then reloads once, so the
     file read is no older than the request. Without this, SIGHUP's default action ends the process
     silently (status 129). Call it on the main thread, before the start's slow parts; call what it
-    returns when done (serving or not), to put back the handler there was and forget the request."""
+    returns when done (serving or not), to put back the handler there was and forget the request;
+    or, with `exiting` True (the process ends next), to ignore SIGHUP until it does: a signal in
+    the last moments of a finished exit must not turn its status into 129. (Python's own exit
+    gives a handler written in Python back to the default action; it leaves an ignored signal be.)"""
     hangup = getattr(signal, "SIGHUP", None)
     if hangup is None:  # pragma: no cover - Windows has no SIGHUP
-        return lambda: None
+        return _nothing_to_give_back
     _EarlyHangup.seen = False
     previous = signal.signal(hangup, _EarlyHangup.remember)
 
-    def give_back() -> None:
-        signal.signal(hangup, previous)
+    def give_back(exiting: bool = False) -> None:
+        signal.signal(hangup, signal.SIG_IGN if exiting else previous)
         _EarlyHangup.seen = False
 
     return give_back
+
+
+def _nothing_to_give_back(exiting: bool = False) -> None:  # pragma: no cover - Windows has no SIGHUP
+    pass
 
 
 class ConfigReloader:
@@ -196,10 +208,14 @@ class ConfigReloader:
                 ", ".join(f"{key} = {_show(now, key)}" for key, (_, now) in host_owned.items()),
             )
         if applied:
+            # A shutdown under way read its drain deadline when it began: say so, or an operator
+            # shortening a stuck drain would wait for an effect that never comes.
+            draining = "shutdown.timeout_seconds" in applied and self.sessions.manager.shutting_down
             logger.info(
-                "Config reloaded from %s: %s",
+                "Config reloaded from %s: %s%s",
                 where,
                 ", ".join(f"{key} {_show(was, key)} -> {_show(now, key)}" for key, (was, now) in applied.items()),
+                " (the shutdown under way keeps the drain deadline it began with)" if draining else "",
             )
         else:
             # The environment as the reason only where it may be one: a file was read, and no edit
@@ -214,21 +230,37 @@ class ConfigReloader:
         if hangup is None:  # pragma: no cover - Windows has no SIGHUP
             task_status.started()
             return
-        # The file is read and checked in a worker thread, so that a slow disk or mount stalls no
-        # call; with a limiter of its own, so that sync tools holding the default threads cannot
-        # hold a reload up. Applying the result is back on the event loop.
-        reading = anyio.CapacityLimiter(1)
-        with anyio.open_signal_receiver(hangup) as signals:
-            task_status.started()
-            if _EarlyHangup.take():  # see `hold_early_hangups`
-                logger.info("Received SIGHUP while starting: reloading the config now that the server runs")
-                await self._reload_in_thread(reading)
-            async for _ in signals:
-                logger.info("Received SIGHUP: reloading the config")
-                await self._reload_in_thread(reading)
+        # Leaving the receiver sets SIGHUP's default action (the process ends), not what was there:
+        # put that back, so that a SIGHUP while the server winds down is no more fatal than one
+        # while it ran (the standalone server's is `hold_early_hangups`' until the process exits).
+        previous = signal.getsignal(hangup)
+        try:
+            with anyio.open_signal_receiver(hangup) as signals:
+                task_status.started()
+                if _EarlyHangup.take():  # see `hold_early_hangups`
+                    logger.info("Received SIGHUP while starting: reloading the config now that the server runs")
+                    await self._reload_in_thread()
+                async for _ in signals:
+                    logger.info("Received SIGHUP: reloading the config")
+                    await self._reload_in_thread()
+        finally:
+            if previous is not None:  # (None: a handler set outside Python, which cannot be put back)
+                with contextlib.suppress(ValueError, OSError):  # (not the main thread: nothing to put back)
+                    signal.signal(hangup, previous)
 
-    async def _reload_in_thread(self, reading: anyio.CapacityLimiter) -> None:
-        loaded = await anyio.to_thread.run_sync(self._load, abandon_on_cancel=True, limiter=reading)
+    async def _reload_in_thread(self) -> None:
+        """Reload, reading and checking the file in a thread of its own, so that a slow disk or
+        mount stalls no call, nor waits behind sync tools holding the worker threads; applying the
+        result is back on the event loop. A daemon thread: one still reading when the server stops
+        is left behind, not taken at the exit for stuck tool work. Nothing raised while reading can
+        end the server: an unexpected failure is a rejected reload, logged with its traceback."""
+        try:
+            loaded = await _in_daemon_thread(self._load)
+        except Exception:  # noqa: BLE001 - logged; a reload must never stop a serving server
+            where = str(self.path) if self.path is not None else "the environment"
+            logger.exception("Config reload from %s failed; the config in force is unchanged", where)
+            self.sessions.manager.config_reloaded(ok=False)
+            return
         self._apply(loaded)
 
     def _overridden_note(self, in_force: Settings) -> str:
@@ -242,6 +274,29 @@ class ConfigReloader:
         if not overridden:
             return ""
         return f" (overridden, so the file's value is not in force: {', '.join(overridden)})"
+
+
+async def _in_daemon_thread(work: Callable[[], T]) -> T:
+    """`work()` run in a new daemon thread (named "mcp-config-reload"), its result or exception
+    given back here. Cancelling the wait leaves the thread to finish on its own."""
+    token = anyio.lowlevel.current_token()
+    done = anyio.Event()
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:  # noqa: BLE001 - raised again by the waiting task
+            outcome.append((False, exc))
+        with contextlib.suppress(anyio.RunFinishedError, RuntimeError):  # the loop has finished, or closed
+            anyio.from_thread.run_sync(done.set, token=token)
+
+    threading.Thread(target=run, name="mcp-config-reload", daemon=True).start()
+    await done.wait()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return cast(T, value)
 
 
 def _describe(ignored: Mapping[str, tuple[Any, Any]]) -> str:

@@ -273,7 +273,7 @@ async def test_sighup_raises_and_lowers_the_cap_and_an_invalid_file_keeps_the_ol
     assert "ignored until restart: server.name" in server.stderr
 
 
-async def test_sighup_with_the_config_path_turned_into_a_fifo_or_a_symlink_loop_is_a_rejected_reload(
+async def test_sighup_with_the_config_path_turned_into_a_fifo_a_symlink_loop_or_deep_nesting_is_a_rejected_reload(
     tmp_path: Path,
 ) -> None:
     # Reading a FIFO waited for a writer on the event loop (even SIGTERM went unheard), and a
@@ -305,12 +305,22 @@ async def test_sighup_with_the_config_path_turned_into_a_fifo_or_a_symlink_loop_
             server.send_signal(signal.SIGHUP)
             samples = await scrape_until(base, lambda s: counter(s, "config_reload_failures") == 2)
             assert counter(samples, "config_reloads") == 0 and gauge(samples, "max_concurrent") == 2
+
+            # A small file nesting deeper than the TOML reader recurses (its RecursionError ended the
+            # server, exit 1, no drain, the call in flight lost).
+            path.unlink()
+            path.write_text("x = " + "{a=" * 1000 + "1" + "}" * 1000 + "\n", encoding="utf-8")
+            server.send_signal(signal.SIGHUP)
+            samples = await scrape_until(base, lambda s: counter(s, "config_reload_failures") == 3)
+            assert counter(samples, "config_reloads") == 0 and gauge(samples, "max_concurrent") == 2
+            assert text_of(await client.call_tool("echo", {"text": "still here"})) == "still here"
         assert [text_of(result) for result in in_flight] == ["slept 2s"]
 
         server.send_signal(signal.SIGTERM)
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
     assert f"{path}: is a named pipe (FIFO), not a regular file" in server.stderr
     assert f"{path}: cannot read the config file: Too many levels of symbolic links" in server.stderr
+    assert f"{path}: invalid TOML: arrays or inline tables nest too deeply to be read" in server.stderr
     assert "Traceback" not in server.stderr
 
 
@@ -361,6 +371,42 @@ async def test_sighup_reloads_over_stdio_and_the_loopback_exporter_serves_metric
         await server.close_stdin()
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
     assert server.stray_stdout == []
+
+
+async def test_a_reload_still_reading_when_the_server_stops_is_not_taken_for_stuck_tool_work(tmp_path: Path) -> None:
+    # The file is read in a thread: one still reading at the exit was counted as a tool's thread
+    # ("Exiting with 1 thread(s) still running tool work past the shutdown") and forced the exit.
+    config = server_config()
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        slow = "".join(f"unknown_{i} = {i}\n" for i in range(60_000))  # seconds of checking
+        server.config_path.write_text(slow + render_toml(config), encoding="utf-8")
+        server.send_signal(signal.SIGHUP)
+        await server.wait_stderr("Received SIGHUP: reloading the config")
+        server.send_signal(signal.SIGTERM)
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert "still running tool work" not in server.stderr, server.stderr
+    assert "Traceback" not in server.stderr
+
+
+async def test_sighups_during_the_exit_do_not_end_the_process_with_their_default_action(tmp_path: Path) -> None:
+    # Once serving had stopped, SIGHUP's default action was back (the process ends, status 129)
+    # for the rest of the exit: a reload asked for then turned a clean shutdown into a kill.
+    async with start_server(tmp_path, server_config(), transport="streamable-http") as server:
+        # Signalled through a pidfd: `Popen.send_signal` reaps the process if it has exited, which the
+        # event loop's child watcher then reports as status 255; a pidfd is never another process.
+        pidfd = os.pidfd_open(server.process.pid)
+        try:
+            server.send_signal(signal.SIGTERM)
+            with anyio.fail_after(EXIT_MARGIN):
+                while server.process.returncode is None:
+                    try:
+                        signal.pidfd_send_signal(pidfd, signal.SIGHUP)
+                    except ProcessLookupError:  # it has exited
+                        break
+                    await anyio.sleep(0.002)  # a storm: a signal every few milliseconds until the process is gone
+        finally:
+            os.close(pidfd)
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
 
 
 # -- logs ---------------------------------------------------------------------------------

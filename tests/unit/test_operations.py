@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -303,6 +304,29 @@ def test_a_reload_keeps_the_keys_bound_at_startup_and_reports_them(
     assert "ignored until restart: metrics.prometheus_port (in force 0, file 9300), server.name" in text
     assert "server.port" not in text  # the command line still wins: nothing to ignore
     assert "shutdown.timeout_seconds 30.0 -> 3.0" in text
+
+
+async def test_a_reload_during_a_shutdown_says_the_drain_under_way_keeps_its_deadline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator shortening a stuck drain by a reload was told "shutdown.timeout_seconds 8.0 -> 1.0"
+    # and nothing else, while the drain went on to its old deadline.
+    path = write(tmp_path / "c.toml", "[shutdown]\ntimeout_seconds = 8\n")
+    sessions = SessionsExtension(load_settings(path))
+    reloader = ConfigReloader(sessions, path)
+    async with sessions.manager.running(), anyio.create_task_group() as tg:
+        held = await sessions.manager.create(tool="t")
+        tg.start_soon(sessions.manager.shutdown, 8.0)
+        await sessions.manager.wait_shutting_down()
+        write(path, "[shutdown]\ntimeout_seconds = 1\n")
+        with caplog.at_level(logging.INFO, logger="server.reload"):
+            assert reloader.reload() is True
+        await sessions.manager.release(held.id)
+
+    assert (
+        "shutdown.timeout_seconds 8.0 -> 1.0 (the shutdown under way keeps the drain deadline it began with)"
+        in caplog.text
+    )
 
 
 def test_a_reload_that_adds_tool_modules_says_to_check_the_config_before_the_restart(
