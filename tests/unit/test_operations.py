@@ -22,7 +22,7 @@ from prometheus_client.samples import Sample
 
 from server import SessionsExtension, SessionState
 from server.cli import main
-from server.config import ConfigError, LimitsSettings
+from server.config import ConfigError, LimitsSettings, Settings
 from server.config_loader import load_settings
 from server.errors import ErrorCode, SessionError
 from server.logs import JsonFormatter, TextFormatter
@@ -565,6 +565,71 @@ def test_a_text_log_line_escapes_bidirectional_overrides_too() -> None:
 
     assert line.splitlines() == [line]
     assert line.endswith("Refused x\\u2028FORGED-LS\\x85FORGED-NEL\\x9b31mCSI\\u202eRLO\\x1b[31mESC\\nFORGED-NL")
+
+
+class _ReloadLines(logging.Handler):
+    """The messages of `server.reload`, and an event set at each reload's outcome."""
+
+    OUTCOMES = ("Config reloaded from", "the config in force is unchanged")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self.outcome = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if any(text in self.messages[-1] for text in self.OUTCOMES):
+            self.outcome.set()
+
+    async def next_outcome(self) -> None:
+        with anyio.fail_after(10):
+            await self.outcome.wait()
+        self.outcome = anyio.Event()
+
+
+async def test_a_reload_failing_unexpectedly_is_rejected_and_the_watch_goes_on_then_gives_sighup_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A failure nobody foresaw in reading the file (a defect, a recursion) escaped the watch into
+    # the serving task group and ended the server. It is a rejected reload now; the next SIGHUP
+    # reloads; and once the watch ends, SIGHUP's handler is the one it found (not the default
+    # action, which would end the process).
+    path = write(tmp_path / "c.toml", "[limits]\nmax_concurrent_sessions = 4\n")
+    sessions = SessionsExtension(load_settings(path))
+    checks: list[Settings] = []
+
+    def check(settings: Settings) -> None:
+        checks.append(settings)
+        if len(checks) == 1:
+            raise RuntimeError("a defect in a check")
+
+    def before(signum: int, frame: object) -> None:
+        pass
+
+    lines = _ReloadLines()
+    logger = logging.getLogger("server.reload")
+    logger.addHandler(lines)
+    previous = signal.signal(signal.SIGHUP, before)
+    try:
+        with caplog.at_level(logging.INFO, logger="server.reload"):  # (the success line is INFO)
+            async with anyio.create_task_group() as tg:
+                await tg.start(ConfigReloader(sessions, path, check=check).watch_sighup)
+                write(path, "[limits]\nmax_concurrent_sessions = 5\n")
+                os.kill(os.getpid(), signal.SIGHUP)
+                await lines.next_outcome()
+                os.kill(os.getpid(), signal.SIGHUP)
+                await lines.next_outcome()
+                tg.cancel_scope.cancel()
+        assert signal.getsignal(signal.SIGHUP) is before
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        logger.removeHandler(lines)
+    failed = [m for m in lines.messages if "failed; the config in force is unchanged" in m]
+    assert failed == [f"Config reload from {path} failed; the config in force is unchanged"], lines.messages
+    assert sessions.manager.limits.max_concurrent_sessions == 5
+    metrics = sessions.manager.metrics()
+    assert (metrics.config_reloads, metrics.config_reload_failures) == (1, 1)
 
 
 def test_the_command_line_gives_sighup_back_when_it_returns_without_serving(
