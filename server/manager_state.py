@@ -288,7 +288,7 @@ class ManagerState:
                     timeouts=s.timeouts,
                     cancelled=s.cancelled,
                     p95=s.durations.quantile(0.95),
-                    active=self._tool_active.get(name, 0) if name != OTHER_TOOLS else self._other_active_locked(),
+                    active=self._tool_active.get(name, 0) + (self._other_active_locked() if name == OTHER_TOOLS else 0),
                     max_concurrent=self.tool_caps.get(name),
                     rejected_tool_limit=s.rejected_tool_limit,
                 )
@@ -302,20 +302,28 @@ class ManagerState:
 
     def _other_active_locked(self) -> int:
         """The running calls of the tools counted together as `OTHER_TOOLS` (those past
-        `MAX_TRACKED_TOOLS` names, which have no entry of their own)."""
+        `MAX_TRACKED_TOOLS` names, which have no entry of their own). A tool that is itself named
+        `OTHER_TOOLS` shares the entry: its running calls are `_tool_active`'s, added by the caller."""
         tools = self._tools
         return sum(active for name, active in self._tool_active.items() if name not in tools)
 
     def duration_histograms(self, bounds: Sequence[float]) -> dict[str, HistogramReading]:
         """Durations of finished sessions per tool at `bounds` (ascending seconds); sessions made
-        by `session_create` under `NO_TOOL`. Tools with no finished session are left out."""
+        by `session_create` under `NO_TOOL` (with those of a tool of that name, if one is hosted).
+        Tools with no finished session are left out."""
         with self._lock:
             return self._histograms_locked(bounds)
 
     def _histograms_locked(self, bounds: Sequence[float]) -> dict[str, HistogramReading]:
         readings = {name: s.durations.reading(bounds) for name, s in self._tools.items() if s.durations.count}
-        if self._untooled_durations.count:
-            readings[NO_TOOL] = self._untooled_durations.reading(bounds)
+        untooled = self._untooled_durations
+        if untooled.count:
+            # A hosted tool named `NO_TOOL` shares the key: both histograms together, so the
+            # counts still add up to the finished sessions.
+            named = self._tools.get(NO_TOOL)
+            if named is not None and named.durations.count:
+                untooled = DurationStats.merged([untooled, named.durations])
+            readings[NO_TOOL] = untooled.reading(bounds)
         return readings
 
     def reset_metrics(self) -> None:
