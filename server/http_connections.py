@@ -541,7 +541,12 @@ class _GuardedProtocol(asyncio.Protocol):
 
 
 class ConnectionsCollector(Collector):
-    """The guard's figures for `/metrics`: connections open, the cap, refused and timed out."""
+    """The guard's figures for `/metrics`: connections open, the cap, refused and timed out.
+
+    Read from the thread `/metrics` renders in, while the loop's thread changes them: each is a
+    plain count, read whole; `open` and `probing` are read one after the other, a few
+    microseconds apart, so their sum may be one off for a connection that opened or closed between.
+    """
 
     def __init__(self, guard: ConnectionGuard) -> None:
         self._guard = guard
