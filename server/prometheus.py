@@ -7,6 +7,8 @@ families on every scrape; nothing here counts anything itself. Each server gets 
 
 Counters, gauges and the rejected-by-reason counter are driven by the tables below: a snapshot
 field becomes a sample by adding a row, and a row whose field the snapshot lacks is skipped.
+The per-tool families make their samples one tool at a time, as the exposition reads them
+(see `_SamplesAsRead`).
 
 Example:
     ```python
@@ -20,8 +22,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
@@ -33,10 +35,11 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from server.config import LOOPBACK_HOST_NAMES
 from server.logs import EventReport
-from server.metrics import HistogramReading, MetricsSnapshot
+from server.metrics import HistogramReading, MetricsSnapshot, ToolMetrics
 from server.sessions import SessionManager
 
 if TYPE_CHECKING:
@@ -188,27 +191,81 @@ class SessionsCollector(Collector):
                 yield GaugeMetricFamily(PREFIX + name, help_text, value=float(value))
 
     def _per_tool(self, snapshot: MetricsSnapshot) -> Iterator[Metric]:
-        calls = CounterMetricFamily(PREFIX + "tool_calls", "Tool calls admitted, per tool.", labels=["tool"])
-        ended = CounterMetricFamily(
-            PREFIX + "tool_ended", "Tool calls ended, per tool and final state.", labels=["tool", "state"]
-        )
-        for tool, stats in snapshot.tools.items():
-            calls.add_metric([tool], stats.calls)
+        def calls() -> CounterMetricFamily:
+            return CounterMetricFamily(PREFIX + "tool_calls", "Tool calls admitted, per tool.", labels=["tool"])
+
+        def ended() -> CounterMetricFamily:
+            return CounterMetricFamily(
+                PREFIX + "tool_ended", "Tool calls ended, per tool and final state.", labels=["tool", "state"]
+            )
+
+        def add_calls(family: CounterMetricFamily, tool: str, stats: ToolMetrics) -> None:
+            family.add_metric([tool], stats.calls)
+
+        def add_ended(family: CounterMetricFamily, tool: str, stats: ToolMetrics) -> None:
             for field, state in _TOOL_STATES:
-                ended.add_metric([tool, state], getattr(stats, field))
-        yield calls
-        yield ended
+                family.add_metric([tool, state], getattr(stats, field))
+
+        yield _per_tool_family(calls, add_calls, snapshot.tools)
+        yield _per_tool_family(ended, add_ended, snapshot.tools)
 
     def _durations(self, histograms: dict[str, HistogramReading]) -> Metric:
-        family = HistogramMetricFamily(
-            PREFIX + "duration_seconds",
-            "Duration of finished sessions, per tool ('(none)': sessions opened by session_create).",
-            labels=["tool"],
-        )
-        for tool, reading in histograms.items():
+        bounds = self._bounds
+
+        def durations() -> HistogramMetricFamily:
+            return HistogramMetricFamily(
+                PREFIX + "duration_seconds",
+                "Duration of finished sessions, per tool ('(none)': sessions opened by session_create).",
+                labels=["tool"],
+            )
+
+        def add(family: HistogramMetricFamily, tool: str, reading: HistogramReading) -> None:
             counts = [*reading.buckets, reading.count]
-            family.add_metric([tool], list(zip(self._bounds, counts, strict=True)), sum_value=reading.total)
-        return family
+            family.add_metric([tool], list(zip(bounds, counts, strict=True)), sum_value=reading.total)
+
+        return _per_tool_family(durations, add, histograms)
+
+
+_Family = TypeVar("_Family", bound=Metric)
+_Value = TypeVar("_Value")
+
+
+def _per_tool_family(
+    make: Callable[[], _Family], add: Callable[[_Family, str, _Value], None], per_tool: Mapping[str, _Value]
+) -> _Family:
+    """A family made by `make`, whose samples `add` makes one tool at a time as the exposition
+    reads them (see `_SamplesAsRead`)."""
+    family = make()
+    family.samples = _SamplesAsRead(make(), add, per_tool)  # type: ignore[assignment]  # only ever iterated
+    return family
+
+
+class _SamplesAsRead(Generic[_Family, _Value]):
+    """The samples of a per-tool family, made as the exposition reads them: one tool's at a time
+    in `scratch`, dropped once read. `prometheus_client` only iterates a family's `samples` (the
+    encoders, and a `name[]` filter of the exporter), and each collection makes its own families,
+    so one is never read by two threads at once.
+
+    Made all at once, the samples of 1,025 tools (about 27,000, each with a dict of labels) all
+    outlived the young generations of the garbage collector, and every second scrape or so set
+    off a full collection: 200 ms holding the GIL on a server hosting 2,000 tools, which stalled
+    its event loop, and so every call, though the scrape renders in a thread of its own. Made a
+    tool at a time, they die young.
+    """
+
+    def __init__(
+        self, scratch: _Family, add: Callable[[_Family, str, _Value], None], per_tool: Mapping[str, _Value]
+    ) -> None:
+        self._scratch = scratch
+        self._add = add
+        self._per_tool = per_tool
+
+    def __iter__(self) -> Iterator[Sample]:
+        samples = self._scratch.samples
+        for tool, value in self._per_tool.items():
+            self._add(self._scratch, tool, value)
+            yield from samples
+            samples.clear()
 
 
 def _le(bound: float) -> str:
