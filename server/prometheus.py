@@ -115,7 +115,7 @@ GAUGES: tuple[tuple[str, str, str], ...] = (
     ("max_abandoned_threads", "max_abandoned_threads", "limits.max_abandoned_threads in force."),
     ("current_metadata_bytes", "metadata_bytes", "Metadata bytes held by active sessions."),
     ("shutdown_requested", "shutting_down", "1 while a graceful shutdown runs."),
-    ("uptime_seconds", "uptime_seconds", "Seconds since the session manager started."),
+    ("uptime_seconds", "uptime_seconds", "Seconds since the session manager was created."),
 )
 
 #: Gauges from `limits` (the limits in force; they change on a config reload).
@@ -124,8 +124,10 @@ LIMIT_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("default_timeout_seconds", "default_timeout_seconds", "limits.default_timeout_seconds in force."),
 )
 
-#: Snapshot fields deliberately not exported one to one: rates and percentiles are computed
-#: from the counters and the histogram in PromQL; `tools` and `limits` are exported above.
+#: Snapshot fields deliberately not exported one to one: rates and duration percentiles are
+#: computed from the counters and the histogram in PromQL; `tools` and `limits` are exported
+#: above (of `tools`, not `active`, `max_concurrent`, `rejected_tool_limit` nor `p95`).
+#: `queue_wait_p95` is not exported at all (no queue-wait histogram is): `session_metrics` only.
 #: `cluster` (cluster mode's totals) is not exported: each replica exports its own counters,
 #: and Prometheus sums them across replicas (`sum(mcp_sessions_created_total)`).
 DERIVED = frozenset(
