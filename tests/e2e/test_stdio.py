@@ -51,7 +51,7 @@ from tests.e2e_cli.test_cli import (
     NOISY_SETUP_PRINT,
 )
 from tests.fixtures.e2e_tools import IN_SHUTDOWN, NOISE_FROM_FD, NOISE_FROM_PRINT
-from tests.helpers import code_of, error_of, text_of
+from tests.helpers import ON_TIME_MARGIN, code_of, error_of, text_of
 
 #: Margin on top of a shutdown deadline for the process to wind down and exit.
 EXIT_MARGIN = 8.0
@@ -229,7 +229,7 @@ async def test_hanging_async_and_sync_tools_get_a_timeout_on_time_and_the_server
                 assert "0.5s" in error["message"]
                 fate = "was abandoned: its thread runs on" if tool == "hang_sync" else "was cancelled"
                 assert fate in error["message"], error["message"]
-                assert elapsed >= 0.5
+                assert 0.5 <= elapsed < 0.5 + ON_TIME_MARGIN, elapsed
             m = await metrics(client)
             # The server keeps serving while the stuck thread runs on.
             assert text_of(await client.call_tool("echo", {"text": "alive"})) == "alive"
@@ -409,7 +409,7 @@ async def test_stdin_eof_ends_the_client_s_session_create_sessions_at_once_and_d
         exit_seconds = time.monotonic() - closed
         finished = await server.call_result(quick)
     assert text_of(finished) == IN_SHUTDOWN  # the running call still finished and answered
-    assert exit_seconds < 10, exit_seconds
+    assert exit_seconds < 4.0, exit_seconds
     assert "stdin closed: ended 1 session(s) made by session_create, which no one can release" in server.stderr
     assert (
         f"Session {reservation['session_id']} ended cancelled" in server.stderr

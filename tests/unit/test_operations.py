@@ -245,14 +245,20 @@ def test_the_exporter_handles_a_few_connections_at_once_and_closes_a_silent_one_
     assert response.status_code == 200 and "mcp_sessions_created_total" in response.text
 
 
-def test_an_exporter_port_in_use_is_reported_and_nothing_is_served() -> None:
+def test_an_exporter_port_in_use_is_reported_and_nothing_is_served(caplog: pytest.LogCaptureFixture) -> None:
     registry = build_registry(SessionManager(), process=False)
-    with socket.socket() as taken:
+    exporters_before = [t for t in threading.enumerate() if t.name == "prometheus-exporter"]
+    with socket.socket() as taken, caplog.at_level(logging.ERROR, logger="server.prometheus"):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        busy = Exporter(registry, taken.getsockname()[1])
+        port = taken.getsockname()[1]
+        busy = Exporter(registry, port)
         assert busy.start() is False
+        assert [t for t in threading.enumerate() if t.name == "prometheus-exporter"] == exporters_before
     busy.stop()  # nothing started: a no-op
+    [line] = [r.getMessage() for r in caplog.records if r.name == "server.prometheus"]
+    assert line.startswith(f"Could not serve Prometheus metrics on 127.0.0.1 port {port}: ")
+    assert line.endswith("; serving MCP without them")
 
 
 # -- reload -------------------------------------------------------------------------------
