@@ -632,41 +632,22 @@ async def test_a_bad_config_exits_2_naming_the_file_and_key_without_starting(tmp
 # -- work that holds the shutdown's cancellation off -------------------------------------
 
 
-@pytest.mark.parametrize("tool", ["thread_wait", "shielded_sleep"])
+@pytest.mark.parametrize("tool", ["thread_wait", "shielded_sleep", "progress_flood"])
 async def test_a_call_holding_the_shutdown_off_is_answered_shutting_down_and_the_process_exits_0_on_time(
     tmp_path: Path, tool: str
 ) -> None:
     # The call's work holds the cancellation off (a shielded thread wait, a shield) far past the
     # drain deadline: the shutdown still ends on time, the caller gets `shutting_down` (not
-    # silence), and the process exits without waiting for the work, saying why.
-    shutdown_seconds = 1.0
-    config = server_config(shutdown={"timeout_seconds": shutdown_seconds})
-    async with start_server(tmp_path, config) as server:
-        await server.initialize()
-        held = await server.start_call(tool, {"seconds": HELD_SECONDS})
-        await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
-        signalled = time.monotonic()
-        server.send_signal(signal.SIGTERM)
-        assert await server.wait_exit(within=shutdown_seconds + HELD_EXIT_MARGIN) == 0
-        exit_seconds = time.monotonic() - signalled
-        answer = await server.call_result(held, within=0)
-    assert_held_call_answered(answer, server.stderr, tool, exit_seconds, shutdown_seconds)
-    assert server.stray_stdout == []
-
-
-async def test_a_held_call_flooding_progress_still_gets_its_shutting_down_answer_and_the_exit_keeps_its_bound(
-    tmp_path: Path,
-) -> None:
-    # Held work that reports progress faster than the client reads: its notifications must neither
-    # bury its `shutting_down` answer past the exit's write bound nor pile up without end, and none
-    # of them may come after that answer (the request is over for the client).
+    # silence), and the process exits without waiting for the work, saying why. Work that reports
+    # progress faster than the client reads (`progress_flood`) must not bury that answer past the
+    # exit's write bound, and none of its notifications may come after it.
     shutdown_seconds = 1.0
     config = server_config(shutdown={"timeout_seconds": shutdown_seconds})
     async with start_server(tmp_path, config) as server:
         await server.initialize()
         held = await server.start_request(
             "tools/call",
-            {"name": "progress_flood", "arguments": {"seconds": HELD_SECONDS}, "_meta": {"progressToken": "flood"}},
+            {"name": tool, "arguments": {"seconds": HELD_SECONDS}, "_meta": {"progressToken": "held"}},
         )
         await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
         signalled = time.monotonic()
@@ -674,7 +655,7 @@ async def test_a_held_call_flooding_progress_still_gets_its_shutting_down_answer
         assert await server.wait_exit(within=shutdown_seconds + HELD_EXIT_MARGIN) == 0
         exit_seconds = time.monotonic() - signalled
         answer = await server.call_result(held, within=0)
-    assert_held_call_answered(answer, server.stderr, "progress_flood", exit_seconds, shutdown_seconds)
+    assert_held_call_answered(answer, server.stderr, tool, exit_seconds, shutdown_seconds)
     lines = [json.loads(line) for line in server.stdout_lines if line]
     answered_at = next(i for i, message in enumerate(lines) if message.get("id") == held)
     after = [m for m in lines[answered_at:] if m.get("method") == "notifications/progress"]
