@@ -429,6 +429,9 @@ async def _serve_stdio(
                             dropped += 1
                             continue
                     count_given(item)  # now, not after the wait below: the exit waits for what is counted
+                    if exiting:  # taken at once, with no checkpoint: an answer given meanwhile must come after
+                        backlog_send.send_nowait((item, None))
+                        continue
                     borrower = object()
                     await room.acquire_on_behalf_of(borrower)
                     backlog_send.send_nowait((item, borrower))
