@@ -254,7 +254,7 @@ def _read_env() -> tuple[dict[str, Any], list[str]]:
     source.env_vars = {name: value for name, value in source.env_vars.items() if name.lower() not in skipped}
     try:
         return dict(source()), problems
-    except SettingsError:
+    except (SettingsError, RecursionError):
         return {}, problems
 
 
@@ -280,8 +280,8 @@ def _env_name_problems() -> list[str]:
 
 
 def _env_json_problems() -> list[tuple[str, str]]:
-    """Variables for a list or a table whose value is not JSON (the environment source gave up on them),
-    with their problems."""
+    """Variables for a list or a table whose value is not JSON, or nests too deep (the environment
+    source gave up on them), with their problems."""
     problems = []
     for name, value in sorted(os.environ.items()):
         path = _env_path(name)
@@ -295,11 +295,9 @@ def _env_json_problems() -> list[tuple[str, str]]:
         if not takes_json:
             continue
         try:
-            json.loads(value)
+            too_deep = _levels(json.loads(value)) > MAX_JSON_LEVELS
         except RecursionError:
-            problems.append(
-                (name, f"environment variable {name}: {'.'.join(path)}: its JSON nests too deeply to be read")
-            )
+            too_deep = True
         except ValueError:
             example = _json_example(path)
             shape = "a list" if example.startswith("[") else "a table"
@@ -310,7 +308,35 @@ def _env_json_problems() -> list[tuple[str, str]]:
                     f"e.g. {name}='{example}' (got {_show(mask_secrets(tuple(path), value))})",
                 )
             )
+            continue
+        if too_deep:  # (the environment source's reader, deeper in the stack, may give up on it: RecursionError)
+            problems.append(
+                (
+                    name,
+                    f"environment variable {name}: {'.'.join(path)}: its JSON nests more than {MAX_JSON_LEVELS} "
+                    "levels deep (a config value nests a few)",
+                )
+            )
     return problems
+
+
+#: A variable the environment source gave up on is said to nest too deep past this many levels: a
+#: config value nests a few, and the source's JSON reader fails (RecursionError) near a thousand,
+#: sooner or later than `json.loads` here depending on the stack.
+MAX_JSON_LEVELS = 32
+
+
+def _levels(value: Any) -> int:
+    """How deep `value` (parsed JSON) nests: 0 for a scalar, 1 for a flat list or object."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((child, depth) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 #: A key of each section to show in the example of a section given as one JSON variable.

@@ -167,9 +167,13 @@ class ConfigReloader:
         self._hidden = hidden
         return new
 
+    def _where(self) -> str:
+        """What a reload reads, as its log lines name it."""
+        return str(self.path) if self.path is not None else "the environment (no --config file)"
+
     def _apply(self, new: Settings | list[str]) -> bool:
         """Apply loaded settings, or reject the problems of an invalid file (on the event loop's thread)."""
-        where = str(self.path) if self.path is not None else "the environment (no --config file)"
+        where = self._where()
         old = self.sessions.config
         if isinstance(new, list):
             self.sessions.manager.config_reloaded(ok=False)
@@ -257,8 +261,7 @@ class ConfigReloader:
         try:
             loaded = await _in_daemon_thread(self._load)
         except Exception:  # noqa: BLE001 - logged; a reload must never stop a serving server
-            where = str(self.path) if self.path is not None else "the environment"
-            logger.exception("Config reload from %s failed; the config in force is unchanged", where)
+            logger.exception("Config reload from %s failed; the config in force is unchanged", self._where())
             self.sessions.manager.config_reloaded(ok=False)
             return
         self._apply(loaded)

@@ -1266,11 +1266,24 @@ def test_json_in_a_variable_nesting_deeper_than_the_json_reader_is_refused_like_
     monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS", "0")
 
     assert problems_of(None) == [
-        "environment variable MCP_SESSIONS_SERVER__ALLOWED_HOSTS: server.allowed_hosts: its JSON nests too deeply "
-        "to be read",
+        "environment variable MCP_SESSIONS_SERVER__ALLOWED_HOSTS: server.allowed_hosts: its JSON nests more than "
+        "32 levels deep (a config value nests a few)",
         "environment variable MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS: limits.max_concurrent_sessions: "
         'must be between 1 and 1000000 (got "0")',
     ]
+
+
+@pytest.mark.parametrize("levels", range(900, 1010, 5))
+def test_json_in_a_variable_nesting_near_the_json_reader_s_limit_is_a_problem_never_a_crash(
+    monkeypatch: pytest.MonkeyPatch, levels: int
+) -> None:
+    # Near the limit, the environment source's reader gave up (RecursionError) where json.loads, a few
+    # frames shallower, did not: the variable was not reported, and the second read crashed.
+    monkeypatch.setenv("MCP_SESSIONS_TOOLS", '{"a":' * levels + "1" + "}" * levels)
+
+    [problem] = problems_of(None)
+
+    assert problem.startswith("environment variable MCP_SESSIONS_TOOLS: tools"), problem
 
 
 # -- a password in store.url is never echoed ---------------------------------------------
