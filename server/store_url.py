@@ -120,17 +120,36 @@ def _redis_py_problem(url: str, scheme: str) -> str | None:
     return _value_problem(url)
 
 
+#: The fewest connections the store's pool may be capped at (`?max_connections=`): the pool
+#: fails a command at once when all are in use, and a replica keeps one for the listener to
+#: other replicas' events (`server.cluster`'s `_listen`) while its other tasks may each be in a
+#: round trip at the same moment: an admission, the session ends written on their own, the
+#: housekeeping, and the listener's catch-up after it (re)subscribes. Each `session_release`
+#: or `session_metrics` call under way at once takes one more.
+MIN_MAX_CONNECTIONS = 5
+
+
 def _value_problem(url: str) -> str | None:
     """Why redis-py refuses a query argument's value (`max_connections=-1`, `protocol=9`,
     `ssl_cert_reqs=bogus`) when it builds the pool and a connection, which opens no socket: it
-    would otherwise fail at startup, as if the store could not be reached."""
+    would otherwise fail at startup, as if the store could not be reached. Also a pool capped
+    below `MIN_MAX_CONNECTIONS`, which redis-py accepts but with which calls are refused (at
+    1, every one, for good: the listener holds the only connection)."""
     from redis.asyncio import ConnectionPool
     from redis.exceptions import RedisError
 
     try:
-        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+        pool = ConnectionPool.from_url(url)
+        pool.make_connection()  # type: ignore[no-untyped-call]
     except (ValueError, TypeError, RedisError) as exc:
         return f"has a query argument redis-py refuses: {safe_url(str(exc))}"
+    if pool.max_connections < MIN_MAX_CONNECTIONS:  # as redis-py reads it (0: its default)
+        return (
+            f"query argument 'max_connections' must be at least {MIN_MAX_CONNECTIONS} (got {pool.max_connections}): "
+            "each replica keeps one connection to hear the other replicas and needs up to "
+            f"{MIN_MAX_CONNECTIONS - 1} more for its own round trips, and past the cap redis-py refuses a command "
+            "at once; leave it out for redis-py's default"
+        )
     return None
 
 

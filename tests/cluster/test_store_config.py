@@ -31,6 +31,20 @@ MISTAKES = [
     pytest.param("timeout_seconds = -1.0\n", "store.timeout_seconds", "must be", id="negative-timeout"),
     pytest.param("timeout_seconds = nan\n", "store.timeout_seconds", "finite", id="nan-timeout"),
     pytest.param('urll = "redis://127.0.0.1:6379/0"\n', "store.urll", "did you mean 'url'", id="typo-in-key"),
+    # redis-py takes these, but the listener to the other replicas holds one connection for good
+    # and the pool refuses a command at once when all are in use: at 1, every call, forever.
+    pytest.param(
+        'url = "redis://127.0.0.1:6379/0?max_connections=1"\n',
+        "store.url",
+        "'max_connections' must be at least 5 (got 1)",
+        id="max-connections-1",
+    ),
+    pytest.param(
+        'url = "redis://127.0.0.1:6379/0?max_connections=4"\n',
+        "store.url",
+        "'max_connections' must be at least 5 (got 4)",
+        id="max-connections-4",
+    ),
 ]
 
 

@@ -1479,6 +1479,26 @@ def test_a_query_argument_value_redis_py_refuses_is_refused_at_validation_withou
     assert "s3cret" not in problem
 
 
+@pytest.mark.parametrize("cap", [1, 2, 4])
+def test_a_connection_cap_below_what_a_replica_needs_is_refused(tmp_path: Path, cap: int) -> None:
+    # redis-py accepts any positive cap, but its pool refuses a command at once when every
+    # connection is in use: the listener to the other replicas keeps one for good (at 1 every
+    # call was refused, forever), and the replica's own tasks may each hold one at a time (at 2,
+    # an admission meeting the housekeeping was refused).
+    path = write(tmp_path, f'[store]\nbackend = "redis"\nurl = "redis://:s3cret@h:6379/0?max_connections={cap}"\n')
+    [problem] = problems_of(path)
+    assert problem.startswith(
+        f"{path}: store.url: query argument 'max_connections' must be at least 5 (got {cap}): "
+    ), problem
+    assert "s3cret" not in problem
+
+
+@pytest.mark.parametrize("query", ["max_connections=5", "max_connections=0"])
+def test_a_connection_cap_a_replica_can_work_with_is_accepted(query: str) -> None:
+    # 0 is redis-py's own default (no cap of its own choosing), not a pool of none.
+    assert StoreSettings(backend="redis", url=f"redis://h:6379/0?{query}").url.endswith(query)
+
+
 @pytest.mark.parametrize("argument", ["socket_timeout", "socket_connect_timeout"])
 def test_a_query_argument_that_would_override_store_timeout_seconds_is_refused(argument: str) -> None:
     # redis-py lets a URL's own timeout win over the one the store passes, silently unbounding
