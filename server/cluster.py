@@ -45,7 +45,7 @@ from server.config import LimitsSettings, Settings, StoreSettings
 from server.errors import ErrorCode, SessionError, shorten
 from server.metrics import ClusterMetrics, ClusterToolMetrics
 from server.session import Session, SessionState, ended_state
-from server.sessions import SessionManager, runs_a_call
+from server.sessions import ISSUED_ID, SessionManager, runs_a_call
 from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, RECOVERY_SECONDS, RedisStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -409,8 +409,11 @@ class ClusterSessionManager(SessionManager):
         local = self._active.get(session_id)
         if local is not None and local.tool is not None and not tool_calls:
             raise runs_a_call(session_id)
-        if local is None and self._issued_by_us(session_id):
-            raise self._not_active(session_id, tool_calls)  # it ended here (its end may still be on its way)
+        if local is None and (self._issued_by_us(session_id) or not ISSUED_ID.fullmatch(session_id)):
+            # It ended here (its end may still be on its way), or no replica issued it: an id of
+            # another shape must not reach Redis, where it would name a key of its own
+            # (`release("epoch")`), or of another service whose key_prefix starts with this one's.
+            raise self._not_active(session_id, tool_calls)
         try:
             (known,) = await self.store.release([(session_id, state.value)], tool_calls)
         except StoreUnavailable as exc:

@@ -32,6 +32,7 @@ import heapq
 import hmac
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Hashable
@@ -56,6 +57,12 @@ RECENTLY_ENDED = 4096
 ID_BATCH = 256
 #: Hex digits of the signature a `session_create` session's id carries (64 bits).
 SIGNATURE_CHARS = 16
+#: Every id a manager issues: "s", 12 random hex digits, "-", the sequence number in hex (no
+#: leading 0), and for a `session_create` session "." and its signature (see
+#: `SessionManager._more_ids_locked` and `_signed_id_locked`, and the prefix made in
+#: `server.manager_state`). Cluster mode names its Redis keys after ids: a text of another shape
+#: was issued by no replica and is not looked up there.
+ISSUED_ID = re.compile(rf"s[0-9a-f]{{12}}-[1-9a-f][0-9a-f]*(?:\.[0-9a-f]{{{SIGNATURE_CHARS}}})?")
 
 # The members as module globals for the per-call paths: `SessionState.X` is an attribute lookup
 # through the enum's metaclass (about 0.1 µs each on Python 3.11), a global is a dict read.

@@ -14,6 +14,7 @@ from tests.cluster.conftest import (
     local_until,
     quiescent_cluster,
     start_replicas,
+    store_section,
 )
 from tests.e2e.conftest import TomlValue, metrics, server_config, start_server
 from tests.e2e.test_operations import base_of, counter, scrape
@@ -82,6 +83,41 @@ async def test_an_unknown_session_in_cluster_mode_is_worded_for_the_whole_cluste
         f"no replica sharing the session store issued a session with id {MADE_UP_ID!r} in the last hour; "
         "use the session_id that session_create returned"
     ), error
+
+
+async def test_a_released_id_no_replica_could_issue_never_reaches_redis(
+    tmp_path: Path, shared_redis_url: str, shared_store: dict[str, TomlValue], namespace: str
+) -> None:
+    # Two services on one Redis whose prefixes overlap (README: they must not): the session key
+    # of an id is the prefix, "s:" and the id, so "s:<id>" through the first named the second
+    # service's session (and released it), and "epoch" one of the first's own keys (WRONGTYPE:
+    # store_unavailable, the operator's error, at a client's will).
+    first = cluster_config(store_section(shared_redis_url, f"{namespace}svc:"))
+    second = cluster_config(store_section(shared_redis_url, f"{namespace}svc:s:"))
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    async with (
+        start_replicas(tmp_path / "first", first, 1) as (x,),
+        start_replicas(tmp_path / "second", second, 1) as (y,),
+        x.client() as on_x,
+        y.client() as on_y,
+    ):
+        created = await on_y.call_tool("session_create", {"timeout_seconds": 60})
+        assert not created.is_error, created
+        theirs = (created.structured_content or {})["session_id"]
+        named = ["epoch", "active", "counts", "replicas", f"s:{theirs}", f"{theirs} ", theirs.upper()]
+        refused = [await on_x.call_tool("session_release", {"session_id": name}) for name in named]
+        still_theirs = await on_y.call_tool("session_release", {"session_id": theirs})
+        served = await on_x.call_tool("echo", {"text": "still served"})
+        local_x = await metrics(on_x)
+
+    for name, result in zip(named, refused, strict=True):
+        error = error_of(result)
+        assert error["code"] == "unknown_session", (name, error)
+        assert error["message"].startswith("no replica sharing the session store issued a session with id"), error
+    assert not still_theirs.is_error and (still_theirs.structured_content or {})["state"] == "completed", still_theirs
+    assert text_of(served) == "still served"
+    assert local_x["sessions_rejected_store_unavailable"] == 0, local_x
 
 
 async def test_a_release_on_another_replica_keeps_its_outcome(
