@@ -127,11 +127,22 @@ class ClusterSessionManager(SessionManager):
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SessionManager]:
-        """Check that Redis answers (raises `StoreUnavailable` if not) and learn the store's epoch;
-        then run the reaper, the outbox, the housekeeping, the pub/sub listener and the queue
-        dispatcher. On exit, write the last session ends to Redis (bounded by the store's
-        timeout) and disconnect."""
+        """Check that Redis answers (raises `StoreUnavailable` if not), learn the store's epoch and
+        warn if Redis may evict keys (its `maxmemory-policy`); then run the reaper, the outbox, the
+        housekeeping, the pub/sub listener and the queue dispatcher. On exit, write the last
+        session ends to Redis (bounded by the store's timeout) and disconnect."""
         _, self._epoch = await self.store.housekeeping()  # also checks that Redis answers
+        policy = await self.store.eviction_policy()
+        if policy is not None and policy != "noeviction":
+            # A session hash it evicts (volatile-*: exactly those, which carry a TTL) is never
+            # finished: its end leaves a mark, and its tool's and client's counts stay taken.
+            logger.warning(
+                "%s may evict keys when it is full (maxmemory-policy %s): an evicted session keeps its "
+                "tool's and its client's slot counted in the cluster for good; set maxmemory-policy noeviction "
+                "on that Redis (when full, it then refuses writes, and calls get store_unavailable)",
+                self.store.where,
+                policy,
+            )
         try:
             async with super().running(), anyio.create_task_group() as tg:
                 tg.start_soon(self._write_outbox)

@@ -569,6 +569,16 @@ class RedisStore:
         active, counts, tools, replicas = await self._call("read the cluster totals", self._totals(args=args))
         return Totals(int(active), _pairs(counts), _pairs(tools), int(replicas))
 
+    async def eviction_policy(self) -> str | None:
+        """Redis's `maxmemory-policy` (from `INFO memory`: managed Redis often disables CONFIG),
+        or None when it cannot be read (INFO refused by an ACL, or renamed away)."""
+        try:
+            info = await self._call("read its memory settings", self.redis.info("memory"))
+        except StoreUnavailable:
+            return None
+        policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+        return _text(policy) if policy else None
+
     async def leave(self) -> None:
         """Stop counting this replica as live (a clean stop): a session it could not end is then
         expired at its deadline (+ the grace), without waiting for it to fall silent. Its count of

@@ -591,6 +591,35 @@ async def test_startup_with_a_redis_that_answers_but_refuses_scripts_or_writes_e
     assert "Serving" not in server.stderr, "nothing may be served"
 
 
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl", "noeviction"])
+async def test_a_replica_starting_on_a_redis_that_may_evict_keys_warns_naming_the_policy(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str, policy: str
+) -> None:
+    # An evicted session hash (allkeys-lru took one; volatile-* would take exactly those: they
+    # carry a TTL) is never finished: its tool's and client's counts stay taken for good. The
+    # policy is read from INFO (CONFIG may be disabled on a managed Redis); a warning, not a refusal.
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        admin.config_set("maxmemory-policy", policy)
+    finally:
+        admin.close()
+    config = cluster_config(store_section(own_redis.url, key_prefix))
+    async with start_server(tmp_path, config, transport="streamable-http") as server, server.client() as client:
+        served = await client.call_tool("echo", {"text": "served"})
+        serving = await server.wait_stderr("Serving MCP over streamable HTTP")
+
+    assert text_of(served) == "served"
+    warnings = [line for line in server.stderr_lines if "maxmemory-policy" in line]
+    if policy == "noeviction":
+        assert not warnings, server.stderr
+        return
+    [warning] = warnings
+    assert "WARNING" in warning and f"(maxmemory-policy {policy})" in warning, warning
+    assert f"the session store at {own_redis.url} ([store] url) may evict keys" in warning, warning
+    assert "set maxmemory-policy noeviction" in warning, warning
+    assert server.stderr_lines.index(warning) < server.stderr_lines.index(serving), "said before serving"
+
+
 async def test_startup_with_a_database_number_redis_lacks_exits_2_saying_the_number_is_wrong(
     tmp_path: Path, own_redis: RedisServer, key_prefix: str
 ) -> None:
