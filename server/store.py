@@ -17,7 +17,8 @@ Keys, all under `[store] key_prefix` (P):
     P recovering  set for RECOVERY_SECONDS once a replica finds Redis empty: no admission then
     P waiting   hash: calls queued per replica (only replicas with queued calls are told of freed slots)
     P events    pub/sub channel: "freed" (a slot may be free), "ended <id> <state>" (released
-                through a replica other than its own)
+                through a replica other than its own), "overdue <id> <replica>" (kept past its
+                deadline for its live replica, which ends it if it no longer runs it)
 
 Every Redis failure surfaces as `StoreUnavailable`, raised within `[store] timeout_seconds`
 (bounded connect and reads, one retry on a broken connection): the caller answers `store_unavailable` at once.
