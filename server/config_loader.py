@@ -527,6 +527,8 @@ def _reason(error: ErrorDetails) -> str:
     }
     if kind in simple:
         return simple[kind]
+    if kind == "string_too_long":
+        return f"must be at most {ctx['max_length']} characters"
     if kind in ("tuple_type", "list_type"):
         return f"must be a list, e.g. {_LIST_EXAMPLES.get(str(loc[-1]), '[...]')}"
     if kind == "literal_error":

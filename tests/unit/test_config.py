@@ -334,6 +334,11 @@ BAD_FILES = [
         id="long-list-shown-shortened",
     ),
     pytest.param(
+        f'[store]\nkey_prefix = "{"a" * 201}"\n',
+        f'store.key_prefix: must be at most 200 characters (got "{"a" * 96}...)',
+        id="string-too-long",
+    ),
+    pytest.param(
         "limits = 5\n",
         "limits: must be a table ([limits] with its own keys), not a single value (got 5)",
         id="wrong-type-value-for-table",
