@@ -540,19 +540,25 @@ class ClusterSessionManager(SessionManager):
             logger.warning("The session store had lost %s session(s) of this replica; registered them again", restored)
 
     async def _listen(self) -> None:
-        """Follow the store's events; reconnect (with back-off) whenever the connection drops."""
+        """Follow the store's events; reconnect (with back-off) whenever the connection drops.
+        Catch up after every subscription, including those redis-py makes by itself: it
+        reconnects a dropped connection once and subscribes again with no error seen here."""
         delay = RETRY_MIN_SECONDS
         while True:
             try:
-                async with self.store.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                async with self.store.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.store.channel)
-                    # Subscribed: from now on no end is missed; catch up on those that were.
-                    await self._reconcile()
-                    delay = RETRY_MIN_SECONDS
-                    self._freed.set()  # a freed slot's message may have been missed too
                     while True:
                         message = await pubsub.get_message(timeout=HOUSEKEEPING_SECONDS)
-                        if message is not None:
+                        if message is None:
+                            continue
+                        if message.get("type") == "subscribe":
+                            # Redis confirms a subscription: from now on no end is missed;
+                            # catch up on those that were while this replica was not subscribed.
+                            await self._reconcile()
+                            delay = RETRY_MIN_SECONDS
+                            self._freed.set()  # a freed slot's message may have been missed too
+                        elif message.get("type") == "message":
                             self._on_event(message.get("data"))
             except Exception as exc:  # noqa: BLE001 - any failure of the connection: reconnect
                 logger.debug("Session store events: %s; reconnecting", exc)

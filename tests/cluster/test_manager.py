@@ -286,6 +286,37 @@ async def test_a_release_through_another_manager_ends_the_owners_copy(shared_sto
         _accounts(totals)
 
 
+async def test_an_end_published_while_the_owners_listener_reconnects_by_itself_is_caught_up_on(
+    own_redis: RedisServer,
+) -> None:
+    # redis-py reconnects a dropped pub/sub connection once by itself and subscribes again: the
+    # listener sees no error. An "ended" event published in that gap is missed; the catch-up
+    # that follows every subscription ends the owner's copy anyway.
+    store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
+    a, b = _replica(store), _replica(store)
+    admin = redis.Redis.from_url(own_redis.url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        async with _running(a, b):
+            session = await a.create(expire=True)
+            await until(lambda: len(admin.client_list(_type="pubsub")) == 2, within=WAIT_SECONDS)
+            # Blocking, so that neither listener runs before B's release has reached Redis: the
+            # release's "ended" event goes out while A's listener is not subscribed.
+            assert admin.client_kill_filter(_type="pubsub") == 2
+            released = await b.release(session.id)
+            assert released.state is SessionState.COMPLETED
+            with anyio.fail_after(WAIT_SECONDS):
+                assert await a.wait_ended(session) is SessionState.COMPLETED
+            assert a.metrics().active_sessions == 0
+            await until(lambda: len(admin.client_list(_type="pubsub")) == 2, within=WAIT_SECONDS)  # subscribed again
+            # Still listening: the next release through B reaches A by its event.
+            second = await a.create(expire=True)
+            await b.release(second.id)
+            with anyio.fail_after(WAIT_SECONDS):
+                assert await a.wait_ended(second) is SessionState.COMPLETED
+    finally:
+        admin.close()
+
+
 async def test_a_tool_call_s_session_is_not_released_by_a_client_through_any_manager(
     shared_store: dict[str, TomlValue],
 ) -> None:
@@ -491,6 +522,33 @@ async def test_sessions_redis_lost_are_registered_again(own_redis: RedisServer) 
         totals = await _totals(a)
         assert (totals.active_sessions, totals.total_sessions_completed) == (0, 1)
         _accounts(totals)
+
+
+async def test_a_session_begun_after_the_snapshot_redis_restarts_from_is_registered_again(
+    own_redis: RedisServer,
+) -> None:
+    # Restarted from a snapshot, Redis has its epoch: no replica sees it as new. The listener's
+    # connection dropped, though, and redis-py subscribed again by itself (the restart is over
+    # before this loop runs again): the catch-up after that subscription registers `since`.
+    store: dict[str, TomlValue] = {"backend": "redis", "url": own_redis.url, "timeout_seconds": 0.5}
+    a = _replica(store, max_concurrent_sessions=5)
+    admin = redis.Redis.from_url(own_redis.url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        async with _running(a):
+            before = await a.create(tool="t", timeout_seconds=30)
+            admin.save()  # dump.rdb in its directory, which a start loads
+            since = await a.create(tool="t", timeout_seconds=30)
+            with _registered_again() as registered:
+                own_redis.restart()  # back as it was at the save: without `since`
+                await _wait_registered_again(registered)
+            totals = await _totals(a)
+            assert (totals.active_sessions, totals.tools["t"].active) == (2, 2)
+            for session in (before, since):
+                await a.release(session.id)
+            await _ends_written(a)
+            assert (await _totals(a)).active_sessions == 0
+    finally:
+        admin.close()
 
 
 async def test_a_manager_will_not_start_without_redis(own_redis: RedisServer) -> None:
