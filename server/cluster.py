@@ -414,7 +414,8 @@ class ClusterSessionManager(SessionManager):
 
         Raises:
             SessionError: as `SessionManager.release`, and `store_unavailable` while Redis
-                cannot be reached.
+                cannot be reached, or, for a session of another replica that Redis lacks, while
+                it recovers from a restart empty (that replica may not have registered it again).
         """
         state = ended_state(outcome, session_id)
         local = self._active.get(session_id)
@@ -439,7 +440,18 @@ class ClusterSessionManager(SessionManager):
         if known.before == "call":  # another replica's tool call (see `tool_calls`)
             raise runs_a_call(session_id)
         local = self._active.get(session_id)
-        if known.before in ("active", "unknown") and local is not None:
+        if known.before in ("recovering", "lost"):
+            # Redis restarted empty: the replica that made it may not have registered it again yet.
+            if known.before == "lost":
+                self._look_at_store.set()  # no replica has noticed: start the recovery now
+            if local is None:
+                self._count(Refusal.STORE)
+                raise SessionError(
+                    ErrorCode.STORE_UNAVAILABLE,
+                    f"{self._recovering()}; session {shorten(session_id)} was not released. Retry in a moment",
+                    session_id=shorten(session_id),
+                )
+        if known.before in ("active", "unknown", "recovering", "lost") and local is not None:
             # Ours, and now ended in Redis (or Redis no longer knew it): end our copy.
             super().end(local, state, error)
             return local

@@ -158,7 +158,8 @@ end
 # timeout_ms, tool, client, bytes, max_total, tool_cap (0: none), client_cap (0: none), final
 # (1: count a refusal, the caller will not queue).
 # Returns {per end {state before, created, now}, per admission {verdict}}. An end of a session
-# another replica owns is announced ("ended ..."), so that its owner ends its copy.
+# another replica owns is announced ("ended ..."), so that its owner ends its copy. A release of
+# an id Redis lacks while it recovers is "recovering" or "lost" (see below), not "unknown".
 _SYNC = (
     _COMMON
     + """
@@ -200,6 +201,10 @@ for i = 8, 7 + 2 * ends, 2 do
     -- a time-out, run late). Leave a mark so that it is not admitted then.
     redis.call('HSET', key, 'state', state)
     redis.call('EXPIRE', key, TOMBSTONE_TTL)
+  elseif before == 'unknown' and recovering then
+    -- A release of an id Redis lacks while it is recovering: its replica may not have
+    -- registered it again yet. Say so ('recovering' | 'lost'): the client is to retry.
+    before = recovering
   end
   released[#released + 1] = {before, tonumber(f[2] or '0'), now}
 end
@@ -320,7 +325,8 @@ class StoreUnavailable(Exception):
 class Released:
     """What Redis knew of a session a release named."""
 
-    #: "active" (this release ended it), an ended state ("completed", ...), or "unknown".
+    #: "active" (this release ended it), an ended state ("completed", ...), "unknown", or, for
+    #: an id Redis lacks while it recovers from a restart empty, "recovering" or "lost" (see `_SYNC`).
     before: str
     #: Seconds from its creation to now, on the Redis clock (0.0 when unknown).
     duration: float

@@ -232,6 +232,36 @@ async def test_calls_fail_fast_while_redis_is_stopped_and_succeed_again_when_it_
     assert down_b["sessions_rejected_store_unavailable"] == 2, down_b
 
 
+async def test_a_release_through_another_replica_while_redis_recovers_empty_is_store_unavailable_not_unknown(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # Redis restarts empty while A, which made the session, is paused (it registers the session
+    # again only when it runs). B cannot know the id yet: while the replicas register their
+    # sessions again, that is "retry in a moment", not unknown_session (a client told that
+    # would not retry, and the slot would stay held until its deadline).
+    config = cluster_config(store_section(own_redis.url, key_prefix), limits={"max_concurrent_sessions": 10})
+    async with start_replicas(tmp_path, config, 2) as (a, b), a.client() as on_a, b.client() as on_b:
+        created = await on_a.call_tool("session_create", {"timeout_seconds": 120})
+        session_id = (created.structured_content or {})["session_id"]
+        a.process.send_signal(signal.SIGSTOP)
+        try:
+            await anyio.to_thread.run_sync(own_redis.restart)  # the same port, empty
+            early = await on_b.call_tool("session_release", {"session_id": session_id})
+        finally:
+            a.process.send_signal(signal.SIGCONT)
+        await cluster_until(on_b, lambda c: c["active_sessions"] == 1, what="A's session registered again")
+        released = await on_b.call_tool("session_release", {"session_id": session_id})
+        await local_until(on_a, lambda m: m["active_sessions"] == 0, what="A's own count after B released")
+        local_b, _ = await cluster_metrics(on_b)
+
+    error = error_of(early)
+    assert error["code"] == "store_unavailable", error
+    assert "restarted empty" in error["message"] and "was not released" in error["message"], error
+    assert "retry in a moment" in error["message"].lower(), error
+    assert (released.structured_content or {})["state"] == "completed", released
+    assert local_b["sessions_rejected_store_unavailable"] == 1, local_b
+
+
 async def test_calls_fail_fast_while_redis_hangs_and_recover_when_it_answers(
     tmp_path: Path, own_redis: RedisServer, key_prefix: str
 ) -> None:
