@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
+import ssl
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 STORE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+#: `password=`, and `ssl_password=` (the passphrase of the TLS private key `ssl_keyfile`).
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl_)?password=)[^&#]*", re.IGNORECASE)
 
 
 def safe_url(url: str) -> str:
     """`url` with any password replaced by `***`, for messages, logs and printed settings.
 
-    Any text, not only a valid URL (an invalid one is echoed in its error): a `password=` query
-    value, and whatever stands between the first `:` of the userinfo and the last `@`. No URL
-    parser is used, since a password written unescaped may hold `/`, `?` or `#`, which a parser
+    Any text, not only a valid URL (an invalid one is echoed in its error): a `password=` or
+    `ssl_password=` query value, and whatever stands between the first `:` of the userinfo and
+    the last `@`. No URL parser is used, since a password written unescaped may hold `/`, `?` or `#`, which a parser
     takes for the start of the path and would then print.
     """
     text = _QUERY_PASSWORD.sub(r"\1***", url)  # unix:///run/redis.sock?password=...
@@ -117,7 +120,7 @@ def _redis_py_problem(url: str, scheme: str) -> str | None:
             f"query argument {', '.join(map(repr, unknown))} is not a connection option redis-py takes "
             f"for {scheme}:// (known: {', '.join(sorted(accepted - _SET_BY_STORE_TIMEOUT))})"
         )
-    return _value_problem(url)
+    return _value_problem(url) or _tls_file_problem(url)
 
 
 #: The fewest connections the store's pool may be capped at (`?max_connections=`): the pool
@@ -150,6 +153,65 @@ def _value_problem(url: str) -> str | None:
             f"{MIN_MAX_CONNECTIONS - 1} more for its own round trips, and past the cap redis-py refuses a command "
             "at once; leave it out for redis-py's default"
         )
+    return None
+
+
+#: Query arguments naming a file redis-py loads when it connects over TLS.
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+class _NoKeyPassword(Exception):
+    pass
+
+
+def _no_key_password() -> bytes:
+    raise _NoKeyPassword  # OpenSSL would otherwise ask on the terminal
+
+
+def _tls_file_problem(url: str) -> str | None:
+    """Why the TLS files a `rediss://` URL names (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`,
+    the folder `ssl_ca_path`) cannot be used: missing, unreadable, or not what OpenSSL loads.
+    redis-py loads them only as it connects, and its error then reads as if the host could not
+    be reached (`Error 2 connecting to HOST:PORT. No such file or directory`). Paths are shown
+    as redis-py reads them; `ssl_password` never is."""
+    from redis.connection import parse_url
+
+    options = parse_url(url)  # type: ignore[no-untyped-call]
+    for name in _TLS_FILES:
+        path = options.get(name)
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                return f"query argument {name!r} names {path!r}, which cannot be read: {exc.strerror or exc}"
+    folder = options.get("ssl_ca_path")
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.R_OK | os.X_OK)):
+        return f"query argument 'ssl_ca_path' names {folder!r}, which is not a folder this process can read"
+    context = ssl.create_default_context()
+    certfile, keyfile = options.get("ssl_certfile"), options.get("ssl_keyfile")
+    if keyfile and not certfile:
+        return "query argument 'ssl_keyfile' needs 'ssl_certfile' too (the certificate that goes with the key)"
+    if certfile:
+        given = (
+            "query arguments 'ssl_certfile' and 'ssl_keyfile' name"
+            if keyfile
+            else "query argument 'ssl_certfile' names"
+        )
+        password = options.get("ssl_password")
+        try:
+            context.load_cert_chain(certfile, keyfile, password=password or _no_key_password)
+        except _NoKeyPassword:
+            return f"{given} an encrypted private key: give its password as query argument 'ssl_password'"
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            wrong = " (or 'ssl_password' is not the key's password)" if password else ""
+            return f"{given} no PEM certificate and private key OpenSSL can load{wrong}: {exc}"
+    if options.get("ssl_ca_certs") or folder:
+        try:
+            context.load_verify_locations(options.get("ssl_ca_certs"), folder)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            given = "'ssl_ca_certs'" if options.get("ssl_ca_certs") else "'ssl_ca_path'"
+            return f"query argument {given} names no PEM CA certificates OpenSSL can load: {exc}"
     return None
 
 

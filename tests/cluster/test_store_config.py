@@ -5,6 +5,7 @@ with exit status 2 naming the source, the key and the reason (`--check-config`, 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,102 @@ def test_a_bad_store_url_in_the_environment_names_the_variable() -> None:
     [problem] = problems(result)
     assert problem.startswith("environment variable MCP_SESSIONS_STORE__URL: store.url:"), problem
     assert "redis://" in problem, problem
+
+
+def _pem_pair(folder: Path, password: str | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate and its private key (encrypted with `password` if given), by openssl."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    secret = ["-passout", f"pass:{password}"] if password else ["-noenc"]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+        + ["-subj", "/CN=localhost", *secret],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+#: (query of a rediss:// URL, `{dir}` for the test's folder; a fragment of the reason). redis-py
+#: loads these files only as it connects, and its error then blamed the host: "cannot reach ...
+#: Error 2 connecting to 127.0.0.1:PORT. No such file or directory".
+TLS_FILE_MISTAKES = [
+    pytest.param(
+        "ssl_ca_certs=/nonexistent/ca.pem",
+        "query argument 'ssl_ca_certs' names '/nonexistent/ca.pem', which cannot be read: No such file or directory",
+        id="missing-ca",
+    ),
+    pytest.param(
+        "ssl_certfile={dir}/nope.pem&ssl_keyfile={dir}/key.pem",
+        "query argument 'ssl_certfile' names '{dir}/nope.pem', which cannot be read: No such file or directory",
+        id="missing-cert",
+    ),
+    pytest.param(
+        "ssl_certfile={dir}/cert.pem&ssl_keyfile={dir}/nope.pem",
+        "query argument 'ssl_keyfile' names '{dir}/nope.pem', which cannot be read",
+        id="missing-key",
+    ),
+    pytest.param("ssl_ca_certs={dir}", "names '{dir}', which cannot be read: Is a directory", id="ca-is-a-folder"),
+    pytest.param(
+        "ssl_ca_certs={dir}/plain.txt", "'ssl_ca_certs' names no PEM CA certificates OpenSSL can load", id="ca-not-pem"
+    ),
+    pytest.param(
+        "ssl_certfile={dir}/plain.txt&ssl_keyfile={dir}/key.pem",
+        "'ssl_certfile' and 'ssl_keyfile' name no PEM certificate and private key OpenSSL can load",
+        id="cert-not-pem",
+    ),
+    pytest.param("ssl_keyfile={dir}/key.pem", "'ssl_keyfile' needs 'ssl_certfile' too", id="key-alone"),
+    pytest.param(
+        "ssl_ca_path={dir}/nope", "'ssl_ca_path' names '{dir}/nope', which is not a folder", id="missing-ca-path"
+    ),
+]
+
+
+@pytest.mark.parametrize(("query", "reason"), TLS_FILE_MISTAKES)
+def test_a_tls_file_that_cannot_be_loaded_is_a_config_problem(tmp_path: Path, query: str, reason: str) -> None:
+    _pem_pair(tmp_path)
+    (tmp_path / "plain.txt").write_text("not a certificate\n")
+    url = f"rediss://:s3cret@127.0.0.1:6379/0?{query.format(dir=tmp_path)}"
+    path = write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{url}"\n')
+
+    result = run("--config", str(path), "--check-config")
+
+    assert_refused(result)
+    [problem] = problems(result)
+    assert problem.startswith(f"{path}: store.url"), problem
+    assert reason.format(dir=tmp_path) in problem, problem
+    assert "s3cret" not in result.stderr
+
+
+def test_an_encrypted_key_needs_its_password_in_the_url(tmp_path: Path) -> None:
+    cert, key = _pem_pair(tmp_path, password="keypass")
+    base = f"rediss://:s3cret@127.0.0.1:6379/0?ssl_certfile={cert}&ssl_keyfile={key}"
+
+    without = run("--config", str(write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{base}"\n')), "--check-config")
+    wrong = run(
+        "--config",
+        str(write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{base}&ssl_password=nope"\n')),
+        "--check-config",
+    )
+    right = run(
+        "--config",
+        str(write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{base}&ssl_password=keypass"\n')),
+        "--check-config",
+    )
+
+    assert_refused(without)
+    assert "an encrypted private key: give its password as query argument 'ssl_password'" in problems(without)[0]
+    assert_refused(wrong)
+    assert "(or 'ssl_password' is not the key's password)" in problems(wrong)[0]
+    assert "nope" not in wrong.stderr and "s3cret" not in wrong.stderr
+    assert right.returncode == 0, right.stderr
+    assert "keypass" not in right.stdout and "s3cret" not in right.stdout
+
+
+def test_readable_tls_files_pass_the_check(tmp_path: Path) -> None:
+    cert, key = _pem_pair(tmp_path)
+    url = f"rediss://127.0.0.1:6379/0?ssl_ca_certs={cert}&ssl_certfile={cert}&ssl_keyfile={key}&ssl_ca_path={tmp_path}"
+
+    result = run("--config", str(write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{url}"\n')), "--check-config")
+
+    assert result.returncode == 0, result.stderr

@@ -1462,7 +1462,7 @@ def test_a_query_argument_redis_py_would_crash_on_is_refused_with_the_known_ones
     # TLS options only where the connection is TLS.
     with pytest.raises(ValidationError, match="'ssl_certfile' is not a connection option"):
         StoreSettings(backend="redis", url="redis://h:6379/0?ssl_certfile=/c.pem")
-    tls = StoreSettings(backend="redis", url="rediss://h:6380/1?ssl_certfile=/c.pem&client_name=tools")
+    tls = StoreSettings(backend="redis", url="rediss://h:6380/1?ssl_cert_reqs=required&client_name=tools")
     assert tls.url.endswith("client_name=tools")
 
 

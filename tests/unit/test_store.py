@@ -24,6 +24,10 @@ from server.store_url import safe_url
         ("rediss://app:hunter2@cache.internal/1", "rediss://app:***@cache.internal/1"),
         ("rediss://app@cache.internal/1", "rediss://app@cache.internal/1"),
         ("unix:///run/redis.sock?db=2&password=hunter2", "unix:///run/redis.sock?db=2&password=***"),
+        (
+            "rediss://cache/0?ssl_keyfile=/k.pem&ssl_password=hunter2",
+            "rediss://cache/0?ssl_keyfile=/k.pem&ssl_password=***",
+        ),
     ],
 )
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
