@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.config import StoreSettings
 from server.store_url import safe_url
@@ -642,7 +645,7 @@ def check_reachable(settings: StoreSettings) -> str | None:
                         "Redis has: 0 up to its `databases` setting (16 by default) minus 1"
                     )
                 return f"cannot use {where}: {_describe(exc)}{hint}"
-            return f"cannot reach {where}: {_describe(exc)}"
+            return f"cannot reach {where}: {_describe(exc)}{_tls_hint(settings.url, exc, timeout)}"
         try:
             client.eval(_PROBE, 1, f"{settings.key_prefix}probe:{secrets.token_hex(4)}")
         except (RedisError, OSError) as exc:
@@ -654,6 +657,40 @@ def check_reachable(settings: StoreSettings) -> str | None:
     finally:
         client.close()
     return None
+
+
+def _tls_hint(url: str, exc: BaseException, timeout_seconds: float) -> str:
+    """A hint when the failure looks like TLS spoken to a plain Redis (`rediss://`: a time-out
+    although the port takes connections, as a plain Redis waits for a line that a TLS greeting
+    never ends; or a TLS error other than a certificate's) or plain text to a TLS port
+    (`redis://`: the connection reset or closed after it opened); else "". redis-py's own words
+    read as if the host could not be reached."""
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    if url.startswith("rediss://"):
+        certificate = any(isinstance(e, ssl.SSLCertVerificationError) for e in chain)
+        timeout = any(isinstance(e, TimeoutError | RedisTimeoutError) for e in chain)
+        if (timeout and _opens(url, timeout_seconds)) or (
+            any(isinstance(e, ssl.SSLError) for e in chain) and not certificate
+        ):
+            return "; that port may not speak TLS (rediss:// is TLS: a Redis without TLS there needs redis://)"
+    elif url.startswith("redis://"):
+        cut = any(isinstance(e, ConnectionResetError | ssl.SSLError) for e in chain)
+        if cut or "Connection closed by server" in str(chain[0]):
+            return "; that port may speak only TLS (redis:// is plain text: a Redis with TLS there needs rediss://)"
+    return ""
+
+
+def _opens(url: str, timeout_seconds: float) -> bool:
+    """Whether a TCP connection to the URL's host and port opens within `timeout_seconds`."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "", parts.port or 6379), timeout=timeout_seconds):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _login_advice(url: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +45,9 @@ from tests.cluster.conftest import (
     cluster_metrics,
     cluster_until,
     local_until,
+    ping,
     quiescent_cluster,
+    redis_server_binary,
     start_replicas,
     store_section,
 )
@@ -695,6 +698,80 @@ async def test_startup_with_a_redis_that_refuses_the_login_exits_2_saying_where_
     assert "AuthenticationError" in line and advice in line, line
     assert "wrong" not in server.stderr and "Traceback" not in server.stderr, server.stderr
     assert "Serving" not in server.stderr, "nothing may be served"
+
+
+@contextmanager
+def tls_only_redis(directory: Path) -> Iterator[int]:
+    """A redis-server that speaks only TLS (a self-signed certificate) on a free loopback port."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+        + ["-subj", "/CN=localhost", "-noenc"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    port = free_port()
+    command = [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", HOST, "--save", ""]
+    command += ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "no"]
+    process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not ping(f"rediss://{HOST}:{port}/0?ssl_cert_reqs=none", timeout=0.5):
+            assert process.poll() is None, f"redis-server with TLS exited with status {process.returncode}"
+            assert time.monotonic() < deadline, "redis-server with TLS did not answer PING in 10s"
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+async def test_startup_with_rediss_at_a_redis_without_tls_exits_2_saying_the_port_may_not_speak_tls(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # A plain Redis waits for the end of a line the TLS greeting never sends: redis-py's
+    # "Timeout connecting to server" alone sent the operator after the network.
+    url = f"rediss://:s3cret@127.0.0.1:{own_redis.port}/0"
+    config = cluster_config(store_section(url, key_prefix))
+    async with start_server(tmp_path, config, transport="streamable-http", wait_ready=False) as server:
+        status = await server.wait_exit(within=STARTUP_EXIT_SECONDS)
+
+    assert status == 2, server.stderr
+    [line] = [line for line in server.stderr_lines if "session store" in line]
+    assert line.startswith("mcp-session-manager: cannot reach the session store at rediss://:***@"), line
+    assert line.rstrip().endswith(
+        "; that port may not speak TLS (rediss:// is TLS: a Redis without TLS there needs redis://)"
+    ), line
+    assert "s3cret" not in server.stderr and "Traceback" not in server.stderr, server.stderr
+
+
+async def test_startup_with_redis_at_a_tls_only_redis_exits_2_saying_the_port_may_speak_only_tls(
+    tmp_path: Path, key_prefix: str
+) -> None:
+    with tls_only_redis(tmp_path) as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        config = cluster_config(store_section(url, key_prefix))
+        async with start_server(tmp_path, config, transport="streamable-http", wait_ready=False) as server:
+            status = await server.wait_exit(within=STARTUP_EXIT_SECONDS)
+
+    assert status == 2, server.stderr
+    [line] = [line for line in server.stderr_lines if "session store" in line]
+    assert line.startswith(f"mcp-session-manager: cannot reach the session store at {url} ([store] url): "), line
+    assert line.rstrip().endswith(
+        "; that port may speak only TLS (redis:// is plain text: a Redis with TLS there needs rediss://)"
+    ), line
+
+
+async def test_startup_with_nothing_listening_has_no_tls_hint(tmp_path: Path, key_prefix: str) -> None:
+    url = f"rediss://127.0.0.1:{free_port()}/0"
+    config = cluster_config(store_section(url, key_prefix))
+    async with start_server(tmp_path, config, transport="streamable-http", wait_ready=False) as server:
+        status = await server.wait_exit(within=STARTUP_EXIT_SECONDS)
+
+    assert status == 2, server.stderr
+    [line] = [line for line in server.stderr_lines if "session store" in line]
+    assert "Connection refused" in line and "TLS" not in line, line
 
 
 @pytest.mark.parametrize("redis_side", [nothing_listening, silent_listener], ids=["refused", "silent"])
