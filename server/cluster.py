@@ -116,6 +116,9 @@ class ClusterSessionManager(SessionManager):
         self._store_error: str | None = None
         #: The store's epoch when last seen; a new one means Redis lost its data.
         self._epoch: str | None = None
+        #: The last new epoch this replica warned of (see `_warn_lost`): once per change, even
+        #: if registering the sessions again fails and is retried.
+        self._epoch_warned: str | None = None
         #: Set to run the housekeeping at once (an admission found Redis empty).
         self._look_at_store = anyio.Event()
         #: Set once this replica has written its last session ends and left the cluster (made when it begins).
@@ -514,6 +517,7 @@ class ClusterSessionManager(SessionManager):
                 due, epoch = await self.store.housekeeping(self._epoch)
                 if epoch != self._epoch:
                     if self._epoch is not None:  # Redis came back empty: it lost our sessions
+                        self._warn_lost(epoch)
                         await self._reconcile()
                     self._epoch = epoch
                 self._store_answered()
@@ -526,6 +530,20 @@ class ClusterSessionManager(SessionManager):
                 self._freed.set()  # a freed slot's message may have been lost: try again now
             with anyio.move_on_after(wait):
                 await self._look_at_store.wait()  # or sooner, when an admission found Redis empty
+
+    def _warn_lost(self, epoch: str) -> None:
+        """Say once per new epoch that Redis lost its data: a restart empty as short as a fraction of
+        a second may fail no round trip of this replica (no "failed to ..." warning, no "answers
+        again"), and one with no session to register again says nothing else."""
+        if epoch != self._epoch_warned:
+            self._epoch_warned = epoch
+            logger.warning(
+                "%s lost its data (it restarted empty, or was flushed): the cluster's totals start again from "
+                "what the replicas register anew, and admissions are held for about %gs from when the first "
+                "replica noticed, while they register their running sessions again",
+                self.store.where,
+                RECOVERY_SECONDS,
+            )
 
     async def _reconcile(self) -> None:
         """Bring this replica's sessions in line with Redis after a time out of touch: end those

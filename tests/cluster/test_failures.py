@@ -265,6 +265,34 @@ async def test_a_release_through_another_replica_while_redis_recovers_empty_is_s
     assert local_b["sessions_rejected_store_unavailable"] == 1, local_b
 
 
+async def test_a_restart_empty_is_logged_once_by_every_replica_even_one_that_sent_no_command_meanwhile(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # A restart empty shorter than a round trip's failure window left no "failed to ..." nor
+    # "answers again" on a replica that sent nothing meanwhile, and "lost N session(s)" only on
+    # one that held sessions: B logged nothing at all, though the cluster's totals had restarted.
+    config = cluster_config(store_section(own_redis.url, key_prefix), limits={"max_concurrent_sessions": 10})
+    lost = "lost its data (it restarted empty, or was flushed)"
+    async with start_replicas(tmp_path, config, 2) as (a, b), a.client() as on_a, b.client() as on_b:
+        created = await on_a.call_tool("session_create", {"timeout_seconds": 120})
+        assert not created.is_error, created
+        await anyio.to_thread.run_sync(own_redis.restart)  # the same port, empty
+        warned = [await replica.wait_stderr(lost, within=RECOVERY_SECONDS) for replica in (a, b)]
+        await a.wait_stderr("registered them again", within=RECOVERY_SECONDS)
+        # Served again through both, and A's session counted: the recovery is over.
+        await until_served(on_a, "echo", {"text": "back"})
+        await until_served(on_b, "echo", {"text": "back"})
+        await cluster_until(on_b, lambda c: c["active_sessions"] == 1, what="A's session registered again")
+
+    for line in warned:
+        assert "WARNING" in line, line
+        assert f"the session store at {own_redis.url} ([store] url) {lost}" in line, line
+        assert "the cluster's totals start again" in line and "admissions are held for about 2s" in line, line
+    for replica in (a, b):
+        assert sum(lost in line for line in replica.stderr_lines) == 1, replica.stderr
+    assert "had lost 1 session(s) of this replica; registered them again" in a.stderr, a.stderr
+
+
 async def test_calls_fail_fast_while_redis_hangs_and_recover_when_it_answers(
     tmp_path: Path, own_redis: RedisServer, key_prefix: str
 ) -> None:
