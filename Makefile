@@ -22,25 +22,29 @@ $(CLIENTS_STAMP): $(CLIENTS_DIR)/package.json $(CLIENTS_DIR)/package-lock.json
 clients: $(CLIENTS_STAMP)
 
 # The cluster-mode tests (tests/cluster) run a real redis-server on loopback (each start is
-# their own, on a free port; nothing of it is configured system-wide). Installed with apt when
-# missing: sudo when not root. Installing the package may also start a system service.
+# their own, on a free port; nothing of it is configured system-wide), some of them with TLS
+# certificates made by `openssl`. Both are installed with apt when missing: sudo when not root.
+# Installing redis-server may also start a system service.
 redis:
-	@if command -v redis-server >/dev/null 2>&1; then \
-		echo "redis-server: $$(command -v redis-server)"; \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -z "$$missing" ]; then \
+		echo "redis-server: $$(command -v redis-server); openssl: $$(command -v openssl)"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 		if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
 		elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; \
-		else echo "make redis: redis-server is missing and installing it needs root (no sudo here)" >&2; exit 1; fi; \
-		echo "make redis: installing Debian's redis-server package"; \
-		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server \
+		else echo "make redis:$$missing missing and installing needs root (no sudo here)" >&2; exit 1; fi; \
+		echo "make redis: installing Debian's package(s):$$missing"; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
 		|| { $$sudo apt-get update && \
-		     $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; } \
-		|| { echo "make redis: apt-get could not install redis-server" >&2; exit 1; }; \
-		command -v redis-server >/dev/null 2>&1 \
-		|| { echo "make redis: redis-server is still not on PATH after installing it" >&2; exit 1; }; \
+		     $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; } \
+		|| { echo "make redis: apt-get could not install$$missing" >&2; exit 1; }; \
+		for tool in redis-server openssl; do command -v $$tool >/dev/null 2>&1 \
+		|| { echo "make redis: $$tool is still not on PATH after installing it" >&2; exit 1; }; done; \
 	else \
-		echo "make redis: redis-server is not on PATH and there is no apt-get: install Redis 6 or later" \
-		     "so that redis-server is on PATH" >&2; \
+		echo "make redis:$$missing not on PATH and there is no apt-get: install Redis 6 or later (with TLS)" \
+		     "and openssl so that both are on PATH" >&2; \
 		exit 1; \
 	fi
 
