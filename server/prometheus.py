@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import threading
@@ -193,14 +194,6 @@ class SessionsCollector(Collector):
                 yield GaugeMetricFamily(PREFIX + name, help_text, value=float(value))
 
     def _per_tool(self, snapshot: MetricsSnapshot) -> Iterator[Metric]:
-        def calls() -> CounterMetricFamily:
-            return CounterMetricFamily(PREFIX + "tool_calls", "Tool calls admitted, per tool.", labels=["tool"])
-
-        def ended() -> CounterMetricFamily:
-            return CounterMetricFamily(
-                PREFIX + "tool_ended", "Tool calls ended, per tool and final state.", labels=["tool", "state"]
-            )
-
         def add_calls(family: CounterMetricFamily, tool: str, stats: ToolMetrics) -> None:
             family.add_metric([tool], stats.calls)
 
@@ -208,24 +201,26 @@ class SessionsCollector(Collector):
             for field, state in _TOOL_STATES:
                 family.add_metric([tool, state], getattr(stats, field))
 
+        calls = CounterMetricFamily(PREFIX + "tool_calls", "Tool calls admitted, per tool.", labels=["tool"])
+        ended = CounterMetricFamily(
+            PREFIX + "tool_ended", "Tool calls ended, per tool and final state.", labels=["tool", "state"]
+        )
         yield _per_tool_family(calls, add_calls, snapshot.tools)
         yield _per_tool_family(ended, add_ended, snapshot.tools)
 
     def _durations(self, histograms: dict[str, HistogramReading]) -> Metric:
         bounds = self._bounds
 
-        def durations() -> HistogramMetricFamily:
-            return HistogramMetricFamily(
-                PREFIX + "duration_seconds",
-                "Duration of finished sessions, per tool ('(none)': sessions opened by session_create).",
-                labels=["tool"],
-            )
-
         def add(family: HistogramMetricFamily, tool: str, reading: HistogramReading) -> None:
             counts = [*reading.buckets, reading.count]
             family.add_metric([tool], list(zip(bounds, counts, strict=True)), sum_value=reading.total)
 
-        return _per_tool_family(durations, add, histograms)
+        family = HistogramMetricFamily(
+            PREFIX + "duration_seconds",
+            "Duration of finished sessions, per tool ('(none)': sessions opened by session_create).",
+            labels=["tool"],
+        )
+        return _per_tool_family(family, add, histograms)
 
 
 _Family = TypeVar("_Family", bound=Metric)
@@ -233,12 +228,13 @@ _Value = TypeVar("_Value")
 
 
 def _per_tool_family(
-    make: Callable[[], _Family], add: Callable[[_Family, str, _Value], None], per_tool: Mapping[str, _Value]
+    family: _Family, add: Callable[[_Family, str, _Value], None], per_tool: Mapping[str, _Value]
 ) -> _Family:
-    """A family made by `make`, whose samples `add` makes one tool at a time as the exposition
-    reads them (see `_SamplesAsRead`)."""
-    family = make()
-    family.samples = _SamplesAsRead(make(), add, per_tool)  # type: ignore[assignment]  # only ever iterated
+    """`family` (with no samples yet), whose samples `add` makes one tool at a time as the
+    exposition reads them (see `_SamplesAsRead`)."""
+    scratch = copy.copy(family)  # its name and label names, with a list of samples of its own
+    scratch.samples = []
+    family.samples = _SamplesAsRead(scratch, add, per_tool)  # type: ignore[assignment]  # only ever iterated
     return family
 
 
