@@ -41,8 +41,7 @@ last line), never per connection: the condition they report is a flood (`logs.Ev
 At the exit, `flush` waits for what the connections' transports still hold to be written: an
 answer larger than the sockets' buffers is handed whole to uvicorn, which writes it as its client
 reads, and a process that exits before then drops the rest (what the kernel holds still goes
-out). A connection still writing at a deadline (or with no progress seen for a given time) is
-closed at once (`abort`) and counted.
+out). A connection still writing at a deadline is closed at once (`abort`) and counted.
 Progress is seen without polling: the transport's write-buffer limits are set just below what it
 holds, so that asyncio calls `resume_writing` as soon as its client has read something.
 
@@ -257,16 +256,15 @@ class ConnectionGuard:
         for connection in list(self._lane):
             connection.close()
 
-    async def flush(self, stall: float, deadline: float) -> int:
+    async def flush(self, deadline: float) -> int:
         """Wait until every connection has written what its transport holds (answers on their way
-        to clients slow to read them), each as long as its client reads: one whose client has read
-        nothing for `stall` seconds, or that is still writing at loop time `deadline`, is closed at
-        once, what it held dropped. How many were cut."""
+        to clients slow to read them): one still writing at loop time `deadline` is closed at once,
+        what it held dropped. How many were cut."""
         cut = 0
 
         async def flush_one(connection: _GuardedProtocol) -> None:
             nonlocal cut
-            if not await connection.flush(stall, deadline):
+            if not await connection.flush(deadline):
                 cut += 1
 
         async with anyio.create_task_group() as tg:
@@ -411,7 +409,7 @@ class _GuardedProtocol(asyncio.Protocol):
         transport = self._transport
         return isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size() > 0
 
-    async def flush(self, stall: float, deadline: float) -> bool:
+    async def flush(self, deadline: float) -> bool:
         """Wait until the transport has written what it holds (False: cut, see `ConnectionGuard.flush`)."""
         transport = self._transport
         if not isinstance(transport, asyncio.WriteTransport):
@@ -421,7 +419,7 @@ class _GuardedProtocol(asyncio.Protocol):
                 self._moved = moved = asyncio.Event()
                 # `resume_writing` (forwarded to uvicorn's protocol, paused meanwhile) once a byte is written.
                 transport.set_write_buffer_limits(high=held - 1, low=held - 1)
-                with anyio.move_on_after(min(stall, deadline - self._loop.time())):
+                with anyio.move_on_after(deadline - self._loop.time()):
                     await moved.wait()
                 if not moved.is_set():
                     transport.abort()

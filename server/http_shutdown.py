@@ -91,10 +91,9 @@ BODY_MISSING = "The server is shutting down; the request's body had not arrived.
 #: a moment) is answered `BODY_MISSING` if its body has not arrived within this many seconds: less
 #: than uvicorn's graceful-shutdown timeout (1 s, `server.app.serve_http`), which would cancel it.
 LATE_BODY_SECONDS = 0.5
-#: What waits for the connections to write what they hold (`ConnectionGuard.flush`): given how
-#: long a connection may go without visible progress and the loop time to stop at, it returns how
-#: many were cut.
-Flush = Callable[[float, float], Awaitable[int]]
+#: What waits for the connections to write what they hold (`ConnectionGuard.flush`): given the
+#: loop time to stop at, it returns how many were cut.
+Flush = Callable[[float], Awaitable[int]]
 #: The head of an event carrying a JSON-RPC response (the SDK writes `jsonrpc`, `id`, then
 #: `result` or `error`), after an `id:` or `event:` line: on a POST's event stream, its answer.
 _ANSWER_EVENT = re.compile(
@@ -394,7 +393,7 @@ class HttpShutdown:
             await self._answer_held(within, held)
         if flush is None:
             return
-        cut = await flush(WRITE_SECONDS, began + WRITE_SECONDS)
+        cut = await flush(began + WRITE_SECONDS)
         if cut:
             logger.warning(
                 "%s HTTP response(s) still being written to slow clients were cut %ss after the drain: their "
