@@ -83,6 +83,20 @@ def ping(url: str, timeout: float = 1.0) -> bool:
         client.close()
 
 
+def pem_pair(folder: Path, password: str | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate and its private key (encrypted with `password` if given), by openssl."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    secret = ["-passout", f"pass:{password}"] if password else ["-noenc"]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+        + ["-subj", "/CN=localhost", *secret],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
 class RedisServer:
     """One `redis-server` process on 127.0.0.1:`port`, no persistence, logging to `directory`."""
 

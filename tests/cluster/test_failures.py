@@ -45,6 +45,7 @@ from tests.cluster.conftest import (
     cluster_metrics,
     cluster_until,
     local_until,
+    pem_pair,
     ping,
     quiescent_cluster,
     redis_server_binary,
@@ -731,14 +732,7 @@ async def test_startup_with_a_redis_that_refuses_the_login_exits_2_saying_where_
 @contextmanager
 def tls_only_redis(directory: Path) -> Iterator[int]:
     """A redis-server that speaks only TLS (a self-signed certificate) on a free loopback port."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(cert), "-days", "1"]
-        + ["-subj", "/CN=localhost", "-noenc"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    cert, key = pem_pair(directory)
     port = free_port()
     command = [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", HOST, "--save", ""]
     command += ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "no"]

@@ -5,11 +5,11 @@ with exit status 2 naming the source, the key and the reason (`--check-config`, 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.cluster.conftest import pem_pair
 from tests.e2e_cli.test_cli import assert_refused, problems, run, write
 
 DEFAULT_STORE = {
@@ -100,20 +100,6 @@ def test_a_bad_store_url_in_the_environment_names_the_variable() -> None:
     assert "redis://" in problem, problem
 
 
-def _pem_pair(folder: Path, password: str | None = None) -> tuple[Path, Path]:
-    """A self-signed certificate and its private key (encrypted with `password` if given), by openssl."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    secret = ["-passout", f"pass:{password}"] if password else ["-noenc"]
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(cert), "-days", "1"]
-        + ["-subj", "/CN=localhost", *secret],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return cert, key
-
-
 #: (query of a rediss:// URL, `{dir}` for the test's folder; a fragment of the reason). redis-py
 #: loads these files only as it connects, and its error then blamed the host: "cannot reach ...
 #: Error 2 connecting to 127.0.0.1:PORT. No such file or directory".
@@ -151,7 +137,7 @@ TLS_FILE_MISTAKES = [
 
 @pytest.mark.parametrize(("query", "reason"), TLS_FILE_MISTAKES)
 def test_a_tls_file_that_cannot_be_loaded_is_a_config_problem(tmp_path: Path, query: str, reason: str) -> None:
-    _pem_pair(tmp_path)
+    pem_pair(tmp_path)
     (tmp_path / "plain.txt").write_text("not a certificate\n")
     url = f"rediss://:s3cret@127.0.0.1:6379/0?{query.format(dir=tmp_path)}"
     path = write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{url}"\n')
@@ -166,7 +152,7 @@ def test_a_tls_file_that_cannot_be_loaded_is_a_config_problem(tmp_path: Path, qu
 
 
 def test_an_encrypted_key_needs_its_password_in_the_url(tmp_path: Path) -> None:
-    cert, key = _pem_pair(tmp_path, password="keypass")
+    cert, key = pem_pair(tmp_path, password="keypass")
     base = f"rediss://:s3cret@127.0.0.1:6379/0?ssl_certfile={cert}&ssl_keyfile={key}"
 
     without = run("--config", str(write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{base}"\n')), "--check-config")
@@ -191,7 +177,7 @@ def test_an_encrypted_key_needs_its_password_in_the_url(tmp_path: Path) -> None:
 
 
 def test_readable_tls_files_pass_the_check(tmp_path: Path) -> None:
-    cert, key = _pem_pair(tmp_path)
+    cert, key = pem_pair(tmp_path)
     url = f"rediss://127.0.0.1:6379/0?ssl_ca_certs={cert}&ssl_certfile={cert}&ssl_keyfile={key}&ssl_ca_path={tmp_path}"
 
     result = run("--config", str(write(tmp_path, f'[store]\nbackend = "redis"\nurl = "{url}"\n')), "--check-config")
