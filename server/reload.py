@@ -151,7 +151,7 @@ class ConfigReloader:
     def _load(self) -> Settings | list[str]:
         """The settings the file (with the environment and the flags) gives now, or its problems.
 
-        Only reads and validates: it may run in a worker thread (see `watch_sighup`)."""
+        Only reads and validates: it may run in a thread of its own (see `_reload_in_thread`)."""
         try:
             new, hidden = load_settings_noting(self.path, self.overrides)
             if self.check is not None:
