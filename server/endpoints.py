@@ -102,8 +102,8 @@ def add_operational_routes(
         return PlainTextResponse(f"not ready: {reason}\n", status_code=503)
 
     async def metrics(request: Request) -> Response:
-        accept = request.headers.get("accept")
-        body, content_type = await anyio.to_thread.run_sync(render, registry, accept, limiter=rendering)
+        accept, names = request.headers.get("accept"), request.query_params.getlist("name[]")
+        body, content_type = await anyio.to_thread.run_sync(render, registry, accept, names, limiter=rendering)
         return Response(body, headers={"Content-Type": content_type})
 
     server.custom_route("/healthz", methods=["GET"], include_in_schema=False)(checked(healthz))

@@ -549,23 +549,41 @@ class ConnectionsCollector(Collector):
     def __init__(self, guard: ConnectionGuard) -> None:
         self._guard = guard
 
+    def describe(self) -> list[Metric]:
+        """Its families without samples (for the registry's clash check and `name[]` filter)."""
+        return [kind(name, text) for kind, name, text, _ in _GUARD_FAMILIES]
+
     def collect(self) -> Iterator[Metric]:
         guard = self._guard
-        yield GaugeMetricFamily(
-            "mcp_sessions_http_connections",
-            "HTTP connections open now (those past the cap read for a probe included).",
-            value=guard.open + guard.probing,
-        )
-        yield GaugeMetricFamily(
-            "mcp_sessions_http_max_connections", "server.http_max_connections in force.", value=guard.max_connections
-        )
-        yield CounterMetricFamily(
-            "mcp_sessions_http_connections_refused",
-            "HTTP connections refused (503) because server.http_max_connections were open.",
-            value=guard.refused,
-        )
-        yield CounterMetricFamily(
-            "mcp_sessions_http_request_timeouts",
-            "HTTP connections closed (408) for not sending a request within server.http_request_timeout_seconds.",
-            value=guard.timed_out,
-        )
+        for kind, name, text, read in _GUARD_FAMILIES:
+            yield kind(name, text, value=read(guard))
+
+
+_GUARD_FAMILIES: tuple[
+    tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, Callable[[ConnectionGuard], float]], ...
+] = (
+    (
+        GaugeMetricFamily,
+        "mcp_sessions_http_connections",
+        "HTTP connections open now (those past the cap read for a probe included).",
+        lambda guard: guard.open + guard.probing,
+    ),
+    (
+        GaugeMetricFamily,
+        "mcp_sessions_http_max_connections",
+        "server.http_max_connections in force.",
+        lambda guard: guard.max_connections,
+    ),
+    (
+        CounterMetricFamily,
+        "mcp_sessions_http_connections_refused",
+        "HTTP connections refused (503) because server.http_max_connections were open.",
+        lambda guard: guard.refused,
+    ),
+    (
+        CounterMetricFamily,
+        "mcp_sessions_http_request_timeouts",
+        "HTTP connections closed (408) for not sending a request within server.http_request_timeout_seconds.",
+        lambda guard: guard.timed_out,
+    ),
+)

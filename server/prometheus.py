@@ -23,7 +23,7 @@ import copy
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -161,7 +161,16 @@ class SessionsCollector(Collector):
         self._bounds = [_le(bound) for bound in buckets] + ["+Inf"]
 
     def describe(self) -> list[Metric]:
-        return []  # collected only at scrape time; nothing to check at registration
+        """Every family a scrape may yield, without samples: their names are what a registry
+        checks for clashes, and what its `name[]` filter (`restricted_registry`) looks a
+        collector up by. Undescribed, `/metrics?name[]=mcp_sessions_active` found nothing."""
+        families: list[Metric] = [CounterMetricFamily(PREFIX + name, text) for _, name, text in COUNTERS]
+        families.append(CounterMetricFamily(PREFIX + "rejected", "", labels=["reason"]))
+        families += [GaugeMetricFamily(PREFIX + name, text) for _, name, text in (*GAUGES, *LIMIT_GAUGES)]
+        families.append(CounterMetricFamily(PREFIX + "tool_calls", "", labels=["tool"]))
+        families.append(CounterMetricFamily(PREFIX + "tool_ended", "", labels=["tool", "state"]))
+        families.append(HistogramMetricFamily(PREFIX + "duration_seconds", "", labels=["tool"]))
+        return families
 
     def collect(self) -> Iterator[Metric]:
         # One reading of the counters and the histograms: a scrape from the exporter's thread
@@ -272,18 +281,19 @@ def _le(bound: float) -> str:
 
 def build_registry(manager: SessionManager, *, process: bool = True) -> CollectorRegistry:
     """A private registry with the sessions collector (and, by default, the process metrics)."""
-    registry = CollectorRegistry(auto_describe=False)
+    registry = CollectorRegistry(auto_describe=True)  # the process collector has no describe() for name[]
     registry.register(SessionsCollector(manager))
     if process:
         ProcessCollector(registry=registry)
     return registry
 
 
-def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+def render(registry: CollectorRegistry, accept: str | None, names: Collection[str] = ()) -> tuple[bytes, str]:
     """The exposition body and its content type, as the scraper's Accept header asks
-    (Prometheus text format, or OpenMetrics)."""
+    (Prometheus text format, or OpenMetrics); only the samples named in `names`, if any (a
+    scrape's `name[]` parameters, as prometheus_client's own exporter reads them)."""
     encoder, content_type = choose_encoder(accept or "")
-    return encoder(registry), content_type
+    return encoder(registry.restricted_registry(names) if names else registry), content_type
 
 
 class Exporter:

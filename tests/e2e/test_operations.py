@@ -155,6 +155,24 @@ async def test_openmetrics_is_served_when_the_scraper_asks_for_it(shared_http_se
     assert "mcp_sessions_created_total" in response.text
 
 
+async def test_a_scrape_naming_samples_gets_those_of_every_collector_and_no_others(
+    shared_http_server: ServerProcess,
+) -> None:
+    # prometheus_client's `name[]` filter, as its own exporter reads it: the sessions families,
+    # the connection guard's and the process collector's alike.
+    names = {
+        "mcp_sessions_active",
+        "mcp_sessions_created_total",
+        "mcp_sessions_http_connections_refused_total",
+        "process_open_fds",
+    }
+    async with httpx2.AsyncClient(timeout=5) as http:
+        response = await http.get(base_of(shared_http_server) + "/metrics", params={"name[]": sorted(names)})
+    assert response.status_code == 200, response.text
+    families = text_string_to_metric_families(response.text)
+    assert {sample.name for family in families for sample in family.samples} == names
+
+
 # -- health and readiness -----------------------------------------------------------------
 
 

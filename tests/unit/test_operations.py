@@ -29,7 +29,7 @@ from server.errors import ErrorCode, SessionError
 from server.logs import JsonFormatter, TextFormatter
 from server.manager_state import MAX_TRACKED_TOOLS, NO_TOOL
 from server.metrics import DurationStats, MetricsSnapshot, edge_index
-from server.prometheus import COUNTERS, DERIVED, GAUGES, REJECTED, Exporter, build_registry, render
+from server.prometheus import COUNTERS, DERIVED, GAUGES, REJECTED, Exporter, SessionsCollector, build_registry, render
 from server.reload import ConfigReloader
 from server.sessions import SessionManager
 
@@ -134,6 +134,11 @@ async def test_the_exposition_carries_the_numbers_of_the_snapshot() -> None:
     assert value(samples, histogram, histogram + "_count", tool="fail") == 1
     assert value(samples, histogram, histogram + "_count", tool=NO_TOOL) == 1
     assert (snapshot.config_reloads, snapshot.config_reload_failures) == (1, 2)
+    # What the registry knows of the collector (its clash check, a scrape's name[] filter)
+    # is every family it yields, of the same type.
+    collector = SessionsCollector(manager)
+    described = {(family.name, family.type) for family in collector.describe()}
+    assert {(family.name, family.type) for family in collector.collect()} <= described
 
 
 async def test_a_scrape_holds_the_samples_of_one_tool_at_a_time_not_of_every_tool() -> None:
@@ -207,6 +212,23 @@ def test_the_exporter_serves_metrics_on_loopback_until_stopped() -> None:
     assert all("mcp_sessions" not in r.text for r in elsewhere)
     with pytest.raises(httpx2.ConnectError):
         httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_the_exporter_serves_the_samples_a_scrape_names() -> None:
+    manager = SessionManager()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exporter = Exporter(build_registry(manager), port)
+    assert exporter.start() is True
+    names = ["mcp_sessions_active", "mcp_sessions_rejected_total", "process_open_fds"]
+    try:
+        response = httpx2.get(f"http://127.0.0.1:{port}/metrics", params={"name[]": names}, timeout=5)
+    finally:
+        exporter.stop()
+    assert response.status_code == 200
+    families = text_string_to_metric_families(response.text)
+    assert sorted({sample.name for family in families for sample in family.samples}) == sorted(names)
 
 
 def exporter_threads() -> int:
