@@ -161,6 +161,9 @@ class SessionsExtension(DecoupledCalls, Extension):
         self._lifecycle = anyio.Lock()
         #: The task running the manager, and what tells it to stop (while a lifespan is open).
         self._runtime: tuple[asyncio.Task[None], anyio.Event] | None = None
+        #: The threads sync tools run in while the runtime runs: as many as sessions may be
+        #: active at once (see `_start`).
+        self._tool_threads: anyio.CapacityLimiter | None = None
         self._give_back: Callable[[], None] | None = None
         #: What `settings` advertises: one dict for the extension's life, kept current.
         self._advertised: dict[str, Any] = {}
@@ -219,6 +222,8 @@ class SessionsExtension(DecoupledCalls, Extension):
             settings = settings.model_copy(update={"store": self.config.store})
         self.manager.set_limits(settings.limits, settings.tool_caps())
         self.config = settings  # only now: a call never sees settings the manager refused
+        if self._tool_threads is not None:
+            self._tool_threads.total_tokens = self.manager.limits.max_concurrent_sessions
         self._advertise()
         if self._running:
             self._warn_unmatched_tool_tables()
@@ -329,6 +334,11 @@ class SessionsExtension(DecoupledCalls, Extension):
             await asyncio.wait([runtime])  # it has ended, or is ending, by the same error
             raise
         self._runtime = (runtime, stop)
+        # Every admitted session gets a thread at once if its tool needs one: anyio's default
+        # limiter has 40 tokens, and calls admitted past them waited for a thread with their
+        # deadline running (100 calls of 1.5 s under a 2 s deadline: 56 timed out, their threads
+        # left stuck). An abandoned thread gives its token back, so live work keeps them all.
+        self._tool_threads = anyio.CapacityLimiter(self.manager.limits.max_concurrent_sessions)
         self._running = True
         self._give_back = self.take_over_tool_calls(app)
         self._warn_unmatched_tool_tables()
@@ -357,6 +367,7 @@ class SessionsExtension(DecoupledCalls, Extension):
     async def _stop(self) -> None:
         """The last lifespan is leaving: give `tools/call` back, stop the work, stop the manager."""
         self._running = False
+        self._tool_threads = None
         give_back, self._give_back = self._give_back, None
         if give_back is not None:
             give_back()
@@ -480,13 +491,20 @@ class SessionsExtension(DecoupledCalls, Extension):
         else:
             needs_thread = sync
             manager = self.manager
-            in_place = not needs_thread or make_cancellable(tool, self._thread_left_running, manager.thread_ended)
+            in_place = not needs_thread or make_cancellable(
+                tool, self._thread_left_running, manager.thread_ended, self._thread_pool
+            )
         timeout, idle_timeout = config.timeout_for(name), config.idle_timeout_for(name)
         plan = (tool, config, needs_thread, in_place, timeout, idle_timeout, sync)
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         self._plans[name] = plan
         return plan
+
+    def _thread_pool(self) -> anyio.CapacityLimiter | None:
+        """The limiter a sync tool's thread comes through (None: anyio's default one, as when
+        a host calls the tool with the runtime stopped)."""
+        return self._tool_threads
 
     def _thread_left_running(self) -> None:
         """A sync tool's thread runs on past its caller's cancelled wait: count it, and mark the

@@ -8,8 +8,10 @@ an async stand-in that runs the same function with the same arguments through
 `run_sync(..., abandon_on_cancel=True)`: a cancellation (the call's deadline, the client,
 shutdown) ends the wait at once, and the thread, which nothing can stop, is *abandoned*:
 reported to `on_abandoned()` when it is left running, and to `on_returned()` (on the event
-loop) when it finally returns. Its limiter token goes back at abandonment (anyio's rule for
-abandoned threads), so stuck threads never starve later calls; at `limits.max_abandoned_threads`
+loop) when it finally returns. Its thread comes through the extension's own limiter, with a token
+for every session that may be active (so an admitted call never waits for a thread with its
+deadline running); its token goes back at abandonment (anyio's rule for abandoned threads), so
+stuck threads never starve later calls; at `limits.max_abandoned_threads`
 stuck threads, new sync calls are refused (the calls already running may still each leave one).
 
 A call the cancellation reaches before its thread begins never calls the function.
@@ -54,10 +56,14 @@ def _thread_returns(call: dict[str, object]) -> bool:
 
 
 def cancellable(
-    fn: Callable[..., Any], on_abandoned: Callable[[], None], on_returned: Callable[[], None]
+    fn: Callable[..., Any],
+    on_abandoned: Callable[[], None],
+    on_returned: Callable[[], None],
+    pool: Callable[[], anyio.CapacityLimiter | None] = lambda: None,
 ) -> Callable[..., Any]:
     """An async function that runs `fn(**kwargs)` in a worker thread and stops waiting for it
-    when cancelled (see the module's docstring)."""
+    when cancelled (see the module's docstring). Its thread comes through the limiter `pool()`
+    returns at each call (None: anyio's default one)."""
     cancelled_exc = anyio.get_cancelled_exc_class
     run_sync = anyio.to_thread.run_sync
 
@@ -82,7 +88,7 @@ def cancellable(
                         pass
 
         try:
-            return await run_sync(body, abandon_on_cancel=True)
+            return await run_sync(body, abandon_on_cancel=True, limiter=pool())
         except cancelled_exc():
             if _caller_leaves(call, asyncio.get_running_loop()):
                 on_abandoned()
@@ -98,7 +104,12 @@ def runs_in_thread(tool: object) -> bool:
     return not getattr(tool, "is_async", True) or hasattr(getattr(tool, "fn", None), ORIGINAL_ATTRIBUTE)
 
 
-def make_cancellable(tool: object, on_abandoned: Callable[[], None], on_returned: Callable[[], None]) -> bool:
+def make_cancellable(
+    tool: object,
+    on_abandoned: Callable[[], None],
+    on_returned: Callable[[], None],
+    pool: Callable[[], anyio.CapacityLimiter | None] = lambda: None,
+) -> bool:
     """Make a sync tool's registry entry (the SDK's `Tool`) run its function through
     `cancellable`; True once it does (also if it already did).
 
@@ -112,7 +123,7 @@ def make_cancellable(tool: object, on_abandoned: Callable[[], None], on_returned
     if fn is None or not callable(fn) or getattr(tool, "is_async", True) or getattr(tool, "resolved_params", None):
         return False
     try:
-        tool.fn = cancellable(fn, on_abandoned, on_returned)  # type: ignore[attr-defined]
+        tool.fn = cancellable(fn, on_abandoned, on_returned, pool)  # type: ignore[attr-defined]
         tool.is_async = True  # type: ignore[attr-defined]
     except (AttributeError, TypeError, ValueError):  # a frozen or validating entry
         try:

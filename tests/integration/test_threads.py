@@ -19,7 +19,7 @@ from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.resolve import Resolve
-from mcp_types import CallToolRequestParams
+from mcp_types import CallToolRequestParams, CallToolResult
 
 from server import SessionsExtension, Settings
 from server.decoupled import _Work
@@ -59,25 +59,32 @@ def stuck_tools(release: threading.Event) -> list[Any]:
     def quick_sync() -> str:
         return "quick"
 
+    def quick_resolved(n: Annotated[int, Resolve(_one)]) -> str:
+        return f"quick {n}"
+
     async def echo_async(text: str) -> str:
         return text
 
-    return [stuck, stuck_resolved, quick_sync, echo_async]
+    return [stuck, stuck_resolved, quick_sync, quick_resolved, echo_async]
 
 
 @pytest.mark.parametrize(
-    ("tool", "held"),
-    [("stuck", 0), ("stuck_resolved", TOKENS)],
+    ("tool", "live", "held"),
+    [("stuck", "quick_sync", 0), ("stuck_resolved", "quick_resolved", TOKENS)],
     ids=["thread-wait-ends-at-the-deadline", "decoupled-work-keeps-its-token"],
 )
-async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, held: int) -> None:
+async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, live: str, held: int) -> None:
+    # A sync tool's thread comes from the extension's pool (as many threads as sessions), a
+    # decoupled call's from anyio's default limiter (the SDK's wait): both TOKENS here.
     release = threading.Event()
-    timeouts = {"stuck": 0.2, "stuck_resolved": 0.2, "quick_sync": 2.0}
-    config = settings(tool_timeouts=timeouts, max_abandoned_threads=TOKENS + 2)
+    timeouts = {tool: 0.2, live: 2.0}
+    config = settings(tool_timeouts=timeouts, max_abandoned_threads=TOKENS + 2, max_concurrent_sessions=TOKENS)
     app, sessions = build(config, tools=stuck_tools(release))
     try:
-        with thread_limiter(TOKENS) as limiter:
+        with thread_limiter(TOKENS) as default:
             async with Client(app) as client:
+                limiter = default if held else sessions._tool_threads
+                assert limiter is not None and limiter.total_tokens == TOKENS
                 # As many stuck calls as the limiter has tokens, each still in its thread.
                 for _ in range(TOKENS):
                     result = await client.call_tool(tool, {})
@@ -88,8 +95,8 @@ async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, held: int)
                 assert limiter.total_tokens == TOKENS + held, "each token still held is lent back once"
                 # Live sync work still gets a thread at once.
                 with anyio.fail_after(1.5):
-                    result = await client.call_tool("quick_sync", {})
-                assert not result.is_error and text_of(result) == "quick"
+                    result = await client.call_tool(live, {})
+                assert not result.is_error and text_of(result).startswith("quick")
                 release.set()
                 with anyio.fail_after(5):
                     await sessions.manager.wait_no_abandoned_threads()
@@ -97,6 +104,35 @@ async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, held: int)
                 assert (await metrics(client))["abandoned_threads"] == 0
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("when", ["at-start", "after-a-reload"])
+async def test_every_admitted_sync_call_gets_a_thread_at_once_past_anyios_default_limiter(when: str) -> None:
+    # anyio's default limiter has 40 tokens. Calls admitted past them used to wait for a thread
+    # with their deadline running: 100 calls of 1.5 s under a 2 s deadline, 56 timed out and
+    # left their threads stuck. Here every call must be in its thread at once to pass the barrier.
+    calls = int(anyio.to_thread.current_default_thread_limiter().total_tokens) + 5
+    together = threading.Barrier(calls)
+
+    def meet() -> str:
+        together.wait(timeout=5)  # BrokenBarrierError (a tool error) unless all are in at once
+        return "met"
+
+    first = settings(max_concurrent_sessions=calls if when == "at-start" else 1, tool_timeouts={"meet": 20.0})
+    app, sessions = build(first, tools=[meet])
+    results: list[CallToolResult] = []
+    async with Client(app) as client:
+        if when == "after-a-reload":
+            sessions.apply_settings(settings(max_concurrent_sessions=calls, tool_timeouts={"meet": 20.0}))
+
+        async def call() -> None:
+            results.append(await client.call_tool("meet", {}))
+
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                for _ in range(calls):
+                    tg.start_soon(call)
+    assert [text_of(result) for result in results] == ["met"] * calls
 
 
 #: Holds `stuck_resolver` in its thread until set (module level: the SDK evaluates a tool's and
