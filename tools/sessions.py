@@ -198,11 +198,28 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
         report = await ext.shutdown(timeout_seconds)
         return _ok(report)
 
+    # Each acts on this server alone (open world: false; the spec's default is true). Releasing
+    # a session again, or asking for a shutdown under way, changes nothing more (idempotent).
     return [
-        _binding(session_create, ToolAnnotations(title="Create a session", destructive_hint=False)),
-        _binding(session_release, ToolAnnotations(title="Release a session", destructive_hint=False)),
-        _binding(session_metrics, ToolAnnotations(title="Session metrics", read_only_hint=True)),
-        _binding(server_shutdown, ToolAnnotations(title="Shut the server down", destructive_hint=True)),
+        _binding(
+            session_create,
+            ToolAnnotations(
+                title="Create a session", destructive_hint=False, idempotent_hint=False, open_world_hint=False
+            ),
+        ),
+        _binding(
+            session_release,
+            ToolAnnotations(
+                title="Release a session", destructive_hint=False, idempotent_hint=True, open_world_hint=False
+            ),
+        ),
+        _binding(session_metrics, ToolAnnotations(title="Session metrics", read_only_hint=True, open_world_hint=False)),
+        _binding(
+            server_shutdown,
+            ToolAnnotations(
+                title="Shut the server down", destructive_hint=True, idempotent_hint=True, open_world_hint=False
+            ),
+        ),
     ]
 
 

@@ -38,7 +38,7 @@ from tests.helpers import (
     text_of,
     until,
 )
-from tools.sessions import with_error_code
+from tools.sessions import MANAGEMENT_TOOLS, with_error_code
 
 
 async def metrics(client: Client) -> dict[str, Any]:
@@ -771,6 +771,23 @@ async def test_session_create_at_the_largest_timeout_cap_answers_its_expiry_date
         assert datetime.fromisoformat(data["expires_at"]).year >= datetime.now(UTC).year + 31
         await client.call_tool("session_release", {"session_id": data["session_id"]})
         assert (await metrics(client))["active_sessions"] == 0
+
+
+async def test_the_session_tools_advertise_hints_a_client_can_base_its_approval_on() -> None:
+    # The spec's defaults (open world, destructive, not idempotent) would describe them wrongly.
+    app, _ = build()
+    async with Client(app) as client:
+        hints = {
+            tool.name: tool.annotations.model_dump(exclude_none=True, exclude={"title"})
+            for tool in (await client.list_tools()).tools
+            if tool.name in MANAGEMENT_TOOLS and tool.annotations is not None
+        }
+    assert hints == {
+        "session_create": {"destructive_hint": False, "idempotent_hint": False, "open_world_hint": False},
+        "session_release": {"destructive_hint": False, "idempotent_hint": True, "open_world_hint": False},
+        "session_metrics": {"read_only_hint": True, "open_world_hint": False},
+        "server_shutdown": {"destructive_hint": True, "idempotent_hint": True, "open_world_hint": False},
+    }
 
 
 async def test_session_create_advertises_empty_metadata_by_default_and_takes_null_as_empty() -> None:
