@@ -14,10 +14,11 @@ of session metadata.
 
 The handler also rate-limits other libraries' records (`RepeatLimit`): one client could make
 uvicorn or the SDK write a line or a traceback per request or connection, thousands a second.
-Per logger and message, the first record in `REPEAT_SECONDS` is written and the ones like it are
-counted; the next one written carries the count (`[and 1,234 more like this in the last 12 s]`),
-and counts still pending are written when the handler is closed (`logging.shutdown`, at the exit)
-or replaced (a reload). This package's own loggers (`server.*`, `tools.*`: a session's end, a
+Per logger and message (and exception, for a record with a traceback: each tool's crash is its
+own), the first record in `REPEAT_SECONDS` is written and the ones like it are counted; the next
+one written carries the count (`[and 1,234 more like this in the last 12 s]`), and counts still
+pending are written when the handler is closed (`logging.shutdown`, at the exit) or replaced (a
+reload). This package's own loggers (`server.*`, `tools.*`: a session's end, a
 refusal) and asyncio's are never limited. `EventReport` does the same for one event of this
 package's (a connection refused or cut off): one line per `REPORT_SECONDS` at most, with a count.
 While the standalone HTTP server serves, the SDK's traceback for a client that went away mid-body
@@ -166,11 +167,11 @@ class _Repeats:
 
 class RepeatLimit:
     """Rate limit on the records of other libraries' loggers (see `limited`), per (logger name,
-    message template: `template`): the first record in a period of `period` seconds passes;
-    those like it within the period are counted and dropped; the next one to pass after the period
-    carries the count (`... [and 1,234 more like this in the last 12 s]`), and `pending()` gives
-    the counts not yet written (the last record dropped of each, dated now, carrying the count of
-    the others).
+    message template and, for a record with a traceback, its exception: `kind`): the first record
+    in a period of `period` seconds passes; those like it within the period are counted and
+    dropped; the next one to pass after the period carries the count (`... [and 1,234 more like
+    this in the last 12 s]`), and `pending()` gives the counts not yet written (the last record
+    dropped of each, dated now, carrying the count of the others).
 
     One client can make uvicorn or the SDK write a line or a traceback per request or connection
     (`Invalid HTTP request received.` for garbage or a TLS handshake on the HTTP port, two upgrade
@@ -228,7 +229,7 @@ class RepeatLimit:
         return out
 
     def _key(self, record: logging.LogRecord) -> tuple[str, object]:
-        key = (record.name, template(record))
+        key = (record.name, kind(record))
         if key not in self._periods and self._messages.get(record.name, 0) >= self.per_logger:
             return (record.name, _OTHER)
         return key
@@ -258,6 +259,34 @@ def template(record: logging.LogRecord) -> str:
     if record.args:
         return record.msg
     return _NUMBERED.sub("#", record.msg.split(": ", 1)[0])
+
+
+#: `kind`: how many causes of a record's exception are followed, at most, to find where it began.
+_CHAIN_LINKS = 8
+
+
+def kind(record: logging.LogRecord) -> object:
+    """What `RepeatLimit` counts `record` with: its `template`, and for a record with an exception
+    the exception's type and the line of code that raised it. The SDK logs every tool's crash with
+    one template (`Tool %r raised an unexpected exception`): without the exception, the traceback
+    of one tool's crash would hide every other tool's for the period. The exception is the first of
+    its chain (its cause's cause ...); the same failure repeated (the same exception type from the
+    same line) is still one kind."""
+    raised = record.exc_info[1] if record.exc_info else None
+    if raised is None:
+        return template(record)
+    # The SDK wraps a tool's exception (`UnexpectedToolError ... from exc`), raised at one line for
+    # every tool: the failure is where the chain began.
+    for _ in range(_CHAIN_LINKS):
+        cause = raised.__cause__ or (None if raised.__suppress_context__ else raised.__context__)
+        if cause is None:
+            break
+        raised = cause
+    tb = raised.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else None
+    return (template(record), type(raised).__module__, type(raised).__qualname__, where)
 
 
 def _carrying(record: logging.LogRecord, more: int, seconds: float, other: bool) -> logging.LogRecord:

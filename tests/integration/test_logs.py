@@ -384,3 +384,31 @@ def test_a_reload_writes_the_counts_in_the_old_format_and_json_carries_the_count
     data = json.loads(at_close)
     assert data["message"] == "Unsupported upgrade request. [and 1 more like this in the last 1 s]"
     assert data["repeats"] == 1 and data["logger"] == "uvicorn.error"
+
+
+def crash_a(text: str) -> str:
+    raise RuntimeError("crash " + text)
+
+
+def crash_b(key: str) -> str:
+    return {"a": "1"}[key]
+
+
+async def test_each_tools_crash_has_its_traceback_written_and_a_repeated_crash_is_counted(
+    text_log: io.StringIO,
+) -> None:
+    # The SDK logs every tool's crash with one message (`Tool %r raised an unexpected exception`):
+    # one tool's traceback must not hide another's, while the same crash repeated is counted.
+    app, _ = build(tools=[crash_a, crash_b])
+    async with Client(app) as client:
+        assert (await client.call_tool("crash_a", {"text": "first"})).is_error
+        assert (await client.call_tool("crash_b", {"key": "zzz"})).is_error
+        assert (await client.call_tool("crash_a", {"text": "second"})).is_error
+    text = text_log.getvalue()
+    assert "RuntimeError: crash first" in text
+    assert "KeyError: 'zzz'" in text
+    assert "crash second" not in text
+    our_handler().close()  # the one counted is written at the exit, with its traceback
+    last = [line for line in text_log.getvalue().splitlines() if RECORD_START.match(line)][-1]
+    assert last.endswith("ERROR mcp.server.mcpserver.server: Tool 'crash_a' raised an unexpected exception"), last
+    assert "RuntimeError: crash second" in text_log.getvalue().split(last)[1]
