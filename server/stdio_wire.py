@@ -398,16 +398,38 @@ def claim_stdin() -> BinaryIO:
     return _claim_stdin()[0]
 
 
+def _stdout_away() -> bool:
+    """Point fd 1 at stderr (True) or, if there is no fd 2 (started with `2>&-`), fd 1 and fd 2
+    at the null device (False); nothing if both fail."""
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        pass
+    else:
+        return True
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != 1:  # 1 if fd 1 was closed: the null device has it already
+            try:
+                os.dup2(devnull, 1)
+            finally:
+                # Kept if it took the free fd 2: the next file or socket opened is not taken for stderr.
+                if devnull != 2:
+                    os.close(devnull)
+    return False
+
+
 def divert_stdout() -> BinaryIO:
     """Reserve stdout for protocol messages until the process exits; returns the wire to write them to.
 
     The wire is a private duplicate of fd 1; fd 1 itself (and so `sys.stdout`, `print`, child
-    processes) points at stderr from now on. The CLI calls this before any tool module is
-    imported: a module that prints while imported or set up must not corrupt the stdio stream
-    or the JSON of `--check-config`, and the SDK's own diversion starts only once serving
-    begins. fd 1 is never given back: whatever a stray thread or an exit handler prints after
-    the last response still misses the wire. If fd 1 cannot be duplicated, the wire is stdout
-    itself (nothing diverted), as the SDK does; if there is no fd 1, the null device.
+    processes) points at stderr from now on (at the null device if there is no fd 2). The CLI
+    calls this before any tool module is imported: a module that prints while imported or set up
+    must not corrupt the stdio stream or the JSON of `--check-config`, and the SDK's own
+    diversion starts only once serving begins. fd 1 is never given back: whatever a stray thread
+    or an exit handler prints after the last response still misses the wire. If fd 1 cannot be
+    duplicated, the wire is stdout itself (nothing diverted), as the SDK does; if there is no
+    fd 1, the null device.
     """
     if sys.stdout is not None:
         sys.stdout.flush()  # anything written before the diversion belongs to where it was written
@@ -416,15 +438,10 @@ def divert_stdout() -> BinaryIO:
         if sys.stdout is not None:
             return sys.stdout.buffer
         # No fd 1 at all (started with stdout closed): nobody reads what the wire carries; and
-        # fd 1 points at stderr, or the next file or socket opened would be taken for stdout.
-        with contextlib.suppress(OSError):
-            os.dup2(2, 1)
+        # fd 1 points away, or the next file or socket opened would be taken for stdout.
+        _stdout_away()
         return open(os.devnull, "wb")  # noqa: SIM115 - the wire stays open until the process exits
-    try:
-        os.dup2(2, 1)
-    except OSError:
-        pass  # fd 1 still carries the wire; stray output may reach it, as without the diversion
-    else:
+    if _stdout_away():
         # `print` now writes to stderr, where logs go: a line there at each newline, in order with
         # the log records, not a block held until something flushes (stdout on a pipe is buffered).
         reconfigure = getattr(sys.stdout, "reconfigure", None)

@@ -351,6 +351,33 @@ def test_check_config_stdout_is_the_settings_json_alone_when_a_tool_module_print
     assert NOISY_SETUP_PRINT in result.stderr
 
 
+def test_stdio_started_with_stderr_closed_keeps_a_tool_modules_prints_off_the_protocol_stream() -> None:
+    # With no fd 2 (`2>&-`) there is no stderr to point fd 1 at: it points at the null device,
+    # and what the module prints at import and in its setup hook is lost, not sent to the client.
+    environ = clean_env({"MCP_SESSIONS_SERVER__TOOL_MODULES": f'["{NOISY_MODULE}"]'})
+    init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "cli", "version": "0"}}
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "whisper", "arguments": {"text": "HI"}}},
+    ]
+    command = shlex.join([sys.executable, "-m", "server", "--transport", "stdio"])
+    result = subprocess.run(
+        ["/bin/sh", "-c", f"exec {command} 2>&-"],
+        cwd=ROOT,
+        env=environ,
+        input="".join(json.dumps(message) + "\n" for message in messages),
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 0
+    answers = [json.loads(line) for line in result.stdout.splitlines()]  # every line is a message
+    assert [answer["id"] for answer in answers] == [1, 2], result.stdout
+    assert answers[1]["result"]["content"][0]["text"] == "hi"
+
+
 # -- refused configurations: status 2, the problem on stderr, nothing started -------------
 
 BAD_FILES = [
