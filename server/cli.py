@@ -8,7 +8,8 @@ the tool modules are imported. stdin is claimed before then too (on stdio for th
 for `--check-config`): a module that reads it finds it at end of file, so the client's messages
 all reach the server and a check never waits for input. `--check-config` builds the server as
 a start does (tool modules imported, their tools registered, their `setup(server)` hooks run), so
-that what would make the start fail fails the check, and serves nothing.
+that what would make the start fail fails the check, and serves nothing. `[logging]` is applied
+before the tool modules are imported: what they log then is at its level and in its format.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
     try:
         # `hidden`: valid as overridden, but not the file alone (what it fails of once the override is gone).
         settings, hidden = load_settings_noting(args.config, overrides)
+        # Before any tool module is imported too: what a module logs while imported or set up
+        # comes out at the configured level and in the configured format, as everything after.
+        configure_logging(settings.logging)
         if args.check_config or settings.server.transport == "stdio":
             # Before any tool module is imported: what it prints must not reach the protocol
             # stream (stdio) or the settings JSON (--check-config), and what it reads must not be
@@ -156,7 +160,6 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
         if unreachable is not None:
             sys.stderr.write(f"mcp-session-manager: {unreachable}\n")
             return EXIT_CONFIG
-    configure_logging(settings.logging)
     for note in notes:
         logger.warning("Config: %s", note)
     return app, app.reloader(args.config, overrides), wire, stdin

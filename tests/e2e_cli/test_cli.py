@@ -378,6 +378,28 @@ def test_stdio_started_with_stderr_closed_keeps_a_tool_modules_prints_off_the_pr
     assert answers[1]["result"]["content"][0]["text"] == "hi"
 
 
+@pytest.mark.parametrize("check", [False, True], ids=["stdio", "check-config"])
+def test_the_logging_table_applies_to_what_tool_modules_log_while_imported_and_set_up(
+    tmp_path: Path, check: bool
+) -> None:
+    path = write(
+        tmp_path,
+        f'[server]\ntool_modules = ["{FIXTURES}.logs_at_import"]\n[logging]\nlevel = "warning"\nformat = "json"\n',
+    )
+
+    # stdio: stdin at end of file, the server stops at once after the start.
+    result = run("--config", str(path), "--transport", "stdio", *(["--check-config"] if check else []))
+
+    assert result.returncode == 0, result.stderr
+    assert "info while importing" not in result.stderr, result.stderr  # below the level
+    logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert [(r["level"], r["logger"], r["message"]) for r in logged][:2] == [
+        ("warning", "logs_at_import", "logs_at_import: warning while importing\nsecond line"),
+        ("warning", "logs_at_import", "logs_at_import: warning in setup"),
+    ], result.stderr
+    assert "second line" not in {line.strip() for line in result.stderr.splitlines()}, result.stderr
+
+
 # -- refused configurations: status 2, the problem on stderr, nothing started -------------
 
 BAD_FILES = [
