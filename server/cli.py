@@ -9,7 +9,8 @@ for `--check-config`): a module that reads it finds it at end of file, so the cl
 all reach the server and a check never waits for input. `--check-config` builds the server as
 a start does (tool modules imported, their tools registered, their `setup(server)` hooks run), so
 that what would make the start fail fails the check, and serves nothing. `[logging]` is applied
-before the tool modules are imported: what they log then is at its level and in its format.
+before the tool modules are imported: what they log then is at its level and in its format, and
+so are Python's warnings (`logging.captureWarnings`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
         # Before any tool module is imported too: what a module logs while imported or set up
         # comes out at the configured level and in the configured format, as everything after.
         configure_logging(settings.logging)
+        logging.captureWarnings(True)  # Python's warnings (a tool module's) in that format too, not raw
         if args.check_config or settings.server.transport == "stdio":
             # Before any tool module is imported: what it prints must not reach the protocol
             # stream (stdio) or the settings JSON (--check-config), and what it reads must not be

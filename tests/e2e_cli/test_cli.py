@@ -400,6 +400,38 @@ def test_the_logging_table_applies_to_what_tool_modules_log_while_imported_and_s
     assert "second line" not in {line.strip() for line in result.stderr.splitlines()}, result.stderr
 
 
+def test_python_warnings_are_log_records_in_the_logging_format() -> None:
+    # A tool module's warnings, at import and in a call, and a coroutine never awaited: each one
+    # JSON object on stderr, not Python's two raw lines.
+    environ = clean_env(
+        {"MCP_SESSIONS_SERVER__TOOL_MODULES": f'["{FIXTURES}.warns_at_import"]', "MCP_SESSIONS_LOGGING__FORMAT": "json"}
+    )
+    init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "cli", "version": "0"}}
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "caution", "arguments": {"text": "x"}}},
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--transport", "stdio"],
+        cwd=ROOT,
+        env=environ,
+        input="".join(json.dumps(message) + "\n" for message in messages),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [1, 2], result.stdout
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line is a record
+    warned = [r["message"] for r in records if r["logger"] == "py.warnings"]
+    assert len(warned) == 3, result.stderr
+    assert "UserWarning: warns_at_import: warning while importing" in warned[0]
+    assert "UserWarning: warns_at_import: warning in a call" in warned[1]
+    assert "RuntimeWarning: coroutine 'sleep' was never awaited" in warned[2]
+
+
 # -- refused configurations: status 2, the problem on stderr, nothing started -------------
 
 BAD_FILES = [
