@@ -41,9 +41,10 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
 
     The answer carries the request's id where it can be read, else null: so the client hears at
     once which request was wrong. It can be read from a request that is JSON but not JSON-RPC (its
-    method not a string, say), and from one whose only fault is an integer of more digits than
-    Python turns into a number (`sys.get_int_max_str_digits()`, 4300 by default; in metadata, say):
-    such a line, up to `MAX_REREAD_BYTES`, is read again with that number left out."""
+    method not a string, say), from one whose only fault is an integer of more digits than Python
+    turns into a number (`sys.get_int_max_str_digits()`, 4300 by default; in metadata, say): such
+    a line, up to `MAX_REREAD_BYTES`, is read again with that number left out; and from one that
+    nests deeper than the SDK's reader goes (`MAX_NESTING`), whose top level is scanned for it."""
     errors = exc.errors() if isinstance(exc, ValidationError) else []
     invalid = next((error for error in errors if error["type"] == "json_invalid"), None)
     request_id = None
@@ -65,8 +66,15 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
             f"Invalid params: a number in the message has more than {sys.get_int_max_str_digits()} digits, more "
             "than this server reads; send such a number as a string"
         )
+    elif invalid is not None and "recursion limit exceeded" in invalid["msg"]:
+        request_id = _id_of_a_deep_line(invalid.get("input"))
+        code = PARSE_ERROR
+        message = (
+            f"Parse error: the message nests more than {MAX_NESTING} levels deep (objects and arrays, its own "
+            "included), more than this server reads"
+        )
     else:
-        code, message = PARSE_ERROR, "Parse error: the line is not JSON (or nests too deeply to be read)"
+        code, message = PARSE_ERROR, "Parse error: the line is not JSON"
     logger.warning("Unreadable message from the client: %s", message)
     return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message))
 
@@ -88,6 +96,100 @@ def _id_despite_a_huge_number(line: object) -> str | int | None:
     if not isinstance(message, dict) or not isinstance(message.get("method"), str):
         return None  # a response to the server's own request, say: its id is not ours to answer
     return as_request_id(message.get("id"))
+
+
+#: How deep a message on stdio may nest (objects and arrays, the message's own object included):
+#: the SDK's stdio reader (pydantic-core's JSON parser) refuses a line nesting deeper.
+MAX_NESTING = 201
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+#: A stretch of a nested value with no string, object or array in it.
+_PLAIN = re.compile(r'[^"\[\]{}]+')
+
+
+#: `_id_of_a_deep_line` reads no further into a line than this: skipping nested values runs in
+#: Python, on the event loop (about 0.2 s a MiB). A client writes `id` and `method` first.
+MAX_DEEP_SCAN_CHARS = 64 * 1024
+
+
+def _id_of_a_deep_line(line: object) -> str | int | None:
+    """The `id` of a JSON-RPC request nesting deeper than `MAX_NESTING`, read from its top level
+    without recursion (the nested values are skipped over, not read) until its `id` and `method`
+    are found, within its first `MAX_DEEP_SCAN_CHARS` characters; None for anything else (a
+    response or a notification is not answered)."""
+    if isinstance(line, bytes):
+        line = line[: MAX_DEEP_SCAN_CHARS * 4].decode("utf-8", "ignore")
+    if not isinstance(line, str):
+        return None
+    line = line[:MAX_DEEP_SCAN_CHARS]
+    decoder = json.JSONDecoder()
+    members: dict[str, object] = {}
+    at = _skip(_SPACE, line, 0)
+    if line[at : at + 1] != "{":
+        return None
+    at += 1
+    while True:
+        at = _skip(_SPACE, line, at)
+        key = _STRING.match(line, at)
+        if key is None:
+            return None
+        at = _skip(_SPACE, line, key.end())
+        if line[at : at + 1] != ":":
+            return None
+        at = _skip(_SPACE, line, at + 1)
+        if line[at : at + 1] in ("{", "["):
+            end = _past_nested_value(line, at)
+            if end is None:
+                return None
+            at = end
+        else:
+            try:
+                members[json.loads(key.group())], at = decoder.raw_decode(line, at)
+            except ValueError:
+                return None
+        if "id" in members and "method" in members:
+            break
+        at = _skip(_SPACE, line, at)
+        if line[at : at + 1] == "}":
+            break
+        if line[at : at + 1] != ",":
+            return None
+        at += 1
+    if not isinstance(members.get("method"), str):
+        return None  # a response to the server's own request, say: its id is not ours to answer
+    return as_request_id(members.get("id"))
+
+
+def _skip(pattern: re.Pattern[str], line: str, at: int) -> int:
+    """Where the match of `pattern` at `at` in `line` ends (`at` if none)."""
+    match = pattern.match(line, at)
+    return at if match is None else match.end()
+
+
+def _past_nested_value(line: str, at: int) -> int | None:
+    """Where the object or array beginning at `at` ends, found by counting brackets outside
+    strings (in a loop: it nests too deeply for a recursive reader); None if it does not end."""
+    depth = 0
+    while at < len(line):
+        char = line[at]
+        if char == '"':
+            string = _STRING.match(line, at)
+            if string is None:
+                return None
+            at = string.end()
+            continue
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return at + 1
+        else:
+            at = _skip(_PLAIN, line, at)  # `char` is none of `"{}[]`: this moves on
+            continue
+        at += 1
+    return None
 
 
 class WireSafe:

@@ -243,16 +243,17 @@ def test_metadata_nested_ten_thousand_levels_is_refused_and_the_server_stays_up(
     depth = 10_000
     nested = '{"d":' * depth + '"bottom"' + "}" * depth  # beyond what json.dumps can write
 
-    line = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"session_create","arguments":'
-    line += f'{{"metadata":{nested}}}}}}}'
+    def line(request_id: int) -> str:
+        start = f'{{"jsonrpc":"2.0","id":{request_id},"method":"tools/call","params":{{"name":"session_create",'
+        return start + f'"arguments":{{"metadata":{nested}}}}}}}'
+
     before = raw.metrics()
-    seen = len(raw.server.unreadable_errors)
 
-    raw.portal.call(raw.server.send_line, line)
-
-    # Deeper than the JSON parser reads: a protocol error (the id cannot be read either).
-    error = raw.portal.call(raw.server.next_unreadable_error, seen)
+    # Deeper than the JSON parser reads: a protocol error, answered with the request's id (read
+    # from the top level), so the client is not left waiting for its timeout.
+    error = raw.portal.call(raw.server.request_text, line)
     assert error["error"]["code"] == -32700, error
+    assert error["error"]["message"].startswith("Parse error: the message nests more than 201 levels"), error
     unchanged(before, raw.metrics(), *SESSION_COUNTERS)
 
 

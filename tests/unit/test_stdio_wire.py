@@ -6,7 +6,7 @@ import mcp_types as types
 import pytest
 from pydantic import ValidationError
 
-from server.stdio_wire import MAX_REREAD_BYTES, unreadable_line_error
+from server.stdio_wire import MAX_DEEP_SCAN_CHARS, MAX_NESTING, MAX_REREAD_BYTES, unreadable_line_error
 
 HUGE = "9" * 5000  # more digits than Python turns into an int
 
@@ -46,3 +46,57 @@ def test_a_line_too_long_to_read_again_is_answered_without_an_id() -> None:
     line = f'{{"jsonrpc": "2.0", "id": 3, "method": "ping", "params": {{"n": {HUGE}, "pad": "{padding}"}}}}'
     error = unreadable_line_error(sdk_error(line))
     assert (error.id, error.error.code) == (None, types.INVALID_PARAMS)
+
+
+PAST_THE_SCAN = "x" * MAX_DEEP_SCAN_CHARS
+
+
+def nested(levels: int) -> str:
+    """An array `levels` deep."""
+    return "[" * levels + "]" * levels
+
+
+def request_nesting(levels: int, request_id: str = "7") -> str:
+    """A request nesting `levels` deep in all: its own object, `params`, and arrays in `params`."""
+    return f'{{"jsonrpc": "2.0", "id": {request_id}, "method": "ping", "params": {{"a": {nested(levels - 2)}}}}}'
+
+
+def test_the_sdk_reads_a_message_nesting_max_nesting_levels_and_no_more() -> None:
+    types.jsonrpc_message_adapter.validate_json(request_nesting(MAX_NESTING), by_name=False)
+    error = unreadable_line_error(sdk_error(request_nesting(MAX_NESTING + 1)))
+    assert (error.id, error.error.code) == (7, types.PARSE_ERROR)
+    assert error.error.message == (
+        f"Parse error: the message nests more than {MAX_NESTING} levels deep (objects and arrays, its own "
+        "included), more than this server reads"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "answered_id"),
+    [
+        pytest.param(request_nesting(10_000), 7, id="request"),
+        pytest.param(request_nesting(300, '"r"'), "r", id="str-id"),
+        pytest.param(
+            f'{{ "method" : "ping", "params": [{{"k\\"}}]": "[{{"}}, {nested(300)}, "x"], "jsonrpc": "2.0", "id": 4 }}',
+            4,
+            id="id-after-the-nesting",
+        ),
+        pytest.param(f'{{"jsonrpc": "2.0", "id": 3, "result": {nested(300)}}}', None, id="response"),
+        pytest.param(f'{{"jsonrpc": "2.0", "method": "notifications/x", "params": {nested(300)}}}', None, id="note"),
+        pytest.param(f'{{"jsonrpc": "2.0", "id": {nested(300)}, "method": "ping"}}', None, id="the-id-itself"),
+        pytest.param(
+            f'{{"jsonrpc": "2.0", "id": true, "method": "ping", "params": {nested(300)}}}', None, id="bool-id"
+        ),
+        pytest.param(
+            f'{{"jsonrpc": "2.0", "method": "ping", "params": {nested(300)}, "pad": "{PAST_THE_SCAN}", "id": 1}}',
+            None,
+            id="id-past-the-scan",
+        ),
+    ],
+)
+def test_a_message_nesting_too_deeply_is_answered_with_the_id_of_its_request_only(
+    line: str, answered_id: object
+) -> None:
+    error = unreadable_line_error(sdk_error(line))
+    assert (error.id, error.error.code) == (answered_id, types.PARSE_ERROR)
+    assert f"nests more than {MAX_NESTING} levels" in error.error.message
