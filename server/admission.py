@@ -78,6 +78,10 @@ class Waiter:
     refusal: SessionError | None = None
     #: Cluster mode: what the store last said kept it out ("capacity", "tool_limit"); "" if never asked.
     held_by: str = ""
+    #: Its place in the order of arrival (the manager's count of calls queued).
+    seq: int = 0
+    #: The line it waits in (see `ManagerState._lines`): its tool's if the tool has a cap, else None.
+    line: str | None = None
 
 
 def refuse_label(field: str, value: str, tool: str | None) -> SessionError:

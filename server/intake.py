@@ -6,13 +6,16 @@ more goes through `create`: the request is checked (timeout, labels, metadata si
 (each refusal counted, and worded by `server.admission`), admitted, or queued when the
 server or its tool is full. Queued calls wait in FIFO order; the release that frees a slot
 hands it, under the manager's lock, to the first waiter that fits (`_hand_over_locked`), so a
-newcomer never takes a slot a waiter could use.
+newcomer never takes a slot a waiter could use. The queue is kept in lines, one per tool with a
+cap and one for every other call, so that finding that waiter costs a look at each line's first
+call, not a walk past every waiting call of a full tool.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -199,8 +202,10 @@ class Intake(ManagerState):
 
     def _enqueue_locked(self, session: Session) -> Waiter:
         """Put `session` at the back of the queue; it counts toward its client's share."""
-        waiter = Waiter(session, time.monotonic(), anyio.Event())
+        self._queued_count += 1
+        waiter = Waiter(session, time.monotonic(), anyio.Event(), seq=self._queued_count)
         self._queue[waiter] = None
+        self._line_up_locked(waiter)
         if session.client is not None:
             self._client_load[session.client] = self._client_load.get(session.client, 0) + 1
         return waiter
@@ -256,9 +261,30 @@ class Intake(ManagerState):
         tool_full = tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap
         return len(self._active) >= self.limits.max_concurrent_sessions, tool_full
 
+    def _line_up_locked(self, waiter: Waiter) -> None:
+        """Put a queued `waiter` at the back of its line (see `ManagerState._lines`)."""
+        tool = waiter.session.tool
+        waiter.line = key = tool if tool is not None and tool in self.tool_caps else None
+        line = self._lines.get(key)
+        if line is None:
+            self._lines[key] = line = OrderedDict()
+        line[waiter] = None
+        if waiter.session.needs_thread:
+            self._thread_waiters[waiter] = None
+
+    def _unqueue_locked(self, waiter: Waiter) -> None:
+        """Take `waiter` out of the queue and of its line."""
+        del self._queue[waiter]
+        line = self._lines[waiter.line]
+        del line[waiter]
+        if not line:
+            del self._lines[waiter.line]
+        if waiter.session.needs_thread:
+            del self._thread_waiters[waiter]
+
     def _leave_queue_locked(self, waiter: Waiter) -> float:
         """Take a waiter out of the queue unadmitted; return how long it waited."""
-        del self._queue[waiter]
+        self._unqueue_locked(waiter)
         self._release_client_locked(waiter.session.client)
         waited = time.monotonic() - waiter.enqueued
         self._queue_waits.add(waited)
@@ -267,36 +293,46 @@ class Intake(ManagerState):
     def _hand_over_locked(self) -> list[Waiter]:
         """Give free slots to the oldest waiters that fit; the caller wakes them after the lock.
 
-        A waiter that needs a thread while too many are stuck is refused on its turn, and the
-        slot it would have had goes on to the next waiter that fits."""
-        free = self.limits.max_concurrent_sessions - len(self._active)
-        if free <= 0 or not self._queue:
+        A waiter fits when its tool has room: the oldest that fits is the oldest first call of
+        a line whose tool is not full (one look a line). A waiter that needs a thread while too
+        many are stuck is refused on its turn, and the slot it would have had goes on to the
+        next waiter that fits: so is every such waiter that came before the last one admitted
+        (all of them if slots are left), whether or not its own tool is full."""
+        cap = self.limits.max_concurrent_sessions
+        active = self._active
+        if len(active) >= cap or not self._queue:
             return []
-        limits = self.limits
         caps = self.tool_caps
-        stuck = self._abandoned >= limits.max_abandoned_threads
-        taken: dict[str, int] = {}
-        chosen: list[Waiter] = []
-        refused: list[Waiter] = []
-        for waiter in self._queue:
-            session = waiter.session
-            if stuck and session.needs_thread:
-                refused.append(waiter)
-                continue
-            tool = session.tool
-            if tool is not None and tool in caps:
-                used = self._tool_active.get(tool, 0) + taken.get(tool, 0)
-                if used >= caps[tool]:
+        tool_active = self._tool_active
+        lines = self._lines
+        stuck = self._abandoned >= self.limits.max_abandoned_threads
+        woken: list[Waiter] = []
+        last = 0  # the arrival of the last waiter admitted
+        while len(active) < cap:
+            first: Waiter | None = None
+            for key, line in lines.items():
+                if key is not None and tool_active.get(key, 0) >= caps[key]:
                     continue  # its tool is full: let the calls behind it through
-                taken[tool] = taken.get(tool, 0) + 1
-            chosen.append(waiter)
-            if len(chosen) >= free:
+                head = next(iter(line))
+                if first is None or head.seq < first.seq:
+                    first = head
+            if first is None:
                 break
-        for waiter in refused:
-            self._refuse_threads_locked(waiter)
-        for waiter in chosen:
-            self._admit_waiter_locked(waiter)
-        return refused + chosen
+            if stuck and first.session.needs_thread:
+                self._refuse_threads_locked(first)
+            else:
+                self._admit_waiter_locked(first)
+                last = first.seq
+            woken.append(first)
+        if stuck and self._thread_waiters:
+            turned = last if len(active) >= cap else self._queued_count
+            while self._thread_waiters:
+                waiter = next(iter(self._thread_waiters))
+                if waiter.seq > turned:
+                    break
+                self._refuse_threads_locked(waiter)
+                woken.append(waiter)
+        return woken
 
     def _refuse_threads_locked(self, waiter: Waiter) -> None:
         """Take a waiter that needs a thread out of the queue, refused as a new call is while too
@@ -308,7 +344,7 @@ class Intake(ManagerState):
 
     def _admit_waiter_locked(self, waiter: Waiter) -> None:
         """Take a waiter out of the queue and open its session; the caller wakes it after the lock."""
-        del self._queue[waiter]
+        self._unqueue_locked(waiter)
         self._queue_waits.add(time.monotonic() - waiter.enqueued)
         session = waiter.session
         if session.client is not None:
@@ -323,6 +359,11 @@ class Intake(ManagerState):
             self.limits = limits
             if caps is not None:
                 self.tool_caps = caps
+                # Which tools have a cap decides the lines: line the waiters up again, in order.
+                self._lines = {}
+                self._thread_waiters = OrderedDict()
+                for waiter in self._queue:
+                    self._line_up_locked(waiter)
             woken = self._hand_over_locked()
         for waiter in woken:
             waiter.event.set()

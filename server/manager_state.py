@@ -120,6 +120,16 @@ class ManagerState:
         self._tool_active: dict[str, int] = {}
         self._client_load: dict[Hashable, int] = {}
         self._queue: dict[Waiter, None] = {}
+        #: The queue again, in lines: the calls of each tool with a cap in that tool's line, every
+        #: other call in the line under None; each line in order of arrival, and only lines that
+        #: hold a call. A freed slot goes to the oldest head of a line whose tool has room: a
+        #: release looks at one call a line, never at every call of a full tool. OrderedDicts: a
+        #: plain dict's first key is found past every key deleted before it.
+        self._lines: dict[str | None, OrderedDict[Waiter, None]] = {}
+        #: The queued calls that need a thread, in order of arrival (refused on their turn while
+        #: too many threads are stuck: see `Intake._hand_over_locked`).
+        self._thread_waiters: OrderedDict[Waiter, None] = OrderedDict()
+        self._queued_count = 0
         self._recent: OrderedDict[str, SessionState] = OrderedDict()
         #: (deadline, session id) of every session the reaper expires. Entries hold the id, not
         #: the session: a released session must not stay alive (and age into the garbage

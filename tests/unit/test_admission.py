@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import random
 import sys
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -20,6 +22,9 @@ from server.session import Session
 from tests.helpers import until
 from tests.unit.test_sessions import assert_invariant
 from tools.sessions import argument_problems
+
+if TYPE_CHECKING:
+    from _typeshed import TraceFunction
 
 
 def manager(tool_caps: dict[str, int] | None = None, **limits: float) -> SessionManager:
@@ -70,6 +75,80 @@ async def test_a_waiter_for_a_full_tool_is_skipped_not_a_blocker() -> None:
         await sessions.release(slow.id)
     assert order == ["fast-direct", "slow"]
     assert sessions.metrics().tools["slow"].active == 0
+
+
+async def _lines_run_by_a_release(blocked: int) -> int:
+    """Lines of this package run to end a call of one tool while `blocked` calls of another,
+    capped tool at its cap wait in the queue (a count of work, not a time)."""
+    sessions = manager({"capped": 1}, max_concurrent_sessions=10, max_queued=blocked)
+    held = await sessions.create(tool="capped")
+    async with anyio.create_task_group() as tg:
+        for _ in range(blocked):
+            tg.start_soon(lambda: sessions.create(tool="capped"))
+        await until(lambda: sessions.metrics().queued_sessions == blocked)
+        other = await sessions.create(tool="other")
+        lines = 0
+        ours = held.__class__.__module__.split(".")[0]
+
+        def trace(frame: FrameType, event: str, arg: object) -> TraceFunction:
+            nonlocal lines
+            if event == "line" and frame.f_globals.get("__name__", "").startswith(ours):
+                lines += 1
+            return trace
+
+        before = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            sessions.end(other, SessionState.COMPLETED)
+        finally:
+            sys.settrace(before)
+        tg.cancel_scope.cancel()
+    return lines
+
+
+async def test_a_release_does_not_look_at_every_waiter_of_a_full_tool() -> None:
+    # Admission is O(1): the release of another tool's call must not walk the full tool's backlog.
+    assert await _lines_run_by_a_release(1000) == await _lines_run_by_a_release(10)
+
+
+async def test_the_queue_hands_slots_over_in_arrival_order_past_full_tools_and_stuck_threads() -> None:
+    sessions = manager({"a": 1, "b": 1}, max_concurrent_sessions=3, max_queued=20, max_abandoned_threads=1)
+    running = [await sessions.create(tool=tool) for tool in ("a", "b", "c")]
+    got: list[str] = []
+    async with anyio.create_task_group() as tg:
+
+        async def queued(label: str, tool: str, needs_thread: bool = False) -> None:
+            try:
+                session = await sessions.create(tool=tool, needs_thread=needs_thread)
+            except SessionError as refused:
+                assert refused.code is ErrorCode.CAPACITY_EXCEEDED and "stuck" in refused.message
+                got.append(f"{label} refused")
+                return
+            got.append(label)
+            await sessions.wait_ended(session)
+
+        arrivals = [("a1", "a", False), ("t1", "c", True), ("b1", "b", False), ("c1", "c", False)]
+        arrivals += [("a2", "a", False), ("t2", "b", True), ("c2", "c", False), ("b2", "b", False)]
+        for n, (label, tool, needs_thread) in enumerate(arrivals, start=1):
+            tg.start_soon(queued, label, tool, needs_thread)
+            await until(lambda n=n: sessions.metrics().queued_sessions == n)  # type: ignore[misc]
+        sessions.thread_abandoned()  # from now on, a queued call that needs a thread is refused on its turn
+        sessions.end(running[2], SessionState.COMPLETED)  # a free slot; "a" and "b" are full
+        await until(lambda: len(got) == 2)
+        assert sorted(got) == ["c1", "t1 refused"], (
+            "the stuck-thread call ahead is refused, the first that fits admitted"
+        )
+        sessions.end(running[0], SessionState.COMPLETED)  # "a" has room again
+        await until(lambda: len(got) == 3)
+        sessions.thread_ended()
+        sessions.end(running[1], SessionState.COMPLETED)  # "b" has room again: b1 (t2 needs a thread, behind it)
+        await until(lambda: len(got) == 4)
+        assert got[2:] == ["a1", "b1"]
+        assert [w.session.tool for w in sessions._queue] == ["a", "b", "c", "b"]
+        sessions.set_limits(LimitsSettings(max_concurrent_sessions=5, max_queued=20), {"a": 1, "b": 2})
+        await until(lambda: len(got) == 6)
+        assert sorted(got[4:]) == ["c2", "t2"], "new caps: the oldest that fit"
+        tg.cancel_scope.cancel()
 
 
 async def test_raising_the_limits_at_run_time_admits_waiters_and_lowering_never_ends_sessions() -> None:
