@@ -143,7 +143,7 @@ class Intake(ManagerState):
                     raise admission.refuse_label(name, label, tool)
         return Session(
             "",
-            request_id or "",
+            request_id,
             tool,
             timeout,
             provider=provider,

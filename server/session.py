@@ -53,7 +53,9 @@ class Session:
     """One tracked unit of work: a tool call, or a session made by `session_create`."""
 
     id: str
-    request_id: str
+    #: The JSON-RPC id of the call that made it ("" is an id too); None until it is admitted when
+    #: it was made without one (in-process), then its own id.
+    request_id: str | None
     tool: str | None
     timeout_seconds: float
     provider: str = ""

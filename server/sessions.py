@@ -176,7 +176,7 @@ class SessionManager(Intake):
             or (idle_timeout is not None and not (type(idle_timeout) is float and idle_timeout > 0.0))
         ):
             return None
-        session = Session("", request_id or "", tool, timeout, idle_timeout=idle_timeout, needs_thread=needs_thread)
+        session = Session("", request_id, tool, timeout, idle_timeout=idle_timeout, needs_thread=needs_thread)
         lock = self._lock
         lock.acquire()  # not `with`: an explicit pair costs half as much, and this runs per call
         try:
@@ -208,7 +208,7 @@ class SessionManager(Intake):
         """Admit `session`: give it its id (unless it has one) and its deadline, and count it."""
         if not session.id:
             session.id = self._new_id_locked()
-        if not session.request_id:
+        if session.request_id is None:
             session.request_id = session.id
         now = _monotonic()
         session.started = now

@@ -120,7 +120,7 @@ def session_tool_bindings(ext: "SessionsExtension") -> list[ToolBinding]:
         return _ok(
             SessionCreateResult(
                 session_id=session.id,
-                request_id=session.request_id,
+                request_id=session.request_id if session.request_id is not None else session.id,
                 state=session.state.value,
                 timeout_seconds=session.timeout_seconds,
                 expires_at=session.expires_at.isoformat(),

@@ -277,7 +277,7 @@ class ServerProcess:
         await self.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": dict(params)})
         return request_id
 
-    async def response(self, request_id: int, within: float = 10.0) -> dict[str, Any]:
+    async def response(self, request_id: int | str, within: float = 10.0) -> dict[str, Any]:
         """The response to request `request_id`, waiting for it (at most `within` seconds)."""
         with anyio.fail_after(within):
             if request_id not in self._responses:
@@ -286,6 +286,14 @@ class ServerProcess:
 
     async def request(self, method: str, params: Mapping[str, Any], within: float = 10.0) -> dict[str, Any]:
         return await self.response(await self.start_request(method, params), within)
+
+    async def request_with_id(
+        self, request_id: int | str, method: str, params: Mapping[str, Any], within: float = 10.0
+    ) -> dict[str, Any]:
+        """`request` with the JSON-RPC id given (one not used before in this process)."""
+        self._response_arrived[request_id] = anyio.Event()
+        await self.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": dict(params)})
+        return await self.response(request_id, within)
 
     async def send_line(self, line: str | bytes) -> None:
         """Write one line as it is (malformed on purpose, say)."""

@@ -442,6 +442,17 @@ async def test_sigterm_ends_an_open_listen_stream_with_its_result_and_exits_at_o
     assert server.stray_stdout == []
 
 
+async def test_session_create_answers_the_json_rpc_id_of_its_call_as_its_request_id(tmp_path: Path) -> None:
+    async with start_server(tmp_path, server_config()) as server:
+        await server.initialize()
+        answers: dict[int | str, str] = {}
+        for request_id in ("", "0", 0, "call-7"):
+            answer = await server.request_with_id(request_id, "tools/call", {"name": "session_create", "arguments": {}})
+            answers[request_id] = (tool_result(answer).structured_content or {})["request_id"]
+    # "" is an id as good as any other: it must not be taken for "none" (and replaced by the session id).
+    assert answers == {"": "", "0": "0", 0: "0", "call-7": "call-7"}
+
+
 @pytest.mark.parametrize("spelling", [int, str], ids=["as-sent", "as-a-string"])
 async def test_a_call_the_client_cancels_ends_as_cancelled_and_does_not_hold_up_the_exit(
     tmp_path: Path, spelling: Callable[[int], int | str]
