@@ -99,13 +99,20 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def refuse_capacity(tool: str | None, cap: int, queued: int, max_queued: int, where: str) -> SessionError:
+def refuse_capacity(
+    tool: str | None, cap: int, queued: int, max_queued: int, where: str, *, tool_cap: int | None = None
+) -> SessionError:
     """`where` (the server, the cluster) is full. `max_queued` is 0 when the call could not have
     waited (there is no queue, or the call may not queue, as `session_create`): then the
-    sentence does not mention a queue the caller has no use for."""
+    sentence does not mention a queue the caller has no use for. `tool_cap`: the call's tool is
+    at that cap too (the end of one of its calls frees both)."""
     limit = f"{where} is at its limit of {_count(cap, 'concurrent session')} (limits.max_concurrent_sessions)"
     if max_queued:
         limit += f" and its queue holds {queued} of {_count(max_queued, 'waiting call')} (limits.max_queued)"
+    if tool_cap is not None and tool is not None:
+        calls = _count(tool_cap, "concurrent call")
+        limit += f", and tool {tool!r} is at its limit of {calls} (tools.{tool}.max_concurrent)"
+        return SessionError(ErrorCode.CAPACITY_EXCEEDED, f"{limit}; retry after one of its calls ends", tool=tool)
     return SessionError(ErrorCode.CAPACITY_EXCEEDED, f"{limit}; retry after a session ends", tool=tool)
 
 

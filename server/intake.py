@@ -177,22 +177,38 @@ class Intake(ManagerState):
             raise admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
 
     def _full_locked(self, session: Session, tool_full: bool | None = None, may_queue: bool = True) -> SessionError:
-        """Count and word the refusal of a call that does not fit and may not wait: its tool is
-        full (`tool_full`; by default, whenever the server itself is not), else the server. A
-        call that may queue is refused only when the queue is full, and is told so; a call that
-        could never queue (`may_queue=False`) is not told about the queue."""
+        """Count and word the refusal of a call that does not fit and may not wait. It counts
+        under one reason: the server's cap when the server is full (whatever its tool's state,
+        as the cluster's store decides), else its tool's; its tool's own `rejected_tool_limit`
+        counts it whenever the tool is full, and the sentence then names the tool's cap too.
+        `tool_full` (cluster mode: what the store said) means the tool is full and the server
+        is not; by default both are read here. A call that may queue is refused only when the
+        queue is full, and is told so; a call that could never queue (`may_queue=False`) is not
+        told about the queue."""
         limits = self.limits
         tool = session.tool
         max_queued = limits.max_queued if may_queue else 0
+        tool_cap = self.tool_caps.get(tool) if tool is not None else None
         if tool_full is None:
-            tool_full = len(self._active) < limits.max_concurrent_sessions
+            server_full = len(self._active) >= limits.max_concurrent_sessions
+            tool_full = tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap
+        else:
+            server_full = not tool_full
         if tool_full and tool is not None:
-            self._rejected[Refusal.TOOL_LIMIT] += 1
             self._tool_stats(tool).rejected_tool_limit += 1
-            return admission.refuse_tool_limit(tool, self.tool_caps[tool], self._queue_taken_locked(), max_queued)
+            if not server_full:
+                self._rejected[Refusal.TOOL_LIMIT] += 1
+                return admission.refuse_tool_limit(tool, self.tool_caps[tool], self._queue_taken_locked(), max_queued)
         self._rejected[Refusal.CAPACITY] += 1
         cap = limits.max_concurrent_sessions
-        return admission.refuse_capacity(tool, cap, self._queue_taken_locked(), max_queued, self.CAPACITY_SCOPE)
+        return admission.refuse_capacity(
+            tool,
+            cap,
+            self._queue_taken_locked(),
+            max_queued,
+            self.CAPACITY_SCOPE,
+            tool_cap=tool_cap if tool_full else None,
+        )
 
     def _queue_taken_locked(self) -> int:
         """Places taken in the queue, as a refusal for a full queue words them."""

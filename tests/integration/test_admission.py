@@ -307,6 +307,33 @@ async def test_a_tool_at_its_cap_does_not_take_the_slots_other_tools_need() -> N
     assert (hold["active"], hold["max_concurrent"], hold["rejected_tool_limit"], hold["calls"]) == (1, 1, 1, 1)
 
 
+async def test_a_call_refused_with_both_the_server_and_its_tool_full_counts_as_capacity_and_for_its_tool() -> None:
+    # One reason per refusal in the sessions_rejected_* counters: the server's, named first as the
+    # cluster's store does; the tool's own count says its cap was full too, as the sentence does.
+    recorder = Recorder()
+    config = settings(max_concurrent_sessions=1, tools={"hold": {"max_concurrent": 1}})
+    app, _ = build(config, tools=recorder.tools())
+    async with Client(app) as client:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "hold", {})
+                await recorder.gate.entered_event.wait()
+                refused = await client.call_tool("hold", {})
+                other = await client.call_tool("echo_async", {"text": "x"})
+                m = await metrics(client)
+                recorder.gate.open()
+    assert error_of(refused)["message"] == (
+        "the server is at its limit of 1 concurrent session (limits.max_concurrent_sessions), and tool 'hold' is "
+        "at its limit of 1 concurrent call (tools.hold.max_concurrent); retry after one of its calls ends"
+    )
+    assert error_of(other)["message"] == (
+        "the server is at its limit of 1 concurrent session (limits.max_concurrent_sessions); "
+        "retry after a session ends"
+    )
+    assert (m["sessions_rejected_capacity"], m["sessions_rejected_tool_limit"]) == (2, 0)
+    assert m["tools"]["hold"]["rejected_tool_limit"] == 1
+
+
 async def test_a_call_that_waits_out_the_queue_for_its_tool_s_cap_is_told_so_not_blamed_on_the_server() -> None:
     recorder = Recorder()
     config = settings(max_queued=5, queue_timeout_seconds=0.3, tools={"hold": {"max_concurrent": 1}})
