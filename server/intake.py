@@ -327,8 +327,9 @@ class Intake(ManagerState):
         while len(active) < cap:
             first: Waiter | None = None
             for key, line in lines.items():
-                if key is not None and tool_active.get(key, 0) >= caps[key]:
-                    continue  # its tool is full: let the calls behind it through
+                if key is not None and tool_active.get(key, 0) >= caps.get(key, math.inf):
+                    continue  # its tool is full: let the calls behind it through (no KeyError on
+                    # a cap taken out of `tool_caps` by hand, not through `set_limits`)
                 head = next(iter(line))
                 if first is None or head.seq < first.seq:
                     first = head
