@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import hmac
 import logging
@@ -44,6 +45,7 @@ from server import admission
 from server.admission import Refusal
 from server.errors import ErrorCode, SessionError, shorten
 from server.intake import Intake
+from server.logs import EventReport
 from server.metrics import ShutdownReport
 from server.session import Session, SessionState, _log_end, end_logger, ended_state, timeout_reason
 
@@ -127,33 +129,44 @@ class SessionManager(Intake):
         cluster replica writes its last session ends and leaves the cluster."""
 
     async def _reap(self) -> None:
-        while True:
-            now = time.monotonic()
-            while self._expiry and self._expiry[0][0] <= now:
-                _, session_id = heapq.heappop(self._expiry)
-                session = self._active.get(session_id)  # None: released before its deadline
-                if session is None:
-                    continue
-                if session.deadline > now:  # progress moved it on: look again then
-                    heapq.heappush(self._expiry, (session.deadline, session_id))
-                    continue
-                if session.deadline < session.hard_deadline:
-                    session.idle_expired = True
-                stop = session.on_cancel
-                if stop is not None:
-                    # A call runs it: stop the call, which ends the session as it stops. Until
-                    # then (a shield in the tool can hold the cancellation off) its work still
-                    # runs, so it keeps its slot and counts as active.
-                    session.stop_requested = now
-                    stop()
-                else:
-                    self.end(session, SessionState.TIMEOUT, timeout_reason(session))
-            scope = anyio.CancelScope()
-            if self._expiry:
-                scope.deadline = self._expiry[0][0]
-            self._reaper_scope = scope
-            with scope:
-                await anyio.sleep_forever()
+        """End (or stop the call of) each session at its deadline; warn of deadlines reached late
+        (`_LateDeadlines`: the event loop was held, so the reaper could not run)."""
+        late = _LateDeadlines()
+        try:
+            while True:
+                now = time.monotonic()
+                worst, worst_tool = 0.0, None
+                while self._expiry and self._expiry[0][0] <= now:
+                    _, session_id = heapq.heappop(self._expiry)
+                    session = self._active.get(session_id)  # None: released before its deadline
+                    if session is None:
+                        continue
+                    if session.deadline > now:  # progress moved it on: look again then
+                        heapq.heappush(self._expiry, (session.deadline, session_id))
+                        continue
+                    if now - session.deadline > worst:
+                        worst, worst_tool = now - session.deadline, session.tool
+                    if session.deadline < session.hard_deadline:
+                        session.idle_expired = True
+                    stop = session.on_cancel
+                    if stop is not None:
+                        # A call runs it: stop the call, which ends the session as it stops. Until
+                        # then (a shield in the tool can hold the cancellation off) its work still
+                        # runs, so it keeps its slot and counts as active.
+                        session.stop_requested = now
+                        stop()
+                    else:
+                        self.end(session, SessionState.TIMEOUT, timeout_reason(session))
+                if worst >= LATE_DEADLINE_SECONDS:
+                    late.note(worst, worst_tool)
+                scope = anyio.CancelScope()
+                if self._expiry:
+                    scope.deadline = self._expiry[0][0]
+                self._reaper_scope = scope
+                with scope:
+                    await anyio.sleep_forever()
+        finally:
+            late.close()
 
     # -- admission -------------------------------------------------------------------------
 
@@ -547,3 +560,56 @@ class SessionManager(Intake):
             sessions_cancelled_during_shutdown=cancelled_early,
         )
         return self._report
+
+
+#: The reaper reports a deadline it enforced this long or longer after it passed (`_LateDeadlines`).
+LATE_DEADLINE_SECONDS = 0.1
+#: What holds the event loop, so that the reaper runs late: told to the operator.
+_LOOP_HELD = (
+    "the event loop was held meanwhile, so nothing could stop the call on time: by a large result "
+    "serialised on it, by CPU-bound or GIL-holding work in a sync tool's thread (pure-Python loops, "
+    "regular expressions, C code that keeps the GIL), or by blocking code in an async tool"
+)
+
+
+class _LateDeadlines:
+    """The reaper's warning that it enforced a deadline late: it runs on the event loop, so while
+    the loop is held, deadlines pass unenforced and their callers get their timeouts that much
+    late. One line per `logs.REPORT_SECONDS` at most (`EventReport`), with the worst lateness since
+    the last line. Noted only when the reaper wakes to a deadline: nothing on a call's path."""
+
+    def __init__(self) -> None:
+        self._worst = 0.0
+        self._tool: str | None = None
+        self._report = EventReport(logger, logging.WARNING, self._first, self._more)
+        self._flush: asyncio.TimerHandle | None = None
+
+    def note(self, late: float, tool: str | None) -> None:
+        """The reaper reached a deadline `late` seconds after it passed (the worst of this wake)."""
+        if late > self._worst:
+            self._worst, self._tool = late, tool
+        due = self._report.note()
+        if due is not None:  # a count started: tell it when its period is over
+            self._flush = asyncio.get_running_loop().call_later(due, self._report.flush)
+
+    def close(self) -> None:
+        """The reaper stops: tell the count not yet told."""
+        if self._flush is not None:
+            self._flush.cancel()
+        self._report.flush()
+
+    def _taken(self) -> tuple[float, str | None]:
+        worst, tool = self._worst, self._tool
+        self._worst, self._tool = 0.0, None
+        return worst, tool
+
+    def _first(self) -> str:
+        worst, tool = self._taken()
+        what = f"tool {tool!r}" if tool is not None else "a session"
+        return f"The deadline of {what} was enforced {worst:.1f}s late: {_LOOP_HELD}"
+
+    def _more(self, count: int) -> str:
+        worst, _ = self._taken()
+        return (
+            f"{count} more deadline(s) were enforced late since the last report, up to {worst:.1f}s late: {_LOOP_HELD}"
+        )

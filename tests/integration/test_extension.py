@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -409,6 +410,59 @@ async def test_an_async_tool_that_blocks_the_event_loop_past_its_deadline_is_ans
         "which nothing could enforce: the event loop was held meanwhile (blocking code in an async tool, this one "
         "or another running at the time; give such code to anyio.to_thread.run_sync or make the tool a sync one)"
     ), warning
+
+
+async def test_a_deadline_the_reaper_reaches_late_as_the_event_loop_was_held_is_warned_about_once_per_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # While the loop is held (here by an async tool's blocking code; as well by a large result
+    # serialised on it, or by sync tools' threads holding the GIL), the reaper cannot run: another
+    # call's deadline passes unenforced and its timeout is answered late. The reaper says so when
+    # it gets to run, at most once per period; the rest are counted, and told when it stops.
+    release = threading.Event()
+    began: list[float] = []
+
+    def waits() -> str:
+        began.append(time.monotonic())
+        release.wait(10)
+        return "released"
+
+    async def holds_the_loop() -> str:
+        await until(lambda: bool(began))
+        # Hold the loop from before the sync call's 0.5 s deadline until 0.4 s past it.
+        time.sleep(max(0.0, began[-1] + 0.9 - time.monotonic()))  # noqa: ASYNC251 - the behaviour under test
+        return "held"
+
+    config = settings(tool_timeouts={"waits": 0.5})
+    app, _ = build(config, tools=[waits, holds_the_loop])
+    results: list[CallToolResult] = []
+
+    async def call(name: str) -> None:
+        results.append(await client.call_tool(name, {}))
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="server.sessions"):
+            async with Client(app) as client:
+                for _ in range(2):
+                    began.clear()
+                    with anyio.fail_after(10):
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(call, "waits")
+                            tg.start_soon(call, "holds_the_loop")
+    finally:
+        release.set()
+    assert sorted(code_of(r) if r.is_error else text_of(r) for r in results) == ["held", "held", "timeout", "timeout"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.sessions"]
+    assert len(lines) == 2, lines
+    first, counted = lines
+    assert first.startswith("The deadline of tool 'waits' was enforced 0."), first
+    assert first.endswith(
+        "s late: the event loop was held meanwhile, so nothing could stop the call on time: by a large result "
+        "serialised on it, by CPU-bound or GIL-holding work in a sync tool's thread (pure-Python loops, regular "
+        "expressions, C code that keeps the GIL), or by blocking code in an async tool"
+    ), first
+    # The second, within the period, was counted and told as the reaper stopped.
+    assert counted.startswith("1 more deadline(s) were enforced late since the last report, up to 0."), counted
 
 
 async def test_a_sync_generator_tool_iterated_on_the_event_loop_past_its_deadline_is_warned_about_as_such(
