@@ -63,7 +63,7 @@ from server.host_checks import (
 )
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
-from server.outcomes import LATE, THREAD_LEFT_RUNNING, completed, failed, not_running, stopped
+from server.outcomes import ABANDONED, LATE, THREAD_FATE, completed, failed, not_running, stopped
 from server.sdk_seams import (
     ToolCallHandler,
     progress_session,
@@ -492,7 +492,7 @@ class SessionsExtension(DecoupledCalls, Extension):
             needs_thread = sync
             manager = self.manager
             in_place = not needs_thread or make_cancellable(
-                tool, self._thread_left_running, manager.thread_ended, self._thread_pool
+                tool, self._thread_left_running, manager.thread_ended, self._thread_pool, self._thread_result_discarded
             )
         timeout, idle_timeout = config.timeout_for(name), config.idle_timeout_for(name)
         plan = (tool, config, needs_thread, in_place, timeout, idle_timeout, sync)
@@ -507,12 +507,21 @@ class SessionsExtension(DecoupledCalls, Extension):
         return self._tool_threads
 
     def _thread_left_running(self) -> None:
-        """A sync tool's thread runs on past its caller's cancelled wait: count it, and mark the
-        call (see `server.outcomes.THREAD_LEFT_RUNNING`)."""
+        """A sync tool's thread runs on past its caller's cancelled wait: count it, and note it
+        for the call's answer (see `server.outcomes.THREAD_FATE`)."""
         self.manager.thread_abandoned()
-        left = THREAD_LEFT_RUNNING.get()
-        if left is not None:
-            left[0] = True
+        noted = THREAD_FATE.get()
+        if noted is not None:
+            noted[0] = ABANDONED
+
+    @staticmethod
+    def _thread_result_discarded() -> None:
+        """A sync tool's thread had returned when its caller's wait was cancelled, its result not
+        yet handed over: the work was done, so the call's answer says its late result was
+        discarded (a client must not take it for work that never ran)."""
+        noted = THREAD_FATE.get()
+        if noted is not None:
+            noted[0] = LATE
 
     async def intercept_tool_call(
         self,
@@ -592,8 +601,8 @@ class SessionsExtension(DecoupledCalls, Extension):
         # The call runs in place (inline here: a coroutine less on every call): an async tool,
         # or a sync one whose thread wait a cancellation ends (`server.threads`). Its deadline
         # is a cancel scope around it, built only if the deadline comes (`server.deadline`).
-        if needs_thread:  # a sync tool's stand-in marks this cell if it leaves its thread running
-            THREAD_LEFT_RUNNING.set([False])
+        if needs_thread:  # a sync tool's stand-in notes in this cell what became of its thread
+            THREAD_FATE.set([None])
         deadline = deadline_scope()
         # The manager's reaper calls it at the deadline (a LateScope is its own cancel callback).
         session.on_cancel = deadline if type(deadline) is LateScope else deadline.cancel

@@ -30,12 +30,13 @@ from server.sessions import SessionManager
 logger = logging.getLogger("server.extension")
 
 _COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
-#: A sync tool's call run in place: a cell the extension sets before the call, which the tool's
-#: stand-in (`server.threads`) marks when its wait was cancelled while its thread ran on, and
-#: `stopped` reads, so the timeout's message says what happened. A cell, not a flag: the stand-in
-#: may run in a task an inner interceptor started, whose context is a copy of the caller's (a flag
-#: set there would not reach the caller), but the cell it holds is the caller's own.
-THREAD_LEFT_RUNNING: ContextVar[list[bool] | None] = ContextVar("mcp_sessions_thread_left_running", default=None)
+#: A sync tool's call run in place: a cell the extension sets before the call, in which the tool's
+#: stand-in (`server.threads`) notes what became of the thread when its wait was cancelled
+#: (`ABANDONED`: it runs on; `LATE`: it had just returned, its result lost), and which `stopped`
+#: reads, so the timeout's message says what happened. A cell, not a value: the stand-in may run in
+#: a task an inner interceptor started, whose context is a copy of the caller's (a value set there
+#: would not reach the caller), but the cell it holds is the caller's own.
+THREAD_FATE: ContextVar[list[str | None] | None] = ContextVar("mcp_sessions_thread_fate", default=None)
 #: What became of a call past its deadline, as its timeout message says it.
 CANCELLED = "was cancelled"
 ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
@@ -55,14 +56,14 @@ def stopped(
     """The call's deadline passed, or shutdown cancelled it: the matching error result.
 
     `fate` says what became of the work (a `CANCELLED`-like sentence part); by default,
-    for a call run in place, whether its thread was left running (`THREAD_LEFT_RUNNING`).
+    for a call run in place, what became of its thread (`THREAD_FATE`).
     `advice` is what an idle timeout's message advises (see `idle_advice`); by default, for a
     call run in place, the session's kind says (`needs_thread`: a sync tool)."""
     if fate is None:
         fate = CANCELLED
-        left = THREAD_LEFT_RUNNING.get() if session.needs_thread else None  # (another call's, for an async tool)
-        if left is not None and left[0]:
-            fate = ABANDONED
+        noted = THREAD_FATE.get() if session.needs_thread else None  # (another call's, for an async tool)
+        if noted is not None and noted[0] is not None:
+            fate = noted[0]
     if session.state is SessionState.CANCELLED:
         return error_result(
             SessionError(

@@ -14,7 +14,9 @@ deadline running); its token goes back at abandonment (anyio's rule for abandone
 stuck threads never starve later calls; at `limits.max_abandoned_threads`
 stuck threads, new sync calls are refused (the calls already running may still each leave one).
 
-A call the cancellation reaches before its thread begins never calls the function.
+A call the cancellation reaches before its thread begins never calls the function; one it reaches
+after the function returned, before the result was handed to the loop, is reported to
+`on_discarded()`: the work was done, and its result is lost.
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ ORIGINAL_ATTRIBUTE = "__mcp_sessions_sync_fn__"
 # A call's thread and its caller agree on what happened through `dict.setdefault` on one dict
 # per call: one C call under the GIL, so of two racing writers of a key exactly one wins.
 # "begin": "started" (the thread began the work) or "cancelled" (the caller left first: the
-# work never begins). "end": "returned" (the work returned) or "abandoned" (the caller left
-# while the work ran: the thread reports its return on the caller's loop, "loop").
+# work never begins). "end": "returned" or "raised" (the work ended, its result or error on its
+# way to the caller) or "abandoned" (the caller left while the work ran: the thread reports its
+# return on the caller's loop, "loop").
 _BEGIN, _END, _LOOP = "begin", "end", "loop"
+#: What `_caller_leaves` finds: the thread runs on; or the work returned a result its caller,
+#: leaving, never receives.
+ABANDONED, RETURNED = "abandoned", "returned"
 
 
 def _thread_begins(call: dict[str, object]) -> bool:
@@ -44,15 +50,20 @@ def _thread_begins(call: dict[str, object]) -> bool:
     return call.setdefault(_BEGIN, "started") == "started"
 
 
-def _caller_leaves(call: dict[str, object], loop: asyncio.AbstractEventLoop) -> bool:
-    """On the loop, when the wait is cancelled: True if the work runs on, abandoned."""
+def _caller_leaves(call: dict[str, object], loop: asyncio.AbstractEventLoop) -> object:
+    """On the loop, when the wait is cancelled: `ABANDONED` if the work runs on; `RETURNED` if it
+    had returned (its result, not yet handed over, is lost); else None (it never began, or raised)."""
     call[_LOOP] = loop  # before the race for "end" is decided: an abandoned thread needs it
-    return call.setdefault(_BEGIN, "cancelled") == "started" and call.setdefault(_END, "abandoned") == "abandoned"
+    if call.setdefault(_BEGIN, "cancelled") != "started":
+        return None
+    end = call.setdefault(_END, ABANDONED)
+    return end if end in (ABANDONED, RETURNED) else None
 
 
-def _thread_returns(call: dict[str, object]) -> bool:
-    """In the thread, after the work: True if it had been abandoned (then it reports its return)."""
-    return call.setdefault(_END, "returned") == "abandoned"
+def _thread_returns(call: dict[str, object], end: str = RETURNED) -> bool:
+    """In the thread, after the work (`end`: "returned", or "raised"): True if it had been
+    abandoned (then it reports its return)."""
+    return call.setdefault(_END, end) == ABANDONED
 
 
 def cancellable(
@@ -60,10 +71,13 @@ def cancellable(
     on_abandoned: Callable[[], None],
     on_returned: Callable[[], None],
     pool: Callable[[], anyio.CapacityLimiter | None] = lambda: None,
+    on_discarded: Callable[[], None] = lambda: None,
 ) -> Callable[..., Any]:
     """An async function that runs `fn(**kwargs)` in a worker thread and stops waiting for it
     when cancelled (see the module's docstring). Its thread comes through the limiter `pool()`
-    returns at each call (None: anyio's default one)."""
+    returns at each call (None: anyio's default one). A wait cancelled just after `fn` returned,
+    before its result reached the loop, calls `on_discarded()` (in the caller's task): the work
+    was done, and its result is lost."""
     cancelled_exc = anyio.get_cancelled_exc_class
     run_sync = anyio.to_thread.run_sync
 
@@ -74,14 +88,17 @@ def cancellable(
         def body() -> Any:
             if not _thread_begins(call):
                 return None  # the caller has gone: do not begin the work at all
+            end = "raised"
             try:
-                return fn(**kwargs)
+                result = fn(**kwargs)
+                end = RETURNED
+                return result
             except GeneratorExit as exc:
                 # Thrown back into the waiting coroutine it would read as "close this coroutine"
                 # and take the caller's task down with it; as an error it is the tool's failure.
                 raise RuntimeError(f"tool {getattr(fn, '__name__', fn)!r} raised GeneratorExit") from exc
             finally:
-                if _thread_returns(call):
+                if _thread_returns(call, end):
                     try:
                         cast(asyncio.AbstractEventLoop, call[_LOOP]).call_soon_threadsafe(on_returned)
                     except RuntimeError:  # the loop has closed: the process is on its way out
@@ -90,8 +107,11 @@ def cancellable(
         try:
             return await run_sync(body, abandon_on_cancel=True, limiter=pool())
         except cancelled_exc():
-            if _caller_leaves(call, asyncio.get_running_loop()):
+            left = _caller_leaves(call, asyncio.get_running_loop())
+            if left == ABANDONED:
                 on_abandoned()
+            elif left == RETURNED:
+                on_discarded()
             raise
 
     setattr(run_in_thread, ORIGINAL_ATTRIBUTE, fn)
@@ -109,6 +129,7 @@ def make_cancellable(
     on_abandoned: Callable[[], None],
     on_returned: Callable[[], None],
     pool: Callable[[], anyio.CapacityLimiter | None] = lambda: None,
+    on_discarded: Callable[[], None] = lambda: None,
 ) -> bool:
     """Make a sync tool's registry entry (the SDK's `Tool`) run its function through
     `cancellable`; True once it does (also if it already did).
@@ -123,7 +144,7 @@ def make_cancellable(
     if fn is None or not callable(fn) or getattr(tool, "is_async", True) or getattr(tool, "resolved_params", None):
         return False
     try:
-        tool.fn = cancellable(fn, on_abandoned, on_returned, pool)  # type: ignore[attr-defined]
+        tool.fn = cancellable(fn, on_abandoned, on_returned, pool, on_discarded)  # type: ignore[attr-defined]
         tool.is_async = True  # type: ignore[attr-defined]
     except (AttributeError, TypeError, ValueError):  # a frozen or validating entry
         try:

@@ -21,7 +21,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.resolve import Resolve
 from mcp_types import CallToolRequestParams, CallToolResult
 
-from server import SessionsExtension, Settings
+from server import SessionsExtension, Settings, threads
 from server.decoupled import _Work
 from tests.helpers import build, code_of, settings, text_of, until
 from tests.integration.test_extension import metrics
@@ -421,3 +421,42 @@ async def test_threads_an_async_tool_starts_itself_answer_on_time_but_are_not_co
     assert all("was cancelled" in text_of(r) for r in results)
     assert entered.acquire(timeout=5) and entered.acquire(timeout=5), "both threads ran"
     assert m["abandoned_threads"] == 0 and m["total_sessions_timeout"] == 2
+
+
+async def test_a_sync_tool_whose_thread_returned_as_its_deadline_passed_says_its_late_result_was_discarded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The thread ran the tool to its end, but its result had not reached the event loop when the
+    # deadline cancelled the wait (under GIL contention, or a held loop, the hand-over lags): the
+    # work was done, so the answer must not say "was cancelled", which invites a retry of work
+    # that a non-idempotent tool has already done. Made deterministic by holding the worker thread
+    # between the end of the work and the hand-over of its result until the answer has come.
+    handed_over = threading.Event()
+    real_thread_returns = threads._thread_returns
+
+    def thread_returns_then_waits(*args: Any) -> bool:
+        abandoned = real_thread_returns(*args)
+        handed_over.wait(10)  # bounded: a failing test cannot leave the thread behind for good
+        return abandoned
+
+    monkeypatch.setattr(threads, "_thread_returns", thread_returns_then_waits)
+    ran: list[str] = []
+
+    def books_a_flight() -> str:
+        ran.append("booked")
+        return "booked"
+
+    app, _ = build(settings(tool_timeouts={"books_a_flight": 0.3}), tools=[books_a_flight])
+    try:
+        async with Client(app) as client:
+            with anyio.fail_after(10):
+                result = await client.call_tool("books_a_flight", {})
+            m = await metrics(client)
+    finally:
+        handed_over.set()
+    assert ran == ["booked"]
+    assert code_of(result) == "timeout", result
+    assert text_of(result).startswith(
+        "tool 'books_a_flight' did not finish within its deadline of 0.3s and its late result was discarded;"
+    ), text_of(result)
+    assert (m["total_sessions_timeout"], m["abandoned_threads"]) == (1, 0), "its thread was not left running"

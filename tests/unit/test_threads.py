@@ -14,7 +14,9 @@ from mcp.server.mcpserver.resolve import Resolve
 from pydantic import BaseModel, ConfigDict
 
 from server.threads import (
+    ABANDONED,
     ORIGINAL_ATTRIBUTE,
+    RETURNED,
     _caller_leaves,
     _thread_begins,
     _thread_returns,
@@ -180,22 +182,27 @@ async def test_a_call_cancelled_before_its_thread_begins_never_runs_the_function
 
 
 async def test_the_thread_and_its_caller_agree_in_every_order() -> None:
-    # The three orders the race can take, step by step: who goes first decides, once.
+    # The orders the race can take, step by step: who goes first decides, once.
     loop = asyncio.get_running_loop()
     left_first: dict[str, Any] = {}
-    assert not _caller_leaves(left_first, loop), "not begun: nothing is abandoned"
+    assert _caller_leaves(left_first, loop) is None, "not begun: nothing is abandoned"
     assert not _thread_begins(left_first), "the caller has left: the work never begins"
 
     abandoned: dict[str, Any] = {}
     assert _thread_begins(abandoned)
-    assert _caller_leaves(abandoned, loop), "left while the work runs: abandoned"
+    assert _caller_leaves(abandoned, loop) == ABANDONED, "left while the work runs: abandoned"
     assert _thread_returns(abandoned), "so its return is reported"
     assert abandoned["loop"] is loop
 
     returned_first: dict[str, Any] = {}
     assert _thread_begins(returned_first)
     assert not _thread_returns(returned_first), "returned with its caller waiting: nothing to report"
-    assert not _caller_leaves(returned_first, loop), "the work is over: nothing is abandoned"
+    assert _caller_leaves(returned_first, loop) == RETURNED, "the work is over, its result lost: not abandoned"
+
+    raised_first: dict[str, Any] = {}
+    assert _thread_begins(raised_first)
+    assert not _thread_returns(raised_first, "raised")
+    assert _caller_leaves(raised_first, loop) is None, "the work failed: no result was lost"
 
 
 async def test_each_thread_that_began_is_reported_abandoned_and_returned_exactly_once() -> None:
