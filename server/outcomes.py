@@ -163,14 +163,19 @@ def _past_its_deadline(session: Session, name: str, late: float) -> None:
 
 
 #: What may have held the event loop, told to the operator (see `_past_its_deadline`). A sync
-#: tool's own code runs in a thread, but a generator it returns is iterated on the loop.
+#: tool's own code runs in a thread, but a generator it returns is iterated on the loop; and
+#: threads that keep the GIL (CPU-bound Python, C code that does not release it) starve the loop.
+_LOOP_HELD_ELSEWHERE = (
+    "; or a large result serialised on the loop, or CPU-bound or GIL-holding work in sync tools' threads"
+)
 _LOOP_HELD_BY_ASYNC = (
     "blocking code in an async tool, this one or another running at the time; give such code to "
-    "anyio.to_thread.run_sync or make the tool a sync one"
+    "anyio.to_thread.run_sync or make the tool a sync one" + _LOOP_HELD_ELSEWHERE
 )
 _LOOP_HELD_BY_SYNC = (
     "this sync tool's result, if it is a generator, which the SDK iterates on the event loop (return a list "
     "instead), or blocking code in an async tool running at the time (give such code to anyio.to_thread.run_sync)"
+    + _LOOP_HELD_ELSEWHERE
 )
 
 

@@ -408,7 +408,8 @@ async def test_an_async_tool_that_blocks_the_event_loop_past_its_deadline_is_ans
     [warning] = [r.getMessage() for r in caplog.records if "after its deadline" in r.getMessage()]
     assert warning.startswith("Tool 'blocks_the_loop' returned 0.") and warning.endswith(
         "which nothing could enforce: the event loop was held meanwhile (blocking code in an async tool, this one "
-        "or another running at the time; give such code to anyio.to_thread.run_sync or make the tool a sync one)"
+        "or another running at the time; give such code to anyio.to_thread.run_sync or make the tool a sync one; "
+        "or a large result serialised on the loop, or CPU-bound or GIL-holding work in sync tools' threads)"
     ), warning
 
 
@@ -485,6 +486,7 @@ async def test_a_sync_generator_tool_iterated_on_the_event_loop_past_its_deadlin
     [warning] = [r.getMessage() for r in caplog.records if "after its deadline" in r.getMessage()]
     assert warning.startswith("Tool 'yields_slowly' returned 0.") and "generator" in warning, warning
     assert "the SDK iterates" in warning and "return a list" in warning, warning
+    assert "GIL-holding work in sync tools' threads" in warning, warning
 
 
 async def test_shutdown_counts_and_waits_for_a_call_holding_its_deadline_off() -> None:
