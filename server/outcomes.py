@@ -46,8 +46,16 @@ MAYBE_ABANDONED = "was abandoned: it may run on in a thread until it returns (a 
 #: in its timeout message.
 HELD_OFF_SECONDS = 0.1
 #: What an idle timeout's message advises (see `idle_advice`).
-_IDLE_ADVICE_SYNC = "ask the operator to raise or remove its idle timeout"
 _IDLE_ADVICE_ASYNC = "a long-running tool must report progress to stay alive"
+_IDLE_ADVICE_SYNC = (
+    "a long-running tool must report progress to stay alive, a sync one from its thread with "
+    "anyio.from_thread.run(ctx.report_progress, progress, total); or ask the operator to raise or remove "
+    "its idle timeout"
+)
+_IDLE_ADVICE_EITHER = (
+    "a long-running tool must report progress to stay alive (a sync one from its thread, with "
+    "anyio.from_thread.run(ctx.report_progress, progress, total))"
+)
 
 
 def stopped(
@@ -98,8 +106,8 @@ def stopped(
 def idle_advice(sync: bool | None) -> str:
     """What to do about an idle timeout, for a sync tool, an async one, or one of unknown kind (None)."""
     if sync is None:
-        return f"a sync tool cannot report progress ({_IDLE_ADVICE_SYNC}); an async one must report progress"
-    return f"a sync tool cannot report progress, so {_IDLE_ADVICE_SYNC}" if sync else _IDLE_ADVICE_ASYNC
+        return _IDLE_ADVICE_EITHER
+    return _IDLE_ADVICE_SYNC if sync else _IDLE_ADVICE_ASYNC
 
 
 def failed(manager: SessionManager, session: Session, name: str, raised: BaseException) -> CallToolResult:

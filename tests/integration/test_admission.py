@@ -9,6 +9,7 @@ import time
 from typing import Annotated, Any
 
 import anyio
+import anyio.from_thread
 from mcp import Client
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Resolve
@@ -457,6 +458,33 @@ async def test_a_tool_that_keeps_reporting_progress_outlives_its_idle_timeout() 
     assert m["total_sessions_completed"] == 1 and m["total_sessions_timeout"] == 0
 
 
+async def test_a_sync_tool_that_reports_progress_from_its_thread_outlives_its_idle_timeout() -> None:
+    # A sync tool has a Context too: from its worker thread it reports progress through the event
+    # loop (anyio.from_thread.run), which keeps its idle deadline moving as an async tool's does.
+    def long_sync_job(steps: int, ctx: Context) -> str:
+        for step in range(steps):
+            time.sleep(0.1)  # the tool's work
+            anyio.from_thread.run(ctx.report_progress, step + 1, steps)
+        return "finished"
+
+    config = settings(tools={"long_sync_job": {"timeout_seconds": 10.0, "idle_timeout_seconds": 0.4}})
+    app, _ = build(config, tools=[long_sync_job])
+    seen: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+
+    async with Client(app) as client:
+        started = time.monotonic()
+        with anyio.fail_after(10):
+            result = await client.call_tool("long_sync_job", {"steps": 12}, progress_callback=on_progress)
+        elapsed = time.monotonic() - started
+        m = await metrics(client)
+    assert text_of(result) == "finished" and elapsed >= 1.2, "ran three times its idle timeout"
+    assert seen == [float(n) for n in range(1, 13)], "the progress still reaches the client"
+    assert m["total_sessions_completed"] == 1 and m["total_sessions_timeout"] == 0
+
+
 async def test_progress_never_carries_a_call_past_its_hard_deadline() -> None:
     # Progress every 0.1 s keeps moving the 0.3 s idle deadline on; the 0.8 s deadline stays put.
     async def keeps_reporting(ctx: Context) -> str:
@@ -489,7 +517,7 @@ async def test_a_tool_that_stops_reporting_progress_times_out_at_its_idle_timeou
         return "never"
 
     def stalls_in_a_thread() -> str:
-        time.sleep(4.0)  # a sync tool cannot report progress: the idle timeout fires from the start
+        time.sleep(4.0)  # reports no progress: the idle timeout fires from the start
         return "never"
 
     idle = {"timeout_seconds": 30.0, "idle_timeout_seconds": 0.4}
@@ -512,9 +540,10 @@ async def test_a_tool_that_stops_reporting_progress_times_out_at_its_idle_timeou
     assert 0.3 + 0.4 <= elapsed < 0.3 + 0.4 + 2.5, "timed out at the idle timeout after the last progress"
     assert code_of(in_thread) == "timeout" and 0.4 <= thread_elapsed < 0.4 + 2.5
     assert "must report progress to stay alive" in error["message"]
-    # A sync tool cannot report progress: the advice is the operator's idle timeout, not progress.
-    assert "a sync tool cannot report progress" in text_of(in_thread)
-    assert "must report progress" not in text_of(in_thread)
+    # A sync tool reports progress from its thread: the advice says how (or to ask the operator).
+    assert "a sync one from its thread with anyio.from_thread.run(ctx.report_progress" in text_of(in_thread)
+    assert "ask the operator to raise or remove its idle timeout" in text_of(in_thread)
+    assert "cannot report progress" not in text_of(in_thread)
     assert m["total_sessions_timeout"] == 2
 
 
@@ -541,4 +570,4 @@ async def test_the_idle_timeout_advice_follows_the_tools_kind_when_its_call_runs
     assert "must report progress to stay alive" in text_of(async_result)
     assert "sync tool" not in text_of(async_result)
     assert code_of(sync_result) == "timeout"
-    assert "a sync tool cannot report progress" in text_of(sync_result)
+    assert "a sync one from its thread with anyio.from_thread.run(ctx.report_progress" in text_of(sync_result)
