@@ -211,12 +211,14 @@ def argument_errors(entry: Any, arguments: Mapping[str, Any] | None) -> list[Err
     return []
 
 
-def progress_session(session: ServerSession, on_progress: Callable[[], None]) -> ServerSession:
+def progress_session(session: ServerSession, on_progress: Callable[[], bool]) -> ServerSession:
     """A copy of the request's `ServerSession` that calls `on_progress` whenever the tool reports
     progress (`Context.report_progress`, or a progress notification it sends itself), then
-    forwards it. The SDK hands the tool `ctx.session` from the context the interceptor passes
-    on, so this is the seam where progress becomes visible, whether or not the client asked
-    for progress notifications."""
+    forwards it if `on_progress` returned True: False drops it (the call has been answered, and
+    progress may reference only operations in progress: a sync tool's abandoned thread reports on).
+    The SDK hands the tool `ctx.session` from the context the interceptor passes on, so this is
+    the seam where progress becomes visible, whether or not the client asked for progress
+    notifications."""
     proxy = _ProgressSession.__new__(_ProgressSession)
     proxy.__dict__.update(session.__dict__)
     proxy._on_progress = on_progress
@@ -224,11 +226,11 @@ def progress_session(session: ServerSession, on_progress: Callable[[], None]) ->
 
 
 class _ProgressSession(ServerSession):
-    _on_progress: Callable[[], None]
+    _on_progress: Callable[[], bool]
 
     async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
-        self._on_progress()
-        await super().report_progress(progress, total, message)
+        if self._on_progress():
+            await super().report_progress(progress, total, message)
 
     async def send_progress_notification(
         self,
@@ -238,8 +240,8 @@ class _ProgressSession(ServerSession):
         message: str | None = None,
         related_request_id: str | None = None,
     ) -> None:
-        self._on_progress()
-        await super().send_progress_notification(progress_token, progress, total, message, related_request_id)
+        if self._on_progress():
+            await super().send_progress_notification(progress_token, progress, total, message, related_request_id)
 
 
 def request_client(ctx: ServerRequestContext[Any, Any]) -> Hashable:

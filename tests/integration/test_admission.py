@@ -15,7 +15,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Resolve
 from mcp_types import CallToolResult
 
-from tests.helpers import Gate, build, code_of, error_of, settings, text_of, until
+from tests.helpers import Gate, build, code_of, echo, error_of, settings, text_of, until
 from tests.integration.test_extension import metrics
 
 
@@ -483,6 +483,40 @@ async def test_a_sync_tool_that_reports_progress_from_its_thread_outlives_its_id
     assert text_of(result) == "finished" and elapsed >= 1.2, "ran three times its idle timeout"
     assert seen == [float(n) for n in range(1, 13)], "the progress still reaches the client"
     assert m["total_sessions_completed"] == 1 and m["total_sessions_timeout"] == 0
+
+
+async def test_progress_a_sync_tools_abandoned_thread_reports_after_the_calls_answer_is_dropped() -> None:
+    # Progress may reference only an operation in progress: once the call is answered (timed out,
+    # its thread abandoned), the progress its thread still reports is not sent to the client.
+    go, reported = threading.Event(), threading.Event()
+
+    def reports_after_its_answer(ctx: Context) -> str:
+        go.wait(10)  # bounded: a failing test cannot leave the thread behind for good
+        try:
+            anyio.from_thread.run(ctx.report_progress, 1, 2)
+        finally:
+            reported.set()
+        return "late"
+
+    config = settings(tools={"reports_after_its_answer": {"timeout_seconds": 0.3, "idle_timeout_seconds": 5.0}})
+    app, _ = build(config, tools=[reports_after_its_answer, echo])
+    seen: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+
+    try:
+        async with Client(app) as client:
+            with anyio.fail_after(10):
+                result = await client.call_tool("reports_after_its_answer", {}, progress_callback=on_progress)
+                go.set()
+                assert await anyio.to_thread.run_sync(reported.wait, 10)
+                after = await client.call_tool("echo", {"text": "after"})  # what was sent before it has come
+    finally:
+        go.set()
+    assert code_of(result) == "timeout" and "was abandoned" in text_of(result), result
+    assert text_of(after) == "after"
+    assert seen == [], "progress came after the call's answer"
 
 
 async def test_progress_never_carries_a_call_past_its_hard_deadline() -> None:
