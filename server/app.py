@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures.thread
 import difflib
 import logging
 import math
@@ -17,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
@@ -731,12 +733,19 @@ async def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
 
 def _busy_threads() -> list[threading.Thread]:
     """The threads the interpreter would wait for at exit: alive, not daemon, not the main thread,
-    and not an anyio worker idle in its queue (anyio stops those itself when its loop ends)."""
+    and not a pool worker waiting for work: an anyio worker idle in its queue (anyio stops those
+    itself when its loop ends), or a `concurrent.futures` one (the loop's default executor, which
+    asyncio's `getaddrinfo` uses, or a tool module's own pool: the interpreter's exit ends those)."""
     main = threading.main_thread()
+    frames = sys._current_frames()  # each thread's innermost Python frame (read at the exit only)
     return [
         thread
         for thread in threading.enumerate()
-        if thread is not main and not thread.daemon and thread.is_alive() and not _idle_anyio_worker(thread)
+        if thread is not main
+        and not thread.daemon
+        and thread.is_alive()
+        and not _idle_anyio_worker(thread)
+        and not _idle_pool_worker(frames.get(thread.ident) if thread.ident is not None else None)
     ]
 
 
@@ -745,6 +754,25 @@ def _idle_anyio_worker(thread: threading.Thread) -> bool:
     the deque of idle workers it joins when done (read on the loop's thread, which alone changes it)."""
     idle = getattr(thread, "idle_workers", None)
     return isinstance(idle, collections.deque) and thread in idle
+
+
+#: The loop of a `concurrent.futures.ThreadPoolExecutor` worker thread (None if this Python names it
+#: otherwise: then no such worker is taken for idle), and what it calls, between two work items,
+#: to count itself idle.
+_POOL_WORKER: types.CodeType | None = getattr(getattr(concurrent.futures.thread, "_worker", None), "__code__", None)
+_POOL_IDLE_COUNT = threading.Semaphore.release.__code__
+
+
+def _idle_pool_worker(frame: types.FrameType | None) -> bool:
+    """Whether the thread whose innermost Python frame is `frame` is a `concurrent.futures` worker
+    running no work: in its loop itself (waiting in its queue's `get`, which is C), or counting
+    itself idle after a work item. One running a work item (or its initializer) is a call deeper."""
+    callee = None  # what the worker's loop has called, in `threading` (its idle count's code)
+    while frame is not None and frame.f_code.co_filename == threading.__file__:
+        callee, frame = frame, frame.f_back
+    if frame is None or _POOL_WORKER is None or frame.f_code is not _POOL_WORKER:
+        return False
+    return callee is None or callee.f_code is _POOL_IDLE_COUNT
 
 
 def serve(

@@ -244,6 +244,52 @@ async def test_hanging_async_and_sync_tools_get_a_timeout_on_time_and_the_server
     assert "1 stuck tool thread" in server.stderr
 
 
+#: A tool module whose tools use `concurrent.futures` thread pools (the loop's default executor, a
+#: pool of its own) and whose `atexit` handler writes `EXECUTOR_AT_EXIT`; not imported here,
+#: where it would register that handler in the test process.
+EXECUTOR_MODULE = "tests.fixtures.executor_tools"
+EXECUTOR_AT_EXIT = "executor_tools: atexit handler ran"
+
+
+async def test_idle_thread_pool_workers_let_the_process_exit_the_ordinary_way(tmp_path: Path) -> None:
+    # asyncio's getaddrinfo (what asyncio.open_connection and most HTTP clients do) leaves a worker
+    # of the loop's default executor waiting for more work, and so does a module's own pool: such
+    # idle workers run no tool work, so the exit is the ordinary one, which runs atexit handlers.
+    config: dict[str, Any] = {"server": {"tool_modules": [EXECUTOR_MODULE]}, "shutdown": {"timeout_seconds": 5.0}}
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        assert text_of(await server.call("resolve", {"host": "localhost"})) in ("127.0.0.1", "::1")
+        assert text_of(await server.call("pooled", {"text": "idle"})) == "IDLE"
+        names = text_of(await server.call("threads")).split("\n")
+        assert any(name.startswith("asyncio_") for name in names), names  # the default executor's worker
+        assert any(name.startswith("executor_tools") for name in names), names  # the module pool's
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert EXECUTOR_AT_EXIT in server.stderr, server.stderr
+    assert "Exiting with" not in server.stderr, server.stderr
+
+
+async def test_a_thread_pool_worker_still_running_tool_work_forces_the_exit(tmp_path: Path) -> None:
+    # A call cancelled at the drain deadline whose work sleeps on in a worker of the loop's default
+    # executor: Python would wait for that thread at exit, so the process exits at once, saying
+    # so, and counts that worker alone (the module pool's idle one is not tool work).
+    shutdown_seconds = 1.0
+    config: dict[str, Any] = {
+        "server": {"tool_modules": [EXECUTOR_MODULE]},
+        "shutdown": {"timeout_seconds": shutdown_seconds},
+    }
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        assert text_of(await server.call("pooled", {"text": "idle"})) == "IDLE"
+        stuck = await server.start_call("stuck_in_executor", {"seconds": 3600})
+        await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
+        await server.close_stdin()
+        assert await server.wait_exit(within=shutdown_seconds + EXIT_MARGIN) == 0
+        assert error_of(await server.call_result(stuck, within=0))["code"] == "shutting_down"
+    assert "Exiting with 1 thread(s) still running tool work past the shutdown" in server.stderr, server.stderr
+    assert EXECUTOR_AT_EXIT not in server.stderr, server.stderr
+
+
 async def test_past_max_abandoned_threads_sync_tools_are_refused_at_once_async_ones_served(tmp_path: Path) -> None:
     # echo's own deadline, so that "at once" is told from "after its timeout" with seconds to
     # spare either way: a refusal at once is one stdio round trip (milliseconds, well under a
