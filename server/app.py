@@ -53,7 +53,7 @@ from server.http_connections import (
 )
 from server.http_shutdown import HttpShutdown
 from server.logs import quiet_client_disconnects, serving_logger
-from server.metrics import ShutdownReport
+from server.metrics import MetricsSnapshot, ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams, tool_names
@@ -241,7 +241,8 @@ class _Exit:
         self.sessions = app.sessions
         self.done = anyio.Event()
         self.report: ShutdownReport | None = None
-        self.signals = 0
+        #: The name of the first SIGINT or SIGTERM that came, if one did.
+        self.first_signal: str | None = None
         #: Tasks left running at the exit because their work holds its cancellation off.
         self.left_behind = 0
         app.sessions.add_exit_listener(self._finished)
@@ -268,13 +269,21 @@ class _Exit:
                 self.on_signal(signum, task_group)
 
     def on_signal(self, signum: int, task_group: Any) -> None:
-        self.signals += 1
-        if self.signals > 1:
-            logger.warning("Second %s: forcing exit", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.first_signal is not None:
+            came = f"Second {name}" if name == self.first_signal else f"{name} after {self.first_signal}"
+            logger.warning("%s: forcing exit; %s", came, _cut_off(self.sessions.manager.metrics()))
             _force_exit(1)
+        self.first_signal = name
         # The next signal forces the exit (above), whatever started the shutdown.
         joining = " (a second SIGINT or SIGTERM forces the exit at once, with status 1)"
-        task_group.start_soon(self.begin, f"received {signal.Signals(signum).name}", joining)
+        task_group.start_soon(self.begin, f"received {name}", joining)
+
+
+def _cut_off(metrics: MetricsSnapshot) -> str:
+    """What a forced exit leaves unanswered: the tool calls running or queued (as `metrics` has them)."""
+    calls = sum(tool.active for tool in metrics.tools.values()) + metrics.queued_sessions
+    return f"{calls} tool call(s) running or queued are cut off unanswered"
 
 
 def _force_exit(code: int) -> None:

@@ -644,17 +644,26 @@ async def test_a_tool_module_reading_stdin_at_import_and_setup_reads_nothing_and
     assert server.stray_stdout == [] and len(server.stdout_lines) == 3
 
 
-async def test_a_second_signal_forces_an_immediate_exit_with_status_1(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("first", "second", "said"),
+    [
+        (signal.SIGINT, signal.SIGINT, "Second SIGINT"),  # an impatient second Ctrl-C
+        (signal.SIGTERM, signal.SIGINT, "SIGINT after SIGTERM"),  # a Ctrl-C after an orchestrator's stop
+    ],
+)
+async def test_a_second_signal_forces_an_immediate_exit_with_status_1(
+    tmp_path: Path, first: signal.Signals, second: signal.Signals, said: str
+) -> None:
     config = server_config(shutdown={"timeout_seconds": 60})
     async with start_server(tmp_path, config) as server:
         await server.initialize()
         await server.start_call("sleep_async", {"seconds": 3600})
         await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
-        server.send_signal(signal.SIGINT)
-        await server.wait_stderr("Graceful shutdown: received SIGINT")
-        server.send_signal(signal.SIGINT)  # an impatient second Ctrl-C
+        server.send_signal(first)
+        await server.wait_stderr(f"Graceful shutdown: received {first.name}")
+        server.send_signal(second)
         assert await server.wait_exit(within=EXIT_MARGIN) == 1
-    assert "Second SIGINT: forcing exit" in server.stderr
+    assert f"{said}: forcing exit; 1 tool call(s) running or queued are cut off unanswered" in server.stderr
 
 
 async def test_a_server_shutdown_its_client_cancels_still_ends_and_the_process_exits_0(tmp_path: Path) -> None:
