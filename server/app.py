@@ -287,6 +287,10 @@ def _cut_off(metrics: MetricsSnapshot) -> str:
 
 
 def _force_exit(code: int) -> None:
+    """Exit now with status `code`: no thread is waited for and no `atexit` handler runs, but the
+    log's handlers are closed first, as at an ordinary exit, so that the counts of repeated records
+    still pending (`server.logs.RepeatLimit`) are written."""
+    logging.shutdown()
     sys.stderr.flush()
     os._exit(code)
 

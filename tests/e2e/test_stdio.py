@@ -32,6 +32,7 @@ from tests.e2e.conftest import (
     HELD_SECONDS,
     ROOT,
     START_SECONDS,
+    TOOL_MODULE,
     ServerProcess,
     assert_held_call_answered,
     listen_through_sigterm,
@@ -275,12 +276,15 @@ async def test_a_thread_pool_worker_still_running_tool_work_forces_the_exit(tmp_
     # so, and counts that worker alone (the module pool's idle one is not tool work).
     shutdown_seconds = 1.0
     config: dict[str, Any] = {
-        "server": {"tool_modules": [EXECUTOR_MODULE]},
+        "server": {"tool_modules": [EXECUTOR_MODULE, TOOL_MODULE]},
         "shutdown": {"timeout_seconds": shutdown_seconds},
     }
     async with start_server(tmp_path, config) as server:
         await server.initialize()
         assert text_of(await server.call("pooled", {"text": "idle"})) == "IDLE"
+        # A library's record three times: the log writes the first and holds the other two, the last
+        # of them to be written with the count of the one before.
+        assert text_of(await server.call("log_repeated", {"message": "Library trouble", "times": 3})) == "logged"
         stuck = await server.start_call("stuck_in_executor", {"seconds": 3600})
         await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
         await server.close_stdin()
@@ -288,6 +292,8 @@ async def test_a_thread_pool_worker_still_running_tool_work_forces_the_exit(tmp_
         assert error_of(await server.call_result(stuck, within=0))["code"] == "shutting_down"
     assert "Exiting with 1 thread(s) still running tool work past the shutdown" in server.stderr, server.stderr
     assert EXECUTOR_AT_EXIT not in server.stderr, server.stderr
+    # The exit skips atexit handlers, but still writes the count the log held.
+    assert "mcp.e2e_library: Library trouble [and 1 more like this in the last" in server.stderr, server.stderr
 
 
 async def test_past_max_abandoned_threads_sync_tools_are_refused_at_once_async_ones_served(tmp_path: Path) -> None:
@@ -657,6 +663,9 @@ async def test_a_second_signal_forces_an_immediate_exit_with_status_1(
     config = server_config(shutdown={"timeout_seconds": 60})
     async with start_server(tmp_path, config) as server:
         await server.initialize()
+        # A library's record three times: the log writes the first and holds the other two, the last
+        # of them to be written with the count of the one before.
+        assert text_of(await server.call("log_repeated", {"message": "Library trouble", "times": 3})) == "logged"
         await server.start_call("sleep_async", {"seconds": 3600})
         await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
         server.send_signal(first)
@@ -664,6 +673,8 @@ async def test_a_second_signal_forces_an_immediate_exit_with_status_1(
         server.send_signal(second)
         assert await server.wait_exit(within=EXIT_MARGIN) == 1
     assert f"{said}: forcing exit; 1 tool call(s) running or queued are cut off unanswered" in server.stderr
+    # The forced exit still writes the count the log held.
+    assert "mcp.e2e_library: Library trouble [and 1 more like this in the last" in server.stderr, server.stderr
 
 
 async def test_a_server_shutdown_its_client_cancels_still_ends_and_the_process_exits_0(tmp_path: Path) -> None:
