@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures.thread
 import difflib
+import importlib.metadata
 import logging
 import math
 import os
@@ -206,7 +207,9 @@ def build_app(settings: Settings) -> App:
     modules = import_tool_modules(settings.server.tool_modules)
     tools = [fn for module in modules for fn in module.tools]
     sessions = _StandaloneSessions(settings)
-    server: MCPServer[Any] = MCPServer(settings.server.name, extensions=[sessions], lifespan=sessions.lifespan)
+    server: MCPServer[Any] = MCPServer(
+        settings.server.name, version=package_version(), extensions=[sessions], lifespan=sessions.lifespan
+    )
     problems: list[str] = []
     try:
         install_tool_modules(server, modules)
@@ -217,6 +220,21 @@ def build_app(settings: Settings) -> App:
     if problems:
         raise ConfigError(problems)
     return App(settings=settings, server=server, sessions=sessions, tools=tools, module_notes=hosting_nothing(modules))
+
+
+#: The distribution whose version the standalone server gives as its `serverInfo.version`.
+DISTRIBUTION = "mcp-session-manager"
+#: The version given when the package is not installed (run from a source tree on `sys.path`).
+UNKNOWN_VERSION = "0+unknown"
+
+
+def package_version() -> str:
+    """This package's installed version (`serverInfo.version` of the standalone server), or
+    `UNKNOWN_VERSION` if it is run without being installed."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return UNKNOWN_VERSION
 
 
 def build_server(settings: Settings) -> MCPServer[Any]:

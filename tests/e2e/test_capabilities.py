@@ -6,6 +6,7 @@ without it, since the SDK writes that result in the older schema, which has no `
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,9 @@ async def test_the_advertised_limits_follow_a_reload_for_clients_that_connect_af
     assert await advertised() == {"maxConcurrentSessions": 3, "defaultTimeoutSeconds": 2.5}
     sessions.apply_settings(settings(max_concurrent_sessions=9, default_timeout_seconds=4.0))  # an embedding host's
     assert await advertised() == {"maxConcurrentSessions": 9, "defaultTimeoutSeconds": 4.0}
+
+
+async def test_the_standalone_server_gives_its_package_version_in_server_info(tmp_path: Path) -> None:
+    async with start_server(tmp_path, server_config()) as server:
+        result = (await server.initialize())["result"]
+    assert result["serverInfo"]["version"] == importlib.metadata.version("mcp-session-manager")
