@@ -502,9 +502,10 @@ async def _serve_stdio(
                 if held:
                     # Their sessions ended at the drain deadline, but their work holds the cancellation
                     # off and their handlers write nothing: answer them, rather than leave silence.
+                    server_info = lowlevel.server_info_stamp
                     for request_id, (method, params) in held.items():
                         answered.add(request_id)
-                        answer = SessionMessage(abandoned_answer(request_id, method, params))
+                        answer = SessionMessage(abandoned_answer(request_id, method, params, server_info))
                         count_given(answer)
                         backlog_send.send_nowait((answer, None))
                         outstanding.discard(request_id)
@@ -624,7 +625,8 @@ async def serve_http(
             # network) holds its SDK session (about 46 KB and two tasks here) until this.
             session_idle_timeout=settings.http_session_idle_timeout_seconds,
             max_sessions=settings.http_max_sessions,
-        )
+        ),
+        server_info=app.server._lowlevel_server.server_info_stamp,
     )
     files_limit = raise_open_files_limit()
     guard = connection_guard(settings, files_limit)

@@ -72,7 +72,7 @@ import asyncio
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import anyio
@@ -193,11 +193,12 @@ class _Post:
         self.done()
         return True
 
-    def answer_now(self) -> bool:
-        """Take the answer to give at the exit; False if there is none to give (then uvicorn ends it)."""
+    def answer_now(self, server_info: Mapping[str, Any] | None = None) -> bool:
+        """Take the answer to give at the exit (`server_info` as `abandoned_answer`'s); False if
+        there is none to give (then uvicorn ends it)."""
         if self.refused or self.ended or self.too_large or self.delivering or (self.started and not self.event_stream):
             return False
-        self.answer = abandoned_answer_to(bytes(self.body))
+        self.answer = abandoned_answer_to(bytes(self.body), server_info)
         if self.answer is None:
             return False
         self.done()
@@ -207,8 +208,10 @@ class _Post:
 class HttpShutdown:
     """An ASGI app around `app` that can end its open GET event streams and wait for the rest."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, server_info: Mapping[str, Any] | None = None) -> None:
         self.app = app
+        #: The server's `serverInfo` stamp, which an answer given at the exit on protocol 2026-07-28 carries.
+        self.server_info = server_info
         #: One cancel scope per GET whose event stream has started and not ended.
         self._streams: set[anyio.CancelScope] = set()
         self._posts: set[_Post] = set()
@@ -412,7 +415,7 @@ class HttpShutdown:
         if not still:
             return
         refusing = [post for post in posts if post.refuse_now()]
-        answering = [post for post in posts if post.answer_now()]
+        answering = [post for post in posts if post.answer_now(self.server_info)]
         refused, answered = len(refusing), len(answering)
         self._answered += answered
         what = []

@@ -7,14 +7,19 @@ its session ended `cancelled` on time, but its handler still runs and writes no 
 than leave the caller with silence or a cut connection, the transport answers it itself when it
 stops: a `tools/call` with the extension's `shutting_down` error result, any other request with
 a JSON-RPC error. The work itself is left running until the process exits.
+
+The result is shaped as the SDK shapes a handler's on the request's connection: a request of
+protocol 2026-07-28 (its `params._meta` names the version) gets `resultType` and the `serverInfo`
+stamp in `_meta`; one of the handshake era gets neither, as its schema has no `resultType`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from mcp_types import INTERNAL_ERROR, ErrorData
+from mcp_types import INTERNAL_ERROR, PROTOCOL_VERSION_META_KEY, SERVER_INFO_META_KEY, ErrorData
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCResponse
 
 from server.errors import ErrorCode, SessionError, error_result, shorten
@@ -32,8 +37,12 @@ WRITE_SECONDS = 5.0
 ANSWERED = "answered shutting_down (their work held the cancellation off past the shutdown)"
 
 
-def abandoned_answer(request_id: Any, method: str, params: Any = None) -> JSONRPCResponse | JSONRPCError:
-    """The answer to request `request_id` (`method`, `params`) left running when the server stopped."""
+def abandoned_answer(
+    request_id: Any, method: str, params: Any = None, server_info: Mapping[str, Any] | None = None
+) -> JSONRPCResponse | JSONRPCError:
+    """The answer to request `request_id` (`method`, `params`) left running when the server stopped;
+    `server_info` is the server's `serverInfo` stamp (the SDK's `Server.server_info_stamp`), which
+    a result of protocol 2026-07-28 carries in `_meta`."""
     if method == "tools/call":
         name = params.get("name") if isinstance(params, dict) else None
         tool = shorten(name) if isinstance(name, str) else None
@@ -45,6 +54,10 @@ def abandoned_answer(request_id: Any, method: str, params: Any = None) -> JSONRP
             tool=tool,
         )
         result = error_result(error).model_dump(by_alias=True, exclude_none=True, mode="json")
+        if not _modern(params):
+            result.pop("resultType", None)  # a field of 2026-07-28, which the SDK leaves out on older connections
+        elif server_info is not None:
+            result["_meta"] = {**result.get("_meta", {}), SERVER_INFO_META_KEY: dict(server_info)}
         return JSONRPCResponse(jsonrpc="2.0", id=request_id, result=result)
     message = (
         f"the server stopped while {shorten(method)!r} still ran: it held its cancellation off past the "
@@ -53,7 +66,14 @@ def abandoned_answer(request_id: Any, method: str, params: Any = None) -> JSONRP
     return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=INTERNAL_ERROR, message=message))
 
 
-def abandoned_answer_to(body: bytes) -> bytes | None:
+def _modern(params: Any) -> bool:
+    """Whether a request with `params` is of protocol 2026-07-28 or later: its `_meta` carries the
+    protocol version, as the SDK tells the eras apart (a handshake-era request never does)."""
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return isinstance(meta, dict) and PROTOCOL_VERSION_META_KEY in meta
+
+
+def abandoned_answer_to(body: bytes, server_info: Mapping[str, Any] | None = None) -> bytes | None:
     """The JSON of `abandoned_answer` for a request received as `body` (one JSON-RPC request);
     None if `body` is not one (a notification, a response, a batch, not JSON)."""
     try:
@@ -65,5 +85,5 @@ def abandoned_answer_to(body: bytes) -> bytes | None:
     request_id = message.get("id")
     if isinstance(request_id, bool) or not isinstance(request_id, int | str):
         return None
-    answer = abandoned_answer(request_id, message["method"], message.get("params"))
+    answer = abandoned_answer(request_id, message["method"], message.get("params"), server_info)
     return answer.model_dump_json(by_alias=True, exclude_unset=True).encode()

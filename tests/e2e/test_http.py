@@ -22,8 +22,9 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_types import CallToolResult
+from mcp_types import SERVER_INFO_META_KEY, CallToolResult
 
+from server.app import package_version
 from tests.e2e.conftest import (
     CALL_SECONDS,
     HELD_EXIT_MARGIN,
@@ -442,3 +443,6 @@ async def test_a_call_holding_the_shutdown_off_is_answered_shutting_down_and_the
 
     assert_held_call_answered(results["held"], server.stderr, tool, exit_seconds, shutdown_seconds)
     assert error_lines(server) == [], server.stderr
+    # As the SDK shapes a result on the connection: the `serverInfo` stamp on protocol 2026-07-28 only.
+    stamp = (results["held"].meta or {}).get(SERVER_INFO_META_KEY)
+    assert stamp == ({"name": "mcp-session-manager", "version": package_version()} if mode == "default" else None)

@@ -23,6 +23,12 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+    SERVER_INFO_META_KEY,
+)
 
 from server.app import FLUSH_SECONDS
 from server.unanswered import WRITE_SECONDS
@@ -739,6 +745,51 @@ async def test_a_call_holding_the_shutdown_off_is_answered_shutting_down_and_the
     assert after == [], f"{len(after)} progress notification(s) after the answer"
     assert "still being written" not in server.stderr, server.stderr
     assert server.stray_stdout == []
+
+
+@pytest.mark.parametrize("era", ["2025-11-25", "2026-07-28"])
+async def test_a_held_call_s_exit_answer_has_the_shape_the_sdk_gives_results_on_its_connection(
+    tmp_path: Path, era: str
+) -> None:
+    # The answer the server writes itself at the exit (the SDK's handler writes none) must look
+    # like one the SDK writes on that connection: `resultType` and the `serverInfo` stamp on
+    # protocol 2026-07-28, neither in the handshake era. An answer to `echo` shows the SDK's shape.
+    shutdown_seconds = 1.0
+    config = server_config(shutdown={"timeout_seconds": shutdown_seconds})
+    meta: dict[str, Any] = {}
+    async with start_server(tmp_path, config) as server:
+        if era == "2026-07-28":  # no handshake: each request names its protocol version
+            meta = {
+                PROTOCOL_VERSION_META_KEY: era,
+                CLIENT_INFO_META_KEY: {"name": "e2e", "version": "0"},
+                CLIENT_CAPABILITIES_META_KEY: {},
+            }
+        else:
+            assert (await server.initialize())["result"]["protocolVersion"] == era
+
+        async def call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+            response = await server.request("tools/call", {"name": name, "arguments": arguments, "_meta": meta})
+            assert "result" in response, response
+            result: dict[str, Any] = response["result"]
+            return result
+
+        given = await call("echo", {"text": "shape"})
+        held = await server.start_request(
+            "tools/call", {"name": "shielded_sleep", "arguments": {"seconds": HELD_SECONDS}, "_meta": meta}
+        )
+        with anyio.fail_after(5):
+            while (await call("session_metrics", {}))["structuredContent"]["active_sessions"] != 1:
+                pass
+        server.send_signal(signal.SIGTERM)
+        assert await server.wait_exit(within=shutdown_seconds + HELD_EXIT_MARGIN) == 0
+        answer = (await server.response(held, within=0))["result"]
+    assert error_of(tool_result({"result": answer}))["code"] == "shutting_down", answer
+    assert answer.get("resultType") == given.get("resultType"), (answer, given)
+    assert answer["_meta"].get(SERVER_INFO_META_KEY) == given.get("_meta", {}).get(SERVER_INFO_META_KEY)
+    if era == "2026-07-28":
+        assert given["resultType"] == "complete" and given["_meta"][SERVER_INFO_META_KEY]["name"], given
+    else:
+        assert "resultType" not in given and SERVER_INFO_META_KEY not in given.get("_meta", {}), given
 
 
 # -- a client slow to read its answers ---------------------------------------------------
