@@ -414,11 +414,11 @@ async def _serve_stdio(
                     unadmitted.discard_cancelled(cancelled)
                 elif isinstance(message, JSONRPCNotification) and not message.method.startswith("notifications/"):
                     # A request's method with no usable id (none, null, an object, a bool, a
-                    # fraction): JSON-RPC reads it as a notification, which gets no answer, so a
-                    # client with a bug in its ids would wait in silence. The log says why.
+                    # fraction): the SDK's reader takes it for a notification, which gets no
+                    # answer, so a client with a bug in its ids would wait in silence. The log says why.
                     logger.warning(
-                        "No answer to %r: it came with no id, or an id that is not a string or an integer, so it is "
-                        "a notification (a request needs such an id)",
+                        "No answer to %r: it came with no id, or an id that is not a string or an integer (a request "
+                        "needs one; the SDK reads it as a notification, which is not answered)",
                         message.method[:100],
                     )
                 await in_send.send(item)

@@ -92,6 +92,10 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
     is ignored from then on, instead of regaining its default action (ending the process, status
     129) for the last moments of an exit that has otherwise run its course."""
     give_back = hold_early_hangups()  # a SIGHUP before the server serves is a reload once it does, not a silent death
+    if sys.stderr is None:
+        # Started with fd 2 closed (`2>&-`): what would be said goes nowhere, but the exit status
+        # must still say it (writing to None failed with status 1, where a config error is 2).
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
     try:
         try:
             with _stoppable_start():

@@ -378,6 +378,28 @@ def test_stdio_started_with_stderr_closed_keeps_a_tool_modules_prints_off_the_pr
     assert answers[1]["result"]["content"][0]["text"] == "hi"
 
 
+@pytest.mark.parametrize("check", [False, True], ids=["start", "check-config"])
+def test_a_config_error_with_stderr_closed_still_exits_2(tmp_path: Path, check: bool) -> None:
+    # There is nowhere to say what is wrong (Python's sys.stderr is None), but the status still says it.
+    config = tmp_path / "bad.toml"
+    config.write_text("[limits]\nmax_concurrent_sessions = 0\n", encoding="utf-8")
+    command = shlex.join(
+        [sys.executable, "-m", "server", "--config", str(config), *(["--check-config"] if check else [])]
+    )
+    result = subprocess.run(
+        ["/bin/sh", "-c", f"exec {command} 2>&-"],
+        cwd=ROOT,
+        env=clean_env({}),
+        stdin=subprocess.DEVNULL,
+        capture_output=False,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stdout
+    assert result.stdout == ""
+
+
 @pytest.mark.parametrize("check", [False, True], ids=["stdio", "check-config"])
 def test_the_logging_table_applies_to_what_tool_modules_log_while_imported_and_set_up(
     tmp_path: Path, check: bool
