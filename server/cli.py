@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 from server.app import App, build_app, serve
 from server.config import ConfigError, Settings
 from server.config_loader import config_problems, load_settings_noting
-from server.logs import configure_logging
+from server.logs import capture_warnings, configure_logging
 from server.reload import ConfigReloader, hold_early_hangups
 from server.stdio_wire import claim_stdin, divert_stdout
 from server.store_url import safe_url
@@ -135,7 +135,7 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
         # Before any tool module is imported too: what a module logs while imported or set up
         # comes out at the configured level and in the configured format, as everything after.
         configure_logging(settings.logging)
-        logging.captureWarnings(True)  # Python's warnings (a tool module's) in that format too, not raw
+        capture_warnings()  # Python's warnings (a tool module's) in that format too, not raw
         if args.check_config or settings.server.transport == "stdio":
             # Before any tool module is imported: what it prints must not reach the protocol
             # stream (stdio) or the settings JSON (--check-config), and what it reads must not be

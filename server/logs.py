@@ -390,6 +390,22 @@ def configure_logging(settings: LoggingSettings) -> None:
     serving_logger.setLevel(logging.INFO)
 
 
+def capture_warnings() -> None:
+    """Have Python's warnings logged (`logging.captureWarnings`: the `py.warnings` logger), in the
+    configured format like every record, without the newline `warnings.formatwarning` ends them
+    with (a text line ended in a stray `\n`)."""
+    logging.captureWarnings(True)
+    warned = logging.getLogger("py.warnings")
+    if _strip_warning_end not in warned.filters:
+        warned.addFilter(_strip_warning_end)
+
+
+def _strip_warning_end(record: logging.LogRecord) -> bool:
+    if isinstance(record.msg, str) and not record.args:  # logging logs the formatted warning as its msg
+        record.msg = record.msg.rstrip("\n")
+    return True
+
+
 #: `EventReport`'s period: one line per this many seconds at most.
 REPORT_SECONDS = 10.0
 

@@ -452,6 +452,7 @@ def test_python_warnings_are_log_records_in_the_logging_format() -> None:
     assert "UserWarning: warns_at_import: warning while importing" in warned[0]
     assert "UserWarning: warns_at_import: warning in a call" in warned[1]
     assert "RuntimeWarning: coroutine 'sleep' was never awaited" in warned[2]
+    assert not any(message.endswith("\n") for message in warned), warned  # formatwarning's own end
 
 
 # -- refused configurations: status 2, the problem on stderr, nothing started -------------
