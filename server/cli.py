@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from server.app import App, build_app, serve
+from server.app import App, build_app, package_version, serve
 from server.config import ConfigError, Settings
 from server.config_loader import config_problems, load_settings_noting
 from server.logs import capture_warnings, configure_logging
@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         help="validate the config (import its tool modules, register their tools, run their setup hooks), "
         "print the effective settings, exit",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
 
 

@@ -6,6 +6,7 @@ the problems on stderr, and nothing on stdout and nothing served, for a bad conf
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shlex
@@ -78,6 +79,14 @@ def modules_config(tmp_path: Path, *modules: str) -> Path:
 
 def test_the_console_script_is_installed_next_to_the_interpreter() -> None:
     assert SCRIPT.is_file(), f"{SCRIPT} is missing: reinstall with `pip install -e .`"
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["python-m-server", "console-script"])
+def test_version_prints_the_installed_packages_version_and_starts_nothing(script: bool) -> None:
+    result = run("--version", script=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"mcp-session-manager {importlib.metadata.version('mcp-session-manager')}\n"
+    assert result.stderr == ""
 
 
 # -- --check-config on valid configurations ----------------------------------------------
