@@ -42,7 +42,7 @@ ORIGINAL_ATTRIBUTE = "__mcp_sessions_sync_fn__"
 _BEGIN, _END, _LOOP = "begin", "end", "loop"
 #: What `_caller_leaves` finds: the thread runs on; or the work returned a result its caller,
 #: leaving, never receives.
-ABANDONED, RETURNED = "abandoned", "returned"
+_ABANDONED, _RETURNED = "abandoned", "returned"
 
 
 def _thread_begins(call: dict[str, object]) -> bool:
@@ -51,19 +51,19 @@ def _thread_begins(call: dict[str, object]) -> bool:
 
 
 def _caller_leaves(call: dict[str, object], loop: asyncio.AbstractEventLoop) -> object:
-    """On the loop, when the wait is cancelled: `ABANDONED` if the work runs on; `RETURNED` if it
+    """On the loop, when the wait is cancelled: `_ABANDONED` if the work runs on; `_RETURNED` if it
     had returned (its result, not yet handed over, is lost); else None (it never began, or raised)."""
     call[_LOOP] = loop  # before the race for "end" is decided: an abandoned thread needs it
     if call.setdefault(_BEGIN, "cancelled") != "started":
         return None
-    end = call.setdefault(_END, ABANDONED)
-    return end if end in (ABANDONED, RETURNED) else None
+    end = call.setdefault(_END, _ABANDONED)
+    return end if end in (_ABANDONED, _RETURNED) else None
 
 
-def _thread_returns(call: dict[str, object], end: str = RETURNED) -> bool:
+def _thread_returns(call: dict[str, object], end: str = _RETURNED) -> bool:
     """In the thread, after the work (`end`: "returned", or "raised"): True if it had been
     abandoned (then it reports its return)."""
-    return call.setdefault(_END, end) == ABANDONED
+    return call.setdefault(_END, end) == _ABANDONED
 
 
 def cancellable(
@@ -91,7 +91,7 @@ def cancellable(
             end = "raised"
             try:
                 result = fn(**kwargs)
-                end = RETURNED
+                end = _RETURNED
                 return result
             except GeneratorExit as exc:
                 # Thrown back into the waiting coroutine it would read as "close this coroutine"
@@ -108,9 +108,9 @@ def cancellable(
             return await run_sync(body, abandon_on_cancel=True, limiter=pool())
         except cancelled_exc():
             left = _caller_leaves(call, asyncio.get_running_loop())
-            if left == ABANDONED:
+            if left == _ABANDONED:
                 on_abandoned()
-            elif left == RETURNED:
+            elif left == _RETURNED:
                 on_discarded()
             raise
 

@@ -14,9 +14,9 @@ from mcp.server.mcpserver.resolve import Resolve
 from pydantic import BaseModel, ConfigDict
 
 from server.threads import (
-    ABANDONED,
+    _ABANDONED,
+    _RETURNED,
     ORIGINAL_ATTRIBUTE,
-    RETURNED,
     _caller_leaves,
     _thread_begins,
     _thread_returns,
@@ -190,14 +190,14 @@ async def test_the_thread_and_its_caller_agree_in_every_order() -> None:
 
     abandoned: dict[str, Any] = {}
     assert _thread_begins(abandoned)
-    assert _caller_leaves(abandoned, loop) == ABANDONED, "left while the work runs: abandoned"
+    assert _caller_leaves(abandoned, loop) == _ABANDONED, "left while the work runs: abandoned"
     assert _thread_returns(abandoned), "so its return is reported"
     assert abandoned["loop"] is loop
 
     returned_first: dict[str, Any] = {}
     assert _thread_begins(returned_first)
     assert not _thread_returns(returned_first), "returned with its caller waiting: nothing to report"
-    assert _caller_leaves(returned_first, loop) == RETURNED, "the work is over, its result lost: not abandoned"
+    assert _caller_leaves(returned_first, loop) == _RETURNED, "the work is over, its result lost: not abandoned"
 
     raised_first: dict[str, Any] = {}
     assert _thread_begins(raised_first)
