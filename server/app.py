@@ -53,7 +53,7 @@ from server.http_connections import (
     raise_open_files_limit,
 )
 from server.http_shutdown import HttpShutdown
-from server.logs import quiet_client_disconnects, serving_logger
+from server.logs import quiet_client_disconnects, serving_logger, write_pending_at_exit
 from server.metrics import MetricsSnapshot, ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
@@ -306,10 +306,9 @@ def _cut_off(metrics: MetricsSnapshot) -> str:
 
 def _force_exit(code: int) -> None:
     """Exit now with status `code`: no thread is waited for and no `atexit` handler runs, but the
-    log's handlers are closed first, as at an ordinary exit, so that the counts of repeated records
-    still pending (`server.logs.RepeatLimit`) are written."""
-    logging.shutdown()
-    sys.stderr.flush()
+    counts of repeated records still pending (`server.logs.RepeatLimit`) are written first, as
+    at an ordinary exit, if that takes at most a second (`write_pending_at_exit`)."""
+    write_pending_at_exit()
     os._exit(code)
 
 

@@ -354,6 +354,30 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
+#: `write_pending_at_exit`: how long a forced exit waits, at most, for the counts to be written.
+EXIT_WRITE_SECONDS = 1.0
+
+
+def write_pending_at_exit(timeout: float = EXIT_WRITE_SECONDS) -> None:
+    """For an exit that runs no `logging.shutdown` (`os._exit`): write this module's pending
+    counts of repeated records and flush stderr, waiting at most `timeout` seconds. Done in a
+    thread of its own, joined with that bound: a stuck tool's thread may hold a log handler's
+    lock for good (its own handler to a collector that is down, say), or stderr may be a full
+    pipe nobody reads, and such an exit must never wait for either. `logging.shutdown` takes
+    every handler's lock: a forced exit that called it hung until SIGKILL."""
+
+    def write() -> None:
+        for handler in list(logging.getLogger().handlers):
+            if isinstance(handler, _Handler):
+                handler.write_pending()
+        if sys.stderr is not None:
+            sys.stderr.flush()
+
+    writer = threading.Thread(target=write, name="mcp-log-exit", daemon=True)
+    writer.start()
+    writer.join(timeout)
+
+
 def configured_here() -> bool:
     """Whether this process's logging was set up by `configure_logging` (its handler is on the
     root logger), as the standalone server does before it serves. Only then is the logging ours

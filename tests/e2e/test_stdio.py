@@ -251,6 +251,20 @@ async def test_hanging_async_and_sync_tools_get_a_timeout_on_time_and_the_server
     assert "1 stuck tool thread" in server.stderr
 
 
+async def test_a_stuck_thread_holding_a_log_handlers_lock_does_not_hold_the_forced_exit(tmp_path: Path) -> None:
+    # The exit that leaves stuck threads behind writes the log's pending counts first, but must not
+    # wait for a lock a stuck tool holds (logging.shutdown takes every handler's: it hung for good).
+    config = server_config(tools={"hold_a_log_lock": {"timeout_seconds": 0.5}})
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        assert text_of(await server.call("log_repeated", {"message": "Library trouble", "times": 3})) == "logged"
+        assert error_of(await server.call("hold_a_log_lock"))["code"] == "timeout"
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert "1 stuck tool thread" in server.stderr
+    assert "Library trouble [and 1 more like this" in server.stderr, server.stderr
+
+
 #: A tool module whose tools use `concurrent.futures` thread pools (the loop's default executor, a
 #: pool of its own) and whose `atexit` handler writes `EXECUTOR_AT_EXIT`; not imported here,
 #: where it would register that handler in the test process.
