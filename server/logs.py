@@ -265,16 +265,23 @@ def template(record: logging.LogRecord) -> str:
 _CHAIN_LINKS = 8
 
 
+#: `kind`: how much of a record's arguments (their repr) tells it apart, at most.
+_ARGS_CHARS = 200
+
+
 def kind(record: logging.LogRecord) -> object:
     """What `RepeatLimit` counts `record` with: its `template`, and for a record with an exception
-    the exception's type and the line of code that raised it. The SDK logs every tool's crash with
-    one template (`Tool %r raised an unexpected exception`): without the exception, the traceback
-    of one tool's crash would hide every other tool's for the period. The exception is the first of
-    its chain (its cause's cause ...); the same failure repeated (the same exception type from the
-    same line) is still one kind."""
+    its arguments, and the exception's type and the line of code that raised it. The SDK logs
+    every tool's crash with one template (`Tool %r raised an unexpected exception`, the tool's
+    name as its argument): without the rest, the traceback of one tool's crash would hide every
+    other tool's for the period, even two tools failing at one line of a library they share
+    (`json.loads`). The exception is the first of its chain (its cause's cause ...); the same
+    failure repeated (the same arguments, the same exception type from the same line) is still
+    one kind. A logger's kinds are few (`RepeatLimit.per_logger`): past them, its records share one count."""
     raised = record.exc_info[1] if record.exc_info else None
     if raised is None:
         return template(record)
+    args = repr(record.args)[:_ARGS_CHARS] if record.args else ""
     # The SDK wraps a tool's exception (`UnexpectedToolError ... from exc`), raised at one line for
     # every tool: the failure is where the chain began.
     for _ in range(_CHAIN_LINKS):
@@ -286,7 +293,7 @@ def kind(record: logging.LogRecord) -> object:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else None
-    return (template(record), type(raised).__module__, type(raised).__qualname__, where)
+    return (template(record), args, type(raised).__module__, type(raised).__qualname__, where)
 
 
 def _carrying(record: logging.LogRecord, more: int, seconds: float, other: bool) -> logging.LogRecord:

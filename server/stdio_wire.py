@@ -109,7 +109,8 @@ _PLAIN = re.compile(r'[^"\[\]{}]+')
 
 
 #: `_id_of_a_deep_line` reads no further into a line than this: skipping nested values runs in
-#: Python, on the event loop (about 0.2 s a MiB). A client writes `id` and `method` first.
+#: Python, on the event loop (up to about 1 s a MiB: some 50 ms for the worst line of this
+#: length). A client writes `id` and `method` first.
 MAX_DEEP_SCAN_CHARS = 64 * 1024
 
 

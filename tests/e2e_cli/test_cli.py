@@ -429,6 +429,10 @@ def test_the_logging_table_applies_to_what_tool_modules_log_while_imported_and_s
         ("warning", "logs_at_import", "logs_at_import: warning in setup"),
     ], result.stderr
     assert "second line" not in {line.strip() for line in result.stderr.splitlines()}, result.stderr
+    # The module's own basicConfig does not outlive the start: every record after it is JSON too,
+    # at the configured level (the CLI's own lines aside).
+    lines = [line for line in result.stderr.splitlines() if line and not line.startswith("mcp-session-manager: ")]
+    assert {json.loads(line)["level"] for line in lines} <= {"warning", "error"}, result.stderr
 
 
 def test_python_warnings_are_log_records_in_the_logging_format() -> None:

@@ -1,6 +1,8 @@
-"""A tool module that logs while it is imported and set up, before the server serves.
+"""A tool module that logs while it is imported and set up, before the server serves, and then
+sets logging up for itself as a script would (`logging.basicConfig(force=True)` at DEBUG).
 
-Its records must come out as `[logging]` says (level and format), as every other record does.
+Its records must come out as `[logging]` says (level and format), as every other record does,
+and the server's own logging stays as `[logging]` says.
 """
 
 import logging
@@ -26,6 +28,7 @@ def murmur(text: str) -> str:
 
 def setup(server: Any) -> None:
     log.warning(SETUP_WARNING)
+    logging.basicConfig(level=logging.DEBUG, force=True)  # what a module written as a script may do
 
 
 TOOLS: list[Callable[..., Any]] = [murmur]

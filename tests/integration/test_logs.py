@@ -394,6 +394,14 @@ def crash_b(key: str) -> str:
     return {"a": "1"}[key]
 
 
+def parse_order(text: str) -> str:
+    return str(json.loads(text))  # fails inside the json module, at the same line as parse_invoice
+
+
+def parse_invoice(text: str) -> str:
+    return str(json.loads(text))
+
+
 async def test_each_tools_crash_has_its_traceback_written_and_a_repeated_crash_is_counted(
     text_log: io.StringIO,
 ) -> None:
@@ -412,3 +420,16 @@ async def test_each_tools_crash_has_its_traceback_written_and_a_repeated_crash_i
     last = [line for line in text_log.getvalue().splitlines() if RECORD_START.match(line)][-1]
     assert last.endswith("ERROR mcp.server.mcpserver.server: Tool 'crash_a' raised an unexpected exception"), last
     assert "RuntimeError: crash second" in text_log.getvalue().split(last)[1]
+
+
+async def test_two_tools_failing_at_the_same_line_of_a_library_each_have_their_traceback_written(
+    text_log: io.StringIO,
+) -> None:
+    # The same exception from the same line, but of two tools: two failures, not one repeated.
+    app, _ = build(tools=[parse_order, parse_invoice])
+    async with Client(app) as client:
+        assert (await client.call_tool("parse_order", {"text": "not json"})).is_error
+        assert (await client.call_tool("parse_invoice", {"text": "not json"})).is_error
+    written = [line for line in text_log.getvalue().splitlines() if RECORD_START.match(line)]
+    assert any(line.endswith("Tool 'parse_order' raised an unexpected exception") for line in written), written
+    assert any(line.endswith("Tool 'parse_invoice' raised an unexpected exception") for line in written), written
