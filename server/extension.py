@@ -63,7 +63,7 @@ from server.host_checks import (
 )
 from server.logs import log_refusal
 from server.metrics import ShutdownReport
-from server.outcomes import ABANDONED, LATE, THREAD_FATE, completed, failed, not_running, stopped
+from server.outcomes import ABANDONED, LATE, THREAD_FATE, ThreadCell, completed, failed, not_running, stopped
 from server.sdk_seams import (
     ToolCallHandler,
     progress_session,
@@ -502,8 +502,15 @@ class SessionsExtension(DecoupledCalls, Extension):
         return plan
 
     def _thread_pool(self) -> anyio.CapacityLimiter | None:
-        """The limiter a sync tool's thread comes through (None: anyio's default one, as when
-        a host calls the tool with the runtime stopped)."""
+        """The limiter a sync tool's thread comes through: the extension's own for a call it runs
+        (`handle_tool_call` set the call's `THREAD_FATE` cell, whose first thread this is); None
+        (anyio's default one) for a host's own call of the tool (`MCPServer.call_tool`), which
+        holds no session, so must not take a thread sized for the sessions (an admitted call
+        would wait for it)."""
+        cell = THREAD_FATE.get()
+        if cell is None or not cell.pool:
+            return None
+        cell.pool = False
         return self._tool_threads
 
     def _thread_left_running(self) -> None:
@@ -512,7 +519,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         self.manager.thread_abandoned()
         noted = THREAD_FATE.get()
         if noted is not None:
-            noted[0] = ABANDONED
+            noted.fate = ABANDONED
 
     @staticmethod
     def _thread_result_discarded() -> None:
@@ -521,7 +528,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         discarded (a client must not take it for work that never ran)."""
         noted = THREAD_FATE.get()
         if noted is not None:
-            noted[0] = LATE
+            noted.fate = LATE
 
     async def intercept_tool_call(
         self,
@@ -602,7 +609,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         # or a sync one whose thread wait a cancellation ends (`server.threads`). Its deadline
         # is a cancel scope around it, built only if the deadline comes (`server.deadline`).
         if needs_thread:  # a sync tool's stand-in notes in this cell what became of its thread
-            THREAD_FATE.set([None])
+            THREAD_FATE.set(ThreadCell())
         deadline = deadline_scope()
         # The manager's reaper calls it at the deadline (a LateScope is its own cancel callback).
         session.on_cancel = deadline if type(deadline) is LateScope else deadline.cancel

@@ -182,7 +182,8 @@ class Intake(ManagerState):
         as the cluster's store decides), else its tool's; its tool's own `rejected_tool_limit`
         counts it whenever the tool is full, and the sentence then names the tool's cap too.
         `tool_full` (cluster mode: what the store said) means the tool is full and the server
-        is not; by default both are read here. A call that may queue is refused only when the
+        is not (unless a reload took the tool's cap away meanwhile: then it is the server's
+        refusal); by default both are read here. A call that may queue is refused only when the
         queue is full, and is told so; a call that could never queue (`may_queue=False`) is not
         told about the queue."""
         limits = self.limits
@@ -194,11 +195,11 @@ class Intake(ManagerState):
             tool_full = tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap
         else:
             server_full = not tool_full
-        if tool_full and tool is not None:
+        if tool_full and tool is not None and tool_cap is not None:
             self._tool_stats(tool).rejected_tool_limit += 1
             if not server_full:
                 self._rejected[Refusal.TOOL_LIMIT] += 1
-                return admission.refuse_tool_limit(tool, self.tool_caps[tool], self._queue_taken_locked(), max_queued)
+                return admission.refuse_tool_limit(tool, tool_cap, self._queue_taken_locked(), max_queued)
         self._rejected[Refusal.CAPACITY] += 1
         cap = limits.max_concurrent_sessions
         return admission.refuse_capacity(

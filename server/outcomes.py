@@ -36,7 +36,23 @@ _COMPLETED = SessionState.COMPLETED  # a global read: this runs per call
 #: reads, so the timeout's message says what happened. A cell, not a value: the stand-in may run in
 #: a task an inner interceptor started, whose context is a copy of the caller's (a value set there
 #: would not reach the caller), but the cell it holds is the caller's own.
-THREAD_FATE: ContextVar[list[str | None] | None] = ContextVar("mcp_sessions_thread_fate", default=None)
+THREAD_FATE: ContextVar[ThreadCell | None] = ContextVar("mcp_sessions_thread_fate", default=None)
+
+
+class ThreadCell:
+    """A sync call's `THREAD_FATE` cell: what became of its thread (`fate`), and whether its
+    stand-in is yet to take its thread (`pool`: the extension's limiter is for the call's own
+    first thread only). The cell stays in the context after the call (the SDK may run calls in
+    the caller's context): a host's own call of the tool made there later (no session) must get
+    anyio's default limiter, not a thread sized for the sessions."""
+
+    __slots__ = ("fate", "pool")
+
+    def __init__(self) -> None:
+        self.fate: str | None = None
+        self.pool = True
+
+
 #: What became of a call past its deadline, as its timeout message says it.
 CANCELLED = "was cancelled"
 ABANDONED = "was abandoned: its thread runs on until the tool returns (a thread cannot be stopped)"
@@ -70,8 +86,8 @@ def stopped(
     if fate is None:
         fate = CANCELLED
         noted = THREAD_FATE.get() if session.needs_thread else None  # (another call's, for an async tool)
-        if noted is not None and noted[0] is not None:
-            fate = noted[0]
+        if noted is not None and noted.fate is not None:
+            fate = noted.fate
     if session.state is SessionState.CANCELLED:
         return error_result(
             SessionError(

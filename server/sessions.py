@@ -132,6 +132,7 @@ class SessionManager(Intake):
         """End (or stop the call of) each session at its deadline; warn of deadlines reached late
         (`_LateDeadlines`: the event loop was held, so the reaper could not run)."""
         late = _LateDeadlines()
+        began = time.monotonic()  # deadlines passed before the reaper ran are late by no held loop
         try:
             while True:
                 now = time.monotonic()
@@ -144,8 +145,8 @@ class SessionManager(Intake):
                     if session.deadline > now:  # progress moved it on: look again then
                         heapq.heappush(self._expiry, (session.deadline, session_id))
                         continue
-                    if now - session.deadline > worst:
-                        worst, worst_tool = now - session.deadline, session.tool
+                    if now - max(session.deadline, began) > worst:
+                        worst, worst_tool = now - max(session.deadline, began), session.tool
                     if session.deadline < session.hard_deadline:
                         session.idle_expired = True
                     stop = session.on_cancel
@@ -590,7 +591,10 @@ class _LateDeadlines:
             self._worst, self._tool = late, tool
         due = self._report.note()
         if due is not None:  # a count started: tell it when its period is over
-            self._flush = asyncio.get_running_loop().call_later(due, self._report.flush)
+            try:
+                self._flush = asyncio.get_running_loop().call_later(due, self._report.flush)
+            except RuntimeError:  # not asyncio's loop (a manager run on trio): told at the next line, or at close
+                pass
 
     def close(self) -> None:
         """The reaper stops: tell the count not yet told."""

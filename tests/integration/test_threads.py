@@ -106,6 +106,44 @@ async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, live: str,
         release.set()
 
 
+async def test_a_hosts_own_calls_of_a_sync_tool_take_no_thread_sized_for_the_sessions() -> None:
+    # The host calls a sync tool itself (`MCPServer.call_tool`: no session): its threads come from
+    # anyio's default limiter, so the extension's, one per session, is all there for admitted calls.
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def parked() -> str:
+        entered.release()
+        release.wait(timeout=60)  # bounded: a failing test cannot leave it behind for good
+        return "parked"
+
+    def quick_sync() -> str:
+        return "quick"
+
+    async def wait_entered() -> None:  # in a thread of a limiter of its own: it takes none of the others'
+        assert await anyio.to_thread.run_sync(entered.acquire, True, 5.0, limiter=anyio.CapacityLimiter(1))
+
+    app, sessions = build(
+        settings(max_concurrent_sessions=2, tool_timeouts={"quick_sync": 1.0}), tools=[parked, quick_sync]
+    )
+    try:
+        async with Client(app) as client, anyio.create_task_group() as tg:
+            release.set()
+            assert text_of(await client.call_tool("parked", {})) == "parked"  # its entry now runs the stand-in
+            await wait_entered()
+            release.clear()
+            for _ in range(2):
+                tg.start_soon(app.call_tool, "parked", {})
+                await wait_entered()
+            pool = sessions._tool_threads
+            assert pool is not None and pool.borrowed_tokens == 0
+            with anyio.fail_after(1.5):
+                result = await client.call_tool("quick_sync", {})
+            assert text_of(result) == "quick", text_of(result)
+            release.set()
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize("when", ["at-start", "after-a-reload"])
 async def test_every_admitted_sync_call_gets_a_thread_at_once_past_anyios_default_limiter(when: str) -> None:
     # anyio's default limiter has 40 tokens. Calls admitted past them used to wait for a thread

@@ -380,3 +380,14 @@ def test_argument_problems_words_values_that_are_no_json_without_raising() -> No
         "metadata: input should be a valid dictionary (got {(1, 2): 'x'}); "
         "provider: input should be a valid string (got {'self': {...}})"
     )
+
+
+def test_a_tool_limit_the_store_reported_for_a_cap_a_reload_took_away_is_the_servers_refusal() -> None:
+    # Cluster mode: the store said the tool was full, and a reload took its cap away during the
+    # round trip. The refusal is worded and counted as the server's, not a KeyError.
+    sessions = manager({"a": 1})
+    sessions.set_limits(sessions.limits, {})
+    refusal = sessions._full_locked(Session("", None, "a", 30.0), tool_full=True)
+    assert refusal.code is ErrorCode.CAPACITY_EXCEEDED and "tools.a.max_concurrent" not in refusal.message
+    m = sessions.metrics()
+    assert (m.sessions_rejected_capacity, m.sessions_rejected_tool_limit) == (1, 0)

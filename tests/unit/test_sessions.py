@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -302,6 +303,21 @@ async def test_reaper_expires_an_unreleased_session_at_its_deadline() -> None:
         with pytest.raises(SessionError) as again:
             await sessions.release(early.id)
         assert again.value.code is ErrorCode.ALREADY_RELEASED and "timeout" in again.value.message
+
+
+async def test_a_deadline_passed_before_the_reaper_ran_is_not_told_as_a_held_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A session made before `running()` (or kept from an earlier run) whose deadline passed while
+    # no reaper ran: ended at the reaper's first wake, with no warning that the loop was held.
+    sessions = manager()
+    early = await sessions.create(tool="t", timeout_seconds=0.05)
+    await anyio.sleep(0.3)  # the loop idle all along: past the deadline, with no reaper running
+    with caplog.at_level(logging.WARNING, logger="server.sessions"):
+        async with sessions.running():
+            with anyio.fail_after(5):
+                assert await sessions.wait_ended(early) is SessionState.TIMEOUT
+    assert [r.getMessage() for r in caplog.records if r.name == "server.sessions"] == []
 
 
 async def test_sessions_without_expiry_are_left_to_their_owner() -> None:
