@@ -6,7 +6,8 @@ call's session with the manager as its outcome says (completed, error, timeout) 
 what the caller reads: the tool's own result, or an error result whose sentence says what
 happened and what to do. A call stopped at its deadline says what became of its work
 (cancelled, abandoned in a thread, or a late result discarded), and how long after the deadline
-it stopped when the tool held the cancellation off.
+it stopped when the tool held the cancellation off (or the event loop was held: the call cannot
+tell the two apart).
 
 `completed` runs on every tool call, so it reads nothing but its arguments and this module's
 globals.
@@ -104,7 +105,10 @@ def stopped(
     asked = session.stop_requested
     held_off = (session.ended or asked) - asked if asked else 0.0
     if held_off >= HELD_OFF_SECONDS:
-        fate += f" {held_off:.1f}s after the deadline, as the tool held the cancellation off until then"
+        fate += (
+            f" {held_off:.1f}s after the deadline, as the tool held the cancellation off (or the event loop was held)"
+            " until then"
+        )
     if session.idle_expired:
         if advice is None:
             advice = idle_advice(session.needs_thread)

@@ -22,7 +22,7 @@ from tests.helpers import build, code_of, settings, text_of, until
 from tests.integration.test_extension import metrics
 from tests.integration.test_threads import TOKENS, _InTaskGroup, thread_limiter
 
-HELD_OFF = "after the deadline, as the tool held the cancellation off until then"
+HELD_OFF = "after the deadline, as the tool held the cancellation off (or the event loop was held) until then"
 
 #: Whether the work is in its (shielded) clean-up, and what ends it. Module level, like the
 #: resolvers below: the SDK evaluates a tool's and a resolver's annotations from their module.

@@ -364,7 +364,10 @@ async def test_a_call_holding_its_deadline_off_keeps_its_slot_until_its_work_sto
     error = error_of(results[0])
     assert error["code"] == "timeout" and tool.finished == 1
     assert "did not finish within its deadline of 0.2s and was cancelled" in error["message"]
-    assert "after the deadline, as the tool held the cancellation off until then" in error["message"]
+    assert (
+        "after the deadline, as the tool held the cancellation off (or the event loop was held) until then"
+        in error["message"]
+    )
     assert (after["active_sessions"], after["total_sessions_timeout"]) == (0, 1)
 
 
