@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -161,8 +162,8 @@ class SessionsExtension(DecoupledCalls, Extension):
         self._lifecycle = anyio.Lock()
         #: The task running the manager, and what tells it to stop (while a lifespan is open).
         self._runtime: tuple[asyncio.Task[None], anyio.Event] | None = None
-        #: The threads sync tools run in while the runtime runs: as many as sessions may be
-        #: active at once (see `_start`).
+        #: The limiter of the threads sync tools run in while the runtime runs: admission bounds
+        #: them, not the limiter (see `_start`).
         self._tool_threads: anyio.CapacityLimiter | None = None
         self._give_back: Callable[[], None] | None = None
         #: What `settings` advertises: one dict for the extension's life, kept current.
@@ -222,8 +223,6 @@ class SessionsExtension(DecoupledCalls, Extension):
             settings = settings.model_copy(update={"store": self.config.store})
         self.manager.set_limits(settings.limits, settings.tool_caps())
         self.config = settings  # only now: a call never sees settings the manager refused
-        if self._tool_threads is not None:
-            self._tool_threads.total_tokens = self.manager.limits.max_concurrent_sessions
         self._advertise()
         if self._running:
             self._warn_unmatched_tool_tables()
@@ -337,8 +336,11 @@ class SessionsExtension(DecoupledCalls, Extension):
         # Every admitted session gets a thread at once if its tool needs one: anyio's default
         # limiter has 40 tokens, and calls admitted past them waited for a thread with their
         # deadline running (100 calls of 1.5 s under a 2 s deadline: 56 timed out, their threads
-        # left stuck). An abandoned thread gives its token back, so live work keeps them all.
-        self._tool_threads = anyio.CapacityLimiter(self.manager.limits.max_concurrent_sessions)
+        # left stuck). This limiter has no bound of its own: a token goes only to an admitted
+        # call's own thread (`_thread_pool`), and an abandoned thread gives its token back, so
+        # admission bounds the threads; a bound here, kept in step with the cap, would make calls
+        # admitted before a reload lowered the cap wait for a thread with their deadline running.
+        self._tool_threads = anyio.CapacityLimiter(math.inf)
         self._running = True
         self._give_back = self.take_over_tool_calls(app)
         self._warn_unmatched_tool_tables()

@@ -9,10 +9,10 @@ an async stand-in that runs the same function with the same arguments through
 shutdown) ends the wait at once, and the thread, which nothing can stop, is *abandoned*:
 reported to `on_abandoned()` when it is left running, and to `on_returned()` (on the event
 loop) when it finally returns. A call the extension runs takes its thread through the extension's
-own limiter, with a token for every session that may be active (so an admitted call never waits
-for a thread with its deadline running); a host's own call of the tool, through anyio's default
-one. Its token goes back at abandonment (anyio's rule for abandoned threads), so stuck threads
-never starve later calls; at `limits.max_abandoned_threads` stuck threads, new sync calls are
+own limiter, which admission bounds (so an admitted call never waits for a thread with its
+deadline running); a host's own call of the tool, through anyio's default one. Its token goes
+back at abandonment (anyio's rule for abandoned threads), so stuck threads never starve later
+calls; at `limits.max_abandoned_threads` stuck threads, new sync calls are
 refused (the calls already running may still each leave one).
 
 A call the cancellation reaches before its thread begins never calls the function; one it reaches

@@ -6,6 +6,7 @@ are bounded and sync tools are refused at once past the bound, until the stuck t
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -74,8 +75,9 @@ def stuck_tools(release: threading.Event) -> list[Any]:
     ids=["thread-wait-ends-at-the-deadline", "decoupled-work-keeps-its-token"],
 )
 async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, live: str, held: int) -> None:
-    # A sync tool's thread comes from the extension's pool (as many threads as sessions), a
-    # decoupled call's from anyio's default limiter (the SDK's wait): both TOKENS here.
+    # A sync tool's thread comes from the extension's limiter (no bound of its own: admission,
+    # here TOKENS sessions, bounds it), a decoupled call's from anyio's default one (the SDK's
+    # wait), TOKENS tokens here.
     release = threading.Event()
     timeouts = {tool: 0.2, live: 2.0}
     config = settings(tool_timeouts=timeouts, max_abandoned_threads=TOKENS + 2, max_concurrent_sessions=TOKENS)
@@ -84,7 +86,8 @@ async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, live: str,
         with thread_limiter(TOKENS) as default:
             async with Client(app) as client:
                 limiter = default if held else sessions._tool_threads
-                assert limiter is not None and limiter.total_tokens == TOKENS
+                tokens = TOKENS if held else math.inf
+                assert limiter is not None and limiter.total_tokens == tokens
                 # As many stuck calls as the limiter has tokens, each still in its thread.
                 for _ in range(TOKENS):
                     result = await client.call_tool(tool, {})
@@ -92,7 +95,7 @@ async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, live: str,
                 m = await metrics(client)
                 assert m["abandoned_threads"] == TOKENS
                 assert limiter.borrowed_tokens == held
-                assert limiter.total_tokens == TOKENS + held, "each token still held is lent back once"
+                assert limiter.total_tokens == tokens + held, "each token still held is lent back once"
                 # Live sync work still gets a thread at once.
                 with anyio.fail_after(1.5):
                     result = await client.call_tool(live, {})
@@ -100,7 +103,7 @@ async def test_stuck_threads_do_not_starve_live_sync_calls(tool: str, live: str,
                 release.set()
                 with anyio.fail_after(5):
                     await sessions.manager.wait_no_abandoned_threads()
-                assert limiter.total_tokens == TOKENS, "the extra capacity goes when the stuck threads end"
+                assert limiter.total_tokens == tokens, "the extra capacity goes when the stuck threads end"
                 assert (await metrics(client))["abandoned_threads"] == 0
     finally:
         release.set()
@@ -170,6 +173,51 @@ async def test_every_admitted_sync_call_gets_a_thread_at_once_past_anyios_defaul
             async with anyio.create_task_group() as tg:
                 for _ in range(calls):
                     tg.start_soon(call)
+    assert [text_of(result) for result in results] == ["met"] * calls
+
+
+class _Gate(Extension):
+    """An inner interceptor that holds each call, admitted, until `opened` is set."""
+
+    identifier = "io.github.mcp-session-manager/test-gate"
+
+    def __init__(self) -> None:
+        self.opened = anyio.Event()
+
+    async def intercept_tool_call(
+        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        await self.opened.wait()
+        return await call_next(ctx)
+
+
+async def test_calls_admitted_before_a_reload_lowers_the_cap_still_get_their_threads_at_once() -> None:
+    # Running sessions keep their limits: the calls admitted before the cap went down to 1 must
+    # each get a thread at once (all five meet at the barrier), not one at a time.
+    calls = 5
+    together = threading.Barrier(calls)
+
+    def meet() -> str:
+        together.wait(timeout=5)  # BrokenBarrierError (a tool error) unless all are in at once
+        return "met"
+
+    sessions = SessionsExtension(settings(max_concurrent_sessions=calls, tool_timeouts={"meet": 20.0}))
+    gate = _Gate()
+    app: MCPServer[Any] = MCPServer("t", extensions=[sessions, gate], lifespan=sessions.lifespan)
+    app.add_tool(meet)
+    results: list[CallToolResult] = []
+    async with Client(app) as client:
+
+        async def call() -> None:
+            results.append(await client.call_tool("meet", {}))
+
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                for _ in range(calls):
+                    tg.start_soon(call)
+                await until(lambda: sessions.manager.metrics().active_sessions == calls)
+                sessions.apply_settings(settings(max_concurrent_sessions=1, tool_timeouts={"meet": 20.0}))
+                gate.opened.set()
     assert [text_of(result) for result in results] == ["met"] * calls
 
 
