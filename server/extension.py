@@ -446,6 +446,8 @@ class SessionsExtension(DecoupledCalls, Extension):
         Raises:
             TypeError, ValueError: `timeout_seconds` is neither None (`shutdown.timeout_seconds`)
                 nor a finite number of seconds >= 0; nothing has changed (calls are still admitted).
+            Exception: the first exit listener that raised, for the call that ran the listeners
+                (after all of them ran; the shutdown is done).
         """
         if timeout_seconds is None:
             timeout = self.config.shutdown.timeout_seconds

@@ -23,9 +23,9 @@ import anyio
 
 from server import admission
 from server.admission import Refusal, SessionRequest, Waiter
-from server.config import LimitsSettings
+from server.config import LimitsSettings, Settings
 from server.errors import ErrorCode, SessionError, shorten
-from server.manager_state import ManagerState, checked_tool_caps
+from server.manager_state import ManagerState, checked_tool_caps, limits_and_caps
 from server.session import Session, SessionState, metadata_size
 
 
@@ -75,6 +75,7 @@ class Intake(ManagerState):
             SessionError: `shutting_down`, `invalid_argument`, `metadata_too_large` or
                 `capacity_exceeded` (server, tool or client full, queue full or waited out, too
                 many stuck threads); each refusal is counted and creates no session.
+            TypeError: `client` is not hashable; nothing has changed.
         """
         session = self._prepare(**request)
         limits = self.limits
@@ -141,6 +142,13 @@ class Intake(ManagerState):
             for name, label in (("provider", provider), ("model", model)):
                 if len(label) > admission.MAX_LABEL_CHARS:
                     raise admission.refuse_label(name, label, tool)
+        if client is not None:
+            try:
+                hash(client)  # it keys the clients' counts: refused here, before a slot is taken
+            except TypeError:
+                raise TypeError(
+                    f"client must be hashable (a str, an int, a tuple of them), got {type(client).__name__}"
+                ) from None
         return Session(
             "",
             request_id,
@@ -370,8 +378,16 @@ class Intake(ManagerState):
         self._open_locked(session)
         waiter.admitted = True
 
-    def set_limits(self, limits: LimitsSettings, tool_caps: Mapping[str, int] | None = None) -> None:
-        """Apply new limits to new sessions (running ones keep theirs); admit waiters that now fit."""
+    def set_limits(self, limits: Settings | LimitsSettings | None, tool_caps: Mapping[str, int] | None = None) -> None:
+        """Apply new limits to new sessions (running ones keep theirs); admit waiters that now fit.
+        `limits` as the constructor takes them (a `Settings` gives its tools' caps too, unless
+        `tool_caps` is given); `tool_caps` None keeps the caps in force. Call it on the event
+        loop the manager runs on.
+
+        Raises:
+            TypeError, ValueError: as the constructor; nothing has changed.
+        """
+        limits, tool_caps = limits_and_caps(limits, tool_caps, "set_limits()")
         caps = checked_tool_caps(tool_caps) if tool_caps is not None else None
         with self._lock:
             self.limits = limits

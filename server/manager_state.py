@@ -72,6 +72,24 @@ def checked_tool_caps(tool_caps: Mapping[str, int] | None) -> dict[str, int]:
     return dict(tool_caps)
 
 
+def limits_and_caps(
+    limits: Settings | LimitsSettings | None, tool_caps: Mapping[str, int] | None, taker: str
+) -> tuple[LimitsSettings, Mapping[str, int] | None]:
+    """The limits and per-tool caps `taker` (`SessionManager`, `set_limits`) was given: a whole
+    `Settings` gives its `[limits]` and, unless `tool_caps` is given, its tools' caps; None, the
+    defaults. Raises TypeError for anything else, before anything has changed."""
+    if isinstance(limits, Settings):
+        return limits.limits, limits.tool_caps() if tool_caps is None else tool_caps
+    if limits is None:
+        return LimitsSettings(), tool_caps
+    if not isinstance(limits, LimitsSettings):
+        raise TypeError(
+            f"{taker} takes a Settings (from load_settings(path)), a LimitsSettings "
+            f"(e.g. LimitsSettings(max_concurrent_sessions=10)) or None, got {type(limits).__name__}"
+        )
+    return limits, tool_caps
+
+
 class ManagerState:
     """The state of a `SessionManager`, made by its constructor (this class's), and the readings of
     it. Not used alone: `server.intake.Intake`, then `SessionManager`, build on it."""
@@ -88,17 +106,7 @@ class ManagerState:
                 mapping of tool names to whole numbers.
             ValueError: a cap in `tool_caps` is below 1 or above 1,000,000 (as in the config file).
         """
-        if isinstance(limits, Settings):
-            if tool_caps is None:
-                tool_caps = limits.tool_caps()
-            limits = limits.limits
-        elif limits is None:
-            limits = LimitsSettings()
-        elif not isinstance(limits, LimitsSettings):
-            raise TypeError(
-                "SessionManager takes a Settings (from load_settings(path)), a LimitsSettings "
-                f"(e.g. LimitsSettings(max_concurrent_sessions=10)) or None, got {type(limits).__name__}"
-            )
+        limits, tool_caps = limits_and_caps(limits, tool_caps, "SessionManager")
         self.limits = limits  # see the property
         #: Per-tool concurrency caps (`[tools.NAME].max_concurrent`), by tool name.
         self.tool_caps: dict[str, int] = checked_tool_caps(tool_caps)

@@ -17,7 +17,7 @@ from pydantic_core import ErrorDetails
 
 from server import ErrorCode, SessionError, SessionManager, SessionState, admission
 from server.cluster import ClusterSessionManager
-from server.config import LimitsSettings
+from server.config import LimitsSettings, Settings, ToolSettings
 from server.session import Session
 from tests.helpers import until
 from tests.unit.test_sessions import assert_invariant
@@ -391,3 +391,25 @@ def test_a_tool_limit_the_store_reported_for_a_cap_a_reload_took_away_is_the_ser
     assert refusal.code is ErrorCode.CAPACITY_EXCEEDED and "tools.a.max_concurrent" not in refusal.message
     m = sessions.metrics()
     assert (m.sessions_rejected_capacity, m.sessions_rejected_tool_limit) == (1, 0)
+
+
+async def test_an_unhashable_client_is_refused_before_it_takes_a_slot() -> None:
+    sessions = manager(max_concurrent_sessions=1)
+    with pytest.raises(TypeError, match="client must be hashable"):
+        await sessions.create(tool="t", client=["conn", 1])  # type: ignore[arg-type]
+    assert sessions.metrics().active_sessions == 0
+    admitted = await sessions.create(tool="t", client=("conn", 1))  # the one slot is still free
+    await sessions.release(admitted.id)
+
+
+def test_set_limits_takes_what_the_constructor_takes_and_refuses_the_rest_changing_nothing() -> None:
+    sessions = manager({"a": 1}, max_concurrent_sessions=3)
+    file = Settings(limits=LimitsSettings(max_concurrent_sessions=7), tools={"b": ToolSettings(max_concurrent=2)})
+    sessions.set_limits(file)  # a whole Settings: its [limits], and its tools' caps
+    assert (sessions.limits.max_concurrent_sessions, sessions.tool_caps) == (7, {"b": 2})
+    sessions.set_limits(None)  # the defaults; the caps in force are kept
+    assert (sessions.limits, sessions.tool_caps) == (LimitsSettings(), {"b": 2})
+    for wrong in ({"max_concurrent_sessions": 2}, "config.toml"):
+        with pytest.raises(TypeError, match=r"set_limits\(\) takes a Settings"):
+            sessions.set_limits(wrong)  # type: ignore[arg-type]
+    assert sessions.limits == LimitsSettings() and sessions.metrics().limits["max_concurrent_sessions"] == 100
