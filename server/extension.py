@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import difflib
 import logging
 import math
@@ -165,6 +166,8 @@ class SessionsExtension(DecoupledCalls, Extension):
         #: The limiter of the threads sync tools run in while the runtime runs: admission bounds
         #: them, not the limiter (see `_start`).
         self._tool_threads: anyio.CapacityLimiter | None = None
+        #: The event loop the runtime runs on (while it runs): `apply_settings` from another thread hands over to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._give_back: Callable[[], None] | None = None
         #: What `settings` advertises: one dict for the extension's life, kept current.
         self._advertised: dict[str, Any] = {}
@@ -208,11 +211,35 @@ class SessionsExtension(DecoupledCalls, Extension):
         `[store]` is not applied (warned about): the session store is chosen when the extension
         is built.
 
+        Called from a thread other than the event loop's while the runtime runs (a host's
+        config watcher), it hands the change to the loop and returns once it is applied.
+
         Raises:
             TypeError: `settings` is not a `Settings` (a `LimitsSettings`, a dict, None): the
                 settings in force stay as they were.
         """
         settings = require_settings(settings, "apply_settings()")
+        loop = self._loop
+        if loop is not None and loop.is_running() and _running_loop() is not loop:
+            # From another thread (a host's config watcher): the queue's wake-ups and the limiter
+            # belong to the loop, and set from here they woke no one until something else did
+            # (a queued call waited for an unrelated call's end). Applied on the loop; this waits.
+            applied: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+            def apply() -> None:
+                try:
+                    self._apply_settings(settings)
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    applied.set_exception(exc)
+                else:
+                    applied.set_result(None)
+
+            loop.call_soon_threadsafe(apply)
+            applied.result()
+            return
+        self._apply_settings(settings)
+
+    def _apply_settings(self, settings: Settings) -> None:
         if settings.store != self.config.store:
             # The session store was opened with the manager, when the extension was built.
             logger.warning(
@@ -333,6 +360,7 @@ class SessionsExtension(DecoupledCalls, Extension):
             await asyncio.wait([runtime])  # it has ended, or is ending, by the same error
             raise
         self._runtime = (runtime, stop)
+        self._loop = asyncio.get_running_loop()
         # Every admitted session gets a thread at once if its tool needs one: anyio's default
         # limiter has 40 tokens, and calls admitted past them waited for a thread with their
         # deadline running (100 calls of 1.5 s under a 2 s deadline: 56 timed out, their threads
@@ -370,6 +398,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         """The last lifespan is leaving: give `tools/call` back, stop the work, stop the manager."""
         self._running = False
         self._tool_threads = None
+        self._loop = None
         give_back, self._give_back = self._give_back, None
         if give_back is not None:
             give_back()
@@ -665,6 +694,13 @@ def _progressed(manager: SessionManager, session: Session) -> bool:
         return False
     manager.progress(session)
     return True
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _being_cancelled() -> bool:

@@ -605,3 +605,30 @@ async def test_the_idle_timeout_advice_follows_the_tools_kind_when_its_call_runs
     assert "sync tool" not in text_of(async_result)
     assert code_of(sync_result) == "timeout"
     assert "a sync one from its thread with anyio.from_thread.run(ctx.report_progress" in text_of(sync_result)
+
+
+async def test_apply_settings_from_another_thread_admits_a_queued_call_at_once() -> None:
+    # A host's config watcher in a thread of its own raises the cap while a call waits in the
+    # queue: the call is admitted then, not when an unrelated call next wakes the event loop.
+    gate = Gate()
+    app, sessions = build(settings(max_concurrent_sessions=1, max_queued=5), tools=[*gate.tools(), echo])
+    answered = anyio.Event()
+    async with Client(app) as client, anyio.create_task_group() as tg:
+
+        async def queued() -> None:
+            assert text_of(await client.call_tool("echo", {"text": "admitted"})) == "admitted"
+            answered.set()
+
+        tg.start_soon(client.call_tool, "block_async", {})
+        with anyio.fail_after(5):
+            await gate.entered_event.wait()
+        tg.start_soon(queued)
+        await until(lambda: sessions.manager.metrics().queued_sessions == 1)
+        # Applied 0.3 s on, from the timer's thread: by then the loop sleeps, with nothing due.
+        watcher = threading.Timer(0.3, sessions.apply_settings, args=(settings(max_concurrent_sessions=2),))
+        watcher.start()
+        with anyio.fail_after(2):
+            await answered.wait()
+        gate.open()
+    watcher.join(timeout=5)
+    assert not watcher.is_alive()
