@@ -284,6 +284,12 @@ class HttpShutdown:
         async def watch(message: Message) -> None:
             if post.answered:
                 return  # answered at the exit: the app's late messages go nowhere
+            if post.ended:
+                # A second response after a whole one: the SDK answers a notification 202 first,
+                # and when delivering it then fails (its client's session closed meanwhile, by
+                # the client's DELETE) it sends a 500 as well, which uvicorn refused with an
+                # ERROR and a traceback for each. The client has its answer: nothing more goes.
+                return
             post.sending(message)
             await send(message)
             post.sent(message)
@@ -302,7 +308,15 @@ class HttpShutdown:
             if late is not None:
                 late.cancel()
         if not post.answered:
-            await task  # the app's own ending (done already), its exception included
+            try:
+                await task  # the app's own ending (done already), its exception included
+            except anyio.ClosedResourceError:
+                if not post.ended:
+                    raise
+                # Its answer was whole (the SDK's 202 for a notification) when delivering the
+                # message failed, its client having ended the session meanwhile (its DELETE): the
+                # client's doing, and nothing is left to answer (uvicorn logged an ERROR for it).
+                logger.debug("A client's message came as the client ended its session")
             return
         # Its work holds the cancellation off, or it waits for a body that may never come: it
         # unwinds what it can, and is left running.

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from starlette.requests import ClientDisconnect
 
 from server.config import LoggingSettings
@@ -509,16 +510,22 @@ class _ClientDisconnects(logging.Filter):
     """Turns the SDK's ERROR and traceback for a POST whose client went away before its body had
     arrived into a DEBUG line: the client's doing, not the server's, and as often the connection
     guard's (`server.http_connections`: a request not sent in time is cut off, and that is
-    reported there)."""
+    reported there). Likewise for a message delivered as its client ended its session."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, ClientDisconnect):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            record.msg, record.args = "A client went away before sending its whole request (%s)", (record.getMessage(),)
-            record.exc_info = record.exc_text = None
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
+            said = "A client went away before sending its whole request (%s)"
+        elif isinstance(exc, anyio.ClosedResourceError):
+            # Its session's streams closed as the request was delivered: the client ended the
+            # session (its DELETE) right after a message it sent (a cancel, say), answered already.
+            said = "A client's message came as the client ended its session (%s)"
+        else:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args = said, (record.getMessage(),)
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 def quiet_client_disconnects() -> Callable[[], None]:

@@ -61,6 +61,36 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.body", "body": b"data: {}\r\n\r\n", "more_body": False})
 
 
+async def test_a_second_response_after_a_whole_one_is_not_sent() -> None:
+    # The SDK answers a notification 202, then, if delivering it fails (its client ended the
+    # session meanwhile), sends a 500 too: uvicorn refused that with an ERROR and a traceback.
+    accepted: list[Message] = [
+        {"type": "http.response.start", "status": 202, "headers": []},
+        {"type": "http.response.body", "body": b"", "more_body": False},
+    ]
+
+    async def accepts_then_fails(scope: Scope, receive: Receive, send: Send) -> None:
+        for message in accepted:
+            await send(message)
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b"Internal Server Error", "more_body": False})
+        raise anyio.ClosedResourceError  # its own failure to deliver the 500's error to the session
+
+    post = Exchange(HttpShutdown(accepts_then_fails), "POST")
+    with anyio.fail_after(5):
+        await post.run()  # nothing raised for uvicorn to log as an error
+    assert post.sent == accepted
+
+
+async def test_an_app_failing_before_its_response_is_whole_still_raises() -> None:
+    async def fails_half_way(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": EVENT_STREAM})
+        raise anyio.ClosedResourceError
+
+    with anyio.fail_after(5), pytest.raises(anyio.ClosedResourceError):
+        await Exchange(HttpShutdown(fails_half_way), "POST").run()
+
+
 async def test_close_ends_an_open_get_event_stream_with_its_last_chunk() -> None:
     http = HttpShutdown(app)
     stream = Exchange(http, "GET")

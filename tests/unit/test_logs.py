@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 import sys
 
+import anyio
 import pytest
+from starlette.requests import ClientDisconnect
 
 from server.logs import (
     MESSAGES_PER_LOGGER,
     REPEAT_SECONDS,
     REPORT_SECONDS,
+    SDK_HTTP_LOGGER,
     EventReport,
     RepeatLimit,
+    quiet_client_disconnects,
     repeats_note,
     template,
 )
@@ -193,3 +197,27 @@ def test_an_event_report_nobody_flushed_tells_its_count_with_the_next_event_past
         "refused one",
         "refused one",
     ]
+
+
+def test_the_sdks_error_for_a_message_delivered_as_its_client_ended_its_session_is_a_debug_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A legacy client cancels a call and ends its session at once (its DELETE): the SDK's delivery
+    # of the cancel fails on the closed session. The client's doing: no ERROR and traceback.
+    sdk = logging.getLogger(SDK_HTTP_LOGGER)
+    remove = quiet_client_disconnects()
+    try:
+        with caplog.at_level(logging.INFO, logger=SDK_HTTP_LOGGER):
+            for error in (anyio.ClosedResourceError(), ClientDisconnect()):
+                try:
+                    raise error
+                except Exception:
+                    sdk.exception("Error handling POST request")
+            try:
+                raise RuntimeError("a real failure")
+            except RuntimeError:
+                sdk.exception("Error handling POST request")
+    finally:
+        remove()
+    assert [(r.levelname, r.exc_info is not None) for r in caplog.records] == [("ERROR", True)]
+    assert "a real failure" in caplog.text
