@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import anyio
 import anyio.from_thread
+import pytest
 from mcp import Client
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Resolve
@@ -433,42 +435,27 @@ async def test_session_create_refused_for_the_client_s_share_is_told_to_release_
     assert not again.is_error
 
 
-async def test_a_tool_that_keeps_reporting_progress_outlives_its_idle_timeout() -> None:
-    async def long_job(steps: int, ctx: Context) -> str:
-        for step in range(steps):
-            await anyio.sleep(0.1)
-            await ctx.report_progress(step + 1, steps)
-        return "finished"
-
-    config = settings(tools={"long_job": {"timeout_seconds": 10.0, "idle_timeout_seconds": 0.4}})
-    app, _ = build(config, tools=[long_job])
-    seen: list[float] = []
-
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        seen.append(progress)
-
-    async with Client(app) as client:
-        started = time.monotonic()
-        with anyio.fail_after(10):
-            result = await client.call_tool("long_job", {"steps": 12}, progress_callback=on_progress)
-        elapsed = time.monotonic() - started
-        m = await metrics(client)
-    assert text_of(result) == "finished" and elapsed >= 1.2, "ran three times its idle timeout"
-    assert seen == [float(n) for n in range(1, 13)], "the progress still reaches the client"
-    assert m["total_sessions_completed"] == 1 and m["total_sessions_timeout"] == 0
+async def long_job(steps: int, ctx: Context) -> str:
+    for step in range(steps):
+        await anyio.sleep(0.1)
+        await ctx.report_progress(step + 1, steps)
+    return "finished"
 
 
-async def test_a_sync_tool_that_reports_progress_from_its_thread_outlives_its_idle_timeout() -> None:
+def long_sync_job(steps: int, ctx: Context) -> str:
     # A sync tool has a Context too: from its worker thread it reports progress through the event
     # loop (anyio.from_thread.run), which keeps its idle deadline moving as an async tool's does.
-    def long_sync_job(steps: int, ctx: Context) -> str:
-        for step in range(steps):
-            time.sleep(0.1)  # the tool's work
-            anyio.from_thread.run(ctx.report_progress, step + 1, steps)
-        return "finished"
+    for step in range(steps):
+        time.sleep(0.1)  # the tool's work
+        anyio.from_thread.run(ctx.report_progress, step + 1, steps)
+    return "finished"
 
-    config = settings(tools={"long_sync_job": {"timeout_seconds": 10.0, "idle_timeout_seconds": 0.4}})
-    app, _ = build(config, tools=[long_sync_job])
+
+@pytest.mark.parametrize("tool", [long_job, long_sync_job], ids=["async", "sync-from-its-thread"])
+async def test_a_tool_that_keeps_reporting_progress_outlives_its_idle_timeout(tool: Callable[..., Any]) -> None:
+    name = tool.__name__
+    config = settings(tools={name: {"timeout_seconds": 10.0, "idle_timeout_seconds": 0.4}})
+    app, _ = build(config, tools=[tool])
     seen: list[float] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -477,7 +464,7 @@ async def test_a_sync_tool_that_reports_progress_from_its_thread_outlives_its_id
     async with Client(app) as client:
         started = time.monotonic()
         with anyio.fail_after(10):
-            result = await client.call_tool("long_sync_job", {"steps": 12}, progress_callback=on_progress)
+            result = await client.call_tool(name, {"steps": 12}, progress_callback=on_progress)
         elapsed = time.monotonic() - started
         m = await metrics(client)
     assert text_of(result) == "finished" and elapsed >= 1.2, "ran three times its idle timeout"
