@@ -145,8 +145,9 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
             stdin = claim_stdin()
         # A check builds the server as a start does (tools registered, setup hooks run), short of serving.
         app = build_app(settings)
-        # Again: a tool module may have set logging up for itself meanwhile (`basicConfig(force=True)`,
-        # a handler of its own on the root logger, the root's level); `[logging]` is the server's.
+        # Again: a tool module may have set logging up for itself meanwhile (`basicConfig(force=True)`:
+        # a plain StreamHandler on the root logger, the root's level); `[logging]` is the server's.
+        # A handler of another class it adds to the root (a file's, say) is its own, and stays.
         configure_logging(settings.logging)
     except ConfigError as exc:
         problems = "\n  ".join(config_problems(exc, args.config))

@@ -212,7 +212,9 @@ class SessionsExtension(DecoupledCalls, Extension):
         is built.
 
         Called from a thread other than the event loop's while the runtime runs (a host's
-        config watcher), it hands the change to the loop and returns once it is applied.
+        config watcher), it hands the change to the loop and returns once it is applied, or
+        after `APPLY_WAIT_SECONDS` if the loop is busy (waiting for that thread, say): it is then
+        applied when the loop next runs.
 
         Raises:
             TypeError: `settings` is not a `Settings` (a `LimitsSettings`, a dict, None): the
@@ -221,21 +223,28 @@ class SessionsExtension(DecoupledCalls, Extension):
         settings = require_settings(settings, "apply_settings()")
         loop = self._loop
         if loop is not None and loop.is_running() and _running_loop() is not loop:
-            # From another thread (a host's config watcher): the queue's wake-ups and the limiter
-            # belong to the loop, and set from here they woke no one until something else did
-            # (a queued call waited for an unrelated call's end). Applied on the loop; this waits.
+            # From another thread (a host's config watcher): the queue's wake-ups belong to the
+            # loop, and set from here they woke no one until something else did (a queued call
+            # waited for an unrelated call's end). Applied on the loop; this waits for it, but
+            # only so long: the loop may be waiting for this very thread (joining it).
             applied: concurrent.futures.Future[None] = concurrent.futures.Future()
 
             def apply() -> None:
                 try:
                     self._apply_settings(settings)
-                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, or logged
                     applied.set_exception(exc)
+                    if applied_late:
+                        logger.exception("apply_settings (from another thread) failed on the event loop")
                 else:
                     applied.set_result(None)
 
+            applied_late = False
             loop.call_soon_threadsafe(apply)
-            applied.result()
+            try:
+                applied.result(timeout=APPLY_WAIT_SECONDS)
+            except concurrent.futures.TimeoutError:
+                applied_late = True  # applied when the loop next runs; failures are logged then
             return
         self._apply_settings(settings)
 
@@ -525,7 +534,12 @@ class SessionsExtension(DecoupledCalls, Extension):
             needs_thread = sync
             manager = self.manager
             in_place = not needs_thread or make_cancellable(
-                tool, self._thread_left_running, manager.thread_ended, self._thread_pool, self._thread_result_discarded
+                tool,
+                self._thread_left_running,
+                manager.thread_ended,
+                self._thread_pool,
+                self._thread_result_discarded,
+                _thread_pool_back,
             )
         timeout, idle_timeout = config.timeout_for(name), config.idle_timeout_for(name)
         plan = (tool, config, needs_thread, in_place, timeout, idle_timeout, sync)
@@ -536,12 +550,12 @@ class SessionsExtension(DecoupledCalls, Extension):
 
     def _thread_pool(self) -> anyio.CapacityLimiter | None:
         """The limiter a sync tool's thread comes through: the extension's own for a call it runs
-        (`handle_tool_call` set the call's `THREAD_FATE` cell, whose first thread this is); None
-        (anyio's default one) for a host's own call of the tool (`MCPServer.call_tool`), which
-        holds no session, so must not take a thread sized for the sessions (an admitted call
-        would wait for it)."""
+        (`handle_tool_call` set the call's `THREAD_FATE` cell), one thread at a time (a retry by
+        an inner interceptor gets it again once the first thread's wait ended: `_thread_pool_back`);
+        None (anyio's default one) for a host's own call of the tool (`MCPServer.call_tool`), which
+        holds no session, so must not take a thread admission does not bound."""
         cell = THREAD_FATE.get()
-        if cell is None or not cell.pool:
+        if cell is None or not cell.pool or cell.session.state is not SessionState.ACTIVE:
             return None
         cell.pool = False
         return self._tool_threads
@@ -642,7 +656,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         # or a sync one whose thread wait a cancellation ends (`server.threads`). Its deadline
         # is a cancel scope around it, built only if the deadline comes (`server.deadline`).
         if needs_thread:  # a sync tool's stand-in notes in this cell what became of its thread
-            THREAD_FATE.set(ThreadCell())
+            THREAD_FATE.set(ThreadCell(session))
         deadline = deadline_scope()
         # The manager's reaper calls it at the deadline (a LateScope is its own cancel callback).
         session.on_cancel = deadline if type(deadline) is LateScope else deadline.cancel
@@ -673,6 +687,10 @@ class SessionsExtension(DecoupledCalls, Extension):
     client_of = staticmethod(request_client)
 
 
+#: `apply_settings` from another thread waits this long, at most, for the loop to apply the change.
+APPLY_WAIT_SECONDS = 2.0
+
+
 def make_manager(settings: Settings) -> SessionManager:
     """The manager `settings` ask for: this process's own, or (`[store] backend = "redis"`) one
     whose limits hold across every replica sharing the store (`server.cluster`)."""
@@ -694,6 +712,13 @@ def _progressed(manager: SessionManager, session: Session) -> bool:
         return False
     manager.progress(session)
     return True
+
+
+def _thread_pool_back() -> None:
+    """A call's wait for the thread `_thread_pool` gave it ended: the call may take another."""
+    cell = THREAD_FATE.get()
+    if cell is not None:
+        cell.pool = True
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -266,23 +266,30 @@ def template(record: logging.LogRecord) -> str:
 _CHAIN_LINKS = 8
 
 
+#: `kind`: the messages whose arguments tell their records apart: the SDK's for a tool's crash,
+#: whose argument is the tool's name (one of the server's tools). Not the others: a resource's
+#: crash names the URI the client asked for, and would make one kind per URI, each written (a
+#: client reading 25 ids used up the logger's kinds, and a tool's crash was never written).
+_KEYED_BY_ARGS = frozenset({"Tool %r raised an unexpected exception"})
 #: `kind`: how much of a record's arguments (their repr) tells it apart, at most.
 _ARGS_CHARS = 200
 
 
 def kind(record: logging.LogRecord) -> object:
     """What `RepeatLimit` counts `record` with: its `template`, and for a record with an exception
-    its arguments, and the exception's type and the line of code that raised it. The SDK logs
-    every tool's crash with one template (`Tool %r raised an unexpected exception`, the tool's
-    name as its argument): without the rest, the traceback of one tool's crash would hide every
-    other tool's for the period, even two tools failing at one line of a library they share
-    (`json.loads`). The exception is the first of its chain (its cause's cause ...); the same
-    failure repeated (the same arguments, the same exception type from the same line) is still
-    one kind. A logger's kinds are few (`RepeatLimit.per_logger`): past them, its records share one count."""
+    the exception's type and the line of code that raised it, and for the SDK's record of a
+    tool's crash the tool's name (`_KEYED_BY_ARGS`). The SDK logs every tool's crash with one
+    template (`Tool %r raised an unexpected exception`): without the rest, the traceback of one
+    tool's crash would hide every other tool's for the period, even two tools failing at one
+    line of a library they share (`json.loads`). The exception is the first of its chain (its
+    cause's cause ...); the same failure repeated (the same tool, the same exception type from
+    the same line) is still one kind."""
     raised = record.exc_info[1] if record.exc_info else None
     if raised is None:
         return template(record)
-    args = repr(record.args)[:_ARGS_CHARS] if record.args else ""
+    args = ""
+    if record.msg in _KEYED_BY_ARGS and isinstance(record.args, tuple):
+        args = "|".join(str(arg)[:_ARGS_CHARS] for arg in record.args if isinstance(arg, str))
     # The SDK wraps a tool's exception (`UnexpectedToolError ... from exc`), raised at one line for
     # every tool: the failure is where the chain began.
     for _ in range(_CHAIN_LINKS):
@@ -506,6 +513,12 @@ class EventReport:
 SDK_HTTP_LOGGER = "mcp.server.streamable_http"
 
 
+#: The SDK's record of a POST it could not handle (`mcp.server.streamable_http`). Only this one is
+#: a client's doing when it comes with a ClosedResourceError: the SDK's others with one (its message
+#: router's) tell of the server's end of a session.
+_SDK_POST_FAILED = "Error handling POST request"
+
+
 class _ClientDisconnects(logging.Filter):
     """Turns the SDK's ERROR and traceback for a POST whose client went away before its body had
     arrived into a DEBUG line: the client's doing, not the server's, and as often the connection
@@ -516,7 +529,7 @@ class _ClientDisconnects(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, ClientDisconnect):
             said = "A client went away before sending its whole request (%s)"
-        elif isinstance(exc, anyio.ClosedResourceError):
+        elif isinstance(exc, anyio.ClosedResourceError) and record.msg == _SDK_POST_FAILED:
             # Its session's streams closed as the request was delivered: the client ended the
             # session (its DELETE) right after a message it sent (a cancel, say), answered already.
             said = "A client's message came as the client ended its session (%s)"

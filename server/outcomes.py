@@ -42,16 +42,17 @@ THREAD_FATE: ContextVar[ThreadCell | None] = ContextVar("mcp_sessions_thread_fat
 
 class ThreadCell:
     """A sync call's `THREAD_FATE` cell: what became of its thread (`fate`), and whether its
-    stand-in is yet to take its thread (`pool`: the extension's limiter is for the call's own
-    first thread only). The cell stays in the context after the call (the SDK may run calls in
-    the caller's context): a host's own call of the tool made there later (no session) must get
-    anyio's default limiter, not a thread sized for the sessions."""
+    stand-in may take a thread of the extension's limiter (`pool`: one at a time, while its
+    `session` is active). The cell stays in the context after the call (the SDK may run calls in
+    the caller's context): a host's own call of the tool made there later (no session) gets
+    anyio's default limiter, its session having ended."""
 
-    __slots__ = ("fate", "pool")
+    __slots__ = ("fate", "pool", "session")
 
-    def __init__(self) -> None:
+    def __init__(self, session: Session) -> None:
         self.fate: str | None = None
         self.pool = True
+        self.session = session
 
 
 #: What became of a call past its deadline, as its timeout message says it.

@@ -73,12 +73,14 @@ def cancellable(
     on_returned: Callable[[], None],
     pool: Callable[[], anyio.CapacityLimiter | None] = lambda: None,
     on_discarded: Callable[[], None] = lambda: None,
+    pool_back: Callable[[], None] = lambda: None,
 ) -> Callable[..., Any]:
     """An async function that runs `fn(**kwargs)` in a worker thread and stops waiting for it
     when cancelled (see the module's docstring). Its thread comes through the limiter `pool()`
-    returns at each call (None: anyio's default one). A wait cancelled just after `fn` returned,
-    before its result reached the loop, calls `on_discarded()` (in the caller's task): the work
-    was done, and its result is lost."""
+    returns at each call (None: anyio's default one); `pool_back()` is called when the wait for
+    a thread `pool()` gave ends. A wait cancelled just after `fn` returned, before its result
+    reached the loop, calls `on_discarded()` (in the caller's task): the work was done, and its
+    result is lost."""
     cancelled_exc = anyio.get_cancelled_exc_class
     run_sync = anyio.to_thread.run_sync
 
@@ -105,8 +107,9 @@ def cancellable(
                     except RuntimeError:  # the loop has closed: the process is on its way out
                         pass
 
+        limiter = pool()
         try:
-            return await run_sync(body, abandon_on_cancel=True, limiter=pool())
+            return await run_sync(body, abandon_on_cancel=True, limiter=limiter)
         except cancelled_exc():
             left = _caller_leaves(call, asyncio.get_running_loop())
             if left == _ABANDONED:
@@ -114,6 +117,9 @@ def cancellable(
             elif left == _RETURNED:
                 on_discarded()
             raise
+        finally:
+            if limiter is not None:
+                pool_back()
 
     setattr(run_in_thread, ORIGINAL_ATTRIBUTE, fn)
     return run_in_thread
@@ -131,6 +137,7 @@ def make_cancellable(
     on_returned: Callable[[], None],
     pool: Callable[[], anyio.CapacityLimiter | None] = lambda: None,
     on_discarded: Callable[[], None] = lambda: None,
+    pool_back: Callable[[], None] = lambda: None,
 ) -> bool:
     """Make a sync tool's registry entry (the SDK's `Tool`) run its function through
     `cancellable`; True once it does (also if it already did).
@@ -145,7 +152,7 @@ def make_cancellable(
     if fn is None or not callable(fn) or getattr(tool, "is_async", True) or getattr(tool, "resolved_params", None):
         return False
     try:
-        tool.fn = cancellable(fn, on_abandoned, on_returned, pool, on_discarded)  # type: ignore[attr-defined]
+        tool.fn = cancellable(fn, on_abandoned, on_returned, pool, on_discarded, pool_back)  # type: ignore[attr-defined]
         tool.is_async = True  # type: ignore[attr-defined]
     except (AttributeError, TypeError, ValueError):  # a frozen or validating entry
         try:

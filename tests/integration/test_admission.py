@@ -17,6 +17,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Resolve
 from mcp_types import CallToolResult
 
+from server.extension import APPLY_WAIT_SECONDS
 from tests.helpers import Gate, build, code_of, echo, error_of, settings, text_of, until
 from tests.integration.test_extension import metrics
 
@@ -619,3 +620,16 @@ async def test_apply_settings_from_another_thread_admits_a_queued_call_at_once()
         gate.open()
     watcher.join(timeout=5)
     assert not watcher.is_alive()
+
+
+async def test_apply_settings_from_a_thread_the_loop_is_joining_does_not_deadlock() -> None:
+    # The host's shutdown joins its config watcher from the event loop while the watcher applies
+    # settings: the watcher's wait for the loop is bounded, and the change is applied once the
+    # loop runs again.
+    app, sessions = build(settings(max_concurrent_sessions=1))
+    async with Client(app):
+        watcher = threading.Thread(target=sessions.apply_settings, args=(settings(max_concurrent_sessions=3),))
+        watcher.start()
+        watcher.join(timeout=APPLY_WAIT_SECONDS + 5)  # noqa: ASYNC - blocking the loop is the host's doing under test
+        assert not watcher.is_alive(), "the watcher waited for the loop that was waiting for it"
+        await until(lambda: sessions.manager.limits.max_concurrent_sessions == 3)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp import Client
+from mcp import Client, MCPError
 from mcp.server.mcpserver import MCPServer
 
 from server import SessionsExtension, load_settings
 from server.config import LoggingSettings
-from server.logs import MAX_MESSAGE_CHARS, JsonFormatter, configure_logging
+from server.logs import MAX_MESSAGE_CHARS, MESSAGES_PER_LOGGER, JsonFormatter, configure_logging
 from server.reload import ConfigReloader
 from tests.helpers import build, code_of, echo, error_of, settings, text_of
 
@@ -433,3 +433,23 @@ async def test_two_tools_failing_at_the_same_line_of_a_library_each_have_their_t
     written = [line for line in text_log.getvalue().splitlines() if RECORD_START.match(line)]
     assert any(line.endswith("Tool 'parse_order' raised an unexpected exception") for line in written), written
     assert any(line.endswith("Tool 'parse_invoice' raised an unexpected exception") for line in written), written
+
+
+async def test_a_client_reading_many_failing_resources_does_not_hide_a_tools_crash(text_log: io.StringIO) -> None:
+    # The SDK logs a resource's crash with the URI the client asked for as its argument: counted
+    # as one kind, not one each (25 of them used up the logger's kinds, and then a tool's crash,
+    # another kind, was never written).
+    app, _ = build(tools=[crash_a])
+
+    @app.resource("items://{item_id}")
+    def item(item_id: str) -> str:
+        return {"a": "1"}[item_id]
+
+    async with Client(app) as client:
+        for n in range(MESSAGES_PER_LOGGER + 5):
+            with pytest.raises(MCPError):
+                await client.read_resource(f"items://{n}")
+        assert (await client.call_tool("crash_a", {"text": "after the resources"})).is_error
+    text = text_log.getvalue()
+    assert "RuntimeError: crash after the resources" in text, text
+    assert text.count("KeyError") == 1, text

@@ -221,6 +221,46 @@ async def test_calls_admitted_before_a_reload_lowers_the_cap_still_get_their_thr
     assert [text_of(result) for result in results] == ["met"] * calls
 
 
+class _RetryOnce(Extension):
+    """An inner interceptor that runs the call again when its first attempt is an error result."""
+
+    identifier = "io.github.mcp-session-manager/test-retry-once"
+
+    async def intercept_tool_call(
+        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        result = await call_next(ctx)
+        return await call_next(ctx) if getattr(result, "is_error", False) else result
+
+
+async def test_a_call_retried_by_an_inner_interceptor_gets_a_thread_at_once_each_time() -> None:
+    # Every thread of anyio's default limiter is taken (by the host's own work): each attempt of
+    # an admitted call must still get its thread at once, from the extension's limiter.
+    attempts: list[int] = []
+
+    def flaky() -> str:
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails")
+        return "ok"
+
+    sessions = SessionsExtension(settings(tool_timeouts={"flaky": 2.0}))
+    app: MCPServer[Any] = MCPServer("t", extensions=[sessions, _RetryOnce()], lifespan=sessions.lifespan)
+    app.add_tool(flaky)
+    default = anyio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(default.total_tokens))]
+    for holder in holders:
+        default.acquire_on_behalf_of_nowait(holder)
+    try:
+        async with Client(app) as client:
+            with anyio.fail_after(5):
+                result = await client.call_tool("flaky", {})
+    finally:
+        for holder in holders:
+            default.release_on_behalf_of(holder)
+    assert (text_of(result), attempts) == ("ok", [0, 1]), text_of(result)
+
+
 #: Holds `stuck_resolver` in its thread until set (module level: the SDK evaluates a tool's and
 #: a resolver's annotations from their module).
 _resolver_release = threading.Event()
