@@ -39,6 +39,7 @@ import concurrent.futures
 import difflib
 import logging
 import math
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -228,23 +229,33 @@ class SessionsExtension(DecoupledCalls, Extension):
             # waited for an unrelated call's end). Applied on the loop; this waits for it, but
             # only so long: the loop may be waiting for this very thread (joining it).
             applied: concurrent.futures.Future[None] = concurrent.futures.Future()
+            # Whether the caller stopped waiting: then a failure is logged, as nobody will raise it.
+            # Decided under the lock, with the outcome: a failure is raised or logged, never lost.
+            waited_out = [False]
+            decided = threading.Lock()
 
             def apply() -> None:
                 try:
                     self._apply_settings(settings)
                 except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, or logged
-                    applied.set_exception(exc)
-                    if applied_late:
-                        logger.exception("apply_settings (from another thread) failed on the event loop")
+                    with decided:
+                        applied.set_exception(exc)
+                        unheard = waited_out[0]
+                    if unheard:
+                        logger.error("apply_settings (from another thread) failed on the event loop", exc_info=exc)
                 else:
-                    applied.set_result(None)
+                    with decided:
+                        applied.set_result(None)
 
-            applied_late = False
             loop.call_soon_threadsafe(apply)
             try:
                 applied.result(timeout=APPLY_WAIT_SECONDS)
             except concurrent.futures.TimeoutError:
-                applied_late = True  # applied when the loop next runs; failures are logged then
+                with decided:
+                    if not applied.done():
+                        waited_out[0] = True  # applied when the loop next runs; a failure is logged then
+                        return
+                applied.result()  # done just now: its outcome, raised here if it failed
             return
         self._apply_settings(settings)
 

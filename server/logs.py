@@ -288,7 +288,7 @@ def kind(record: logging.LogRecord) -> object:
     if raised is None:
         return template(record)
     args = ""
-    if record.msg in _KEYED_BY_ARGS and isinstance(record.args, tuple):
+    if isinstance(record.msg, str) and record.msg in _KEYED_BY_ARGS and isinstance(record.args, tuple):
         args = "|".join(str(arg)[:_ARGS_CHARS] for arg in record.args if isinstance(arg, str))
     # The SDK wraps a tool's exception (`UnexpectedToolError ... from exc`), raised at one line for
     # every tool: the failure is where the chain began.

@@ -4,6 +4,7 @@ deadlines that understand progress."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -633,3 +634,24 @@ async def test_apply_settings_from_a_thread_the_loop_is_joining_does_not_deadloc
         watcher.join(timeout=APPLY_WAIT_SECONDS + 5)  # noqa: ASYNC - blocking the loop is the host's doing under test
         assert not watcher.is_alive(), "the watcher waited for the loop that was waiting for it"
         await until(lambda: sessions.manager.limits.max_concurrent_sessions == 3)
+
+
+async def test_apply_settings_failing_on_the_loop_after_its_thread_stopped_waiting_is_logged(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nobody is left to raise it to: the failure is logged when the loop runs the change.
+    app, sessions = build(settings(max_concurrent_sessions=1))
+
+    def refuse(*args: object) -> None:
+        raise RuntimeError("the manager refused the limits")
+
+    async with Client(app):
+        monkeypatch.setattr(sessions.manager, "set_limits", refuse)
+        watcher = threading.Thread(target=sessions.apply_settings, args=(settings(max_concurrent_sessions=3),))
+        with caplog.at_level(logging.ERROR, logger="server.extension"):
+            watcher.start()
+            watcher.join(timeout=APPLY_WAIT_SECONDS + 5)  # noqa: ASYNC - blocking the loop is the host's doing under test
+            assert not watcher.is_alive()
+            await until(lambda: any("failed on the event loop" in r.getMessage() for r in caplog.records))
+    [record] = [r for r in caplog.records if "failed on the event loop" in r.getMessage()]
+    assert record.exc_info is not None and "the manager refused the limits" in str(record.exc_info[1])

@@ -453,3 +453,17 @@ async def test_a_client_reading_many_failing_resources_does_not_hide_a_tools_cra
     text = text_log.getvalue()
     assert "RuntimeError: crash after the resources" in text, text
     assert text.count("KeyError") == 1, text
+
+
+def test_a_library_logging_a_structured_message_with_a_traceback_is_written_not_raised(text_log: io.StringIO) -> None:
+    # A message that is no string (a dict, as structlog's stdlib bridge passes) cannot raise out
+    # of the logging call, whatever the repeat limit keys it by.
+    library = logging.getLogger("mcp.server.lowlevel")
+    for message in ({"event": "boom"}, ["boom"]):
+        try:
+            raise ValueError("in the library")
+        except ValueError:
+            library.exception(message)
+    written = text_log.getvalue()
+    assert "{'event': 'boom'}" in written and "['boom']" in written, written  # two kinds: a dict's, a list's
+    assert written.count("ValueError: in the library") == 2, written
