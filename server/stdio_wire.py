@@ -99,8 +99,9 @@ def _id_despite_a_huge_number(line: object) -> str | int | None:
 
 
 #: How deep a message on stdio may nest (objects and arrays, the message's own object included):
-#: the SDK's stdio reader (pydantic-core's JSON parser) refuses a line nesting deeper.
-MAX_NESTING = 201
+#: the SDK's stdio reader (pydantic-core's JSON parser) refuses a line nesting deeper (it reads
+#: one level more only when the deepest object or array is empty).
+MAX_NESTING = 200
 
 _SPACE = re.compile(r"[ \t\n\r]*")
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)

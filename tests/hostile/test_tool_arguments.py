@@ -253,7 +253,7 @@ def test_metadata_nested_ten_thousand_levels_is_refused_and_the_server_stays_up(
     # from the top level), so the client is not left waiting for its timeout.
     error = raw.portal.call(raw.server.request_text, line)
     assert error["error"]["code"] == -32700, error
-    assert error["error"]["message"].startswith("Parse error: the message nests more than 201 levels"), error
+    assert error["error"]["message"].startswith("Parse error: the message nests more than 200 levels"), error
     unchanged(before, raw.metrics(), *SESSION_COUNTERS)
 
 

@@ -51,18 +51,21 @@ def test_a_line_too_long_to_read_again_is_answered_without_an_id() -> None:
 PAST_THE_SCAN = "x" * MAX_DEEP_SCAN_CHARS
 
 
-def nested(levels: int) -> str:
-    """An array `levels` deep."""
-    return "[" * levels + "]" * levels
+def nested(levels: int, inside: str = "1") -> str:
+    """An array `levels` deep, holding `inside` at its deepest."""
+    return "[" * levels + inside + "]" * levels
 
 
-def request_nesting(levels: int, request_id: str = "7") -> str:
+def request_nesting(levels: int, request_id: str = "7", inside: str = "1") -> str:
     """A request nesting `levels` deep in all: its own object, `params`, and arrays in `params`."""
-    return f'{{"jsonrpc": "2.0", "id": {request_id}, "method": "ping", "params": {{"a": {nested(levels - 2)}}}}}'
+    deep = nested(levels - 2, inside)
+    return f'{{"jsonrpc": "2.0", "id": {request_id}, "method": "ping", "params": {{"a": {deep}}}}}'
 
 
 def test_the_sdk_reads_a_message_nesting_max_nesting_levels_and_no_more() -> None:
-    types.jsonrpc_message_adapter.validate_json(request_nesting(MAX_NESTING), by_name=False)
+    read = types.jsonrpc_message_adapter.validate_json
+    read(request_nesting(MAX_NESTING), by_name=False)
+    read(request_nesting(MAX_NESTING + 1, inside=""), by_name=False)  # one more, if the deepest is empty
     error = unreadable_line_error(sdk_error(request_nesting(MAX_NESTING + 1)))
     assert (error.id, error.error.code) == (7, types.PARSE_ERROR)
     assert error.error.message == (
