@@ -75,7 +75,7 @@ from server.sdk_seams import (
     serve_tool_calls,
     tool_names,
 )
-from server.session import Session, SessionState
+from server.session import SessionState
 from server.sessions import SessionManager, checked_drain_timeout
 from server.threads import make_cancellable, runs_in_thread
 from tools.sessions import (
@@ -659,7 +659,7 @@ class SessionsExtension(DecoupledCalls, Extension):
             log_refusal(exc)
             return error_result(exc)
         if idle_timeout is not None:
-            ctx = replace(ctx, session=progress_session(ctx.session, lambda: _progressed(manager, session)))
+            ctx = replace(ctx, session=progress_session(ctx.session, lambda: manager.progress(session)))
         if not in_place:
             return await self._call_decoupled(session, name, ctx, params, handler, sync)
 
@@ -714,15 +714,6 @@ def make_manager(settings: Settings) -> SessionManager:
             ) from None
         return ClusterSessionManager(settings)  # its [limits], per-tool caps and [store]
     return SessionManager(settings)
-
-
-def _progressed(manager: SessionManager, session: Session) -> bool:
-    """The call's tool reported progress: move its idle deadline on; False (drop the report) once
-    the call has ended, its caller answered (a sync tool's abandoned thread may report on)."""
-    if session.state is not SessionState.ACTIVE:
-        return False
-    manager.progress(session)
-    return True
 
 
 def _thread_pool_back() -> None:

@@ -284,11 +284,15 @@ class SessionManager(Intake):
             else:
                 del self._client_load[client]
 
-    def progress(self, session: Session) -> None:
-        """The session's work reported progress: move its idle deadline on."""
+    def progress(self, session: Session) -> bool:
+        """The session's work reported progress: move its idle deadline on. False once the
+        session has ended (its caller answered: the report is for nobody)."""
+        if session.state is not _ACTIVE:
+            return False
         idle = session.idle_timeout
-        if idle is not None and session.state is _ACTIVE:
+        if idle is not None:
             session.deadline = min(session.hard_deadline, time.monotonic() + idle)
+        return True
 
     def _issued_by_us(self, session_id: str) -> bool:
         """Whether the id has this manager's random prefix and a sequence number it has issued
