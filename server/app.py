@@ -58,7 +58,14 @@ from server.metrics import MetricsSnapshot, ShutdownReport
 from server.prometheus import Exporter, build_registry
 from server.reload import ConfigReloader
 from server.sdk_seams import ToolCallHandler, end_listen_streams, tool_names
-from server.stdio_wire import Outstanding, StdinLines, StdoutLines, WireSafe, unreadable_line_error
+from server.stdio_wire import (
+    Outstanding,
+    StdinLines,
+    StdoutLines,
+    WireSafe,
+    read_despite_unpaired_surrogates,
+    unreadable_line_error,
+)
 from server.tool_modules import hosting_nothing, import_tool_modules, install_tool_modules
 from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, WRITE_SECONDS, abandoned_answer
 from tools.sessions import MANAGEMENT_TOOLS, SESSION_TOOL_TABLE
@@ -397,8 +404,12 @@ async def _serve_stdio(
         async def _relay_requests() -> None:
             async for item in stdin:
                 if isinstance(item, Exception):
+                    # A lone surrogate's escape is JSON the SDK's reader refuses: read it here.
+                    item = read_despite_unpaired_surrogates(item)
+                if isinstance(item, Exception):
                     # The SDK drops a line it cannot read with a debug log, and a client would wait for
-                    # an answer forever: JSON-RPC answers it with a protocol error (its id is unknown).
+                    # an answer forever: JSON-RPC answers it with a protocol error (with its id if it
+                    # can be read).
                     await out_send.send(SessionMessage(unreadable_line_error(item)))
                     continue
                 message = item.message if isinstance(item, SessionMessage) else None

@@ -26,7 +26,8 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 from mcp.shared.dispatcher import as_request_id, coerce_request_id
-from mcp_types import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, ErrorData
+from mcp.shared.message import SessionMessage
+from mcp_types import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, ErrorData, jsonrpc_message_adapter
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCResponse
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
@@ -66,6 +67,16 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
             f"Invalid params: a number in the message has more than {sys.get_int_max_str_digits()} digits, more "
             "than this server reads; send such a number as a string"
         )
+    elif invalid is not None and _UNPAIRED_ESCAPE.search(invalid["msg"]):
+        # Left here only when too long to read again (see `read_despite_unpaired_surrogates`), or
+        # no JSON for another reason too: its id from the top level, as for a deep line.
+        request_id = _id_of_a_deep_line(invalid.get("input"))
+        code = PARSE_ERROR
+        message = (
+            "Parse error: the message holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff without its "
+            "pair), which is no text; this server reads such a message, with U+FFFD in the surrogate's place, "
+            f"only up to {MAX_REREAD_BYTES // (1024 * 1024)} MiB"
+        )
     elif invalid is not None and "recursion limit exceeded" in invalid["msg"]:
         request_id = _id_of_a_deep_line(invalid.get("input"))
         code = PARSE_ERROR
@@ -81,6 +92,49 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
 
 #: Lines longer than this are not read again for their id (the re-read runs on the event loop).
 MAX_REREAD_BYTES = 1024 * 1024
+
+#: What the SDK's reader (pydantic-core's JSON parser) says of a `\\u` escape of a lone UTF-16
+#: surrogate: a low one ("lone leading surrogate"), or a high one with no escape after it
+#: ("unexpected end of hex escape").
+_UNPAIRED_ESCAPE = re.compile(r"lone leading surrogate|unexpected end of hex escape")
+
+
+def read_despite_unpaired_surrogates(exc: Exception) -> SessionMessage | Exception:
+    """The message of a line the SDK's reader refused (`exc`) only for a `\\u` escape of a lone
+    UTF-16 surrogate (`"\\udcff"`), read with U+FFFD in each such surrogate's place; else the
+    exception to answer (`exc`, or what the line raised once repaired: see `unreadable_line_error`).
+
+    Such a line is JSON (RFC 8259's grammar allows the escape), and clients write it: Python's
+    `json.dumps` for a file name `os.fsdecode` made, JavaScript's `JSON.stringify` for a string
+    cut inside an emoji. The SDK's reader refuses it, and its request would be answered only with
+    a parse error, id null. The replacement is what this server does to invalid UTF-8 in a line,
+    and to lone surrogates in its own answers (`WireSafe`); a warning says so. Lines over
+    `MAX_REREAD_BYTES` are not read again (the re-read runs on the event loop)."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else []
+    invalid = next((error for error in errors if error["type"] == "json_invalid"), None)
+    if invalid is None or not _UNPAIRED_ESCAPE.search(invalid["msg"]):
+        return exc
+    line = invalid.get("input")
+    if not isinstance(line, str) or len(line) > MAX_REREAD_BYTES:
+        return exc
+    try:
+        data = json.loads(line)  # Python's reader takes lone surrogates (as str holds them)
+    except (ValueError, RecursionError):
+        return exc  # no JSON for another reason too
+    cleaned, replaced = _without_surrogates(data)
+    if not replaced:
+        return exc
+    try:
+        message = jsonrpc_message_adapter.validate_json(json.dumps(cleaned, ensure_ascii=False), by_name=False)
+    except ValidationError as again:
+        return again  # JSON, but no JSON-RPC message: answered as such
+    logger.warning(
+        "%s from the client held %s lone UTF-16 surrogate escape(s) (\\ud800 to \\udfff without its pair), "
+        "which are no text: read with U+FFFD in their place",
+        _what(message),
+        replaced,
+    )
+    return SessionMessage(message)
 
 
 def _id_despite_a_huge_number(line: object) -> str | int | None:

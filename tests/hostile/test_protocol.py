@@ -5,7 +5,7 @@ tool result, not silence), no session is created, and the server keeps serving.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -45,6 +45,56 @@ def test_an_unreadable_line_over_stdio_gets_a_protocol_error_and_the_server_stay
     assert error["id"] is None and error["error"]["code"] == code, error
     after = raw.metrics()
     assert [after[k] for k in SESSION_COUNTERS] == [before[k] for k in SESSION_COUNTERS]
+
+
+def surrogate_call(text: str) -> Callable[[int], str]:
+    """An `echo` call of `text` as `json.dumps` writes it: a lone surrogate as its `\\u` escape."""
+    return lambda request_id: json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": text}},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "read_as"),
+    [
+        pytest.param("report-\udcff.txt", "report-\ufffd.txt", id="low-surrogate"),
+        pytest.param("cut \ud83d", "cut \ufffd", id="high-surrogate-at-the-end"),
+        pytest.param("\ud800\ud800 \U0001f600", "\ufffd\ufffd \U0001f600", id="two-high-and-a-pair"),
+    ],
+)
+def test_a_request_holding_a_lone_surrogate_escape_is_served_with_replacement_characters(
+    raw: Raw, text: str, read_as: str
+) -> None:
+    # Valid JSON (RFC 8259's grammar) that Python's json.dumps and JavaScript's JSON.stringify
+    # write; the SDK's reader refused it, and the request got a parse error with id null.
+    response = raw.portal.call(raw.server.request_text, surrogate_call(text))
+
+    assert response["result"]["content"][0]["text"] == read_as, response
+    raw.portal.call(raw.server.wait_stderr, "held 1 lone UTF-16 surrogate escape(s)")
+
+
+def test_a_lone_surrogate_escape_in_a_line_too_long_to_read_again_is_answered_with_its_id(raw: Raw) -> None:
+    filler = "x" * (1024 * 1024)
+
+    error = raw.portal.call(raw.server.request_text, surrogate_call(filler + "\udcff"))
+
+    assert error["error"]["code"] == PARSE_ERROR, error
+    assert "lone UTF-16 surrogate" in error["error"]["message"], error
+    assert raw.metrics()["active_sessions"] == 0  # still serving
+
+
+def test_a_lone_surrogate_escape_in_json_that_is_not_json_rpc_is_answered_as_such_with_its_id(raw: Raw) -> None:
+    error = raw.portal.call(
+        raw.server.request_text,
+        lambda request_id: f'{{"jsonrpc":"2.0","id":{request_id},"method":42,"params":{{"n":"\\udcff"}}}}',
+    )
+
+    assert error["error"]["code"] == INVALID_REQUEST, error
 
 
 WRONG_REQUESTS = [
