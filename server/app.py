@@ -103,7 +103,9 @@ class App:
     def reloader(self, path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ConfigReloader:
         """A `ConfigReloader` for this app: `path` and `overrides` as given at startup; a reloaded
         file's `[tools.NAME]` tables are checked against the hosted tools as at startup."""
-        return ConfigReloader(self.sessions, path, overrides, check=self._check_reloaded)
+        # The standalone server owns the process's logging: a reload applies `[logging]` even after
+        # a tool's library replaced the handler (`basicConfig(force=True)` on its first use).
+        return ConfigReloader(self.sessions, path, overrides, check=self._check_reloaded, manage_logging=True)
 
     def _check_reloaded(self, settings: Settings) -> None:
         """`check_tool_overrides`, saying why a table for a newly listed module's tool is unknown."""

@@ -192,8 +192,15 @@ class ConfigReloader:
         restart_only = {key: change for key, change in ignored.items() if key not in host_owned}
         applied = changes(old, effective)
         self.sessions.apply_settings(effective)
-        if old.logging != effective.logging:
+        # Also when unchanged, if what this process logs through is no longer `[logging]`'s
+        # handler: a tool (or a library it uses) replaced it while the server ran.
+        restored = ours and old.logging == effective.logging and not configured_here()
+        if old.logging != effective.logging or restored:
             configure_logging(effective.logging)
+        if restored:
+            logger.info(
+                "Config reload: [logging] applied again (something had replaced its handler on the root logger)"
+            )
         self.sessions.manager.config_reloaded(ok=True)
         for note in [*effective.ineffective(), *self._hidden]:
             logger.warning("Config reload: %s", note)

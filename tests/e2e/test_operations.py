@@ -32,6 +32,7 @@ from tests.e2e.conftest import (
     server_config,
     start_server,
 )
+from tests.fixtures.e2e_tools import TAKEN_OVER
 from tests.helpers import code_of, text_of
 
 EXIT_MARGIN = 8.0
@@ -389,6 +390,27 @@ async def test_sighup_reloads_over_stdio_and_the_loopback_exporter_serves_metric
         await server.close_stdin()
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
     assert server.stray_stdout == []
+
+
+async def test_sighup_applies_logging_again_after_a_tool_replaced_its_handler(tmp_path: Path) -> None:
+    # A library setting logging up on its first use (basicConfig(force=True)) turned the JSON log
+    # into its own text for good: a reload called the standalone server "the host" and left it.
+    config = {**server_config(), "logging": {"format": "json", "level": "info"}}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        async with server.client() as client:
+            assert text_of(await client.call_tool("take_over_logging", {})) == "taken over"
+            assert text_of(await client.call_tool("echo", {"text": "before"})) == "before"
+            await server.wait_stderr(TAKEN_OVER + " INFO:server.sessions.ends:")
+
+            await reload(server, config, reloads=1)
+            restored = await server.wait_stderr("[logging] applied again")
+            assert json.loads(restored)["level"] == "info", restored
+            assert text_of(await client.call_tool("echo", {"text": "after"})) == "after"
+            ended = json.loads(await server.wait_stderr('"state": "completed"'))
+        server.send_signal(signal.SIGTERM)
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert ended["tool"] == "echo" and ended["level"] == "info", ended
+    assert "left to the host" not in server.stderr, server.stderr
 
 
 async def test_a_reload_still_reading_when_the_server_stops_is_not_taken_for_stuck_tool_work(tmp_path: Path) -> None:
