@@ -38,6 +38,7 @@ from mcp_types.jsonrpc import JSONRPCError, JSONRPCMessage, JSONRPCNotification,
 from prometheus_client import CollectorRegistry
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from server.child_processes import reset_forked_children, stop_child_processes
 from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
@@ -318,7 +319,14 @@ def _force_exit(code: int) -> None:
     counts of repeated records still pending (`server.logs.RepeatLimit`) are written first, as
     at an ordinary exit, if that takes at most a second (`write_pending_at_exit`)."""
     write_pending_at_exit()
+    # A process pool's workers would outlive the process (forked, holding its socket and pipes).
+    stop_child_processes(within=CHILDREN_STOP_SECONDS)
     os._exit(code)
+
+
+#: How long the forced exit waits for a tool's `multiprocessing` children to end on SIGTERM before
+#: it kills them (SIGKILL).
+CHILDREN_STOP_SECONDS = 0.5
 
 
 async def serve_stdio(
@@ -756,14 +764,16 @@ async def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
         with anyio.CancelScope(shield=True):
             await app.sessions.manager.close_at_exit()
     stuck = app.sessions.manager.metrics().abandoned_threads
-    busy = len(_busy_threads())
+    busy_threads = _busy_threads()
+    busy = len(busy_threads)
     if stuck:
         # Threads cannot be killed; the interpreter would wait for them forever at exit.
         logger.warning("Exiting with %s stuck tool thread(s) abandoned", stuck)
     if busy > stuck:
         logger.warning(
-            "Exiting with %s thread(s) still running tool work past the shutdown (threads cannot be stopped)",
+            "Exiting with %s thread(s) still running tool work past the shutdown (threads cannot be stopped): %s",
             busy - stuck,
+            _names(busy_threads),
         )
     elif left_behind and not busy:
         logger.warning(
@@ -791,7 +801,26 @@ def _busy_threads() -> list[threading.Thread]:
         and thread.is_alive()
         and not _idle_anyio_worker(thread)
         and not _idle_pool_worker(frames.get(thread.ident) if thread.ident is not None else None)
+        and not _idle_process_pool(thread)
     ]
+
+
+def _names(threads: list[threading.Thread], most: int = 5) -> str:
+    """The threads' names, for the exit's warning (a module's own thread is told by its name)."""
+    names = ", ".join(repr(thread.name) for thread in threads[:most])
+    return names + (f" and {len(threads) - most} more" if len(threads) > most else "")
+
+
+def _idle_process_pool(thread: threading.Thread) -> bool:
+    """Whether `thread` is the manager thread of a `concurrent.futures.ProcessPoolExecutor` with no
+    work in hand: the interpreter's exit stops it and its worker processes (if the exit is the
+    ordinary one; a forced one stops the workers itself, see `_force_exit`)."""
+    process = sys.modules.get("concurrent.futures.process")
+    manager = getattr(process, "_ExecutorManagerThread", None)
+    if manager is None or not isinstance(thread, manager):
+        return False
+    pending = getattr(thread, "pending_work_items", None)
+    return isinstance(pending, dict) and not pending
 
 
 def _idle_anyio_worker(thread: threading.Thread) -> bool:
@@ -827,6 +856,7 @@ def serve(
     re-reads the config on SIGHUP; on stdio, `wire` (if given) is where responses go (see
     `divert_stdout`) and `stdin` (if given) where requests come from (see `claim_stdin`).
     With `metrics.prometheus_port`, a loopback-only exporter serves /metrics on that port too."""
+    reset_forked_children()  # a tool's forked worker must not take the server's signal handlers
     registry = build_registry(app.sessions.manager)
     exporter = (
         Exporter(registry, app.settings.metrics.prometheus_port) if app.settings.metrics.prometheus_port else None

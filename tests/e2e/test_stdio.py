@@ -9,13 +9,15 @@ with `StdioServerParameters`) or with raw JSON-RPC lines where the test needs th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -314,6 +316,81 @@ async def test_a_thread_pool_worker_still_running_tool_work_forces_the_exit(tmp_
     assert EXECUTOR_AT_EXIT not in server.stderr, server.stderr
     # The exit skips atexit handlers, but still writes the count the log held.
     assert "mcp.e2e_library: Library trouble [and 1 more like this in the last" in server.stderr, server.stderr
+
+
+@pytest.fixture
+def workers() -> Iterator[list[int]]:
+    """Worker processes a test learns of: killed at its end if still running (the server's exit
+    should have stopped them; a failing test must not leave them behind)."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def wait_gone(pid: int, within: float = 5.0) -> None:
+    """Wait (bounded) until process `pid` has ended (a zombie counts: it runs nothing)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # ended and reaped
+    try:
+        with anyio.fail_after(within):
+            await anyio.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+async def test_an_idle_process_pool_is_stopped_by_the_ordinary_exit(tmp_path: Path, workers: list[int]) -> None:
+    # Its manager thread (not daemon) was taken for tool work: the exit was forced, skipping the
+    # hook that stops the pool, and the forked worker lived on, holding the stdio pipes (and,
+    # over HTTP, the listening port).
+    config: dict[str, Any] = {"server": {"tool_modules": [EXECUTOR_MODULE]}, "shutdown": {"timeout_seconds": 5.0}}
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        worker = int(text_of(await server.call("in_process", {"seconds": 0})))
+        workers.append(worker)
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+        await wait_gone(worker)
+    assert EXECUTOR_AT_EXIT in server.stderr, server.stderr
+    assert "Exiting with" not in server.stderr, server.stderr
+
+
+async def test_a_forced_exit_stops_a_process_pool_s_busy_worker(tmp_path: Path, workers: list[int]) -> None:
+    shutdown_seconds = 1.0
+    config: dict[str, Any] = {
+        "server": {"tool_modules": [EXECUTOR_MODULE]},
+        "shutdown": {"timeout_seconds": shutdown_seconds},
+    }
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        worker = int(text_of(await server.call("in_process", {"seconds": 0})))
+        workers.append(worker)
+        busy = await server.start_call("in_process", {"seconds": 3600})
+        await raw_metrics_until(server, lambda m: m["active_sessions"] == 1)
+        await server.close_stdin()
+        assert await server.wait_exit(within=shutdown_seconds + EXIT_MARGIN) == 0
+        assert error_of(await server.call_result(busy, within=0))["code"] == "shutting_down"
+        await wait_gone(worker)
+    assert "Exiting with 1 thread(s) still running tool work past the shutdown" in server.stderr, server.stderr
+
+
+async def test_a_signal_to_a_forked_worker_ends_the_worker_not_the_server(tmp_path: Path, workers: list[int]) -> None:
+    # The worker had the server's handlers, which write the signal to the event loop's wake-up
+    # socket, shared with the server: SIGTERM to the worker began the server's shutdown.
+    config: dict[str, Any] = {"server": {"tool_modules": [EXECUTOR_MODULE, TOOL_MODULE]}}
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        worker = int(text_of(await server.call("in_process", {"seconds": 0})))
+        workers.append(worker)
+        os.kill(worker, signal.SIGTERM)
+        await wait_gone(worker)
+        assert text_of(await server.call("echo", {"text": "still serving"})) == "still serving"
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert "received SIGTERM" not in server.stderr, server.stderr
 
 
 async def test_past_max_abandoned_threads_sync_tools_are_refused_at_once_async_ones_served(tmp_path: Path) -> None:

@@ -1,0 +1,71 @@
+"""The processes a tool starts with `multiprocessing` (a `ProcessPoolExecutor`'s workers, say),
+at the standalone server's exit.
+
+Tier: application wiring (used by `server.app`). A forked child is a copy of the server: it holds
+the listening socket and the stdio pipes, and it has the server's signal handlers, which only
+write the signal's number to the event loop's wake-up socket, shared with the server (so a SIGTERM
+sent to such a child used to stop the server, and left the child running). `reset_forked_children`
+gives every forked child Python's own handling of SIGINT, SIGTERM and SIGHUP back; the forced exit,
+which skips the `atexit` hook of `concurrent.futures` that stops a pool's workers, stops the children
+itself (`stop_child_processes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+_registered = False
+
+
+def reset_forked_children() -> None:
+    """From now on, a child forked from this process (not exec'd: `multiprocessing`'s "fork"
+    start method) starts with Python's default signal handling and no wake-up fd. Once per process."""
+    global _registered
+    if not _registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_in_forked_child)
+        _registered = True
+
+
+def _in_forked_child() -> None:
+    # The forking thread is the child's main thread: it may set handlers.
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    except (ValueError, OSError):  # pragma: no cover - not the main thread after all
+        pass
+
+
+def stop_child_processes(within: float) -> int:
+    """Stop the live `multiprocessing` children of this process: SIGTERM, then SIGKILL for those
+    still alive `within` seconds later. Returns how many there were. Only for an exit that will
+    not wait for them (`os._exit`); nothing if `multiprocessing` was never imported."""
+    multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is None:
+        return 0
+    try:
+        children = multiprocessing.active_children()
+    except Exception:  # noqa: BLE001 - an exit must not fail on this
+        return 0
+    for child in children:
+        try:
+            child.terminate()
+        except Exception:  # noqa: BLE001, S110 - gone meanwhile, or not ours to signal
+            pass
+    deadline = time.monotonic() + within
+    for child in children:
+        try:
+            child.join(max(0.0, deadline - time.monotonic()))
+            if child.is_alive():
+                child.kill()
+        except Exception:  # noqa: BLE001, S110 - as above
+            pass
+    return len(children)
