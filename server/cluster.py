@@ -46,7 +46,14 @@ from server.errors import ErrorCode, SessionError, shorten
 from server.metrics import ClusterMetrics, ClusterToolMetrics
 from server.session import Session, SessionState, ended_state
 from server.sessions import ISSUED_ID, SessionManager, runs_a_call
-from server.store import EXPIRY_GRACE_SECONDS, OWNER_LIVE_SECONDS, RECOVERY_SECONDS, RedisStore, StoreUnavailable
+from server.store import (
+    EXPIRY_GRACE_SECONDS,
+    OWNER_LIVE_SECONDS,
+    RECOVERY_SECONDS,
+    RedisStore,
+    StoreFull,
+    StoreUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +121,8 @@ class ClusterSessionManager(SessionManager):
         #: Why the store failed last (None while it answers); once it answers again, this
         #: replica registers its sessions again in case Redis came back empty.
         self._store_error: str | None = None
+        #: Whether Redis was last found at its maxmemory (logged once, until it admits again).
+        self._store_full = False
         #: The store's epoch when last seen; a new one means Redis lost its data.
         self._epoch: str | None = None
         #: The last new epoch this replica warned of (see `_warn_lost`): once per change, even
@@ -280,10 +289,19 @@ class ClusterSessionManager(SessionManager):
                 limits.max_sessions_per_client,
                 final,
             )
+        except StoreFull as exc:
+            if not self._store_full:
+                logger.warning("%s; calls are refused store_unavailable until it has room again", exc)
+                self._store_full = True
+            self._count(Refusal.STORE)
+            raise admission.refuse_store(tool, str(exc), refused=True) from None
         except StoreUnavailable as exc:
             self._store_failed(exc)
             self._count(Refusal.STORE)
             raise admission.refuse_store(tool, str(exc), refused=exc.refused) from None
+        if self._store_full:
+            logger.warning("%s has room again: it admits sessions", self.store.where)
+            self._store_full = False
         if verdict == "lost":  # Redis lost its data, and no replica has noticed yet
             self._look_at_store.set()  # register this replica's sessions now (this once)
             return "recovering"

@@ -22,6 +22,8 @@ Keys, all under `[store] key_prefix` (P):
 
 Every Redis failure surfaces as `StoreUnavailable`, raised within `[store] timeout_seconds`
 (bounded connect and reads, one retry on a broken connection): the caller answers `store_unavailable` at once.
+A Redis at its maxmemory (noeviction) admits no session (`StoreFull`) but still takes ends,
+releases and housekeeping: the call-path and housekeeping scripts write first what frees memory, or probe.
 """
 
 from __future__ import annotations
@@ -107,9 +109,12 @@ local function signal_freed()
   if redis.call('HLEN', P .. 'waiting') > 0 then redis.call('PUBLISH', P .. 'events', 'freed') end
 end
 
--- How many calls this replica has queued (it is told of freed slots while any).
+-- How many calls this replica has queued (it is told of freed slots while any). The HDEL comes
+-- first: a Redis at maxmemory lets it through, and every write after it (see `full` in _SYNC),
+-- so that ends and housekeeping go on while Redis is full.
 local function set_waiting(replica, n)
-  if n > 0 then redis.call('HSET', P .. 'waiting', replica, n) else redis.call('HDEL', P .. 'waiting', replica) end
+  redis.call('HDEL', P .. 'waiting', replica)
+  if n > 0 then redis.call('HSET', P .. 'waiting', replica, n) end
 end
 
 -- Expire sessions overdue by more than the grace whose replica is silent (it died, or has been
@@ -160,16 +165,29 @@ end
 # the ends are this replica's own sessions), then per end: id, state; then per admission: id,
 # timeout_ms, tool, client, bytes, max_total, tool_cap (0: none), client_cap (0: none), final
 # (1: count a refusal, the caller will not queue).
-# Returns {per end {state before, created, now}, per admission {verdict}}. An end of a session
+# Returns {per end {state before, created, now}, per admission {verdict}, why Redis is full ('' if
+# it is not; then every admission's verdict is "full", unless it had been admitted)}. An end of a session
 # another replica owns is announced ("ended ..."), so that its owner ends its copy. A release of
 # an id Redis lacks while it recovers is "recovering" or "lost" (see below), not "unknown".
 _SYNC = (
     _COMMON
     + """
 local grace, ttl, replica = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-set_waiting(replica, tonumber(ARGV[5]))
 -- ARGV[7]: '1' the replica's own ends; '0' a release; '2' a release that spares tool calls.
 local ends, own, calls_too = tonumber(ARGV[6]), ARGV[7] == '1', ARGV[7] ~= '2'
+-- A Redis at maxmemory (noeviction) refuses only a script's first write that may take memory;
+-- every write after any other goes through. So admissions ask first, with a write that takes
+-- none (the counter exists): refused, Redis is full ('full': none is admitted); the ends,
+-- which free memory, are written all the same.
+local full = ''
+if #ARGV > 7 + 2 * ends then
+  local probe = redis.pcall('HSETNX', counts, 'created', 0)
+  if type(probe) == 'table' and probe.err then
+    if not string.find(probe.err, 'OOM', 1, true) then return probe end
+    full = probe.err
+  end
+end
+set_waiting(replica, tonumber(ARGV[5]))
 local released, admitted = {}, {}
 local freed = false
 -- 'lost': no epoch, Redis restarted empty and no replica has noticed yet. 'recovering': one
@@ -220,6 +238,8 @@ for i = 8 + 2 * ends, #ARGV, 9 do
   local verdict = 'ok'
   if redis.call('EXISTS', P .. 's:' .. id) == 1 then
     verdict = 'again'  -- run twice (a retry after a lost reply): admitted once
+  elseif full ~= '' then
+    verdict = 'full'
   elseif recovering then
     verdict = recovering
   elseif client ~= '' and client_cap > 0 and tonumber(redis.call('HGET', clients, client) or '0') >= client_cap then
@@ -233,12 +253,12 @@ for i = 8 + 2 * ends, #ARGV, 9 do
     verdict = 'ok'
   elseif verdict == 'ok' then
     register(id, timeout_ms, tool, client, bytes, replica, ttl)
-  elseif not recovering and (final or verdict == 'client_limit') then
+  elseif not recovering and verdict ~= 'full' and (final or verdict == 'client_limit') then
     redis.call('HINCRBY', counts, 'rejected_' .. verdict, 1)
   end
   admitted[#admitted + 1] = verdict
 end
-return {released, admitted}
+return {released, admitted, full}
 """
 )
 
@@ -322,6 +342,14 @@ class StoreUnavailable(Exception):
     def __init__(self, message: str, *, refused: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+
+
+class StoreFull(StoreUnavailable):
+    """Redis is at its `maxmemory` (with `noeviction`) and admits no session: refused, as an
+    out-of-memory error is. Session ends, releases and the housekeeping go on (they free memory)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, refused=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +440,8 @@ class RedisStore:
     ) -> str:
         """Admit and register a session for `seconds` if the cluster has room: "ok", else why
         not ("capacity" | "tool_limit" | "client_limit" | "recovering": Redis came back empty
-        and the replicas are registering their sessions again).
+        and the replicas are registering their sessions again). Raises `StoreFull` when Redis
+        is at its maxmemory (the session is not registered), `StoreUnavailable` when it fails.
 
         One round trip carries every admission asked for while the previous one was on its
         way, and the session ends waiting to be written (`end_later`), written first. A caller
@@ -441,7 +470,9 @@ class RedisStore:
             while self._admissions:
                 batch, self._admissions = self._admissions, []
                 try:
-                    _, rows = await self._run_sync("admit a session", self._take_ended(), [r for r, _ in batch], True)
+                    _, rows, full = await self._run_sync(
+                        "admit a session", self._take_ended(), [r for r, _ in batch], True
+                    )
                 except StoreUnavailable as exc:
                     # Those that asked while it was failing would wait for a whole round trip
                     # more: they are refused for the same reason, within the one timeout they
@@ -458,10 +489,14 @@ class RedisStore:
                     continue
                 for (request, verdict), answer in zip(batch, rows, strict=True):
                     text = _text(answer)
-                    if not verdict.done():
+                    if verdict.done():
+                        if text == "ok":
+                            self.on_orphan(request[0])
+                    elif text == "full":  # not registered: nothing to undo
+                        reason = _describe(ResponseError(_text(full)))
+                        verdict.set_exception(StoreFull(f"{self.where} refused to admit a session: {reason}"))
+                    else:
                         verdict.set_result(text)
-                    elif text == "ok":
-                        self.on_orphan(request[0])
         finally:
             self._admitting = None
 
@@ -501,7 +536,7 @@ class RedisStore:
         """End each (session id, state) now if it is still active; say what each was before.
         With `tool_calls=False` a tool call's session, running or ended, is left as it is and
         is said to be "call" (its tool is not named: the call may be another client's)."""
-        rows, _ = await self._run_sync("release a session", list(ended), [], False, tool_calls)
+        rows, _, _ = await self._run_sync("release a session", list(ended), [], False, tool_calls)
         return [
             Released(_text(before), max(0, int(now) - int(created)) / 1000 if created else 0.0)
             for before, created, now in rows
@@ -514,8 +549,9 @@ class RedisStore:
         admissions: list[tuple[Any, ...]],
         requeue: bool,
         tool_calls: bool = True,
-    ) -> tuple[list[Any], list[Any]]:
-        """One run of the call-path script. On failure, with `requeue`, the ends go back to the
+    ) -> tuple[list[Any], list[Any], Any]:
+        """One run of the call-path script: what each end found, each admission's verdict, and
+        why Redis is full ('' unless it is). On failure, with `requeue`, the ends go back to the
         front of the queue (written again later: ending a session twice changes nothing)."""
         args: list[Any] = [
             self.prefix,
@@ -532,7 +568,7 @@ class RedisStore:
             args += request
         self._ends_in_flight += len(ended)
         try:
-            released, admitted = await self._call(what, self._sync(args=args))
+            released, admitted, full = await self._call(what, self._sync(args=args))
         except BaseException:
             if requeue and ended:
                 self._ended[:0] = ended
@@ -540,7 +576,7 @@ class RedisStore:
             raise
         finally:
             self._ends_in_flight -= len(ended)
-        return released, admitted
+        return released, admitted, full
 
     async def housekeeping(self, known_epoch: str | None = None) -> tuple[float | None, str]:
         """Expire sessions whose replica died; mark this replica live. Returns the seconds until

@@ -817,3 +817,82 @@ async def test_startup_with_redis_unreachable_exits_2_naming_the_store_url(
     assert "Traceback" not in server.stderr, server.stderr
     assert "/mcp" not in server.stderr and "Serving" not in server.stderr, "nothing may be served"
     assert elapsed < STARTUP_EXIT_SECONDS, elapsed
+
+
+#: The value size of the keys that fill a Redis to its maxmemory, and the most of them written.
+FILLER_BYTES = 10_000
+FILLER_KEYS = 1_000
+
+
+def fill_to_maxmemory(url: str, namespace: str, headroom: int) -> list[str]:
+    """Give the Redis at `url` a maxmemory `headroom` bytes above what it uses (noeviction), then
+    write keys under `namespace` until it refuses one (bounded), and lower its maxmemory to half
+    the headroom below what it uses then: it stays full while a few keys come and go, until the
+    keys written (returned) are deleted."""
+    admin = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + headroom)
+        keys: list[str] = []
+        for n in range(FILLER_KEYS):
+            try:
+                admin.set(f"{namespace}filler:{n}", "x" * FILLER_BYTES)
+            except redis.exceptions.OutOfMemoryError:
+                admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - headroom // 2)
+                return keys
+            keys.append(f"{namespace}filler:{n}")
+        raise AssertionError(f"Redis took {FILLER_KEYS} keys of {FILLER_BYTES} bytes past its maxmemory")
+    finally:
+        admin.close()
+
+
+async def test_a_full_redis_with_noeviction_admits_no_session_and_still_writes_the_ends_of_running_ones(
+    tmp_path: Path, own_redis: RedisServer, namespace: str, key_prefix: str
+) -> None:
+    # A Redis at maxmemory refuses a script's first write that may take memory, and lets every
+    # write after any other through: an admission whose round trip began with another write
+    # (the count of queued calls) was registered past the limit. Now every new or queued call is
+    # refused store_unavailable (OOM), no session is registered, and the ends of running calls
+    # (which free memory) are written all the same, also by a replica with calls queued.
+    limits: dict[str, TomlValue] = {"max_concurrent_sessions": 2, "max_queued": 5, "queue_timeout_seconds": 60}
+    tools: dict[str, dict[str, TomlValue]] = {"hang_async": {"timeout_seconds": DEADLINE_SECONDS + 1}}
+    config = cluster_config(store_section(own_redis.url, key_prefix), limits=limits, tools=tools)
+    store = aioredis.Redis.from_url(own_redis.url, socket_connect_timeout=5, socket_timeout=5)
+    queued: list[CallToolResult] = []
+    try:
+        async with start_replicas(tmp_path, config, 1) as (replica,), replica.client() as client:
+            held = await client.call_tool("session_create", {"timeout_seconds": 60})
+            assert not held.is_error, held
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client.call_tool, "hang_async", {})  # ends at its deadline, as timeout
+                    await cluster_until(client, lambda c: c["active_sessions"] == 2)
+
+                    async def queue_one() -> None:
+                        queued.append(await client.call_tool("echo", {"text": "queued"}))
+
+                    tg.start_soon(queue_one)
+                    await local_until(client, lambda m: m["queued_sessions"] == 1)
+                    filler = fill_to_maxmemory(own_redis.url, namespace, headroom=200_000)
+                    sessions_before = len([key async for key in store.scan_iter(match=f"{key_prefix}s:*")])
+                    refused = [await client.call_tool("echo", {"text": "x"}) for _ in range(20)]
+                    refused.append(await client.call_tool("session_create", {}))
+            # The queued call, refused when hang_async's end (written while full) freed its slot.
+            cluster = await cluster_until(client, lambda c: c["active_sessions"] == 1)
+            sessions_after = len([key async for key in store.scan_iter(match=f"{key_prefix}s:*")])
+            await store.delete(*filler)
+            served = await until_served(client, "echo", {"text": "back"})
+            await replica.wait_stderr("has room again")
+    finally:
+        await store.aclose()
+    for result in [*refused, *queued]:
+        error = error_of(result)
+        assert error["code"] == "store_unavailable", error
+        assert "refused to admit a session" in error["message"] and "OOM" in error["message"], error
+        assert "retrying will not cure" in error["message"], error
+    assert len(queued) == 1
+    assert sessions_after == sessions_before, "sessions were registered past maxmemory"
+    assert cluster["total_sessions_timeout"] == 1 and cluster["total_sessions_created"] == 2, cluster
+    assert text_of(served) == "back"
+    [warning] = [line for line in replica.stderr_lines if "until it has room again" in line]
+    assert "WARNING" in warning and "OOM" in warning, warning
