@@ -134,6 +134,9 @@ class ClusterSessionManager(SessionManager):
         self._left: anyio.Event | None = None
         #: Places in the queue promised to calls still asking Redis for a slot (see `create`).
         self._queue_claims = 0
+        #: The tools the store called full in the dispatcher's last pass, when every call left
+        #: queued was one of theirs; None while a pass runs or after one that stopped early.
+        self._held_tools: set[str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -225,7 +228,10 @@ class ClusterSessionManager(SessionManager):
             # other calls arrive during): without the claim, a burst would all pass this check and
             # then all queue, past limits.max_queued.
             may_queue = queue and len(self._queue) + self._queue_claims < limits.max_queued
-            behind = may_queue and bool(self._queue)  # FIFO: a newcomer queues behind the waiters here
+            # FIFO: a newcomer queues behind the waiters here, unless the last pass of the
+            # dispatcher left only calls of full tools other than its own waiting (and no slot
+            # has come free since): those cannot take the slot it asks for.
+            behind = may_queue and bool(self._queue) and not self._only_held_tools(session.tool)
             session.id = self._new_id_locked() if session.tool is not None else self._signed_id_locked()
             if may_queue:
                 self._queue_claims += 1
@@ -332,16 +338,29 @@ class ClusterSessionManager(SessionManager):
             self._freed.set()
         return []
 
+    def _only_held_tools(self, tool: str | None) -> bool:
+        """Whether every call queued here waits for a tool other than `tool` that the store called
+        full in the dispatcher's last pass, with no slot freed since (no pass pending)."""
+        held = self._held_tools
+        return held is not None and not self._freed.is_set() and tool not in held
+
     async def _dispatch(self) -> None:
-        """Offer freed slots to the calls queued here, oldest first, through the store."""
+        """Offer freed slots to the calls queued here, oldest first, through the store. Once the
+        store calls a tool full, the pass skips that tool's other calls (each would cost a round
+        trip for the same answer): a slot of that tool freed later starts a new pass."""
         while True:
             await self._freed.wait()
             self._freed = anyio.Event()
+            self._held_tools = None
+            held: set[str] = set()
             for waiter in list(self._queue):
                 if waiter not in self._queue:
                     continue  # timed out, cancelled or refused meanwhile
                 session = waiter.session
                 if self._refuse_if_stuck(waiter):
+                    continue
+                if session.tool in held:
+                    waiter.held_by = "tool_limit"
                     continue
                 try:
                     verdict = await self._acquire(session, final=False)
@@ -357,6 +376,8 @@ class ClusterSessionManager(SessionManager):
                         for behind in self._queue:
                             behind.held_by = verdict
                     break  # wait for the next freed slot
+                elif verdict == "tool_limit" and session.tool is not None:
+                    held.add(session.tool)
                 elif verdict == "client_limit":
                     with self._lock:
                         if waiter in self._queue:
@@ -366,7 +387,10 @@ class ClusterSessionManager(SessionManager):
                                 session.tool, self.limits.max_sessions_per_client
                             )
                     waiter.event.set()
-                # "tool_limit": its tool is full; the calls behind it may fit
+            else:
+                # Every call still queued waits for one of these full tools (those queued during
+                # the pass set `_freed`, which starts another).
+                self._held_tools = held
 
     def _refuse_if_stuck(self, waiter: Waiter) -> bool:
         """Refuse `waiter` now if it needs a thread while too many are stuck, as a new call is

@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -22,6 +24,7 @@ from mcp_types import CallToolResult
 from server.config import StoreSettings
 from server.store import EXPIRY_GRACE_SECONDS, RedisStore
 from tests.cluster.conftest import (
+    RedisServer,
     assert_cluster_accounts,
     client_with_credential,
     cluster_config,
@@ -30,6 +33,7 @@ from tests.cluster.conftest import (
     local_until,
     quiescent_cluster,
     start_replicas,
+    store_section,
     stored_text,
     tool_active,
 )
@@ -274,3 +278,75 @@ async def housekeeping(store_section: dict[str, TomlValue]) -> None:
         await store.housekeeping()
     finally:
         await store.close()
+
+
+#: Calls of a capped tool queued behind its one running call.
+BACKLOG = 100
+#: Calls of another tool made meanwhile, one after another.
+OTHER_CALLS = 10
+#: Redis scripts the replica may run per call of the other tool (its admission, its end, a pass of
+#: the dispatcher woken by that end, the housekeeping's): a few, whatever the backlog.
+SCRIPTS_PER_CALL = 6
+
+
+def evalsha_calls(info: dict[str, Any]) -> int:
+    """How many EVALSHA (the store's scripts) Redis ran since its stats were reset."""
+    stats = info.get("cmdstat_evalsha", {"calls": 0})
+    return int(stats["calls"])
+
+
+def queued(count: int) -> Callable[[dict[str, Any]], bool]:
+    """Whether a `session_metrics` snapshot shows `count` calls queued."""
+    return lambda snapshot: bool(snapshot["queued_sessions"] == count)
+
+
+def _text(item: bytes | str) -> str:
+    return item.decode() if isinstance(item, bytes) else item
+
+
+async def test_a_backlog_of_a_capped_tool_neither_holds_up_other_tools_nor_costs_a_round_trip_per_queued_call(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str, observer_key: str
+) -> None:
+    # A pass of the dispatcher asked Redis once per queued call, each of the full tool's again, and
+    # a call of another tool queued behind them all: 300 queued calls of a tool capped at 1 made a
+    # no-op call of another tool wait 120-200 ms. Now a pass asks once per full tool, a newcomer of
+    # another tool asks Redis at once, and the capped tool's calls are still admitted in order.
+    limits: dict[str, TomlValue] = {
+        "max_concurrent_sessions": 50,
+        "max_queued": 2 * BACKLOG,
+        "queue_timeout_seconds": 60,
+    }
+    config = cluster_config(
+        store_section(own_redis.url, key_prefix), limits=limits, tools={"ordered": {"max_concurrent": 1}}
+    )
+    store = aioredis.Redis.from_url(own_redis.url, socket_connect_timeout=5, socket_timeout=5)
+    answers: list[CallToolResult] = []
+
+    async def call_ordered(client: Client, tag: str, wait: bool = False) -> None:
+        arguments = {"redis_url": own_redis.url, "key": observer_key, "tag": tag, "wait": wait}
+        answers.append(await client.call_tool("ordered", arguments))
+
+    try:
+        async with start_replicas(tmp_path, config, 1) as (replica,), AsyncExitStack() as stack:
+            callers = [await stack.enter_async_context(replica.client()) for _ in range(4)]
+            observer = await stack.enter_async_context(replica.client())
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call_ordered, callers[0], "first", True)
+                    await cluster_until(observer, lambda c: tool_active(c, "ordered") == 1)
+                    for n in range(BACKLOG):  # one at a time: their order of arrival is known
+                        tg.start_soon(call_ordered, callers[n % len(callers)], str(n))
+                        await local_until(observer, queued(n + 1))
+                    await store.config_resetstat()
+                    others = [await observer.call_tool("echo", {"text": "other"}) for _ in range(OTHER_CALLS)]
+                    scripts = evalsha_calls(await store.info("commandstats"))
+                    still_queued = (await metrics(observer))["queued_sessions"]
+                    await store.rpush(f"{observer_key}:go", "go")
+            order = [_text(item) for item in await store.lrange(f"{observer_key}:order", 0, -1)]
+    finally:
+        await store.aclose()
+    assert [text_of(result) for result in others] == ["other"] * OTHER_CALLS, others
+    assert still_queued == BACKLOG, "the backlog drained before the other calls were measured"
+    assert scripts <= SCRIPTS_PER_CALL * OTHER_CALLS, f"{scripts} Redis scripts for {OTHER_CALLS} calls"
+    assert not any(result.is_error for result in answers), answers
+    assert order == ["first", *(str(n) for n in range(BACKLOG))], order
