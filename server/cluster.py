@@ -50,6 +50,7 @@ from server.store import (
     EXPIRY_GRACE_SECONDS,
     OWNER_LIVE_SECONDS,
     RECOVERY_SECONDS,
+    WITHDRAWN,
     RedisStore,
     StoreFull,
     StoreUnavailable,
@@ -114,8 +115,8 @@ class ClusterSessionManager(SessionManager):
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.store = RedisStore(settings, self.replica)
         self.store.waiting = lambda: len(self._queue)
-        # Admitted for a caller that was cancelled while Redis decided: end it there.
-        self.store.on_orphan = lambda session_id: self._send_end(session_id, SessionState.CANCELLED)
+        # Admitted for a caller that was cancelled while Redis decided: withdraw it there.
+        self.store.on_orphan = self._withdraw
         #: Set when a slot may have come free anywhere in the cluster: queued calls try again.
         self._freed = anyio.Event()
         #: Why the store failed last (None while it answers); once it answers again, this
@@ -325,7 +326,7 @@ class ClusterSessionManager(SessionManager):
             if not self._shutting_down:
                 return self._open_locked(session)
             self._rejected[Refusal.SHUTDOWN] += 1
-        self._send_end(session.id, SessionState.CANCELLED)
+        self._withdraw(session.id)
         raise admission.refuse_shutdown(session.tool)
 
     def _count(self, refusal: Refusal) -> None:
@@ -431,7 +432,7 @@ class ClusterSessionManager(SessionManager):
         if still_waiting:
             waiter.event.set()
         if refused or not still_waiting:
-            self._send_end(waiter.session.id, SessionState.CANCELLED)  # Redis admitted it: give the slot back
+            self._withdraw(waiter.session.id)  # Redis admitted it: give the slot back
 
     def _refuse_waiters(self, refusal: SessionError) -> None:
         """Redis is away: queued calls are refused now rather than left to wait it out."""
@@ -530,6 +531,12 @@ class ClusterSessionManager(SessionManager):
 
     def _send_end(self, session_id: str, state: SessionState) -> None:
         self.store.end_later(session_id, state.value)
+
+    def _withdraw(self, session_id: str) -> None:
+        """Give back a slot Redis admitted for a session never opened here: its caller had left
+        (or was refused meanwhile). The cluster totals then count it neither created nor ended,
+        as this replica's own do not."""
+        self.store.end_later(session_id, WITHDRAWN)
 
     async def _write_outbox(self) -> None:
         """Write session ends to Redis: with the next admission's round trip if one comes within

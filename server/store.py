@@ -68,6 +68,9 @@ PURGE_BATCH = 200
 #: replicas register their running sessions again: each notices within a second (its
 #: housekeeping runs at least that often, see `server.cluster`), and the caps must count them.
 RECOVERY_SECONDS = 2.0
+#: The end (`end_later`) of an admission its replica never opened: the caller had left, or had
+#: been told that the store failed. Redis frees its slot and takes it back out of `created`.
+WITHDRAWN = "withdrawn"
 #: How long the end of a session Redis never saw is remembered: long enough for an admission
 #: that timed out on its way (and so was answered `store_unavailable`) to arrive and be refused.
 TOMBSTONE_TTL_SECONDS = 120
@@ -89,6 +92,9 @@ local function decr(hash, field)
 end
 
 -- End an active session: free its slot and count how it ended. False if it was not active.
+-- 'withdrawn': an admission its replica never opened (its caller had left, or was told the
+-- store failed): it is taken back out of 'created' rather than counted as an end, and its
+-- record says 'cancelled'.
 local function finish(id, state, ttl)
   redis.call('ZREM', active, id)
   local key = P .. 's:' .. id
@@ -98,7 +104,12 @@ local function finish(id, state, ttl)
   decr(clients, f[2])
   local bytes = tonumber(f[3]) or 0
   if bytes ~= 0 then redis.call('HINCRBY', counts, 'metadata_bytes', 0 - bytes) end
-  redis.call('HINCRBY', counts, state, 1)
+  if state == 'withdrawn' then
+    redis.call('HINCRBY', counts, 'created', -1)
+    state = 'cancelled'
+  else
+    redis.call('HINCRBY', counts, state, 1)
+  end
   redis.call('HSET', key, 'state', state, 'ended', now)
   redis.call('EXPIRE', key, ttl)
   return true
@@ -201,6 +212,7 @@ elseif redis.call('EXISTS', P .. 'recovering') == 1 then
 end
 for i = 8, 7 + 2 * ends, 2 do
   local id, state = ARGV[i], ARGV[i + 1]
+  local shown = state == 'withdrawn' and 'cancelled' or state  -- as its record says it ended
   local key = P .. 's:' .. id
   local f = redis.call('HMGET', key, 'state', 'created', 'replica', 'purged', 'tool')
   local before = f[1] or 'unknown'
@@ -209,18 +221,18 @@ for i = 8, 7 + 2 * ends, 2 do
   elseif before == 'active' then
     finish(id, state, ttl)
     freed = true
-    if f[3] ~= replica then redis.call('PUBLISH', P .. 'events', 'ended ' .. id .. ' ' .. state) end
+    if f[3] ~= replica then redis.call('PUBLISH', P .. 'events', 'ended ' .. id .. ' ' .. shown) end
   elseif own and f[4] and f[3] == replica and before == 'timeout' and state ~= 'timeout' then
     -- Expired as overdue while its live replica could not reach Redis, which kept its end and
     -- writes it now: it ended otherwise, so count it as it ended (its slot is free already).
     redis.call('HINCRBY', counts, 'timeout', -1)
-    redis.call('HINCRBY', counts, state, 1)
-    redis.call('HSET', key, 'state', state)
+    redis.call('HINCRBY', counts, state == 'withdrawn' and 'created' or state, state == 'withdrawn' and -1 or 1)
+    redis.call('HSET', key, 'state', shown)
     redis.call('HDEL', key, 'purged')
   elseif before == 'unknown' and own then
     -- One of ours that Redis has not seen: its admission may still be on its way (sent before
     -- a time-out, run late). Leave a mark so that it is not admitted then.
-    redis.call('HSET', key, 'state', state)
+    redis.call('HSET', key, 'state', shown)
     redis.call('EXPIRE', key, TOMBSTONE_TTL)
   elseif before == 'unknown' and recovering then
     -- A release of an id Redis lacks while it is recovering: its replica may not have
@@ -404,7 +416,7 @@ class RedisStore:
         self._totals = self.redis.register_script(_TOTALS)
         self._grace_ms = int(EXPIRY_GRACE_SECONDS * 1000)
         #: How many calls this replica has queued; `on_orphan(session_id)`: a session admitted
-        #: for a caller that was cancelled meanwhile (the owner ends it). Set by the manager.
+        #: for a caller that was cancelled meanwhile (the owner withdraws it). Set by the manager.
         self.waiting: Callable[[], int] = lambda: 0
         self.on_orphan: Callable[[str], None] = lambda session_id: None
         self._admissions: list[tuple[tuple[Any, ...], asyncio.Future[str]]] = []
@@ -483,9 +495,9 @@ class RedisStore:
                             verdict.set_exception(StoreUnavailable(str(exc), refused=exc.refused))
                     for request, _ in batch:
                         # Refused here, but Redis may still run the admission (a time-out, not a
-                        # refusal): end it there, or mark it so that it is never admitted. (The
-                        # waiting ones were never sent: nothing to undo.)
-                        self.end_later(request[0], "cancelled")
+                        # refusal): withdraw it there, or mark it so that it is never admitted.
+                        # (The waiting ones were never sent: nothing to undo.)
+                        self.end_later(request[0], WITHDRAWN)
                     continue
                 for (request, verdict), answer in zip(batch, rows, strict=True):
                     text = _text(answer)

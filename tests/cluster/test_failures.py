@@ -896,3 +896,35 @@ async def test_a_full_redis_with_noeviction_admits_no_session_and_still_writes_t
     assert text_of(served) == "back"
     [warning] = [line for line in replica.stderr_lines if "until it has room again" in line]
     assert "WARNING" in warning and "OOM" in warning, warning
+
+
+async def test_a_call_refused_while_redis_hangs_whose_admission_runs_late_counts_in_no_cluster_total(
+    tmp_path: Path, own_redis: RedisServer, key_prefix: str
+) -> None:
+    # The admission of a call refused store_unavailable (Redis hung past the store's timeout) is
+    # still in Redis's input, and runs once Redis answers again; the replica then gives the slot
+    # back. That session was never opened: the cluster totals counted it created and cancelled,
+    # while the replica counted a refusal. Now it is taken back out of `created`.
+    config = cluster_config(store_section(own_redis.url, key_prefix))
+    store = aioredis.Redis.from_url(own_redis.url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        async with start_replicas(tmp_path, config, 1) as (a,), a.client() as on_a:
+            assert text_of(await on_a.call_tool("echo", {"text": "before"})) == "before"
+            with paused(own_redis):
+                refused, _ = await timed_call(on_a, "echo", {"text": "hung store"})
+            # Redis runs the late admission first (it was in its input), then the withdrawal.
+            with anyio.fail_after(10):  # each turn a round trip to Redis
+                while True:
+                    keys = [key async for key in store.scan_iter(match=f"{key_prefix}s:*")]
+                    states = [await store.hget(key, "state") for key in keys]
+                    if len(keys) == 2 and b"active" not in states:
+                        break
+            local, cluster = await cluster_metrics(on_a)
+    finally:
+        await store.aclose()
+    assert code_of(refused) == "store_unavailable", refused
+    assert local["sessions_rejected_store_unavailable"] == 1, local
+    assert states == [b"cancelled", b"completed"] or states == [b"completed", b"cancelled"], states
+    assert (local["total_sessions_created"], cluster["total_sessions_created"]) == (1, 1), cluster
+    assert (local["total_sessions_cancelled"], cluster["total_sessions_cancelled"]) == (0, 0), cluster
+    assert_cluster_accounts(cluster)
