@@ -270,6 +270,12 @@ class ClusterSessionManager(SessionManager):
         """The calls queued here, and those promised a place while Redis decides (see `create`)."""
         return len(self._queue) + self._queue_claims
 
+    def _count_client_refusal_locked(self) -> None:
+        """A refusal by the client's share decided here (its running and queued calls at this
+        replica) counts in the cluster's `sessions_rejected_client_limit` too, with the next round trip."""
+        super()._count_client_refusal_locked()
+        self.store.count_client_refusal()
+
     def create_nowait(self, **request: Unpack[SessionRequest]) -> Session:
         """Not available in cluster mode: admission asks Redis. Use `await create(queue=False, ...)`."""
         raise TypeError("cluster mode admits through Redis: use `await manager.create(queue=False, ...)`")

@@ -178,11 +178,15 @@ class Intake(ManagerState):
         client = session.client
         if client is not None and limits.max_sessions_per_client:
             if self._client_load.get(client, 0) >= limits.max_sessions_per_client:
-                self._rejected[Refusal.CLIENT_LIMIT] += 1
+                self._count_client_refusal_locked()
                 raise admission.refuse_client_limit(session.tool, limits.max_sessions_per_client)
         if session.needs_thread and self._abandoned >= limits.max_abandoned_threads:
             self._rejected[Refusal.THREADS] += 1
             raise admission.refuse_threads(session.tool, self._abandoned, limits.max_abandoned_threads)
+
+    def _count_client_refusal_locked(self) -> None:
+        """Count a refusal by the client's share decided here (cluster mode counts it in Redis too)."""
+        self._rejected[Refusal.CLIENT_LIMIT] += 1
 
     def _full_locked(self, session: Session, tool_full: bool | None = None, may_queue: bool = True) -> SessionError:
         """Count and word the refusal of a call that does not fit and may not wait. It counts

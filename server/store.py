@@ -173,7 +173,8 @@ end
 
 # The one script of the call path: end sessions, then admit new ones, in one round trip.
 # ARGV: prefix, grace_ms, ttl_s, replica, calls queued at the replica, number of ends, own (1:
-# the ends are this replica's own sessions), then per end: id, state; then per admission: id,
+# the ends are this replica's own sessions), refusals by the client share the replica decided
+# itself (counted in rejected_client_limit), then per end: id, state; then per admission: id,
 # timeout_ms, tool, client, bytes, max_total, tool_cap (0: none), client_cap (0: none), final
 # (1: count a refusal, the caller will not queue).
 # Returns {per end {state before, created, now}, per admission {verdict}, why Redis is full ('' if
@@ -191,7 +192,7 @@ local ends, own, calls_too = tonumber(ARGV[6]), ARGV[7] == '1', ARGV[7] ~= '2'
 -- none (the counter exists): refused, Redis is full ('full': none is admitted); the ends,
 -- which free memory, are written all the same.
 local full = ''
-if #ARGV > 7 + 2 * ends then
+if #ARGV > 8 + 2 * ends then
   local probe = redis.pcall('HSETNX', counts, 'created', 0)
   if type(probe) == 'table' and probe.err then
     if not string.find(probe.err, 'OOM', 1, true) then return probe end
@@ -199,6 +200,7 @@ if #ARGV > 7 + 2 * ends then
   end
 end
 set_waiting(replica, tonumber(ARGV[5]))
+if ARGV[8] ~= '0' then redis.call('HINCRBY', counts, 'rejected_client_limit', tonumber(ARGV[8])) end
 local released, admitted = {}, {}
 local freed = false
 -- 'lost': no epoch, Redis restarted empty and no replica has noticed yet. 'recovering': one
@@ -210,7 +212,7 @@ if redis.call('EXISTS', P .. 'epoch') == 0 then
 elseif redis.call('EXISTS', P .. 'recovering') == 1 then
   recovering = 'recovering'
 end
-for i = 8, 7 + 2 * ends, 2 do
+for i = 9, 8 + 2 * ends, 2 do
   local id, state = ARGV[i], ARGV[i + 1]
   local shown = state == 'withdrawn' and 'cancelled' or state  -- as its record says it ended
   local key = P .. 's:' .. id
@@ -242,8 +244,8 @@ for i = 8, 7 + 2 * ends, 2 do
   released[#released + 1] = {before, tonumber(f[2] or '0'), now}
 end
 if freed then signal_freed() end
-if #ARGV > 7 + 2 * ends then purge(grace, ttl, PURGE_BATCH) end
-for i = 8 + 2 * ends, #ARGV, 9 do
+if #ARGV > 8 + 2 * ends then purge(grace, ttl, PURGE_BATCH) end
+for i = 9 + 2 * ends, #ARGV, 9 do
   local id, timeout_ms, tool, client = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
   local bytes, max_total = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   local tool_cap, client_cap, final = tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), ARGV[i + 8] == '1'
@@ -422,6 +424,8 @@ class RedisStore:
         self._admissions: list[tuple[tuple[Any, ...], asyncio.Future[str]]] = []
         self._admitting: asyncio.Task[None] | None = None
         self._ended: list[tuple[str, str]] = []
+        #: Refusals by the client share decided at this replica, not yet counted in Redis.
+        self._client_refusals = 0
         #: Ends sent in a round trip that has not come back yet (see `unwritten_ends`).
         self._ends_in_flight = 0
         #: Set while session ends wait to be written.
@@ -512,6 +516,12 @@ class RedisStore:
         finally:
             self._admitting = None
 
+    def count_client_refusal(self) -> None:
+        """Count in `rejected_client_limit`, with the next round trip, a refusal by the client share
+        that this replica decided itself (the client's running and queued calls here)."""
+        self._client_refusals += 1
+        self.ended_ready.set()
+
     def end_later(self, session_id: str, state: str) -> None:
         """Write this session end with the next round trip (see `flush_ended`); in order, and
         kept until Redis has taken it."""
@@ -534,7 +544,7 @@ class RedisStore:
         Whether Redis was asked at all: False when another round trip (an admission's) had
         taken them already."""
         wrote = False
-        while self._ended:
+        while self._ended or self._client_refusals:
             await self._run_sync("release a session", self._take_ended(), [], True)
             wrote = True
         self.ended_ready = anyio.Event()
@@ -573,7 +583,9 @@ class RedisStore:
             self.waiting(),
             len(ended),
             1 if requeue else 0 if tool_calls else 2,  # 1: the outbox holds this replica's own sessions
+            self._client_refusals,
         ]
+        refusals, self._client_refusals = self._client_refusals, 0
         for pair in ended:
             args += pair
         for request in admissions:
@@ -582,6 +594,7 @@ class RedisStore:
         try:
             released, admitted, full = await self._call(what, self._sync(args=args))
         except BaseException:
+            self._client_refusals += refusals  # (counted twice if Redis ran it after a time-out)
             if requeue and ended:
                 self._ended[:0] = ended
                 self.ended_ready.set()

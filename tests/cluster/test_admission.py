@@ -232,6 +232,36 @@ async def test_a_client_share_holds_across_replicas(
     assert_cluster_accounts(cluster)
 
 
+async def test_the_cluster_counts_a_client_share_refusal_whether_the_replica_or_redis_decided_it(
+    tmp_path: Path, shared_store: dict[str, TomlValue]
+) -> None:
+    # A client over its share at the replica where it already holds its sessions is refused there,
+    # before Redis is asked; the cluster's counter missed those (28 refusals: locals 6+8+14,
+    # cluster 19). It is counted in Redis with the replica's next round trip.
+    config = cluster_config(shared_store, limits={"max_concurrent_sessions": CAP, "max_sessions_per_client": 1})
+    alice = f"alice-secret-{uuid.uuid4().hex}"
+    async with (
+        start_replicas(tmp_path, config, 2) as (a, b),
+        client_with_credential(a, alice) as alice_a,
+        client_with_credential(b, alice) as alice_b,
+        a.client() as observer,
+    ):
+        opened = await alice_a.call_tool("session_create", {})
+        refused = [
+            await alice_a.call_tool("session_create", {}),  # decided at replica a: alice holds one there
+            await alice_b.call_tool("echo", {"text": "more"}),  # decided by Redis
+        ]
+        cluster = await cluster_until(observer, lambda c: c["sessions_rejected_client_limit"] >= 2)
+        locals_ = [await metrics(alice_a), await metrics(alice_b)]
+
+    assert not opened.is_error, opened
+    for result in refused:
+        error = error_of(result)
+        assert error["code"] == "capacity_exceeded" and "max_sessions_per_client" in error["message"], error
+    assert [m["sessions_rejected_client_limit"] for m in locals_] == [1, 1], locals_
+    assert cluster["sessions_rejected_client_limit"] == 2, cluster
+
+
 async def test_a_call_holding_its_deadline_off_keeps_its_cluster_slot_until_it_stops(
     tmp_path: Path, shared_store: dict[str, TomlValue]
 ) -> None:
