@@ -193,15 +193,25 @@ class ClusterSessionManager(SessionManager):
 
     async def _write_last_ends(self) -> None:
         limit = self.store.settings.timeout_seconds * 2
-        reason = f"{self.store.where} did not answer within {limit:g}s"
+        failure: StoreUnavailable | None = None
+        flushed = False
         with anyio.move_on_after(limit, shield=True):
             try:
                 await self.store.flush_ended()
+                flushed = True
                 await self.store.leave()
             except StoreUnavailable as exc:
-                reason = str(exc)
+                failure = exc
         unwritten = self.store.unwritten_ends
         if unwritten:
+            # Why the ends were not written: a round trip that carried them is still out (Redis
+            # hangs), or the one that wrote them failed; not why leaving failed.
+            if failure is None or self.store.pending_ends < unwritten:
+                reason = f"{self.store.where} did not answer within {limit:g}s"
+            elif not flushed:
+                reason = str(failure)
+            else:  # they came back from an admission's or the outbox's round trip that failed meanwhile
+                reason = f"{self.store.where} failed: {failure.why}"
             logger.warning(
                 "Stopping: %s session end(s) could not be written to the session store (%s); in the cluster "
                 "totals they stay active until their deadlines pass (+ %gs, and %gs after this replica last "

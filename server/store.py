@@ -353,9 +353,11 @@ class StoreUnavailable(Exception):
     a read-only replica, missing ACL rights, out of memory, a key of another type under the
     prefix, which retrying does not cure until the store is put right); the message says where and why."""
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, why: str = "") -> None:
         super().__init__(message)
         self.refused = refused
+        #: What went wrong, without where or in doing what ("TimeoutError: ..."); else the message.
+        self.why = why or message
 
 
 class StoreFull(StoreUnavailable):
@@ -438,9 +440,11 @@ class RedisStore:
             with anyio.fail_after(self.settings.timeout_seconds * 2):
                 return await operation
         except ResponseError as exc:
-            raise StoreUnavailable(f"{self.where} refused to {what}: {_describe(exc)}", refused=True) from None
+            why = _describe(exc)
+            raise StoreUnavailable(f"{self.where} refused to {what}: {why}", refused=True, why=why) from None
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"{self.where} failed to {what}: {_describe(exc)}") from None
+            why = _describe(exc)
+            raise StoreUnavailable(f"{self.where} failed to {what}: {why}", why=why) from None
 
     async def acquire(
         self,
