@@ -210,9 +210,11 @@ STORE_REFUSED_ADVICE = (
 
 def refuse_store(tool: str | None, reason: str, *, refused: bool = False) -> SessionError:
     """The refusal of a call the session store could not admit: `refused` when Redis answered
-    with an error, which a retry does not cure until the operator puts the store right."""
+    with an error, which a retry does not cure until the operator puts the store right. Without
+    a `tool`, a session of its own (`session_create`) was asked for, and no call was to run."""
     advice = STORE_REFUSED_ADVICE if refused else "The server reconnects by itself: retry in a moment"
-    return SessionError(ErrorCode.STORE_UNAVAILABLE, f"{reason}; the call was not run. {advice}", tool=tool)
+    outcome = "the call was not run" if tool is not None else "no session was created"
+    return SessionError(ErrorCode.STORE_UNAVAILABLE, f"{reason}; {outcome}. {advice}", tool=tool)
 
 
 def refuse_shutdown(tool: str | None) -> SessionError:

@@ -437,6 +437,7 @@ async def test_store_unavailable_sentences_read_cleanly_with_no_stray_full_stop(
     async with start_replicas(tmp_path, config, 1) as (replica,), replica.client() as client:
         await anyio.to_thread.run_sync(own_redis.stop)
         refused_call, _ = await timed_call(client, "echo", {"text": "no store"})
+        refused_create, _ = await timed_call(client, "session_create", {})
         refused_release, _ = await timed_call(client, "session_release", {"session_id": "s000000000000-1"})
         refused_long, _ = await timed_call(client, "session_release", {"session_id": "x" * 5000})
 
@@ -445,13 +446,16 @@ async def test_store_unavailable_sentences_read_cleanly_with_no_stray_full_stop(
     long_error = error_of(refused_long)
     assert long_error["code"] == "unknown_session" and "x" * 81 not in long_error["message"]
     assert len(long_error["session_id"]) <= 81 and long_error["session_id"].endswith("…")
-    messages = [error_of(refused_call)["message"], error_of(refused_release)["message"]]
-    assert [error_of(r)["code"] for r in (refused_call, refused_release)] == ["store_unavailable"] * 2, messages
+    refusals = (refused_call, refused_release, refused_create)
+    messages = [error_of(result)["message"] for result in refusals]
+    assert [error_of(result)["code"] for result in refusals] == ["store_unavailable"] * 3, messages
     for message in messages:
         assert ".;" not in message and ".." not in message, message
         assert "Connect call failed" in message or "connecting" in message, message
     assert "; the call was not run. The server reconnects by itself: retry in a moment" in messages[0]
     assert "; session s000000000000-1 was not released. Retry in a moment" in messages[1]
+    # session_create runs no call: it is told that no session was created.
+    assert "; no session was created. The server reconnects by itself: retry in a moment" in messages[2]
 
 
 async def test_a_call_that_completed_while_redis_was_away_counts_as_completed_not_timeout(
