@@ -22,7 +22,7 @@ import threading
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, NoReturn, cast
 
 import anyio
 import anyio.from_thread
@@ -274,6 +274,8 @@ class _Exit:
         #: Tasks left running at the exit because their work holds its cancellation off.
         self.left_behind = 0
         app.sessions.add_exit_listener(self._finished)
+        global _serving  # noqa: PLW0603 - signals are the process's: so is the exit they reach
+        _serving = self
 
     def _finished(self, report: ShutdownReport) -> None:
         self.report = report
@@ -292,20 +294,58 @@ class _Exit:
         await self.sessions.shutdown()
 
     async def watch_signals(self, task_group: Any) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                self.on_signal(signum, task_group)
+        before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    self.on_signal(signum, task_group)
+        finally:
+            # asyncio gives the signals their default action back, not the handler there was.
+            for signum, handler in before.items():
+                if handler is late_signal:
+                    signal.signal(signum, handler)
 
     def on_signal(self, signum: int, task_group: Any) -> None:
+        name = self._force_if_second(signum)
+        task_group.start_soon(self.begin, f"received {name}", _JOINING)
+
+    def on_late_signal(self, signum: int) -> None:
+        """SIGINT or SIGTERM once serving's own handlers are gone: the shutdown has run, and the
+        process is on its way out (writing its last answers, running `atexit` handlers). The
+        first joins it, as during the shutdown; the next forces the exit."""
+        name = self._force_if_second(signum)
+        logger.info("Received %s as the server exits, its shutdown done: joining the exit%s", name, _JOINING)
+
+    def _force_if_second(self, signum: int) -> str:
+        """The signal's name, noted as the first; a second one forces the exit (status 1),
+        whatever started the shutdown."""
         name = signal.Signals(signum).name
         if self.first_signal is not None:
             came = f"Second {name}" if name == self.first_signal else f"{name} after {self.first_signal}"
             logger.warning("%s: forcing exit; %s", came, _cut_off(self.sessions.manager.metrics()))
             _force_exit(1)
         self.first_signal = name
-        # The next signal forces the exit (above), whatever started the shutdown.
-        joining = " (a second SIGINT or SIGTERM forces the exit at once, with status 1)"
-        task_group.start_soon(self.begin, f"received {name}", joining)
+        return name
+
+
+#: What a signal that joins the shutdown adds to its log line.
+_JOINING = " (a second SIGINT or SIGTERM forces the exit at once, with status 1)"
+#: The exit of the server this process serves (once it serves), for `late_signal`.
+_serving: _Exit | None = None
+
+
+def late_signal(signum: int, _frame: object) -> None:
+    """The standalone server's SIGINT and SIGTERM handler while serving's own are not in place
+    (`server.cli` sets it before serving; the transports' receivers put it back when they end).
+    Before the graceful shutdown began, it stops the process at once, as the default action would
+    (status 128 + the signal); from then on, see `_Exit.on_late_signal`. Without it, a signal in
+    the last moments of a finished exit ended the process with the signal's default action."""
+    serving = _serving
+    if serving is None or not serving.sessions.manager.shutting_down:
+        name = signal.Signals(signum).name
+        logger.warning("Received %s before the server served, or after it stopped without a shutdown: exiting", name)
+        _force_exit(128 + signum)
+    serving.on_late_signal(signum)
 
 
 def _cut_off(metrics: MetricsSnapshot) -> str:
@@ -314,7 +354,7 @@ def _cut_off(metrics: MetricsSnapshot) -> str:
     return f"{calls} tool call(s) running or queued are cut off unanswered"
 
 
-def _force_exit(code: int) -> None:
+def _force_exit(code: int) -> NoReturn:
     """Exit now with status `code`: no thread is waited for and no `atexit` handler runs, but the
     counts of repeated records still pending (`server.logs.RepeatLimit`) are written first, as
     at an ordinary exit, if that takes at most a second (`write_pending_at_exit`)."""

@@ -16,6 +16,7 @@ so are Python's warnings (`logging.captureWarnings`).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from server.app import App, build_app, package_version, serve
+from server.app import App, build_app, late_signal, package_version, serve
 from server.config import ConfigError, Settings
 from server.config_loader import config_problems, load_settings_noting
 from server.logs import capture_warnings, configure_logging
@@ -93,6 +94,11 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
     is ignored from then on, instead of regaining its default action (ending the process, status
     129) for the last moments of an exit that has otherwise run its course."""
     give_back = hold_early_hangups()  # a SIGHUP before the server serves is a reload once it does, not a silent death
+    if exiting:
+        # Run last of the `atexit` handlers (registered before any tool module's): from then
+        # on, Python's exit gives handlers written in Python the default action back, and a
+        # SIGINT or SIGTERM there would turn a finished exit's status into the signal's.
+        atexit.register(_ignore_stop_signals)
     if sys.stderr is None:
         # Started with fd 2 closed (`2>&-`): what would be said goes nowhere, but the exit status
         # must still say it (writing to None failed with status 1, where a config error is 2).
@@ -107,10 +113,19 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
             return 128 + exc.signum  # as a shell reports a process a signal ended
         if isinstance(started, int):
             return started
+        # SIGINT and SIGTERM, wherever serving's own handlers are not in place: its transports'
+        # receivers put this back when they end, so it covers the exit's last moments too.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, late_signal)
         serve(*started)
         return 0
     finally:
         give_back(exiting)
+
+
+def _ignore_stop_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, BinaryIO | None, BinaryIO | None]:

@@ -132,6 +132,18 @@ async def test_hanging_tools_time_out_on_time_over_http(shared_http_server: Serv
     assert after["abandoned_threads"] - before["abandoned_threads"] == 1
 
 
+async def test_a_signal_in_the_last_moments_of_the_exit_over_http_joins_it(tmp_path: Path) -> None:
+    # uvicorn put back the handler there was before it served: Python's default, so a SIGTERM in
+    # the last moments of a finished exit ended the process by the signal, with no word.
+    config: dict[str, Any] = {"server": {"tool_modules": ["tests.fixtures.slow_exit_tools"]}}
+    async with start_server(tmp_path, config, transport="streamable-http") as server:
+        server.send_signal(signal.SIGTERM)
+        await server.wait_stderr("slow_exit_tools: atexit handler flushing")
+        server.send_signal(signal.SIGINT)
+        assert await server.wait_exit(within=EXIT_MARGIN) == 1
+    assert "SIGINT after SIGTERM: forcing exit; 0 tool call(s)" in server.stderr, server.stderr
+
+
 async def test_server_shutdown_without_a_configured_admin_token_is_refused_and_counted(
     shared_http_server: ServerProcess,
 ) -> None:

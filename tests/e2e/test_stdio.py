@@ -393,6 +393,37 @@ async def test_a_signal_to_a_forked_worker_ends_the_worker_not_the_server(tmp_pa
     assert "received SIGTERM" not in server.stderr, server.stderr
 
 
+#: A tool module whose `atexit` handler writes `SLOW_EXIT_LINE` and then takes 2 s.
+SLOW_EXIT_MODULE = "tests.fixtures.slow_exit_tools"
+SLOW_EXIT_LINE = "slow_exit_tools: atexit handler flushing"
+
+
+@pytest.mark.parametrize("trigger", ["stdin", "server_shutdown", "SIGTERM"])
+async def test_a_signal_in_the_last_moments_of_the_exit_joins_it_and_a_second_forces_it(
+    tmp_path: Path, trigger: str
+) -> None:
+    # Once serving's handlers were gone, SIGTERM had its default action back: the process ended
+    # by the signal (no status 0, no word in the log) while it ran its atexit handlers.
+    config: dict[str, Any] = {"server": {"tool_modules": [SLOW_EXIT_MODULE]}}
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        if trigger == "stdin":
+            await server.close_stdin()
+        elif trigger == "server_shutdown":
+            await server.call("server_shutdown", {"timeout_seconds": 0})
+        else:
+            server.send_signal(signal.SIGTERM)
+        await server.wait_stderr(SLOW_EXIT_LINE)
+        if trigger == "SIGTERM":  # the shutdown's own signal was the first: this one forces the exit
+            server.send_signal(signal.SIGINT)
+            assert await server.wait_exit(within=EXIT_MARGIN) == 1
+            await server.wait_stderr("SIGINT after SIGTERM: forcing exit; 0 tool call(s)")
+            return
+        server.send_signal(signal.SIGTERM)
+        await server.wait_stderr("Received SIGTERM as the server exits, its shutdown done: joining the exit")
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+
+
 async def test_past_max_abandoned_threads_sync_tools_are_refused_at_once_async_ones_served(tmp_path: Path) -> None:
     # echo's own deadline, so that "at once" is told from "after its timeout" with seconds to
     # spare either way: a refusal at once is one stdio round trip (milliseconds, well under a
