@@ -10,7 +10,8 @@ all reach the server and a check never waits for input. `--check-config` builds 
 a start does (tool modules imported, their tools registered, their `setup(server)` hooks run), so
 that what would make the start fail fails the check, and serves nothing. `[logging]` is applied
 before the tool modules are imported: what they log then is at its level and in its format, and
-so are Python's warnings (`logging.captureWarnings`).
+so are Python's warnings (`logging.captureWarnings`). An exit that serves nothing does not wait
+for a thread a tool module left running that is not a daemon thread (see `_served_nothing`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from server.app import App, build_app, late_signal, package_version, serve
+from server.app import App, _busy_threads, _force_exit, build_app, late_signal, package_version, serve
 from server.config import ConfigError, Settings
 from server.config_loader import config_problems, load_settings_noting
 from server.logs import capture_warnings, configure_logging
@@ -110,9 +111,9 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
         except _StopWhileStarting as exc:
             name = signal.Signals(exc.signum).name
             sys.stderr.write(f"mcp-session-manager: {name} while starting; stopped before serving anything\n")
-            return 128 + exc.signum  # as a shell reports a process a signal ended
+            return _served_nothing(128 + exc.signum, exiting)  # as a shell reports a process a signal ended
         if isinstance(started, int):
-            return started
+            return _served_nothing(started, exiting)
         # SIGINT and SIGTERM, wherever serving's own handlers are not in place: its transports'
         # receivers put this back when they end, so it covers the exit's last moments too.
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -126,6 +127,27 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
 def _ignore_stop_signals() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _served_nothing(status: int, exiting: bool) -> int:
+    """`status`, for an exit that served nothing (a check, a config problem, a stop while starting).
+    With `exiting`, if a tool module started a thread that is still running and not a daemon (a
+    cache refresher, say), the process exits now with `status`, naming the threads in one line:
+    Python would wait for them at exit, so a check that had passed, or a config error, hung instead
+    of exiting. That exit runs no `atexit` handler (Python runs them only after those threads end).
+    Without such threads, `status` is returned and the process exits the ordinary way."""
+    held = _busy_threads() if exiting else []
+    if held:
+        names = ", ".join(repr(thread.name) for thread in held)
+        sys.stderr.write(
+            f"mcp-session-manager: exiting without waiting for {len(held)} thread(s) a tool module started and left"
+            f" running ({names}): Python would wait for them at exit, as they are not daemon threads; atexit"
+            " handlers are not run\n"
+        )
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a module's print still buffered: fd 1 is stderr by now
+        _force_exit(status)
+    return status
 
 
 def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, BinaryIO | None, BinaryIO | None]:

@@ -957,6 +957,76 @@ def test_a_sighup_while_a_tool_module_imports_is_a_reload_once_the_server_runs(t
     assert f"Config reloaded from {config}: limits.max_concurrent_sessions 5 -> 7" in stderr, stderr
 
 
+#: What the CLI writes when it exits without waiting for the fixture module's thread.
+THREAD_LEFT = (
+    "mcp-session-manager: exiting without waiting for 1 thread(s) a tool module started and left running"
+    " ('fixture-cache-refresher'): Python would wait for them at exit, as they are not daemon threads;"
+    " atexit handlers are not run"
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "check", "status"),
+    [
+        ("", True, 0),
+        ("[tools.cache_cuont]\ntimeout_seconds = 1.0\n", True, 2),
+        ("[tools.cache_cuont]\ntimeout_seconds = 1.0\n", False, 2),
+    ],
+    ids=["valid-check-config", "invalid-check-config", "invalid-start"],
+)
+def test_a_tool_module_s_running_thread_does_not_hold_an_exit_that_serves_nothing(
+    tmp_path: Path, extra: str, check: bool, status: int
+) -> None:
+    # The module's thread is no daemon thread and never ends: Python would wait for it at exit, and
+    # a check that passed, or a config error, hung (the subprocess timeout would fire).
+    path = write(tmp_path, f'[server]\ntool_modules = ["{FIXTURES}.starts_a_thread_at_import"]\n{extra}')
+
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--config", str(path), *(["--check-config"] if check else [])],
+        cwd=ROOT,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+    assert result.returncode == status, result.stderr
+    assert result.stderr.splitlines()[-1] == THREAD_LEFT, result.stderr
+    if status == 0:
+        assert json.loads(result.stdout)["server"]["tool_modules"] == [f"{FIXTURES}.starts_a_thread_at_import"]
+    else:
+        assert "tools.cache_cuont: no hosted tool has this name" in result.stderr, result.stderr
+
+
+def test_a_signal_while_starting_does_not_wait_for_a_thread_a_tool_module_started(tmp_path: Path) -> None:
+    config = tmp_path / "slow.toml"
+    config.write_text(
+        f'[server]\ntool_modules = ["{FIXTURES}.starts_a_thread_at_import", "{FIXTURES}.slow_at_import"]\n'
+    )
+    with start_on(config) as process:
+        assert process.stderr is not None
+        watchdog = threading.Timer(20, process.kill)  # bounds the reads below if the line never comes
+        watchdog.start()
+        try:
+            seen = []
+            for line in process.stderr:
+                seen.append(line)
+                if line.strip() == "slow_at_import: importing":
+                    break
+            process.send_signal(signal.SIGTERM)
+            _, rest = process.communicate(timeout=20)
+        finally:
+            watchdog.cancel()
+            process.kill()
+    stderr = "".join(seen) + rest
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.splitlines()[-2:] == [
+        "mcp-session-manager: SIGTERM while starting; stopped before serving anything",
+        THREAD_LEFT,
+    ], stderr
+
+
 def test_check_config_prints_the_store_url_without_its_password() -> None:
     url = "redis://:hunter2@cache.internal:6379/0"
     result = run("--check-config", env={"MCP_SESSIONS_STORE__BACKEND": "redis", "MCP_SESSIONS_STORE__URL": url})
