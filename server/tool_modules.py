@@ -5,7 +5,8 @@ Tier: application wiring (beside `server.app`, which builds the standalone serve
 The standalone server and `--check-config` both go through `import_tool_modules` and then
 `install_tool_modules`, so that a check finds what would make the start fail: a tool the SDK
 cannot register (a lambda, a `functools.partial`, a parameter type it has no schema for), a
-`setup` that raises, a module that calls `sys.exit` while imported or set up. What a module raises
+`setup` that raises, an `async def setup` (never awaited, so it would do nothing), a module that
+calls `sys.exit` while imported or set up. What a module raises
 need not be an `Exception`: a class of its own derived from `BaseException` is reported the same
 way. Only `KeyboardInterrupt` and `StartInterrupted` go through: the process is being stopped.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 import pkgutil
 import sys
@@ -68,6 +70,23 @@ _EXIT_HINT = (
     "a tool module must not exit the process (argparse's parse_args() does, on arguments it does not "
     'know: run it under if __name__ == "__main__":)'
 )
+
+
+#: Why an `async def setup` (or a generator) is refused: called, its body does not run.
+_NOT_PLAIN_SETUP = (
+    "setup must be a plain function (def setup(server)); {what} is never {verb}, so nothing in it runs: "
+    "register what you host in a def setup, and start async work from a tool"
+)
+
+
+def _setup_never_runs(setup: Callable[..., Any]) -> str | None:
+    """If calling `setup` would not run its body (an `async def`, whose coroutine nobody awaits, or
+    a generator function), what it is, for `_NOT_PLAIN_SETUP`; else None."""
+    if inspect.iscoroutinefunction(setup):
+        return _NOT_PLAIN_SETUP.format(what="an async def setup", verb="awaited")
+    if inspect.isasyncgenfunction(setup) or inspect.isgeneratorfunction(setup):
+        return _NOT_PLAIN_SETUP.format(what="a setup that yields", verb="iterated")
+    return None
 
 
 #: What to do about a tool with no name of its own (a lambda, a `functools.partial`).
@@ -164,7 +183,8 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
     Raises:
         ConfigError: a name is not a module name, a module does not import (or exits while
             imported), has no `TOOLS`, its `TOOLS` is not a list of callables, its `setup` is not
-            callable, or two tools share a name; every problem at once.
+            callable or is an `async def` (or a generator: its body would never run), or two tools
+            share a name; every problem at once.
     """
     modules: list[ToolModule] = []
     owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
@@ -188,6 +208,10 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
         setup = getattr(module, "setup", None)
         if setup is not None and not callable(setup):
             problems.append(f"{key}: setup must be a function setup(server), got {setup!r:.200}")
+            continue
+        never_runs = _setup_never_runs(setup) if setup is not None else None
+        if never_runs is not None:
+            problems.append(f"{key}: {never_runs}")
             continue
         exported = getattr(module, "TOOLS", None)
         if exported is None:
@@ -243,8 +267,9 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
     `TOOLS` or another hook) is a problem, where the SDK would keep the first tool and only log.
 
     Raises:
-        ConfigError: a tool the SDK refuses, a hook that raises or exits, or a hook registering a
-            tool under a name already taken; every problem at once.
+        ConfigError: a tool the SDK refuses, a hook that raises or exits, a hook returning an
+            awaitable (nothing awaits it), or a hook registering a tool under a name already taken;
+            every problem at once.
     """
     problems: list[str] = []
     for module in modules:
@@ -285,7 +310,15 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
         before = set(tool_names(server))
         try:
             with screened_tool_registrations(server, admit):
-                module.setup(server)  # tools, resources, prompts, other handlers; tools/call goes through the sessions
+                # tools, resources, prompts, other handlers; tools/call goes through the sessions
+                returned = module.setup(server)
+            if inspect.isawaitable(returned):  # an object whose __call__ is an async def, say
+                if inspect.iscoroutine(returned):
+                    returned.close()  # never awaited: no RuntimeWarning for it
+                problems.append(
+                    f"{key}: "
+                    + _NOT_PLAIN_SETUP.format(what=f"a setup returning {type(returned).__name__}", verb="awaited")
+                )
         except SystemExit as exc:
             problems.append(f"{key}: setup(server) called {_exit_call(exc)}; {_EXIT_HINT}")
         except (KeyboardInterrupt, StartInterrupted):

@@ -667,6 +667,19 @@ BAD_MODULES = [
         id="setup-not-callable",
     ),
     pytest.param(
+        [f"{FIXTURES}.setup_is_async"],
+        f"'{FIXTURES}.setup_is_async': setup must be a plain function (def setup(server)); an async def setup is"
+        " never awaited, so nothing in it runs: register what you host in a def setup, and start async work from"
+        " a tool",
+        id="setup-async-def",
+    ),
+    pytest.param(
+        [f"{FIXTURES}.setup_is_async_callable"],
+        f"'{FIXTURES}.setup_is_async_callable': setup must be a plain function (def setup(server)); a setup"
+        " returning coroutine is never awaited, so nothing in it runs",
+        id="setup-returns-a-coroutine",
+    ),
+    pytest.param(
         ["tools.demo", f"{FIXTURES}.duplicate_echo"],
         f"'{FIXTURES}.duplicate_echo': tool 'echo' is already provided by module 'tools.demo'",
         id="duplicate-demo-tool",
