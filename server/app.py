@@ -67,7 +67,12 @@ from server.stdio_wire import (
     read_despite_unpaired_surrogates,
     unreadable_line_error,
 )
-from server.tool_modules import hosting_nothing, import_tool_modules, install_tool_modules
+from server.tool_modules import (
+    hosting_nothing,
+    import_tool_modules_noting,
+    install_tool_modules_noting,
+    tools_not_known,
+)
 from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, WRITE_SECONDS, abandoned_answer
 from tools.sessions import MANAGEMENT_TOOLS, SESSION_TOOL_TABLE
 
@@ -212,21 +217,22 @@ def build_app(settings: Settings) -> App:
 
     Raises:
         ConfigError: a tool module's problems (see `server.tool_modules`) and `[tools.NAME]`
-            tables naming no hosted tool (of `TOOLS` or registered by a hook), together.
+            tables naming no hosted tool (of `TOOLS` or registered by a hook), together: the
+            modules that imported are installed (their tools registered, every hook run) even
+            when another did not; a table naming none of the tools known then says whose tools
+            are not (a module that did not import, a hook that did not finish).
     """
-    modules = import_tool_modules(settings.server.tool_modules)
+    modules, problems = import_tool_modules_noting(settings.server.tool_modules)
     tools = [fn for module in modules for fn in module.tools]
     sessions = _StandaloneSessions(settings)
     server: MCPServer[Any] = MCPServer(
         settings.server.name, version=package_version(), extensions=[sessions], lifespan=sessions.lifespan
     )
-    problems: list[str] = []
-    try:
-        install_tool_modules(server, modules)
-    except ConfigError as exc:
-        problems = exc.problems
+    installed = install_tool_modules_noting(server, modules)
+    problems += installed.problems
     # Every tool of TOOLS, and every one a setup hook registered: per-tool settings apply by name.
-    problems += tool_override_problems(settings, [*tools, *tool_names(server)])
+    unknown = tools_not_known(settings.server.tool_modules, modules, installed.unfinished)
+    problems += tool_override_problems(settings, [*installed.refused, *tool_names(server)], unknown)
     if problems:
         raise ConfigError(problems)
     return App(settings=settings, server=server, sessions=sessions, tools=tools, module_notes=hosting_nothing(modules))

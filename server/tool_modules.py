@@ -2,8 +2,9 @@
 `MCPServer` and their `setup(server)` hooks run, every failure a config problem naming the module.
 
 Tier: application wiring (beside `server.app`, which builds the standalone server with these).
-The standalone server and `--check-config` both go through `import_tool_modules` and then
-`install_tool_modules`, so that a check finds what would make the start fail: a tool the SDK
+The standalone server and `--check-config` both go through `import_tool_modules_noting` and then
+`install_tool_modules_noting` (every module that imported is installed, whatever the problems of
+the others, so that all are reported together), so that a check finds what would make the start fail: a tool the SDK
 cannot register (a lambda, a `functools.partial`, a parameter type it has no schema for), a
 `setup` that raises, an `async def setup` (never awaited, so it would do nothing), a module that
 calls `sys.exit` while imported or set up. What a module raises
@@ -186,6 +187,18 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
             callable or is an `async def` (or a generator: its body would never run), or two tools
             share a name; every problem at once.
     """
+    modules, problems = import_tool_modules_noting(names)
+    if problems:
+        raise ConfigError(problems)
+    return modules
+
+
+def import_tool_modules_noting(names: Sequence[str]) -> tuple[list[ToolModule], list[str]]:
+    """As `import_tool_modules`, but the problems are returned, with the modules that can still be
+    installed to find theirs: each module that imported with a usable `TOOLS` and `setup`, less
+    any tool whose name an earlier one took (so that installing them finds no clash twice). A
+    module missing from them (not a module name, not imported, no `TOOLS`, a bad `setup`) has its
+    problem among the problems."""
     modules: list[ToolModule] = []
     owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
     problems: list[str] = []
@@ -220,18 +233,30 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
         if not isinstance(exported, list | tuple) or not all(callable(fn) for fn in exported):
             problems.append(f"{key}: TOOLS must be a list of functions, got {exported!r:.200}")
             continue
+        kept = []
         for fn in exported:
             tool_name = _tool_name(fn)
-            if tool_name is None:
-                continue  # nameless: refused when registered, with the SDK's reason
-            if tool_name in owners:
-                problems.append(f"{key}: tool {tool_name!r} is already provided by {owners[tool_name]}")
-                continue
-            owners[tool_name] = f"module {module_name!r}"
-        modules.append(ToolModule(module_name, tuple(exported), setup))
-    if problems:
-        raise ConfigError(problems)
-    return modules
+            if tool_name is not None:  # (a nameless one is refused when registered, with the SDK's reason)
+                if tool_name in owners:
+                    problems.append(f"{key}: tool {tool_name!r} is already provided by {owners[tool_name]}")
+                    continue
+                owners[tool_name] = f"module {module_name!r}"
+            kept.append(fn)
+        modules.append(ToolModule(module_name, tuple(kept), setup))
+    return modules, problems
+
+
+def tools_not_known(names: Sequence[str], modules: Sequence[ToolModule], unfinished: Sequence[str]) -> str:
+    """For a `[tools.NAME]` naming no tool while some are not known: which modules' tools, and why
+    (`names` listed, `modules` imported, `unfinished` those whose hook did not run to its end), as
+    the end of its sentence; "" when every tool is known."""
+    imported = {module.name for module in modules}
+    parts = [f"{name!r} (refused)" for name in dict.fromkeys(names) if name not in imported]
+    parts += [f"{name!r} (its setup(server) did not finish)" for name in unfinished]
+    if not parts:
+        return ""
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"; the tools of {listed} are not known: it may name one of theirs"
 
 
 def hosting_nothing(modules: Sequence[ToolModule]) -> list[str]:
@@ -271,18 +296,41 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
             awaitable (nothing awaits it), or a hook registering a tool under a name already taken;
             every problem at once.
     """
+    problems = install_tool_modules_noting(server, modules).problems
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What `install_tool_modules_noting` found."""
+
+    #: One line per problem, as `install_tool_modules` raises them.
+    problems: list[str]
+    #: The names of tools of `TOOLS` the SDK refused (a table naming one is no second problem).
+    refused: list[str]
+    #: The modules whose `setup(server)` did not run to its end: the tools it would have
+    #: registered are not known.
+    unfinished: list[str]
+
+
+def install_tool_modules_noting(server: MCPServer[Any], modules: Sequence[ToolModule]) -> Installed:
+    """As `install_tool_modules`, but what it finds is returned. Every hook runs, even once a tool
+    the SDK refused makes the start fail, so that their problems are reported together."""
     problems: list[str] = []
+    refused: list[str] = []
+    unfinished: list[str] = []
     for module in modules:
         for fn in module.tools:
             try:
                 server.add_tool(fn)
             except Exception as exc:  # noqa: BLE001 - any refusal by the SDK is a config error to report
                 name = _tool_name(fn)
+                if name is not None:
+                    refused.append(name)
                 label = repr(name) if name is not None else f"{getattr(fn, '__name__', None) or fn!r:.200}"
                 hint = "" if name is not None else _NAMELESS_HINT
                 problems.append(f"{_key(module.name)}: tool {label} cannot be registered: {_one_line(exc)}{hint}")
-    if problems:
-        raise ConfigError(problems)
     owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
     for module in modules:
         for fn in module.tools:
@@ -319,13 +367,15 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
                     f"{key}: "
                     + _NOT_PLAIN_SETUP.format(what=f"a setup returning {type(returned).__name__}", verb="awaited")
                 )
+                unfinished.append(module.name)
         except SystemExit as exc:
             problems.append(f"{key}: setup(server) called {_exit_call(exc)}; {_EXIT_HINT}")
+            unfinished.append(module.name)
         except (KeyboardInterrupt, StartInterrupted):
             raise  # as for an import: the process is being stopped
         except BaseException as exc:  # noqa: BLE001 - any failure of a hook is a config error to report
             problems.append(f"{key}: setup(server) failed: {_one_line(exc)}")
+            unfinished.append(module.name)
         for name in set(tool_names(server)) - before:  # those added past add_tool too
             owners.setdefault(name, f"the setup(server) of module {module.name!r}")
-    if problems:
-        raise ConfigError(problems)
+    return Installed(problems, refused, unfinished)

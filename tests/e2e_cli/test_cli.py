@@ -777,6 +777,42 @@ def test_every_bad_tool_module_is_reported_at_once(tmp_path: Path) -> None:
     assert f"'{FIXTURES}.raises_at_import'" in reported[1]
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_problems_of_importing_registering_setting_up_and_tables_are_reported_together(
+    tmp_path: Path, check: bool
+) -> None:
+    # One module that does not import, one with a tool the SDK refuses, one whose hook raises, a
+    # table naming no tool and one for a session tool: one run reports them all (it took three).
+    modules = [
+        f"{FIXTURES}.no_tools",
+        f"{FIXTURES}.nameless_tools",
+        f"{FIXTURES}.good_tools",
+        f"{FIXTURES}.setup_raises",
+    ]
+    path = write(
+        tmp_path,
+        f"[server]\ntool_modules = {json.dumps(modules)}\n[tools.shuot]\ntimeout_seconds = 1.0\n"
+        "[tools.session_create]\ntimeout_seconds = 1.0\n",
+    )
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    reported = problems(result)
+    key = f"{path}: server.tool_modules:"
+    assert len(reported) == 6, reported
+    assert reported[0] == f"{key} '{FIXTURES}.no_tools': the module has no TOOLS list (TOOLS = [my_tool, ...])"
+    assert reported[1].startswith(f"{key} '{FIXTURES}.nameless_tools': tool '<lambda>' cannot be registered"), reported
+    assert reported[2].startswith(f"{key} '{FIXTURES}.nameless_tools': tool functools.partial("), reported
+    assert reported[3] == f"{key} '{FIXTURES}.setup_raises': setup(server) failed: KeyError: 'API_KEY'"
+    assert reported[4] == (
+        f"{path}: tools.shuot: no hosted tool has this name (hosted: fine, shout); did you mean 'shout'?; the tools"
+        f" of '{FIXTURES}.no_tools' (refused) and '{FIXTURES}.setup_raises' (its setup(server) did not finish) are"
+        " not known: it may name one of theirs"
+    ), reported
+    assert reported[5].startswith(f"{path}: tools.session_create: per-tool settings do not apply"), reported
+
+
 def test_a_tools_table_naming_no_hosted_tool_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "typo.toml"
     config.write_text('[server]\ntool_modules = ["tools.demo"]\n\n[tools.sleep_asycn]\ntimeout_seconds = 2.0\n')
