@@ -232,10 +232,17 @@ def build_app(settings: Settings) -> App:
     problems += installed.problems
     # Every tool of TOOLS, and every one a setup hook registered: per-tool settings apply by name.
     unknown = tools_not_known(settings.server.tool_modules, modules, installed.unfinished)
-    problems += tool_override_problems(settings, [*installed.refused, *tool_names(server)], unknown)
+    removed = [name for name in settings.tools if name in installed.removed]
+    problems += tool_override_problems(settings, [*installed.refused, *tool_names(server), *removed], unknown)
+    problems += [
+        f"tools.{name}: the setup(server) of module {installed.removed[name]!r} removes this tool, so it is not "
+        "hosted and its settings would apply to nothing; remove the table, or keep the tool"
+        for name in removed
+    ]
     if problems:
         raise ConfigError(problems)
-    return App(settings=settings, server=server, sessions=sessions, tools=tools, module_notes=hosting_nothing(modules))
+    notes = [*hosting_nothing(modules), *installed.notes]
+    return App(settings=settings, server=server, sessions=sessions, tools=tools, module_notes=notes)
 
 
 #: The distribution whose version the standalone server gives as its `serverInfo.version`.

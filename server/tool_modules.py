@@ -290,11 +290,12 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
     registers is hosted like those of `TOOLS` (a session per call, its `[tools.NAME]` settings),
     and its name must be free as theirs must: a name already taken (by a session tool, a module's
     `TOOLS` or another hook) is a problem, where the SDK would keep the first tool and only log.
+    A hook may remove a tool (`server.remove_tool`), but not a session tool.
 
     Raises:
         ConfigError: a tool the SDK refuses, a hook that raises or exits, a hook returning an
-            awaitable (nothing awaits it), or a hook registering a tool under a name already taken;
-            every problem at once.
+            awaitable (nothing awaits it), a hook registering a tool under a name already taken,
+            or one removing a session tool; every problem at once.
     """
     problems = install_tool_modules_noting(server, modules).problems
     if problems:
@@ -312,6 +313,10 @@ class Installed:
     #: The modules whose `setup(server)` did not run to its end: the tools it would have
     #: registered are not known.
     unfinished: list[str]
+    #: Each tool a hook removed (`server.remove_tool`), and the module whose hook did: not hosted.
+    removed: dict[str, str]
+    #: One sentence per tool a hook removed, to note (not a problem: a hook may mean it).
+    notes: list[str]
 
 
 def install_tool_modules_noting(server: MCPServer[Any], modules: Sequence[ToolModule]) -> Installed:
@@ -320,6 +325,8 @@ def install_tool_modules_noting(server: MCPServer[Any], modules: Sequence[ToolMo
     problems: list[str] = []
     refused: list[str] = []
     unfinished: list[str] = []
+    removed: dict[str, str] = {}
+    notes: list[str] = []
     for module in modules:
         for fn in module.tools:
             try:
@@ -376,6 +383,19 @@ def install_tool_modules_noting(server: MCPServer[Any], modules: Sequence[ToolMo
         except BaseException as exc:  # noqa: BLE001 - any failure of a hook is a config error to report
             problems.append(f"{key}: setup(server) failed: {_one_line(exc)}")
             unfinished.append(module.name)
-        for name in set(tool_names(server)) - before:  # those added past add_tool too
+        after = set(tool_names(server))
+        for name in after - before:  # those added past add_tool too
             owners.setdefault(name, f"the setup(server) of module {module.name!r}")
-    return Installed(problems, refused, unfinished)
+        for name in sorted(before - after):  # `server.remove_tool(name)`
+            if name in MANAGEMENT_TOOLS:
+                problems.append(
+                    f"{key}: setup(server) removes session tool {name!r}; the session tools are the session "
+                    "extension's (its clients create, release and count sessions with them): leave them registered"
+                )
+                continue
+            removed[name] = module.name
+            notes.append(
+                f"{key}: setup(server) removes tool {name!r}, registered by {owners.get(name, 'the server')}: "
+                "it is not hosted"
+            )
+    return Installed(problems, refused, unfinished, removed, notes)

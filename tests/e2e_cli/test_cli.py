@@ -877,6 +877,50 @@ def test_a_tools_table_for_a_tool_a_setup_hook_registers_is_accepted(tmp_path: P
     }
 
 
+#: `good_tools`, then a module whose hook removes its `shout` (and `REMOVE_SESSION_TOOL`, if set).
+REMOVING = [f"{FIXTURES}.good_tools", f"{FIXTURES}.setup_removes_tools"]
+
+
+def test_a_tool_a_setup_hook_removes_is_noted_as_not_hosted(tmp_path: Path) -> None:
+    path = modules_config(tmp_path, *REMOVING)
+
+    result = run("--config", str(path), "--check-config")
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"mcp-session-manager: note: server.tool_modules: '{FIXTURES}.setup_removes_tools': setup(server) removes"
+        f" tool 'shout', registered by module '{FIXTURES}.good_tools' (in its TOOLS): it is not hosted"
+    ) in result.stderr.splitlines(), result.stderr
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_tools_table_for_a_tool_a_setup_hook_removes_is_refused(tmp_path: Path, check: bool) -> None:
+    path = write(tmp_path, f"[server]\ntool_modules = {json.dumps(REMOVING)}\n[tools.shout]\ntimeout_seconds = 1.0\n")
+
+    result = run("--config", str(path), *(["--check-config"] if check else []))
+
+    assert_refused(result)
+    assert problems(result) == [
+        f"{path}: tools.shout: the setup(server) of module '{FIXTURES}.setup_removes_tools' removes this tool, so it"
+        " is not hosted and its settings would apply to nothing; remove the table, or keep the tool"
+    ]
+
+
+@pytest.mark.parametrize("tool", ["session_create", "session_metrics"])
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_a_setup_hook_removing_a_session_tool_exits_2_naming_the_module(tmp_path: Path, tool: str, check: bool) -> None:
+    path = modules_config(tmp_path, *REMOVING)
+
+    result = run("--config", str(path), *(["--check-config"] if check else []), env={"REMOVE_SESSION_TOOL": tool})
+
+    assert_refused(result)
+    assert problems(result) == [
+        f"{path}: server.tool_modules: '{FIXTURES}.setup_removes_tools': setup(server) removes session tool"
+        f" {tool!r}; the session tools are the session extension's (its clients create, release and count"
+        " sessions with them): leave them registered"
+    ]
+
+
 #: A tool module's source, for tests that write one into a working directory.
 LOOKUP_MODULE = "def lookup(key: str) -> str:\n    return key\n\nTOOLS = [lookup]\n"
 
