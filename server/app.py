@@ -210,10 +210,15 @@ def _case_hint(name: str, hosted: list[str]) -> str:
     )
 
 
-def build_app(settings: Settings) -> App:
+def build_app(settings: Settings, *, after_module_code: Callable[[], None] | None = None) -> App:
     """Build the server with the extension installed and the configured tool modules hosted:
     their tools registered, then their `setup(server)` hooks run. Nothing is served yet, so
     `--check-config` builds it too, and finds what would make the start fail.
+
+    `after_module_code`, if given, is called each time a tool module's own code has run: after
+    each import (so before the server is constructed) and after each `setup(server)` hook. A
+    caller that owns process-wide state a module may change puts it back with it before anything
+    else runs: the CLI applies `[logging]` again (a module's `basicConfig(force=True)`).
 
     Raises:
         ConfigError: a tool module's problems (see `server.tool_modules`) and `[tools.NAME]`
@@ -222,13 +227,13 @@ def build_app(settings: Settings) -> App:
             when another did not; a table naming none of the tools known then says whose tools
             are not (a module that did not import, a hook that did not finish).
     """
-    modules, problems = import_tool_modules_noting(settings.server.tool_modules)
+    modules, problems = import_tool_modules_noting(settings.server.tool_modules, after_module_code)
     tools = [fn for module in modules for fn in module.tools]
     sessions = _StandaloneSessions(settings)
     server: MCPServer[Any] = MCPServer(
         settings.server.name, version=package_version(), extensions=[sessions], lifespan=sessions.lifespan
     )
-    installed = install_tool_modules_noting(server, modules)
+    installed = install_tool_modules_noting(server, modules, after_module_code)
     problems += installed.problems
     # Every tool of TOOLS, and every one a setup hook registered: per-tool settings apply by name.
     unknown = tools_not_known(settings.server.tool_modules, modules, installed.unfinished)

@@ -181,11 +181,11 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
             wire = divert_stdout()
             stdin = claim_stdin()
         # A check builds the server as a start does (tools registered, setup hooks run), short of serving.
-        app = build_app(settings)
-        # Again: a tool module may have set logging up for itself meanwhile (`basicConfig(force=True)`:
-        # a plain StreamHandler on the root logger, the root's level); `[logging]` is the server's.
+        # `[logging]` again after each module's import and each setup hook: a module may set logging up
+        # for itself (`basicConfig(force=True)`: a plain StreamHandler on the root logger, the root's
+        # level), and what comes next (the next module, the SDK's server, its hook) logs as the server's.
         # A handler of another class it adds to the root (a file's, say) is its own, and stays.
-        configure_logging(settings.logging)
+        app = build_app(settings, after_module_code=lambda: configure_logging(settings.logging))
     except ConfigError as exc:
         problems = "\n  ".join(config_problems(exc, args.config))
         sys.stderr.write(f"mcp-session-manager: invalid configuration:\n  {problems}\n")

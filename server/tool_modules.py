@@ -193,12 +193,15 @@ def import_tool_modules(names: Sequence[str]) -> list[ToolModule]:
     return modules
 
 
-def import_tool_modules_noting(names: Sequence[str]) -> tuple[list[ToolModule], list[str]]:
+def import_tool_modules_noting(
+    names: Sequence[str], after_each: Callable[[], None] | None = None
+) -> tuple[list[ToolModule], list[str]]:
     """As `import_tool_modules`, but the problems are returned, with the modules that can still be
     installed to find theirs: each module that imported with a usable `TOOLS` and `setup`, less
     any tool whose name an earlier one took (so that installing them finds no clash twice). A
     module missing from them (not a module name, not imported, no `TOOLS`, a bad `setup`) has its
-    problem among the problems."""
+    problem among the problems. `after_each`, if given, is called after each import, whatever
+    it did (see `server.app.build_app`'s `after_module_code`)."""
     modules: list[ToolModule] = []
     owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
     problems: list[str] = []
@@ -218,6 +221,9 @@ def import_tool_modules_noting(names: Sequence[str]) -> tuple[list[ToolModule], 
         except BaseException as exc:  # noqa: BLE001 - any import failure is a config error to report
             problems.append(f"{key}: {_import_problem(module_name, exc)}")
             continue
+        finally:
+            if after_each is not None:
+                after_each()
         setup = getattr(module, "setup", None)
         if setup is not None and not callable(setup):
             problems.append(f"{key}: setup must be a function setup(server), got {setup!r:.200}")
@@ -319,9 +325,12 @@ class Installed:
     notes: list[str]
 
 
-def install_tool_modules_noting(server: MCPServer[Any], modules: Sequence[ToolModule]) -> Installed:
+def install_tool_modules_noting(
+    server: MCPServer[Any], modules: Sequence[ToolModule], after_each: Callable[[], None] | None = None
+) -> Installed:
     """As `install_tool_modules`, but what it finds is returned. Every hook runs, even once a tool
-    the SDK refused makes the start fail, so that their problems are reported together."""
+    the SDK refused makes the start fail, so that their problems are reported together.
+    `after_each`, if given, is called after each hook, whatever it did."""
     problems: list[str] = []
     refused: list[str] = []
     unfinished: list[str] = []
@@ -383,6 +392,9 @@ def install_tool_modules_noting(server: MCPServer[Any], modules: Sequence[ToolMo
         except BaseException as exc:  # noqa: BLE001 - any failure of a hook is a config error to report
             problems.append(f"{key}: setup(server) failed: {_one_line(exc)}")
             unfinished.append(module.name)
+        finally:
+            if after_each is not None:
+                after_each()
         after = set(tool_names(server))
         for name in after - before:  # those added past add_tool too
             owners.setdefault(name, f"the setup(server) of module {module.name!r}")

@@ -435,6 +435,32 @@ def test_the_logging_table_applies_to_what_tool_modules_log_while_imported_and_s
     assert {json.loads(line)["level"] for line in lines} <= {"warning", "error"}, result.stderr
 
 
+@pytest.mark.parametrize("check", [False, True], ids=["stdio", "check-config"])
+def test_a_tool_module_setting_logging_up_at_import_does_not_change_how_what_follows_logs(
+    tmp_path: Path, check: bool
+) -> None:
+    # The first module's basicConfig(force=True) at import: the second module's import, the SDK's
+    # server being built ("Initializing server", DEBUG) and each setup hook still log as [logging] says.
+    modules = [f"{FIXTURES}.configures_logging_at_import", f"{FIXTURES}.logs_at_import"]
+    path = write(
+        tmp_path, f'[server]\ntool_modules = {json.dumps(modules)}\n[logging]\nlevel = "warning"\nformat = "json"\n'
+    )
+
+    result = run("--config", str(path), "--transport", "stdio", *(["--check-config"] if check else []))
+
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line and not line.startswith("mcp-session-manager: ")]
+    assert all(line.startswith("{") for line in lines), result.stderr  # none plain, as basicConfig writes
+    logged = [json.loads(line) for line in lines]
+    assert [(r["level"], r["message"]) for r in logged][:3] == [
+        ("warning", "logs_at_import: warning while importing\nsecond line"),
+        ("warning", "configures_logging_at_import: warning in setup"),
+        ("warning", "logs_at_import: warning in setup"),
+    ], result.stderr
+    assert {r["level"] for r in logged} <= {"warning", "error"}, result.stderr
+    assert "Initializing server" not in result.stderr, result.stderr
+
+
 def test_python_warnings_are_log_records_in_the_logging_format() -> None:
     # A tool module's warnings, at import and in a call, and a coroutine never awaited: each one
     # JSON object on stderr, not Python's two raw lines.
