@@ -110,12 +110,15 @@ def _search_roots() -> str:
 OWN_PACKAGES = ("server", "tools")
 
 
-def _shadowed(module_name: str) -> str | None:
+def _shadowed(module_name: str, preloaded: bool) -> str | None:
     """Why `module_name`, in a package named like one of this product's own, was not found: a
     package of the user's by that name is shadowed, or (none on the path) which of the product's
-    modules is close to the name."""
+    modules is close to the name. For another package (`preloaded`: imported before this module
+    was), that the user's package of that name is shadowed, if it is."""
     top = module_name.partition(".")[0]
-    package = sys.modules.get(top) if top in OWN_PACKAGES else None
+    if top not in OWN_PACKAGES:
+        return _hidden_elsewhere(top, preloaded)
+    package = sys.modules.get(top)
     if package is None:
         return None
     hidden = _hidden_by_ours(top)
@@ -152,12 +155,40 @@ def _hidden_by_ours(top: str) -> str | None:
     return None
 
 
-def _no_tools(module_name: str) -> str:
+def _hidden_elsewhere(top: str, preloaded: bool) -> str | None:
+    """If the module `top` that imports is not the user's `top.py` or `top/` in the working directory
+    or on PYTHONPATH (Python's `calendar`, say, which the server imported before any tool module:
+    `preloaded`), the sentence saying the user's is never looked at and to rename it; else None."""
+    module = sys.modules.get(top)
+    if module is None:
+        return None
+    paths = getattr(module, "__path__", None)
+    file = getattr(module, "__file__", None)
+    where: list[str] = [str(path) for path in paths] if paths is not None else [str(file)] if file else []
+    own = {os.path.realpath(path) for path in where}
+    entries = [os.getcwd()] if "" in sys.path or os.getcwd() in sys.path else []
+    entries += [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    for entry in entries:
+        folder = os.path.join(entry, top)
+        for theirs, kind in ((folder, "package"), (folder + ".py", "module")):
+            found = os.path.isdir(theirs) if kind == "package" else os.path.isfile(theirs)
+            if found and os.path.realpath(theirs) not in own:
+                when = "was imported before any tool module" if preloaded else "is found before yours"
+                return (
+                    f"a module named {top!r} {when} ({', '.join(where) or 'built into Python'}), so your {kind} "
+                    f"{theirs} is never looked at: rename yours (e.g. my_{top}) and list that name"
+                )
+    return None
+
+
+def _no_tools(module_name: str, preloaded: bool = False) -> str:
     """Why a module without `TOOLS` is refused: most often, a module of the user's own that lacks
-    the list; for one of this product's own modules (`server`, `tools.sessions`), that it is ours."""
+    the list, or a module of Python's (`calendar`) imported in place of the user's of that name
+    (`preloaded`: imported before); for one of this product's own modules (`server`,
+    `tools.sessions`), that it is ours."""
     top = module_name.partition(".")[0]
     if top not in OWN_PACKAGES:
-        return "the module has no TOOLS list (TOOLS = [my_tool, ...])"
+        return _hidden_elsewhere(top, preloaded) or "the module has no TOOLS list (TOOLS = [my_tool, ...])"
     hidden = _hidden_by_ours(top) if module_name == top else None
     return hidden or (
         "a module of mcp-session-manager itself, which hosts no tools: list your own tool modules (the demo "
@@ -165,11 +196,12 @@ def _no_tools(module_name: str) -> str:
     )
 
 
-def _import_problem(module_name: str, exc: BaseException) -> str:
-    """Why importing `module_name` failed, naming where it was looked for if it was not found."""
+def _import_problem(module_name: str, exc: BaseException, preloaded: bool) -> str:
+    """Why importing `module_name` failed, naming where it was looked for if it was not found
+    (`preloaded`: its top-level package was imported before it)."""
     missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
     if missing is not None and (module_name == missing or module_name.startswith(missing + ".")):
-        shadowed = _shadowed(module_name)
+        shadowed = _shadowed(module_name, preloaded)
         if shadowed is not None:
             return f"cannot import it: {_one_line(exc)}; {shadowed}"
         return f"cannot import it: {_one_line(exc)}; looked for in {_search_roots()}"
@@ -211,6 +243,7 @@ def import_tool_modules_noting(
         if shape is not None:
             problems.append(f"{key}: {shape}")
             continue
+        preloaded = module_name.partition(".")[0] in sys.modules  # (Python's `calendar`, the SDK's `mcp`)
         try:
             module = importlib.import_module(module_name)
         except SystemExit as exc:
@@ -219,7 +252,7 @@ def import_tool_modules_noting(
         except (KeyboardInterrupt, StartInterrupted):
             raise  # Ctrl-C, or a signal ending the start (see `server.cli`): the process is being stopped
         except BaseException as exc:  # noqa: BLE001 - any import failure is a config error to report
-            problems.append(f"{key}: {_import_problem(module_name, exc)}")
+            problems.append(f"{key}: {_import_problem(module_name, exc, preloaded)}")
             continue
         finally:
             if after_each is not None:
@@ -234,7 +267,7 @@ def import_tool_modules_noting(
             continue
         exported = getattr(module, "TOOLS", None)
         if exported is None:
-            problems.append(f"{key}: {_no_tools(module_name)}")
+            problems.append(f"{key}: {_no_tools(module_name, preloaded)}")
             continue
         if not isinstance(exported, list | tuple) or not all(callable(fn) for fn in exported):
             problems.append(f"{key}: TOOLS must be a list of functions, got {exported!r:.200}")

@@ -999,6 +999,29 @@ def test_a_project_module_named_like_the_product_s_own_package_is_refused_saying
     assert problem.endswith(f"rename yours (e.g. my_{name}) and list that name"), problem
 
 
+@pytest.mark.parametrize(("name", "kind"), [("calendar", "module"), ("email", "package")])
+def test_a_project_module_named_like_one_python_imported_first_is_refused_saying_to_rename_it(
+    tmp_path: Path, name: str, kind: str
+) -> None:
+    # Python's `calendar` and `email` are imported before any tool module (by the server's own
+    # imports): listed as "calendar", Python's module is what imports, and "the module has no TOOLS
+    # list" alone misled the user whose calendar.py has one.
+    theirs = tmp_path / (f"{name}.py" if kind == "module" else name)
+    if kind == "module":
+        theirs.write_text(LOOKUP_MODULE)
+    else:
+        theirs.mkdir()
+        (theirs / "__init__.py").write_text(LOOKUP_MODULE)
+    config, done = check_in(tmp_path, name)
+    assert done.returncode == 2, done.stderr
+    [problem] = problems(done)
+    assert problem.startswith(
+        f"{config}: server.tool_modules: {name!r}: a module named {name!r} was imported before any tool module ("
+    ), problem
+    assert f"so your {kind} {theirs} is never looked at" in problem, problem
+    assert problem.endswith(f"rename yours (e.g. my_{name}) and list that name"), problem
+
+
 def start_on(config: Path, **env: str) -> subprocess.Popen[str]:
     """The server started as `python -m server --config CONFIG` (stdio, its pipes the test's), with
     `env` added to a clean MCP_SESSIONS_* environment (as `run`'s): for tests that signal it while it starts."""
