@@ -16,7 +16,8 @@ import pytest
 from mcp import Client
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Resolve
-from mcp_types import CallToolResult
+from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult
+from pydantic import BaseModel
 
 from server.extension import APPLY_WAIT_SECONDS
 from tests.helpers import Gate, build, code_of, echo, error_of, settings, text_of, until
@@ -472,6 +473,46 @@ async def test_a_tool_that_keeps_reporting_progress_outlives_its_idle_timeout(to
     assert text_of(result) == "finished" and elapsed >= 1.2, "ran three times its idle timeout"
     assert seen == [float(n) for n in range(1, 13)], "the progress still reaches the client"
     assert m["total_sessions_completed"] == 1 and m["total_sessions_timeout"] == 0
+
+
+class Confirmation(BaseModel):
+    ok: bool
+
+
+async def asks_the_user(ctx: Context) -> str:
+    answer = await ctx.elicit("Run it?", Confirmation)
+    return answer.action
+
+
+async def asks_the_user_keeping_alive(ctx: Context) -> str:
+    # The README's pattern: progress while waiting for the person at the other end.
+    async def keep_alive() -> None:
+        while True:
+            await anyio.sleep(0.1)  # well within the idle timeout
+            await ctx.report_progress(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(keep_alive)
+        answer = await ctx.elicit("Run it?", Confirmation)
+        tg.cancel_scope.cancel()
+    return answer.action
+
+
+async def test_waiting_for_the_client_counts_as_no_progress_unless_the_tool_reports_some_meanwhile() -> None:
+    idle = {"timeout_seconds": 10.0, "idle_timeout_seconds": 0.4}
+    config = settings(tools={"asks_the_user": idle, "asks_the_user_keeping_alive": idle})
+    app, _ = build(config, tools=[asks_the_user, asks_the_user_keeping_alive])
+
+    async def slow_person(context: Any, params: ElicitRequestParams) -> ElicitResult:
+        await anyio.sleep(1.2)  # three times the idle timeout
+        return ElicitResult(action="accept", content={"ok": True})
+
+    async with Client(app, mode="legacy", elicitation_callback=slow_person) as client:
+        with anyio.fail_after(10):
+            waited = await client.call_tool("asks_the_user", {})
+            kept_alive = await client.call_tool("asks_the_user_keeping_alive", {})
+    assert code_of(waited) == "timeout" and "no progress" in error_of(waited)["message"], waited
+    assert text_of(kept_alive) == "accept", kept_alive
 
 
 async def test_progress_a_sync_tools_abandoned_thread_reports_after_the_calls_answer_is_dropped() -> None:
