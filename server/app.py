@@ -164,10 +164,15 @@ def check_tool_overrides(settings: Settings, tools: Sequence[Callable[..., Any] 
 
 
 def tool_override_problems(
-    settings: Settings, tools: Sequence[Callable[..., Any] | str], unknown_hint: str = ""
+    settings: Settings,
+    tools: Sequence[Callable[..., Any] | str],
+    unknown_hint: str = "",
+    also_known: Sequence[str] = (),
 ) -> list[str]:
     """The problems `check_tool_overrides` raises, one per `[tools.NAME]` that names no hosted
-    tool (ending with `unknown_hint`) or names a session tool."""
+    tool (ending with `unknown_hint`) or names a session tool. A table naming one of
+    `also_known` (a tool reported as a problem of its own: one the SDK refused, one a hook
+    removed) is no problem here, and those are not offered as hosted."""
     names = (tool if isinstance(tool, str) else getattr(tool, "__name__", "") for tool in tools)
     # The tools a table can configure: a table for a session tool is refused below, so they are not offered.
     own = sorted({name for name in names if name} - set(MANAGEMENT_TOOLS))
@@ -176,7 +181,7 @@ def tool_override_problems(
     for name in settings.tools:
         if name in MANAGEMENT_TOOLS:
             problems.append(f"tools.{name}: {SESSION_TOOL_TABLE}{_SESSION_TOOL_DEADLINES.get(name, '')}; remove it")
-        elif name not in own:
+        elif name not in own and name not in also_known:
             hint = _case_hint(name, own) or _near_hint(name, own)
             problems.append(f"tools.{name}: no hosted tool has this name ({listed}){hint}{unknown_hint}")
     return problems
@@ -238,7 +243,7 @@ def build_app(settings: Settings, *, after_module_code: Callable[[], None] | Non
     # Every tool of TOOLS, and every one a setup hook registered: per-tool settings apply by name.
     unknown = tools_not_known(settings.server.tool_modules, modules, installed.unfinished)
     removed = [name for name in settings.tools if name in installed.removed]
-    problems += tool_override_problems(settings, [*installed.refused, *tool_names(server), *removed], unknown)
+    problems += tool_override_problems(settings, tool_names(server), unknown, also_known=[*installed.refused, *removed])
     problems += [
         f"tools.{name}: the setup(server) of module {installed.removed[name]!r} removes this tool, so it is not "
         "hosted and its settings would apply to nothing; remove the table, or keep the tool"

@@ -932,6 +932,19 @@ def test_a_tools_table_for_a_tool_a_setup_hook_removes_is_refused(tmp_path: Path
     ]
 
 
+def test_a_tool_a_setup_hook_removes_is_not_offered_as_hosted_for_a_misspelt_table(tmp_path: Path) -> None:
+    # With a table of its own, the removed tool was listed among the hosted ones in the typo's
+    # sentence, the line after the one saying it is not hosted.
+    tables = "[tools.shout]\ntimeout_seconds = 1.0\n[tools.typo]\ntimeout_seconds = 1.0\n"
+    path = write(tmp_path, f"[server]\ntool_modules = {json.dumps(REMOVING)}\n{tables}")
+
+    result = run("--config", str(path), "--check-config")
+
+    assert_refused(result)
+    typo = next(problem for problem in problems(result) if ": tools.typo: " in problem)
+    assert "no hosted tool has this name (" in typo and "shout" not in typo, typo
+
+
 @pytest.mark.parametrize("tool", ["session_create", "session_metrics"])
 @pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
 def test_a_setup_hook_removing_a_session_tool_exits_2_naming_the_module(tmp_path: Path, tool: str, check: bool) -> None:
