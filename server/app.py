@@ -329,23 +329,28 @@ class _Exit:
                     signal.signal(signum, handler)
 
     def on_signal(self, signum: int, task_group: Any) -> None:
-        name = self._force_if_second(signum)
+        """A signal while serving (on the event loop)."""
+        name = self._force_if_second(signum, lambda: _cut_off(self.sessions.manager.metrics()))
         task_group.start_soon(self.begin, f"received {name}", _JOINING)
 
     def on_late_signal(self, signum: int) -> None:
         """SIGINT or SIGTERM once serving's own handlers are gone: the shutdown has run, and the
         process is on its way out (writing its last answers, running `atexit` handlers). The
-        first joins it, as during the shutdown; the next forces the exit."""
-        name = self._force_if_second(signum)
+        first joins it, as during the shutdown; the next forces the exit.
+
+        Runs in the signal handler, on the main thread between two bytecodes, maybe inside a
+        `with manager._lock:` of the same thread: it takes no lock of the manager's (a second
+        signal waited for ever on it), so it does not count the calls cut off."""
+        name = self._force_if_second(signum, lambda: "its shutdown had finished")
         logger.info("Received %s as the server exits, its shutdown done: joining the exit%s", name, _JOINING)
 
-    def _force_if_second(self, signum: int) -> str:
+    def _force_if_second(self, signum: int, cut_off: Callable[[], str]) -> str:
         """The signal's name, noted as the first; a second one forces the exit (status 1),
-        whatever started the shutdown."""
+        whatever started the shutdown, saying what it cuts off (`cut_off()`)."""
         name = signal.Signals(signum).name
         if self.first_signal is not None:
             came = f"Second {name}" if name == self.first_signal else f"{name} after {self.first_signal}"
-            logger.warning("%s: forcing exit; %s", came, _cut_off(self.sessions.manager.metrics()))
+            logger.warning("%s: forcing exit; %s", came, cut_off())
             _force_exit(1)
         self.first_signal = name
         return name
@@ -357,6 +362,13 @@ _JOINING = " (a second SIGINT or SIGTERM forces the exit at once, with status 1)
 _serving: _Exit | None = None
 
 
+def forget_serving() -> None:
+    """The server has stopped and the process goes on (`server.cli.main` called in-process): a
+    later `late_signal` is no longer about its exit."""
+    global _serving  # noqa: PLW0603 - see `_Exit.__init__`
+    _serving = None
+
+
 def late_signal(signum: int, _frame: object) -> None:
     """The standalone server's SIGINT and SIGTERM handler while serving's own are not in place
     (`server.cli` sets it before serving; the transports' receivers put it back when they end).
@@ -364,7 +376,7 @@ def late_signal(signum: int, _frame: object) -> None:
     (status 128 + the signal); from then on, see `_Exit.on_late_signal`. Without it, a signal in
     the last moments of a finished exit ended the process with the signal's default action."""
     serving = _serving
-    if serving is None or not serving.sessions.manager.shutting_down:
+    if serving is None or not serving.sessions.manager.shutting_down:  # (a plain attribute: no lock)
         name = signal.Signals(signum).name
         logger.warning("Received %s before the server served, or after it stopped without a shutdown: exiting", name)
         _force_exit(128 + signum)

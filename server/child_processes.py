@@ -5,7 +5,7 @@ Tier: application wiring (used by `server.app`). A forked child is a copy of the
 the listening socket and the stdio pipes, and it has the server's signal handlers, which only
 write the signal's number to the event loop's wake-up socket, shared with the server (so a SIGTERM
 sent to such a child used to stop the server, and left the child running). `reset_forked_children`
-gives every forked child Python's own handling of SIGINT, SIGTERM and SIGHUP back; the forced exit,
+gives every forked child signal handling of its own (SIGINT ignored, SIGTERM's default action); the forced exit,
 which skips the `atexit` hook of `concurrent.futures` that stops a pool's workers, stops the children
 itself (`stop_child_processes`).
 """
@@ -25,7 +25,9 @@ _registered = False
 
 def reset_forked_children() -> None:
     """From now on, a child forked from this process (not exec'd: `multiprocessing`'s "fork"
-    start method) starts with Python's default signal handling and no wake-up fd. Once per process."""
+    start method) starts with no wake-up fd, SIGINT ignored (a terminal's Ctrl-C, sent to the whole
+    process group, is the server's to handle: its graceful shutdown lets the child's work in hand
+    finish), and the default action for SIGTERM and SIGHUP. Once per process."""
     global _registered
     if not _registered and hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_in_forked_child)
@@ -36,7 +38,7 @@ def _in_forked_child() -> None:
     # The forking thread is the child's main thread: it may set handlers.
     try:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, signal.SIG_DFL)

@@ -27,7 +27,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from server.app import App, _busy_threads, _force_exit, build_app, late_signal, package_version, serve
+from server.app import (
+    App,
+    _busy_threads,
+    _force_exit,
+    build_app,
+    forget_serving,
+    late_signal,
+    package_version,
+    serve,
+)
 from server.config import ConfigError, Settings
 from server.config_loader import config_problems, load_settings_noting
 from server.logs import capture_warnings, configure_logging
@@ -116,9 +125,16 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
             return _served_nothing(started, exiting)
         # SIGINT and SIGTERM, wherever serving's own handlers are not in place: its transports'
         # receivers put this back when they end, so it covers the exit's last moments too.
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        for signum in previous:
             signal.signal(signum, late_signal)
-        serve(*started)
+        try:
+            serve(*started)
+        finally:
+            if not exiting:  # called in-process, which goes on: give its handlers back
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+                forget_serving()
         return 0
     finally:
         give_back(exiting)
