@@ -38,7 +38,7 @@ from mcp_types.jsonrpc import JSONRPCError, JSONRPCMessage, JSONRPCNotification,
 from prometheus_client import CollectorRegistry
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from server.child_processes import reset_forked_children, stop_child_processes
+from server.child_processes import reset_forked_children, stop_child_processes, stop_resetting_forked_children
 from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
@@ -296,6 +296,8 @@ class _Exit:
         self.first_signal: str | None = None
         #: Tasks left running at the exit because their work holds its cancellation off.
         self.left_behind = 0
+        #: Set once serving has ended (with a shutdown or without one), for `late_signal`.
+        self.served = False
         app.sessions.add_exit_listener(self._finished)
         global _serving  # noqa: PLW0603 - signals are the process's: so is the exit they reach
         _serving = self
@@ -334,15 +336,24 @@ class _Exit:
         task_group.start_soon(self.begin, f"received {name}", _JOINING)
 
     def on_late_signal(self, signum: int) -> None:
-        """SIGINT or SIGTERM once serving's own handlers are gone: the shutdown has run, and the
-        process is on its way out (writing its last answers, running `atexit` handlers). The
-        first joins it, as during the shutdown; the next forces the exit.
+        """SIGINT or SIGTERM once serving's own handlers are gone: the shutdown has run (or serving
+        stopped without one: a client that closed stdout), and the process is on its way out
+        (writing its last answers, running `atexit` handlers). The first joins the exit, as during
+        the shutdown; the next forces it (status 1).
 
         Runs in the signal handler, on the main thread between two bytecodes, maybe inside a
-        `with manager._lock:` of the same thread: it takes no lock of the manager's (a second
-        signal waited for ever on it), so it does not count the calls cut off."""
-        name = self._force_if_second(signum, lambda: "its shutdown had finished")
-        logger.info("Received %s as the server exits, its shutdown done: joining the exit%s", name, _JOINING)
+        `with manager._lock:` or a write to stderr of the same thread: it takes no lock of the
+        manager's (a second signal waited for ever on it), and what it logs may fail (a write to
+        stderr inside one raises RuntimeError): that is swallowed, and the exit forced all the same."""
+        name = signal.Signals(signum).name
+        if self.first_signal is not None:
+            came = f"Second {name}" if name == self.first_signal else f"{name} after {self.first_signal}"
+            try:
+                _quietly(logger.warning, "%s: forcing exit; the server had stopped serving", came)
+            finally:
+                _force_exit(1)
+        self.first_signal = name
+        _quietly(logger.info, "Received %s as the server exits: joining the exit%s", name, _JOINING)
 
     def _force_if_second(self, signum: int, cut_off: Callable[[], str]) -> str:
         """The signal's name, noted as the first; a second one forces the exit (status 1),
@@ -356,6 +367,15 @@ class _Exit:
         return name
 
 
+def _quietly(log: Callable[..., None], *args: Any) -> None:
+    """Log from a signal handler: a failure (a write to stderr inside one) must not be raised into
+    the code the handler interrupted."""
+    try:
+        log(*args)
+    except BaseException:  # noqa: BLE001, S110 - nothing can be said about it: stderr is what failed
+        pass
+
+
 #: What a signal that joins the shutdown adds to its log line.
 _JOINING = " (a second SIGINT or SIGTERM forces the exit at once, with status 1)"
 #: The exit of the server this process serves (once it serves), for `late_signal`.
@@ -367,19 +387,22 @@ def forget_serving() -> None:
     later `late_signal` is no longer about its exit."""
     global _serving  # noqa: PLW0603 - see `_Exit.__init__`
     _serving = None
+    stop_resetting_forked_children()
 
 
 def late_signal(signum: int, _frame: object) -> None:
     """The standalone server's SIGINT and SIGTERM handler while serving's own are not in place
     (`server.cli` sets it before serving; the transports' receivers put it back when they end).
-    Before the graceful shutdown began, it stops the process at once, as the default action would
-    (status 128 + the signal); from then on, see `_Exit.on_late_signal`. Without it, a signal in
+    Before serving began, it stops the process at once, as the default action would (status 128 +
+    the signal); once the graceful shutdown began, or serving ended, see `_Exit.on_late_signal`. Without it, a signal in
     the last moments of a finished exit ended the process with the signal's default action."""
     serving = _serving
-    if serving is None or not serving.sessions.manager.shutting_down:  # (a plain attribute: no lock)
-        name = signal.Signals(signum).name
-        logger.warning("Received %s before the server served, or after it stopped without a shutdown: exiting", name)
-        _force_exit(128 + signum)
+    if serving is None or not (serving.served or serving.sessions.manager.shutting_down):  # (no lock taken)
+        # Before serving's own handlers were in place: it stops the start, as the default action would.
+        try:
+            _quietly(logger.warning, "Received %s before the server served: exiting", signal.Signals(signum).name)
+        finally:
+            _force_exit(128 + signum)
     serving.on_late_signal(signum)
 
 
@@ -395,7 +418,14 @@ def _force_exit(code: int) -> NoReturn:
     at an ordinary exit, if that takes at most a second (`write_pending_at_exit`)."""
     write_pending_at_exit()
     # A process pool's workers would outlive the process (forked, holding its socket and pipes).
-    stop_child_processes(within=CHILDREN_STOP_SECONDS)
+    stopped = stop_child_processes(within=CHILDREN_STOP_SECONDS)
+    if stopped:
+        _quietly(
+            logger.info,
+            "Stopped %s process(es) a tool started (SIGTERM; SIGKILL for those still running %gs later)",
+            stopped,
+            CHILDREN_STOP_SECONDS,
+        )
     os._exit(code)
 
 
@@ -835,18 +865,21 @@ async def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
     Such a task also holds the lifespan open, so what its end does for the session manager (a
     cluster replica's last session ends, its leaving) is done first.
     """
+    exit_.served = True
     if left_behind:
         with anyio.CancelScope(shield=True):
             await app.sessions.manager.close_at_exit()
     stuck = app.sessions.manager.metrics().abandoned_threads
     busy_threads = _busy_threads()
     busy = len(busy_threads)
+    children = _running_children()
     if stuck:
         # Threads cannot be killed; the interpreter would wait for them forever at exit.
         logger.warning("Exiting with %s stuck tool thread(s) abandoned", stuck)
     if busy > stuck:
         logger.warning(
-            "Exiting with %s thread(s) still running tool work past the shutdown (threads cannot be stopped): %s",
+            "Exiting with %s thread(s) still running tool work past the shutdown (threads cannot be stopped); "
+            "the threads still running: %s",
             busy - stuck,
             _names(busy_threads),
         )
@@ -855,7 +888,14 @@ async def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
             "Exiting with %s task(s) still running tool work that holds its cancellation off past the shutdown",
             left_behind,
         )
-    if stuck or busy or left_behind:
+    if children:
+        # Python's exit would join each (multiprocessing's atexit hook) for as long as it runs.
+        logger.warning(
+            "Exiting with %s process(es) a tool started still running past the shutdown: stopping them (%s)",
+            len(children),
+            ", ".join(f"{child.name!r} pid {child.pid}" for child in children[:5]),
+        )
+    if stuck or busy or left_behind or children:
         if sys.stdout is not None:
             sys.stdout.flush()
         _force_exit(0)
@@ -882,17 +922,42 @@ def _busy_threads() -> list[threading.Thread]:
 
 def _names(threads: list[threading.Thread], most: int = 5) -> str:
     """The threads' names, for the exit's warning (a module's own thread is told by its name)."""
-    names = ", ".join(repr(thread.name) for thread in threads[:most])
+    names = ", ".join(
+        repr(thread.name) + (" (a process pool's manager)" if _is_process_pool_manager(thread) else "")
+        for thread in threads[:most]
+    )
     return names + (f" and {len(threads) - most} more" if len(threads) > most else "")
+
+
+def _running_children() -> list[Any]:
+    """The `multiprocessing` children still running that are no daemons (Python's exit would wait
+    for each to end), less a process pool's workers (stopped with their pool)."""
+    multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is None:
+        return []
+    try:
+        children = multiprocessing.active_children()
+    except Exception:  # noqa: BLE001 - the exit must not fail on this
+        return []
+    pooled = {
+        pid
+        for thread in threading.enumerate()
+        if _is_process_pool_manager(thread)
+        for pid in getattr(thread, "processes", None) or {}
+    }
+    return [child for child in children if not child.daemon and child.pid not in pooled]
+
+
+def _is_process_pool_manager(thread: threading.Thread) -> bool:
+    manager = getattr(sys.modules.get("concurrent.futures.process"), "_ExecutorManagerThread", None)
+    return manager is not None and isinstance(thread, manager)
 
 
 def _idle_process_pool(thread: threading.Thread) -> bool:
     """Whether `thread` is the manager thread of a `concurrent.futures.ProcessPoolExecutor` with no
     work in hand: the interpreter's exit stops it and its worker processes (if the exit is the
     ordinary one; a forced one stops the workers itself, see `_force_exit`)."""
-    process = sys.modules.get("concurrent.futures.process")
-    manager = getattr(process, "_ExecutorManagerThread", None)
-    if manager is None or not isinstance(thread, manager):
+    if not _is_process_pool_manager(thread):
         return False
     pending = getattr(thread, "pending_work_items", None)
     return isinstance(pending, dict) and not pending

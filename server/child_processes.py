@@ -5,9 +5,9 @@ Tier: application wiring (used by `server.app`). A forked child is a copy of the
 the listening socket and the stdio pipes, and it has the server's signal handlers, which only
 write the signal's number to the event loop's wake-up socket, shared with the server (so a SIGTERM
 sent to such a child used to stop the server, and left the child running). `reset_forked_children`
-gives every forked child signal handling of its own (SIGINT ignored, SIGTERM's default action); the forced exit,
-which skips the `atexit` hook of `concurrent.futures` that stops a pool's workers, stops the children
-itself (`stop_child_processes`).
+gives every forked child signal handling of its own (SIGINT does nothing, SIGTERM has its default
+action); the forced exit, which skips the `atexit` hook of `concurrent.futures` that stops a pool's
+workers, stops the children itself (`stop_child_processes`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import time
 logger = logging.getLogger(__name__)
 
 _registered = False
+#: Whether a forked child's signals are set up (`reset_forked_children`; the hook, once
+#: registered, cannot be taken back: `stop_resetting_forked_children` turns it off).
+_resetting = False
 
 
 def reset_forked_children() -> None:
@@ -28,17 +31,32 @@ def reset_forked_children() -> None:
     start method) starts with no wake-up fd, SIGINT ignored (a terminal's Ctrl-C, sent to the whole
     process group, is the server's to handle: its graceful shutdown lets the child's work in hand
     finish), and the default action for SIGTERM and SIGHUP. Once per process."""
-    global _registered
+    global _registered, _resetting
+    _resetting = True
     if not _registered and hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_in_forked_child)
         _registered = True
 
 
+def stop_resetting_forked_children() -> None:
+    """The server has stopped and the process goes on (`server.cli.main` called in-process): its
+    children fork as any other process's."""
+    global _resetting
+    _resetting = False
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """SIGINT in a forked child: nothing. A handler, not SIG_IGN, which a program the child then
+    runs (`exec`, as `subprocess` with a `preexec_fn` forks through this hook) would keep."""
+
+
 def _in_forked_child() -> None:
+    if not _resetting:
+        return
     # The forking thread is the child's main thread: it may set handlers.
     try:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, _ignore)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, signal.SIG_DFL)

@@ -105,9 +105,11 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
     129) for the last moments of an exit that has otherwise run its course."""
     give_back = hold_early_hangups()  # a SIGHUP before the server serves is a reload once it does, not a silent death
     if exiting:
-        # Run last of the `atexit` handlers (registered before any tool module's): from then
-        # on, Python's exit gives handlers written in Python the default action back, and a
-        # SIGINT or SIGTERM there would turn a finished exit's status into the signal's.
+        # Run after the tool modules' `atexit` handlers (registered before any of theirs; those of
+        # `logging` and `multiprocessing`, imported earlier, run after it: the exit waits for no
+        # process of a tool's, see `server.app._report_exit`): from then on, Python's exit gives
+        # handlers written in Python the default action back, and a SIGINT or SIGTERM there would
+        # turn a finished exit's status into the signal's.
         atexit.register(_ignore_stop_signals)
     if sys.stderr is None:
         # Started with fd 2 closed (`2>&-`): what would be said goes nowhere, but the exit status

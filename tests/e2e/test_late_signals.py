@@ -39,7 +39,7 @@ def test_a_second_late_signal_forces_the_exit_while_the_main_thread_holds_the_ma
     )
 
     assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "SIGINT after SIGTERM: forcing exit; its shutdown had finished" in result.stderr, result.stderr
+    assert "SIGINT after SIGTERM: forcing exit; the server had stopped serving" in result.stderr, result.stderr
     assert "not forced" not in result.stdout
 
 
@@ -74,3 +74,46 @@ def test_main_called_in_process_gives_the_signal_handlers_back_when_it_returns(t
 
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert "handlers: 0 True" in result.stderr.splitlines(), result.stderr
+
+
+#: As `HELD_LOCK_SCRIPT`, with stderr failing as a write to it fails inside another (the signal
+#: came in the middle of one): "RuntimeError: reentrant call inside <_io.BufferedWriter>".
+FAILING_STDERR_SCRIPT = textwrap.dedent(
+    """
+    import logging, signal, sys, anyio
+    from server.app import _Exit, build_app, late_signal
+    from server.config import Settings
+
+    class Reentered:
+        def write(self, text):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+        def flush(self):
+            pass
+
+    async def main():
+        app = build_app(Settings())
+        _Exit(app)
+        await app.sessions.manager.shutdown(0)
+        logging.getLogger().handlers = [logging.StreamHandler(Reentered())]
+        real, sys.stderr = sys.stderr, Reentered()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                late_signal(signum, None)
+            except BaseException as exc:
+                print("raised", type(exc).__name__, flush=True)
+        print("not forced", flush=True)
+
+    anyio.run(main)
+    """
+)
+
+
+def test_a_late_signal_whose_log_line_fails_raises_nothing_and_a_second_still_forces_the_exit() -> None:
+    # The handler's log line, failing, raised into the code it interrupted (an atexit handler's
+    # write), and the second signal's failed before it could force the exit (status 0).
+    result = subprocess.run(
+        [sys.executable, "-c", FAILING_STDERR_SCRIPT], capture_output=True, text=True, timeout=30, check=False
+    )
+
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "raised" not in result.stdout and "not forced" not in result.stdout, result.stdout

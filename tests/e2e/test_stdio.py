@@ -396,6 +396,38 @@ async def test_a_signal_to_a_forked_worker_ends_the_worker_not_the_server(tmp_pa
     assert "received SIGTERM" not in server.stderr and "received SIGINT" not in server.stderr, server.stderr
 
 
+async def test_a_process_a_tool_started_does_not_hold_the_exit_it_is_stopped_and_named(
+    tmp_path: Path, workers: list[int]
+) -> None:
+    # multiprocessing's atexit hook joined it, for as long as it ran, with SIGINT and SIGTERM ignored.
+    config: dict[str, Any] = {"server": {"tool_modules": [EXECUTOR_MODULE]}}
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        child = int(text_of(await server.call("start_child", {"seconds": 3600})))
+        workers.append(child)
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+        await wait_gone(child)
+    assert "Exiting with 1 process(es) a tool started still running past the shutdown: stopping them" in server.stderr
+    assert "Stopped 1 process(es) a tool started" in server.stderr, server.stderr
+
+
+async def test_a_program_a_tool_runs_does_not_inherit_sigint_ignored(tmp_path: Path, workers: list[int]) -> None:
+    # The fork hook ignored SIGINT (SIG_IGN), which survives exec: subprocess with a preexec_fn
+    # forks through the hook, so the program could not be stopped with Ctrl-C.
+    config: dict[str, Any] = {"server": {"tool_modules": [EXECUTOR_MODULE]}}
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        program = int(text_of(await server.call("run_program", {"seconds": 30})))
+        workers.append(program)
+        status = await anyio.Path(f"/proc/{program}/status").read_text()
+        ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+        os.kill(program, signal.SIGKILL)
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert not ignored & (1 << (signal.SIGINT - 1)), f"SIGINT ignored: SigIgn {ignored:x}"
+
+
 #: A tool module whose `atexit` handler writes `SLOW_EXIT_LINE` and then takes 2 s.
 SLOW_EXIT_MODULE = "tests.fixtures.slow_exit_tools"
 SLOW_EXIT_LINE = "slow_exit_tools: atexit handler flushing"
@@ -420,10 +452,10 @@ async def test_a_signal_in_the_last_moments_of_the_exit_joins_it_and_a_second_fo
         if trigger == "SIGTERM":  # the shutdown's own signal was the first: this one forces the exit
             server.send_signal(signal.SIGINT)
             assert await server.wait_exit(within=EXIT_MARGIN) == 1
-            await server.wait_stderr("SIGINT after SIGTERM: forcing exit; its shutdown had finished")
+            await server.wait_stderr("SIGINT after SIGTERM: forcing exit; the server had stopped serving")
             return
         server.send_signal(signal.SIGTERM)
-        await server.wait_stderr("Received SIGTERM as the server exits, its shutdown done: joining the exit")
+        await server.wait_stderr("Received SIGTERM as the server exits: joining the exit")
         assert await server.wait_exit(within=EXIT_MARGIN) == 0
 
 
@@ -697,6 +729,47 @@ def test_a_client_that_closes_only_stdout_stops_the_server_at_its_next_answer_wi
     assert "Session " in stderr and "ended timeout" in stderr, stderr
     assert stderr.count("The client closed its end of the pipe") == 1, stderr
     assert "Traceback" not in stderr, stderr
+
+
+def test_a_signal_after_a_stop_without_a_shutdown_joins_the_exit(tmp_path: Path) -> None:
+    # A client that closes its stdout stops the server with no shutdown (exit status 0); a SIGTERM
+    # while the tool modules' atexit handlers ran was taken for one before serving: status 143.
+    config = server_config()
+    config["server"] = {"tool_modules": [*config["server"]["tool_modules"], SLOW_EXIT_MODULE]}
+    config_path = tmp_path / "server.toml"
+    config_path.write_text(render_toml(config), encoding="utf-8")
+    command = [sys.executable, "-m", "server", "--config", str(config_path)]
+    with subprocess.Popen(
+        command, cwd=ROOT, env=server_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        watchdog = threading.Timer(START_SECONDS + EXIT_MARGIN, process.kill)  # bounds the reads below
+        watchdog.start()
+        try:
+            init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}
+            for message in (
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init},
+                {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "hang_async", "arguments": {}}},
+            ):
+                process.stdin.write((json.dumps(message) + "\n").encode())
+            process.stdin.flush()
+            assert json.loads(process.stdout.readline())["id"] == 1  # the server is up and serving
+            process.stdout.close()  # its next answer (the timeout at 0.5 s) finds the pipe closed
+            lines = []
+            for line in iter(process.stderr.readline, b""):
+                lines.append(line.decode())
+                if SLOW_EXIT_LINE in lines[-1]:  # serving has stopped: the atexit handlers run
+                    process.send_signal(signal.SIGTERM)
+                    break
+            status = process.wait(timeout=EXIT_MARGIN)
+            stderr = "".join(lines) + process.stderr.read().decode()
+        finally:
+            watchdog.cancel()
+            process.kill()
+    assert status == 0, stderr
+    assert "The client closed its end of the pipe" in stderr, stderr
+    assert "Received SIGTERM as the server exits: joining the exit" in stderr, stderr
 
 
 async def test_stdout_carries_only_json_rpc_messages_even_when_a_tool_prints(tmp_path: Path) -> None:
