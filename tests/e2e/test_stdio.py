@@ -689,14 +689,14 @@ async def test_a_call_the_client_cancels_ends_as_cancelled_and_does_not_hold_up_
     assert "unanswered" not in server.stderr
 
 
-def test_a_client_that_closes_only_stdout_stops_the_server_at_its_next_answer_with_one_warning(
-    tmp_path: Path,
-) -> None:
-    # The client keeps stdin open but reads no more: the server finds out when it next writes,
-    # here the timeout of the call in flight at its 0.5 s deadline, and stops, exit status 0.
-    # (subprocess, not anyio: closing anyio's stream of a child's stdout leaves the pipe open.)
+@contextlib.contextmanager
+def closing_stdout(tmp_path: Path, config: dict[str, Any]) -> Iterator[subprocess.Popen[bytes]]:
+    """The server as a process, serving a `hang_async` call, whose client has closed its end of
+    stdout once initialized: the server finds out when it next writes, here the call's timeout at
+    its 0.5 s deadline, and stops with no shutdown. (subprocess, not anyio: closing anyio's stream
+    of a child's stdout leaves the pipe open.) Killed on the way out."""
     config_path = tmp_path / "server.toml"
-    config_path.write_text(render_toml(server_config()), encoding="utf-8")
+    config_path.write_text(render_toml(config), encoding="utf-8")
     command = [sys.executable, "-m", "server", "--config", str(config_path)]
     with subprocess.Popen(
         command, cwd=ROOT, env=server_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -720,10 +720,18 @@ def test_a_client_that_closes_only_stdout_stops_the_server_at_its_next_answer_wi
             assert line, f"no answer to initialize within {START_SECONDS}s"
             assert json.loads(line)["id"] == 1  # the server is up and serving
             process.stdout.close()
-            status = process.wait(timeout=EXIT_MARGIN)
-            _, stderr_bytes = process.communicate(timeout=EXIT_MARGIN)
+            yield process
         finally:
             process.kill()
+
+
+def test_a_client_that_closes_only_stdout_stops_the_server_at_its_next_answer_with_one_warning(
+    tmp_path: Path,
+) -> None:
+    # The client keeps stdin open but reads no more: the server stops, exit status 0.
+    with closing_stdout(tmp_path, server_config()) as process:
+        status = process.wait(timeout=EXIT_MARGIN)
+        _, stderr_bytes = process.communicate(timeout=EXIT_MARGIN)
     stderr = stderr_bytes.decode()
     assert status == 0, stderr
     assert "Session " in stderr and "ended timeout" in stderr, stderr
@@ -736,26 +744,11 @@ def test_a_signal_after_a_stop_without_a_shutdown_joins_the_exit(tmp_path: Path)
     # while the tool modules' atexit handlers ran was taken for one before serving: status 143.
     config = server_config()
     config["server"] = {"tool_modules": [*config["server"]["tool_modules"], SLOW_EXIT_MODULE]}
-    config_path = tmp_path / "server.toml"
-    config_path.write_text(render_toml(config), encoding="utf-8")
-    command = [sys.executable, "-m", "server", "--config", str(config_path)]
-    with subprocess.Popen(
-        command, cwd=ROOT, env=server_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    ) as process:
-        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-        watchdog = threading.Timer(START_SECONDS + EXIT_MARGIN, process.kill)  # bounds the reads below
+    with closing_stdout(tmp_path, config) as process:
+        assert process.stderr is not None
+        watchdog = threading.Timer(EXIT_MARGIN, process.kill)  # bounds the reads below: a kill ends them at EOF
         watchdog.start()
         try:
-            init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}
-            for message in (
-                {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init},
-                {"jsonrpc": "2.0", "method": "notifications/initialized"},
-                {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "hang_async", "arguments": {}}},
-            ):
-                process.stdin.write((json.dumps(message) + "\n").encode())
-            process.stdin.flush()
-            assert json.loads(process.stdout.readline())["id"] == 1  # the server is up and serving
-            process.stdout.close()  # its next answer (the timeout at 0.5 s) finds the pipe closed
             lines = []
             for line in iter(process.stderr.readline, b""):
                 lines.append(line.decode())
@@ -766,7 +759,6 @@ def test_a_signal_after_a_stop_without_a_shutdown_joins_the_exit(tmp_path: Path)
             stderr = "".join(lines) + process.stderr.read().decode()
         finally:
             watchdog.cancel()
-            process.kill()
     assert status == 0, stderr
     assert "The client closed its end of the pipe" in stderr, stderr
     assert "Received SIGTERM as the server exits: joining the exit" in stderr, stderr
