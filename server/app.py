@@ -345,24 +345,20 @@ class _Exit:
         `with manager._lock:` or a write to stderr of the same thread: it takes no lock of the
         manager's (a second signal waited for ever on it), and what it logs may fail (a write to
         stderr inside one raises RuntimeError): that is swallowed, and the exit forced all the same."""
-        name = signal.Signals(signum).name
-        if self.first_signal is not None:
-            came = f"Second {name}" if name == self.first_signal else f"{name} after {self.first_signal}"
-            try:
-                _quietly(logger.warning, "%s: forcing exit; the server had stopped serving", came)
-            finally:
-                _force_exit(1)
-        self.first_signal = name
+        name = self._force_if_second(signum, lambda: "the server had stopped serving")
         _quietly(logger.info, "Received %s as the server exits: joining the exit%s", name, _JOINING)
 
     def _force_if_second(self, signum: int, cut_off: Callable[[], str]) -> str:
         """The signal's name, noted as the first; a second one forces the exit (status 1),
-        whatever started the shutdown, saying what it cuts off (`cut_off()`)."""
+        whatever started the shutdown, saying what it cuts off (`cut_off()`): even if saying so
+        fails (see `on_late_signal`)."""
         name = signal.Signals(signum).name
         if self.first_signal is not None:
             came = f"Second {name}" if name == self.first_signal else f"{name} after {self.first_signal}"
-            logger.warning("%s: forcing exit; %s", came, cut_off())
-            _force_exit(1)
+            try:
+                _quietly(logger.warning, "%s: forcing exit; %s", came, cut_off())
+            finally:
+                force_exit(1)
         self.first_signal = name
         return name
 
@@ -394,15 +390,16 @@ def late_signal(signum: int, _frame: object) -> None:
     """The standalone server's SIGINT and SIGTERM handler while serving's own are not in place
     (`server.cli` sets it before serving; the transports' receivers put it back when they end).
     Before serving began, it stops the process at once, as the default action would (status 128 +
-    the signal); once the graceful shutdown began, or serving ended, see `_Exit.on_late_signal`. Without it, a signal in
-    the last moments of a finished exit ended the process with the signal's default action."""
+    the signal); once the graceful shutdown began, or serving ended, see `_Exit.on_late_signal`.
+    Without it, a signal in the last moments of a finished exit ended the process with the
+    signal's default action."""
     serving = _serving
     if serving is None or not (serving.served or serving.sessions.manager.shutting_down):  # (no lock taken)
         # Before serving's own handlers were in place: it stops the start, as the default action would.
         try:
             _quietly(logger.warning, "Received %s before the server served: exiting", signal.Signals(signum).name)
         finally:
-            _force_exit(128 + signum)
+            force_exit(128 + signum)
     serving.on_late_signal(signum)
 
 
@@ -412,7 +409,7 @@ def _cut_off(metrics: MetricsSnapshot) -> str:
     return f"{calls} tool call(s) running or queued are cut off unanswered"
 
 
-def _force_exit(code: int) -> NoReturn:
+def force_exit(code: int) -> NoReturn:
     """Exit now with status `code`: no thread is waited for and no `atexit` handler runs, but the
     counts of repeated records still pending (`server.logs.RepeatLimit`) are written first, as
     at an ordinary exit, if that takes at most a second (`write_pending_at_exit`)."""
@@ -870,8 +867,8 @@ async def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
         with anyio.CancelScope(shield=True):
             await app.sessions.manager.close_at_exit()
     stuck = app.sessions.manager.metrics().abandoned_threads
-    busy_threads = _busy_threads()
-    busy = len(busy_threads)
+    running = busy_threads()
+    busy = len(running)
     children = _running_children()
     if stuck:
         # Threads cannot be killed; the interpreter would wait for them forever at exit.
@@ -881,7 +878,7 @@ async def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
             "Exiting with %s thread(s) still running tool work past the shutdown (threads cannot be stopped); "
             "the threads still running: %s",
             busy - stuck,
-            _names(busy_threads),
+            _names(running),
         )
     elif left_behind and not busy:
         logger.warning(
@@ -898,10 +895,10 @@ async def _report_exit(app: App, exit_: _Exit, left_behind: int = 0) -> None:
     if stuck or busy or left_behind or children:
         if sys.stdout is not None:
             sys.stdout.flush()
-        _force_exit(0)
+        force_exit(0)
 
 
-def _busy_threads() -> list[threading.Thread]:
+def busy_threads() -> list[threading.Thread]:
     """The threads the interpreter would wait for at exit: alive, not daemon, not the main thread,
     and not a pool worker waiting for work: an anyio worker idle in its queue (anyio stops those
     itself when its loop ends), or a `concurrent.futures` one (the loop's default executor, which
@@ -956,7 +953,7 @@ def _is_process_pool_manager(thread: threading.Thread) -> bool:
 def _idle_process_pool(thread: threading.Thread) -> bool:
     """Whether `thread` is the manager thread of a `concurrent.futures.ProcessPoolExecutor` with no
     work in hand: the interpreter's exit stops it and its worker processes (if the exit is the
-    ordinary one; a forced one stops the workers itself, see `_force_exit`)."""
+    ordinary one; a forced one stops the workers itself, see `force_exit`)."""
     if not _is_process_pool_manager(thread):
         return False
     pending = getattr(thread, "pending_work_items", None)

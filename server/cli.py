@@ -29,9 +29,9 @@ from typing import Any, BinaryIO
 
 from server.app import (
     App,
-    _busy_threads,
-    _force_exit,
     build_app,
+    busy_threads,
+    force_exit,
     forget_serving,
     late_signal,
     package_version,
@@ -154,7 +154,7 @@ def _served_nothing(status: int, exiting: bool) -> int:
     Python would wait for them at exit, so a check that had passed, or a config error, hung instead
     of exiting. That exit runs no `atexit` handler (Python runs them only after those threads end).
     Without such threads, `status` is returned and the process exits the ordinary way."""
-    held = _busy_threads() if exiting else []
+    held = busy_threads() if exiting else []
     if held:
         names = ", ".join(repr(thread.name) for thread in held)
         sys.stderr.write(
@@ -164,7 +164,7 @@ def _served_nothing(status: int, exiting: bool) -> int:
         )
         if sys.stdout is not None:
             sys.stdout.flush()  # a module's print still buffered: fd 1 is stderr by now
-        _force_exit(status)
+        force_exit(status)
     return status
 
 
