@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import anyio
 import anyio.to_thread
 import pytest
+from anyio.abc import TaskGroup
 from mcp import Client
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension
@@ -147,6 +148,16 @@ async def test_a_hosts_own_calls_of_a_sync_tool_take_no_thread_sized_for_the_ses
         release.set()
 
 
+def start_calls(tg: TaskGroup, client: Client, tool: str, calls: int, results: list[CallToolResult]) -> None:
+    """Start `calls` calls of `tool` at once in `tg`, each adding its result to `results`."""
+
+    async def call() -> None:
+        results.append(await client.call_tool(tool, {}))
+
+    for _ in range(calls):
+        tg.start_soon(call)
+
+
 @pytest.mark.parametrize("when", ["at-start", "after-a-reload"])
 async def test_every_admitted_sync_call_gets_a_thread_at_once_past_anyios_default_limiter(when: str) -> None:
     # anyio's default limiter has 40 tokens. Calls admitted past them used to wait for a thread
@@ -165,14 +176,9 @@ async def test_every_admitted_sync_call_gets_a_thread_at_once_past_anyios_defaul
     async with Client(app) as client:
         if when == "after-a-reload":
             sessions.apply_settings(settings(max_concurrent_sessions=calls, tool_timeouts={"meet": 20.0}))
-
-        async def call() -> None:
-            results.append(await client.call_tool("meet", {}))
-
         with anyio.fail_after(15):
             async with anyio.create_task_group() as tg:
-                for _ in range(calls):
-                    tg.start_soon(call)
+                start_calls(tg, client, "meet", calls, results)
     assert [text_of(result) for result in results] == ["met"] * calls
 
 
@@ -207,14 +213,9 @@ async def test_calls_admitted_before_a_reload_lowers_the_cap_still_get_their_thr
     app.add_tool(meet)
     results: list[CallToolResult] = []
     async with Client(app) as client:
-
-        async def call() -> None:
-            results.append(await client.call_tool("meet", {}))
-
         with anyio.fail_after(15):
             async with anyio.create_task_group() as tg:
-                for _ in range(calls):
-                    tg.start_soon(call)
+                start_calls(tg, client, "meet", calls, results)
                 await until(lambda: sessions.manager.metrics().active_sessions == calls)
                 sessions.apply_settings(settings(max_concurrent_sessions=1, tool_timeouts={"meet": 20.0}))
                 gate.opened.set()
