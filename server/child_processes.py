@@ -12,13 +12,10 @@ workers, stops the children itself (`stop_child_processes`).
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
 import time
-
-logger = logging.getLogger(__name__)
 
 _registered = False
 #: Whether a forked child's signals are set up (`reset_forked_children`; the hook, once
@@ -28,9 +25,9 @@ _resetting = False
 
 def reset_forked_children() -> None:
     """From now on, a child forked from this process (not exec'd: `multiprocessing`'s "fork"
-    start method) starts with no wake-up fd, SIGINT ignored (a terminal's Ctrl-C, sent to the whole
-    process group, is the server's to handle: its graceful shutdown lets the child's work in hand
-    finish), and the default action for SIGTERM and SIGHUP. Once per process."""
+    start method) starts with no wake-up fd, a SIGINT that does nothing (a terminal's Ctrl-C, sent
+    to the whole process group, is the server's to handle: its graceful shutdown lets the child's
+    work in hand finish), and the default action for SIGTERM and SIGHUP. Once per process."""
     global _registered, _resetting
     _resetting = True
     if not _registered and hasattr(os, "register_at_fork"):
