@@ -38,7 +38,12 @@ from mcp_types.jsonrpc import JSONRPCError, JSONRPCMessage, JSONRPCNotification,
 from prometheus_client import CollectorRegistry
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from server.child_processes import reset_forked_children, stop_child_processes, stop_resetting_forked_children
+from server.child_processes import (
+    live_children,
+    reset_forked_children,
+    stop_child_processes,
+    stop_resetting_forked_children,
+)
 from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
 from server.extension import SessionsExtension
@@ -929,20 +934,13 @@ def _names(threads: list[threading.Thread], most: int = 5) -> str:
 def _running_children() -> list[Any]:
     """The `multiprocessing` children still running that are no daemons (Python's exit would wait
     for each to end), less a process pool's workers (stopped with their pool)."""
-    multiprocessing = sys.modules.get("multiprocessing")
-    if multiprocessing is None:
-        return []
-    try:
-        children = multiprocessing.active_children()
-    except Exception:  # noqa: BLE001 - the exit must not fail on this
-        return []
     pooled = {
         pid
         for thread in threading.enumerate()
         if _is_process_pool_manager(thread)
         for pid in getattr(thread, "processes", None) or {}
     }
-    return [child for child in children if not child.daemon and child.pid not in pooled]
+    return [child for child in live_children() if not child.daemon and child.pid not in pooled]
 
 
 def _is_process_pool_manager(thread: threading.Thread) -> bool:

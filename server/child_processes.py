@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 _registered = False
 #: Whether a forked child's signals are set up (`reset_forked_children`; the hook, once
@@ -61,17 +62,23 @@ def _in_forked_child() -> None:
         pass
 
 
+def live_children() -> list[Any]:
+    """The live `multiprocessing` children of this process (`multiprocessing.Process` objects);
+    none if `multiprocessing` was never imported. For the exit, which must not fail on this."""
+    multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is None:
+        return []
+    try:
+        return list(multiprocessing.active_children())
+    except Exception:  # noqa: BLE001 - an exit must not fail on this
+        return []
+
+
 def stop_child_processes(within: float) -> int:
     """Stop the live `multiprocessing` children of this process: SIGTERM, then SIGKILL for those
     still alive `within` seconds later. Returns how many there were. Only for an exit that will
-    not wait for them (`os._exit`); nothing if `multiprocessing` was never imported."""
-    multiprocessing = sys.modules.get("multiprocessing")
-    if multiprocessing is None:
-        return 0
-    try:
-        children = multiprocessing.active_children()
-    except Exception:  # noqa: BLE001 - an exit must not fail on this
-        return 0
+    not wait for them (`os._exit`)."""
+    children = live_children()
     for child in children:
         try:
             child.terminate()
