@@ -329,7 +329,8 @@ def install_tool_modules(server: MCPServer[Any], modules: Sequence[ToolModule]) 
     registers is hosted like those of `TOOLS` (a session per call, its `[tools.NAME]` settings),
     and its name must be free as theirs must: a name already taken (by a session tool, a module's
     `TOOLS` or another hook) is a problem, where the SDK would keep the first tool and only log.
-    A hook may remove a tool (`server.remove_tool`), but not a session tool.
+    A hook may remove a tool (`server.remove_tool`), but not a session tool; the name is then free
+    again, for a tool of this hook or a later one.
 
     Raises:
         ConfigError: a tool the SDK refuses, a hook that raises or exits, a hook returning an
@@ -369,6 +370,7 @@ def install_tool_modules_noting(
     unfinished: list[str] = []
     removed: dict[str, str] = {}
     notes: list[str] = []
+    removal_notes: dict[str, str] = {}  # the note of each tool in `removed`
     for module in modules:
         for fn in module.tools:
             try:
@@ -381,11 +383,13 @@ def install_tool_modules_noting(
                 hint = "" if name is not None else _NAMELESS_HINT
                 problems.append(f"{_key(module.name)}: tool {label} cannot be registered: {_one_line(exc)}{hint}")
     owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
+    owner_modules: dict[str, tuple[str, ...]] = {}  # the module behind each owner, if a module
     for module in modules:
         for fn in module.tools:
             name = _tool_name(fn)
-            if name is not None:
-                owners.setdefault(name, f"module {module.name!r} (in its TOOLS)")
+            if name is not None and name not in owners:
+                owners[name] = f"module {module.name!r} (in its TOOLS)"
+                owner_modules[name] = (module.name,)
     for module in modules:
         if module.setup is None:
             continue
@@ -395,13 +399,22 @@ def install_tool_modules_noting(
             tool_name = name if name is not None else _tool_name(fn)
             if tool_name is None:
                 return True  # nameless: the SDK refuses it, and the hook fails with its reason
-            if tool_name in owners:
-                problems.append(
-                    f"{key}: setup(server) registers tool {tool_name!r}, a name already taken by {owners[tool_name]}; "
-                    "give one of them another name"
-                )
-                return False
+            owner = owners.get(tool_name)
+            if owner is not None:
+                if tool_name in MANAGEMENT_TOOLS or tool_name in tool_names(server):
+                    problems.append(
+                        f"{key}: setup(server) registers tool {tool_name!r}, a name already taken by {owner}; "
+                        "give one of them another name"
+                    )
+                    return False
+                # A name a hook removed (`server.remove_tool`) is free again: this one replaces it.
+                if tool_name in removed:  # by an earlier hook: it is hosted after all
+                    del removed[tool_name]
+                    notes.remove(removal_notes.pop(tool_name))
+                if module.name not in owner_modules.get(tool_name, ()):
+                    notes.append(f"{key}: setup(server) replaces tool {tool_name!r}, registered by {owner}")
             owners[tool_name] = f"the setup(server) of module {module.name!r}"
+            owner_modules[tool_name] = (module.name,)
             return True
 
         before = set(tool_names(server))
@@ -439,8 +452,9 @@ def install_tool_modules_noting(
                 )
                 continue
             removed[name] = module.name
-            notes.append(
+            removal_notes[name] = (
                 f"{key}: setup(server) removes tool {name!r}, registered by {owners.get(name, 'the server')}: "
                 "it is not hosted"
             )
+            notes.append(removal_notes[name])
     return Installed(problems, refused, unfinished, removed, notes)

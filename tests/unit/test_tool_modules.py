@@ -20,7 +20,7 @@ from mcp.server.mcpserver import MCPServer
 from server import ConfigError, load_settings
 from server.app import build_app
 from server.sdk_seams import tool_names
-from server.tool_modules import ToolModule, import_tool_modules, install_tool_modules
+from server.tool_modules import ToolModule, import_tool_modules, install_tool_modules, install_tool_modules_noting
 
 FIXTURES = "tests.fixtures_config"
 
@@ -259,6 +259,67 @@ def _registers_lookup(server: MCPServer[Any]) -> None:
         return key
 
     server.add_tool(lookup)
+
+
+def _lookup(key: str) -> str:
+    return key
+
+
+def _replaces_lookup(server: MCPServer[Any]) -> None:
+    """A hook that swaps its module's `TOOLS` tool for a configured one of the same name."""
+
+    def lookup(key: str) -> str:
+        return key.upper()
+
+    server.remove_tool("_lookup")
+    server.add_tool(lookup, name="_lookup")
+
+
+async def test_a_setup_hook_may_replace_a_tool_it_removed_with_one_of_the_same_name() -> None:
+    # The name is free again once removed: a hook that configures its module's tool this way is no clash.
+    server: MCPServer[Any] = MCPServer("t")
+
+    install_tool_modules(server, [ToolModule("my_tools", (_lookup,), _replaces_lookup)])
+
+    with anyio.fail_after(10):
+        async with Client(server) as client:
+            result = await client.call_tool("_lookup", {"key": "abc"})
+    assert not result.is_error and result.structured_content == {"result": "ABC"}
+
+
+def test_a_setup_hook_replacing_another_module_s_tool_is_noted_as_replacing_it() -> None:
+    installed = install_tool_modules_noting(
+        MCPServer("t"), [ToolModule("first", (_lookup,), None), ToolModule("second", (), _replaces_lookup)]
+    )
+
+    assert installed.problems == [] and installed.removed == {}
+    assert installed.notes == [
+        "server.tool_modules: 'second': setup(server) replaces tool '_lookup', registered by module 'first'"
+        " (in its TOOLS)"
+    ]
+
+
+def _removes_lookup(server: MCPServer[Any]) -> None:
+    server.remove_tool("_lookup")
+
+
+def _registers_other_lookup(server: MCPServer[Any]) -> None:
+    server.add_tool(_lookup)
+
+
+def test_a_tool_one_hook_removes_and_a_later_one_registers_again_is_hosted_not_noted_as_removed() -> None:
+    server: MCPServer[Any] = MCPServer("t")
+
+    installed = install_tool_modules_noting(
+        server, [ToolModule("first", (_lookup,), _removes_lookup), ToolModule("second", (), _registers_other_lookup)]
+    )
+
+    assert installed.problems == [] and installed.removed == {}
+    assert installed.notes == [
+        "server.tool_modules: 'second': setup(server) replaces tool '_lookup', registered by module 'first'"
+        " (in its TOOLS)"
+    ]
+    assert "_lookup" in tool_names(server)
 
 
 async def test_a_tool_a_setup_hook_registers_is_hosted_and_takes_its_per_tool_settings() -> None:
