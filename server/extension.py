@@ -390,6 +390,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         # admitted before a reload lowered the cap wait for a thread with their deadline running.
         self._tool_threads = anyio.CapacityLimiter(math.inf)
         self._running = True
+        self._make_registered_cancellable(app)
         self._give_back = self.take_over_tool_calls(app)
         self._warn_unmatched_tool_tables()
 
@@ -543,21 +544,38 @@ class SessionsExtension(DecoupledCalls, Extension):
             needs_thread, in_place = True, False
         else:
             needs_thread = sync
-            manager = self.manager
-            in_place = not needs_thread or make_cancellable(
-                tool,
-                self._thread_left_running,
-                manager.thread_ended,
-                self._thread_pool,
-                self._thread_result_discarded,
-                _thread_pool_back,
-            )
+            in_place = not needs_thread or self._make_cancellable(tool)
         timeout, idle_timeout = config.timeout_for(name), config.idle_timeout_for(name)
         plan = (tool, config, needs_thread, in_place, timeout, idle_timeout, sync)
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         self._plans[name] = plan
         return plan
+
+    def _make_cancellable(self, tool: object) -> bool:
+        """Have a sync tool's registry entry run its function through a thread wait that a
+        cancellation ends (`server.threads`); False where that cannot be done."""
+        return make_cancellable(
+            tool,
+            self._thread_left_running,
+            self.manager.thread_ended,
+            self._thread_pool,
+            self._thread_result_discarded,
+            _thread_pool_back,
+        )
+
+    def _make_registered_cancellable(self, app: Any) -> None:
+        """At start, give every sync tool registered by then its cancellable thread wait, so that
+        an in-process call of one (`MCPServer.call_tool` from another tool) before any client has
+        called it gives way to its caller's deadline too. A tool registered later gets it at its
+        first call (`_plan_for`)."""
+        get_tool = self._get_tool
+        if get_tool is None:
+            return
+        for name in tool_names(app):
+            tool = get_tool(name)
+            if tool is not None and runs_in_thread(tool):
+                self._make_cancellable(tool)
 
     def _thread_pool(self) -> anyio.CapacityLimiter | None:
         """The limiter a sync tool's thread comes through: the extension's own for a call it runs

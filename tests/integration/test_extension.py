@@ -141,6 +141,33 @@ async def test_a_tool_calling_another_in_process_bypasses_the_session_layer_whil
     assert m["total_sessions_created"] == 4  # direct, through_a_client and its inner call, direct_hang
 
 
+async def test_a_sync_tool_called_in_process_before_any_client_called_it_still_gives_way_to_the_deadline() -> None:
+    # The stand-in that makes a sync tool's thread wait cancellable is in place from the start,
+    # not from the tool's first client call: else this inner call's wait, shielded by the SDK,
+    # would hold its caller until the thread returned, far past the caller's deadline.
+    release = threading.Event()
+
+    def blocking() -> str:
+        release.wait(timeout=8)  # bounded: a failing test cannot leave it behind for good
+        return "released"
+
+    async def outer() -> str:
+        await app.call_tool("blocking", {})
+        return "never"
+
+    app, sessions = build(settings(tool_timeouts={"outer": 0.3}), tools=[blocking, outer])
+    try:
+        async with Client(app) as client:
+            started = time.monotonic()
+            with anyio.fail_after(5):
+                result = await client.call_tool("outer", {})
+            took = time.monotonic() - started
+            assert code_of(result) == "timeout" and took < 2.0, (text_of(result), took)
+            assert sessions.manager.metrics().abandoned_threads == 1  # the inner call's, left running
+    finally:
+        release.set()
+
+
 class Fatal(BaseException):
     """Not an Exception: the SDK lets it through to the interceptor."""
 
