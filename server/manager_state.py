@@ -183,8 +183,10 @@ class ManagerState:
         self._queue_cancelled = 0
         self._queue_waits = DurationStats()
         self._tools: dict[str, _ToolStats] = {}
-        for tool, active in self._tool_active.items():  # running calls count as their tools' calls, as in `_created`
-            self._tool_stats(tool).calls += active
+        for session in self._active.values():  # running calls count as their tools' calls, as in `_created`
+            if session.tool is not None:
+                session.stats = stats = self._tool_stats(session.tool)
+                stats.calls += 1
         self._untooled_durations = DurationStats()
         self._metadata_bytes = sum(s.metadata_bytes for s in self._active.values())
 

@@ -82,6 +82,9 @@ class Session:
     #: and leaves the ending to that work, which ends the session as `timeout` once it stops)
     #: and at the shutdown deadline (after shutdown has ended the session as `cancelled`).
     on_cancel: Callable[[], None] | None = field(default=None, repr=False)
+    #: A tool call's entry in the per-tool figures (the manager's `_ToolStats`), where its end is
+    #: counted as its admission was, whatever name the entry goes by meanwhile.
+    stats: Any = field(default=None, repr=False)
     #: When the reaper called `on_cancel` at the deadline (`time.monotonic()`; 0.0: it has not).
     stop_requested: float = 0.0
 

@@ -236,7 +236,8 @@ class SessionManager(Intake):
             self._peak = len(self._active)
         tool = session.tool
         if tool is not None:
-            (self._tools.get(tool) or self._tool_stats(tool)).calls += 1
+            session.stats = stats = self._tools.get(tool) or self._tool_stats(tool)
+            stats.calls += 1
             self._tool_active[tool] = self._tool_active.get(tool, 0) + 1
         client = session.client
         if client is not None:
@@ -423,7 +424,7 @@ class SessionManager(Intake):
                     self._tool_active[tool] = left
                 else:
                     del self._tool_active[tool]
-                stats = self._tools.get(tool) or self._tool_stats(tool)
+                stats = session.stats or self._tool_stats(tool)
                 durations = stats.durations
                 if state is _COMPLETED:
                     stats.completed += 1

@@ -380,6 +380,35 @@ async def test_reset_metrics_keeps_active_sessions_counted() -> None:
     assert (m.tools["echo"].calls, m.tools["echo"].active, m.tools["echo"].completed) == (1, 0, 1)
 
 
+async def test_a_call_running_through_reset_metrics_ends_in_the_entry_the_reset_counted_it_in() -> None:
+    sessions = SessionManager(LimitsSettings(max_concurrent_sessions=10))
+    for index in range(MAX_TRACKED_TOOLS):
+        sessions.end(await sessions.create(tool=f"t{index:04d}"), SessionState.COMPLETED)
+    late = await sessions.create(tool="late")  # counted under OTHER_TOOLS: past the tracked names
+    sessions.reset_metrics()  # forgets the names: `late` now gets an entry of its own
+    sessions.end(late, SessionState.COMPLETED)
+
+    tools = sessions.metrics().tools
+    assert (tools["late"].calls, tools["late"].completed) == (1, 1) and OTHER_TOOLS not in tools
+
+
+async def test_a_call_counted_under_other_tools_ends_there_though_a_reload_caps_its_tool_meanwhile() -> None:
+    # Past MAX_TRACKED_TOOLS names a call counts under OTHER_TOOLS, unless its tool has a cap; a
+    # cap given while the call ran made its end count in a new entry of its own (more ended
+    # calls than calls there, and a call in OTHER_TOOLS that never ended).
+    sessions = SessionManager(LimitsSettings(max_concurrent_sessions=10))
+    for index in range(MAX_TRACKED_TOOLS):
+        sessions.end(await sessions.create(tool=f"t{index:04d}"), SessionState.COMPLETED)
+    late = await sessions.create(tool="late")
+    sessions.set_limits(LimitsSettings(max_concurrent_sessions=10), tool_caps={"late": 5})
+    sessions.end(late, SessionState.COMPLETED)
+
+    tools = sessions.metrics().tools
+    assert (tools[OTHER_TOOLS].calls, tools[OTHER_TOOLS].completed) == (1, 1)
+    assert "late" not in tools or (tools["late"].calls, tools["late"].completed) == (0, 0)
+    assert_invariant(sessions.metrics())
+
+
 async def test_shutdown_drains_finishing_sessions_and_cancels_the_rest_at_the_deadline() -> None:
     sessions = manager()
     finishing = [await sessions.create() for _ in range(3)]
