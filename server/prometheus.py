@@ -84,7 +84,11 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("total_sessions_error", "error", "Sessions that ended in error."),
     ("total_sessions_timeout", "timeout", "Sessions that reached their deadline."),
     ("total_sessions_cancelled", "cancelled", "Sessions cancelled by the client or at the shutdown deadline."),
-    ("shutdown_rejected_unauthorized", "shutdown_rejected_unauthorized", "server_shutdown calls refused."),
+    (
+        "shutdown_rejected_unauthorized",
+        "shutdown_rejected_unauthorized",
+        "server_shutdown calls refused as unauthorized (a missing or wrong admin token).",
+    ),
     ("config_reloads", "config_reloads", "Config reloads applied."),
     ("config_reload_failures", "config_reload_failures", "Config reloads rejected (invalid file)."),
     ("queued_calls_cancelled", "queue_cancelled", "Queued calls the client cancelled before they were admitted."),
@@ -418,8 +422,13 @@ class _BoundedServer(ThreadingWSGIServer):
 
 
 def _names_loopback(value: str) -> bool:
-    """Whether a Host value (`name` or `name:port`) names the loopback interface."""
-    return any(value == name or value.startswith(name + ":") for name in LOOPBACK_HOST_NAMES)
+    """Whether a Host value (`name` or `name:port`, the name in any case, the port a number)
+    names the loopback interface."""
+    value = value.lower()
+    if value.endswith("]") or ":" not in value:  # no port: `localhost`, `[::1]`
+        return value in LOOPBACK_HOST_NAMES
+    name, _, port = value.rpartition(":")
+    return name in LOOPBACK_HOST_NAMES and port.isascii() and port.isdigit()
 
 
 def _loopback_only(app: WSGIApplication) -> WSGIApplication:

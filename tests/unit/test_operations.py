@@ -231,6 +231,23 @@ def test_the_exporter_serves_the_samples_a_scrape_names() -> None:
     assert sorted({sample.name for family in families for sample in family.samples}) == sorted(names)
 
 
+def test_the_exporter_reads_host_names_in_any_case_and_only_a_number_as_their_port() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exporter = Exporter(build_registry(SessionManager(), process=False), port)
+    assert exporter.start() is True
+    hosts = [f"LOCALHOST:{port}", "Localhost", f"127.0.0.1:{port}", "localhost:evil", "127.0.0.1:", "localhost:80x"]
+    try:
+        answers = [
+            httpx2.get(f"http://127.0.0.1:{port}/metrics", headers={"Host": host}, timeout=5).status_code
+            for host in hosts
+        ]
+    finally:
+        exporter.stop()
+    assert answers == [200, 200, 200, 421, 421, 421]
+
+
 def exporter_threads() -> int:
     """Threads the exporter runs now, one per connection it handles (socketserver names them)."""
     return sum("process_request_thread" in thread.name for thread in threading.enumerate())
