@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import gzip
 import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,6 +42,7 @@ import anyio.to_thread
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import gzip_accepted
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
@@ -49,6 +51,12 @@ from server.extension import SessionsExtension
 from server.prometheus import render
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _rendered(registry: CollectorRegistry, accept: str | None, names: list[str], gzipped: bool) -> tuple[bytes, str]:
+    """`render`'s body, gzipped if asked (in the rendering thread too: off the event loop)."""
+    body, content_type = render(registry, accept, names)
+    return (gzip.compress(body) if gzipped else body), content_type
 
 
 def is_ip_address(host: str) -> bool:
@@ -103,8 +111,14 @@ def add_operational_routes(
 
     async def metrics(request: Request) -> Response:
         accept, names = request.headers.get("accept"), request.query_params.getlist("name[]")
-        body, content_type = await anyio.to_thread.run_sync(render, registry, accept, names, limiter=rendering)
-        return Response(body, headers={"Content-Type": content_type})
+        gzipped = gzip_accepted(request.headers.get("accept-encoding", ""))
+        body, content_type = await anyio.to_thread.run_sync(
+            _rendered, registry, accept, names, gzipped, limiter=rendering
+        )
+        headers = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
+        if gzipped:  # as prometheus_client's own exporter does (Prometheus asks for it)
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, headers=headers)
 
     server.custom_route("/healthz", methods=["GET"], include_in_schema=False)(checked(healthz))
     server.custom_route("/readyz", methods=["GET"], include_in_schema=False)(checked(readyz))

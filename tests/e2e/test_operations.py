@@ -156,6 +156,19 @@ async def test_openmetrics_is_served_when_the_scraper_asks_for_it(shared_http_se
     assert "mcp_sessions_created_total" in response.text
 
 
+async def test_metrics_are_gzipped_when_the_scraper_accepts_it(shared_http_server: ServerProcess) -> None:
+    # Prometheus asks for gzip; with a thousand tools the text is well over a megabyte.
+    url = base_of(shared_http_server) + "/metrics"
+    async with httpx2.AsyncClient(timeout=5) as http:
+        gzipped = await http.get(url, headers={"Accept-Encoding": "gzip"})
+        plain = await http.get(url, headers={"Accept-Encoding": "identity"})
+    assert gzipped.status_code == plain.status_code == 200
+    assert gzipped.headers["content-encoding"] == "gzip" and "content-encoding" not in plain.headers
+    assert gzipped.headers["vary"] == plain.headers["vary"] == "Accept-Encoding"
+    assert "mcp_sessions_created_total" in gzipped.text  # decoded by the client
+    assert int(gzipped.headers["content-length"]) < len(plain.content)
+
+
 async def test_a_scrape_naming_samples_gets_those_of_every_collector_and_no_others(
     shared_http_server: ServerProcess,
 ) -> None:
