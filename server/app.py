@@ -632,7 +632,11 @@ async def _serve_stdio(
                     server_info = lowlevel.server_info_stamp
                     for request_id, (method, params) in held.items():
                         answered.add(request_id)
-                        answer = SessionMessage(abandoned_answer(request_id, method, params, server_info))
+                        answer = SessionMessage(
+                            abandoned_answer(
+                                request_id, method, params, server_info, app.sessions.manager.cancelled_at_shutdown
+                            )
+                        )
                         count_given(answer)
                         backlog_send.send_nowait((answer, None))
                         outstanding.discard(request_id)
@@ -754,6 +758,7 @@ async def serve_http(
             max_sessions=settings.http_max_sessions,
         ),
         server_info=app.server._lowlevel_server.server_info_stamp,
+        session_of=app.sessions.manager.cancelled_at_shutdown,
     )
     files_limit = raise_open_files_limit()
     guard = connection_guard(settings, files_limit)

@@ -78,7 +78,14 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.unanswered import ANSWERED, LEFT_BEHIND_GRACE, MAX_BODY_BYTES, WRITE_SECONDS, abandoned_answer_to
+from server.unanswered import (
+    ANSWERED,
+    LEFT_BEHIND_GRACE,
+    MAX_BODY_BYTES,
+    WRITE_SECONDS,
+    SessionOf,
+    abandoned_answer_to,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +200,12 @@ class _Post:
         self.done()
         return True
 
-    def answer_now(self, server_info: Mapping[str, Any] | None = None) -> bool:
-        """Take the answer to give at the exit (`server_info` as `abandoned_answer`'s); False if
-        there is none to give (then uvicorn ends it)."""
+    def answer_now(self, server_info: Mapping[str, Any] | None = None, session_of: SessionOf | None = None) -> bool:
+        """Take the answer to give at the exit (`server_info` and `session_of` as
+        `abandoned_answer`'s); False if there is none to give (then uvicorn ends it)."""
         if self.refused or self.ended or self.too_large or self.delivering or (self.started and not self.event_stream):
             return False
-        self.answer = abandoned_answer_to(bytes(self.body), server_info)
+        self.answer = abandoned_answer_to(bytes(self.body), server_info, session_of)
         if self.answer is None:
             return False
         self.done()
@@ -208,10 +215,14 @@ class _Post:
 class HttpShutdown:
     """An ASGI app around `app` that can end its open GET event streams and wait for the rest."""
 
-    def __init__(self, app: ASGIApp, server_info: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, server_info: Mapping[str, Any] | None = None, session_of: SessionOf | None = None
+    ) -> None:
         self.app = app
         #: The server's `serverInfo` stamp, which an answer given at the exit on protocol 2026-07-28 carries.
         self.server_info = server_info
+        #: The session of a call an answer given at the exit is for (`abandoned_answer`'s).
+        self.session_of = session_of
         #: One cancel scope per GET whose event stream has started and not ended.
         self._streams: set[anyio.CancelScope] = set()
         self._posts: set[_Post] = set()
@@ -429,7 +440,7 @@ class HttpShutdown:
         if not still:
             return
         refusing = [post for post in posts if post.refuse_now()]
-        answering = [post for post in posts if post.answer_now(self.server_info)]
+        answering = [post for post in posts if post.answer_now(self.server_info, self.session_of)]
         refused, answered = len(refusing), len(answering)
         self._answered += answered
         what = []

@@ -151,6 +151,9 @@ class ManagerState:
         self._shutdown_done: anyio.Event | None = None
         self._shutdown_begun: anyio.Event | None = None
         self._report: ShutdownReport | None = None
+        #: The tool calls the shutdown cancelled at its drain deadline, by (request id, tool): their
+        #: session's id, or None for two of one key (see `cancelled_at_shutdown`).
+        self._cancelled_at_deadline: dict[tuple[str, str], str | None] = {}
         self._abandoned = 0
         self._no_abandoned = anyio.Event()
         self._no_abandoned.set()

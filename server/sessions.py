@@ -495,6 +495,13 @@ class SessionManager(Intake):
                 self._shutdown_begun = anyio.Event()
             await self._shutdown_begun.wait()
 
+    def cancelled_at_shutdown(self, request_id: str, tool: str) -> str | None:
+        """The id of the session of the call of `tool` under `request_id` (as the session holds
+        it: text) that the shutdown cancelled at its drain deadline; None if there is none, or
+        more than one (calls of two clients). For the answer to a call whose work held that
+        cancellation off, which the transport gives at the exit (`server.unanswered`)."""
+        return self._cancelled_at_deadline.get((request_id, tool))
+
     async def shutdown(self, timeout: float) -> ShutdownReport:  # noqa: ASYNC109 - a drain deadline
         """Stop admitting, drain active sessions for up to `timeout` seconds, cancel the rest.
 
@@ -553,6 +560,10 @@ class SessionManager(Intake):
         for session in left:
             if self.end(session, SessionState.CANCELLED, "cancelled by server shutdown"):
                 cancelled += 1
+                if session.tool is not None and session.request_id is not None:
+                    key = (session.request_id, session.tool)
+                    # Two clients' calls of one tool under one request id: neither can be named.
+                    self._cancelled_at_deadline[key] = None if key in self._cancelled_at_deadline else session.id
                 if session.on_cancel is not None:
                     session.on_cancel()
         self._report = ShutdownReport(

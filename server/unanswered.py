@@ -16,7 +16,7 @@ stamp in `_meta`; one of the handshake era gets neither, as its schema has no `r
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mcp_types import INTERNAL_ERROR, PROTOCOL_VERSION_META_KEY, SERVER_INFO_META_KEY, ErrorData
@@ -37,20 +37,32 @@ WRITE_SECONDS = 5.0
 ANSWERED = "answered shutting_down (their work held the cancellation off past the shutdown)"
 
 
+#: The session of a call the shutdown cancelled at its drain deadline, by its request id (as text)
+#: and tool name; None if unknown (`SessionManager.cancelled_at_shutdown`).
+SessionOf = Callable[[str, str], "str | None"]
+
+
 def abandoned_answer(
-    request_id: Any, method: str, params: Any = None, server_info: Mapping[str, Any] | None = None
+    request_id: Any,
+    method: str,
+    params: Any = None,
+    server_info: Mapping[str, Any] | None = None,
+    session_of: SessionOf | None = None,
 ) -> JSONRPCResponse | JSONRPCError:
     """The answer to request `request_id` (`method`, `params`) left running when the server stopped;
     `server_info` is the server's `serverInfo` stamp (the SDK's `Server.server_info_stamp`), which
-    a result of protocol 2026-07-28 carries in `_meta`."""
+    a result of protocol 2026-07-28 carries in `_meta`; `session_of` names the call's session, as
+    every other error result of a call does."""
     if method == "tools/call":
         name = params.get("name") if isinstance(params, dict) else None
         tool = shorten(name) if isinstance(name, str) else None
         subject = f"tool {tool!r}" if tool is not None else "the tool"
+        session_id = session_of(str(request_id), name) if session_of is not None and isinstance(name, str) else None
         error = SessionError(
             ErrorCode.SHUTTING_DOWN,
             f"{subject} held its cancellation off past the shutdown deadline and was abandoned: the server "
             "has stopped, and its work may not have finished; retry on a running server",
+            session_id=session_id,
             tool=tool,
         )
         result = error_result(error).model_dump(by_alias=True, exclude_none=True, mode="json")
@@ -73,7 +85,9 @@ def _modern(params: Any) -> bool:
     return isinstance(meta, dict) and PROTOCOL_VERSION_META_KEY in meta
 
 
-def abandoned_answer_to(body: bytes, server_info: Mapping[str, Any] | None = None) -> bytes | None:
+def abandoned_answer_to(
+    body: bytes, server_info: Mapping[str, Any] | None = None, session_of: SessionOf | None = None
+) -> bytes | None:
     """The JSON of `abandoned_answer` for a request received as `body` (one JSON-RPC request);
     None if `body` is not one (a notification, a response, a batch, not JSON)."""
     try:
@@ -85,5 +99,5 @@ def abandoned_answer_to(body: bytes, server_info: Mapping[str, Any] | None = Non
     request_id = message.get("id")
     if isinstance(request_id, bool) or not isinstance(request_id, int | str):
         return None
-    answer = abandoned_answer(request_id, message["method"], message.get("params"), server_info)
+    answer = abandoned_answer(request_id, message["method"], message.get("params"), server_info, session_of)
     return answer.model_dump_json(by_alias=True, exclude_unset=True).encode()

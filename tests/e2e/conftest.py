@@ -507,6 +507,7 @@ def assert_held_call_answered(
     error = error_of(answer)
     assert error["code"] == "shutting_down", answer
     assert "held" in error["message"] and "abandoned" in error["message"], error["message"]
+    assert error.get("tool") == tool and str(error.get("session_id", "")).startswith("s"), error  # as any error's
     assert exit_seconds >= shutdown_seconds
     assert "0 of 1 session(s) finished, 1 cancelled" in stderr
     assert "1 request(s) answered shutting_down" in stderr

@@ -409,6 +409,22 @@ async def test_a_call_counted_under_other_tools_ends_there_though_a_reload_caps_
     assert_invariant(sessions.metrics())
 
 
+async def test_the_calls_cancelled_at_the_drain_deadline_are_found_by_request_id_and_tool_unless_two_share_them() -> (
+    None
+):
+    sessions = manager()
+    first, second = [await sessions.create(tool="t", request_id="5") for _ in range(2)]  # two clients' id 5
+    alone = await sessions.create(tool="t", request_id="6")
+    finished = await sessions.create(tool="t", request_id="7")
+    sessions.end(finished, SessionState.COMPLETED)
+
+    await sessions.shutdown(timeout=0.01)
+
+    assert sessions.cancelled_at_shutdown("6", "t") == alone.id
+    assert sessions.cancelled_at_shutdown("5", "t") is None and first.id != second.id
+    assert sessions.cancelled_at_shutdown("6", "other") is None and sessions.cancelled_at_shutdown("7", "t") is None
+
+
 async def test_shutdown_drains_finishing_sessions_and_cancels_the_rest_at_the_deadline() -> None:
     sessions = manager()
     finishing = [await sessions.create() for _ in range(3)]
