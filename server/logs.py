@@ -1,16 +1,16 @@
 """Logging for operators: one stderr handler, text or JSON lines, set from `[logging]`.
 
-Tier: operations. `configure_logging` installs (or, on a config reload, replaces) the one
-handler on the root logger, so the SDK's and uvicorn's records come out in the same format as
-ours. It is for the standalone server, which owns its process's logging; an embedding host
-keeps its own (`configured_here` tells the two apart, so a reload leaves a host's alone). In
-text mode every record is one line (`TextFormatter` escapes control characters, which a
-client's or a tool's text in a message may hold); only a traceback follows on lines of its own.
-In JSON mode every record is one object per line with `ts`, `level`, `logger`, `message` and
-the structured fields a record carries (a session end has `session_id`, `tool`, `state`,
-`duration_seconds`, `reason`; a refusal has `code`, `tool`, `session_id`). In either format a
-message longer than `MAX_MESSAGE_CHARS` is cut. Never logged: the admin token and the contents
-of session metadata.
+Tier: operations. `configure_logging` installs (or, on a config reload, puts back: a new format,
+or a handler something took off) the one handler on the root logger, so the SDK's and uvicorn's
+records come out in the same format as ours. It is for the standalone server, which owns its
+process's logging; an embedding host keeps its own (`configured_here` tells the two apart, so a
+reload leaves a host's alone). In text mode every record is one line (`TextFormatter` escapes
+control characters, which a client's or a tool's text in a message may hold); only a traceback
+follows on lines of its own. In JSON mode every record is one object per line with `ts`,
+`level`, `logger`, `message` and the structured fields a record carries (a session end has
+`session_id`, `tool`, `state`, `duration_seconds`, `reason`; a refusal has `code`, `tool`,
+`session_id`). In either format a message longer than `MAX_MESSAGE_CHARS` is cut. Never logged:
+the admin token and the contents of session metadata.
 
 The handler also rate-limits other libraries' records (`RepeatLimit`): one client could make
 uvicorn or the SDK write a line or a traceback per request or connection, thousands a second.
@@ -400,26 +400,78 @@ def configured_here() -> bool:
     return any(isinstance(handler, _Handler) for handler in logging.getLogger().handlers)
 
 
+def _formatter_class(settings: LoggingSettings) -> type[logging.Formatter]:
+    return JsonFormatter if settings.format == "json" else TextFormatter
+
+
+def _replaceable(handler: logging.Handler) -> bool:
+    """A root handler `configure_logging` takes off: its own, or a plain `StreamHandler` (what
+    `logging.basicConfig` adds). A handler of another class (a file's, say) is left where it is."""
+    return isinstance(handler, _Handler) or type(handler) is logging.StreamHandler
+
+
+def logging_drift(settings: LoggingSettings) -> list[str]:
+    """How the process's logging has drifted from what `configure_logging(settings)` set up, in
+    words (empty if it has not): its handler gone from the root logger (replaced, as
+    `logging.basicConfig(force=True)` does, or removed), a handler added that writes every record
+    again, the root logger's level changed. For a reload to say why it applies `[logging]` again."""
+    root = logging.getLogger()
+    ours = [handler for handler in root.handlers if isinstance(handler, _Handler)]
+    plain = [handler for handler in root.handlers if type(handler) is logging.StreamHandler]
+    drift = []
+    if not ours:
+        drift.append(
+            "something had replaced its handler on the root logger"
+            if plain
+            else "something had removed its handler from the root logger"
+        )
+    else:
+        if len(ours) + len(plain) > 1:
+            extra = len(ours) + len(plain) - 1
+            drift.append(f"something had added {extra} handler(s) to the root logger, writing every record again")
+        if not any(type(handler.formatter) is _formatter_class(settings) for handler in ours):
+            drift.append("something had changed its handler's format")
+    level = settings.level.upper()
+    if root.level != logging.getLevelName(level):
+        drift.append(f"something had set the root logger's level to {logging.getLevelName(root.level)}, not {level}")
+    return drift
+
+
 def configure_logging(settings: LoggingSettings) -> None:
     """Send every record at `settings.level` or above to stderr, formatted as `settings.format`.
 
     For the standalone server (it changes process-wide logging): records skip what neither
     format shows (caller, thread and process), as the logging HOWTO's "Optimization" section
-    suggests, since a session-end line is written for every call.
+    suggests, since a session-end line is written for every call. Idempotent: called again (a
+    reload does, every time), it keeps its handler if that already writes `settings.format` to
+    stderr (its counts of repeated records with it), and puts back whatever drifted (see
+    `logging_drift`).
     """
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # no caller lookup (documented in the logging HOWTO, "Optimization")
     root = logging.getLogger()
+    formatter = _formatter_class(settings)
+    kept: _Handler | None = None
     for handler in list(root.handlers):
-        if isinstance(handler, _Handler) or type(handler) is logging.StreamHandler:
-            root.removeHandler(handler)
-            if isinstance(handler, _Handler):
-                handler.write_pending()  # in the old format, before the new one takes over
-    handler = _Handler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
-    root.addHandler(handler)
+        if not _replaceable(handler):
+            continue
+        if (
+            kept is None
+            and isinstance(handler, _Handler)
+            and type(handler.formatter) is formatter
+            and handler.stream is sys.stderr
+        ):
+            kept = handler
+            continue
+        root.removeHandler(handler)
+        if isinstance(handler, _Handler):
+            handler.write_pending()  # in the old format, before the new one takes over
+    if kept is None:
+        handler = _Handler(sys.stderr)
+        handler.setFormatter(formatter())
+        root.addHandler(handler)
     root.setLevel(settings.level.upper())
     # Session-end lines have their own logger, off by default for embedding hosts (see
     # `server.session.end_logger`); the standalone server follows its configured level.

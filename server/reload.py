@@ -1,18 +1,20 @@
 """Config reload without restart: SIGHUP re-reads the config file given at startup.
 
 Tier: operations. `ConfigReloader.reload()` loads the file the way startup did
-(`load_settings(path, overrides)`: the command-line flags still win) and checks it the same
-way. A valid file is applied at once: new calls get its limits, per-tool deadlines and shutdown
+(`load_settings(path, overrides)`: the command-line flags still win) and checks it the same way.
+A valid file is applied at once: new calls get its limits, per-tool deadlines and shutdown
 settings; running sessions keep their deadlines, and lowering the cap ends none of them (new
 calls are refused until enough have ended). `[logging]` is applied only where this process's
-logging is ours, set up by `configure_logging` (the standalone server); in an embedding host
-it is the host's (handlers, levels, the `logging` module's flags), and a reload leaves it as it
-is, saying so. An invalid file (and a path that cannot be read as one: missing, not a regular
-file, any OS error) is rejected with the same message as at startup, and the config in force
-stays. Keys bound at startup (the `[server]` table, `metrics.prometheus_port` and the `[store]`
-table: the session store is opened once, at startup) are reported as ignored until a restart,
-never as applied. `watch_sighup` reads and checks the file in a thread of its own, so that a
-slow disk or mount stalls no call. Both outcomes are counted by the manager
+logging is ours, set up by `configure_logging` (the standalone server), and there on every
+applied reload, changed or not: what a tool changed in it while the server ran (the root
+logger's handler replaced or doubled, its level) is put back, and the log says so; in an
+embedding host it is the host's (handlers, levels, the `logging` module's flags), and a reload
+leaves it as it is, saying so. An invalid file (and a path that cannot be read as one: missing,
+not a regular file, any OS error) is rejected with the same message as at startup, and the
+config in force stays. Keys bound at startup (the `[server]` table, `metrics.prometheus_port`
+and the `[store]` table: the session store is opened once, at startup) are reported as ignored
+until a restart, never as applied. `watch_sighup` reads and checks the file in a thread of its
+own, so that a slow disk or mount stalls no call. Both outcomes are counted by the manager
 (`config_reloads`, `config_reload_failures`).
 
 Example:
@@ -42,7 +44,7 @@ from anyio.abc import TaskStatus
 from server.config import ConfigError, Settings, mask_secrets
 from server.config_loader import config_problems, load_settings_noting, overridden_in_file
 from server.extension import SessionsExtension
-from server.logs import configure_logging, configured_here
+from server.logs import configure_logging, configured_here, logging_drift
 
 logger = logging.getLogger(__name__)
 
@@ -192,15 +194,14 @@ class ConfigReloader:
         restart_only = {key: change for key, change in ignored.items() if key not in host_owned}
         applied = changes(old, effective)
         self.sessions.apply_settings(effective)
-        # Also when unchanged, if what this process logs through is no longer `[logging]`'s
-        # handler: a tool (or a library it uses) replaced it while the server ran.
-        restored = ours and old.logging == effective.logging and not configured_here()
-        if old.logging != effective.logging or restored:
+        # Every time where the logging is ours, changed or not: a tool (or a library it uses) may
+        # have replaced the root logger's handler, added one of its own or changed the root's
+        # level while the server ran; `configure_logging` puts back what drifted, nothing else.
+        drift = logging_drift(effective.logging) if ours and old.logging == effective.logging else []
+        if ours:
             configure_logging(effective.logging)
-        if restored:
-            logger.info(
-                "Config reload: [logging] applied again (something had replaced its handler on the root logger)"
-            )
+        if drift:
+            logger.info("Config reload: [logging] applied again (%s)", "; ".join(drift))
         self.sessions.manager.config_reloaded(ok=True)
         for note in [*effective.ineffective(), *self._hidden]:
             logger.warning("Config reload: %s", note)

@@ -386,6 +386,39 @@ def test_a_reload_writes_the_counts_in_the_old_format_and_json_carries_the_count
     assert data["repeats"] == 1 and data["logger"] == "uvicorn.error"
 
 
+def test_a_reload_puts_back_the_root_level_and_the_handlers_a_tool_changed(
+    text_log: io.StringIO, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tool that set the root logger to DEBUG, or added a StreamHandler of its own to it, kept
+    # that after a reload of an unchanged file: only a missing handler of ours was put back.
+    path = tmp_path / "server.toml"
+    path.write_text('[logging]\nlevel = "info"\n', encoding="utf-8")
+    sessions = SessionsExtension(load_settings(path))
+    monkeypatch.setattr(sys, "stderr", text_log)  # the stderr our handler writes to, as when it was made
+    root, ours = logging.getLogger(), our_handler()
+    extra = logging.StreamHandler(text_log)
+    extra.setFormatter(logging.Formatter("DUP %(message)s"))
+    root.addHandler(extra)
+    root.setLevel(logging.DEBUG)
+
+    assert ConfigReloader(sessions, path, manage_logging=True).reload() is True
+
+    assert root.level == logging.INFO and extra not in root.handlers
+    assert our_handler() is ours  # kept, with its counts of repeated records
+    logging.getLogger("tools.probe").debug("below the level")
+    logging.getLogger("tools.probe").info("at the level")
+    lines = text_log.getvalue().splitlines()
+    [note] = [line for line in lines if "[logging] applied again" in line]
+    assert "something had added 1 handler(s) to the root logger" in note, note
+    assert "something had set the root logger's level to DEBUG, not INFO" in note, note
+    assert [line for line in lines if "tools.probe" in line or line.startswith("DUP")] == [
+        line for line in lines if line.endswith("tools.probe: at the level")
+    ]
+    # Nothing drifted since: the next reload applies [logging] as quietly as before.
+    assert ConfigReloader(sessions, path, manage_logging=True).reload() is True
+    assert text_log.getvalue().count("applied again") == 1 and our_handler() is ours
+
+
 def crash_a(text: str) -> str:
     raise RuntimeError("crash " + text)
 
