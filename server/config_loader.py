@@ -14,7 +14,8 @@ variable or the command-line option the value came from, for example:
     bad.toml: server.port: must be between 1 and 65535 (got 70000)
 
 Values in the file must have the type the key needs (`port = "80"` and `true` for a number
-are errors); values from the environment are text and are parsed.
+are errors); values from the environment are text and are parsed, but JSON's `true` and `false`
+in a table's variable are no number either (`MCP_SESSIONS_SERVER='{"port": true}'`).
 
 The standalone server's own checks (tool modules, `[tools.NAME]` names) need valid settings, so
 they run after `load_settings`; `config_problems` names the source of their keys the same way.
@@ -725,6 +726,43 @@ def _port_problems(merged: Mapping[str, Any], bad: set[Loc], sources: _Sources) 
     return [(loc, sources.problem(loc, reason, exporter, show=True))]
 
 
+def _field_at(loc: Loc) -> Any:
+    """The pydantic field a leaf key path names (`("limits", "max_queued")`,
+    `("tools", "echo", "timeout_seconds")`), or None."""
+    if len(loc) == 2 and loc[0] in _SECTIONS:
+        return _SECTIONS[str(loc[0])].model_fields.get(str(loc[1]))
+    if len(loc) == 3 and loc[0] == "tools":
+        return ToolSettings.model_fields.get(str(loc[2]))
+    return None
+
+
+def _env_bool_problems(env: Mapping[str, Any], sources: _Sources) -> dict[Loc, str]:
+    """JSON's `true` and `false` in a variable that holds a table (`MCP_SESSIONS_LIMITS=
+    '{"max_queued": true}'`) where a number belongs, worded as the file's `max_queued = true` is.
+    The pass over the merged values parses text, which is what a variable holds, and would take
+    them as 1 and 0."""
+    problems: dict[Loc, str] = {}
+
+    def visit(data: Mapping[str, Any], loc: Loc) -> None:
+        for key, value in data.items():
+            here: Loc = (*loc, key)
+            if isinstance(value, Mapping):
+                visit(value, here)
+                continue
+            field = _field_at(here)
+            if not isinstance(value, bool) or field is None:
+                continue
+            adapter: TypeAdapter[Any] = TypeAdapter(field.annotation)
+            try:
+                adapter.validate_python(value, strict=True)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                problems[here] = sources.error(ErrorDetails(**{**error, "loc": here}))
+
+    visit(env, ())
+    return problems
+
+
 def _section_order(loc: Loc) -> int:
     fields = list(Settings.model_fields)
     return fields.index(str(loc[0])) if loc and loc[0] in fields else len(fields)
@@ -817,6 +855,10 @@ def load_settings_noting(
             loc = tuple(error["loc"])
             if error["type"] not in CROSS_KEY and sources.origin(loc) not in ("file", None):
                 hidden.append(f"{as_file.error(error)}; not in effect while {sources.describe(loc)} sets it")
+    # JSON in a variable has types, like the file: `true` where a number belongs is a mistake
+    # there too, not 1 (the pass below parses text, and would take it as one).
+    for loc, problem in _env_bool_problems(env, sources).items():
+        found.setdefault(loc, problem)
     # Everything merged; values from the environment are text, so this pass parses them.
     checked: BaseModel | None = None
     cross_key: list[str] = []  # pydantic's own wording, should the checks below find nothing

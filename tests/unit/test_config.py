@@ -1291,6 +1291,47 @@ def test_json_in_a_variable_nesting_near_the_json_reader_s_limit_is_a_problem_ne
     assert problem.startswith("environment variable MCP_SESSIONS_TOOLS: tools"), problem
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        pytest.param(
+            "MCP_SESSIONS_LIMITS",
+            '{"max_concurrent_sessions": true}',
+            "limits.max_concurrent_sessions: must be a whole number (got true)",
+            id="section",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_SERVER", '{"port": true}', "server.port: must be a whole number (got true)", id="port"
+        ),
+        pytest.param(
+            "MCP_SESSIONS_TOOLS",
+            '{"echo": {"timeout_seconds": false}}',
+            "tools.echo.timeout_seconds: must be a number (got false)",
+            id="tools",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_TOOLS__ECHO",
+            '{"max_concurrent": true}',
+            "tools.echo.max_concurrent: must be a whole number (got true)",
+            id="one-tool",
+        ),
+    ],
+)
+def test_a_json_boolean_for_a_number_in_a_variable_is_refused_as_in_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    # Taken as 1 or 0: MCP_SESSIONS_LIMITS='{"max_concurrent_sessions": true}' gave a cap of 1,
+    # where `max_concurrent_sessions = true` in the file is refused.
+    monkeypatch.setenv(name, value)
+
+    assert problems_of(None) == [f"environment variable {name}: {expected}"]
+    key, _, reason = expected.partition(": ")
+    table, _, leaf = key.rpartition(".")
+    path = write(tmp_path, f"[{table}]\n{leaf} = {expected.rsplit('got ', 1)[1].rstrip(')')}\n")
+    monkeypatch.delenv(name)
+    assert problems_of(path) == [f"{path}: {key}: {reason}"]
+
+
 # -- a password in store.url is never echoed ---------------------------------------------
 
 MALFORMED_URLS = [
