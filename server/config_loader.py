@@ -260,7 +260,9 @@ def _read_env() -> tuple[dict[str, Any], list[str]]:
 
 
 def _env_name_problems() -> list[str]:
-    """Variables that look meant for us but name no key (the environment source would ignore them)."""
+    """Variables that look meant for us but name no key (the environment source would ignore them):
+    an unknown section, a section and its key joined by one underscore, a key without its section.
+    Any other name is left alone (a token variable such as MCP_SESSIONS_ADMIN_TOKEN)."""
     problems = []
     for name in sorted(os.environ):
         path = _env_path(name)
@@ -277,7 +279,25 @@ def _env_name_problems() -> list[str]:
                         f"environment variable {name}: {section}.{key}: "
                         f"nested keys are separated by two underscores; did you mean {fixed}?"
                     )
+        if len(path) == 1 and path[0] not in Settings.model_fields:
+            meant = _env_names_of_key(path[0])
+            if meant:
+                where = meant[0] if len(meant) == 1 else f"{', '.join(meant[:-1])} or {meant[-1]}"
+                problems.append(
+                    f"environment variable {name}: {path[0]}: names a key but not its table; did you mean {where}?"
+                )
     return problems
+
+
+def _env_names_of_key(key: str) -> list[str]:
+    """The variables for `key` in each table that has it (`max_concurrent_sessions`:
+    MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS), for a variable that names the key alone."""
+    sections = [section for section, model in _SECTIONS.items() if key in model.model_fields]
+    if key in ToolSettings.model_fields:
+        sections.append(f"tools{ENV_NESTED_DELIMITER}<name>")
+    return [
+        ENV_PREFIX + f"{section}{ENV_NESTED_DELIMITER}{key}".upper().replace("<NAME>", "<name>") for section in sections
+    ]
 
 
 def _env_json_problems() -> list[tuple[str, str]]:

@@ -1072,6 +1072,26 @@ def test_a_file_with_several_problems_reports_all_of_them_one_per_line(tmp_path:
             id="single-underscore",
         ),
         pytest.param(
+            "MCP_SESSIONS_MAX_CONCURRENT_SESSIONS",
+            "5",
+            "max_concurrent_sessions: names a key but not its table;"
+            " did you mean MCP_SESSIONS_LIMITS__MAX_CONCURRENT_SESSIONS?",
+            id="key-without-its-table",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_PORT",
+            "9000",
+            "port: names a key but not its table; did you mean MCP_SESSIONS_SERVER__PORT?",
+            id="port-without-its-table",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_TIMEOUT_SECONDS",
+            "3",
+            "timeout_seconds: names a key but not its table; did you mean MCP_SESSIONS_SHUTDOWN__TIMEOUT_SECONDS,"
+            " MCP_SESSIONS_STORE__TIMEOUT_SECONDS or MCP_SESSIONS_TOOLS__<name>__TIMEOUT_SECONDS?",
+            id="key-of-several-tables",
+        ),
+        pytest.param(
             "MCP_SESSIONS_SERVER__TOOL_MODULES",
             "tools.demo",
             "server.tool_modules: must be JSON for a list,"
