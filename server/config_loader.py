@@ -242,7 +242,7 @@ def _env_path(name: str) -> list[str] | None:
 
 def _read_env() -> tuple[dict[str, Any], list[str]]:
     """The `MCP_SESSIONS_*` variables nested like the file (values still text), and their problems."""
-    problems = _env_name_problems()
+    problems = _env_name_problems() + _env_null_tables()
     source = EnvSettingsSource(Settings)
     try:
         return dict(source()), problems
@@ -298,6 +298,34 @@ def _env_names_of_key(key: str) -> list[str]:
     return [
         ENV_PREFIX + f"{section}{ENV_NESTED_DELIMITER}{key}".upper().replace("<NAME>", "<name>") for section in sections
     ]
+
+
+def _env_null_tables() -> list[str]:
+    """Variables that set a whole table to JSON's `null` (`MCP_SESSIONS_LIMITS=null`): the
+    environment source drops them, and the file's table would stay in force unsaid."""
+    problems = []
+    for name, value in sorted(os.environ.items()):
+        path = _env_path(name)
+        if path is None or len(path) != 1 or path[0] not in Settings.model_fields:
+            continue
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            continue  # reported as not JSON, or nesting too deep (`_env_json_problems`)
+        if parsed is None:
+            problems.append(f"environment variable {name}: {path[0]}: {_not_an_object(name, path)} (got null)")
+    return problems
+
+
+def _not_an_object(name: str, path: list[str]) -> str:
+    """The reason for JSON from the variable `name` that is not the object the table at `path`
+    takes: the example is the variable's own where it sets that table (else the table's value)."""
+    example = _json_example(path)
+    return (
+        f"must be a JSON object, e.g. {name}='{example}'"
+        if _env_path(name) == path
+        else f"must be a JSON object, e.g. {example}"
+    )
 
 
 def _env_json_problems() -> list[tuple[str, str]]:
@@ -426,6 +454,8 @@ def _show(value: Any, depth: int = 0) -> str:
     the outer levels of nested ones)."""
     if isinstance(value, bool):
         text = "true" if value else "false"
+    elif value is None:  # (JSON's null, from a variable, or None in a host's overrides)
+        text = "null"
     elif isinstance(value, str):
         text = json.dumps(value, ensure_ascii=False)
     elif isinstance(value, float) and not math.isfinite(value):
@@ -634,9 +664,13 @@ class _Sources:
             # never its values (they might be secrets).
             names = ", ".join(_show(str(name)) for name in list(value)[:5]) + (", ..." if len(value) > 5 else "")
             reason = f"{reason}, not a table (got a table with the key{'s' if len(value) > 1 else ''} {names})"
-        if error["type"] in _TABLE_TYPES and isinstance(value, str) and self.origin(loc, exact=True) == "env":
+        if error["type"] in _TABLE_TYPES and self.origin(loc, exact=True) == "env":
             name = self.describe(loc).removeprefix("environment variable ")
-            reason = f"must be JSON for a table, e.g. {name}='{_json_example([str(part) for part in loc])}'"
+            path = [str(part) for part in loc]
+            if isinstance(value, str) and _env_path(name) == path:  # the variable's text, not JSON
+                reason = f"must be JSON for a table, e.g. {name}='{_json_example(path)}'"
+            else:  # JSON, but not an object: null, a number, a list, a string inside the variable's JSON
+                reason = _not_an_object(name, path)
         return self.problem(loc, reason, mask_secrets(loc, value), show)
 
 

@@ -1352,6 +1352,52 @@ def test_a_json_boolean_for_a_number_in_a_variable_is_refused_as_in_the_file(
     assert problems_of(path) == [f"{path}: {key}: {reason}"]
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        pytest.param(
+            "MCP_SESSIONS_LIMITS",
+            "null",
+            "limits: must be a JSON object, e.g. MCP_SESSIONS_LIMITS='{\"max_concurrent_sessions\": 100}' (got null)",
+            id="section",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_TOOLS",
+            "null",
+            'tools: must be a JSON object, e.g. MCP_SESSIONS_TOOLS=\'{"my_tool": {"timeout_seconds": 60}}\' (got null)',
+            id="tools",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_TOOLS__ECHO",
+            "null",
+            "tools.echo: must be a JSON object, e.g. MCP_SESSIONS_TOOLS__ECHO='{\"timeout_seconds\": 60}' (got null)",
+            id="one-tool",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_TOOLS",
+            '{"echo": null}',
+            'tools.echo: must be a JSON object, e.g. {"timeout_seconds": 60} (got null)',
+            id="a-tool-in-the-tools-json",
+        ),
+        pytest.param(
+            "MCP_SESSIONS_LIMITS",
+            '{"max_queued": null}',
+            "limits.max_queued: must be a whole number (got null)",
+            id="a-key-in-the-section-json",
+        ),
+    ],
+)
+def test_json_null_in_a_variable_is_refused_and_shown_as_null(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    # MCP_SESSIONS_LIMITS=null was dropped unsaid, and the file's [limits] stayed in force; a null
+    # elsewhere was shown as Python's None.
+    path = write(tmp_path, "[limits]\nmax_concurrent_sessions = 7\n[tools.echo]\ntimeout_seconds = 2.0\n")
+    monkeypatch.setenv(name, value)
+
+    assert problems_of(path) == [f"environment variable {name}: {expected}"]
+
+
 # -- a password in store.url is never echoed ---------------------------------------------
 
 MALFORMED_URLS = [
