@@ -268,11 +268,20 @@ def _bind_host(value: str) -> str:
     return value
 
 
+def _not_blank(value: str) -> str:
+    """`value` unless it is only whitespace (an empty one is refused by the field's own bound)."""
+    if value and not value.strip():
+        raise ValueError("must not be blank (only whitespace): write the name clients are shown")
+    return value
+
+
 class ServerSettings(_Section):
     """`[server]`: the server's name, how clients connect (stdio or streamable HTTP) and, for
     the standalone server, the tool modules it hosts and its HTTP bounds."""
 
-    name: str = Field(default="mcp-session-manager", min_length=1, description="Server name shown to clients.")
+    name: Annotated[str, AfterValidator(_not_blank)] = Field(
+        default="mcp-session-manager", min_length=1, description="Server name shown to clients."
+    )
     transport: Literal["stdio", "streamable-http"] = Field(default="stdio", description="How clients connect.")
     host: Annotated[str, AfterValidator(_bind_host)] = Field(
         default="127.0.0.1",

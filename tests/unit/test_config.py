@@ -309,6 +309,11 @@ BAD_FILES = [
         id="wrong-type-int-for-string",
     ),
     pytest.param(
+        '[server]\nname = " \\t "\n',
+        'server.name: must not be blank (only whitespace): write the name clients are shown (got " \\t ")',
+        id="blank-server-name",
+    ),
+    pytest.param(
         '[server]\ntool_modules = "tools.demo"\n',
         'server.tool_modules: must be a list, e.g. ["tools.demo"] (got "tools.demo")',
         id="wrong-type-string-for-list",
