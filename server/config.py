@@ -152,11 +152,20 @@ MODULE_ROOTS = "modules are found from the working directory and PYTHONPATH"
 
 
 def module_name_problem(name: str) -> str | None:
-    """Why `name` cannot be an entry of `server.tool_modules` (a file path, a relative name), or None.
+    """Why `name` cannot be an entry of `server.tool_modules` (spaces around it, a file path, a
+    relative name), or None.
 
     Checked before anything is imported: `importlib` would take "m_print.py" as the submodule `py`
     of the package `m_print`, and so run `m_print` before failing.
     """
+    stripped = name.strip()
+    if stripped and stripped != name:  # (a blank name is refused as empty, with the list)
+        also = module_name_problem(stripped)
+        return (
+            f'must not have spaces around it; write "{stripped}"'
+            if also is None
+            else f"must not have spaces around it, and {also}"
+        )
     path = name.replace("\\", "/")
     if path.endswith(".py") or "/" in path:
         parts = [part for part in path.removesuffix(".py").split("/") if part not in ("", ".")]

@@ -583,6 +583,11 @@ BAD_FILES = [
         id="module-name-relative",
     ),
     pytest.param(
+        '[server]\ntool_modules = [" tools.demo"]\n',
+        'server.tool_modules.0: must not have spaces around it; write "tools.demo" (got " tools.demo")',
+        id="module-name-with-spaces-around",
+    ),
+    pytest.param(
         "[limits]\nmax_queued = -1\n",
         "limits.max_queued: must be between 0 and 1000000 (got -1)",
         id="negative-queue",
