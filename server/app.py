@@ -72,6 +72,7 @@ from server.stdio_wire import (
     read_despite_unpaired_surrogates,
     unreadable_line_error,
 )
+from server.toml_keys import dotted_key
 from server.tool_modules import (
     hosting_nothing,
     import_tool_modules_noting,
@@ -185,10 +186,14 @@ def tool_override_problems(
     problems = []
     for name in settings.tools:
         if name in MANAGEMENT_TOOLS:
-            problems.append(f"tools.{name}: {SESSION_TOOL_TABLE}{_SESSION_TOOL_DEADLINES.get(name, '')}; remove it")
+            problems.append(
+                f"{dotted_key(('tools', name))}: {SESSION_TOOL_TABLE}{_SESSION_TOOL_DEADLINES.get(name, '')}; remove it"
+            )
         elif name not in own and name not in also_known:
             hint = _case_hint(name, own) or _near_hint(name, own)
-            problems.append(f"tools.{name}: no hosted tool has this name ({listed}){hint}{unknown_hint}")
+            problems.append(
+                f"{dotted_key(('tools', name))}: no hosted tool has this name ({listed}){hint}{unknown_hint}"
+            )
     return problems
 
 
@@ -216,7 +221,8 @@ def _case_hint(name: str, hosted: list[str]) -> str:
         return ""
     return (
         f"; tool names are case-sensitive (names in environment variables arrive in lower case): "
-        f'write [tools.{alike[0]}] in the config file, or {{"{alike[0]}": ...}} in {ENV_PREFIX}TOOLS (JSON)'
+        f"write [{dotted_key(('tools', alike[0]))}] in the config file, "
+        f'or {{"{alike[0]}": ...}} in {ENV_PREFIX}TOOLS (JSON)'
     )
 
 
@@ -250,8 +256,8 @@ def build_app(settings: Settings, *, after_module_code: Callable[[], None] | Non
     removed = [name for name in settings.tools if name in installed.removed]
     problems += tool_override_problems(settings, tool_names(server), unknown, also_known=[*installed.refused, *removed])
     problems += [
-        f"tools.{name}: the setup(server) of module {installed.removed[name]!r} removes this tool, so it is not "
-        "hosted and its settings would apply to nothing; remove the table, or keep the tool"
+        f"{dotted_key(('tools', name))}: the setup(server) of module {installed.removed[name]!r} removes this tool, "
+        "so it is not hosted and its settings would apply to nothing; remove the table, or keep the tool"
         for name in removed
     ]
     if problems:

@@ -70,7 +70,7 @@ from server.config import (
     is_loopback,
     mask_secrets,
 )
-from server.toml_keys import key_set_twice
+from server.toml_keys import dotted_key, key_set_twice, parse_dotted_key, readable_toml_error
 
 
 def config_problems(error: ConfigError, path: str | os.PathLike[str] | None) -> list[str]:
@@ -90,7 +90,7 @@ def config_problems(error: ConfigError, path: str | os.PathLike[str] | None) -> 
     named = []
     for problem in error.problems:
         key, sep, _ = problem.partition(": ")
-        loc: Loc = tuple(key.split(".")) if sep and key and not any(c.isspace() for c in key) else ()
+        loc: Loc = (parse_dotted_key(key) or ()) if sep else ()
         if loc and sources.origin(loc) is not None:
             named.append(f"{sources.describe(loc)}: {problem}")
         else:
@@ -152,7 +152,8 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{file}: invalid TOML: {exc}{key_set_twice(text, str(exc))}"], sourced=True) from None
+        message = f"{readable_toml_error(str(exc))}{key_set_twice(text, str(exc))}"
+        raise ConfigError([f"{file}: invalid TOML: {message}"], sourced=True) from None
     except RecursionError:  # the parser recurses per level of nested arrays or inline tables
         raise ConfigError(
             [f"{file}: invalid TOML: arrays or inline tables nest too deeply to be read (a config nests a few levels)"],
@@ -269,7 +270,7 @@ def _env_name_problems() -> list[str]:
         if path is None:
             continue
         if len(path) > 1 and path[0] not in Settings.model_fields:
-            problems.append(f"environment variable {name}: {'.'.join(path)}: {_unknown_key(path[0], ())}")
+            problems.append(f"environment variable {name}: {dotted_key(tuple(path))}: {_unknown_key(path[0], ())}")
             continue
         for section, model in _SECTIONS.items():
             for key in model.model_fields:
@@ -353,7 +354,7 @@ def _env_json_problems() -> list[tuple[str, str]]:
             problems.append(
                 (
                     name,
-                    f"environment variable {name}: {'.'.join(path)}: must be JSON for {shape}, "
+                    f"environment variable {name}: {dotted_key(tuple(path))}: must be JSON for {shape}, "
                     f"e.g. {name}='{example}' (got {_show(mask_secrets(tuple(path), value))})",
                 )
             )
@@ -362,8 +363,8 @@ def _env_json_problems() -> list[tuple[str, str]]:
             problems.append(
                 (
                     name,
-                    f"environment variable {name}: {'.'.join(path)}: its JSON nests more than {MAX_JSON_LEVELS} "
-                    "levels deep (a config value nests a few)",
+                    f"environment variable {name}: {dotted_key(tuple(path))}: its JSON nests more than "
+                    f"{MAX_JSON_LEVELS} levels deep (a config value nests a few)",
                 )
             )
     return problems
@@ -521,7 +522,7 @@ def _unknown_key(key: str | int, parent: Loc, value: Any = None) -> str:
     if close:
         return f"unknown key; did you mean {close[0]!r}?"
     if parent == () and isinstance(value, Mapping) and value and set(value) <= set(ToolSettings.model_fields):
-        return f"unknown key; per-tool settings belong in [tools.{key}]"
+        return f"unknown key; per-tool settings belong in [{dotted_key(('tools', str(key)))}]"
     if known:
         return f"unknown key; the keys here are {', '.join(known)}"
     return "unknown key"
@@ -585,7 +586,7 @@ def _reason(error: ErrorDetails) -> str:
     if kind == "literal_error":
         return f"must be {ctx['expected']}"
     if kind in _TABLE_TYPES:
-        key = ".".join(map(str, loc))
+        key = dotted_key(loc)
         homes = _homes(str(loc[-1]), ("tools",)) if len(loc) == 2 and loc[0] == "tools" else []
         if homes:  # `[tools] tool_modules = [...]`: a key of another table, not a tool
             return f"is not a tool's table but a key of another table: {_belongs(homes)}"
@@ -634,7 +635,7 @@ class _Sources:
         return "built-in default"
 
     def problem(self, loc: Loc, reason: str, value: Any = None, show: bool = False) -> str:
-        key = ".".join(map(str, loc))
+        key = dotted_key(loc)
         got = f" (got {_show(value)})" if show else ""
         return f"{self.describe(loc)}: {key}: {reason}{got}"
 

@@ -1,7 +1,8 @@
 """Naming the key of a TOML file's "Cannot overwrite a value", the one error of tomllib that
-names no key, without ever quoting a value.
+names no key, without ever quoting a value; and key paths as TOML writes them (`dotted_key`),
+for every message of the config that names a key (tomllib's own name it as a Python tuple).
 
-Tier: runtime foundation (used by `server.config_loader.read_toml`). A key set twice is an easy
+Tier: runtime foundation (used by `server.config_loader`). A key set twice is an easy
 mistake (a value pasted below the one it should replace), and tomllib says only where the second
 value ends. The value must not be shown: it may be a password (`store.url`). So the file is read
 again here, by statements: only the text before an `=` is ever parsed for a name, and the table in
@@ -10,6 +11,7 @@ force is found by where a probe key lands, never by parsing headers by hand.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import tomllib
@@ -100,14 +102,48 @@ def _why_not(before: Mapping[str, Any], key: Loc, again: str) -> str:
     node: Any = before
     for depth, part in enumerate(key, 1):
         if not _is_table(node):
-            return f": {_dotted(key)} cannot be set: {_dotted(key[: depth - 1])} is already a value, not a table{again}"
+            parent = dotted_key(key[: depth - 1])
+            return f": {dotted_key(key)} cannot be set: {parent} is already a value, not a table{again}"
         table = node[-1] if isinstance(node, list) else node
         if part not in table:
             return ""
         node = table[part]
-    return f": {_dotted(key)} is set twice{again}; keep one"
+    return f": {dotted_key(key)} is set twice{again}; keep one"
 
 
-def _dotted(key: Loc) -> str:
-    """A key path as TOML writes it: bare names as they are, others in quotes."""
+def dotted_key(key: Loc) -> str:
+    """A key path as TOML writes it: bare names as they are, others in quotes (`tools."my.tool"`)."""
     return ".".join(str(part) if _BARE.fullmatch(str(part)) else json.dumps(part) for part in key)
+
+
+def parse_dotted_key(text: str) -> Loc | None:
+    """The key path `text` writes (`dotted_key`'s inverse: `tools."my.tool"` is ("tools", "my.tool")),
+    or None if it is not a TOML key."""
+    if not text or "\n" in text or "\r" in text:
+        return None
+    return _statement_key(text + " = 0")
+
+
+#: A key path as tomllib's messages show it: a Python tuple of strings, `('tools', 'my.tool')`.
+_TUPLE_KEY = re.compile(
+    r"""\((?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")(?:, (?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"))*,?\)"""
+)
+
+
+def readable_toml_error(message: str) -> str:
+    """tomllib's `message` with the key paths it shows as Python tuples written as TOML writes
+    them: "Cannot declare ('limits',) twice" is "Cannot declare [limits] twice"."""
+
+    def toml(found: re.Match[str]) -> str:
+        try:
+            key = ast.literal_eval(found[0])
+        except (ValueError, SyntaxError):
+            return found[0]
+        if not isinstance(key, tuple) or not all(isinstance(part, str) for part in key):
+            return found[0]
+        return dotted_key(key)
+
+    declared = re.fullmatch(r"Cannot declare (\(.*\)) twice( \(.*\))?", message)
+    if declared is not None:
+        return f"Cannot declare [{_TUPLE_KEY.sub(toml, declared[1])}] twice{declared[2] or ''}"
+    return _TUPLE_KEY.sub(toml, message)

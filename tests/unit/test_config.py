@@ -973,6 +973,38 @@ def test_a_key_set_twice_is_named_with_its_table_and_no_value(tmp_path: Path, te
     assert "hunter" not in problem
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "[limits]\nmax_queued = 1\n[limits]\nmax_queued = 2\n",
+            "invalid TOML: Cannot declare [limits] twice (at line 3, column 8)",
+            id="a-table-declared-twice",
+        ),
+        pytest.param(
+            '[tools."a.b"]\n[tools."a.b"]\n',
+            'invalid TOML: Cannot declare [tools."a.b"] twice (at line 2, column 13)',
+            id="a-table-with-a-dot-declared-twice",
+        ),
+        pytest.param(
+            '[tools."my.tool"]\ntimeout_seconds = "x"\n',
+            'tools."my.tool".timeout_seconds: must be a number (got "x")',
+            id="a-bad-value-under-a-name-with-a-dot",
+        ),
+        pytest.param(
+            '[tools."my tool"]\ntimeout_second = 1\n',
+            "tools.\"my tool\".timeout_second: unknown key; did you mean 'timeout_seconds'?",
+            id="an-unknown-key-under-a-name-with-a-space",
+        ),
+    ],
+)
+def test_key_paths_are_written_as_toml_writes_them(tmp_path: Path, text: str, expected: str) -> None:
+    # Printed as `tools.my.tool...` (another key path) and, by tomllib, as a Python tuple `('limits',)`.
+    path = write(tmp_path, text)
+
+    assert problems_of(path) == [f"{path}: {expected}"]
+
+
 def test_a_hosts_overrides_are_named_as_such_not_as_the_command_line() -> None:
     # The CLI passes only --transport, --host and --port; any other key is a host's own.
     assert problems_of(None, {"limits": {"max_concurent_sessions": 3}}) == [
@@ -1707,6 +1739,23 @@ def test_a_later_check_names_the_source_of_each_tool_table(tmp_path: Path, monke
     )
     assert second.startswith(
         "environment variable MCP_SESSIONS_TOOLS__OTHERTOOL__TIMEOUT_SECONDS: tools.othertool: no hosted tool"
+    )
+
+
+def test_a_later_check_writes_a_tool_name_with_a_dot_as_toml_does_and_names_its_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `[tools."my.tool"]` was reported as `tools.my.tool`, a table `my` with a key `tool`.
+    path = write(tmp_path, '[tools."my.tool"]\ntimeout_seconds = 1.0\n')
+    monkeypatch.setenv("MCP_SESSIONS_TOOLS", '{"a.b": {"timeout_seconds": 2}}')
+    settings = load_settings(path)
+
+    with pytest.raises(ConfigError) as caught:
+        check_tool_overrides(settings, [])
+
+    hosted = "no hosted tool has this name (no tool is hosted besides the session tools)"
+    assert sorted(config_problems(caught.value, path)) == sorted(
+        [f'environment variable MCP_SESSIONS_TOOLS: tools."a.b": {hosted}', f'{path}: tools."my.tool": {hosted}']
     )
 
 
