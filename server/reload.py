@@ -231,8 +231,10 @@ class ConfigReloader:
             )
         else:
             # The environment as the reason only where it may be one: a file was read, and no edit
-            # was reported above as ignored (the environment cannot change under a running process).
-            note = self._overridden_note(effective) if self.path is not None and not ignored else ""
+            # was reported above as ignored until a restart (the environment cannot change under a
+            # running process). A `[logging]` left to the host is no such edit: it differs at every
+            # reload of a file that has one, and would hide the note for good.
+            note = self._overridden_note(effective) if self.path is not None and not restart_only else ""
             logger.info("Config reloaded from %s: nothing changed%s", where, note)
         return True
 

@@ -513,6 +513,28 @@ def test_a_reload_does_not_blame_the_environment_when_it_cannot_be_the_reason(
     assert "overridden" not in caplog.text and "MCP_SESSIONS_LIMITS__MAX_QUEUED" not in caplog.text
 
 
+def test_a_reload_in_an_embedding_host_names_the_overrides_though_the_file_has_a_logging_table_left_to_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The host's [logging] differs from the file's at every reload: taken for an edit reported as
+    # ignored, it hid the note of the key the variable overrides, for as long as the file had one.
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_QUEUED", "4")
+    path = write(tmp_path / "c.toml", "[limits]\nmax_concurrent_sessions = 10\n")
+    sessions = SessionsExtension(load_settings(path))
+    write(path, '[limits]\nmax_concurrent_sessions = 10\nmax_queued = 9\n[logging]\nlevel = "warning"\n')
+
+    with caplog.at_level(logging.INFO, logger="server.reload"):
+        assert ConfigReloader(sessions, path, manage_logging=False).reload() is True
+
+    assert sessions.config.limits.max_queued == 4
+    assert "[logging] left to the host" in caplog.text
+    line = next(r.getMessage() for r in caplog.records if "nothing changed" in r.getMessage())
+    assert line.endswith(
+        "nothing changed (overridden, so the file's value is not in force: "
+        "limits.max_queued by environment variable MCP_SESSIONS_LIMITS__MAX_QUEUED)"
+    ), line
+
+
 def test_a_reload_applies_a_setting_that_cannot_take_effect_and_warns_about_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
