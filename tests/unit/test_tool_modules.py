@@ -7,8 +7,10 @@ command line at import are left to the CLI tests, which run them in a process of
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +342,26 @@ async def test_a_tool_a_setup_hook_registers_is_hosted_and_takes_its_per_tool_se
     assert metrics is not None and metrics["tools"]["lookup_later"]["calls"] == 1  # through a session
 
 
+@pytest.fixture
+def own_logging() -> Iterator[None]:
+    """The standalone server's reload applies `[logging]` to the process (its root logger, the
+    session-end logger's level, the logging module's flags): put them back afterwards."""
+    root, ends = logging.getLogger(), logging.getLogger("server.sessions.ends")
+    handlers, levels = list(root.handlers), (root.level, ends.level)
+    flags = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile)
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(levels[0])
+        ends.setLevel(levels[1])
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile = flags
+
+
+@pytest.mark.usefixtures("own_logging")
 def test_a_reload_bringing_a_table_for_a_tool_a_setup_hook_registers_applies_it(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(f'[server]\ntool_modules = ["{FIXTURES}.setup_registers_tool"]\n', encoding="utf-8")
