@@ -46,6 +46,7 @@ from server.child_processes import (
 )
 from server.config import ENV_PREFIX, LOOPBACK_HOST_NAMES, ConfigError, ServerSettings, Settings, is_loopback
 from server.endpoints import add_operational_routes
+from server.errors import list_names
 from server.extension import SessionsExtension
 from server.host_checks import require_settings
 from server.http_connections import (
@@ -181,15 +182,16 @@ def tool_override_problems(
     removed) is no problem here, and those are not offered as hosted."""
     names = (tool if isinstance(tool, str) else getattr(tool, "__name__", "") for tool in tools)
     # The tools a table can configure: a table for a session tool is refused below, so they are not offered.
-    own = sorted({name for name in names if name} - set(MANAGEMENT_TOOLS))
-    listed = f"hosted: {', '.join(own)}" if own else "no tool is hosted besides the session tools"
+    hosted = {name for name in names if name} - set(MANAGEMENT_TOOLS)
+    own = sorted(hosted)
+    listed = f"hosted: {list_names(own)}" if own else "no tool is hosted besides the session tools"
     problems = []
     for name in settings.tools:
         if name in MANAGEMENT_TOOLS:
             problems.append(
                 f"{dotted_key(('tools', name))}: {SESSION_TOOL_TABLE}{_SESSION_TOOL_DEADLINES.get(name, '')}; remove it"
             )
-        elif name not in own and name not in also_known:
+        elif name not in hosted and name not in also_known:
             hint = _case_hint(name, own) or _near_hint(name, own)
             problems.append(
                 f"{dotted_key(('tools', name))}: no hosted tool has this name ({listed}){hint}{unknown_hint}"

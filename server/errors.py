@@ -7,6 +7,7 @@ tool result with `isError`, a sentence a model can act on, and the machine-reada
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -22,6 +23,18 @@ def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
     """`text`, or its first `limit` characters and "…" when it is longer: a caller's string quoted
     in a refusal (which is also logged) must not make the sentence as long as the string."""
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+#: At most this many names are listed in a message: a server may host thousands of tools.
+LISTED_NAMES = 20
+
+
+def list_names(names: Sequence[str], limit: int = LISTED_NAMES) -> str:
+    """`names` joined by commas; past `limit` of them, the first `limit` and how many more (a
+    problem or warning naming every one of 5,000 tools would bury what it says)."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])}, ... and {len(names) - limit:,} more of {len(names):,}"
 
 
 def describe(exc: BaseException) -> str:

@@ -55,7 +55,7 @@ from server.config import ConfigError, Settings
 from server.config_loader import load_settings
 from server.deadline import LateScope, deadline_scope
 from server.decoupled import DecoupledCalls
-from server.errors import EXTENSION_ID, ErrorCode, SessionError, describe, error_result
+from server.errors import EXTENSION_ID, ErrorCode, SessionError, describe, error_result, list_names
 from server.host_checks import (
     describe_server,
     is_async_callable,
@@ -300,7 +300,7 @@ class SessionsExtension(DecoupledCalls, Extension):
             return
         self._warned_tables.update(unmatched)
         names = [name for name in tool_names(self._app) if name not in MANAGEMENT_TOOLS]  # the configurable ones
-        listed = f" (its tools: {', '.join(names)})" if names else ""
+        listed = f" (its tools: {list_names(names)})" if names else ""
         for name in unmatched:
             if name in session_tools:
                 logger.warning("[tools.%s] is ignored: %s; remove it", name, SESSION_TOOL_TABLE)

@@ -1742,6 +1742,22 @@ def test_a_later_check_names_the_source_of_each_tool_table(tmp_path: Path, monke
     )
 
 
+def test_a_table_for_no_hosted_tool_lists_a_few_hosted_ones_not_thousands(tmp_path: Path) -> None:
+    # With 5,000 tools every such problem listed them all (34 KB a line): a reload's log line,
+    # cut at 8 KB, lost the other problems and the "did you mean" hint.
+    path = write(tmp_path, "[tools.t1x]\ntimeout_seconds = 1.0\n[tools.zz]\ntimeout_seconds = 1.0\n")
+    hosted = [f"t{index}" for index in range(5000)]
+
+    with pytest.raises(ConfigError) as caught:
+        check_tool_overrides(load_settings(path), hosted)
+
+    first, second = config_problems(caught.value, path)
+    listed = "hosted: t0, t1, t10, t100, t1000, t1001, t1002, t1003, t1004, t1005, t1006, t1007, t1008, t1009, "
+    assert first.startswith(f"{path}: tools.t1x: no hosted tool has this name ({listed}"), first
+    assert "... and 4,980 more of 5,000)" in first and first.endswith("did you mean 't1'?"), first
+    assert len(first) < 400 and len(second) < 400, (len(first), len(second))
+
+
 def test_a_later_check_writes_a_tool_name_with_a_dot_as_toml_does_and_names_its_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
