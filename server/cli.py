@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import json
 import logging
 import os
@@ -228,7 +229,13 @@ def _start(argv: Sequence[str] | None) -> int | tuple[App, ConfigReloader, Binar
             return EXIT_CONFIG
     for note in notes:
         logger.warning("Config: %s", note)
-    return app, app.reloader(args.config, overrides), wire, stdin
+    reloader = app.reloader(args.config, overrides)
+    # What the start built (the modules, the SDK's models of each tool: half a million objects with
+    # 5,000 tools) lives as long as the process. Moved out of the garbage collector's sight, it is
+    # not walked by every full collection, which held the event loop about 0.4 s at a time there.
+    gc.collect()
+    gc.freeze()
+    return app, reloader, wire, stdin
 
 
 def _write_settings(wire: BinaryIO, settings: Settings) -> str | None:

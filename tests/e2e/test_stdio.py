@@ -292,6 +292,19 @@ async def test_idle_thread_pool_workers_let_the_process_exit_the_ordinary_way(tm
     assert "Exiting with" not in server.stderr, server.stderr
 
 
+async def test_what_the_start_built_is_out_of_the_garbage_collector_s_sight(tmp_path: Path) -> None:
+    # With 5,000 tools the start leaves half a million objects (the SDK's models of each tool) that
+    # live as long as the process: each full collection walked them all, holding the event loop
+    # (and every deadline on it) about 0.4 s. Frozen after the start, they are not walked.
+    config: dict[str, Any] = {"server": {"tool_modules": ["tests.fixtures.gc_tools"]}}
+    async with start_server(tmp_path, config) as server:
+        await server.initialize()
+        state = dict(pair.split("=") for pair in text_of(await server.call("gc_state")).split())
+        await server.close_stdin()
+        assert await server.wait_exit(within=EXIT_MARGIN) == 0
+    assert int(state["frozen"]) > int(state["tracked"]), state
+
+
 async def test_a_thread_pool_worker_still_running_tool_work_forces_the_exit(tmp_path: Path) -> None:
     # A call cancelled at the drain deadline whose work sleeps on in a worker of the loop's default
     # executor: Python would wait for that thread at exit, so the process exits at once, saying
