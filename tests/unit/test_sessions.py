@@ -19,7 +19,8 @@ from server.admission import MAX_LABEL_CHARS
 from server.manager_state import MAX_TRACKED_TOOLS, OTHER_TOOLS
 from server.metrics import DurationStats, MetricsSnapshot
 from server.session import metadata_size
-from server.sessions import ID_BATCH, RECENTLY_ENDED, SIGNATURE_CHARS
+from server.sessions import ID_BATCH, REAP_BATCH, RECENTLY_ENDED, SIGNATURE_CHARS
+from tests.helpers import until
 
 
 def manager(**limits: float) -> SessionManager:
@@ -423,6 +424,61 @@ async def test_the_calls_cancelled_at_the_drain_deadline_are_found_by_request_id
     assert sessions.cancelled_at_shutdown("6", "t") == alone.id
     assert sessions.cancelled_at_shutdown("5", "t") is None and first.id != second.id
     assert sessions.cancelled_at_shutdown("6", "other") is None and sessions.cancelled_at_shutdown("7", "t") is None
+
+
+class _SlowHandler(logging.Handler):
+    """Takes `seconds` over its first record: a reaper's batch of session ends that takes that long
+    (10,000 ends logged at INFO held the loop about 0.2 s)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(logging.INFO)
+        self.seconds = seconds
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.seconds:
+            time.sleep(self.seconds)  # the work of a long batch, not a wait for a condition
+            self.seconds = 0.0
+
+
+async def test_the_reaper_s_own_long_batch_is_not_taken_for_a_held_loop(caplog: pytest.LogCaptureFixture) -> None:
+    # Deadlines that passed while the reaper was ending the sessions of its previous batch were
+    # reported as enforced late "as the event loop was held ... by a tool", though no tool ran.
+    sessions = manager()
+    ends = logging.getLogger("server.sessions.ends")
+    slow, level = _SlowHandler(0.3), ends.level
+    ends.addHandler(slow)
+    ends.setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.WARNING, logger="server.sessions"):
+            async with sessions.running():
+                first = await sessions.create(timeout_seconds=0.1)
+                second = await sessions.create(timeout_seconds=0.15)  # passes while the first batch runs
+                await until(lambda: second.state is SessionState.TIMEOUT)
+    finally:
+        ends.removeHandler(slow)
+        ends.setLevel(level)
+    assert first.state is SessionState.TIMEOUT
+    assert [r.getMessage() for r in caplog.records if r.name == "server.sessions"] == []
+
+
+async def test_the_reaper_lets_other_tasks_run_between_batches_of_expiring_sessions() -> None:
+    # 10,000 sessions expiring at once held the loop for the whole batch (0.2 s with their ends logged).
+    sessions = manager(max_concurrent_sessions=10_000)
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(sessions.metrics().active_sessions)
+            await anyio.lowlevel.checkpoint()
+
+    async with sessions.running(), anyio.create_task_group() as tg:
+        expiring = [await sessions.create(timeout_seconds=0.2) for _ in range(2 * REAP_BATCH + 10)]
+        tg.start_soon(watch)
+        time.sleep(max(0.0, expiring[-1].deadline - time.monotonic()))  # noqa: ASYNC251 - all expired at once
+        await until(lambda: all(s.state is SessionState.TIMEOUT for s in expiring))
+        tg.cancel_scope.cancel()
+    # Seen part-way: after each batch of REAP_BATCH ends, before the rest.
+    assert {REAP_BATCH + 10, 10} <= set(seen), sorted(set(seen))
 
 
 async def test_shutdown_drains_finishing_sessions_and_cancels_the_rest_at_the_deadline() -> None:
