@@ -7,12 +7,14 @@ more goes through `create`: the request is checked (timeout, labels, metadata si
 server or its tool is full. Queued calls wait in FIFO order; the release that frees a slot
 hands it, under the manager's lock, to the first waiter that fits (`_hand_over_locked`), so a
 newcomer never takes a slot a waiter could use. The queue is kept in lines, one per tool with a
-cap and one for every other call, so that finding that waiter costs a look at each line's first
-call, not a walk past every waiting call of a full tool.
+cap and one for every other call, and the first calls of the lines whose tool has room in a heap
+by arrival: finding that waiter costs a look at the top of the heap, not a walk past every
+waiting call of a full tool, nor a look at every tool's line.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import OrderedDict
@@ -297,19 +299,74 @@ class Intake(ManagerState):
         line = self._lines.get(key)
         if line is None:
             self._lines[key] = line = OrderedDict()
-        line[waiter] = None
+            line[waiter] = None
+            self._line_ready_locked(key)  # its first call
+        else:
+            line[waiter] = None
         if waiter.session.needs_thread:
             self._thread_waiters[waiter] = None
 
     def _unqueue_locked(self, waiter: Waiter) -> None:
         """Take `waiter` out of the queue and of its line."""
         del self._queue[waiter]
-        line = self._lines[waiter.line]
+        key = waiter.line
+        line = self._lines[key]
+        first = next(iter(line)) is waiter
         del line[waiter]
         if not line:
-            del self._lines[waiter.line]
+            del self._lines[key]
+        elif first:
+            self._line_ready_locked(key)  # the call behind it is the first now
         if waiter.session.needs_thread:
             del self._thread_waiters[waiter]
+
+    def _line_ready_locked(self, key: str | None) -> None:
+        """Put the first call of line `key` in the hand-over's heap (`ManagerState._ready`) if
+        the line holds a call and its tool has room: its first call has changed, or a call of
+        its tool has ended. O(log L) for L lines; when stale entries outnumber the lines, the
+        heap is made again from the lines (O(L), once per at least L + 64 entries put in)."""
+        line = self._lines.get(key)
+        if line is None or (
+            key is not None and self._tool_active.get(key, 0) >= self.tool_caps.get(key, math.inf)
+        ):  # (no KeyError on a cap taken out of `tool_caps` by hand, not through `set_limits`)
+            return
+        ready = self._ready
+        heapq.heappush(ready, (next(iter(line)).seq, key))
+        if len(ready) > 2 * len(self._lines) + 64:
+            self._remake_ready_locked()
+
+    def _remake_ready_locked(self) -> None:
+        """Make the hand-over's heap again, in place: the first call of each line whose tool has room."""
+        caps = self.tool_caps
+        tool_active = self._tool_active
+        self._ready[:] = [
+            (next(iter(line)).seq, key)
+            for key, line in self._lines.items()
+            if key is None or tool_active.get(key, 0) < caps.get(key, math.inf)
+        ]
+        heapq.heapify(self._ready)
+
+    def _next_ready_locked(self) -> Waiter | None:
+        """Take the oldest first call of a line whose tool has room off the hand-over's heap;
+        None if there is none. Entries that no longer hold are dropped on the way: one whose
+        call has left its line (the entry of the call behind it went in then), or whose tool
+        is full (it goes in again when a call of that tool ends)."""
+        ready = self._ready
+        lines = self._lines
+        caps = self.tool_caps
+        tool_active = self._tool_active
+        while ready:
+            seq, key = heapq.heappop(ready)
+            line = lines.get(key)
+            if line is None:
+                continue
+            first = next(iter(line))
+            if first.seq != seq:
+                continue
+            if key is not None and tool_active.get(key, 0) >= caps.get(key, math.inf):
+                continue
+            return first
+        return None
 
     def _leave_queue_locked(self, waiter: Waiter) -> float:
         """Take a waiter out of the queue unadmitted; return how long it waited."""
@@ -323,29 +380,20 @@ class Intake(ManagerState):
         """Give free slots to the oldest waiters that fit; the caller wakes them after the lock.
 
         A waiter fits when its tool has room: the oldest that fits is the oldest first call of
-        a line whose tool is not full (one look a line). A waiter that needs a thread while too
-        many are stuck is refused on its turn, and the slot it would have had goes on to the
-        next waiter that fits: so is every such waiter that came before the last one admitted
-        (all of them if slots are left), whether or not its own tool is full."""
+        a line whose tool is not full, the top of the heap of those (`ManagerState._ready`):
+        O(log L) a waiter admitted for L lines, never a look at every line. A waiter that needs
+        a thread while too many are stuck is refused on its turn, and the slot it would have
+        had goes on to the next waiter that fits: so is every such waiter that came before the
+        last one admitted (all of them if slots are left), whether or not its own tool is full."""
         cap = self.limits.max_concurrent_sessions
         active = self._active
         if len(active) >= cap or not self._queue:
             return []
-        caps = self.tool_caps
-        tool_active = self._tool_active
-        lines = self._lines
         stuck = self._abandoned >= self.limits.max_abandoned_threads
         woken: list[Waiter] = []
         last = 0  # the arrival of the last waiter admitted
         while len(active) < cap:
-            first: Waiter | None = None
-            for key, line in lines.items():
-                if key is not None and tool_active.get(key, 0) >= caps.get(key, math.inf):
-                    continue  # its tool is full: let the calls behind it through (no KeyError on
-                    # a cap taken out of `tool_caps` by hand, not through `set_limits`)
-                head = next(iter(line))
-                if first is None or head.seq < first.seq:
-                    first = head
+            first = self._next_ready_locked()
             if first is None:
                 break
             if stuck and first.session.needs_thread:
@@ -397,8 +445,10 @@ class Intake(ManagerState):
             self.limits = limits
             if caps is not None:
                 self.tool_caps = caps
-                # Which tools have a cap decides the lines: line the waiters up again, in order.
+                # Which tools have a cap decides the lines, and their caps which lines have room:
+                # line the waiters up again, in order, and make the heap of lines anew with them.
                 self._lines = {}
+                self._ready = []
                 self._thread_waiters = OrderedDict()
                 for waiter in self._queue:
                     self._line_up_locked(waiter)

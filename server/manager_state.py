@@ -130,10 +130,17 @@ class ManagerState:
         self._queue: dict[Waiter, None] = {}
         #: The queue again, in lines: the calls of each tool with a cap in that tool's line, every
         #: other call in the line under None; each line in order of arrival, and only lines that
-        #: hold a call. A freed slot goes to the oldest head of a line whose tool has room: a
-        #: release looks at one call a line, never at every call of a full tool. OrderedDicts: a
-        #: plain dict's first key is found past every key deleted before it.
+        #: hold a call. A freed slot goes to the oldest head of a line whose tool has room (found
+        #: in `_ready`): a release never looks at every call of a full tool, nor at every line.
+        #: OrderedDicts: a plain dict's first key is found past every key deleted before it.
         self._lines: dict[str | None, OrderedDict[Waiter, None]] = {}
+        #: The lines a freed slot may go to, as a heap of (arrival of the line's first call, line):
+        #: each line whose tool has room has its first call's entry here, so the hand-over takes
+        #: the oldest that fits off the top instead of looking at every line. Entries are put in
+        #: when a line's first call changes and when a call of its tool ends; one that no longer
+        #: holds (its call has left, or its tool is full) is dropped when it comes to the top, and
+        #: they are all made again when they outnumber the lines (see `Intake._line_ready_locked`).
+        self._ready: list[tuple[int, str | None]] = []
         #: The queued calls that need a thread, in order of arrival (refused on their turn while
         #: too many threads are stuck: see `Intake._hand_over_locked`).
         self._thread_waiters: OrderedDict[Waiter, None] = OrderedDict()

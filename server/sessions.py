@@ -456,7 +456,12 @@ class SessionManager(Intake):
             durations.add(duration)
             if session.client is not None:
                 self._release_client_locked(session.client)
-            woken = self._hand_over_locked() if self._queue else None
+            if self._queue:
+                if tool is not None and tool in self._lines:
+                    self._line_ready_locked(tool)  # its tool may have room again: its line too
+                woken = self._hand_over_locked()
+            else:
+                woken = None
             waiter = self._end_waiters.pop(session.id, None) if self._end_waiters else None
             idle = self._idle_waiter if not self._active else None
             if idle is not None:
