@@ -355,7 +355,8 @@ class Installed:
     unfinished: list[str]
     #: Each tool a hook removed (`server.remove_tool`), and the module whose hook did: not hosted.
     removed: dict[str, str]
-    #: One sentence per tool a hook removed, to note (not a problem: a hook may mean it).
+    #: One sentence per tool a hook removed, or replaced with one of its own under the same name,
+    #: to note (not a problem: a hook may mean it).
     notes: list[str]
 
 
@@ -371,23 +372,21 @@ def install_tool_modules_noting(
     removed: dict[str, str] = {}
     notes: list[str] = []
     removal_notes: dict[str, str] = {}  # the note of each tool in `removed`
-    for module in modules:
-        for fn in module.tools:
-            try:
-                server.add_tool(fn)
-            except Exception as exc:  # noqa: BLE001 - any refusal by the SDK is a config error to report
-                name = _tool_name(fn)
-                if name is not None:
-                    refused.append(name)
-                label = repr(name) if name is not None else f"{getattr(fn, '__name__', None) or fn!r:.200}"
-                hint = "" if name is not None else _NAMELESS_HINT
-                problems.append(f"{_key(module.name)}: tool {label} cannot be registered: {_one_line(exc)}{hint}")
     owners: dict[str, str] = {name: "the session extension" for name in MANAGEMENT_TOOLS}
     owner_modules: dict[str, tuple[str, ...]] = {}  # the module behind each owner, if a module
     for module in modules:
         for fn in module.tools:
             name = _tool_name(fn)
-            if name is not None and name not in owners:
+            try:
+                server.add_tool(fn)
+            except Exception as exc:  # noqa: BLE001 - any refusal by the SDK is a config error to report
+                if name is not None:
+                    refused.append(name)
+                label = repr(name) if name is not None else f"{getattr(fn, '__name__', None) or fn!r:.200}"
+                hint = "" if name is not None else _NAMELESS_HINT
+                problems.append(f"{_key(module.name)}: tool {label} cannot be registered: {_one_line(exc)}{hint}")
+                continue
+            if name is not None and name not in owners:  # (the SDK keeps the first tool of a name)
                 owners[name] = f"module {module.name!r} (in its TOOLS)"
                 owner_modules[name] = (module.name,)
     for module in modules:

@@ -301,6 +301,24 @@ def test_a_setup_hook_replacing_another_module_s_tool_is_noted_as_replacing_it()
     ]
 
 
+def _registers_its_own_takes_opaque(server: MCPServer[Any]) -> None:
+    def takes_opaque(value: str) -> str:
+        return value
+
+    server.add_tool(takes_opaque)
+
+
+def test_a_hook_registering_the_name_of_a_tool_the_sdk_refused_is_not_noted_as_replacing_it() -> None:
+    installed = install_tool_modules_noting(
+        MCPServer("t"),
+        [ToolModule("first", (takes_opaque,), None), ToolModule("second", (), _registers_its_own_takes_opaque)],
+    )
+
+    [refused] = installed.problems
+    assert refused.startswith("server.tool_modules: 'first': tool 'takes_opaque' cannot be registered:"), refused
+    assert installed.notes == []  # 'first' never had a tool of that name to replace
+
+
 def _removes_lookup(server: MCPServer[Any]) -> None:
     server.remove_tool("_lookup")
 
