@@ -643,19 +643,22 @@ class Settings(BaseSettings):
                 f"server's environment: server_shutdown over streamable HTTP is refused (unauthorized) until the "
                 f"server is restarted with {token_env} set to a non-empty token (SIGINT or SIGTERM still stop it)"
             )
+        from server.toml_keys import dotted_key  # (it imports this module)
+
         for name, tool in sorted(self.tools.items()):
+            table = dotted_key(("tools", name))  # as TOML writes it: tools."my.tool"
             if tool.max_concurrent is not None and tool.max_concurrent > cap:
                 notes.append(
-                    f"tools.{name}.max_concurrent ({tool.max_concurrent}) is above "
+                    f"{table}.max_concurrent ({tool.max_concurrent}) is above "
                     f"limits.max_concurrent_sessions ({cap}): the server-wide cap is reached first"
                 )
             idle, deadline = tool.idle_timeout_seconds, self.timeout_for(name)
             if idle is not None and idle >= deadline:
-                source = f"tools.{name}.timeout_seconds"
+                source = f"{table}.timeout_seconds"
                 if tool.timeout_seconds is None:
                     source = "limits.default_timeout_seconds"
                 notes.append(
-                    f"tools.{name}.idle_timeout_seconds ({idle:g}) is not below the call's deadline "
+                    f"{table}.idle_timeout_seconds ({idle:g}) is not below the call's deadline "
                     f"({deadline:g}, {source}): a call reaches its deadline first, so the idle timeout never fires"
                 )
         return notes

@@ -851,7 +851,7 @@ def overridden_in_file(
             if isinstance(value, Mapping):
                 visit(value, (*loc, key))
             elif sources.origin((*loc, key)) != "file":
-                found[".".join(map(str, (*loc, key)))] = (value, sources.describe((*loc, key)))
+                found[dotted_key((*loc, key))] = (value, sources.describe((*loc, key)))
 
     visit(file_data, ())
     return found

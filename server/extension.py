@@ -78,6 +78,7 @@ from server.sdk_seams import (
 from server.session import SessionState
 from server.sessions import SessionManager, checked_drain_timeout
 from server.threads import make_cancellable, runs_in_thread
+from server.toml_keys import dotted_key
 from tools.sessions import (
     MANAGEMENT_TOOLS,
     SESSION_TOOL_TABLE,
@@ -303,14 +304,13 @@ class SessionsExtension(DecoupledCalls, Extension):
         listed = f" (its tools: {list_names(names)})" if names else ""
         for name in unmatched:
             if name in session_tools:
-                logger.warning("[tools.%s] is ignored: %s; remove it", name, SESSION_TOOL_TABLE)
+                logger.warning("[%s] is ignored: %s; remove it", dotted_key(("tools", name)), SESSION_TOOL_TABLE)
                 continue
             near = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             logger.warning(
-                "[tools.%s] names no tool of this server%s: its settings apply only to a tool of that name "
-                "added later%s",
-                name,
+                "[%s] names no tool of this server%s: its settings apply only to a tool of that name added later%s",
+                dotted_key(("tools", name)),
                 listed,
                 hint,
             )

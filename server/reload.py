@@ -45,6 +45,7 @@ from server.config import ConfigError, Settings, mask_secrets
 from server.config_loader import config_problems, load_settings_noting, overridden_in_file
 from server.extension import SessionsExtension
 from server.logs import configure_logging, configured_here, logging_drift
+from server.toml_keys import dotted_key, parse_dotted_key
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +58,15 @@ LOGGING = "logging"
 T = TypeVar("T")
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Dotted key (as TOML writes it: `tools."my.tool".timeout_seconds`) -> value."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        path = f"{prefix}{key}"
+        path = (*prefix, key)
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, path + "."))  # an empty table adds no key
+            flat.update(_flatten(value, path))  # an empty table adds no key
         else:
-            flat[path] = value
+            flat[dotted_key(path)] = value
     return flat
 
 
@@ -320,5 +322,5 @@ def _describe(ignored: Mapping[str, tuple[Any, Any]]) -> str:
 
 def _show(value: Any, key: str = "") -> str:
     """`value` as logged for the dotted `key`: a password in a store URL is shown as ***."""
-    value = mask_secrets(tuple(key.split(".")), value)
+    value = mask_secrets(parse_dotted_key(key) or tuple(key.split(".")), value)
     return "unset" if value is None else repr(value)

@@ -1742,6 +1742,19 @@ def test_a_later_check_names_the_source_of_each_tool_table(tmp_path: Path, monke
     )
 
 
+def test_notes_and_reload_changes_write_a_tool_name_with_a_dot_as_toml_does() -> None:
+    from server.reload import changes
+
+    old = load_settings(None, {"limits": {"max_concurrent_sessions": 10}})
+    new = load_settings(
+        None, {"limits": {"max_concurrent_sessions": 10}, "tools": {"my.tool": {"max_concurrent": 500}}}
+    )
+
+    [note] = new.ineffective()
+    assert note.startswith('tools."my.tool".max_concurrent (500) is above limits.max_concurrent_sessions'), note
+    assert 'tools."my.tool".max_concurrent' in changes(old, new)
+
+
 def test_a_table_for_no_hosted_tool_lists_a_few_hosted_ones_not_thousands(tmp_path: Path) -> None:
     # With 5,000 tools every such problem listed them all (34 KB a line): a reload's log line,
     # cut at 8 KB, lost the other problems and the "did you mean" hint.
