@@ -318,6 +318,14 @@ def _env_null_tables() -> list[str]:
     return problems
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _not_an_object(name: str, path: list[str]) -> str:
     """The reason for JSON from the variable `name` that is not the object the table at `path`
     takes: the example is the variable's own where it sets that table (else the table's value)."""
@@ -668,8 +676,8 @@ class _Sources:
         if error["type"] in _TABLE_TYPES and self.origin(loc, exact=True) == "env":
             name = self.describe(loc).removeprefix("environment variable ")
             path = [str(part) for part in loc]
-            if isinstance(value, str) and _env_path(name) == path:  # the variable's text, not JSON
-                reason = f"must be JSON for a table, e.g. {name}='{_json_example(path)}'"
+            if isinstance(value, str) and _env_path(name) == path and not _is_json(os.environ.get(name, "")):
+                reason = f"must be JSON for a table, e.g. {name}='{_json_example(path)}'"  # its text, not JSON
             else:  # JSON, but not an object: null, a number, a list, a string inside the variable's JSON
                 reason = _not_an_object(name, path)
         return self.problem(loc, reason, mask_secrets(loc, value), show)

@@ -1394,6 +1394,25 @@ def test_a_json_boolean_for_a_number_in_a_variable_is_refused_as_in_the_file(
     assert problems_of(path) == [f"{path}: {key}: {reason}"]
 
 
+def test_a_json_string_for_a_table_in_a_variable_is_called_json_that_is_not_an_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # '"x"' is JSON (a string), so "must be JSON for a table" misled; text that is not JSON keeps it.
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS", '"x"')
+    [json_string] = problems_of(None)
+    monkeypatch.setenv("MCP_SESSIONS_LIMITS", "x")
+    [not_json] = problems_of(None)
+
+    example = "MCP_SESSIONS_LIMITS='{\"max_concurrent_sessions\": 100}'"
+    assert (
+        json_string
+        == f'environment variable MCP_SESSIONS_LIMITS: limits: must be a JSON object, e.g. {example} (got "x")'
+    )
+    assert not_json.startswith(
+        f"environment variable MCP_SESSIONS_LIMITS: limits: must be JSON for a table, e.g. {example}"
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
