@@ -90,21 +90,8 @@ async def _lines_run_by_a_release(blocked: int) -> int:
             tg.start_soon(lambda: sessions.create(tool="capped"))
         await until(lambda: sessions.metrics().queued_sessions == blocked)
         other = await sessions.create(tool="other")
-        lines = 0
         ours = held.__class__.__module__.split(".")[0]
-
-        def trace(frame: FrameType, event: str, arg: object) -> TraceFunction:
-            nonlocal lines
-            if event == "line" and frame.f_globals.get("__name__", "").startswith(ours):
-                lines += 1
-            return trace
-
-        before = sys.gettrace()
-        sys.settrace(trace)
-        try:
-            sessions.end(other, SessionState.COMPLETED)
-        finally:
-            sys.settrace(before)
+        lines = _lines_run(ours, lambda: sessions.end(other, SessionState.COMPLETED))
         tg.cancel_scope.cancel()
     return lines
 
