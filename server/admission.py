@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import anyio
 
 from server.errors import ErrorCode, SessionError, shorten
+from server.toml_keys import dotted_key
 
 if TYPE_CHECKING:
     from server.session import Session
@@ -111,16 +112,21 @@ def refuse_capacity(
         limit += f" and its queue holds {queued} of {_count(max_queued, 'waiting call')} (limits.max_queued)"
     if tool_cap is not None and tool is not None:
         calls = _count(tool_cap, "concurrent call")
-        limit += f", and tool {tool!r} is at its limit of {calls} (tools.{tool}.max_concurrent)"
+        limit += f", and tool {tool!r} is at its limit of {calls} ({_cap_key(tool)})"
         return SessionError(ErrorCode.CAPACITY_EXCEEDED, f"{limit}; retry after one of its calls ends", tool=tool)
     return SessionError(ErrorCode.CAPACITY_EXCEEDED, f"{limit}; retry after a session ends", tool=tool)
+
+
+def _cap_key(tool: str | None) -> str:
+    """The key of `tool`'s cap, as TOML writes it (`tools."my.tool".max_concurrent`)."""
+    return dotted_key(("tools", str(tool), "max_concurrent"))
 
 
 def refuse_tool_limit(tool: str, cap: int, queued: int = 0, max_queued: int = 0) -> SessionError:
     """`tool` is at its cap. `max_queued` is 0 when the call could not have waited (see
     `refuse_capacity`); otherwise the server's queue is full too, and the sentence says so: the
     call would have waited there, and a longer queue (`limits.max_queued`) would have taken it."""
-    limit = f"tool {tool!r} is at its limit of {_count(cap, 'concurrent call')} (tools.{tool}.max_concurrent)"
+    limit = f"tool {tool!r} is at its limit of {_count(cap, 'concurrent call')} ({_cap_key(tool)})"
     if max_queued:
         limit += f" and the server's queue holds {queued} of {_count(max_queued, 'waiting call')} (limits.max_queued)"
     return SessionError(ErrorCode.CAPACITY_EXCEEDED, f"{limit}; retry after one of its calls ends", tool=tool)
@@ -178,9 +184,7 @@ def refuse_queue_timeout(
     neither is seen full (in cluster mode the caps count every replica's calls, which this one
     does not see), it names the caps that may have: the server's, and the tool's if it has one.
     (The per-client share never makes a call wait: it is refused at once.)"""
-    tool_limit = (
-        f"tool {tool!r} is at its limit of {_count(tool_cap or 0, 'concurrent call')} (tools.{tool}.max_concurrent)"
-    )
+    tool_limit = f"tool {tool!r} is at its limit of {_count(tool_cap or 0, 'concurrent call')} ({_cap_key(tool)})"
     server_limit = f"{where} is at its limit of {_count(cap, 'concurrent session')} (limits.max_concurrent_sessions)"
     if tool_full and server_full:
         reason = f"{server_limit}, and {tool_limit}"
@@ -191,7 +195,7 @@ def refuse_queue_timeout(
     else:
         reason = (
             f"neither {where} (limits.max_concurrent_sessions, {cap}) nor tool {tool!r} "
-            f"(tools.{tool}.max_concurrent, {tool_cap}) had room for it"
+            f"({_cap_key(tool)}, {tool_cap}) had room for it"
         )
     return SessionError(
         ErrorCode.CAPACITY_EXCEEDED,

@@ -643,3 +643,8 @@ def test_set_limits_takes_what_the_constructor_takes_and_refuses_the_rest_changi
         with pytest.raises(TypeError, match=r"set_limits\(\) takes a Settings"):
             sessions.set_limits(wrong)  # type: ignore[arg-type]
     assert sessions.limits == LimitsSettings() and sessions.metrics().limits["max_concurrent_sessions"] == 100
+
+
+def test_a_refusal_names_the_cap_of_a_tool_with_a_dot_in_its_name_as_toml_writes_it() -> None:
+    assert '(tools."my.tool".max_concurrent)' in admission.refuse_tool_limit("my.tool", 2).message
+    assert "(tools.echo.max_concurrent)" in admission.refuse_tool_limit("echo", 2).message
