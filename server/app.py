@@ -141,6 +141,8 @@ class _StandaloneSessions(SessionsExtension):
     refused on its merits) before it starts the shutdown that refuses new work.
     """
 
+    serves_prometheus_port = True  # `serve` starts the exporter
+
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.on_tool_call: Callable[[Any], None] | None = None

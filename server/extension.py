@@ -119,6 +119,10 @@ class SessionsExtension(DecoupledCalls, Extension):
 
     identifier = EXTENSION_ID
 
+    #: Whether what runs this extension serves `metrics.prometheus_port` (the standalone server
+    #: does); where not, the lifespan warns of a port set in the settings, which nothing serves.
+    serves_prometheus_port = False
+
     def __init__(self, settings: Settings | None = None, *, manager: SessionManager | None = None) -> None:
         """`settings`: by default `load_settings()`, the built-in defaults and the `MCP_SESSIONS_*`
         environment variables.
@@ -152,6 +156,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         self._announced: ShutdownReport | None = None
         #: The `[tools.NAME]` names warned about as matching no tool (each once).
         self._warned_tables: set[str] = set()
+        self._warned_exporter = False
         self._works = {}  # decoupled work still running (see `DecoupledCalls`)
         #: The server's tool registry lookup (set by the lifespan; None: no registry to ask).
         self._get_tool: Callable[[str], Any] | None = None
@@ -393,6 +398,15 @@ class SessionsExtension(DecoupledCalls, Extension):
         self._make_registered_cancellable(app)
         self._give_back = self.take_over_tool_calls(app)
         self._warn_unmatched_tool_tables()
+        port = self.config.metrics.prometheus_port
+        if port and not self.serves_prometheus_port and not self._warned_exporter:
+            self._warned_exporter = True
+            logger.warning(
+                "metrics.prometheus_port = %s is not served here: the standalone server serves it, and an embedding "
+                "host serves its own metrics (server.prometheus.build_registry(sessions.manager) is a "
+                "prometheus_client registry of them)",
+                port,
+            )
 
     async def _run_manager(self, started: asyncio.Future[None], stop: anyio.Event) -> None:
         try:

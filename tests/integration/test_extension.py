@@ -1475,3 +1475,28 @@ async def test_a_tool_table_naming_no_tool_of_the_host_is_warned_about_at_start_
         "[tools.hang_asnyc] names no tool of this server (its tools: boom, echo, hang_async): its settings apply"
         " only to a tool of that name added later; did you mean 'hang_async'?"
     ]
+
+
+async def test_an_embedding_host_is_told_its_prometheus_port_is_not_served_and_the_standalone_server_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # `metrics.prometheus_port` is served by the standalone server; in a host nothing serves it,
+    # and a host sharing the standalone server's config file would wait for metrics that never come.
+    from server import load_settings
+    from server.app import build_app
+
+    settings = load_settings(None, {"metrics": {"prometheus_port": 9109}})
+    app, _ = build(settings, tools=[echo])
+    standalone = build_app(settings)
+    with caplog.at_level(logging.WARNING, logger="server.extension"):
+        for _ in range(2):  # once per extension, however many lifespans
+            async with Client(app) as client:
+                await client.call_tool("echo", {"text": "x"})
+        async with Client(standalone.server) as client:
+            await client.call_tool("session_metrics", {})
+    warned = [r.getMessage() for r in caplog.records if "prometheus_port" in r.getMessage()]
+    assert warned == [
+        "metrics.prometheus_port = 9109 is not served here: the standalone server serves it, and an embedding "
+        "host serves its own metrics (server.prometheus.build_registry(sessions.manager) is a prometheus_client "
+        "registry of them)"
+    ], warned
