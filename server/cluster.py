@@ -355,6 +355,12 @@ class ClusterSessionManager(SessionManager):
             self._freed.set()
         return []
 
+    def _line_ready_locked(self, key: str | None) -> None:
+        """Nothing: the hand-over's heap of lines is the local hand-over's, which never runs here."""
+
+    def _remake_ready_locked(self) -> None:
+        """Nothing (see `_line_ready_locked`)."""
+
     def _only_held_tools(self, tool: str | None) -> bool:
         """Whether every call queued here waits for a tool other than `tool` that the store called
         full in the dispatcher's last pass, with no slot freed since (no pass pending)."""

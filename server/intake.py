@@ -315,6 +315,8 @@ class Intake(ManagerState):
         del line[waiter]
         if not line:
             del self._lines[key]
+            if not self._lines:
+                self._ready.clear()  # its entries are all stale now: keep none while nothing waits
         elif first:
             self._line_ready_locked(key)  # the call behind it is the first now
         if waiter.session.needs_thread:
@@ -323,8 +325,9 @@ class Intake(ManagerState):
     def _line_ready_locked(self, key: str | None) -> None:
         """Put the first call of line `key` in the hand-over's heap (`ManagerState._ready`) if
         the line holds a call and its tool has room: its first call has changed, or a call of
-        its tool has ended. O(log L) for L lines; when stale entries outnumber the lines, the
-        heap is made again from the lines (O(L), once per at least L + 64 entries put in)."""
+        its tool has ended. O(log L) for L lines; when the heap holds more than 2L + 64 entries
+        (stale ones, dropped lazily), it is made again from the lines: O(L), once per at least
+        L + 64 entries put in, so amortised O(log L) a push."""
         line = self._lines.get(key)
         if line is None or (
             key is not None and self._tool_active.get(key, 0) >= self.tool_caps.get(key, math.inf)
@@ -381,7 +384,7 @@ class Intake(ManagerState):
 
         A waiter fits when its tool has room: the oldest that fits is the oldest first call of
         a line whose tool is not full, the top of the heap of those (`ManagerState._ready`):
-        O(log L) a waiter admitted for L lines, never a look at every line. A waiter that needs
+        amortised O(log L) a waiter admitted for L lines, never a look at every line. A waiter that needs
         a thread while too many are stuck is refused on its turn, and the slot it would have
         had goes on to the next waiter that fits: so is every such waiter that came before the
         last one admitted (all of them if slots are left), whether or not its own tool is full."""

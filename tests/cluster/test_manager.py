@@ -5,6 +5,7 @@ the same through real servers)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -163,6 +164,26 @@ async def test_a_call_queued_on_one_manager_gets_the_slot_another_frees(shared_s
         await _ends_written(a, b)
         totals = await _totals(a)
         assert (totals.active_sessions, totals.total_sessions_created, totals.total_sessions_completed) == (0, 2, 2)
+
+
+async def test_a_replica_keeps_no_heap_of_queue_lines_it_never_hands_over_from(
+    shared_store: dict[str, TomlValue],
+) -> None:
+    # The local hand-over's heap of lines (`_ready`) is never read in cluster mode, where the
+    # dispatcher hands slots over through the store: it was kept up to date (and grew) for nothing.
+    a = _replica(shared_store, {"capped": 1}, max_concurrent_sessions=1)
+    b = _replica(
+        shared_store, {"capped": 1}, max_concurrent_sessions=1, max_queued=4, queue_timeout_seconds=WAIT_SECONDS
+    )
+    async with _running(a, b):
+        held = await a.create(tool="capped")
+        async with anyio.create_task_group() as tg:
+            for tool in ("capped", "other", "capped"):
+                tg.start_soon(functools.partial(b.create, tool=tool))
+            await until(lambda: b.metrics().queued_sessions == 3, within=WAIT_SECONDS)
+            assert b._ready == []
+            tg.cancel_scope.cancel()
+        await a.release(held.id)
 
 
 async def test_a_burst_of_calls_on_a_full_cluster_queues_no_more_than_max_queued(

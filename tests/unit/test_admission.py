@@ -648,3 +648,18 @@ def test_set_limits_takes_what_the_constructor_takes_and_refuses_the_rest_changi
 def test_a_refusal_names_the_cap_of_a_tool_with_a_dot_in_its_name_as_toml_writes_it() -> None:
     assert '(tools."my.tool".max_concurrent)' in admission.refuse_tool_limit("my.tool", 2).message
     assert "(tools.echo.max_concurrent)" in admission.refuse_tool_limit("echo", 2).message
+
+
+async def test_the_hand_over_keeps_no_heap_entries_once_nothing_waits() -> None:
+    # Calls that give up waiting leave entries behind them in the heap (dropped when they come to
+    # its top); once the queue is empty none of them may stay, however many calls came and went.
+    sessions = manager(max_concurrent_sessions=1, max_queued=10)
+    held = await sessions.create(tool="busy")
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(lambda: sessions.create(tool="waits"))
+        await until(lambda: sessions.metrics().queued_sessions == 3)
+        assert sessions._ready != []
+        tg.cancel_scope.cancel()  # all three give up
+    assert sessions.metrics().queued_sessions == 0 and sessions._ready == []
+    sessions.end(held, SessionState.COMPLETED)
