@@ -583,6 +583,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tool_timeouts_within_cap(self) -> Settings:
+        from server.toml_keys import dotted_key  # (it imports this module)
+
         cap = self.limits.max_timeout_seconds
         for name, tool in self.tools.items():
             for key in TOOL_TIMEOUT_KEYS:
@@ -590,8 +592,8 @@ class Settings(BaseSettings):
                 if value is not None and value > cap:
                     raise PydanticCustomError(
                         ABOVE_CAP,
-                        "tools.{name}.{key} ({value}) must not exceed limits.max_timeout_seconds ({cap})",
-                        {"name": name, "key": key, "value": value, "cap": cap},
+                        "{table}.{key} ({value}) must not exceed limits.max_timeout_seconds ({cap})",
+                        {"name": name, "table": dotted_key(("tools", name)), "key": key, "value": value, "cap": cap},
                     )
         return self
 

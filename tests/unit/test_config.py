@@ -268,6 +268,8 @@ def test_building_settings_directly_still_checks_the_timeout_cap() -> None:
         LimitsSettings(default_timeout_seconds=400.0)
     with pytest.raises(ValidationError, match=r"tools\.echo\.timeout_seconds \(400\.0\) must not exceed"):
         Settings(tools={"echo": ToolSettings(timeout_seconds=400.0)})
+    with pytest.raises(ValidationError, match=r'tools\."my\.tool"\.timeout_seconds \(400\.0\) must not exceed'):
+        Settings(tools={"my.tool": ToolSettings(timeout_seconds=400.0)})  # its name written as TOML writes it
 
 
 # -- bad files: one problem each, the whole line -----------------------------------------
