@@ -297,12 +297,12 @@ class Intake(ManagerState):
         tool = waiter.session.tool
         waiter.line = key = tool if tool is not None and tool in self.tool_caps else None
         line = self._lines.get(key)
+        new = line is None
         if line is None:
             self._lines[key] = line = OrderedDict()
-            line[waiter] = None
+        line[waiter] = None
+        if new:
             self._line_ready_locked(key)  # its first call
-        else:
-            line[waiter] = None
         if waiter.session.needs_thread:
             self._thread_waiters[waiter] = None
 
@@ -329,23 +329,22 @@ class Intake(ManagerState):
         (stale ones, dropped lazily), it is made again from the lines: O(L), once per at least
         L + 64 entries put in, so amortised O(log L) a push."""
         line = self._lines.get(key)
-        if line is None or (
-            key is not None and self._tool_active.get(key, 0) >= self.tool_caps.get(key, math.inf)
-        ):  # (no KeyError on a cap taken out of `tool_caps` by hand, not through `set_limits`)
+        if line is None or not self._has_room_locked(key):
             return
         ready = self._ready
         heapq.heappush(ready, (next(iter(line)).seq, key))
         if len(ready) > 2 * len(self._lines) + 64:
             self._remake_ready_locked()
 
+    def _has_room_locked(self, key: str | None) -> bool:
+        """Whether the tool of line `key` has room (the line of uncapped calls always has); no
+        KeyError on a cap taken out of `tool_caps` by hand, not through `set_limits`."""
+        return key is None or self._tool_active.get(key, 0) < self.tool_caps.get(key, math.inf)
+
     def _remake_ready_locked(self) -> None:
         """Make the hand-over's heap again, in place: the first call of each line whose tool has room."""
-        caps = self.tool_caps
-        tool_active = self._tool_active
         self._ready[:] = [
-            (next(iter(line)).seq, key)
-            for key, line in self._lines.items()
-            if key is None or tool_active.get(key, 0) < caps.get(key, math.inf)
+            (next(iter(line)).seq, key) for key, line in self._lines.items() if self._has_room_locked(key)
         ]
         heapq.heapify(self._ready)
 
@@ -356,19 +355,14 @@ class Intake(ManagerState):
         is full (it goes in again when a call of that tool ends)."""
         ready = self._ready
         lines = self._lines
-        caps = self.tool_caps
-        tool_active = self._tool_active
         while ready:
             seq, key = heapq.heappop(ready)
             line = lines.get(key)
             if line is None:
                 continue
             first = next(iter(line))
-            if first.seq != seq:
-                continue
-            if key is not None and tool_active.get(key, 0) >= caps.get(key, math.inf):
-                continue
-            return first
+            if first.seq == seq and self._has_room_locked(key):
+                return first
         return None
 
     def _leave_queue_locked(self, waiter: Waiter) -> float:
