@@ -309,21 +309,21 @@ def _env_null_tables() -> list[str]:
         path = _env_path(name)
         if path is None or len(path) != 1 or path[0] not in Settings.model_fields:
             continue
-        try:
-            parsed = json.loads(value)
-        except (ValueError, RecursionError):
-            continue  # reported as not JSON, or nesting too deep (`_env_json_problems`)
-        if parsed is None:
+        if _json_value(value) is None:  # (text that is no JSON is reported by `_env_json_problems`)
             problems.append(f"environment variable {name}: {path[0]}: {_not_an_object(name, path)} (got null)")
     return problems
 
 
-def _is_json(text: str) -> bool:
+#: What `_json_value` gives for text that is not JSON (or nests too deep to be read).
+_NOT_JSON = object()
+
+
+def _json_value(text: str) -> Any:
+    """`text` read as JSON, or `_NOT_JSON`."""
     try:
-        json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError):
-        return False
-    return True
+        return _NOT_JSON
 
 
 def _not_an_object(name: str, path: list[str]) -> str:
@@ -676,7 +676,8 @@ class _Sources:
         if error["type"] in _TABLE_TYPES and self.origin(loc, exact=True) == "env":
             name = self.describe(loc).removeprefix("environment variable ")
             path = [str(part) for part in loc]
-            if isinstance(value, str) and _env_path(name) == path and not _is_json(os.environ.get(name, "")):
+            text = os.environ.get(name, "")
+            if isinstance(value, str) and _env_path(name) == path and _json_value(text) is _NOT_JSON:
                 reason = f"must be JSON for a table, e.g. {name}='{_json_example(path)}'"  # its text, not JSON
             else:  # JSON, but not an object: null, a number, a list, a string inside the variable's JSON
                 reason = _not_an_object(name, path)
@@ -918,8 +919,8 @@ def load_settings_noting(
             loc = tuple(error["loc"])
             if error["type"] not in CROSS_KEY and sources.origin(loc) not in ("file", None):
                 hidden.append(f"{as_file.error(error)}; not in effect while {sources.describe(loc)} sets it")
-    # JSON in a variable has types, like the file: `true` where a number belongs is a mistake
-    # there too, not 1 (the pass below parses text, and would take it as one).
+    # JSON's `true` where a number belongs in a variable is a mistake, as in the file, not 1 (the
+    # pass below parses text, and would take it as one).
     for loc, problem in _env_bool_problems(env, sources).items():
         found.setdefault(loc, problem)
     # Everything merged; values from the environment are text, so this pass parses them.
