@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from server.store_url import safe_url, store_url_problem
+from server.toml_keys import dotted_key
 
 ENV_PREFIX = "MCP_SESSIONS_"
 ENV_NESTED_DELIMITER = "__"
@@ -583,8 +584,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tool_timeouts_within_cap(self) -> Settings:
-        from server.toml_keys import dotted_key  # (it imports this module)
-
         cap = self.limits.max_timeout_seconds
         for name, tool in self.tools.items():
             for key in TOOL_TIMEOUT_KEYS:
@@ -645,8 +644,6 @@ class Settings(BaseSettings):
                 f"server's environment: server_shutdown over streamable HTTP is refused (unauthorized) until the "
                 f"server is restarted with {token_env} set to a non-empty token (SIGINT or SIGTERM still stop it)"
             )
-        from server.toml_keys import dotted_key  # (it imports this module)
-
         for name, tool in sorted(self.tools.items()):
             table = dotted_key(("tools", name))  # as TOML writes it: tools."my.tool"
             if tool.max_concurrent is not None and tool.max_concurrent > cap:

@@ -16,9 +16,10 @@ import json
 import re
 import tomllib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from server.config import Loc
+if TYPE_CHECKING:  # (server.config names keys with `dotted_key`)
+    from server.config import Loc
 
 #: tomllib's message for a key set twice, and where its value ends ("at end of document" if there).
 _OVERWRITE = re.compile(r"Cannot overwrite a value \((?:at line (\d+), column \d+|at end of document)\)")
