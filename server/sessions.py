@@ -435,7 +435,7 @@ class SessionManager(Intake):
                     self._tool_active[tool] = left
                 else:
                     del self._tool_active[tool]
-                stats = session.stats or self._tool_stats(tool)
+                stats = session.stats  # set when it was opened (or by `reset_metrics` since)
                 durations = stats.durations
                 if state is _COMPLETED:
                     stats.completed += 1
