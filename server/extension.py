@@ -112,9 +112,9 @@ class SessionsExtension(DecoupledCalls, Extension):
     Wire `lifespan` into the server (`MCPServer(..., lifespan=sessions.lifespan)`, or enter
     `sessions.lifespan(app)` from your own lifespan): it runs the reaper and owns the tasks
     that do the tools' work, and serves `tools/call` itself (`take_over_tool_calls`). Until it
-    runs, tool calls are refused with `not_running`. A subclass that observes calls overrides
-    `handle_tool_call`; one that overrides `intercept_tool_call` keeps the SDK's chain (and its
-    cost).
+    runs, and once the runtime has stopped after an error, tool calls are refused with
+    `not_running`. A subclass that observes calls overrides `handle_tool_call`; one that
+    overrides `intercept_tool_call` keeps the SDK's chain (and its cost).
     """
 
     identifier = EXTENSION_ID
@@ -150,6 +150,9 @@ class SessionsExtension(DecoupledCalls, Extension):
             self.config = self.config.model_copy(update={"limits": manager.limits})
         self.manager = manager
         self._running = False
+        #: Whether the runtime stopped after an error (its reaper raised): calls are refused
+        #: with a restart, not with the lifespan's set-up advice. Cleared when it starts again.
+        self._failed = False
         self._app: Any = None
         self._exit_listeners: list[Callable[[ShutdownReport], None]] = []
         #: The report of the shutdown whose summary was logged and listeners notified.
@@ -395,6 +398,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         # admitted before a reload lowered the cap wait for a thread with their deadline running.
         self._tool_threads = anyio.CapacityLimiter(math.inf)
         self._running = True
+        self._failed = False
         self._make_registered_cancellable(app)
         self._give_back = self.take_over_tool_calls(app)
         self._warn_unmatched_tool_tables()
@@ -425,7 +429,8 @@ class SessionsExtension(DecoupledCalls, Extension):
             # After start-up the manager's own tasks (the reaper) do not raise; if one did, say
             # so, and refuse calls rather than serve them with no deadlines.
             self._running = False
-            logger.exception("The session runtime stopped: tool calls are refused from now on")
+            self._failed = True
+            logger.exception("The session runtime stopped: tool calls are refused from now on; restart the server")
             if not isinstance(exc, Exception):
                 raise
 
@@ -657,7 +662,7 @@ class SessionsExtension(DecoupledCalls, Extension):
             # tool of its own under its name (a hosted call, below).
             if get_tool is None or is_session_tool(entry):
                 if name == "session_create" and not self._running:
-                    return not_running(name)  # nothing would expire the session
+                    return not_running(name, after_error=self._failed)  # nothing would expire the session
                 unknown = unknown_arguments(entry, params.arguments)
                 if unknown:  # the SDK would drop them: a misspelt `timeout_seconds` must not become the default
                     error = SessionError(ErrorCode.INVALID_ARGUMENT, unknown, tool=name)
@@ -668,7 +673,7 @@ class SessionsExtension(DecoupledCalls, Extension):
         if tool is None:
             return await handler(ctx, params)  # the SDK answers "unknown tool"; no session for it
         if not self._running:
-            return not_running(name)
+            return not_running(name, after_error=self._failed)
         config = self.config
         plan = self._plans.get(name)
         if plan is None or plan[0] is not tool or plan[1] is not config:

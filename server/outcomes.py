@@ -139,11 +139,14 @@ def failed(manager: SessionManager, session: Session, name: str, raised: BaseExc
     return CallToolResult(content=[TextContent(type="text", text=f"Error executing tool {name}")], is_error=True)
 
 
-def not_running(name: str, serving: str | None = None) -> CallToolResult:
+def not_running(name: str, serving: str | None = None, *, after_error: bool = False) -> CallToolResult:
     """The refusal of a call that came while the session runtime (the lifespan) is not running;
-    or, with `serving` (the server it runs for, described), one that came through another server
-    that lists the same extension."""
-    if serving is None:
+    with `after_error`, because the runtime stopped after an internal error (the lifespan was
+    wired); or, with `serving` (the server it runs for, described), one that came through another
+    server that lists the same extension."""
+    if after_error:
+        message = "the session runtime stopped after an internal error (see the server log); restart the server"
+    elif serving is None:
         message = (
             "the session runtime is not running: construct the server with "
             "MCPServer(..., lifespan=sessions.lifespan) or enter sessions.lifespan(app) in yours"

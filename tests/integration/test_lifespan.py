@@ -15,7 +15,7 @@ from mcp.server.mcpserver import MCPServer
 
 from server import SessionManager, SessionsExtension
 from server.config import LimitsSettings
-from tests.helpers import build, code_of, echo, settings, text_of
+from tests.helpers import build, code_of, echo, error_of, settings, text_of, until
 
 
 def tools_call_handler(app: MCPServer[Any]) -> Any:
@@ -153,3 +153,38 @@ async def test_a_failed_start_raises_from_the_lifespan_and_leaves_nothing_behind
     assert not sessions.ready and tools_call_handler(app) is sdk_handler
     async with Client(app) as client:  # the next start works
         assert text_of(await client.call_tool("echo", {"text": "up"})) == "up"
+
+
+class ReaperFails(SessionManager):
+    """A manager whose reaper raises once `fail` is set: the session runtime stops after start-up."""
+
+    def __init__(self, limits: LimitsSettings) -> None:
+        super().__init__(limits)
+        self.fail = anyio.Event()
+
+    async def _reap(self) -> None:
+        await self.fail.wait()
+        raise RuntimeError("reaper bug")
+
+
+async def test_after_the_runtime_stopped_on_an_error_calls_are_told_to_restart_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager = ReaperFails(LimitsSettings())
+    sessions = SessionsExtension(settings(), manager=manager)
+    app: MCPServer[Any] = MCPServer("crashing", extensions=[sessions], lifespan=sessions.lifespan)
+    app.add_tool(echo)
+    async with Client(app) as client:
+        assert text_of(await client.call_tool("echo", {"text": "up"})) == "up"
+        manager.fail.set()
+        await until(lambda: not sessions.ready)
+        error = error_of(await client.call_tool("echo", {"text": "x"}))
+        create = error_of(await client.call_tool("session_create", {}))
+    restart = "the session runtime stopped after an internal error (see the server log); restart the server"
+    assert (error["code"], error["tool"], error["message"]) == ("not_running", "echo", restart)
+    assert (create["code"], create["message"]) == ("not_running", restart)
+    stopped = [r for r in caplog.records if r.getMessage().startswith("The session runtime stopped")]
+    assert [r.getMessage() for r in stopped] == [
+        "The session runtime stopped: tool calls are refused from now on; restart the server"
+    ]
+    assert stopped[0].exc_info is not None
