@@ -31,11 +31,13 @@ from server.manager_state import ManagerState, checked_tool_caps, limits_and_cap
 from server.session import Session, SessionState, metadata_size
 
 
-def _check_timeout(value: float) -> None:
+def _check_timeout(value: float, name: str, tool: str | None = None) -> None:
+    """Refuse `value` of the parameter `name` (of a call of `tool`) unless it is a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise SessionError(
             ErrorCode.INVALID_ARGUMENT,
-            f"timeout_seconds must be a finite number of seconds greater than 0, got {shorten(repr(value))}",
+            f"{name} must be a finite number of seconds greater than 0, got {shorten(repr(value))}",
+            tool=tool,
         )
 
 
@@ -60,7 +62,7 @@ class Intake(ManagerState):
     def timeout_for(self, requested: float | None, default: float | None = None) -> float:
         """The effective timeout: requested (or default), capped by `max_timeout_seconds`."""
         value = requested if requested is not None else (default or self.limits.default_timeout_seconds)
-        _check_timeout(value)
+        _check_timeout(value, "timeout_seconds")
         return min(float(value), self.limits.max_timeout_seconds)
 
     async def create(self, *, queue: bool = True, **request: Unpack[SessionRequest]) -> Session:
@@ -139,7 +141,7 @@ class Intake(ManagerState):
                 exc.tool = tool
                 raise
         if idle_timeout_seconds is not None:
-            _check_timeout(idle_timeout_seconds)
+            _check_timeout(idle_timeout_seconds, "idle_timeout_seconds", tool)
         if provider or model:  # (a tool call has neither)
             for name, label in (("provider", provider), ("model", model)):
                 if len(label) > admission.MAX_LABEL_CHARS:

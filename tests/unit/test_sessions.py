@@ -655,7 +655,10 @@ async def test_open_call_leaves_an_unusual_idle_timeout_to_create(idle: float) -
     else:
         with pytest.raises(SessionError) as refused:
             await sessions.create(tool="search", idle_timeout_seconds=idle)
-        assert refused.value.code is ErrorCode.INVALID_ARGUMENT
+        assert refused.value.code is ErrorCode.INVALID_ARGUMENT and refused.value.tool == "search"
+        assert refused.value.message == (
+            f"idle_timeout_seconds must be a finite number of seconds greater than 0, got {idle!r}"
+        )
 
 
 async def test_open_call_leaves_a_full_tool_and_shutdown_to_create() -> None:
