@@ -176,7 +176,8 @@ class Intake(ManagerState):
             raise SessionError(
                 ErrorCode.METADATA_TOO_LARGE,
                 f"metadata is {session.metadata_bytes} bytes as compact JSON; "
-                f"the limit is {limits.max_metadata_bytes} bytes",
+                f"the limit is {limits.max_metadata_bytes} bytes (limits.max_metadata_bytes): "
+                "send less metadata, or ask the operator to raise the limit",
                 tool=session.tool,
             )
         client = session.client

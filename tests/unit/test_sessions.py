@@ -143,7 +143,10 @@ async def test_metadata_at_the_limit_is_accepted_and_one_byte_over_refused() -> 
     with pytest.raises(SessionError) as refused:
         await sessions.create(metadata={"k": "x" * (limit - overhead + 1)})
     assert refused.value.code is ErrorCode.METADATA_TOO_LARGE
-    assert f"{limit + 1} bytes" in refused.value.message
+    assert refused.value.message == (
+        f"metadata is {limit + 1} bytes as compact JSON; the limit is {limit} bytes (limits.max_metadata_bytes): "
+        "send less metadata, or ask the operator to raise the limit"
+    )
     await sessions.release(session.id)
     m = sessions.metrics()
     assert (m.current_metadata_bytes, m.sessions_rejected_metadata_size, m.total_sessions_created) == (0, 1, 1)
