@@ -222,4 +222,8 @@ def refuse_store(tool: str | None, reason: str, *, refused: bool = False) -> Ses
 
 
 def refuse_shutdown(tool: str | None) -> SessionError:
-    return SessionError(ErrorCode.SHUTTING_DOWN, "the server is shutting down and accepts no new work", tool=tool)
+    return SessionError(
+        ErrorCode.SHUTTING_DOWN,
+        "the server is shutting down and accepts no new work; retry on a running server",
+        tool=tool,
+    )

@@ -94,7 +94,8 @@ def stopped(
         return error_result(
             SessionError(
                 ErrorCode.SHUTTING_DOWN,
-                f"the server shut down before tool {name!r} finished; {fate if fate is LATE else 'the call ' + fate}",
+                f"the server shut down before tool {name!r} finished; {fate if fate is LATE else 'the call ' + fate}; "
+                "retry on a running server",
                 session_id=session.id,
                 tool=name,
             )

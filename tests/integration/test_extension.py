@@ -584,7 +584,9 @@ async def test_a_tool_that_swallows_the_shutdown_s_cancellation_and_returns_is_t
         result = await answer_after_shutdown(client, "swallows", lambda: sessions.manager.active_count == 1, 0.1)
     error = error_of(result)
     assert error["code"] == "shutting_down", error
-    assert error["message"] == "the server shut down before tool 'swallows' finished; its late result was discarded"
+    assert error["message"] == (
+        "the server shut down before tool 'swallows' finished; its late result was discarded; retry on a running server"
+    )
 
 
 async def test_a_sync_tool_stuck_in_its_thread_at_the_shutdown_deadline_is_told_its_thread_runs_on() -> None:
@@ -601,7 +603,7 @@ async def test_a_sync_tool_stuck_in_its_thread_at_the_shutdown_deadline_is_told_
     assert error["code"] == "shutting_down", error
     assert error["message"] == (
         "the server shut down before tool 'block_sync' finished; the call was abandoned: its thread runs on"
-        " until the tool returns (a thread cannot be stopped)"
+        " until the tool returns (a thread cannot be stopped); retry on a running server"
     )
     assert still_running == 1
 

@@ -547,6 +547,7 @@ async def test_no_new_sessions_while_shutting_down_and_a_second_shutdown_joins_t
         with pytest.raises(SessionError) as refused:
             await sessions.create()
         assert refused.value.code is ErrorCode.SHUTTING_DOWN
+        assert refused.value.message == "the server is shutting down and accepts no new work; retry on a running server"
         with anyio.fail_after(5):
             second = await sessions.shutdown(10)
     assert reports == [second]
