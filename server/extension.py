@@ -102,7 +102,11 @@ MAX_PLANS = 4096
 
 
 async def _not_taken_over(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> HandlerResult:
-    raise RuntimeError("SessionsExtension.handle_tool_call needs a handler until take_over_tool_calls has run")
+    raise RuntimeError(
+        "SessionsExtension.handle_tool_call needs a handler until take_over_tool_calls has run: pass handler=, "
+        "the tools/call handler that runs the tool, or enter sessions.lifespan(app) first (it takes the server's "
+        "tools/call over, unless a handler of your own serves it)"
+    )
 
 
 class SessionsExtension(DecoupledCalls, Extension):

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mcp import Client
+import pytest
+from mcp import Client, MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension
 from mcp.server.mcpserver import MCPServer
@@ -95,6 +96,28 @@ async def test_a_tools_call_handler_a_host_registered_is_left_alone() -> None:
         assert tools_call_handler(app) is own_handler
         assert text_of(await client.call_tool("echo", {"text": "mine"})) == "mine"
     assert served == ["echo"] and tools_call_handler(app) is own_handler
+
+
+async def test_a_host_handler_calling_handle_tool_call_with_no_handler_is_told_what_to_pass() -> None:
+    app, sessions = build()
+    raised: list[str] = []
+
+    async def own_handler(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> HandlerResult:
+        try:
+            return await sessions.handle_tool_call(ctx, params)  # the take-over left this handler alone
+        except RuntimeError as exc:
+            raised.append(str(exc))
+            raise
+
+    app._lowlevel_server.add_request_handler("tools/call", CallToolRequestParams, own_handler)
+    async with Client(app) as client:
+        with pytest.raises(MCPError):
+            await client.call_tool("session_metrics", {})
+    assert raised == [
+        "SessionsExtension.handle_tool_call needs a handler until take_over_tool_calls has run: pass handler=, "
+        "the tools/call handler that runs the tool, or enter sessions.lifespan(app) first (it takes the server's "
+        "tools/call over, unless a handler of your own serves it)"
+    ]
 
 
 class Observing(SessionsExtension):
