@@ -143,7 +143,12 @@ class LateScope:
         child = None
         while parent is not base:
             if parent is None:  # anyio's invariants broken: refuse rather than corrupt the tree
-                logger.error("cannot cancel a tool call: its task's cancel scopes do not lead back to where it began")
+                # (The tool's name is not at hand here: a LateScope notes nothing of its call.)
+                logger.error(
+                    "cannot cancel a tool call: its task's cancel scopes do not lead back to where the call began, "
+                    "so the call runs on past its deadline; the likely cause is an anyio version other than the "
+                    "ones this server was tested with (see the anyio pin in its pyproject.toml)"
+                )
                 return
             if _spliced.get(id(parent), self._order) < self._order:
                 break  # spliced for a LateScope entered before this one, so enclosing it

@@ -381,3 +381,20 @@ async def test_a_late_scope_notes_its_own_task_while_another_loop_runs_a_task() 
         release.set()
         await anyio.to_thread.run_sync(thread.join, 10)
     assert not thread.is_alive()
+
+
+async def test_a_scope_tree_that_does_not_lead_back_to_the_base_is_logged_and_left_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broken scope tree (here: the scope the LateScope began in was left first) is refused,
+    and the log says the call runs past its deadline and what likely broke it."""
+    with anyio.CancelScope():
+        deadline = LateScope()
+        await anyio.lowlevel.checkpoint()
+    deadline.cancel()
+    assert not deadline.cancel_called and deadline.scope is None
+    assert [r.getMessage() for r in caplog.records if r.name == "server.deadline"] == [
+        "cannot cancel a tool call: its task's cancel scopes do not lead back to where the call began, so the "
+        "call runs on past its deadline; the likely cause is an anyio version other than the ones this server "
+        "was tested with (see the anyio pin in its pyproject.toml)"
+    ]
