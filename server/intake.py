@@ -59,11 +59,14 @@ class Intake(ManagerState):
 
         def end(self, session: Session, state: SessionState, error: str | None = None) -> bool: ...
 
-    def timeout_for(self, requested: float | None, default: float | None = None) -> float:
-        """The effective timeout: requested (or default), capped by `max_timeout_seconds`."""
-        value = requested if requested is not None else (default or self.limits.default_timeout_seconds)
-        _check_timeout(value, "timeout_seconds")
-        return min(float(value), self.limits.max_timeout_seconds)
+    def timeout_for(self, requested: float) -> float:
+        """The effective timeout of a requested one, capped by `max_timeout_seconds`.
+
+        Raises:
+            SessionError: `invalid_argument`, `requested` is not a finite number > 0.
+        """
+        _check_timeout(requested, "timeout_seconds")
+        return min(float(requested), self.limits.max_timeout_seconds)
 
     async def create(self, *, queue: bool = True, **request: Unpack[SessionRequest]) -> Session:
         """Admit a new session or raise `SessionError`; O(1) in the number of open sessions.
