@@ -4,7 +4,7 @@ Tier: runtime core, the base of `server.sessions.SessionManager` (through `serve
 `ManagerState` builds the manager's state from its limits: the active sessions by id, the
 calls active per tool and the sessions per client, the queue, the deadline heap, the ids
 recently ended, and every counter. Its methods read that state under the manager's one lock
-(`metrics`, `duration_histograms`), start counting afresh, or count what happens beside
+(`metrics`, `metrics_with_histograms`), start counting afresh, or count what happens beside
 admission and release: config reloads, refused shutdowns, threads stuck past their deadline.
 The counting on the per-call path is `SessionManager`'s own (`_open_locked`, `end`).
 """
@@ -35,7 +35,8 @@ from server.session import Session, SessionState
 #: Per-tool statistics are kept for at most this many tool names; the rest share one entry.
 MAX_TRACKED_TOOLS = 1024
 OTHER_TOOLS = "(other)"
-#: The key, in `duration_histograms`, of sessions not tied to a tool call (made by `session_create`).
+#: The key, among the histograms of `metrics_with_histograms`, of sessions not tied to a tool
+#: call (made by `session_create`).
 NO_TOOL = "(none)"
 
 
@@ -261,8 +262,11 @@ class ManagerState:
             return self._metrics_locked()
 
     def metrics_with_histograms(self, bounds: Sequence[float]) -> tuple[MetricsSnapshot, dict[str, HistogramReading]]:
-        """`metrics()` and `duration_histograms(bounds)` read at one moment: a scrape from
-        another thread (the exporter's) shows counters and histogram counts that agree."""
+        """`metrics()` and the durations of finished sessions per tool at `bounds` (ascending
+        seconds), read at one moment: a scrape from another thread (the exporter's) shows counters
+        and histogram counts that agree. Sessions made by `session_create` are under `NO_TOOL`
+        (with those of a tool of that name, if one is hosted); tools with no finished session are
+        left out."""
         with self._lock:
             return self._metrics_locked(), self._histograms_locked(bounds)
 
@@ -336,13 +340,6 @@ class ManagerState:
         `OTHER_TOOLS` shares the entry: its running calls are `_tool_active`'s, added by the caller."""
         tools = self._tools
         return sum(active for name, active in self._tool_active.items() if name not in tools)
-
-    def duration_histograms(self, bounds: Sequence[float]) -> dict[str, HistogramReading]:
-        """Durations of finished sessions per tool at `bounds` (ascending seconds); sessions made
-        by `session_create` under `NO_TOOL` (with those of a tool of that name, if one is hosted).
-        Tools with no finished session are left out."""
-        with self._lock:
-            return self._histograms_locked(bounds)
 
     def _histograms_locked(self, bounds: Sequence[float]) -> dict[str, HistogramReading]:
         readings = {name: s.durations.reading(bounds) for name, s in self._tools.items() if s.durations.count}
