@@ -602,11 +602,11 @@ def quiet_client_disconnects() -> Callable[[], None]:
     return lambda: sdk.removeFilter(quiet)
 
 
-def log_refusal(error: SessionError, tool: str | None = None) -> None:
-    """A refused call of `tool` (default: the error's) at WARNING: its code and sentence (which
-    never hold a token or metadata)."""
+def log_refusal(error: SessionError) -> None:
+    """A refused call (of the error's tool) at WARNING: its code and sentence (which never hold
+    a token or metadata)."""
     if logger.isEnabledFor(logging.WARNING):
-        tool = tool or error.tool
+        tool = error.tool
         logger.warning(
             "Refused %s (%s): %s",
             tool or "a call",
