@@ -102,8 +102,6 @@ class App:
     settings: Settings
     server: MCPServer[Any]
     sessions: SessionsExtension
-    #: The hosted tool functions (the `TOOLS` of `server.tool_modules`).
-    tools: list[Callable[..., Any]] = field(default_factory=list)
     #: What the tool modules give to note (a module hosting nothing, see `hosting_nothing`).
     module_notes: list[str] = field(default_factory=list)
 
@@ -248,7 +246,6 @@ def build_app(settings: Settings, *, after_module_code: Callable[[], None] | Non
             are not (a module that did not import, a hook that did not finish).
     """
     modules, problems = import_tool_modules_noting(settings.server.tool_modules, after_module_code)
-    tools = [fn for module in modules for fn in module.tools]
     sessions = _StandaloneSessions(settings)
     server: MCPServer[Any] = MCPServer(
         settings.server.name, version=package_version(), extensions=[sessions], lifespan=sessions.lifespan
@@ -267,7 +264,7 @@ def build_app(settings: Settings, *, after_module_code: Callable[[], None] | Non
     if problems:
         raise ConfigError(problems)
     notes = [*hosting_nothing(modules), *installed.notes]
-    return App(settings=settings, server=server, sessions=sessions, tools=tools, module_notes=notes)
+    return App(settings=settings, server=server, sessions=sessions, module_notes=notes)
 
 
 #: The distribution whose version the standalone server gives as its `serverInfo.version`.
@@ -713,11 +710,8 @@ async def _serve_stdio(
 class _UvicornServer(uvicorn.Server):
     """uvicorn, with signals turned into our graceful shutdown instead of an immediate stop."""
 
-    def __init__(
-        self, config: uvicorn.Config, app: App, on_signal: Callable[[int], None], guard: ConnectionGuard
-    ) -> None:
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[int], None], guard: ConnectionGuard) -> None:
         super().__init__(config)
-        self._app = app
         self._on_signal = on_signal
         self._guard = guard
 
@@ -794,7 +788,7 @@ async def serve_http(
         def on_signal(signum: int) -> None:  # runs in the signal handler, on the loop's thread
             loop.call_soon_threadsafe(exit_.on_signal, signum, tg)
 
-        server = _UvicornServer(config, app, on_signal, guard)
+        server = _UvicornServer(config, on_signal, guard)
 
         async def stop_when_done() -> None:
             await exit_.done.wait()
