@@ -44,7 +44,7 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
     once which request was wrong. It can be read from a request that is JSON but not JSON-RPC (its
     method not a string, say), from one whose only fault is an integer of more digits than Python
     turns into a number (`sys.get_int_max_str_digits()`, 4300 by default; in metadata, say): such
-    a line, up to `MAX_REREAD_BYTES`, is read again with that number left out; and from one that
+    a line of up to `MAX_REREAD_CHARS` characters is read again with that number left out; and from one that
     nests deeper than the SDK's reader goes (`MAX_NESTING`), whose top level is scanned for it."""
     errors = exc.errors() if isinstance(exc, ValidationError) else []
     invalid = next((error for error in errors if error["type"] == "json_invalid"), None)
@@ -75,7 +75,7 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
         message = (
             "Parse error: the message holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff without its "
             "pair), which is no text; this server reads such a message, with U+FFFD in the surrogate's place, "
-            f"only up to {MAX_REREAD_BYTES // (1024 * 1024)} MiB"
+            f"only up to {MAX_REREAD_CHARS:,} characters"
         )
     elif invalid is not None and "recursion limit exceeded" in invalid["msg"]:
         request_id = _id_of_a_deep_line(invalid.get("input"))
@@ -90,8 +90,9 @@ def unreadable_line_error(exc: Exception) -> JSONRPCError:
     return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message))
 
 
-#: Lines longer than this are not read again for their id (the re-read runs on the event loop).
-MAX_REREAD_BYTES = 1024 * 1024
+#: Lines longer than this many characters (1 MiB of ASCII) are not read again, for their id or
+#: with their lone surrogates replaced (the re-read runs on the event loop).
+MAX_REREAD_CHARS = 1024 * 1024
 
 #: What the SDK's reader (pydantic-core's JSON parser) says of a `\\u` escape of a lone UTF-16
 #: surrogate: a low one ("lone leading surrogate"), or a high one with no escape after it
@@ -108,14 +109,14 @@ def read_despite_unpaired_surrogates(exc: Exception) -> SessionMessage | Excepti
     `json.dumps` for a file name `os.fsdecode` made, JavaScript's `JSON.stringify` for a string
     cut inside an emoji. The SDK's reader refuses it, and its request would be answered only with
     a parse error, id null. The replacement is what this server does to invalid UTF-8 in a line,
-    and to lone surrogates in its own answers (`WireSafe`); a warning says so. Lines over
-    `MAX_REREAD_BYTES` are not read again (the re-read runs on the event loop)."""
+    and to lone surrogates in its own answers (`WireSafe`); a warning says so. Lines of more
+    than `MAX_REREAD_CHARS` characters are not read again (the re-read runs on the event loop)."""
     errors = exc.errors() if isinstance(exc, ValidationError) else []
     invalid = next((error for error in errors if error["type"] == "json_invalid"), None)
     if invalid is None or not _UNPAIRED_ESCAPE.search(invalid["msg"]):
         return exc
     line = invalid.get("input")
-    if not isinstance(line, str) or len(line) > MAX_REREAD_BYTES:
+    if not isinstance(line, str) or len(line) > MAX_REREAD_CHARS:
         return exc
     try:
         data = json.loads(line)  # Python's reader takes lone surrogates (as str holds them)
@@ -140,7 +141,7 @@ def read_despite_unpaired_surrogates(exc: Exception) -> SessionMessage | Excepti
 def _id_despite_a_huge_number(line: object) -> str | int | None:
     """The `id` of a JSON-RPC request whose only fault is an integer too long to convert; None for
     anything else (a response or a notification is not answered), or a line too long to re-read."""
-    if not isinstance(line, str | bytes) or len(line) > MAX_REREAD_BYTES:
+    if not isinstance(line, str | bytes) or len(line) > MAX_REREAD_CHARS:
         return None
     limit = sys.get_int_max_str_digits()
     try:

@@ -6,7 +6,13 @@ import mcp_types as types
 import pytest
 from pydantic import ValidationError
 
-from server.stdio_wire import MAX_DEEP_SCAN_CHARS, MAX_NESTING, MAX_REREAD_BYTES, unreadable_line_error
+from server.stdio_wire import (
+    MAX_DEEP_SCAN_CHARS,
+    MAX_NESTING,
+    MAX_REREAD_CHARS,
+    read_despite_unpaired_surrogates,
+    unreadable_line_error,
+)
 
 HUGE = "9" * 5000  # more digits than Python turns into an int
 
@@ -42,10 +48,27 @@ def test_a_number_too_long_to_read_is_answered_with_the_id_of_its_request_only(l
 
 
 def test_a_line_too_long_to_read_again_is_answered_without_an_id() -> None:
-    padding = "x" * MAX_REREAD_BYTES
+    padding = "x" * MAX_REREAD_CHARS
     line = f'{{"jsonrpc": "2.0", "id": 3, "method": "ping", "params": {{"n": {HUGE}, "pad": "{padding}"}}}}'
     error = unreadable_line_error(sdk_error(line))
     assert (error.id, error.error.code) == (None, types.INVALID_PARAMS)
+
+
+def surrogate_request(padding: str) -> str:
+    return f'{{"jsonrpc": "2.0", "id": 4, "method": "ping", "params": {{"s": "\\udcff", "pad": "{padding}"}}}}'
+
+
+def test_a_lone_surrogate_line_is_read_again_up_to_max_reread_chars_characters_and_refused_past_them() -> None:
+    # Counted in characters: two-byte ones, more than MAX_REREAD_CHARS bytes in all, are read again.
+    within = read_despite_unpaired_surrogates(sdk_error(surrogate_request("é" * (MAX_REREAD_CHARS - 100))))
+    assert not isinstance(within, Exception)
+    exc = sdk_error(surrogate_request("x" * MAX_REREAD_CHARS))
+    assert read_despite_unpaired_surrogates(exc) is exc
+    error = unreadable_line_error(exc)
+    assert (error.id, error.error.code) == (4, types.PARSE_ERROR)
+    assert error.error.message.endswith(
+        "this server reads such a message, with U+FFFD in the surrogate's place, only up to 1,048,576 characters"
+    )
 
 
 PAST_THE_SCAN = "x" * MAX_DEEP_SCAN_CHARS
