@@ -212,7 +212,7 @@ class Intake(ManagerState):
         tool_cap = self.tool_caps.get(tool) if tool is not None else None
         if tool_full is None:
             server_full = len(self._active) >= limits.max_concurrent_sessions
-            tool_full = tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap
+            tool_full = not self._has_room_locked(tool)
         else:
             server_full = not tool_full
         if tool_full and tool is not None and tool_cap is not None:
@@ -293,10 +293,7 @@ class Intake(ManagerState):
 
     def _full_for_locked(self, waiter: Waiter) -> tuple[bool, bool]:
         """Whether the server's slots, and whether the waiter's tool's cap, are full now."""
-        tool = waiter.session.tool
-        tool_cap = self.tool_caps.get(tool) if tool is not None else None
-        tool_full = tool is not None and tool_cap is not None and self._tool_active.get(tool, 0) >= tool_cap
-        return len(self._active) >= self.limits.max_concurrent_sessions, tool_full
+        return len(self._active) >= self.limits.max_concurrent_sessions, not self._has_room_locked(waiter.session.tool)
 
     def _line_up_locked(self, waiter: Waiter) -> None:
         """Put a queued `waiter` at the back of its line (see `ManagerState._lines`)."""
@@ -343,7 +340,8 @@ class Intake(ManagerState):
             self._remake_ready_locked()
 
     def _has_room_locked(self, key: str | None) -> bool:
-        """Whether the tool of line `key` has room (the line of uncapped calls always has); no
+        """Whether tool `key` (a line's key, or any call's tool) has room below its cap; None (the
+        line of uncapped calls, or a call of no tool) and an uncapped tool always have. No
         KeyError on a cap taken out of `tool_caps` by hand, not through `set_limits`."""
         return key is None or self._tool_active.get(key, 0) < self.tool_caps.get(key, math.inf)
 
