@@ -140,7 +140,8 @@ class ManagerState:
         #: the oldest that fits off the top instead of looking at every line. Entries are put in
         #: when a line's first call changes and when a call of its tool ends; one that no longer
         #: holds (its call has left, or its tool is full) is dropped when it comes to the top, and
-        #: they are all made again when they outnumber the lines (see `Intake._line_ready_locked`).
+        #: the heap is made again from the lines when it holds more than 2L + 64 entries for L
+        #: lines (see `Intake._line_ready_locked`).
         self._ready: list[tuple[int, str | None]] = []
         #: The queued calls that need a thread, in order of arrival (refused on their turn while
         #: too many threads are stuck: see `Intake._hand_over_locked`).

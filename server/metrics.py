@@ -3,7 +3,9 @@
 Tier: runtime foundation. `DurationStats` keeps a log-bucketed histogram (about 2 % relative
 error, memory bounded by the number of distinct buckets, never by the number of sessions);
 the snapshot models are what `session_metrics` and `server_shutdown` return. Counting itself
-happens in the manager (`server.sessions`), under its lock.
+happens in the manager, under its lock: on the per-call path in `server.sessions`, at admission
+beyond it in `server.intake`, and the rest (reloads, refused shutdowns, stuck threads) in
+`server.manager_state`, which also reads the counters into a snapshot.
 """
 
 from __future__ import annotations

@@ -3,19 +3,20 @@
 Tier: operations. `ConfigReloader.reload()` loads the file the way startup did
 (`load_settings(path, overrides)`: the command-line flags still win) and checks it the same way.
 A valid file is applied at once: new calls get its limits, per-tool deadlines and shutdown
-settings; running sessions keep their deadlines, and lowering the cap ends none of them (new
-calls are refused until enough have ended). `[logging]` is applied only where this process's
-logging is ours, set up by `configure_logging` (the standalone server), and there on every
-applied reload, changed or not: what a tool changed in it while the server ran (the root
-logger's handler replaced or doubled, its level) is put back, and the log says so; in an
-embedding host it is the host's (handlers, levels, the `logging` module's flags), and a reload
-leaves it as it is, saying so. An invalid file (and a path that cannot be read as one: missing,
-not a regular file, any OS error) is rejected with the same message as at startup, and the
-config in force stays. Keys bound at startup (the `[server]` table, `metrics.prometheus_port`
-and the `[store]` table: the session store is opened once, at startup) are reported as ignored
-until a restart, never as applied. `watch_sighup` reads and checks the file in a thread of its
-own, so that a slow disk or mount stalls no call. Both outcomes are counted by the manager
-(`config_reloads`, `config_reload_failures`).
+settings; running sessions keep their deadlines, and lowering the cap ends none of them (until
+enough have ended, new calls wait in the queue where `limits.max_queued` allows, else are
+refused). `[logging]` is applied only where this process's logging is ours, set up by
+`configure_logging` (the standalone server), and there on every applied reload, changed or not:
+what a tool changed in it while the server ran (the root logger's handler replaced or doubled,
+its level) is put back, and the log says so; in an embedding host it is the host's (handlers,
+levels, the `logging` module's flags), and a reload leaves it as it is, saying so. An invalid
+file (and a path that cannot be read as one: missing, not a regular file, any OS error) is
+rejected with the same message as at startup, and the config in force stays. Keys bound at
+startup (the `[server]` table, `metrics.prometheus_port` and the `[store]` table: the session
+store is opened once, at startup) are reported as ignored until a restart, never as applied.
+`watch_sighup` reads and checks the file in a thread of its own, so that a slow disk or mount
+stalls no call. Both outcomes are counted by the manager (`config_reloads`,
+`config_reload_failures`).
 
 Example:
     ```python

@@ -1,11 +1,13 @@
 """The session manager: admission, deadlines, release, metrics and graceful shutdown.
 
-Tier: runtime core, usable without MCP (async API). Every counter changes in the manager,
-under one lock, and every way a session ends (completed, error, timeout, cancelled) goes
-through `end`. Admission is O(1): a counter, never a scan. Sessions made without a caller
-waiting on them (`session_create`) are expired by a reaper that sleeps until the earliest
-deadline in a cancel scope whose deadline moves; shutdown waits on an event that the last
-release sets. No polling anywhere.
+Tier: runtime core, usable without MCP (async API). Every counter changes in the manager, under
+one lock, and every way a session ends (completed, error, timeout, cancelled) goes through
+`end`. Admission is O(1): a counter, never a scan. Deadlines are enforced by a reaper that
+sleeps until the earliest one in a cancel scope whose deadline moves. At a session's deadline it
+stops the work that runs it through `session.on_cancel` (a tool call's: the call then ends the
+session as it stops), or ends the session itself when nothing runs it (a `session_create`
+session); one made with `expire=False` is left to its caller. Shutdown waits on an event that
+the last release sets. No polling anywhere.
 
 `SessionManager` is three layers, a module each: `server.manager_state` (its state, its
 constructor, its metrics), `server.intake` (`create`, the refusals, the queue) and this one:
