@@ -336,8 +336,9 @@ class SessionsExtension(DecoupledCalls, Extension):
         in-process `Client`), so lifespans may overlap: the first one in starts the runtime, the
         others join it, and the last one out stops it, whatever order they leave in.
 
-        `app` None (`sessions.lifespan()`) runs it without a server: every call is then handled
-        as a sync tool's. An `MCPServer` that does not list this extension in its
+        `app` None (`sessions.lifespan()`) runs it without a server: with no registry to ask, every
+        call is then of a tool of unknown kind, run decoupled as one that may be stuck in a thread
+        (`server.decoupled`). An `MCPServer` that does not list this extension in its
         `extensions=[...]` is warned about (its calls would get no session).
 
         Raises:

@@ -4,7 +4,8 @@ Tier: MCP integration. Each seam is a part of the SDK this package depends on be
 API, kept here so that an SDK upgrade has one place to check:
 
 - `registry_lookup`: how to find a tool's registry entry by name (to tell sync tools from
-  async ones, and hosted tools from unknown names);
+  async ones, and hosted tools from unknown names); `tool_names`: the names of the tools
+  registered (to check `[tools.NAME]` tables against, and to see what a module's hook adds);
 - `sdk_interceptor_chain` and `intercepts`: recognising the `tools/call` handler that the SDK's
   `compose_tool_call_handler` built; `serve_tool_calls`: taking this extension's link out of it,
   and serving `tools/call` in its place (`SessionsExtension.take_over_tool_calls`);
@@ -14,7 +15,8 @@ API, kept here so that an SDK upgrade has one place to check:
   headers or the stream a connection talks over;
 - `progress_session`: a copy of the request's `ServerSession` that sees the tool's progress;
 - `argument_validation_failure`: recognising the SDK's answer to arguments that fail a tool's
-  input schema (the SDK marks it only in its wording);
+  input schema (the SDK marks it only in its wording); `argument_errors`: what is wrong with
+  them, from the SDK's own check (`FuncMetadata.validate_arguments`), for the answer's sentence;
 - `screened_tool_registrations`: seeing each tool a tool module's `setup(server)` registers
   before the SDK does (`@server.tool()` goes through `MCPServer.add_tool`, and the SDK keeps the
   first tool of a name, only logging "Tool already exists" for the next);
