@@ -5,8 +5,8 @@ Tier: application wiring (used by `server.app`). A forked child is a copy of the
 the listening socket and the stdio pipes, and it has the server's signal handlers, which only
 write the signal's number to the event loop's wake-up socket, shared with the server (so a SIGTERM
 sent to such a child used to stop the server, and left the child running). `reset_forked_children`
-gives every forked child signal handling of its own (SIGINT does nothing, SIGTERM has its default
-action); the forced exit, which skips the `atexit` hook of `concurrent.futures` that stops a pool's
+gives every forked child signal handling of its own (SIGINT does nothing, SIGTERM and SIGHUP have
+their default action); the forced exit, which skips the `atexit` hook of `concurrent.futures` that stops a pool's
 workers, stops the children itself (`stop_child_processes`).
 """
 

@@ -1,17 +1,21 @@
 """Command line: `mcp-session-manager [--config PATH] [--transport T] [--host H] [--port P] [--check-config]`.
 
-Tier: application entry. Exit status 0 after a clean (graceful) stop, 2 for a bad
-configuration (nothing is started), 1 for a valid `--check-config` whose settings cannot reach
-stdout (closed, or a full disk). Logs go to stderr; on stdio, stdout carries only protocol
-messages, and with `--check-config` only the settings JSON: fd 1 is diverted to stderr before
-the tool modules are imported. stdin is claimed before then too (on stdio for the protocol, and
-for `--check-config`): a module that reads it finds it at end of file, so the client's messages
-all reach the server and a check never waits for input. `--check-config` builds the server as
-a start does (tool modules imported, their tools registered, their `setup(server)` hooks run), so
-that what would make the start fail fails the check, and serves nothing. `[logging]` is applied
-before the tool modules are imported: what they log then is at its level and in its format, and
-so are Python's warnings (`logging.captureWarnings`). An exit that serves nothing does not wait
-for a thread a tool module left running that is not a daemon thread (see `_served_nothing`).
+Tier: application entry. Exit status (the README's table says more): 0 after a clean (graceful)
+stop; 1 for a forced exit (a second SIGINT/SIGTERM), an HTTP listener that could not start, or a
+valid `--check-config` whose settings cannot reach stdout (closed, or a full disk); 2 for a bad
+configuration or command line, or in cluster mode a session store that cannot be reached or
+refuses the login at start (nothing is started); 130 or 143 for a SIGINT or SIGTERM that came
+while starting, before anything was served. Logs go to stderr; on stdio, stdout carries only
+protocol messages, and with `--check-config` only the settings JSON: fd 1 is diverted to stderr
+before the tool modules are imported. stdin is claimed before then too (on stdio for the
+protocol, and for `--check-config`): a module that reads it finds it at end of file, so the
+client's messages all reach the server and a check never waits for input. `--check-config`
+builds the server as a start does (tool modules imported, their tools registered, their
+`setup(server)` hooks run), so that what would make the start fail fails the check, and serves
+nothing. `[logging]` is applied before the tool modules are imported: what they log then is at
+its level and in its format, and so are Python's warnings (`logging.captureWarnings`). An exit
+that serves nothing does not wait for a thread a tool module left running that is not a daemon
+thread (see `_served_nothing`).
 """
 
 from __future__ import annotations

@@ -198,8 +198,9 @@ class ConnectionGuard:
             raise ValueError(f"request_timeout must be more than 0, got {request_timeout}")
         self.max_connections = max_connections
         self.request_timeout = request_timeout
-        #: Connections open now: served ones (a probe past the cap among them), and those past
-        #: the cap whose headers are being read.
+        #: Connections open now within `max_connections` (`_OPEN`); and those past it, in the
+        #: lane: whose headers are being read (`_PROBE`), or probes being served (`_SERVED`),
+        #: which stay counted here until they close.
         self.open = 0
         self.probing = 0
         #: The connections past the cap still being read (uvicorn knows nothing of them).

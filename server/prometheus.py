@@ -6,7 +6,8 @@ families on every scrape; nothing here counts anything itself. Each server gets 
 `CollectorRegistry` (never the library's global one), so two servers in one process do not mix.
 
 Counters, gauges and the rejected-by-reason counter are driven by the tables below: a snapshot
-field becomes a sample by adding a row, and a row whose field the snapshot lacks is skipped.
+field becomes a sample by adding a row. Each row must name a field of `MetricsSnapshot` (a scrape
+reads every row's field); only a limit gauge whose key the snapshot's `limits` lacks is skipped.
 The per-tool families make their samples one tool at a time, as the exposition reads them
 (see `_SamplesAsRead`).
 

@@ -2,7 +2,9 @@
 names no key, without ever quoting a value; and key paths as TOML writes them (`dotted_key`),
 for every message of the config that names a key (tomllib's own name it as a Python tuple).
 
-Tier: runtime foundation (used by `server.config_loader`). A key set twice is an easy
+Tier: runtime foundation. `server.config_loader` uses all of it, `server.reload` `parse_dotted_key`
+too, and `dotted_key` every module whose messages name a config key (`server.config`,
+`server.reload`, `server.admission`, `server.extension`, `server.app`). A key set twice is an easy
 mistake (a value pasted below the one it should replace), and tomllib says only where the second
 value ends. The value must not be shown: it may be a password (`store.url`). So the file is read
 again here, by statements: only the text before an `=` is ever parsed for a name, and the table in
