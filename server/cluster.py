@@ -21,8 +21,8 @@ replica died is expired by Redis itself, at its deadline plus a grace
 `server.store.OWNER_LIVE_SECONDS`, when any replica next admits or does its housekeeping. A
 replica that stops cleanly says so, so its leftovers need not wait for that.
 
-When Redis cannot be reached, calls are refused at once with `store_unavailable` (within
-`[store] timeout_seconds`), and everything resumes by itself when it is back; if it came back
+When Redis cannot be reached, calls are refused at once with `store_unavailable` (within about
+`[store] timeout_seconds`, at most twice it), and everything resumes by itself when it is back; if it came back
 empty (restarted without its data), each replica registers its running sessions again.
 """
 

@@ -20,8 +20,9 @@ Keys, all under `[store] key_prefix` (P):
                 through a replica other than its own), "overdue <id> <replica>" (kept past its
                 deadline for its live replica, which ends it if it no longer runs it)
 
-Every Redis failure surfaces as `StoreUnavailable`, raised within `[store] timeout_seconds`
-(bounded connect and reads, one retry on a broken connection): the caller answers `store_unavailable` at once.
+Every Redis failure surfaces as `StoreUnavailable`, raised within about `[store] timeout_seconds`
+(it bounds each connect and read, with one retry on a broken connection; the whole operation is
+bounded by twice it): the caller answers `store_unavailable` at once.
 A Redis at its maxmemory (noeviction) admits no session (`StoreFull`) but still takes ends,
 releases and housekeeping: the call-path and housekeeping scripts write first what frees memory, or probe.
 """
@@ -434,7 +435,8 @@ class RedisStore:
         self.ended_ready = anyio.Event()
 
     async def _call(self, what: str, operation: Any) -> Any:
-        """Await `operation` within the store's timeout; any failure becomes `StoreUnavailable`."""
+        """Await `operation` within twice the store's timeout (the client bounds each connect and
+        read by it, and retries a broken connection once); any failure becomes `StoreUnavailable`."""
         try:
             # The client bounds connect and each read; this bounds the whole operation too.
             with anyio.fail_after(self.settings.timeout_seconds * 2):
