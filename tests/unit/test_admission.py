@@ -437,8 +437,10 @@ async def test_sync_work_is_refused_at_once_while_too_many_threads_are_stuck() -
 async def test_progress_moves_the_idle_deadline_and_silence_times_out() -> None:
     sessions = manager()
     async with sessions.running():
-        quiet = await sessions.create(tool="t", timeout_seconds=30, idle_timeout_seconds=0.2)
-        chatty = await sessions.create(tool="t", timeout_seconds=30, idle_timeout_seconds=0.2)
+        # The chatty one's idle timeout is half the quiet one's: without its progress every 0.05 s
+        # it would time out first; 0.45 s of slack for a busy machine's pauses.
+        quiet = await sessions.create(tool="t", timeout_seconds=30, idle_timeout_seconds=1.0)
+        chatty = await sessions.create(tool="t", timeout_seconds=30, idle_timeout_seconds=0.5)
         with anyio.fail_after(5):
             while quiet.state is SessionState.ACTIVE:
                 sessions.progress(chatty)
