@@ -199,7 +199,8 @@ def _past_its_deadline(session: Session, name: str, late: float) -> None:
 #: tool's own code runs in a thread, but a generator it returns is iterated on the loop; and
 #: threads that keep the GIL (CPU-bound Python, C code that does not release it) starve the loop.
 _LOOP_HELD_ELSEWHERE = (
-    "; or a large result serialised on the loop, or CPU-bound or GIL-holding work in sync tools' threads"
+    "; or a large result serialised on the loop, or CPU-bound or GIL-holding work in sync tools' threads; "
+    "or the whole process got no CPU time meanwhile (a host short of CPU, a paused container)"
 )
 _LOOP_HELD_BY_ASYNC = (
     "blocking code in an async tool, this one or another running at the time; give such code to "

@@ -605,7 +605,8 @@ REAP_BATCH = 1000
 _LOOP_HELD = (
     "the event loop was held meanwhile, so nothing could stop the call on time: by a large result "
     "serialised on it, by CPU-bound or GIL-holding work in a sync tool's thread (pure-Python loops, "
-    "regular expressions, C code that keeps the GIL), or by blocking code in an async tool"
+    "regular expressions, C code that keeps the GIL), or by blocking code in an async tool; or the whole "
+    "process got no CPU time meanwhile (a host short of CPU, a paused container)"
 )
 
 

@@ -450,7 +450,8 @@ async def test_an_async_tool_that_blocks_the_event_loop_past_its_deadline_is_ans
     assert warning.endswith(
         "which nothing could enforce: the event loop was held meanwhile (blocking code in an async tool, this one "
         "or another running at the time; give such code to anyio.to_thread.run_sync or make the tool a sync one; "
-        "or a large result serialised on the loop, or CPU-bound or GIL-holding work in sync tools' threads)"
+        "or a large result serialised on the loop, or CPU-bound or GIL-holding work in sync tools' threads; "
+        "or the whole process got no CPU time meanwhile (a host short of CPU, a paused container))"
     ), warning
 
 
@@ -502,7 +503,8 @@ async def test_a_deadline_the_reaper_reaches_late_as_the_event_loop_was_held_is_
     assert first.endswith(
         "s late: the event loop was held meanwhile, so nothing could stop the call on time: by a large result "
         "serialised on it, by CPU-bound or GIL-holding work in a sync tool's thread (pure-Python loops, regular "
-        "expressions, C code that keeps the GIL), or by blocking code in an async tool"
+        "expressions, C code that keeps the GIL), or by blocking code in an async tool; or the whole process got "
+        "no CPU time meanwhile (a host short of CPU, a paused container)"
     ), first
     # The second, within the period, was counted and told as the reaper stopped.
     late = seconds_late(counted, "1 more deadline(s) were enforced late since the last report, up to ", " late: ")
