@@ -434,6 +434,34 @@ async def test_sync_work_is_refused_at_once_while_too_many_threads_are_stuck() -
     assert (m.sessions_rejected_threads, m.total_sessions_created, m.max_abandoned_threads) == (1, 2, 1)
 
 
+async def test_a_queued_sync_call_is_refused_at_once_when_a_slot_frees_after_a_thread_got_stuck() -> None:
+    # The call waits for tool "a" (full); a thread gets stuck; another session frees a server
+    # slot that "a" cannot use. The waiting sync call is refused on that hand-over, not left to
+    # its queue timeout (60 s here, past the 5 s `until` allows).
+    sessions = manager(
+        {"a": 1}, max_concurrent_sessions=3, max_queued=5, queue_timeout_seconds=60, max_abandoned_threads=1
+    )
+    await sessions.create(tool="a")
+    other = await sessions.create(tool="b")
+    refused: list[SessionError] = []
+    async with anyio.create_task_group() as tg:
+
+        async def sync_call() -> None:
+            with pytest.raises(SessionError) as raised:
+                await sessions.create(tool="a", needs_thread=True)
+            refused.append(raised.value)
+
+        tg.start_soon(sync_call)
+        await until(lambda: sessions.metrics().queued_sessions == 1)
+        sessions.thread_abandoned()
+        await sessions.release(other.id)  # a slot frees; tool "a" is still full
+        await until(lambda: len(refused) == 1)
+    assert refused[0].code is ErrorCode.CAPACITY_EXCEEDED
+    assert "1 thread is stuck in a sync tool call" in refused[0].message, refused[0].message
+    m = sessions.metrics()
+    assert (m.queued_sessions, m.sessions_rejected_threads) == (0, 1)
+
+
 async def test_progress_moves_the_idle_deadline_and_silence_times_out() -> None:
     sessions = manager()
     async with sessions.running():
