@@ -277,10 +277,17 @@ async def test_long_released_ids_are_still_recognised_as_released() -> None:
     first = await sessions.create()
     await sessions.release(first.id)
     for _ in range(RECENTLY_ENDED + 1):
-        await sessions.release((await sessions.create()).id)
+        last = await sessions.release((await sessions.create()).id)
+    # The memory of ended ids (and their end states) is bounded: the first id is past it, known
+    # as ours by its number alone, so its message has no end state; the last still has one.
+    assert len(sessions._recent) <= RECENTLY_ENDED
     with pytest.raises(SessionError) as again:
         await sessions.release(first.id)
     assert again.value.code is ErrorCode.ALREADY_RELEASED
+    assert again.value.message == f"session {first.id} has already ended; it cannot be released again"
+    with pytest.raises(SessionError) as recent:
+        await sessions.release(last.id)
+    assert recent.value.message == f"session {last.id} has already ended (completed); it cannot be released again"
 
 
 async def test_release_with_error_outcome_and_bad_outcome() -> None:
