@@ -580,6 +580,15 @@ def test_duration_quantiles_are_within_two_percent() -> None:
     assert DurationStats().quantile(0.5) == 0.0
 
 
+def test_a_quantile_of_a_few_durations_is_the_one_at_its_rank_rounded_up() -> None:
+    # Ten durations: the 0.95 quantile is the 10th (rank ceil(9.5)), not the 9th.
+    stats = DurationStats()
+    for seconds in range(1, 11):
+        stats.add(float(seconds))
+    assert 10.0 <= stats.quantile(0.95) <= 10.0 * 1.02
+    assert 5.0 <= stats.quantile(0.5) <= 5.0 * 1.02
+
+
 def test_duration_stats_memory_is_bounded_by_buckets_not_samples() -> None:
     stats = DurationStats()
     rng = random.Random(1)
