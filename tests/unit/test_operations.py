@@ -80,6 +80,13 @@ def test_a_duration_within_its_bucket_of_a_bound_counts_under_the_next_bound_nev
     assert DurationStats().cumulative([0.5, 1.0]) == [0, 0]
 
 
+def test_a_duration_just_under_a_bound_counts_under_that_bound() -> None:
+    stats = DurationStats()
+    stats.add(0.099)  # 1 % under the bound, in a bucket wholly below it
+
+    assert stats.cumulative([0.1, 0.25]) == [1, 1]
+
+
 # -- the collector ------------------------------------------------------------------------
 
 
