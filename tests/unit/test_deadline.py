@@ -275,6 +275,33 @@ async def test_a_native_task_cancel_is_not_swallowed(enter: Enter, native_first:
     assert box.get("native_cancel_seen") and "out" not in box
 
 
+async def test_a_task_that_swallowed_a_native_cancel_earlier_still_swallows_its_deadline(enter: Enter) -> None:
+    # An earlier plain asyncio cancel, caught without uncancel(), leaves cancelling() at 1; the
+    # deadline's own cancellation must still end at its scope, as a plain scope entered then does.
+    started = anyio.Event()
+    box: dict[str, Any] = {}
+
+    body = hangs(started)
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            pass
+        assert task.cancelling() == 1
+        box["out"] = await guarded(enter, body, box)
+
+    task = asyncio.get_running_loop().create_task(run())  # a plain task: its cancelling() is its own
+    with anyio.fail_after(5):
+        await started.wait()
+        box["deadline"].cancel()
+        await task
+    assert box["out"] == "cancelled"
+
+
 async def test_a_plain_asyncio_task_that_never_entered_an_anyio_scope(enter: Enter) -> None:
     started = anyio.Event()
     box: dict[str, Any] = {}
