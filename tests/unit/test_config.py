@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import tomllib
 from collections.abc import Callable
@@ -923,6 +924,26 @@ def test_an_unreadable_file_is_refused_naming_the_file(
     path = make(tmp_path)
 
     assert problems_of(path) == [f"{path}: {expected}"]
+
+
+@pytest.mark.timeout(10)  # the descriptor is opened non-blocking; a blocking open would wait for a writer
+def test_a_fifo_put_in_the_files_place_after_the_path_was_checked_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # os.stat reports what the path named an instant before a FIFO took its place: the check
+    # made on the opened descriptor refuses it, rather than reading a pipe as an empty config.
+    path = _fifo(tmp_path)
+    real_stat = os.stat
+
+    class RegularFile:
+        st_mode = stat.S_IFREG | 0o644
+
+    def stat_before_the_swap(name: Any, *args: Any, **kwargs: Any) -> Any:
+        return RegularFile() if os.fspath(name) == str(path) else real_stat(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_before_the_swap)
+
+    assert problems_of(path) == [f"{path}: is a named pipe (FIFO), {NOT_REGULAR}"]
 
 
 DUPLICATE = "invalid TOML: Cannot overwrite a value"
