@@ -208,6 +208,25 @@ def test_a_per_tool_timeout_may_equal_the_cap(tmp_path: Path) -> None:
     assert settings.timeout_for("echo") == settings.limits.max_timeout_seconds
 
 
+def test_the_default_timeout_may_equal_the_cap(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "[limits]\ndefault_timeout_seconds = 60.0\nmax_timeout_seconds = 60.0\n"))
+
+    assert settings.limits.default_timeout_seconds == settings.limits.max_timeout_seconds == 60.0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_a_loopback_host_on_streamable_http_needs_no_allowed_hosts(tmp_path: Path, host: str) -> None:
+    settings = load_settings(write(tmp_path, f'[server]\ntransport = "streamable-http"\nhost = "{host}"\n'))
+
+    assert (settings.server.host, settings.server.allowed_hosts) == (host, ())
+
+
+def test_the_http_session_idle_timeout_may_be_a_week(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "[server]\nhttp_session_idle_timeout_seconds = 604800\n"))
+
+    assert settings.server.http_session_idle_timeout_seconds == 604800.0
+
+
 # -- precedence: flags > environment > file > defaults -----------------------------------
 
 
@@ -734,6 +753,11 @@ BAD_FILES = [
         "[server]\nallowed_hosts = [5]\n",
         "server.allowed_hosts.0: must be a string (in quotes) (got 5)",
         id="allowed-host-not-a-string",
+    ),
+    pytest.param(
+        "[server]\nhttp_session_idle_timeout_seconds = 604801\n",
+        "server.http_session_idle_timeout_seconds: must be at most 604800.0 (got 604801)",
+        id="http-session-idle-timeout-past-a-week",
     ),
     pytest.param(
         '[server]\ntransport = "streamable-http"\nhost = "0.0.0.0"\n',
