@@ -10,9 +10,11 @@ import logging
 import anyio
 import anyio.lowlevel
 import pytest
+from mcp_types import INTERNAL_ERROR
 from starlette.types import Message, Receive, Scope, Send
 
 from server.http_shutdown import HttpShutdown
+from server.unanswered import abandoned_answer_to
 
 LAST_CHUNK: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 EVENT_STREAM = [(b"content-type", b"text/event-stream; charset=utf-8")]
@@ -400,3 +402,17 @@ async def test_close_does_not_take_a_post_that_came_in_after_the_drain_for_a_hel
     for exchange in (first, late):
         assert [m.get("body") for m in exchange.sent if m["type"] == "http.response.body"] == [b"its own answer"]
     assert "held its cancellation off" not in caplog.text and "Stopping with" not in caplog.text, caplog.text
+
+
+def test_the_exit_answer_to_a_held_request_other_than_a_tool_call_is_an_internal_error_naming_its_method() -> None:
+    body = b'{"jsonrpc": "2.0", "id": 4, "method": "resources/read", "params": {"uri": "file:///a"}}'
+
+    answer = abandoned_answer_to(body)
+
+    assert answer is not None
+    error = json.loads(answer)["error"]
+    assert error["code"] == INTERNAL_ERROR == -32603
+    assert error["message"] == (
+        "the server stopped while 'resources/read' still ran: it held its cancellation off past the "
+        "shutdown deadline and was abandoned"
+    )
