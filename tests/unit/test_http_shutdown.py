@@ -4,6 +4,7 @@ driven by the SIGTERM tests in `tests/e2e/test_http.py`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -13,8 +14,8 @@ import pytest
 from mcp_types import INTERNAL_ERROR
 from starlette.types import Message, Receive, Scope, Send
 
-from server.http_shutdown import HttpShutdown
-from server.unanswered import abandoned_answer_to
+from server.http_shutdown import HttpShutdown, _Post
+from server.unanswered import MAX_BODY_BYTES, abandoned_answer_to
 
 LAST_CHUNK: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 EVENT_STREAM = [(b"content-type", b"text/event-stream; charset=utf-8")]
@@ -416,3 +417,24 @@ def test_the_exit_answer_to_a_held_request_other_than_a_tool_call_is_an_internal
         "the server stopped while 'resources/read' still ran: it held its cancellation off past the "
         "shutdown deadline and was abandoned"
     )
+
+
+@pytest.mark.parametrize("request_id", [b"7", b"-1", b'"a-1"'], ids=["positive", "negative", "string"])
+async def test_an_answer_event_is_recognised_whatever_the_form_of_its_id(request_id: bytes) -> None:
+    post = _Post(asyncio.get_running_loop().create_future())
+    post.sent({"type": "http.response.start", "status": 200, "headers": EVENT_STREAM})
+    event = b'event: message\ndata: {"jsonrpc":"2.0","id":' + request_id + b',"result":{}}\n\n'
+
+    post.sending({"type": "http.response.body", "body": event, "more_body": True})
+
+    assert post.gave_answer
+
+
+async def test_a_body_of_exactly_the_limit_is_kept_and_one_byte_more_is_not() -> None:
+    post = _Post(asyncio.get_running_loop().create_future())
+    post.received({"type": "http.request", "body": b"x" * (MAX_BODY_BYTES - 1), "more_body": True})
+    post.received({"type": "http.request", "body": b"x", "more_body": True})
+    assert (post.too_large, len(post.body)) == (False, MAX_BODY_BYTES)
+
+    post.received({"type": "http.request", "body": b"x", "more_body": False})
+    assert (post.too_large, len(post.body), post.complete) == (True, 0, True)
