@@ -63,6 +63,10 @@ async def raise_each_kind(server: ServerProcess, tool: str) -> None:
     assert after["total_sessions_completed"] - before["total_sessions_completed"] == len(RAISERS)
     assert after["total_sessions_error"] - before["total_sessions_error"] == len(RAISERS), answers
     assert after["tools"][tool]["errors"] == len(RAISERS)
+    # What the SDK does not turn into a result (a BaseException) is logged by the server, naming
+    # the tool and the exception's type.
+    assert f"server.extension: Tool {tool!r} raised CustomBaseError: not an Exception\n" in server.stderr
+    assert f"server.extension: Tool {tool!r} raised SystemExit: 3\n" in server.stderr
     assert server.returncode is None
     assert server.stray_stdout == []
 
