@@ -31,6 +31,30 @@ def session_ends(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "server.sessions.ends" and hasattr(r, "state")]
 
 
+class Halt(BaseException):
+    """A `BaseException` a tool raises: the SDK leaves it to the extension, which ends the session."""
+
+
+async def test_a_tool_raising_a_base_exception_ends_error_with_the_exception_type_and_text_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def halts() -> str:
+        raise Halt("stopped by the tool")
+
+    app, _ = build(settings(), tools=[halts, echo])
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="server.sessions.ends")
+    async with Client(app) as client:
+        assert (await client.call_tool("halts", {})).is_error
+        assert text_of(await client.call_tool("echo", {"text": "still serving"})) == "still serving"
+
+    [end] = [r for r in session_ends(caplog) if r.tool == "halts"]  # type: ignore[attr-defined]
+    assert end.state == "error" and end.reason == "Halt: stopped by the tool", end.getMessage()  # type: ignore[attr-defined]
+    assert end.getMessage().endswith("(tool halts): Halt: stopped by the tool"), end.getMessage()
+    [raised] = [r for r in caplog.records if r.name == "server.extension" and r.levelno == logging.ERROR]
+    assert raised.getMessage() == "Tool 'halts' raised Halt: stopped by the tool"
+
+
 async def test_each_session_end_is_one_info_line_and_each_refusal_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     app, _ = build(settings(max_concurrent_sessions=1, max_metadata_bytes=64))
     caplog.set_level(logging.INFO)
