@@ -426,8 +426,13 @@ def seconds_late(message: str, before: str, after: str) -> float:
     return float(found[1])
 
 
+@pytest.mark.parametrize(
+    ("keys", "passed"),
+    [({"timeout_seconds": 0.2}, "deadline"), ({"idle_timeout_seconds": 0.2}, "idle timeout")],
+    ids=["deadline", "idle-timeout"],
+)
 async def test_an_async_tool_that_blocks_the_event_loop_past_its_deadline_is_answered_and_warned_about(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, keys: dict[str, float], passed: str
 ) -> None:
     # Blocking code in an async tool (time.sleep, a sync HTTP client) holds the whole loop: the
     # reaper cannot run at the deadline and no cancellation reaches the tool. The result, when it
@@ -437,15 +442,16 @@ async def test_an_async_tool_that_blocks_the_event_loop_past_its_deadline_is_ans
         time.sleep(0.6)  # noqa: ASYNC251 - the behaviour under test: the loop is held
         return "late"
 
-    app, _ = build(settings(tool_timeouts={"blocks_the_loop": 0.2}), tools=[blocks_the_loop, echo])
+    # With an idle timeout (no progress for 0.2 s, under the 30 s deadline) it is what passed, and is named.
+    app, _ = build(settings(tools={"blocks_the_loop": keys}), tools=[blocks_the_loop, echo])
     with caplog.at_level(logging.WARNING, logger="server.extension"):
         async with Client(app) as client:
             result = await client.call_tool("blocks_the_loop", {})
             m = await metrics(client)
     assert text_of(result) == "late" and not result.is_error
     assert (m["total_sessions_completed"], m["total_sessions_timeout"], m["active_sessions"]) == (1, 0, 0)
-    [warning] = [r.getMessage() for r in caplog.records if "after its deadline" in r.getMessage()]
-    late = seconds_late(warning, "Tool 'blocks_the_loop' returned ", " after its deadline")
+    [warning] = [r.getMessage() for r in caplog.records if f"after its {passed}," in r.getMessage()]
+    late = seconds_late(warning, "Tool 'blocks_the_loop' returned ", f" after its {passed}")
     assert 0.3 <= late < 0.4 + ON_TIME_MARGIN, warning
     assert warning.endswith(
         "which nothing could enforce: the event loop was held meanwhile (blocking code in an async tool, this one "
