@@ -455,6 +455,12 @@ BAD_FILES = [
         id="unknown-nested-key-typo",
     ),
     pytest.param(
+        # A key of other sections too, but a close typo of one of this section's: the typo is likelier.
+        "[limits]\ntimeout_seconds = 60\n",
+        "limits.timeout_seconds: unknown key; did you mean 'max_timeout_seconds'?",
+        id="unknown-key-closer-to-a-key-here-than-to-one-elsewhere",
+    ),
+    pytest.param(
         "[tools.echo]\ntimeout = 5.0\n",
         "tools.echo.timeout: unknown key; did you mean 'timeout_seconds'?",
         id="unknown-tool-key",
