@@ -581,26 +581,38 @@ async def test_a_refusal_keeps_no_reference_to_the_refused_call_without_the_cycl
 
 
 @pytest.mark.parametrize(
-    ("server_full", "tool_full", "says"),
+    ("server_full", "tool_full", "tool_cap", "says"),
     [
-        (True, False, "the server is at its limit of 100 concurrent sessions (limits.max_concurrent_sessions)"),
-        (False, True, "tool 'slow' is at its limit of 1 concurrent call (tools.slow.max_concurrent)"),
+        (True, False, 1, "the server is at its limit of 100 concurrent sessions (limits.max_concurrent_sessions)"),
+        (False, True, 1, "tool 'slow' is at its limit of 1 concurrent call (tools.slow.max_concurrent)"),
         (
             True,
             True,
+            1,
             "the server is at its limit of 100 concurrent sessions (limits.max_concurrent_sessions), and tool 'slow'",
         ),
         # Neither seen full (cluster mode: other replicas' calls count): both caps that may have kept it.
         (
             False,
             False,
+            1,
             "neither the server (limits.max_concurrent_sessions, 100) nor tool 'slow' (tools.slow.max_concurrent, 1)",
+        ),
+        # Neither seen full, and the tool has no cap: only the server's can have kept it.
+        (
+            False,
+            False,
+            None,
+            "without getting a slot: the server is at its limit of 100 concurrent sessions"
+            " (limits.max_concurrent_sessions); retry later",
         ),
     ],
 )
-def test_a_queue_timeout_names_what_the_call_waited_for(server_full: bool, tool_full: bool, says: str) -> None:
+def test_a_queue_timeout_names_what_the_call_waited_for(
+    server_full: bool, tool_full: bool, tool_cap: int | None, says: str
+) -> None:
     refusal = admission.refuse_queue_timeout(
-        "slow", 0.5, "the server", 100, server_full=server_full, tool_cap=1, tool_full=tool_full
+        "slow", 0.5, "the server", 100, server_full=server_full, tool_cap=tool_cap, tool_full=tool_full
     )
     assert refusal.code is ErrorCode.CAPACITY_EXCEEDED
     assert refusal.message.startswith(
