@@ -503,11 +503,12 @@ def test_a_reload_does_not_blame_the_environment_when_it_cannot_be_the_reason(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The edit was to a key bound at startup (reported as ignored until restart), or there is no
-    # file at all: the variables set are not why nothing changed, and naming them would mislead.
+    # file at all: the variables set are not why nothing changed, and naming them would mislead,
+    # even where one overrides a key the file sets.
     monkeypatch.setenv("MCP_SESSIONS_LIMITS__MAX_QUEUED", "3")
-    path = write(tmp_path / "c.toml", '[server]\nname = "one"\n')
+    path = write(tmp_path / "c.toml", '[server]\nname = "one"\n[limits]\nmax_queued = 5\n')
     sessions = SessionsExtension(load_settings(path))
-    write(path, '[server]\nname = "two"\n')
+    write(path, '[server]\nname = "two"\n[limits]\nmax_queued = 5\n')
     without_file = SessionsExtension(load_settings(None))
 
     with caplog.at_level(logging.INFO, logger="server.reload"):
