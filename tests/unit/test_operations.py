@@ -25,7 +25,7 @@ from server import SessionsExtension, SessionState
 from server.cli import main
 from server.config import ConfigError, LimitsSettings, Settings
 from server.config_loader import load_settings
-from server.errors import ErrorCode, SessionError
+from server.errors import LISTED_NAMES, QUOTE_CHARS, ErrorCode, SessionError, list_names, shorten
 from server.logs import JsonFormatter, TextFormatter
 from server.manager_state import MAX_TRACKED_TOOLS, NO_TOOL
 from server.metrics import DurationStats, MetricsSnapshot, edge_index
@@ -780,3 +780,17 @@ def test_a_scrape_from_another_thread_reads_counters_and_histograms_at_one_momen
         worker.join(timeout=10)
     assert not worker.is_alive()
     assert ended > 0 and skewed == []
+
+
+# -- what a message quotes and lists --------------------------------------------------------
+
+
+def test_a_quote_of_exactly_the_limit_is_whole_and_one_character_more_is_cut() -> None:
+    assert shorten("x" * QUOTE_CHARS) == "x" * QUOTE_CHARS
+    assert shorten("x" * (QUOTE_CHARS + 1)) == "x" * QUOTE_CHARS + "…"
+
+
+def test_a_list_of_exactly_the_limit_names_them_all_and_one_more_is_counted() -> None:
+    names = [f"t{n}" for n in range(LISTED_NAMES + 1)]
+    assert list_names(names[:-1]) == ", ".join(names[:-1])
+    assert list_names(names) == f"{', '.join(names[:-1])}, ... and 1 more of {LISTED_NAMES + 1}"
