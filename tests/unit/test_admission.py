@@ -59,18 +59,19 @@ async def test_a_released_slot_goes_to_the_oldest_waiter_not_to_a_newcomer() -> 
     assert_invariant(m)
 
 
+async def served_in_turn(sessions: SessionManager, tool: str, order: list[str]) -> None:
+    """A call of `tool` that waits for its slot, notes in `order` when it got it, and ends."""
+    session = await sessions.create(tool=tool)
+    order.append(tool)
+    await sessions.release(session.id)
+
+
 async def test_a_waiter_for_a_full_tool_is_skipped_not_a_blocker() -> None:
     sessions = manager({"slow": 1}, max_concurrent_sessions=3, max_queued=5)
     slow = await sessions.create(tool="slow")
     order: list[str] = []
     async with anyio.create_task_group() as tg:
-
-        async def queued(tool: str) -> None:
-            session = await sessions.create(tool=tool)
-            order.append(tool)
-            await sessions.release(session.id)
-
-        tg.start_soon(queued, "slow")
+        tg.start_soon(served_in_turn, sessions, "slow", order)
         await until(lambda: sessions.metrics().queued_sessions == 1)
         fast = await sessions.create(tool="fast")  # the global cap has room: admitted at once
         order.append("fast-direct")
@@ -229,16 +230,11 @@ async def test_calls_that_give_up_waiting_while_the_server_is_full_leave_the_han
     order: list[str] = []
     async with anyio.create_task_group() as tg:
 
-        async def queued(tool: str) -> None:
-            session = await sessions.create(tool=tool)
-            order.append(tool)
-            await sessions.release(session.id)
-
         async def gives_up(scope: anyio.CancelScope) -> None:
             with scope:
                 await sessions.create(tool="a")
 
-        tg.start_soon(queued, "other")
+        tg.start_soon(served_in_turn, sessions, "other", order)
         await until(lambda: sessions.metrics().queued_sessions == 1)
         for _ in range(300):
             scope = anyio.CancelScope()
@@ -248,7 +244,7 @@ async def test_calls_that_give_up_waiting_while_the_server_is_full_leave_the_han
             await until(lambda: sessions.metrics().queued_sessions == 1)
             assert len(sessions._ready) <= 100, "bounded by the lines (2), not by the calls that came and went"
         assert sessions.metrics().queued_calls_cancelled == 300
-        tg.start_soon(queued, "a")
+        tg.start_soon(served_in_turn, sessions, "a", order)
         await until(lambda: sessions.metrics().queued_sessions == 2)
         await sessions.release(held.id)
         await until(lambda: len(order) == 2)
