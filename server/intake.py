@@ -300,12 +300,11 @@ class Intake(ManagerState):
         tool = waiter.session.tool
         waiter.line = key = tool if tool is not None and tool in self.tool_caps else None
         line = self._lines.get(key)
-        new = line is None
         if line is None:
-            self._lines[key] = line = OrderedDict()
-        line[waiter] = None
-        if new:
+            self._lines[key] = OrderedDict({waiter: None})
             self._line_ready_locked(key)  # its first call
+        else:
+            line[waiter] = None
         if waiter.session.needs_thread:
             self._thread_waiters[waiter] = None
 
